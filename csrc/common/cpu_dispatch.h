@@ -1,0 +1,36 @@
+// Run-time choice between the DEFAULT / AVX2 / AVX512 builds of each CPU kernel file.
+//
+// CMake compiles every *_kernel.cpp three times with -DCPU_CAPABILITY=<cap> (as ATen does
+// for its own kernels), putting each copy in namespace fastpt::cpu::<cap>. Glue calls the
+// plain name in fastpt::cpu, which forwards to the best build this CPU supports, or to the
+// one set by FASTPT_CPU_CAPABILITY / fastpt._C.set_cpu_capability (used by the tests to
+// run every build on one machine).
+#pragma once
+
+namespace fastpt::cpu {
+
+enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+
+Capability detected_capability();  // the best build this CPU and OS can run
+Capability capability();           // the build kernels use now
+// Throws std::invalid_argument when the CPU cannot run `cap`.
+void set_capability(Capability cap);
+const char* capability_name(Capability cap);
+
+}  // namespace fastpt::cpu
+
+// Declares `void name(const Args&)` in each capability namespace plus a dispatching
+// `fastpt::cpu::name`.
+#define FASTPT_DECLARE_CPU_KERNEL(name, Args)                     \
+  namespace fastpt::cpu {                                         \
+  namespace DEFAULT { void name(const Args& args); }              \
+  namespace AVX2 { void name(const Args& args); }                 \
+  namespace AVX512 { void name(const Args& args); }               \
+  inline void name(const Args& args) {                            \
+    switch (capability()) {                                       \
+      case Capability::AVX512: return AVX512::name(args);         \
+      case Capability::AVX2: return AVX2::name(args);             \
+      default: return DEFAULT::name(args);                        \
+    }                                                             \
+  }                                                               \
+  }

@@ -1,0 +1,46 @@
+// Helpers for the small glue files that turn tensors into kernel arguments.
+// Only glue (*_cpu.cpp, *_cuda.cpp, fastpt.cpp) includes torch headers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "common/portable.h"
+
+namespace fastpt {
+
+// TypeError naming `name` unless t is float32 / bfloat16 / float16.
+inline DType float_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
+                   " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the device of ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
+}
+
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ",
+                    ref.sizes(), ", got ", t.sizes());
+}
+
+// Rows of the last dim: product of all leading dims (1 for a 1-D tensor).
+inline int64_t leading_rows(const at::Tensor& t) {
+  return t.dim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.size(-1), 1);
+}
+
+}  // namespace fastpt

@@ -1,0 +1,58 @@
+// fastpt._C as a Python module: what is not a tensor op (build facts, CPU features, the
+// CPU kernel build in use). Importing it also runs the TORCH_LIBRARY registrations of the
+// other translation units linked into the same shared object.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_dispatch.h"
+#include "common/cpu_features.h"
+
+namespace py = pybind11;
+using fastpt::cpu::Capability;
+
+namespace {
+
+std::map<std::string, bool> cpu_features_dict() {
+  const auto& f = fastpt::cpu::cpu_features();
+  return {{"avx2", f.avx2},         {"avx512", f.avx512},       {"avx512_vnni", f.avx512_vnni},
+          {"avx512_bf16", f.avx512_bf16}, {"amx_tile", f.amx_tile}, {"amx_int8", f.amx_int8},
+          {"amx_bf16", f.amx_bf16}};
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FASTPT_VERSION;
+  d["torch_version"] = FASTPT_TORCH_VERSION;
+  d["cuda"] = bool(FASTPT_WITH_CUDA);
+  d["cpu_kernel_builds"] = std::vector<std::string>{"DEFAULT", "AVX2", "AVX512"};
+  d["compiler"] = __VERSION__;
+  return d;
+}
+
+void set_cpu_capability(const std::string& name) {
+  Capability cap;
+  if (name == "DEFAULT") cap = Capability::DEFAULT;
+  else if (name == "AVX2") cap = Capability::AVX2;
+  else if (name == "AVX512") cap = Capability::AVX512;
+  else throw std::invalid_argument("capability must be DEFAULT, AVX2 or AVX512, got '" + name + "'");
+  fastpt::cpu::set_capability(cap);  // std::invalid_argument -> ValueError
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastpt compiled core";
+  m.def("build_info", &build_info, "How this extension was built.");
+  m.def("cpu_features", &cpu_features_dict, "CPU features detected at run time (cpuid + OS support).");
+  m.def("cpu_capability", [] { return std::string(fastpt::cpu::capability_name(fastpt::cpu::capability())); },
+        "The CPU kernel build in use: DEFAULT, AVX2 or AVX512.");
+  m.def("detected_cpu_capability",
+        [] { return std::string(fastpt::cpu::capability_name(fastpt::cpu::detected_capability())); },
+        "The best CPU kernel build this machine can run.");
+  m.def("set_cpu_capability", &set_cpu_capability, py::arg("name"),
+        "Use another CPU kernel build (at most the detected one); for tests and A/B timing.");
+}

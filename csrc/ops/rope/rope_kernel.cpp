@@ -1,0 +1,99 @@
+// RoPE CPU kernel (compiled once per CPU capability, see common/cpu_dispatch.h).
+//
+// Parallel over the B*M*T rows; each row reads its cos/sin table row (R floats, shared by
+// all heads, so it stays in cache) and rotates D features. Traffic: read x, write out.
+// The interleaved layout de-interleaves 2 vectors into (even, odd) lanes, rotates, and
+// re-interleaves, so both layouts run at vector width.
+#include <ATen/Parallel.h>
+
+#include "common/cpu_vec.h"
+#include "ops/rope/rope.h"
+
+namespace fastpt::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T, typename C>
+void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
+  const fVec sign(sgn);
+  fVec a0, a1, b0, b1, c0, c1, s0, s1;
+  auto step = [&](int64_t i, int64_t len) {
+    if (len == kChunk) {
+      load2(x + i, a0, a1); load2(x + R + i, b0, b1); load2(cs + i, c0, c1); load2(sn + i, s0, s1);
+    } else {
+      load2(x + i, a0, a1, len); load2(x + R + i, b0, b1, len);
+      load2(cs + i, c0, c1, len); load2(sn + i, s0, s1, len);
+    }
+    s0 = s0 * sign;
+    s1 = s1 * sign;
+    const fVec o10 = a0 * c0 - b0 * s0, o11 = a1 * c1 - b1 * s1;
+    const fVec o20 = b0 * c0 + a0 * s0, o21 = b1 * c1 + a1 * s1;
+    if (len == kChunk) { store2(o + i, o10, o11); store2(o + R + i, o20, o21); }
+    else { store2(o + i, o10, o11, len); store2(o + R + i, o20, o21, len); }
+  };
+  int64_t i = 0;
+  for (; i + kChunk <= R; i += kChunk) step(i, kChunk);
+  if (i < R) step(i, R - i);
+}
+
+template <typename T, typename C>
+void interleaved_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
+  const fVec sign(sgn);
+  fVec a, b, c, d, c0, c1, s0, s1;
+  int64_t i = 0;  // pair index; kChunk pairs (2 * kChunk features) per step
+  for (; i + kChunk <= R; i += kChunk) {
+    load2(x + 2 * i, a, b);
+    load2(x + 2 * i + kChunk, c, d);
+    load2(cs + i, c0, c1);
+    load2(sn + i, s0, s1);
+    s0 = s0 * sign;
+    s1 = s1 * sign;
+    auto [e0, d0] = at::vec::deinterleave2(a, b);  // even / odd features of pairs i .. i+V
+    auto [e1, d1] = at::vec::deinterleave2(c, d);
+    auto [p, q] = at::vec::interleave2(e0 * c0 - d0 * s0, d0 * c0 + e0 * s0);
+    auto [r, t] = at::vec::interleave2(e1 * c1 - d1 * s1, d1 * c1 + e1 * s1);
+    store2(o + 2 * i, p, q);
+    store2(o + 2 * i + kChunk, r, t);
+  }
+  for (; i < R; ++i) {
+    float o1, o2;
+    rope_rotate(float(x[2 * i]), float(x[2 * i + 1]), float(cs[i]), sgn * float(sn[i]), o1, o2);
+    o[2 * i] = T(o1);
+    o[2 * i + 1] = T(o2);
+  }
+}
+
+template <typename T, typename C>
+void run(const RopeArgs& a) {
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const C* cos = static_cast<const C*>(a.cos);
+  const C* sin = static_cast<const C*>(a.sin);
+  const float sign = a.conjugate ? -1.f : 1.f;
+  const int64_t rows = a.B * a.M * a.T;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(a.D, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r % a.T, m = (r / a.T) % a.M, b = r / (a.T * a.M);
+      const int64_t p = a.pos ? a.pos[b * a.pos_sb + t] : t;
+      const T* xr = x + b * a.x_sb + m * a.x_sm + t * a.x_st;
+      T* orow = out + b * a.o_sb + m * a.o_sm + t * a.o_st;
+      if (a.interleaved) interleaved_row(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
+      else half_row(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
+      if (orow != xr) std::copy(xr + 2 * a.R, xr + a.D, orow + 2 * a.R);
+    }
+  });
+}
+
+}  // namespace
+
+void rope_apply(const RopeArgs& a) {
+  dispatch_float_types(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.cs_dtype == DType::kFloat32) run<T, float>(a);
+    else run<T, T>(a);
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastpt::cpu

@@ -1,0 +1,83 @@
+// SwiGLU CPU kernels (compiled once per CPU capability, see common/cpu_dispatch.h).
+//
+// Elementwise over the flattened tensors, split into contiguous ranges by at::parallel_for.
+// sigmoid uses Vectorized::exp_u20 (a polynomial exp, <= 2 ulp, no Sleef call).
+// Traffic: forward reads gate and up, writes out; backward reads grad_out, gate, up and
+// writes grad_gate and grad_up.
+#include <ATen/Parallel.h>
+
+#include "common/cpu_vec.h"
+#include "ops/swiglu/swiglu.h"
+
+namespace fastpt::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+// exp_u20 is only accurate on [-88, 88]; clamping keeps sigmoid exact at the extremes
+// (sigmoid(-88) ~ 6e-39 vs 0, sigmoid(88) == 1 in fp32) and NaN still propagates.
+inline fVec sigmoid(const fVec& g) {
+  const fVec one(1.f);
+  const fVec z = at::vec::clamp(g.neg(), fVec(-88.f), fVec(88.f));
+  return one / (one + z.exp_u20());
+}
+
+template <typename T>
+void fwd_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end) {
+  fVec g0, g1, u0, u1;
+  auto step = [&](int64_t i, int64_t len) {
+    if (len == kChunk) { load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    else { load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
+    const fVec o0 = g0 * sigmoid(g0) * u0, o1 = g1 * sigmoid(g1) * u1;
+    if (len == kChunk) store2(out + i, o0, o1); else store2(out + i, o0, o1, len);
+  };
+  int64_t i = begin;
+  for (; i + kChunk <= end; i += kChunk) step(i, kChunk);
+  if (i < end) step(i, end - i);
+}
+
+template <typename T>
+void bwd_range(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int64_t begin, int64_t end) {
+  const fVec one(1.f);
+  fVec d0, d1, g0, g1, u0, u1;
+  auto step = [&](int64_t i, int64_t len) {
+    if (len == kChunk) { load2(dout + i, d0, d1); load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    else { load2(dout + i, d0, d1, len); load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
+    const fVec s0 = sigmoid(g0), s1 = sigmoid(g1);
+    const fVec dg0 = d0 * u0 * s0 * (one + g0 * (one - s0));
+    const fVec dg1 = d1 * u1 * s1 * (one + g1 * (one - s1));
+    const fVec du0 = d0 * g0 * s0, du1 = d1 * g1 * s1;
+    if (len == kChunk) { store2(dgate + i, dg0, dg1); store2(dup + i, du0, du1); }
+    else { store2(dgate + i, dg0, dg1, len); store2(dup + i, du0, du1, len); }
+  };
+  int64_t i = begin;
+  for (; i + kChunk <= end; i += kChunk) step(i, kChunk);
+  if (i < end) step(i, end - i);
+}
+
+}  // namespace
+
+void swiglu_fwd(const SwigluFwdArgs& a) {
+  dispatch_float_types(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
+      fwd_range(static_cast<const T*>(a.gate), static_cast<const T*>(a.up), static_cast<T*>(a.out),
+                begin, end);
+    });
+  });
+}
+
+void swiglu_bwd(const SwigluBwdArgs& a) {
+  dispatch_float_types(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
+      bwd_range(static_cast<const T*>(a.grad_out), static_cast<const T*>(a.gate),
+                static_cast<const T*>(a.up), static_cast<T*>(a.grad_gate), static_cast<T*>(a.grad_up),
+                begin, end);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastpt::cpu

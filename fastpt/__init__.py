@@ -1,0 +1,25 @@
+"""fastpt: fused kernels, models and recipes for pre-training and fine-tuning transformers.
+
+Importing fastpt loads the compiled core (``fastpt._C``), which registers the
+``torch.ops.fastpt.*`` operators; the public functions live in :mod:`fastpt.ops` and
+the modules in :mod:`fastpt.nn`.
+"""
+
+from fastpt._loader import load_extension as _load_extension
+
+_C = _load_extension()
+
+from fastpt import nn, ops  # noqa: E402  (ops need _C loaded first)
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """How the extension was built: versions, CUDA kernels, CPU features and kernel build in use."""
+    info = dict(_C.build_info())
+    info["cpu_features"] = dict(_C.cpu_features())
+    info["cpu_capability"] = _C.cpu_capability()
+    return info
+
+
+__all__ = ["build_info", "nn", "ops"]

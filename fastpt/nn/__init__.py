@@ -1,0 +1,7 @@
+"""Modules built on fastpt's fused ops."""
+
+from fastpt.nn.rms_norm import RMSNorm
+from fastpt.nn.rotary import RotaryEmbedding
+from fastpt.nn.swiglu import SwiGLU
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU"]

@@ -1,0 +1,52 @@
+"""Rotary position embedding with a cached cos/sin table."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastpt.ops import reference
+from fastpt.ops.rope import rope
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to (B, H, T, D) queries and keys.
+
+    Args:
+        dim: rotary dims (<= head dim; the rest of each head passes through).
+        max_position_embeddings: rows of the cos/sin cache; grown on demand.
+        base: theta base (Llama: 10000; Llama 3: 500000).
+        layout: "half" (Llama/NeoX) or "interleaved" (GPT-J).
+        use_fused: False runs the pure-PyTorch reference instead (for A/B checks).
+
+    Context-length scaling (NTK, YaRN, Llama 3) is not implemented yet.
+    """
+
+    def __init__(self, dim: int, max_position_embeddings: int = 2048, base: float = 10000.0,
+                 layout: str = "half", device=None, use_fused: bool = True):
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"dim must be a positive even number, got {dim}")
+        if layout not in ("half", "interleaved"):
+            raise ValueError(f"layout must be 'half' or 'interleaved', got {layout!r}")
+        self.dim, self.base, self.layout, self.use_fused = dim, base, layout, use_fused
+        self._build(max_position_embeddings, device)
+
+    def _build(self, positions: int, device) -> None:
+        cos, sin = reference.rope_tables(positions, self.dim, self.base)
+        # Buffers, not parameters: moved by .to(), never saved (they are recomputed).
+        self.register_buffer("cos_cached", cos.to(device), persistent=False)
+        self.register_buffer("sin_cached", sin.to(device), persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, position_ids: Tensor | None = None,
+                offset: int = 0) -> tuple[Tensor, Tensor]:
+        """q: (B, H, T, D), k: (B, Hkv, T, D). Positions are ``position_ids`` if given, else
+        ``offset + arange(T)`` (``offset`` = tokens already in the KV cache)."""
+        T = q.shape[-2]
+        if position_ids is None and offset:
+            position_ids = torch.arange(offset, offset + T, device=q.device)
+        needed = int(position_ids.max()) + 1 if position_ids is not None and position_ids.numel() else T
+        if needed > self.cos_cached.shape[0]:
+            self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device)
+        apply = rope if self.use_fused else reference.rope
+        return apply(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
