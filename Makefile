@@ -1,0 +1,46 @@
+# Two commands for a fresh clone (see README):
+#   make demo   set everything up, build, and run the main job (for now: fastpt bench --quick)
+#   make test   set everything up, build, and run the test suite
+# Everything goes into .venv; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch. A bare "torch" requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup install test demo bench check-cuda clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (only where the venv has none), then the build backend, since the build runs
+# with --no-build-isolation against this very torch.
+$(VENV)/.setup-done: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "scikit-build-core>=0.10"
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+# Incremental: the CMake build folder (build/) is kept between installs. flock keeps two
+# concurrent installs from sharing that folder.
+install: setup
+	@mkdir -p build
+	flock build/.install.lock $(BIN)/pip install -q --no-build-isolation ".[test]"
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/fastpt bench --quick
+
+bench: install
+	$(BIN)/fastpt bench --json benchmarks/results.json --markdown benchmarks/results.md
+
+check-cuda:
+	bash .ci/check-cuda-kernels
+
+clean:
+	rm -rf build $(VENV)
