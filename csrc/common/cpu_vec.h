@@ -1,6 +1,7 @@
-// Helpers for CPU kernel files: read T (float / BFloat16 / Half) as fp32 vectors and write
-// fp32 vectors back as T, two Vectorized<float> (one "chunk") at a time, with a masked tail
-// so rows of any length work. Included only by *_kernel.cpp (compiled per capability).
+// Helpers for CPU kernel files: read T (float / BFloat16 / Half / double) as vectors of its
+// compute type (float, or double for double) and write them back as T, two vectors (one
+// "chunk") at a time, with a masked tail so rows of any length work. Included only by
+// *_kernel.cpp (compiled once per CPU capability).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -10,52 +11,57 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/portable.h"
 
 namespace fastpt::cpu {
 inline namespace CPU_CAPABILITY {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kChunk = 2 * fVec::size();  // elements per load2/store2
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename T>
+using aVec = at::vec::Vectorized<acc_t<T>>;
+template <typename T>
+constexpr int64_t kChunk = 2 * aVec<T>::size();  // elements per load2/store2
 
 // Full chunk.
 template <typename T>
-inline void load2(const T* p, fVec& a, fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = fVec::loadu(p);
-    b = fVec::loadu(p + fVec::size());
+inline void load2(const T* p, aVec<T>& a, aVec<T>& b) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    a = aVec<T>::loadu(p);
+    b = aVec<T>::loadu(p + aVec<T>::size());
   } else {
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
   }
 }
 
 template <typename T>
-inline void store2(T* p, const fVec& a, const fVec& b) {
-  if constexpr (std::is_same_v<T, float>) {
+inline void store2(T* p, const aVec<T>& a, const aVec<T>& b) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
     a.store(p);
-    b.store(p + fVec::size());
+    b.store(p + aVec<T>::size());
   } else {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
 }
 
-// Partial chunk of n < kChunk elements; lanes past n read as 0 and are not written.
+// Partial chunk of n < kChunk<T> elements; lanes past n read as 0 and are not written.
 template <typename T>
-inline void load2(const T* p, fVec& a, fVec& b, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    const int64_t na = std::min<int64_t>(n, fVec::size());
-    a = fVec::loadu(p, na);
-    b = n > na ? fVec::loadu(p + na, n - na) : fVec(0.f);
+inline void load2(const T* p, aVec<T>& a, aVec<T>& b, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    const int64_t na = std::min<int64_t>(n, aVec<T>::size());
+    a = aVec<T>::loadu(p, na);
+    b = n > na ? aVec<T>::loadu(p + na, n - na) : aVec<T>(0);
   } else {
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
   }
 }
 
 template <typename T>
-inline void store2(T* p, const fVec& a, const fVec& b, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    const int64_t na = std::min<int64_t>(n, fVec::size());
+inline void store2(T* p, const aVec<T>& a, const aVec<T>& b, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    const int64_t na = std::min<int64_t>(n, aVec<T>::size());
     a.store(p, na);
     if (n > na) b.store(p + na, n - na);
   } else {
@@ -70,6 +76,7 @@ inline void dispatch_float_types(DType dtype, Fn&& fn) {
     case DType::kFloat32: fn(float{}); break;
     case DType::kBFloat16: fn(c10::BFloat16{}); break;
     case DType::kFloat16: fn(c10::Half{}); break;
+    case DType::kFloat64: fn(double{}); break;
   }
 }
 

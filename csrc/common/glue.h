@@ -9,14 +9,18 @@
 
 namespace fastpt {
 
-// TypeError naming `name` unless t is float32 / bfloat16 / float16.
-inline DType float_dtype(const at::Tensor& t, const char* name) {
+// TypeError naming `name` unless t is float32 / bfloat16 / float16 (or float64 where allowed).
+inline DType float_dtype(const at::Tensor& t, const char* name, bool allow_float64 = true) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
+    case at::kDouble:
+      if (allow_float64) return DType::kFloat64;
+      [[fallthrough]];
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16",
+                       allow_float64 ? " (or float64)" : "", ", got ", t.scalar_type());
   }
 }
 

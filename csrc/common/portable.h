@@ -11,7 +11,8 @@
 namespace fastpt {
 
 // Element types the kernels accept. Glue maps torch dtypes onto these, so kernel
-// sources never see at::ScalarType (and never include its header).
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// sources never see at::ScalarType (and never include its header). kFloat64 exists for
+// float64 references and gradcheck; CPU kernels compute in double for it, float otherwise.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 }  // namespace fastpt

@@ -33,7 +33,8 @@ def _rms_norm_fake(x, weight, eps):
                  lambda: f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     torch._check(weight.device == x.device, lambda: "weight must be on the device of x")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return y, x.new_empty(x.shape[:-1], dtype=stats)
 
 
 @torch.library.register_fake("fastpt::rms_norm_backward")

@@ -11,9 +11,9 @@ struct RmsNormFwdArgs {
   const void* x;  // (rows, n) contiguous
   const void* w;  // (n)
   void* y;        // (rows, n) contiguous
-  float* rstd;    // (rows)
+  void* rstd;     // (rows) float32; float64 when dtype is kFloat64
   int64_t rows, n;
-  float eps;
+  double eps;
   DType dtype;
 };
 
@@ -21,9 +21,9 @@ struct RmsNormBwdArgs {
   const void* dy;  // (rows, n) contiguous
   const void* x;   // (rows, n) contiguous
   const void* w;   // (n)
-  const float* rstd;
+  const void* rstd;   // (rows) float32; float64 when dtype is kFloat64
   void* dx;        // (rows, n) contiguous
-  float* dw_partial;  // (num_partials, n) fp32 scratch, one row per parallel chunk
+  void* dw_partial;   // (num_partials, n) scratch of rstd's dtype, one row per parallel chunk
   int64_t rows, n, num_partials;
   DType dtype;
 };

@@ -18,6 +18,11 @@ FASTPT_DECLARE_CPU_KERNEL(rms_norm_bwd, fastpt::RmsNormBwdArgs)
 namespace fastpt {
 namespace {
 
+// rstd and the dw partial sums are kept in the compute type: float32, float64 for float64 x.
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
   float_dtype(x, "x");
   check_same_dtype(weight, x, "weight", "x");
@@ -35,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n = x.size(-1), rows = leading_rows(x);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_dtype(x)));
   if (rows == 0 || n == 0) return {y, rstd};
   cpu::rms_norm_fwd({x.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
-                     rstd.mutable_data_ptr<float>(), rows, n, static_cast<float>(eps),
+                     rstd.mutable_data_ptr(), rows, n, eps,
                      float_dtype(x, "x")});
   return {y, rstd};
 }
@@ -50,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   check_inputs(x_in, weight_in);
   check_same_dtype(grad_y_in, x_in, "grad_y", "x");
   check_same_shape(grad_y_in, x_in, "grad_y", "x");
-  TORCH_CHECK_TYPE(rstd_in.scalar_type() == at::kFloat, "rstd must be float32");
+  TORCH_CHECK_TYPE(rstd_in.scalar_type() == stats_dtype(x_in), "rstd must be ", stats_dtype(x_in),
+                   " for x of dtype ", x_in.scalar_type(), ", got ", rstd_in.scalar_type());
   TORCH_CHECK_VALUE(rstd_in.numel() == leading_rows(x_in), "rstd must have one value per row of x");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous(), rstd = rstd_in.contiguous();
@@ -58,10 +64,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (rows == 0 || n == 0) return {grad_x, at::zeros_like(weight)};
   const int64_t num_partials = std::min<int64_t>(at::get_num_threads(), rows);
-  at::Tensor dw_partial = at::empty({num_partials, n}, x.options().dtype(at::kFloat));
+  at::Tensor dw_partial = at::empty({num_partials, n}, x.options().dtype(stats_dtype(x)));
   cpu::rms_norm_bwd({grad_y.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
-                     rstd.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
-                     dw_partial.mutable_data_ptr<float>(), rows, n, num_partials,
+                     rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
+                     dw_partial.mutable_data_ptr(), rows, n, num_partials,
                      float_dtype(x, "x")});
   return {grad_x, dw_partial.sum(0).to(weight.scalar_type())};
 }

@@ -30,10 +30,8 @@ Rows as_rows(at::Tensor x) {
 }
 
 struct Tables {
-  const void* cos;
-  const void* sin;
+  at::Tensor cos, sin;  // (P, R) contiguous; float64 for float64 q (tables are tiny)
   int64_t P, R;
-  DType dtype;
   at::Tensor pos;  // int64 contiguous, or undefined
   int64_t pos_sb;
 };
@@ -49,7 +47,7 @@ Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     "q and k must have the same T and D, got shapes ", q.sizes(), " and ", k.sizes());
   TORCH_CHECK_VALUE(q.dim() == 2 || k.dim() == 2 || q.size(0) == k.size(0),
                     "q and k must have the same batch size (dim 0), got ", q.size(0), " and ", k.size(0));
-  const DType cs_dtype = float_dtype(cos, "cos");
+  float_dtype(cos, "cos");
   TORCH_CHECK_TYPE(cos.scalar_type() == at::kFloat || cos.scalar_type() == q.scalar_type(),
                    "cos and sin must be float32 or the dtype of q (", q.scalar_type(), "), got ",
                    cos.scalar_type());
@@ -61,7 +59,9 @@ Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK_VALUE(cos.dim() == 2 && cos.size(1) >= 1 && 2 * cos.size(1) <= D,
                     "cos and sin must be (P, R) tables with 1 <= R <= D/2 = ", D / 2, ", got ", cos.sizes());
   const int64_t P = cos.size(0), R = cos.size(1);
-  Tables tb{nullptr, nullptr, P, R, cs_dtype, at::Tensor(), 0};
+  const bool f64 = q.scalar_type() == at::kDouble;
+  Tables tb{(f64 ? cos.to(at::kDouble) : cos).contiguous(), (f64 ? sin.to(at::kDouble) : sin).contiguous(),
+            P, R, at::Tensor(), 0};
   if (!position_ids.has_value()) {
     TORCH_CHECK_VALUE(T <= P, "without position_ids, positions are 0..T-1: T = ", T,
                       " needs at least T rows in cos/sin, got ", P);
@@ -87,22 +87,19 @@ Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 // Rotates src into dst (which may be src itself).
-void apply(const Rows& src, const Rows& dst, const Tables& tb, const at::Tensor& cos,
-           const at::Tensor& sin, bool interleaved, bool conjugate) {
+void apply(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved, bool conjugate) {
   if (src.t.numel() == 0) return;
-  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
   cpu::rope_apply({src.t.const_data_ptr(), dst.t.mutable_data_ptr(), src.B, src.M, src.T, src.D,
-                   src.sb, src.sm, src.st, dst.sb, dst.sm, dst.st, c.const_data_ptr(),
-                   s.const_data_ptr(), tb.P, tb.R,
+                   src.sb, src.sm, src.st, dst.sb, dst.sm, dst.st, tb.cos.const_data_ptr(),
+                   tb.sin.const_data_ptr(), tb.P, tb.R,
                    tb.pos.defined() ? tb.pos.const_data_ptr<int64_t>() : nullptr, tb.pos_sb,
-                   interleaved, conjugate, float_dtype(src.t, "q"), tb.dtype});
+                   interleaved, conjugate, float_dtype(src.t, "q"), float_dtype(tb.cos, "cos")});
 }
 
-at::Tensor rotated(const at::Tensor& x, const Tables& tb, const at::Tensor& cos,
-                   const at::Tensor& sin, bool interleaved, bool conjugate) {
+at::Tensor rotated(const at::Tensor& x, const Tables& tb, bool interleaved, bool conjugate) {
   const Rows src = as_rows(x);
   at::Tensor out = at::empty_like(src.t);
-  apply(src, as_rows(out), tb, cos, sin, interleaved, conjugate);
+  apply(src, as_rows(out), tb, interleaved, conjugate);
   return out;
 }
 
@@ -111,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                                             const std::optional<at::Tensor>& position_ids,
                                             bool interleaved) {
   const Tables tb = check_inputs(q, k, cos, sin, position_ids);
-  return {rotated(q, tb, cos, sin, interleaved, false), rotated(k, tb, cos, sin, interleaved, false)};
+  return {rotated(q, tb, interleaved, false), rotated(k, tb, interleaved, false)};
 }
 
 // The rotation is orthogonal, so its backward is the rotation by -angle.
@@ -120,13 +117,12 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q, c
                                                      const std::optional<at::Tensor>& position_ids,
                                                      bool interleaved) {
   const Tables tb = check_inputs(grad_q, grad_k, cos, sin, position_ids);
-  return {rotated(grad_q, tb, cos, sin, interleaved, true), rotated(grad_k, tb, cos, sin, interleaved, true)};
+  return {rotated(grad_q, tb, interleaved, true), rotated(grad_k, tb, interleaved, true)};
 }
 
-void rotate_inplace(const at::Tensor& x, const Tables& tb, const at::Tensor& cos,
-                    const at::Tensor& sin, bool interleaved) {
+void rotate_inplace(const at::Tensor& x, const Tables& tb, bool interleaved) {
   const Rows rows = as_rows(x);
-  apply(rows, rows, tb, cos, sin, interleaved, false);
+  apply(rows, rows, tb, interleaved, false);
   if (!rows.t.is_same(x)) const_cast<at::Tensor&>(x).copy_(rows.t);  // layout needed a copy
 }
 
@@ -135,8 +131,8 @@ void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       bool interleaved) {
   const Tables tb = check_inputs(q, k, cos, sin, position_ids);
   TORCH_CHECK_VALUE(!q.is_same(k), "rope_: q and k must be different tensors");
-  rotate_inplace(q, tb, cos, sin, interleaved);
-  rotate_inplace(k, tb, cos, sin, interleaved);
+  rotate_inplace(q, tb, interleaved);
+  rotate_inplace(k, tb, interleaved);
 }
 
 }  // namespace

@@ -13,12 +13,16 @@ namespace fastpt::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
+// cos/sin of type C share T's compute type (the glue casts tables for float64 inputs).
 template <typename T, typename C>
 void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
-  const fVec sign(sgn);
-  fVec a0, a1, b0, b1, c0, c1, s0, s1;
+  static_assert(std::is_same_v<acc_t<T>, acc_t<C>>);
+  using V = aVec<T>;
+  constexpr int64_t K = kChunk<T>;
+  const V sign(sgn);
+  V a0, a1, b0, b1, c0, c1, s0, s1;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == kChunk) {
+    if (len == K) {
       load2(x + i, a0, a1); load2(x + R + i, b0, b1); load2(cs + i, c0, c1); load2(sn + i, s0, s1);
     } else {
       load2(x + i, a0, a1, len); load2(x + R + i, b0, b1, len);
@@ -26,24 +30,27 @@ void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) 
     }
     s0 = s0 * sign;
     s1 = s1 * sign;
-    const fVec o10 = a0 * c0 - b0 * s0, o11 = a1 * c1 - b1 * s1;
-    const fVec o20 = b0 * c0 + a0 * s0, o21 = b1 * c1 + a1 * s1;
-    if (len == kChunk) { store2(o + i, o10, o11); store2(o + R + i, o20, o21); }
+    const V o10 = a0 * c0 - b0 * s0, o11 = a1 * c1 - b1 * s1;
+    const V o20 = b0 * c0 + a0 * s0, o21 = b1 * c1 + a1 * s1;
+    if (len == K) { store2(o + i, o10, o11); store2(o + R + i, o20, o21); }
     else { store2(o + i, o10, o11, len); store2(o + R + i, o20, o21, len); }
   };
   int64_t i = 0;
-  for (; i + kChunk <= R; i += kChunk) step(i, kChunk);
+  for (; i + K <= R; i += K) step(i, K);
   if (i < R) step(i, R - i);
 }
 
 template <typename T, typename C>
 void interleaved_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
-  const fVec sign(sgn);
-  fVec a, b, c, d, c0, c1, s0, s1;
-  int64_t i = 0;  // pair index; kChunk pairs (2 * kChunk features) per step
-  for (; i + kChunk <= R; i += kChunk) {
+  using V = aVec<T>;
+  using A = acc_t<T>;
+  constexpr int64_t K = kChunk<T>;
+  const V sign(sgn);
+  V a, b, c, d, c0, c1, s0, s1;
+  int64_t i = 0;  // pair index; K pairs (2K features) per step
+  for (; i + K <= R; i += K) {
     load2(x + 2 * i, a, b);
-    load2(x + 2 * i + kChunk, c, d);
+    load2(x + 2 * i + K, c, d);
     load2(cs + i, c0, c1);
     load2(sn + i, s0, s1);
     s0 = s0 * sign;
@@ -53,13 +60,12 @@ void interleaved_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, floa
     auto [p, q] = at::vec::interleave2(e0 * c0 - d0 * s0, d0 * c0 + e0 * s0);
     auto [r, t] = at::vec::interleave2(e1 * c1 - d1 * s1, d1 * c1 + e1 * s1);
     store2(o + 2 * i, p, q);
-    store2(o + 2 * i + kChunk, r, t);
+    store2(o + 2 * i + K, r, t);
   }
-  for (; i < R; ++i) {
-    float o1, o2;
-    rope_rotate(float(x[2 * i]), float(x[2 * i + 1]), float(cs[i]), sgn * float(sn[i]), o1, o2);
-    o[2 * i] = T(o1);
-    o[2 * i + 1] = T(o2);
+  for (; i < R; ++i) {  // scalar tail (fewer than K pairs)
+    const A x1 = A(x[2 * i]), x2 = A(x[2 * i + 1]), cv = A(cs[i]), sv = A(sgn) * A(sn[i]);
+    o[2 * i] = T(x1 * cv - x2 * sv);
+    o[2 * i + 1] = T(x2 * cv + x1 * sv);
   }
 }
 
@@ -90,7 +96,8 @@ void run(const RopeArgs& a) {
 void rope_apply(const RopeArgs& a) {
   dispatch_float_types(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.cs_dtype == DType::kFloat32) run<T, float>(a);
+    if constexpr (std::is_same_v<T, double>) run<T, T>(a);  // tables cast to float64 by the glue
+    else if (a.cs_dtype == DType::kFloat32) run<T, float>(a);
     else run<T, T>(a);
   });
 }

@@ -1,9 +1,8 @@
 // SwiGLU CPU kernels (compiled once per CPU capability, see common/cpu_dispatch.h).
 //
 // Elementwise over the flattened tensors, split into contiguous ranges by at::parallel_for.
-// sigmoid uses Vectorized::exp_u20 (a polynomial exp, <= 2 ulp, no Sleef call).
 // Traffic: forward reads gate and up, writes out; backward reads grad_out, gate, up and
-// writes grad_gate and grad_up.
+// writes grad_gate and grad_up. Arithmetic in fp32 (double for float64).
 #include <ATen/Parallel.h>
 
 #include "common/cpu_vec.h"
@@ -15,44 +14,55 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// exp_u20 is only accurate on [-88, 88]; clamping keeps sigmoid exact at the extremes
-// (sigmoid(-88) ~ 6e-39 vs 0, sigmoid(88) == 1 in fp32) and NaN still propagates.
-inline fVec sigmoid(const fVec& g) {
-  const fVec one(1.f);
-  const fVec z = at::vec::clamp(g.neg(), fVec(-88.f), fVec(88.f));
-  return one / (one + z.exp_u20());
+// fp32: exp_u20 is a polynomial exp (<= 2 ulp, no Sleef call), accurate on [-88, 88];
+// clamping keeps sigmoid exact at the extremes (sigmoid(-88) ~ 6e-39 vs 0, sigmoid(88)
+// == 1 in fp32) and NaN still propagates. double: Sleef's exp.
+template <typename V>
+inline V sigmoid(const V& g) {
+  const V one(1);
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    const V z = at::vec::clamp(g.neg(), V(-88.f), V(88.f));
+    return one / (one + z.exp_u20());
+  } else {
+    return one / (one + g.neg().exp());
+  }
 }
 
 template <typename T>
 void fwd_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end) {
-  fVec g0, g1, u0, u1;
+  using V = aVec<T>;
+  constexpr int64_t C = kChunk<T>;
+  V g0, g1, u0, u1;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == kChunk) { load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    if (len == C) { load2(gate + i, g0, g1); load2(up + i, u0, u1); }
     else { load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
-    const fVec o0 = g0 * sigmoid(g0) * u0, o1 = g1 * sigmoid(g1) * u1;
-    if (len == kChunk) store2(out + i, o0, o1); else store2(out + i, o0, o1, len);
+    const V o0 = g0 * sigmoid(g0) * u0, o1 = g1 * sigmoid(g1) * u1;
+    if (len == C) store2(out + i, o0, o1); else store2(out + i, o0, o1, len);
   };
   int64_t i = begin;
-  for (; i + kChunk <= end; i += kChunk) step(i, kChunk);
+  for (; i + C <= end; i += C) step(i, C);
   if (i < end) step(i, end - i);
 }
 
 template <typename T>
 void bwd_range(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int64_t begin, int64_t end) {
-  const fVec one(1.f);
-  fVec d0, d1, g0, g1, u0, u1;
+  using V = aVec<T>;
+  constexpr int64_t C = kChunk<T>;
+  const V one(1);
+  V d0, d1, g0, g1, u0, u1;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == kChunk) { load2(dout + i, d0, d1); load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    if (len == C) { load2(dout + i, d0, d1); load2(gate + i, g0, g1); load2(up + i, u0, u1); }
     else { load2(dout + i, d0, d1, len); load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
-    const fVec s0 = sigmoid(g0), s1 = sigmoid(g1);
-    const fVec dg0 = d0 * u0 * s0 * (one + g0 * (one - s0));
-    const fVec dg1 = d1 * u1 * s1 * (one + g1 * (one - s1));
-    const fVec du0 = d0 * g0 * s0, du1 = d1 * g1 * s1;
-    if (len == kChunk) { store2(dgate + i, dg0, dg1); store2(dup + i, du0, du1); }
+    const V s0 = sigmoid(g0), s1 = sigmoid(g1);
+    // silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)
+    const V dg0 = d0 * u0 * s0 * (one + g0 * (one - s0));
+    const V dg1 = d1 * u1 * s1 * (one + g1 * (one - s1));
+    const V du0 = d0 * g0 * s0, du1 = d1 * g1 * s1;
+    if (len == C) { store2(dgate + i, dg0, dg1); store2(dup + i, du0, du1); }
     else { store2(dgate + i, dg0, dg1, len); store2(dup + i, du0, du1, len); }
   };
   int64_t i = begin;
-  for (; i + kChunk <= end; i += kChunk) step(i, kChunk);
+  for (; i + C <= end; i += C) step(i, C);
   if (i < end) step(i, end - i);
 }
 
