@@ -44,7 +44,9 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const c
 
 // Rows of the last dim: product of all leading dims (1 for a 1-D tensor).
 inline int64_t leading_rows(const at::Tensor& t) {
-  return t.dim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.size(-1), 1);
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
 }
 
 }  // namespace fastpt

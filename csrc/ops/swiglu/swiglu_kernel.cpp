@@ -14,19 +14,14 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// fp32: exp_u20 is a polynomial exp (<= 2 ulp, no Sleef call), accurate on [-88, 88];
-// clamping keeps sigmoid exact at the extremes (sigmoid(-88) ~ 6e-39 vs 0, sigmoid(88)
-// == 1 in fp32) and NaN still propagates. double: Sleef's exp.
+// Same formulas as ATen's silu kernels (Sleef exp, 1 ulp), so the results, NaN and Inf
+// included (silu(-inf) = -inf / inf = NaN), match eager PyTorch. ATen's faster exp_u20 is
+// 20 ulp and saturates at +-88.7, which changes both.
 template <typename V>
-inline V sigmoid(const V& g) {
-  const V one(1);
-  if constexpr (std::is_same_v<typename V::value_type, float>) {
-    const V z = at::vec::clamp(g.neg(), V(-88.f), V(88.f));
-    return one / (one + z.exp_u20());
-  } else {
-    return one / (one + g.neg().exp());
-  }
-}
+inline V silu(const V& g) { return g / (V(1) + g.neg().exp()); }
+
+template <typename V>
+inline V sigmoid(const V& g) { return V(1) / (V(1) + g.neg().exp()); }
 
 template <typename T>
 void fwd_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end) {
@@ -36,7 +31,7 @@ void fwd_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end) {
   auto step = [&](int64_t i, int64_t len) {
     if (len == C) { load2(gate + i, g0, g1); load2(up + i, u0, u1); }
     else { load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
-    const V o0 = g0 * sigmoid(g0) * u0, o1 = g1 * sigmoid(g1) * u1;
+    const V o0 = silu(g0) * u0, o1 = silu(g1) * u1;
     if (len == C) store2(out + i, o0, o1); else store2(out + i, o0, o1, len);
   };
   int64_t i = begin;

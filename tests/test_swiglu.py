@@ -1,0 +1,126 @@
+"""fastpt.ops.swiglu against the float64 reference, gradients, opcheck, compile, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpt import ops
+from fastpt.ops import reference
+from tolerances import assert_close
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(rows, hidden) for rows in (1, 7, 97, 1025) for hidden in (1, 3, 13, 4097)]
+
+
+def _run(fn, gate, up, grad, dtype):
+    g = gate.detach().to(dtype).requires_grad_()
+    u = up.detach().to(dtype).requires_grad_()
+    out = fn(g, u)
+    out.backward(grad.to(dtype))
+    return out.detach(), g.grad, u.grad
+
+
+def check_against_reference(gate, up, grad, dtype):
+    out, gg, gu = _run(ops.swiglu, gate, up, grad, dtype)
+    o64, gg64, gu64 = _run(reference.swiglu, gate, up, grad, torch.float64)
+    oe, gge, gue = _run(reference.swiglu, gate, up, grad, dtype)
+    assert out.dtype == dtype
+    assert_close(out, o64, dtype, "fwd", eager=oe, what="out")
+    assert_close(gg, gg64, dtype, "bwd", eager=gge, what="grad gate")
+    assert_close(gu, gu64, dtype, "bwd", eager=gue, what="grad up")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_float64_reference(cpu_capability, shape, dtype):
+    gate, up, grad = (4 * torch.randn(shape)).to(dtype), torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    check_against_reference(gate, up, grad, dtype)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 40), (2, 3, 5, 129)])
+def test_leading_dims(shape):
+    check_against_reference(torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.float32)
+
+
+def test_extreme_gate_values(cpu_capability):
+    gate = torch.tensor([-1e4, -100.0, -88.5, -20.0, -1e-8, 0.0, 1e-8, 20.0, 88.5, 100.0, 1e4] * 3)
+    up = torch.linspace(-2, 2, gate.numel())
+    check_against_reference(gate, up, torch.ones_like(gate), torch.float32)
+
+
+def test_nan_and_inf_follow_eager():
+    gate = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 9)
+    up = torch.tensor([1.0, 2.0, 3.0, float("inf")] * 9)
+    out, ref = ops.swiglu(gate, up), reference.swiglu(gate, up)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    finite = ~torch.isnan(ref)
+    torch.testing.assert_close(out[finite], ref[finite])
+
+
+def test_float64():
+    check_against_reference(torch.randn(5, 33), torch.randn(5, 33), torch.randn(5, 33), torch.float64)
+
+
+def test_non_contiguous_input():
+    gate = torch.randn(16, 32)[:, ::2]
+    up = torch.randn(16, 16).t()
+    torch.testing.assert_close(ops.swiglu(gate, up), reference.swiglu(gate, up))
+
+
+def test_gradcheck_float64():
+    gate = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    gate = torch.randn(4, 37, dtype=dtype, requires_grad=True)
+    up = torch.randn(4, 37, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastpt.swiglu.default, (gate, up))
+    grad = torch.randn(4, 37, dtype=dtype)
+    torch.library.opcheck(torch.ops.fastpt.swiglu_backward.default, (grad, gate.detach(), up.detach()))
+
+
+def test_torch_compile_fullgraph():
+    def f(g, u):
+        return (ops.swiglu(g, u) * 2).sum()
+
+    g = torch.randn(6, 50, requires_grad=True)
+    u = torch.randn(6, 50, requires_grad=True)
+    out = torch.compile(f, fullgraph=True)(g, u)
+    grads = torch.autograd.grad(out, (g, u))
+    ref = f(g, u)
+    ref_grads = torch.autograd.grad(ref, (g, u))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_inputs():
+    g = torch.randn(0, 8, requires_grad=True)
+    u = torch.randn(0, 8, requires_grad=True)
+    out = ops.swiglu(g, u)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert g.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "gate, up, error, match",
+    [
+        (torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int64), TypeError, "gate must be"),
+        (torch.ones(4), torch.ones(4, dtype=torch.bfloat16), TypeError, "up must have the dtype"),
+        (torch.ones(4, 8), torch.ones(4, 7), ValueError, "up must have the shape"),
+        (torch.ones(4, 8), torch.ones(8), ValueError, "up must have the shape"),
+    ],
+)
+def test_bad_input(gate, up, error, match):
+    with pytest.raises(error, match=match):
+        ops.swiglu(gate, up)
+
+
+def test_input_on_another_device():
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        ops.swiglu(torch.ones(4), torch.ones(4, device="meta"))
