@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpt.ops._checks import check_same_device
+
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """y = x / sqrt(mean(x**2, -1) + eps) * weight, computed in float32.
@@ -31,7 +33,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
 def _rms_norm_fake(x, weight, eps):
     torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
                  lambda: f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    torch._check(weight.device == x.device, lambda: "weight must be on the device of x")
+    check_same_device("x", x, weight=weight)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
     return y, x.new_empty(x.shape[:-1], dtype=stats)

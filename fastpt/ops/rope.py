@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpt.ops._checks import check_same_device
+
 _LAYOUTS = {"half": False, "interleaved": True}
 
 
@@ -64,6 +66,7 @@ def _out_like(x: Tensor) -> Tensor:
 
 @torch.library.register_fake("fastpt::rope")
 def _rope_fake(q, k, cos, sin, position_ids, interleaved):
+    check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     torch._check(q.shape[-2:] == k.shape[-2:], lambda: "q and k must have the same T and D")
     torch._check(cos.shape == sin.shape and cos.dim() == 2 and 2 * cos.shape[1] <= q.shape[-1],
                  lambda: "cos and sin must be (P, R) tables with R <= D/2")
@@ -77,6 +80,7 @@ def _rope_backward_fake(grad_q, grad_k, cos, sin, position_ids, interleaved):
 
 @torch.library.register_fake("fastpt::rope_")
 def _rope_inplace_fake(q, k, cos, sin, position_ids, interleaved):
+    check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     return None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpt.ops._checks import check_same_device
+
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, computed in float32 (the activation of Llama's gated MLP).
@@ -28,7 +30,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def _check(gate, up):
     torch._check(up.shape == gate.shape,
                  lambda: f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
-    torch._check(up.device == gate.device, lambda: "up must be on the device of gate")
+    check_same_device("gate", gate, up=up)
 
 
 @torch.library.register_fake("fastpt::swiglu")

@@ -1,0 +1,158 @@
+"""The benchmark harness and the CLI: record fields, ratio and byte arithmetic, output
+files, allocator modes, argument errors. No timing assertions (the machine is noisy)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpt import alloc, cli
+from fastpt.benchmarks import harness, run
+
+TINY = {"rms_norm": {"x": (8, 32)}, "swiglu": {"gate": (8, 32), "up": (8, 32)},
+        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)}}
+FAST = harness.Timing(budget_s=0.0, min_rounds=3, warmup=1)
+
+
+def _by_impl(records):
+    return {r.impl: r for r in records}
+
+
+@pytest.mark.parametrize("op", run.OPS)
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_records_and_ratios(op, mode, monkeypatch):
+    # Stand-in for torch.compile: the harness logic is what is tested, not inductor.
+    monkeypatch.setattr(harness, "_compile", lambda fn: fn)
+    spec = run.load_spec(op)
+    records = harness.measure_case(spec, TINY[op], "fp32", mode, alloc="steady", timing=FAST,
+                                   threads=2)
+    by = _by_impl(records)
+    assert [r.impl for r in records] == ["fastpt", "eager", "compile"]
+    for r in records:
+        assert (r.op, r.dtype, r.mode, r.alloc, r.threads) == (op, "fp32", mode, "steady", 2)
+        assert r.shape == harness.shape_str(TINY[op])
+        assert r.median_ms > 0 and r.rounds >= FAST.min_rounds and r.copy_gbps > 0
+        assert math.isclose(r.pct_copy_bandwidth,
+                            100 * r.bytes / (r.median_ms * 1e6) / r.copy_gbps, rel_tol=1e-9)
+    f = by["fastpt"]
+    assert math.isclose(f.ratio_vs_eager, by["eager"].median_ms / f.median_ms, rel_tol=1e-9)
+    assert math.isclose(f.ratio_vs_compile, by["compile"].median_ms / f.median_ms, rel_tol=1e-9)
+    assert all(r.ratio_vs_eager is None and r.ratio_vs_compile is None for r in records[1:])
+
+
+def test_no_compile_has_no_compile_record():
+    records = harness.measure_case(run.load_spec("swiglu"), TINY["swiglu"], "bf16", "fwd",
+                                   compile=False, timing=FAST)
+    assert [r.impl for r in records] == ["fastpt", "eager"]
+    assert records[0].ratio_vs_compile is None and records[0].ratio_vs_eager > 0
+
+
+def test_minimal_bytes():
+    x, w = torch.empty(8, 32), torch.empty(32)
+    inputs = harness.Inputs(args=(x, w, 1e-6), grad=(0, 1), bwd_reads=(0, 1))
+    y = torch.empty(8, 32)
+    xb, wb = 8 * 32 * 4, 32 * 4
+    assert harness.minimal_bytes(inputs, (y,), "fwd") == 2 * xb + wb
+    # backward: reads grad_y, x, w; writes grad_x, grad_w
+    assert harness.minimal_bytes(inputs, (y,), "fwdbwd") == (2 * xb + wb) + (3 * xb + 2 * wb)
+
+
+def test_spec_registry():
+    for op in run.OPS:
+        spec = run.load_spec(op)
+        assert spec.name == op and {"full", "quick"} <= set(spec.shapes)
+        full = sum(math.prod(s) for s in spec.shapes["full"].values())
+        assert sum(math.prod(s) for s in spec.shapes["quick"].values()) < full
+
+
+def _records():
+    spec = run.load_spec("swiglu")
+    return (harness.measure_case(spec, TINY["swiglu"], "fp32", "fwd", alloc="steady",
+                                 compile=False, timing=FAST)
+            + harness.measure_case(spec, TINY["swiglu"], "fp32", "fwd", alloc="default",
+                                   compile=False, timing=FAST))
+
+
+def test_json_and_markdown(tmp_path):
+    records = _records()
+    path = tmp_path / "r.json"
+    harness.write_json(records, str(path))
+    text = path.read_text()
+    assert len(json.loads(text)) == len(records) == 4
+    assert len(text.strip().splitlines()) == len(records) + 2  # "[", one line each, "]"
+    assert harness.read_json(str(path)) == records
+    fields = set(json.loads(text)[0])
+    assert {"op", "dtype", "mode", "shape", "impl", "median_ms", "ratio_vs_eager",
+            "ratio_vs_compile", "pct_copy_bandwidth", "alloc"} <= fields
+
+    md = tmp_path / "r.md"
+    harness.write_markdown(records, str(md), preamble="machine")
+    lines = md.read_text().strip().splitlines()
+    assert lines[0] == "machine"
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert len(table) == 2 + 2  # header, alignment, one row per (alloc) case
+    assert all(ln.count("|") == len(harness.COLUMNS) + 1 for ln in table)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_use_steady_allocator_on_glibc():
+    # A child process, so this test process keeps its allocator as it was.
+    code = "import fastpt.alloc as a; print(a.use_steady_allocator())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_child_env(monkeypatch):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
+    assert run.child_env("steady", 2)["MALLOC_TOP_PAD_"] == alloc.STEADY_ENV["MALLOC_TOP_PAD_"]
+    default = run.child_env("default", 3)
+    assert not any(k.startswith("MALLOC_") for k in default)
+    assert default["OMP_NUM_THREADS"] == "3"
+
+
+def test_config_validates():
+    assert run.BenchConfig(quick=True).dtypes == run.QUICK_DTYPES
+    assert run.BenchConfig().dtypes == ("fp32", "bf16")
+    for bad in ({"ops": ("nope",)}, {"modes": ()}, {"threads": 0}, {"budget_s": -1.0},
+                {"allocs": ("huge",)}):
+        with pytest.raises(ValueError):
+            run.BenchConfig(**bad)
+
+
+def test_cli_help_exits_zero(capsys):
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+    assert "--no-compile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["nope"], ["bench", "--ops", "foo"], ["bench", "--ops", ""],
+                                  ["bench", "--dtypes", "int8"], ["bench", "--modes", "bwd"],
+                                  ["bench", "--alloc", "huge"], ["bench", "--threads", "0"],
+                                  ["bench", "--threads", "two"], ["bench", "--budget", "-1"],
+                                  ["bench", "--unknown"]])
+def test_cli_bad_args_exit_two(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_end_to_end(tmp_path):
+    """Both allocator modes in child processes, records merged into one JSON and table."""
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    cmd = [sys.executable, "-m", "fastpt", "bench", "--quick", "--ops", "swiglu", "--modes", "fwd",
+           "--no-compile", "--budget", "0", "--json", str(js), "--markdown", str(md)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    records = harness.read_json(str(js))
+    assert sorted((r.alloc, r.impl) for r in records) == [
+        ("default", "eager"), ("default", "fastpt"), ("steady", "eager"), ("steady", "fastpt")]
+    assert "swiglu" in out.stdout and "swiglu" in md.read_text()

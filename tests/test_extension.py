@@ -1,0 +1,64 @@
+"""The compiled core: build info, loading errors, CPU kernel builds, CUDA in a CPU build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpt
+from fastpt import _loader
+
+
+def test_build_info_reports_versions_and_features():
+    info = fastpt.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert info["cuda"] in (True, False)
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert set(info["cpu_features"]) >= {"avx2", "avx512", "avx512_vnni", "amx_tile", "amx_int8"}
+    # Same answer as torch's own detection, which uses the same CPU/OS checks.
+    assert info["cpu_features"]["avx512"] == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def test_ops_are_registered():
+    for name in ("rms_norm", "rms_norm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward", "rope_"):
+        assert hasattr(torch.ops.fastpt, name), name
+
+
+def test_set_cpu_capability_rejects_unknown_names():
+    with pytest.raises(ValueError, match="DEFAULT, AVX2 or AVX512"):
+        fastpt._C.set_cpu_capability("SSE9")
+
+
+def test_cpu_capability_switch_changes_the_build_in_use(cpu_capability):
+    assert fastpt._C.cpu_capability() == cpu_capability
+
+
+def test_one_openmp_runtime():
+    """The extension uses torch's bundled libgomp; a second OpenMP runtime would fight
+    torch's thread pool for the 2 cores."""
+    with open("/proc/self/maps") as maps:
+        libs = {line.split()[-1] for line in maps if "gomp" in line or "libiomp" in line}
+    assert len(libs) == 1, libs
+
+
+def test_import_error_on_torch_mismatch(monkeypatch):
+    monkeypatch.setattr(_loader, "_built_against", lambda: "0.0.1")
+    with pytest.raises(ImportError, match=r"built against torch 0\.0\.1.*Rebuild fastpt: pip install"):
+        _loader.load_extension()
+
+
+def test_import_error_when_library_fails_to_load(monkeypatch):
+    def broken(name):
+        raise ImportError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(_loader.importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="failed to load.*undefined symbol.*Rebuild fastpt"):
+        _loader.load_extension()
+
+
+@pytest.mark.skipif(fastpt.build_info()["cuda"], reason="this build has CUDA kernels")
+def test_cuda_tensors_in_a_cpu_build_get_a_clear_error():
+    # A CPU-only torch cannot make CUDA tensors, so call the CUDA kernel slot directly.
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(NotImplementedError, match="no CUDA kernels.*Rebuild"):
+        torch.ops.fastpt.rms_norm.default.redispatch(keyset, torch.ones(2, 4), torch.ones(4), 1e-6)
