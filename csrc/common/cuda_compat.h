@@ -2,19 +2,23 @@
 // declarations (*_cuda.h). It is the only place that names CUDA headers, so that F2 can
 // compile the same .cu sources with the host compiler through the SIMT emulator
 // (csrc/testing/) by defining FASTPT_SIMT_EMULATOR and providing, in "testing/simt.h":
-//   - the keywords __global__, __device__, __shared__, __forceinline__, the built-ins
-//     threadIdx / blockIdx / blockDim / gridDim and dim3;
-//   - __syncthreads, __shfl_xor_sync (full mask only, float and double), sqrt(f), exp(f),
+//   - the keywords __global__, __device__, __shared__ (static arrays in kernels),
+//     __forceinline__, __restrict__, the built-ins threadIdx / blockIdx / blockDim /
+//     gridDim and dim3;
+//   - __syncthreads, __shfl_xor_sync (full mask only; float and double), sqrt, exp, expf,
 //     __int_as_float, __longlong_as_double;
 //   - __nv_bfloat16 / __half with __bfloat162float, __float2bfloat16_rn, __half2float,
 //     __float2half_rn;
 //   - cudaError_t, cudaSuccess, cudaErrorInvalidValue, cudaStream_t, cudaGetLastError and
 //     cudaGetErrorString;
 //   - FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, args...), which runs
-//     every block's threads with real barriers and returns a cudaError_t.
+//     every block's threads with real barriers and returns a cudaError_t, and
+//     fastpt_simt_dynamic_smem(), the running block's dynamic shared memory (a void*
+//     aligned to 16 bytes), used instead of `extern __shared__` (see dynamic_smem below).
 // Rules that keep kernels emulable: launch only through FASTPT_LAUNCH, only documented
 // CUDA C++ (no inline PTX, no cooperative groups, no CUB), __shfl_*_sync with the full
-// mask from all 32 lanes, so every block size is a multiple of 32.
+// mask from all 32 lanes, so every block size is a multiple of 32. Compiled-only until the
+// emulator exists: no GPU has run these kernels yet.
 //
 // Host compilers that only need the launcher declarations (the *_cuda.cpp glue) get the
 // runtime types and nothing else.
@@ -144,11 +148,16 @@ inline bool aligned_to(std::uintptr_t bytes, const Ps*... ps) {
 }
 
 // The kernel's dynamic shared memory (the launch's smem_bytes) as an array of A; one
-// declaration for every instantiation, so templates over A do not clash.
+// declaration for every instantiation, so templates over A do not clash, and the one
+// place the emulator has to replace.
 template <typename A>
 FASTPT_DEVICE A* dynamic_smem() {
+#if defined(FASTPT_SIMT_EMULATOR)
+  return reinterpret_cast<A*>(fastpt_simt_dynamic_smem());
+#else
   extern __shared__ double fastpt_dynamic_smem[];
   return reinterpret_cast<A*>(fastpt_dynamic_smem);
+#endif
 }
 
 // ---- reductions. Every lane of the warp must call them (full mask).

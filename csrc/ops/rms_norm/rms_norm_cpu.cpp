@@ -6,11 +6,10 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "common/cpu_dispatch.h"
 #include "common/glue.h"
 #include "ops/rms_norm/rms_norm.h"
+#include "ops/rms_norm/rms_norm_checks.h"
 
 FASTPT_DECLARE_CPU_KERNEL(rms_norm_fwd, fastpt::RmsNormFwdArgs)
 FASTPT_DECLARE_CPU_KERNEL(rms_norm_bwd, fastpt::RmsNormBwdArgs)
@@ -18,29 +17,15 @@ FASTPT_DECLARE_CPU_KERNEL(rms_norm_bwd, fastpt::RmsNormBwdArgs)
 namespace fastpt {
 namespace {
 
-// rstd and the dw partial sums are kept in the compute type: float32, float64 for float64 x.
-at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  float_dtype(x, "x");
-  check_same_dtype(weight, x, "weight", "x");
-  check_same_device(weight, x, "weight", "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dimension, got a scalar");
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1),
-                    "weight must have shape (", x.size(-1), ",) to match the last dim of x, got ",
-                    weight.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                 double eps) {
-  check_inputs(x_in, weight_in);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got ", eps);
+  rms_norm_check_inputs(x_in, weight_in);
+  rms_norm_check_eps(eps);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n = x.size(-1), rows = leading_rows(x);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(stats_dtype(x)));
+  at::Tensor rstd =
+      at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(rms_norm_stats_dtype(x)));
   if (rows == 0 || n == 0) return {y, rstd};
   cpu::rms_norm_fwd({x.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr(),
                      rstd.mutable_data_ptr(), rows, n, eps,
@@ -52,19 +37,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& x_in,
                                                          const at::Tensor& weight_in,
                                                          const at::Tensor& rstd_in) {
-  check_inputs(x_in, weight_in);
-  check_same_dtype(grad_y_in, x_in, "grad_y", "x");
-  check_same_shape(grad_y_in, x_in, "grad_y", "x");
-  TORCH_CHECK_TYPE(rstd_in.scalar_type() == stats_dtype(x_in), "rstd must be ", stats_dtype(x_in),
-                   " for x of dtype ", x_in.scalar_type(), ", got ", rstd_in.scalar_type());
-  TORCH_CHECK_VALUE(rstd_in.numel() == leading_rows(x_in), "rstd must have one value per row of x");
+  rms_norm_check_backward(grad_y_in, x_in, weight_in, rstd_in);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t n = x.size(-1), rows = leading_rows(x);
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (rows == 0 || n == 0) return {grad_x, at::zeros_like(weight)};
   const int64_t num_partials = std::min<int64_t>(at::get_num_threads(), rows);
-  at::Tensor dw_partial = at::empty({num_partials, n}, x.options().dtype(stats_dtype(x)));
+  at::Tensor dw_partial = at::empty({num_partials, n}, x.options().dtype(rms_norm_stats_dtype(x)));
   cpu::rms_norm_bwd({grad_y.const_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(),
                      rstd.const_data_ptr(), grad_x.mutable_data_ptr(),
                      dw_partial.mutable_data_ptr(), rows, n, num_partials,

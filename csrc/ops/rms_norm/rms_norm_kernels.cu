@@ -1,6 +1,7 @@
-// RMSNorm CUDA kernels: y = (x * rstd) * w, rstd = rsqrt(mean(x^2) + eps) per row of n
-// features, and its backward. Storage fp32 / bf16 / fp16, all arithmetic in fp32, the same
-// formulas and operation order as rms_norm_kernel.cpp (CPU).
+// RMSNorm CUDA kernels: y = (x * rstd) * w, rstd = 1 / sqrt(mean(x^2) + eps) per row of n
+// features, and its backward (dx, and dw as per-block partial sums). Storage fp32 / bf16 /
+// fp16 with fp32 arithmetic (double for float64 storage), the same formulas and operation
+// order as rms_norm_kernel.cpp (CPU); rstd and the partials are in the compute type.
 //
 // Parallel split. A row is handled by one "row group": a warp when n <= kWarpRowMaxN (4 warps,
 // so 4 rows, per 128-thread block), else the whole block (32..1024 threads, about one 16-byte
@@ -9,18 +10,19 @@
 // else V = 1: any n works (1, 3, 13, 4097). The row sum is a warp shuffle reduction, plus one
 // pass through shared memory in block mode.
 //   forward: grid-stride over rows; pass 1 sums x^2, pass 2 writes y and rstd.
-//   backward: block p owns the contiguous rows [p*per, (p+1)*per) and one fp32 row of
-//     dw_partial (num_partials = gridDim.x rows, no atomics, deterministic); the glue sums
-//     the partial rows. Pass 1 sums dy*w*xhat for the row's mean term and adds dy*xhat into
-//     the block's dw accumulator; pass 2 writes dx. The accumulator lives in shared memory
-//     (one row per warp in warp mode, summed at the end; one row per block in block mode
-//     when n <= kSmemAccMaxN) or directly in the block's own dw_partial row (large n). Every
+//   backward: block p owns the contiguous rows [p*per, (p+1)*per) and row p of dw_partial
+//     (num_partials = gridDim.x rows, no atomics, deterministic); the glue sums the partial
+//     rows. Pass 1 sums dy*w*xhat for the row's mean term and adds dy*xhat into the block's
+//     dw accumulator; pass 2 writes dx. The accumulator lives in shared memory (one row per
+//     warp in warp mode, summed at the end; one row per block in block mode while it fits in
+//     kSmemAccMaxBytes) or directly in the block's own dw_partial row (larger n). Every
 //     thread only touches its own columns of its accumulator row, so no barrier is needed
 //     until the final sum.
 //
-// Bytes moved, s = sizeof(T): forward reads x and writes y (2*rows*n*s) plus w (n*s) and rstd
-// (4*rows); backward reads dy, x and writes dx (3*rows*n*s), plus 4*num_partials*n for the
-// partials. Each second pass re-reads the row just read, which is served by L1/L2.
+// Bytes moved, s = sizeof(T), a = sizeof(compute type): forward reads x and writes y
+// (2*rows*n*s) plus w (n*s) and rstd (a*rows); backward reads dy, x and writes dx
+// (3*rows*n*s), plus a*num_partials*n for the partials. Each second pass re-reads the row
+// just read, which L1/L2 should serve (not measured: no GPU here).
 #include "common/cuda_compat.h"
 #include "common/portable.h"
 #include "ops/rms_norm/rms_norm.h"

@@ -1,89 +1,24 @@
 // RoPE CPU glue: checks, the (B, M, T, D) strided view, dispatch to the CPU kernel build.
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "common/cpu_dispatch.h"
 #include "common/glue.h"
 #include "ops/rope/rope.h"
+#include "ops/rope/rope_checks.h"
 
 FASTPT_DECLARE_CPU_KERNEL(rope_apply, fastpt::RopeArgs)
 
 namespace fastpt {
 namespace {
 
-// x (..., T, D) as (B, M, T, D) strides without copying where the layout allows it:
-// B = dim 0 (1 for 2-D input), M = the dims between B and T.
-struct Rows {
-  at::Tensor t;
-  int64_t B, M, T, D, sb, sm, st;
-};
-
-Rows as_rows(at::Tensor x) {
-  if (x.stride(-1) != 1 || x.dim() > 4) x = x.contiguous();
-  const int64_t d = x.dim(), T = x.size(-2), D = x.size(-1);
-  if (d == 2) return {x, 1, 1, T, D, 0, 0, x.stride(0)};
-  if (d == 3) return {x, x.size(0), 1, T, D, x.stride(0), 0, x.stride(1)};
-  if (d == 4) return {x, x.size(0), x.size(1), T, D, x.stride(0), x.stride(1), x.stride(2)};
-  const int64_t B = x.size(0), M = x.numel() / std::max<int64_t>(B * T * D, 1);
-  return {x, B, M, T, D, M * T * D, T * D, D};  // contiguous
-}
-
-struct Tables {
-  at::Tensor cos, sin;  // (P, R) contiguous; float64 for float64 q (tables are tiny)
-  int64_t P, R;
-  at::Tensor pos;  // int64 contiguous, or undefined
-  int64_t pos_sb;
-};
+using rope_glue::Rows;
+using rope_glue::Tables;
+using rope_glue::as_rows;
 
 Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin, const std::optional<at::Tensor>& position_ids) {
-  float_dtype(q, "q");
-  check_same_dtype(k, q, "k", "q");
-  check_same_device(k, q, "k", "q");
-  TORCH_CHECK_VALUE(q.dim() >= 2 && k.dim() >= 2, "q and k must be (..., T, D), got shapes ",
-                    q.sizes(), " and ", k.sizes());
-  TORCH_CHECK_VALUE(q.size(-1) == k.size(-1) && q.size(-2) == k.size(-2),
-                    "q and k must have the same T and D, got shapes ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK_VALUE(q.dim() == 2 || k.dim() == 2 || q.size(0) == k.size(0),
-                    "q and k must have the same batch size (dim 0), got ", q.size(0), " and ", k.size(0));
-  float_dtype(cos, "cos");
-  TORCH_CHECK_TYPE(cos.scalar_type() == at::kFloat || cos.scalar_type() == q.scalar_type(),
-                   "cos and sin must be float32 or the dtype of q (", q.scalar_type(), "), got ",
-                   cos.scalar_type());
-  check_same_dtype(sin, cos, "sin", "cos");
-  check_same_device(cos, q, "cos", "q");
-  check_same_device(sin, q, "sin", "q");
-  check_same_shape(sin, cos, "sin", "cos");
-  const int64_t D = q.size(-1), T = q.size(-2);
-  TORCH_CHECK_VALUE(cos.dim() == 2 && cos.size(1) >= 1 && 2 * cos.size(1) <= D,
-                    "cos and sin must be (P, R) tables with 1 <= R <= D/2 = ", D / 2, ", got ", cos.sizes());
-  const int64_t P = cos.size(0), R = cos.size(1);
-  const bool f64 = q.scalar_type() == at::kDouble;
-  Tables tb{(f64 ? cos.to(at::kDouble) : cos).contiguous(), (f64 ? sin.to(at::kDouble) : sin).contiguous(),
-            P, R, at::Tensor(), 0};
-  if (!position_ids.has_value()) {
-    TORCH_CHECK_VALUE(T <= P, "without position_ids, positions are 0..T-1: T = ", T,
-                      " needs at least T rows in cos/sin, got ", P);
-    return tb;
-  }
-  const at::Tensor& pos = *position_ids;
-  check_same_device(pos, q, "position_ids", "q");
-  TORCH_CHECK_TYPE(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
-                   "position_ids must be int64 or int32, got ", pos.scalar_type());
-  const int64_t B = q.dim() == 2 ? 1 : q.size(0);
-  TORCH_CHECK_VALUE((pos.dim() == 1 && pos.size(0) == T) ||
-                        (pos.dim() == 2 && pos.size(1) == T && (pos.size(0) == B || pos.size(0) == 1)),
-                    "position_ids must be (T,) or (B, T) = (", B, ", ", T, "), got ", pos.sizes());
-  tb.pos = pos.to(at::kLong).contiguous();
-  tb.pos_sb = (pos.dim() == 2 && pos.size(0) == B && B > 1) ? T : 0;
-  if (tb.pos.numel() > 0) {
-    auto [lo, hi] = at::aminmax(tb.pos);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < P, "position_ids must lie in [0, ", P,
-                      ") (rows of cos/sin), got values in [", lo_v, ", ", hi_v, "]");
-  }
-  return tb;
+  return rope_glue::check_inputs(q, k, cos, sin, position_ids, rope_glue::PositionCheck::kHost);
 }
 
 // Rotates src into dst (which may be src itself).

@@ -6,6 +6,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/glue.h"
 #include "ops/swiglu/swiglu.h"
+#include "ops/swiglu/swiglu_checks.h"
 
 FASTPT_DECLARE_CPU_KERNEL(swiglu_fwd, fastpt::SwigluFwdArgs)
 FASTPT_DECLARE_CPU_KERNEL(swiglu_bwd, fastpt::SwigluBwdArgs)
@@ -13,16 +14,8 @@ FASTPT_DECLARE_CPU_KERNEL(swiglu_bwd, fastpt::SwigluBwdArgs)
 namespace fastpt {
 namespace {
 
-DType check_pair(const at::Tensor& gate, const at::Tensor& up) {
-  const DType dtype = float_dtype(gate, "gate");
-  check_same_dtype(up, gate, "up", "gate");
-  check_same_device(up, gate, "up", "gate");
-  check_same_shape(up, gate, "up", "gate");
-  return dtype;
-}
-
 at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
-  const DType dtype = check_pair(gate_in, up_in);
+  const DType dtype = swiglu_check_pair(gate_in, up_in);
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
   at::Tensor out = at::empty_like(gate, at::MemoryFormat::Contiguous);
   if (gate.numel() == 0) return out;
@@ -33,10 +26,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
 std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_out_in,
                                                        const at::Tensor& gate_in,
                                                        const at::Tensor& up_in) {
-  const DType dtype = check_pair(gate_in, up_in);
-  check_same_dtype(grad_out_in, gate_in, "grad_out", "gate");
-  check_same_device(grad_out_in, gate_in, "grad_out", "gate");
-  check_same_shape(grad_out_in, gate_in, "grad_out", "gate");
+  const DType dtype = swiglu_check_backward(grad_out_in, gate_in, up_in);
   const at::Tensor grad_out = grad_out_in.contiguous(), gate = gate_in.contiguous(), up = up_in.contiguous();
   at::Tensor grad_gate = at::empty_like(gate, at::MemoryFormat::Contiguous);
   at::Tensor grad_up = at::empty_like(up, at::MemoryFormat::Contiguous);
