@@ -34,7 +34,6 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd")
-IMPLS_FIRST = ("fastpt", "eager", "compile")
 # Loose agreement check of fastpt against eager before timing (tests hold the real bar).
 _AGREE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -66,7 +65,7 @@ class OpSpec:
     fastpt: Callable
     eager: Callable
     baselines: Mapping[str, Callable] = field(default_factory=dict)
-    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
     modes: tuple[str, ...] = MODES
     nbytes: Callable | None = None
 
@@ -135,9 +134,14 @@ def _bind(fn: Callable, inputs: Inputs, mode: str, grad_outputs: tuple) -> Calla
     return lambda: torch.autograd.grad(_tuple(fn(*args)), wrt, grad_outputs)
 
 
+# Copy buffers stop growing here: far past the caches, bandwidth no longer depends on size.
+_COPY_MAX_BYTES = 256 << 20
+
+
 def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
-    """A copy moving ``nbytes`` (half read, half written) between two existing buffers."""
-    n = max(nbytes // 8, 1024)
+    """A copy moving ``nbytes`` (half read, half written; at most 2 x 256 MiB) between two
+    existing float32 buffers. Returns the call and the bytes it moves."""
+    n = max(min(nbytes // 2, _COPY_MAX_BYTES) // 4, 1024)
     src, dst = torch.randn(n), torch.empty(n)
     return (lambda: dst.copy_(src)), 8 * n
 

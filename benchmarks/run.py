@@ -30,7 +30,7 @@ from fastpt.benchmarks import harness
 OPS = ("rms_norm", "swiglu", "rope")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
-BUDGET_S = {"full": 3.0, "quick": 0.5}
+BUDGET_S = {"full": 8.0, "quick": 0.5}
 QUICK_DTYPES = ("fp32",)
 
 
@@ -102,6 +102,8 @@ def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> l
                 if out_path:
                     with open(out_path, "a") as f:
                         f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
+    if not records:
+        print("no case matches the selected ops, dtypes and modes", flush=True)
     return records
 
 

@@ -101,10 +101,12 @@ def test_json_and_markdown(tmp_path):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_use_steady_allocator_on_glibc():
-    # A child process, so this test process keeps its allocator as it was.
+def test_use_steady_allocator_on_glibc(tmp_path):
+    # A child process, so this test process keeps its allocator as it was; cwd away from the
+    # repository root, whose source fastpt/ has no _C.
     code = "import fastpt.alloc as a; print(a.use_steady_allocator())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert out.stdout.strip() == "True"
 
 
