@@ -1,12 +1,12 @@
 // RMSNorm CPU glue: checks, allocation, dispatch to the CPU kernel build for this machine.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_alloc.h"
 #include "common/glue.h"
 #include "ops/rms_norm/rms_norm.h"
 #include "ops/rms_norm/rms_norm_checks.h"
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x_in, const at
   rms_norm_check_eps(eps);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n = x.size(-1), rows = leading_rows(x);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = new_output_like(x);
   at::Tensor rstd =
       at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(rms_norm_stats_dtype(x)));
   if (rows == 0 || n == 0) return {y, rstd};
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t n = x.size(-1), rows = leading_rows(x);
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad_x = new_output_like(x);
   if (rows == 0 || n == 0) return {grad_x, at::zeros_like(weight)};
   const int64_t num_partials = std::min<int64_t>(at::get_num_threads(), rows);
   at::Tensor dw_partial = at::empty({num_partials, n}, x.options().dtype(rms_norm_stats_dtype(x)));

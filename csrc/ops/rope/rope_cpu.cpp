@@ -1,8 +1,8 @@
 // RoPE CPU glue: checks, the (B, M, T, D) strided view, dispatch to the CPU kernel build.
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_alloc.h"
 #include "common/glue.h"
 #include "ops/rope/rope.h"
 #include "ops/rope/rope_checks.h"
@@ -33,7 +33,7 @@ void apply(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved,
 
 at::Tensor rotated(const at::Tensor& x, const Tables& tb, bool interleaved, bool conjugate) {
   const Rows src = as_rows(x);
-  at::Tensor out = at::empty_like(src.t);
+  at::Tensor out = new_output_like(src.t, at::MemoryFormat::Preserve);
   apply(src, as_rows(out), tb, interleaved, conjugate);
   return out;
 }
