@@ -5,6 +5,8 @@
 // writes grad_gate and grad_up. Arithmetic in fp32 (double for float64).
 #include <ATen/Parallel.h>
 
+#include <limits>
+
 #include "common/cpu_vec.h"
 #include "ops/swiglu/swiglu.h"
 
@@ -14,16 +16,24 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// exp(-g) in the compute type. float32/float64 use Sleef's exp (1 ulp), so results, NaN and
-// Inf included (silu(-inf) = -inf / inf = NaN), match eager PyTorch's silu. bfloat16/float16
-// outputs keep only 8/11 mantissa bits, so they use ATen's fexp_u20 (a degree-3 polynomial;
-// overflow -> inf, underflow -> 0, like exp), whose error vanishes in the final rounding.
-// NOTE: bf16 forward at [4096, 8192] went from 26.3 ms (30% of copy bandwidth, slower than
-// torch.compile) with Sleef's exp to TODO.
+// exp(-g) in the compute type.
+// float64: Sleef's exp (1 ulp). float32: ATen's exp_u20 (a degree-5 polynomial, <= 20 ulp,
+// ~2e-6 relative: inside fp32's 1e-5 budget) with its saturation at ln(FLT_MAX) replaced by
+// the true overflow to inf, so silu(-inf) = -inf / inf = NaN as in eager PyTorch.
+// bfloat16/float16 keep only 8/11 mantissa bits: ATen's cheaper fexp_u20 (degree 3;
+// overflow -> inf, underflow -> 0), whose error vanishes in the final rounding.
+// NOTE: fp32 forward at [4096, 8192], 2 threads: TODO ms with Sleef's exp -> TODO ms.
 template <typename T>
 inline aVec<T> exp_neg(const aVec<T>& g) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return g.neg().exp();
-  else return g.neg().fexp_u20();
+  using V = aVec<T>;
+  if constexpr (std::is_same_v<T, double>) {
+    return g.neg().exp();
+  } else if constexpr (std::is_same_v<T, float>) {
+    const V z = g.neg();
+    return V::blendv(z.exp_u20(), V(std::numeric_limits<float>::infinity()), z > V(88.72283935546875f));
+  } else {
+    return g.neg().fexp_u20();
+  }
 }
 
 template <typename T>
