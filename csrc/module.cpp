@@ -28,18 +28,14 @@ py::dict build_info() {
   d["version"] = FASTPT_VERSION;
   d["torch_version"] = FASTPT_TORCH_VERSION;
   d["cuda"] = bool(FASTPT_WITH_CUDA);
-  d["cpu_kernel_builds"] = std::vector<std::string>{"DEFAULT", "AVX2", "AVX512"};
+  d["cpu_kernel_builds"] = std::vector<std::string>{"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
   d["compiler"] = __VERSION__;
   return d;
 }
 
+// std::invalid_argument (unknown name, or more than this CPU can run) -> ValueError
 void set_cpu_capability(const std::string& name) {
-  Capability cap;
-  if (name == "DEFAULT") cap = Capability::DEFAULT;
-  else if (name == "AVX2") cap = Capability::AVX2;
-  else if (name == "AVX512") cap = Capability::AVX512;
-  else throw std::invalid_argument("capability must be DEFAULT, AVX2 or AVX512, got '" + name + "'");
-  fastpt::cpu::set_capability(cap);  // std::invalid_argument -> ValueError
+  fastpt::cpu::set_capability(fastpt::cpu::parse_capability(name));
 }
 
 }  // namespace
@@ -49,7 +45,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("cpu_features", &cpu_features_dict, "CPU features detected at run time (cpuid + OS support).");
   m.def("cpu_capability", [] { return std::string(fastpt::cpu::capability_name(fastpt::cpu::capability())); },
-        "The CPU kernel build in use: DEFAULT, AVX2 or AVX512.");
+        "The CPU kernel build in use: DEFAULT, AVX2, AVX512 or AVX512_BF16.");
   m.def("detected_cpu_capability",
         [] { return std::string(fastpt::cpu::capability_name(fastpt::cpu::detected_capability())); },
         "The best CPU kernel build this machine can run.");

@@ -9,7 +9,7 @@ import torch
 
 import fastpt
 
-CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
 _ORDER = {name: i for i, name in enumerate(CAPABILITIES)}
 
 
@@ -20,7 +20,7 @@ def _seed():
 
 @pytest.fixture(params=CAPABILITIES)
 def cpu_capability(request):
-    """Runs a test once per CPU kernel build (DEFAULT / AVX2 / AVX512) this CPU can execute."""
+    """Runs a test once per CPU kernel build (DEFAULT / AVX2 / AVX512 / AVX512_BF16) this CPU can run."""
     best = fastpt._C.detected_cpu_capability()
     if _ORDER[request.param] > _ORDER[best]:
         pytest.skip(f"this CPU cannot run the {request.param} kernels (best: {best})")

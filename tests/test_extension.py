@@ -13,10 +13,11 @@ def test_build_info_reports_versions_and_features():
     info = fastpt.build_info()
     assert info["torch_version"] == torch.__version__
     assert info["cuda"] in (True, False)
-    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
     assert set(info["cpu_features"]) >= {"avx2", "avx512", "avx512_vnni", "amx_tile", "amx_int8"}
     # Same answer as torch's own detection, which uses the same CPU/OS checks.
     assert info["cpu_features"]["avx512"] == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    assert info["cpu_capability"] == fastpt._C.detected_cpu_capability()
 
 
 def test_ops_are_registered():
@@ -25,7 +26,7 @@ def test_ops_are_registered():
 
 
 def test_set_cpu_capability_rejects_unknown_names():
-    with pytest.raises(ValueError, match="DEFAULT, AVX2 or AVX512"):
+    with pytest.raises(ValueError, match="DEFAULT, AVX2, AVX512 or AVX512_BF16"):
         fastpt._C.set_cpu_capability("SSE9")
 
 

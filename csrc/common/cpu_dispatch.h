@@ -1,21 +1,26 @@
-// Run-time choice between the DEFAULT / AVX2 / AVX512 builds of each CPU kernel file.
+// Run-time choice between the DEFAULT / AVX2 / AVX512 / AVX512_BF16 builds of each CPU
+// kernel file.
 //
-// CMake compiles every *_kernel.cpp three times with -DCPU_CAPABILITY=<cap> (as ATen does
+// CMake compiles every *_kernel.cpp four times with -DCPU_CAPABILITY=<cap> (as ATen does
 // for its own kernels), putting each copy in namespace fastpt::cpu::<cap>. Glue calls the
 // plain name in fastpt::cpu, which forwards to the best build this CPU supports, or to the
 // one set by FASTPT_CPU_CAPABILITY / fastpt._C.set_cpu_capability (used by the tests to
 // run every build on one machine).
 #pragma once
 
+#include <string>
+
 namespace fastpt::cpu {
 
-enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
 Capability detected_capability();  // the best build this CPU and OS can run
 Capability capability();           // the build kernels use now
 // Throws std::invalid_argument when the CPU cannot run `cap`.
 void set_capability(Capability cap);
 const char* capability_name(Capability cap);
+// Throws std::invalid_argument for a name other than DEFAULT, AVX2, AVX512, AVX512_BF16.
+Capability parse_capability(const std::string& name);
 
 }  // namespace fastpt::cpu
 
@@ -26,8 +31,10 @@ const char* capability_name(Capability cap);
   namespace DEFAULT { void name(const Args& args); }              \
   namespace AVX2 { void name(const Args& args); }                 \
   namespace AVX512 { void name(const Args& args); }               \
+  namespace AVX512_BF16 { void name(const Args& args); }          \
   inline void name(const Args& args) {                            \
     switch (capability()) {                                       \
+      case Capability::AVX512_BF16: return AVX512_BF16::name(args); \
       case Capability::AVX512: return AVX512::name(args);         \
       case Capability::AVX2: return AVX2::name(args);             \
       default: return DEFAULT::name(args);                        \

@@ -45,23 +45,18 @@ CpuFeatures detect() {
 }
 
 Capability best(const CpuFeatures& f) {
+  if (f.avx512 && f.avx512_bf16) return Capability::AVX512_BF16;
   if (f.avx512) return Capability::AVX512;
   if (f.avx2) return Capability::AVX2;
   return Capability::DEFAULT;
 }
 
-Capability parse(const std::string& s) {
-  if (s == "DEFAULT") return Capability::DEFAULT;
-  if (s == "AVX2") return Capability::AVX2;
-  if (s == "AVX512") return Capability::AVX512;
-  throw std::invalid_argument("FASTPT_CPU_CAPABILITY must be DEFAULT, AVX2 or AVX512, got '" + s + "'");
-}
 
 std::atomic<int>& active() {
   static std::atomic<int> cap = [] {
     Capability c = best(cpu_features());
     if (const char* env = std::getenv("FASTPT_CPU_CAPABILITY"); env && *env) {
-      Capability want = parse(env);
+      Capability want = parse_capability(env);
       // Asking for more than the CPU has would crash with SIGILL later: keep the best instead.
       if (static_cast<int>(want) < static_cast<int>(c)) c = want;
     }
@@ -90,8 +85,15 @@ void set_capability(Capability cap) {
   active().store(static_cast<int>(cap));
 }
 
+Capability parse_capability(const std::string& name) {
+  for (Capability c : {Capability::DEFAULT, Capability::AVX2, Capability::AVX512, Capability::AVX512_BF16})
+    if (name == capability_name(c)) return c;
+  throw std::invalid_argument("CPU capability must be DEFAULT, AVX2, AVX512 or AVX512_BF16, got '" + name + "'");
+}
+
 const char* capability_name(Capability cap) {
   switch (cap) {
+    case Capability::AVX512_BF16: return "AVX512_BF16";
     case Capability::AVX512: return "AVX512";
     case Capability::AVX2: return "AVX2";
     default: return "DEFAULT";
