@@ -4,6 +4,8 @@ imported by mistake)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -18,13 +20,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=CAPABILITIES)
+@pytest.fixture(params=[f"{cap}-{store}" for cap, store in itertools.product(CAPABILITIES, ("store", "stream"))])
 def cpu_capability(request):
-    """Runs a test once per CPU kernel build (DEFAULT / AVX2 / AVX512 / AVX512_BF16) this CPU can run."""
+    """Runs a test once per CPU kernel build (DEFAULT / AVX2 / AVX512 / AVX512_BF16) this CPU
+    can run, each with ordinary stores and with non-temporal stores forced on (kernels use
+    them only for outputs of 16 MiB and more, which the tests' shapes are not)."""
+    cap, store = request.param.split("-")
     best = fastpt._C.detected_cpu_capability()
-    if _ORDER[request.param] > _ORDER[best]:
-        pytest.skip(f"this CPU cannot run the {request.param} kernels (best: {best})")
-    previous = fastpt._C.cpu_capability()
-    fastpt._C.set_cpu_capability(request.param)
-    yield request.param
-    fastpt._C.set_cpu_capability(previous)
+    if _ORDER[cap] > _ORDER[best]:
+        pytest.skip(f"this CPU cannot run the {cap} kernels (best: {best})")
+    previous_cap, previous_bytes = fastpt._C.cpu_capability(), fastpt._C.stream_min_bytes()
+    fastpt._C.set_cpu_capability(cap)
+    fastpt._C.set_stream_min_bytes(0 if store == "stream" else 1 << 62)
+    yield cap
+    fastpt._C.set_cpu_capability(previous_cap)
+    fastpt._C.set_stream_min_bytes(previous_bytes)

@@ -63,3 +63,9 @@ def test_cuda_tensors_in_a_cpu_build_get_a_clear_error():
     keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(NotImplementedError, match="no CUDA kernels.*Rebuild"):
         torch.ops.fastpt.rms_norm.default.redispatch(keyset, torch.ones(2, 4), torch.ones(4), 1e-6)
+
+
+def test_stream_threshold_is_validated():
+    with pytest.raises(ValueError, match=">= 0"):
+        fastpt._C.set_stream_min_bytes(-1)
+    assert fastpt._C.stream_min_bytes() >= 0

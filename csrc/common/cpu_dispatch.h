@@ -8,6 +8,7 @@
 // run every build on one machine).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace fastpt::cpu {
@@ -19,6 +20,12 @@ Capability capability();           // the build kernels use now
 // Throws std::invalid_argument when the CPU cannot run `cap`.
 void set_capability(Capability cap);
 const char* capability_name(Capability cap);
+// Outputs of at least this many bytes are written with non-temporal stores (cpu_vec.h).
+// Default 16 MiB; FASTPT_STREAM_MIN_BYTES or set_stream_min_bytes change it (0: always,
+// used by the tests to cover that path on small shapes).
+int64_t stream_min_bytes();
+void set_stream_min_bytes(int64_t bytes);
+
 // Throws std::invalid_argument for a name other than DEFAULT, AVX2, AVX512, AVX512_BF16.
 Capability parse_capability(const std::string& name);
 

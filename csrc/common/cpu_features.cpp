@@ -4,6 +4,7 @@
 
 #include <cpuid.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -83,6 +84,23 @@ void set_capability(Capability cap) {
                                 capability_name(detected_capability()) + ")");
   }
   active().store(static_cast<int>(cap));
+}
+
+namespace {
+std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> bytes = [] {
+    const char* env = std::getenv("FASTPT_STREAM_MIN_BYTES");
+    return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(16) << 20;
+  }();
+  return bytes;
+}
+}  // namespace
+
+int64_t stream_min_bytes() { return stream_threshold().load(std::memory_order_relaxed); }
+
+void set_stream_min_bytes(int64_t bytes) {
+  if (bytes < 0) throw std::invalid_argument("stream_min_bytes must be >= 0");
+  stream_threshold().store(bytes);
 }
 
 Capability parse_capability(const std::string& name) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
 #include "common/portable.h"
 
 namespace fastpt::cpu {
@@ -36,8 +37,52 @@ inline void load2(const T* p, aVec<T>& a, aVec<T>& b) {
   }
 }
 
+// Non-temporal ("streaming") stores write a full cache line without first reading it
+// (no read-for-ownership), so an output far larger than the caches costs one memory
+// transfer instead of two. Kernels use them for outputs of stream_min_bytes() and more
+// (cpu_dispatch.h; 16 MiB by default) and call stream_fence() before their parallel task
+// ends. Not in the DEFAULT build.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr uintptr_t kStreamAlign = 64;
+inline void stream_bytes(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+inline __m512i as_bits(const at::vec::Vectorized<float>& v) { return _mm512_castps_si512(v); }
+inline __m512i as_bits(const at::vec::Vectorized<double>& v) { return _mm512_castpd_si512(v); }
 template <typename T>
+inline __m512i as_bits(const at::vec::Vectorized<T>& v) { return v; }  // bf16 / fp16
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr uintptr_t kStreamAlign = 32;
+inline void stream_bytes(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+inline __m256i as_bits(const at::vec::Vectorized<float>& v) { return _mm256_castps_si256(v); }
+inline __m256i as_bits(const at::vec::Vectorized<double>& v) { return _mm256_castpd_si256(v); }
+template <typename T>
+inline __m256i as_bits(const at::vec::Vectorized<T>& v) { return v; }  // bf16 / fp16
+#endif
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before the task ends
+#endif
+}
+
+template <bool kStream = false, typename T>
 inline void store2(T* p, const aVec<T>& a, const aVec<T>& b) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream) {
+    if (reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0) {
+      if constexpr (std::is_same_v<T, acc_t<T>>) {
+        stream_bytes(p, as_bits(a));
+        stream_bytes(p + aVec<T>::size(), as_bits(b));
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+      } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        stream_bytes(p, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+#endif
+      } else {
+        stream_bytes(p, as_bits(at::vec::convert_from_float<T>(a, b)));
+      }
+      return;
+    }
+  }
+#endif
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     a.store(p);
     b.store(p + aVec<T>::size());
@@ -48,6 +93,13 @@ inline void store2(T* p, const aVec<T>& a, const aVec<T>& b) {
   } else {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
+}
+
+// Calls fn(std::bool_constant<s>{}) so kernels can take kStream as a template argument.
+template <typename Fn>
+inline void with_stream(bool s, Fn&& fn) {
+  if (s) fn(std::true_type{});
+  else fn(std::false_type{});
 }
 
 // The AVX512_BF16 build rounds fp32 -> bf16 with one instruction (vcvtne2ps2bf16) instead

@@ -17,7 +17,7 @@ namespace {
 // Rows per parallel task: enough work per task to amortise scheduling (~64K elements).
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(n, 1)); }
 
-template <typename T>
+template <bool kStream, typename T>
 void fwd_row(const T* x, const T* w, T* y, acc_t<T>* rstd_out, int64_t n, double eps) {
   using V = aVec<T>;
   using A = acc_t<T>;
@@ -42,7 +42,7 @@ void fwd_row(const T* x, const T* w, T* y, acc_t<T>* rstd_out, int64_t n, double
   for (j = 0; j + C <= n; j += C) {
     load2(x + j, a, b);
     load2(w + j, wa, wb);
-    store2(y + j, a * r * wa, b * r * wb);
+    store2<kStream>(y + j, a * r * wa, b * r * wb);
   }
   if (j < n) {
     load2(x + j, a, b, n - j);
@@ -52,7 +52,7 @@ void fwd_row(const T* x, const T* w, T* y, acc_t<T>* rstd_out, int64_t n, double
 }
 
 // dx for one row, accumulating dy * xhat into dw.
-template <typename T>
+template <bool kStream, typename T>
 void bwd_row(const T* dy, const T* x, const T* w, acc_t<T> rstd, T* dx, acc_t<T>* dw, int64_t n) {
   using V = aVec<T>;
   using A = acc_t<T>;
@@ -83,7 +83,7 @@ void bwd_row(const T* dy, const T* x, const T* w, acc_t<T> rstd, T* dx, acc_t<T>
   auto pass2 = [&](int64_t len) {
     load_all(len);
     const V da = r * (ga * wa - xa * r * c), db = r * (gb * wb - xb * r * c);
-    if (len == C) store2(dx + j, da, db); else store2(dx + j, da, db, len);
+    if (len == C) store2<kStream>(dx + j, da, db); else store2(dx + j, da, db, len);
   };
   for (j = 0; j + C <= n; j += C) pass2(C);
   if (j < n) pass2(n - j);
@@ -98,8 +98,12 @@ void rms_norm_fwd(const RmsNormFwdArgs& a) {
     const T* w = static_cast<const T*>(a.w);
     T* y = static_cast<T*>(a.y);
     auto* rstd = static_cast<acc_t<T>*>(a.rstd);
-    at::parallel_for(0, a.rows, grain_rows(a.n), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) fwd_row(x + i * a.n, w, y + i * a.n, rstd + i, a.n, a.eps);
+    with_stream(a.rows * a.n * int64_t(sizeof(T)) >= stream_min_bytes(), [&](auto stream) {
+      at::parallel_for(0, a.rows, grain_rows(a.n), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          fwd_row<stream()>(x + i * a.n, w, y + i * a.n, rstd + i, a.n, a.eps);
+        stream_fence();
+      });
     });
   });
 }
@@ -117,14 +121,17 @@ void rms_norm_bwd(const RmsNormBwdArgs& a) {
     // Fixed split into num_partials chunks (not parallel_for's own split) so that each
     // chunk owns exactly one partial row, whatever the thread count.
     const int64_t per = (a.rows + a.num_partials - 1) / a.num_partials;
-    at::parallel_for(0, a.num_partials, 1, [&](int64_t pb, int64_t pe) {
-      for (int64_t p = pb; p < pe; ++p) {
-        A* dw = partials + p * a.n;
-        std::fill(dw, dw + a.n, A(0));
-        const int64_t end = std::min(a.rows, (p + 1) * per);
-        for (int64_t i = p * per; i < end; ++i)
-          bwd_row(dy + i * a.n, x + i * a.n, w, rstd[i], dx + i * a.n, dw, a.n);
-      }
+    with_stream(a.rows * a.n * int64_t(sizeof(T)) >= stream_min_bytes(), [&](auto stream) {
+      at::parallel_for(0, a.num_partials, 1, [&](int64_t pb, int64_t pe) {
+        for (int64_t p = pb; p < pe; ++p) {
+          A* dw = partials + p * a.n;
+          std::fill(dw, dw + a.n, A(0));
+          const int64_t end = std::min(a.rows, (p + 1) * per);
+          for (int64_t i = p * per; i < end; ++i)
+            bwd_row<stream()>(dy + i * a.n, x + i * a.n, w, rstd[i], dx + i * a.n, dw, a.n);
+        }
+        stream_fence();
+      });
     });
   });
 }

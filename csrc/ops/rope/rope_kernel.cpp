@@ -14,7 +14,7 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 // cos/sin of type C share T's compute type (the glue casts tables for float64 inputs).
-template <typename T, typename C>
+template <bool kStream, typename T, typename C>
 void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
   static_assert(std::is_same_v<acc_t<T>, acc_t<C>>);
   using V = aVec<T>;
@@ -32,7 +32,7 @@ void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) 
     s1 = s1 * sign;
     const V o10 = a0 * c0 - b0 * s0, o11 = a1 * c1 - b1 * s1;
     const V o20 = b0 * c0 + a0 * s0, o21 = b1 * c1 + a1 * s1;
-    if (len == K) { store2(o + i, o10, o11); store2(o + R + i, o20, o21); }
+    if (len == K) { store2<kStream>(o + i, o10, o11); store2<kStream>(o + R + i, o20, o21); }
     else { store2(o + i, o10, o11, len); store2(o + R + i, o20, o21, len); }
   };
   int64_t i = 0;
@@ -40,7 +40,7 @@ void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) 
   if (i < R) step(i, R - i);
 }
 
-template <typename T, typename C>
+template <bool kStream, typename T, typename C>
 void interleaved_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) {
   using V = aVec<T>;
   using A = acc_t<T>;
@@ -59,8 +59,8 @@ void interleaved_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, floa
     auto [e1, d1] = at::vec::deinterleave2(c, d);
     auto [p, q] = at::vec::interleave2(e0 * c0 - d0 * s0, d0 * c0 + e0 * s0);
     auto [r, t] = at::vec::interleave2(e1 * c1 - d1 * s1, d1 * c1 + e1 * s1);
-    store2(o + 2 * i, p, q);
-    store2(o + 2 * i + K, r, t);
+    store2<kStream>(o + 2 * i, p, q);
+    store2<kStream>(o + 2 * i + K, r, t);
   }
   for (; i < R; ++i) {  // scalar tail (fewer than K pairs)
     const A x1 = A(x[2 * i]), x2 = A(x[2 * i + 1]), cv = A(cs[i]), sv = A(sgn) * A(sn[i]);
@@ -78,16 +78,19 @@ void run(const RopeArgs& a) {
   const float sign = a.conjugate ? -1.f : 1.f;
   const int64_t rows = a.B * a.M * a.T;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(a.D, 1));
+  with_stream(rows * a.D * int64_t(sizeof(T)) >= stream_min_bytes(), [&](auto stream) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % a.T, m = (r / a.T) % a.M, b = r / (a.T * a.M);
       const int64_t p = a.pos ? a.pos[b * a.pos_sb + t] : t;
       const T* xr = x + b * a.x_sb + m * a.x_sm + t * a.x_st;
       T* orow = out + b * a.o_sb + m * a.o_sm + t * a.o_st;
-      if (a.interleaved) interleaved_row(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
-      else half_row(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
+      if (a.interleaved) interleaved_row<stream()>(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
+      else half_row<stream()>(xr, orow, cos + p * a.R, sin + p * a.R, a.R, sign);
       if (orow != xr) std::copy(xr + 2 * a.R, xr + a.D, orow + 2 * a.R);
     }
+    stream_fence();
+  });
   });
 }
 
