@@ -31,7 +31,8 @@ bool use_streaming(int64_t numel) {
 // the true overflow to inf, so silu(-inf) = -inf / inf = NaN as in eager PyTorch.
 // bfloat16/float16 keep only 8/11 mantissa bits: ATen's cheaper fexp_u20 (degree 3;
 // overflow -> inf, underflow -> 0), whose error vanishes in the final rounding.
-// NOTE: fp32 forward at [4096, 8192], 2 threads: TODO ms with Sleef's exp -> TODO ms.
+// NOTE: forward at [4096, 8192], 2 threads, steady allocator, Sleef's exp -> these:
+// fp32 20.0 -> 18.2 ms; bf16 20.2 -> 14.1 ms (then slower than torch.compile; now 1.47x).
 template <typename T>
 inline aVec<T> exp_neg(const aVec<T>& g) {
   using V = aVec<T>;
