@@ -24,7 +24,7 @@ def _seed():
 def cpu_capability(request):
     """Runs a test once per CPU kernel build (DEFAULT / AVX2 / AVX512 / AVX512_BF16) this CPU
     can run, each with ordinary stores and with non-temporal stores forced on (kernels use
-    them only for outputs of 16 MiB and more, which the tests' shapes are not)."""
+    them only for outputs of 32 MiB and more, which the tests' shapes are not)."""
     cap, store = request.param.split("-")
     best = fastpt._C.detected_cpu_capability()
     if _ORDER[cap] > _ORDER[best]:

@@ -90,7 +90,7 @@ namespace {
 std::atomic<int64_t>& stream_threshold() {
   static std::atomic<int64_t> bytes = [] {
     const char* env = std::getenv("FASTPT_STREAM_MIN_BYTES");
-    return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(16) << 20;
+    return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(32) << 20;
   }();
   return bytes;
 }

@@ -40,7 +40,7 @@ inline void load2(const T* p, aVec<T>& a, aVec<T>& b) {
 // Non-temporal ("streaming") stores write a full cache line without first reading it
 // (no read-for-ownership), so an output far larger than the caches costs one memory
 // transfer instead of two. Kernels use them for outputs of stream_min_bytes() and more
-// (cpu_dispatch.h; 16 MiB by default) and call stream_fence() before their parallel task
+// (cpu_dispatch.h; 32 MiB by default) and call stream_fence() before their parallel task
 // ends. Not in the DEFAULT build.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr uintptr_t kStreamAlign = 64;
