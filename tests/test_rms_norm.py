@@ -7,7 +7,7 @@ import torch
 
 from fastpt import ops
 from fastpt.ops import reference
-from tolerances import assert_close
+from reference_check import check_against_reference as check
 
 EPS = 1e-6
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -21,22 +21,8 @@ def _inputs(shape, dtype):
     return x, w, dy
 
 
-def _run(fn, x, w, dy, dtype):
-    x = x.detach().to(dtype).requires_grad_()
-    w = w.detach().to(dtype).requires_grad_()
-    y = fn(x, w, EPS)
-    y.backward(dy.to(dtype))
-    return y.detach(), x.grad, w.grad
-
-
 def check_against_reference(x, w, dy, dtype):
-    y, gx, gw = _run(ops.rms_norm, x, w, dy, dtype)
-    y64, gx64, gw64 = _run(reference.rms_norm, x, w, dy, torch.float64)
-    ye, gxe, gwe = _run(reference.rms_norm, x, w, dy, dtype)
-    assert y.dtype == dtype and gx.dtype == dtype and gw.dtype == dtype
-    assert_close(y, y64, dtype, "fwd", eager=ye, what="y")
-    assert_close(gx, gx64, dtype, "bwd", eager=gxe, what="grad x")
-    assert_close(gw, gw64, dtype, "bwd", eager=gwe, what="grad weight")
+    check(ops.rms_norm, reference.rms_norm, ("y", "grad x", "grad weight"), (x, w), (dy,), dtype, EPS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

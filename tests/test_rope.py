@@ -7,6 +7,7 @@ import torch
 
 from fastpt import ops
 from fastpt.ops import reference
+from reference_check import check_against_reference as check
 from tolerances import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -17,24 +18,12 @@ def _tables(P, D, dtype=torch.float32):
     return reference.rope_tables(P, D, base=10000.0, dtype=dtype)
 
 
-def _run(fn, q, k, cos, sin, pos, layout, gq, gk, dtype):
-    q = q.detach().to(dtype).requires_grad_()
-    k = k.detach().to(dtype).requires_grad_()
-    cs = cos.to(dtype) if dtype == torch.float64 else cos
-    sn = sin.to(dtype) if dtype == torch.float64 else sin
-    qo, ko = fn(q, k, cs, sn, pos, layout=layout)
-    torch.autograd.backward((qo, ko), (gq.to(dtype), gk.to(dtype)))
-    return qo.detach(), ko.detach(), q.grad, k.grad
-
-
 def check_against_reference(q, k, cos, sin, pos, layout, dtype):
-    gq, gk = torch.randn(q.shape), torch.randn(k.shape)
-    ours = _run(ops.rope, q, k, cos, sin, pos, layout, gq, gk, dtype)
-    ref = _run(reference.rope, q, k, cos, sin, pos, layout, gq, gk, torch.float64)
-    eager = _run(reference.rope, q, k, cos, sin, pos, layout, gq, gk, dtype)
-    for name, kind, a, r, e in zip(("q", "k", "grad q", "grad k"), ("fwd", "fwd", "bwd", "bwd"), ours, ref, eager):
-        assert a.dtype == dtype
-        assert_close(a, r, dtype, kind, eager=e, what=name)
+    grads = (torch.randn(q.shape), torch.randn(k.shape))
+    if dtype == torch.float64:  # float64 inputs take float64 tables in both implementations
+        cos, sin = cos.double(), sin.double()
+    check(ops.rope, reference.rope, ("q", "k", "grad q", "grad k"), (q, k), grads, dtype, cos, sin, pos,
+          layout=layout)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

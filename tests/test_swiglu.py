@@ -7,28 +7,14 @@ import torch
 
 from fastpt import ops
 from fastpt.ops import reference
-from tolerances import assert_close
+from reference_check import check_against_reference as check
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(rows, hidden) for rows in (1, 7, 97, 1025) for hidden in (1, 3, 13, 4097)]
 
 
-def _run(fn, gate, up, grad, dtype):
-    g = gate.detach().to(dtype).requires_grad_()
-    u = up.detach().to(dtype).requires_grad_()
-    out = fn(g, u)
-    out.backward(grad.to(dtype))
-    return out.detach(), g.grad, u.grad
-
-
 def check_against_reference(gate, up, grad, dtype):
-    out, gg, gu = _run(ops.swiglu, gate, up, grad, dtype)
-    o64, gg64, gu64 = _run(reference.swiglu, gate, up, grad, torch.float64)
-    oe, gge, gue = _run(reference.swiglu, gate, up, grad, dtype)
-    assert out.dtype == dtype
-    assert_close(out, o64, dtype, "fwd", eager=oe, what="out")
-    assert_close(gg, gg64, dtype, "bwd", eager=gge, what="grad gate")
-    assert_close(gu, gu64, dtype, "bwd", eager=gue, what="grad up")
+    check(ops.swiglu, reference.swiglu, ("out", "grad gate", "grad up"), (gate, up), (grad,), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
