@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common/glue.h"
+#include "ops/rope/rope.h"
 
 namespace fastpt::rope_glue {
 
@@ -88,6 +89,16 @@ inline Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
                       ") (rows of cos/sin), got values in [", lo_v, ", ", hi_v, "]");
   }
   return tb;
+}
+
+// Kernel arguments rotating src into dst (dst may be src: in place).
+inline RopeArgs make_args(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved,
+                          bool conjugate) {
+  return {src.t.const_data_ptr(), dst.t.mutable_data_ptr(), src.B, src.M, src.T, src.D,
+          src.sb, src.sm, src.st, dst.sb, dst.sm, dst.st, tb.cos.const_data_ptr(),
+          tb.sin.const_data_ptr(), tb.P, tb.R,
+          tb.pos.defined() ? tb.pos.const_data_ptr<int64_t>() : nullptr, tb.pos_sb,
+          interleaved, conjugate, float_dtype(src.t, "q"), float_dtype(tb.cos, "cos")};
 }
 
 }  // namespace fastpt::rope_glue

@@ -24,11 +24,7 @@ Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // Rotates src into dst (which may be src itself).
 void apply(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved, bool conjugate) {
   if (src.t.numel() == 0) return;
-  cpu::rope_apply({src.t.const_data_ptr(), dst.t.mutable_data_ptr(), src.B, src.M, src.T, src.D,
-                   src.sb, src.sm, src.st, dst.sb, dst.sm, dst.st, tb.cos.const_data_ptr(),
-                   tb.sin.const_data_ptr(), tb.P, tb.R,
-                   tb.pos.defined() ? tb.pos.const_data_ptr<int64_t>() : nullptr, tb.pos_sb,
-                   interleaved, conjugate, float_dtype(src.t, "q"), float_dtype(tb.cos, "cos")});
+  cpu::rope_apply(rope_glue::make_args(src, dst, tb, interleaved, conjugate));
 }
 
 at::Tensor rotated(const at::Tensor& x, const Tables& tb, bool interleaved, bool conjugate) {

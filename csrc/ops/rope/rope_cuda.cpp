@@ -37,11 +37,7 @@ void apply(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved,
            const char* op) {
   if (src.t.numel() == 0) return;
   check_launch(
-      rope_apply_cuda({src.t.const_data_ptr(), dst.t.mutable_data_ptr(), src.B, src.M, src.T, src.D,
-                       src.sb, src.sm, src.st, dst.sb, dst.sm, dst.st, tb.cos.const_data_ptr(),
-                       tb.sin.const_data_ptr(), tb.P, tb.R,
-                       tb.pos.defined() ? tb.pos.const_data_ptr<int64_t>() : nullptr, tb.pos_sb,
-                       interleaved, conjugate, float_dtype(src.t, "q"), float_dtype(tb.cos, "cos")},
+      rope_apply_cuda(rope_glue::make_args(src, dst, tb, interleaved, conjugate),
                       c10::cuda::getCurrentCUDAStream().stream()),
       op);
 }
