@@ -52,5 +52,7 @@ def assert_close(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, kin
         bound = rtol * max(scale, 1e-30)
         if eager is not None:
             bound = max(bound, LOW_PRECISION_FACTOR * _max_err(eager, ref64))
+        if dtype == torch.float64:  # float64 "eager" is the reference itself: allow a few ulps
+            bound = max(bound, 4 * torch.finfo(dtype).eps)
         assert err <= bound, \
             f"{what}: {dtype} max error {err:.3g} > bound {bound:.3g} ({rtol:g} x max|ref| = {scale:.3g})"
