@@ -1,4 +1,5 @@
-// RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) over the last dim, in fp32.
+// RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) over the last dim (fp32 math;
+// double for float64).
 // Argument structs shared by the CPU kernel file, the CUDA kernel file and the glue.
 #pragma once
 #include <cstdint>
@@ -28,13 +29,6 @@ struct RmsNormBwdArgs {
   DType dtype;
 };
 
-// dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows dy * xhat,  xhat = x * rstd
-FASTPT_HOST_DEVICE float rms_norm_rstd(float sum_sq, int64_t n, float eps) {
-#if defined(__CUDA_ARCH__)
-  return rsqrtf(sum_sq / static_cast<float>(n) + eps);
-#else
-  return 1.0f / __builtin_sqrtf(sum_sq / static_cast<float>(n) + eps);
-#endif
-}
+// Backward: dx = rstd * (dy*w - xhat * mean(dy*w*xhat)), dw = sum_rows dy * xhat, xhat = x * rstd.
 
 }  // namespace fastpt

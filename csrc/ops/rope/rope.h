@@ -27,9 +27,4 @@ struct RopeArgs {
   DType cs_dtype;  // of cos and sin: float32 or dtype
 };
 
-FASTPT_HOST_DEVICE void rope_rotate(float x1, float x2, float c, float s, float& o1, float& o2) {
-  o1 = x1 * c - x2 * s;
-  o2 = x2 * c + x1 * s;
-}
-
 }  // namespace fastpt

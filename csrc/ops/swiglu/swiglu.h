@@ -25,7 +25,6 @@ struct SwigluBwdArgs {
   DType dtype;
 };
 
-// silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)
-FASTPT_HOST_DEVICE float silu_grad_from_sigmoid(float g, float s) { return s * (1.0f + g * (1.0f - s)); }
+// Backward: silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
 
 }  // namespace fastpt
