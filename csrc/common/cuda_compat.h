@@ -17,8 +17,9 @@
 //     aligned to 16 bytes), used instead of `extern __shared__` (see dynamic_smem below).
 // Rules that keep kernels emulable: launch only through FASTPT_LAUNCH, only documented
 // CUDA C++ (no inline PTX, no cooperative groups, no CUB), __shfl_*_sync with the full
-// mask from all 32 lanes, so every block size is a multiple of 32. Compiled-only until the
-// emulator exists: no GPU has run these kernels yet.
+// mask from all 32 lanes, so every block size is a multiple of 32 (csrc/testing/README.md
+// has the full list). tests/test_cuda_emulated.py runs every kernel under the emulator; no
+// GPU has run them yet.
 //
 // Host compilers that only need the launcher declarations (the *_cuda.cpp glue) get the
 // runtime types and nothing else.

@@ -5,10 +5,15 @@
 //              compute type) (rtol 1e-5 fwd / 1e-4 bwd for fp32, 1e-12 / 1e-10 for fp64);
 //   bf16/fp16: error <= 2 x that "eager" error + eps(dtype) * max|ref|.
 // The "eager" result is the op's formula evaluated in the compute type (float, double for
-// fp64) from the same rounded inputs and rounded once to the storage type.
+// fp64) from the same rounded inputs and rounded once to the storage type; when the CPU
+// kernels are linked in (-DFASTPT_SIMT_CPU_KERNELS, their DEFAULT build), the CPU kernel runs
+// on the same inputs too and the baseline error is the larger of the two ("2x the CPU
+// kernel's error").
 // Built and run by tests/test_cuda_emulated.py:
 //   g++ -std=c++20 -O1 -pthread -DFASTPT_SIMT_EMULATOR -I csrc csrc/testing/run_kernels.cpp
 //       csrc/ops/*/<op>_kernels.cu (as C++)
+//   [+ -DFASTPT_SIMT_CPU_KERNELS and csrc/ops/*/<op>_kernel.cpp, common/cpu_features.cpp built
+//    with -DCPU_CAPABILITY=DEFAULT against torch's headers, linked with libtorch_cpu]
 // Output: one "KERNEL <name> launches <L> checks <C> failures <F>" line per launcher, then
 // "<N> kernels emulated"; exit status 1 on any failure.
 #include "ops/rms_norm/rms_norm_cuda.h"
@@ -23,7 +28,22 @@
 #include <vector>
 
 using namespace fastpt;
+
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+namespace fastpt::cpu::DEFAULT {
+void rms_norm_fwd(const RmsNormFwdArgs& args);
+void rms_norm_bwd(const RmsNormBwdArgs& args);
+void swiglu_fwd(const SwigluFwdArgs& args);
+void swiglu_bwd(const SwigluBwdArgs& args);
+void rope_apply(const RopeArgs& args);
+}  // namespace fastpt::cpu::DEFAULT
+constexpr bool kWithCpu = true;
+#else
+constexpr bool kWithCpu = false;
+#endif
+
 namespace {
+int cpu_comparisons = 0;
 
 std::mt19937 rng(0);
 
@@ -75,9 +95,14 @@ double max_err(const std::vector<double>& out, const std::vector<double>& ref) {
 template <typename T>
 void compare(const std::string& kernel, const std::string& tag, bool bwd,
              const std::vector<double>& out, const std::vector<double>& ref,
-             const std::vector<double>& eager) {
+             const std::vector<double>& eager, const std::vector<double>& cpu = {}) {
   Stats& s = stats[kernel];
   ++s.checks;
+  double cpu_err = 0;
+  if (!cpu.empty()) {
+    ++cpu_comparisons;
+    cpu_err = max_err(cpu, ref);
+  }
   double scale = 0;
   bool nan_ok = true;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -85,7 +110,7 @@ void compare(const std::string& kernel, const std::string& tag, bool bwd,
     if (std::isfinite(ref[i])) scale = std::max(scale, std::abs(ref[i]));
     else if (!std::isnan(ref[i]) && out[i] != ref[i]) nan_ok = false;
   }
-  const double err = max_err(out, ref), eager_err = max_err(eager, ref);
+  const double err = max_err(out, ref), eager_err = std::max(max_err(eager, ref), cpu_err);
   double bound;
   if constexpr (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) {
     bound = 2.0 * eager_err + eps_of<T>() * scale;
@@ -97,8 +122,8 @@ void compare(const std::string& kernel, const std::string& tag, bool bwd,
   const bool ok = nan_ok && err <= bound;
   if (!ok) ++s.failures;
   if (!ok || verbose)
-    std::printf("%s %s %s: err %.3g bound %.3g (eager err %.3g, max|ref| %.3g)%s\n",
-                ok ? "ok" : "FAIL", kernel.c_str(), tag.c_str(), err, bound, eager_err, scale,
+    std::printf("%s %s %s: err %.3g bound %.3g (baseline err %.3g, CPU kernel err %.3g, max|ref| %.3g)%s\n",
+                ok ? "ok" : "FAIL", kernel.c_str(), tag.c_str(), err, bound, eager_err, cpu_err, scale,
                 nan_ok ? "" : " NaN/Inf positions differ");
 }
 
@@ -166,6 +191,22 @@ template <typename T> void test_rms(int64_t rows, int64_t n, int off, int64_t nu
       edx[i * n + j] = round_to<T>(double(r_a * (A(g) * A(wj) - A(xv) * r_a * c_a)));
     }
   }
+  std::vector<double> cy, crstd, cdx, cdw;
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+  {
+    Buf<T> y2(N, off), dx2(N, off);
+    std::vector<A> rstd2(rows), part2(num_partials * n);
+    cpu::DEFAULT::rms_norm_fwd({x.p(), w.p(), y2.p(), rstd2.data(), rows, n, eps, dt<T>()});
+    cpu::DEFAULT::rms_norm_bwd({dy.p(), x.p(), w.p(), rstd2.data(), dx2.p(), part2.data(), rows, n,
+                                num_partials, dt<T>()});
+    cy = y2.doubles(N);
+    cdx = dx2.doubles(N);
+    for (int64_t i = 0; i < rows; ++i) crstd.push_back(double(rstd2[i]));
+    cdw.assign(n, 0.0);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t p = 0; p < num_partials; ++p) cdw[j] += double(part2[p * n + j]);
+  }
+#endif
   std::vector<double> gdw(n, 0.0), grstd(rows);
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t p = 0; p < num_partials; ++p) gdw[j] += double(part[p * n + j]);
@@ -174,10 +215,10 @@ template <typename T> void test_rms(int64_t rows, int64_t n, int off, int64_t nu
   for (int64_t i = 0; i < rows; ++i) grstd[i] = double(rstd[i]);
   // rstd and the dw partials are in the compute type: judge them as float / double.
   using R = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  compare<T>("rms_norm_fwd", tag + " y", false, y.doubles(N), ry, ey);
-  compare<R>("rms_norm_fwd", tag + " rstd", false, grstd, rr, er);
-  compare<T>("rms_norm_bwd", tag + " dx", true, dx.doubles(N), rdx, edx);
-  compare<R>("rms_norm_bwd", tag + " dw", true, gdw, rdw, edw);
+  compare<T>("rms_norm_fwd", tag + " y", false, y.doubles(N), ry, ey, cy);
+  compare<R>("rms_norm_fwd", tag + " rstd", false, grstd, rr, er, crstd);
+  compare<T>("rms_norm_bwd", tag + " dx", true, dx.doubles(N), rdx, edx, cdx);
+  compare<R>("rms_norm_bwd", tag + " dw", true, gdw, rdw, edw, cdw);
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -200,9 +241,18 @@ template <typename T> void test_swiglu(int64_t numel, int off) {
     ru[i] = dv * gv * s;
     eu[i] = round_to<T>(double(A(dv) * ga * sa));
   }
-  compare<T>("swiglu_fwd", tag + " out", false, o.doubles(numel), ro, eo);
-  compare<T>("swiglu_bwd", tag + " dgate", true, dg.doubles(numel), rg, eg);
-  compare<T>("swiglu_bwd", tag + " dup", true, du.doubles(numel), ru, eu);
+  std::vector<double> co, cg, cu;
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+  {
+    Buf<T> o2(numel, off), dg2(numel, off), du2(numel, off);
+    cpu::DEFAULT::swiglu_fwd({g.p(), u.p(), o2.p(), numel, dt<T>()});
+    cpu::DEFAULT::swiglu_bwd({d.p(), g.p(), u.p(), dg2.p(), du2.p(), numel, dt<T>()});
+    co = o2.doubles(numel); cg = dg2.doubles(numel); cu = du2.doubles(numel);
+  }
+#endif
+  compare<T>("swiglu_fwd", tag + " out", false, o.doubles(numel), ro, eo, co);
+  compare<T>("swiglu_bwd", tag + " dgate", true, dg.doubles(numel), rg, eg, cg);
+  compare<T>("swiglu_bwd", tag + " dup", true, du.doubles(numel), ru, eu, cu);
 }
 
 // ---------------------------------------------------------------- RoPE
@@ -236,7 +286,18 @@ void test_rope(int64_t B, int64_t M, int64_t T_, int64_t D, int64_t R, bool inte
                           (inplace ? " inplace" : "") + (transposed ? " strided" : "") +
                           (use_pos ? " pos" : "") + " off " + std::to_string(off);
   launched("rope_apply", rope_apply_cuda(a, nullptr), tag);
-  std::vector<double> got, ref, eager;
+  std::vector<T> cpu_mem;  // the CPU kernel's result, laid out like `out`
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+  {
+    std::vector<T> xin(x0), oc(x0.size());
+    RopeArgs ac = a;
+    ac.x = xin.data() + off;
+    ac.out = inplace ? xin.data() + off : oc.data() + off;
+    cpu::DEFAULT::rope_apply(ac);
+    cpu_mem = inplace ? xin : oc;
+  }
+#endif
+  std::vector<double> got, ref, eager, cpu_out;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t t = 0; t < T_; ++t) {
@@ -244,9 +305,13 @@ void test_rope(int64_t B, int64_t M, int64_t T_, int64_t D, int64_t R, bool inte
         const bool bad = p < 0 || p >= P;
         auto X = [&](int64_t j) { return tod(x0[x.off + base + j]); };
         auto O = [&](int64_t j) { return tod(out[base + j]); };
+        auto Cpu = [&](int64_t j) {
+          if (!cpu_mem.empty()) cpu_out.push_back(tod(cpu_mem[off + base + j]));
+        };
         for (int64_t i = 0; i < R; ++i) {
           const int64_t j1 = inter ? 2 * i : i, j2 = inter ? 2 * i + 1 : i + R;
           got.push_back(O(j1)); got.push_back(O(j2));
+          Cpu(j1); Cpu(j2);
           if (bad) {
             for (int k = 0; k < 2; ++k) { ref.push_back(NAN); eager.push_back(NAN); }
             continue;
@@ -257,9 +322,11 @@ void test_rope(int64_t B, int64_t M, int64_t T_, int64_t D, int64_t R, bool inte
           eager.push_back(round_to<T>(double(A(X(j1)) * A(c) - A(X(j2)) * A(sv))));
           eager.push_back(round_to<T>(double(A(X(j2)) * A(c) + A(X(j1)) * A(sv))));
         }
-        for (int64_t j = 2 * R; j < D; ++j) { got.push_back(O(j)); ref.push_back(X(j)); eager.push_back(X(j)); }
+        for (int64_t j = 2 * R; j < D; ++j) {
+          got.push_back(O(j)); ref.push_back(X(j)); eager.push_back(X(j)); Cpu(j);
+        }
       }
-  compare<T>("rope_apply", tag, conj, got, ref, eager);
+  compare<T>("rope_apply", tag, conj, got, ref, eager, cpu_out);
 }
 
 template <typename T> void rms_all() {
@@ -290,22 +357,31 @@ template <typename T, typename C> void rope_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "-v") verbose = true;
+    if (a == "--only" && i + 1 < argc) only = argv[++i];
+    else if (a == "-v") verbose = true;
     else if (a == "--reverse") fastpt_simt::set_order(fastpt_simt::Order::kReverse);
     else if (a == "--shuffle") fastpt_simt::set_order(fastpt_simt::Order::kShuffle, 12345);
   }
-  rms_all<float>(); rms_all<double>(); rms_all<__nv_bfloat16>(); rms_all<__half>();
-  swiglu_all<float>(); swiglu_all<double>(); swiglu_all<__nv_bfloat16>(); swiglu_all<__half>();
-  rope_all<float, float>(); rope_all<double, double>(); rope_all<__nv_bfloat16, __nv_bfloat16>();
-  rope_all<__nv_bfloat16, float>(); rope_all<__half, float>(); rope_all<__half, __half>();
+  if (only.empty() || only == "rms_norm") {
+    rms_all<float>(); rms_all<double>(); rms_all<__nv_bfloat16>(); rms_all<__half>();
+  }
+  if (only.empty() || only == "swiglu") {
+    swiglu_all<float>(); swiglu_all<double>(); swiglu_all<__nv_bfloat16>(); swiglu_all<__half>();
+  }
+  if (only.empty() || only == "rope") {
+    rope_all<float, float>(); rope_all<double, double>(); rope_all<__nv_bfloat16, __nv_bfloat16>();
+    rope_all<__nv_bfloat16, float>(); rope_all<__half, float>(); rope_all<__half, __half>();
+  }
   int failures = 0, checks = 0;
   for (auto& [k, s] : stats) {
     std::printf("KERNEL %s launches %d checks %d failures %d\n", k.c_str(), s.launches, s.checks, s.failures);
     failures += s.failures;
     checks += s.checks;
   }
-  std::printf("%d checks, %d failures\n%zu kernels emulated\n", checks, failures, stats.size());
+  std::printf("%d checks (%d also against the CPU kernel%s), %d failures\n%zu kernels emulated\n",
+              checks, cpu_comparisons, kWithCpu ? "" : ": not linked", failures, stats.size());
   return failures != 0;
 }

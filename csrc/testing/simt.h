@@ -16,7 +16,9 @@
 #pragma once
 
 #include <math.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -194,9 +196,29 @@ struct Block {
 
 inline thread_local Block* g_block = nullptr;
 
+// One fiber stack: mmap'ed with an inaccessible guard page below it, so a stack overflow
+// crashes (SIGSEGV) instead of silently corrupting the next thread's stack.
+struct Stack {
+  char* base = nullptr;  // the guard page
+  size_t total = 0;
+  explicit Stack(size_t bytes) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    total = (bytes + page - 1) / page * page + page;
+    void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    base = static_cast<char*>(p);
+    mprotect(base, page, PROT_NONE);
+  }
+  ~Stack() { munmap(base, total); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* sp() const { return base + static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+  size_t size() const { return total - static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+};
+
 // Stacks are reused across blocks and launches (allocated once per OS thread, lazily).
-inline std::vector<std::unique_ptr<char[]>>& stack_pool() {
-  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+inline std::vector<std::unique_ptr<Stack>>& stack_pool() {
+  static thread_local std::vector<std::unique_ptr<Stack>> pool;
   return pool;
 }
 
@@ -220,6 +242,8 @@ inline void fiber_entry() {
     if (b.error.empty()) b.error = e.msg;
   } catch (const std::exception& e) {
     if (b.error.empty()) b.error = std::string("exception in kernel: ") + e.what();
+  } catch (...) {
+    if (b.error.empty()) b.error = "exception in kernel";
   }
   Fiber& f = b.fibers[b.cur];
   f.state = State::kDone;
@@ -338,7 +362,11 @@ inline cudaError_t launch_erased(dim3 grid, dim3 block, size_t smem, void (*body
   const int n = static_cast<int>(nt);
   auto& pool = stack_pool();
   const size_t stack_bytes = settings().stack_bytes;
-  while (static_cast<int>(pool.size()) < n) pool.emplace_back(new char[stack_bytes]);
+  try {
+    while (static_cast<int>(pool.size()) < n) pool.emplace_back(new Stack(stack_bytes));
+  } catch (const std::bad_alloc&) {
+    return fail(cudaErrorMemoryAllocation, "cannot allocate fiber stacks");
+  }
 
   Block b;
   b.threads = n;
@@ -364,10 +392,10 @@ inline cudaError_t launch_erased(dim3 grid, dim3 block, size_t smem, void (*body
           f.state = State::kReady;
           f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
           f.warp = t / 32;
-          f.stack = pool[t].get();
+          f.stack = pool[t]->sp();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack;
-          f.ctx.uc_stack.ss_size = stack_bytes;
+          f.ctx.uc_stack.ss_size = pool[t]->size();
           f.ctx.uc_link = &b.main_ctx;
           makecontext(&f.ctx, &fiber_entry, 0);
         }
@@ -425,7 +453,7 @@ inline void check_width(int width) {
 }  // namespace fastpt_simt
 
 #define FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
-  ::fastpt_simt::launch(kernel, dim3(grid), dim3(block), smem_bytes, stream, __VA_ARGS__)
+  ::fastpt_simt::launch(kernel, dim3(grid), dim3(block), smem_bytes, stream __VA_OPT__(, ) __VA_ARGS__)
 
 inline void* fastpt_simt_dynamic_smem() {
   fastpt_simt::check_in_kernel("dynamic shared memory");

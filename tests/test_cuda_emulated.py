@@ -1,0 +1,201 @@
+"""Every CUDA kernel of fastpt, run on the CPU through the SIMT emulator (csrc/testing/).
+
+The CUDA kernel files (csrc/**/*_kernels.cu) are compiled as C++ by the host compiler with
+-DFASTPT_SIMT_EMULATOR together with csrc/testing/run_kernels.cpp, which launches every
+launcher on small shapes (odd sizes, several blocks, unaligned pointers, fp32/bf16/fp16/fp64,
+forward and backward) and checks the results against float64 references with the project's
+tolerance rule; the DEFAULT build of the CPU kernels (csrc/ops/*/<op>_kernel.cpp, against
+torch's headers and libtorch_cpu) runs on the same inputs, and the emulated kernel may have at
+most 2x its error (or 2x the error of the formula evaluated in the compute type). The
+emulator's own tests are csrc/testing/simt_selftest.cpp.
+
+The binaries are built once per source state (cached by a hash of the sources and flags in
+the temp folder). A missing compiler or a failed build is a test failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CXX = os.environ.get("CXX", "g++")
+FLAGS = ["-std=c++20", "-O1", "-pthread", "-DFASTPT_SIMT_EMULATOR", "-DFASTPT_SIMT_CPU_KERNELS",
+         "-I", str(CSRC)]
+# The CPU kernels as CMake builds their DEFAULT variant (no emulator: real c10 types).
+CPU_FLAGS = ["-std=c++20", "-O2", "-fopenmp", "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT",
+             "-I", str(CSRC), *(f for d in cpp_extension.include_paths() for f in ("-isystem", d))]
+TORCH_LIBS = cpp_extension.library_paths()
+RUN_TIMEOUT = 300
+SELFTEST_TIMEOUT = 60
+
+
+def _kernel_files() -> list[Path]:
+    return sorted(CSRC.rglob("*.cu"))
+
+
+def _cpu_kernel_files() -> list[Path]:
+    return sorted(CSRC.glob("ops/*/*_kernel.cpp")) + [CSRC / "common" / "cpu_features.cpp"]
+
+
+def _sources_hash() -> str:
+    h = hashlib.sha256(" ".join([CXX, *FLAGS, *CPU_FLAGS, torch.__version__]).encode())
+    files = sorted({*CSRC.rglob("*.h"), *CSRC.rglob("*.cu"), *(CSRC / "testing").glob("*.cpp"),
+                    *_cpu_kernel_files()})
+    for f in files:
+        h.update(str(f.relative_to(CSRC)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _compile(jobs: list[tuple[Path, Path, list[str]]]) -> None:
+    """Compiles (source, object, flags) triples, two at a time."""
+    pending = list(jobs)
+    running: list[tuple[subprocess.Popen, Path]] = []
+    errors = []
+    while pending or running:
+        while pending and len(running) < max(2, os.cpu_count() or 1):
+            src, obj, flags = pending.pop(0)
+            cmd = [CXX, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)]
+            running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             text=True), src))
+        proc, src = running.pop(0)
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            errors.append(f"{src}:\n{out[-4000:]}")
+    assert not errors, "emulator build failed:\n" + "\n".join(errors)
+
+
+@pytest.fixture(scope="session")
+def emulator_bins() -> dict[str, Path]:
+    assert shutil.which(CXX), f"{CXX} not found: the emulated CUDA tests need a host C++ compiler"
+    out = Path(tempfile.gettempdir()) / f"fastpt-simt-{os.getuid()}" / _sources_hash()
+    bins = {"run_kernels": out / "run_kernels", "selftest": out / "simt_selftest", "obj": out / "obj"}
+    if bins["run_kernels"].exists() and bins["selftest"].exists() and bins["obj"].is_dir():
+        return bins
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
+    kernels = _kernel_files()
+    assert kernels, "no CUDA kernel files under csrc/"
+    jobs = [(CSRC / "testing" / "run_kernels.cpp", build / "run_kernels.o", FLAGS),
+            (CSRC / "testing" / "simt_selftest.cpp", build / "simt_selftest.o", FLAGS)]
+    jobs += [(k, build / f"{k.stem}.o", FLAGS) for k in kernels]
+    jobs += [(c, build / f"cpu_{c.stem}.o", CPU_FLAGS) for c in _cpu_kernel_files()]
+    _compile(jobs)
+    kernel_objs = [str(build / f"{k.stem}.o") for k in kernels]
+    kernel_objs += [str(build / f"cpu_{c.stem}.o") for c in _cpu_kernel_files()]
+    torch_link = [f for d in TORCH_LIBS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
+    torch_link += ["-ltorch_cpu", "-lc10"]
+    for name, main_obj in (("run_kernels", "run_kernels.o"), ("simt_selftest", "simt_selftest.o")):
+        objs = [str(build / main_obj)]
+        extra = ["-fopenmp", *kernel_objs, *torch_link] if name == "run_kernels" else []
+        res = subprocess.run([CXX, "-pthread", *objs, *extra, "-o", str(build / name)],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, f"link of {name} failed:\n{res.stdout}{res.stderr}"
+    out.mkdir(parents=True, exist_ok=True)
+    # Objects first (the mutation test links against them), binaries last: a folder with
+    # both binaries is complete. os.replace is atomic: concurrent sessions never see half a file.
+    (out / "obj").mkdir(exist_ok=True)
+    for obj in build.glob("*.o"):
+        os.replace(obj, out / "obj" / obj.name)
+    for name in ("run_kernels", "simt_selftest"):
+        os.replace(build / name, out / name)
+    shutil.rmtree(build, ignore_errors=True)
+    return bins
+
+
+def _run(binary: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    try:
+        res = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # a hang in the emulator is a failure, not a stall
+        pytest.fail(f"{binary.name} {' '.join(args)} did not finish in {timeout} s:\n{e.stdout}")
+    if res.returncode < 0:  # fiber stacks have guard pages: an overflow is a SIGSEGV
+        pytest.fail(f"{binary.name} {' '.join(args)} died of signal {-res.returncode} (out-of-bounds "
+                    f"access or fiber stack overflow in a kernel?):\n{res.stdout[-4000:]}")
+    return res
+
+
+KERNEL_LINE = re.compile(r"^KERNEL (\S+) launches (\d+) checks (\d+) failures (\d+)$", re.M)
+
+
+@pytest.mark.parametrize("order", ["forward", "shuffle"])
+def test_every_cuda_kernel_emulated(emulator_bins, order, capsys):
+    res = _run(emulator_bins["run_kernels"], *([f"--{order}"] if order != "forward" else []),
+               timeout=RUN_TIMEOUT)
+    tail = res.stdout[-6000:] + res.stderr[-2000:]
+    assert res.returncode == 0, f"emulated CUDA kernels failed ({order} order):\n{tail}"
+    counts = {m[0]: tuple(map(int, m[1:])) for m in KERNEL_LINE.findall(res.stdout)}
+    m = re.search(r"^(\d+) kernels emulated$", res.stdout, re.M)
+    assert m and int(m.group(1)) == len(counts) and counts, f"no kernel counts in the output:\n{tail}"
+    cpu = re.search(r"^(\d+) checks \((\d+) also against the CPU kernel\), 0 failures$", res.stdout, re.M)
+    assert cpu and int(cpu.group(2)) > 0, f"the CPU kernels were not compared:\n{tail}"
+    for name, (launches, checks, failures) in counts.items():
+        assert launches > 0 and checks > launches and failures == 0, (name, launches, checks, failures)
+    # Every CUDA kernel file has emulated launches: <op>_kernels.cu -> a launcher named <op>_*.
+    for cu in _kernel_files():
+        op = cu.stem.removesuffix("_kernels")
+        assert any(k.startswith(op + "_") for k in counts), \
+            f"{cu.relative_to(ROOT)} has no emulated test in csrc/testing/run_kernels.cpp"
+    with capsys.disabled():
+        print(f"\n[{order} order] {len(counts)} kernels emulated: " +
+              ", ".join(f"{k} ({c[0]} launches, {c[1]} checks)" for k, c in sorted(counts.items())) +
+              f"; {cpu.group(2)} of {cpu.group(1)} checks also against the CPU kernel")
+
+
+def test_emulator_selftests(emulator_bins):
+    res = _run(emulator_bins["selftest"], timeout=SELFTEST_TIMEOUT)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"SIMT emulator self-tests failed:\n{out}"
+    results = dict(re.findall(r"^SELFTEST (\S+) (ok|FAIL)", res.stdout, re.M))
+    required = {
+        "race_caught_forward", "race_caught_shuffle", "correct_reduction_forward",
+        "warp_primitives_exact", "warp_sum_exact", "early_exit_at_barrier_is_error",
+        "partial_warp_block_is_error", "exited_lane_shuffle_is_error",
+        "divergent_barriers_is_error", "wmma_f16", "wmma_bf16", "wmma_s8",
+    }
+    missing = required - results.keys()
+    assert not missing, f"self-tests not run: {sorted(missing)}\n{out}"
+    assert all(v == "ok" for v in results.values()), out
+
+
+# A real kernel with a barrier removed must fail under the emulator: block_sum (used by the
+# RMSNorm kernels in block mode, n > 1024) without the barrier between the per-warp partial
+# writes and their reads.
+MUTATION_FILE = "common/cuda_compat.h"
+MUTATION_FROM = "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n"
+MUTATION_TO = "  if (lane == 0) scratch[warp] = v;\n"
+
+
+def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path):
+    src = (CSRC / MUTATION_FILE).read_text()
+    assert MUTATION_FROM in src, \
+        f"mutation target not found in csrc/{MUTATION_FILE}: update MUTATION_FROM in this test"
+    mutated = tmp_path / "csrc"
+    shutil.copytree(CSRC, mutated)
+    (mutated / MUTATION_FILE).write_text(src.replace(MUTATION_FROM, MUTATION_TO, 1))
+    obj_dir = emulator_bins["obj"]
+    rms_obj = tmp_path / "rms_norm_kernels.o"
+    flags = [f if f != str(CSRC) else str(mutated) for f in FLAGS]
+    _compile([(mutated / "ops" / "rms_norm" / "rms_norm_kernels.cu", rms_obj, flags)])
+    objs = [str(obj_dir / "run_kernels.o"), str(rms_obj)]
+    objs += [str(o) for o in sorted(obj_dir.glob("*.o"))
+             if o.name not in ("run_kernels.o", "simt_selftest.o", "rms_norm_kernels.o")]
+    torch_link = [f for d in TORCH_LIBS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
+    exe = tmp_path / "run_kernels_mutated"
+    res = subprocess.run([CXX, "-pthread", "-fopenmp", *objs, *torch_link, "-ltorch_cpu", "-lc10",
+                          "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = _run(exe, "--only", "rms_norm", timeout=RUN_TIMEOUT)
+    counts = {m[0]: tuple(map(int, m[1:])) for m in KERNEL_LINE.findall(res.stdout)}
+    assert res.returncode == 1 and counts, res.stdout[-3000:]
+    assert counts["rms_norm_fwd"][2] > 0 and counts["rms_norm_bwd"][2] > 0, counts
