@@ -18,7 +18,15 @@
     "bool interleaved) -> (Tensor, Tensor)")                                                   \
   X("rope_",                                                                                   \
     "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, "         \
-    "bool interleaved) -> ()")
+    "bool interleaved) -> ()")                                                               \
+  X("value_iteration_sparse",                                                                  \
+    "value_iteration_sparse(Tensor indptr, Tensor indices, Tensor values, Tensor reward, "     \
+    "Tensor v, float gamma, int sweeps=1, bool gauss_seidel=False, bool return_q=False, "      \
+    "float tol=0., bool span=False, int first_state=0) -> (Tensor, Tensor, Tensor, Tensor)")  \
+  X("value_iteration_dense",                                                                   \
+    "value_iteration_dense(Tensor p, Tensor reward, Tensor v, float gamma, int sweeps=1, "     \
+    "bool gauss_seidel=False, bool return_q=False, float tol=0., bool span=False, "            \
+    "int first_state=0) -> (Tensor, Tensor, Tensor, Tensor)")
 
 TORCH_LIBRARY(fastpt, m) {
 #define FASTPT_DEF(name, schema) m.def(schema);

@@ -6,5 +6,6 @@ from fastpt.ops import reference
 from fastpt.ops.rms_norm import rms_norm
 from fastpt.ops.rope import rope, rope_
 from fastpt.ops.swiglu import swiglu
+from fastpt.ops.value_iteration import value_iteration
 
-__all__ = ["reference", "rms_norm", "rope", "rope_", "swiglu"]
+__all__ = ["reference", "rms_norm", "rope", "rope_", "swiglu", "value_iteration"]

@@ -1,0 +1,162 @@
+"""Expectimax and minimax search on small game trees, as the lectures present them.
+
+A tree is built from :class:`Node` objects: ``Node.max(children)``, ``Node.min(children)``,
+``Node.chance(children, probs)`` (uniform when probs is None) and ``Node.leaf(value)``; a
+bare number also stands for a leaf. Search is plain recursion: these are the small trees of
+the lecture examples, not a game engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+KINDS = ("max", "min", "chance", "leaf")
+
+
+@dataclass
+class Node:
+    kind: str
+    children: list["Tree"] = field(default_factory=list)
+    probs: list[float] | None = None
+    value: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"node kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "leaf":
+            if self.children:
+                raise ValueError("a leaf has no children")
+            if math.isnan(self.value):
+                raise ValueError("a leaf value must not be NaN")
+            return
+        if not self.children:
+            raise ValueError(f"a {self.kind} node needs at least one child")
+        if self.kind == "chance":
+            n = len(self.children)
+            probs = [1.0 / n] * n if self.probs is None else [float(p) for p in self.probs]
+            if len(probs) != n:
+                raise ValueError(f"a chance node with {n} children needs {n} probabilities, got {len(probs)}")
+            if any(not p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-9:
+                raise ValueError(f"chance probabilities must be >= 0 and sum to 1, got {probs}")
+            self.probs = probs
+        elif self.probs is not None:
+            raise ValueError(f"only chance nodes have probabilities, not a {self.kind} node")
+
+    @staticmethod
+    def max(children: Sequence["Tree"]) -> "Node":
+        return Node("max", list(children))
+
+    @staticmethod
+    def min(children: Sequence["Tree"]) -> "Node":
+        return Node("min", list(children))
+
+    @staticmethod
+    def chance(children: Sequence["Tree"], probs: Sequence[float] | None = None) -> "Node":
+        return Node("chance", list(children), None if probs is None else list(probs))
+
+    @staticmethod
+    def leaf(value: float) -> "Node":
+        return Node("leaf", value=float(value))
+
+
+Tree = Union[Node, float, int]
+
+
+@dataclass
+class SearchResult:
+    """value of the root; action: index of the best child of a max/min root (None for a
+    leaf or chance root); nodes: nodes visited (shows alpha-beta pruning)."""
+
+    value: float
+    action: int | None
+    nodes: int
+
+
+def _node(t: Tree) -> Node:
+    if isinstance(t, Node):
+        return t
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return Node.leaf(t)
+    raise TypeError(f"a game tree node must be a Node or a number, got {type(t).__name__}")
+
+
+def _best(kind: str, values: list[float]) -> tuple[float, int]:
+    pick = max if kind == "max" else min
+    best = pick(values)
+    return best, values.index(best)
+
+
+def expectimax(tree: Tree) -> SearchResult:
+    """Value of max, min and chance nodes: max / min of the children, or their expectation."""
+    count = [0]
+
+    def value(t: Tree) -> float:
+        n = _node(t)
+        count[0] += 1
+        if n.kind == "leaf":
+            return n.value
+        vals = [value(c) for c in n.children]
+        if n.kind == "chance":
+            return sum(p * v for p, v in zip(n.probs, vals))
+        return _best(n.kind, vals)[0]
+
+    root = _node(tree)
+    count[0] += 1
+    if root.kind in ("leaf", "chance"):
+        count[0] -= 1
+        return SearchResult(value(root), None, count[0])
+    vals = [value(c) for c in root.children]
+    best, action = _best(root.kind, vals)
+    return SearchResult(best, action, count[0])
+
+
+def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
+    """Minimax over max and min nodes (chance nodes: use :func:`expectimax`), with alpha-beta
+    pruning by default (same value and action, fewer nodes visited)."""
+    count = [0]
+
+    def value(t: Tree, alpha: float, beta: float) -> float:
+        n = _node(t)
+        count[0] += 1
+        if n.kind == "leaf":
+            return n.value
+        if n.kind == "chance":
+            raise ValueError("minimax has no chance nodes; use expectimax")
+        if n.kind == "max":
+            best = -math.inf
+            for c in n.children:
+                best = max(best, value(c, alpha, beta))
+                if alpha_beta:
+                    if best >= beta:
+                        return best
+                    alpha = max(alpha, best)
+            return best
+        best = math.inf
+        for c in n.children:
+            best = min(best, value(c, alpha, beta))
+            if alpha_beta:
+                if best <= alpha:
+                    return best
+                beta = min(beta, best)
+        return best
+
+    root = _node(tree)
+    if root.kind == "chance":
+        raise ValueError("minimax has no chance nodes; use expectimax")
+    if root.kind == "leaf":
+        return SearchResult(root.value, None, 1)
+    count[0] += 1
+    alpha, beta = -math.inf, math.inf
+    vals: list[float] = []
+    for c in root.children:
+        v = value(c, alpha, beta)
+        vals.append(v)
+        if alpha_beta:
+            if root.kind == "max":
+                alpha = max(alpha, v)
+            else:
+                beta = min(beta, v)
+    best, action = _best(root.kind, vals)
+    return SearchResult(best, action, count[0])

@@ -1,0 +1,399 @@
+"""The :class:`MDP`: transitions, expected rewards, discount and terminal states, validated
+once in O(nnz) (a sparse MDP is never densified).
+
+Internal form, what the value-iteration kernel reads:
+
+- sparse: one CSR of S*A rows in state-major order (row ``s*A + a`` holds P(.|s,a)), int32
+  indices when S fits (12 bytes per nonzero in float64 instead of 16), int32 row pointers
+  when the nonzeros fit;
+- dense: P as (A, S, S);
+- reward: R(s, a) as (S, A). R(s, a, s') is reduced to sum_s' P(s'|s,a) R(s,a,s') in float64.
+
+Terminal states have no outgoing transitions (their rows are emptied): their value is
+max_a R(t, a), the terminal reward, and they end an episode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_INT32_MAX = 2**31 - 1
+
+
+def _row_sum_tol(dtype: torch.dtype, row_len: Tensor) -> Tensor:
+    """Allowed |sum - 1| of a row of row_len probabilities stored in dtype: a few roundings
+    per term (a float32 row normalised in float32 is off by up to ~n * eps)."""
+    return 4 * torch.finfo(dtype).eps * (row_len.to(torch.float64) + 16)
+
+
+def _as_tensor(x, dtype=None) -> Tensor:
+    if isinstance(x, Tensor):
+        return x if dtype is None else x.to(dtype)
+    return torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+def _is_sparse_matrix(x) -> bool:
+    return (isinstance(x, Tensor) and x.layout in (torch.sparse_csr, torch.sparse_coo)) or \
+        hasattr(x, "tocsr")
+
+
+def _csr_parts(m) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """(indptr int64, indices int64, values, shape) of a torch sparse tensor or scipy matrix."""
+    if isinstance(m, Tensor):
+        if m.layout == torch.sparse_coo:
+            m = m.coalesce().to_sparse_csr()
+        return (m.crow_indices().to(torch.int64), m.col_indices().to(torch.int64), m.values(),
+                tuple(m.shape))
+    m = m.tocsr()
+    return (torch.from_numpy(np.asarray(m.indptr, dtype=np.int64)),
+            torch.from_numpy(np.asarray(m.indices, dtype=np.int64)),
+            torch.from_numpy(np.asarray(m.data)), tuple(m.shape))
+
+
+def _stack_action_major(parts) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenates per-action CSRs (each S x S) into one action-major CSR of A*S rows."""
+    indptrs, indices, values, offset = [], [], [], 0
+    for i, (ip, ix, val, _) in enumerate(parts):
+        indptrs.append(ip[:-1] - ip[0] + offset if i < len(parts) - 1 else ip - ip[0] + offset)
+        indices.append(ix[int(ip[0]):int(ip[-1])])
+        values.append(val[int(ip[0]):int(ip[-1])])
+        offset += int(ip[-1] - ip[0])
+    return torch.cat(indptrs), torch.cat(indices), torch.cat(values)
+
+
+def _gather_rows(indptr: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """A CSR with rows ``order`` of the given one: (new indptr, index of each new nonzero in
+    the old arrays). Vectorised, O(rows + nnz)."""
+    counts = (indptr[1:] - indptr[:-1])[order]
+    new_indptr = torch.zeros(order.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=new_indptr[1:])
+    nnz = int(new_indptr[-1])
+    shift = torch.repeat_interleave(indptr[:-1][order] - new_indptr[:-1], counts, output_size=nnz)
+    return new_indptr, torch.arange(nnz, dtype=torch.int64) + shift
+
+
+def _sparse_to_state_major(x) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
+    """(indptr, indices, values, S, A) in state-major row order from a stacked action-major
+    sparse (A*S, S) matrix or a sequence of per-action (S, S) matrices; None if x is dense."""
+    if _is_sparse_matrix(x):
+        ip, ix, val, shape = _csr_parts(x)
+        if len(shape) != 2 or shape[1] == 0 or shape[0] % shape[1]:
+            raise ValueError(f"a stacked sparse matrix must have shape (A*S, S), got {shape}")
+        S, A = shape[1], shape[0] // shape[1]
+    elif isinstance(x, (list, tuple)) and x and any(_is_sparse_matrix(t) for t in x):
+        parts = [_csr_parts(t if _is_sparse_matrix(t) else _as_tensor(t).to_sparse_csr()) for t in x]
+        S, A = parts[0][3][0], len(parts)
+        for a, part in enumerate(parts):
+            if part[3] != (S, S):
+                raise ValueError(f"matrix {a} of the sequence must have shape ({S}, {S}), got {part[3]}")
+        ip, ix, val = _stack_action_major(parts)
+    else:
+        return None
+    if S < 1 or A < 1:
+        raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
+    order = torch.arange(S * A).view(A, S).t().reshape(-1)  # row a*S + s -> s*A + a
+    ip = ip - ip[0]
+    indptr, take = _gather_rows(ip, order)
+    return indptr, ix[take], val[take], S, A
+
+
+class _PerNonzero:
+    """R(s, a, s') given per nonzero of the transition CSR (state-major order)."""
+
+    def __init__(self, values: Tensor):
+        self.values = values
+
+
+class MDP:
+    """A finite Markov decision process (S states, A actions), validated on construction.
+
+    Args:
+        transitions: P(s'|s,a) as one of
+            - a dense ``(A, S, S)`` tensor or array, ``P[a, s, s']``;
+            - a sequence of A per-action ``(S, S)`` matrices (torch sparse CSR/COO tensors,
+              scipy.sparse matrices, or dense);
+            - one stacked sparse ``(A*S, S)`` matrix, action-major (row ``a*S + s``).
+            For state-major CSR arrays use :meth:`from_csr`.
+        reward: R(s) as ``(S,)`` (same for every action), R(s, a) as ``(S, A)``, or R(s, a, s')
+            laid out like ``transitions`` (dense ``(A, S, S)``, or sparse with the same
+            nonzero pattern); R(s, a, s') is reduced to R(s, a) = sum_s' P R in float64.
+        gamma: discount in (0, 1]; 1 only with terminal states that every state can reach.
+        terminal: indices (or a bool mask) of terminal states: their transitions are dropped
+            and their value is max_a R(t, a).
+        dtype: torch.float32 or torch.float64 (default: float64).
+
+    Raises:
+        ValueError: a shape mismatch, a negative or non-finite probability, a row that does not
+            sum to 1 (naming the state and action), a non-finite reward, a successor outside
+            [0, S), gamma outside (0, 1], or gamma = 1 without reachable terminal states.
+        TypeError: dtype is not float32/float64.
+    """
+
+    def __init__(self, transitions, reward, gamma: float, terminal=None,
+                 dtype: torch.dtype = torch.float64):
+        sparse = _sparse_to_state_major(transitions)
+        if sparse is not None:
+            self._setup(*sparse, None, reward, gamma, terminal, dtype)
+            return
+        p = torch.stack([_as_tensor(t) for t in transitions]) \
+            if isinstance(transitions, (list, tuple)) else _as_tensor(transitions)
+        if p.dim() != 3 or p.shape[1] != p.shape[2] or p.shape[0] == 0 or p.shape[1] == 0:
+            raise ValueError(f"dense transitions must have shape (A, S, S), got {tuple(p.shape)}")
+        self._setup(None, None, None, p.shape[1], p.shape[0], p, reward, gamma, terminal, dtype)
+
+    @classmethod
+    def from_csr(cls, indptr, indices, values, num_states: int, num_actions: int, reward,
+                 gamma: float, terminal=None, dtype: torch.dtype = torch.float64,
+                 order: str = "state") -> "MDP":
+        """An MDP from the arrays of one CSR of S*A rows: ``order="state"`` (row ``s*A + a``,
+        the kernel's layout, taken without reordering) or ``"action"`` (row ``a*S + s``).
+        ``reward`` may also be a 1-D tensor with one R(s, a, s') per nonzero."""
+        if order not in ("state", "action"):
+            raise ValueError(f"order must be 'state' or 'action', got {order!r}")
+        S, A = int(num_states), int(num_actions)
+        if S < 1 or A < 1:
+            raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
+        indptr, indices = _as_tensor(indptr).to(torch.int64), _as_tensor(indices).to(torch.int64)
+        values = _as_tensor(values)
+        if indptr.dim() != 1 or indptr.numel() != S * A + 1:
+            raise ValueError(f"indptr must have S*A + 1 = {S * A + 1} entries, got {indptr.numel()}")
+        if indices.shape != values.shape or indices.dim() != 1:
+            raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must "
+                             "be 1-D of the same length")
+        if bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[0]) < 0 or \
+                int(indptr[-1]) > indices.numel():
+            raise ValueError("indptr must be non-decreasing and within the indices/values arrays")
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        per_nonzero = None
+        if isinstance(reward, (Tensor, np.ndarray)) and np.ndim(reward) == 1 and \
+                len(reward) == indices.numel() and len(reward) != S:
+            per_nonzero = _as_tensor(reward, torch.float64)[lo:hi]
+        indptr, indices, values = indptr - lo, indices[lo:hi], values[lo:hi]
+        if order == "action":
+            indptr, take = _gather_rows(indptr, torch.arange(S * A).view(A, S).t().reshape(-1))
+            indices, values = indices[take], values[take]
+            per_nonzero = None if per_nonzero is None else per_nonzero[take]
+        self = cls.__new__(cls)
+        self._setup(indptr, indices, values, S, A, None,
+                    reward if per_nonzero is None else _PerNonzero(per_nonzero),
+                    gamma, terminal, dtype)
+        return self
+
+    def _setup(self, indptr, indices, values, S, A, p, reward, gamma, terminal, dtype) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.dtype, self.num_states, self.num_actions = dtype, int(S), int(A)
+        self.p = None if p is None else p.to(dtype).contiguous()
+        self.indptr, self.indices = indptr, indices
+        self.values = None if values is None else values.to(dtype)
+        self.terminal = self._terminal_mask(terminal)
+        self.gamma = self._check_gamma(gamma)
+        self._check_probabilities()
+        self.reward = self._reduce_reward(reward)
+        self._drop_terminal_rows()
+        if self.gamma == 1.0:
+            self._check_terminals_reachable()
+
+    # ------------------------------------------------------------------ validation
+    def _terminal_mask(self, terminal) -> Tensor:
+        S = self.num_states
+        mask = torch.zeros(S, dtype=torch.bool)
+        if terminal is None:
+            return mask
+        t = _as_tensor(terminal)
+        if t.dtype == torch.bool:
+            if t.shape != (S,):
+                raise ValueError(f"a terminal mask must have shape ({S},), got {tuple(t.shape)}")
+            return t.clone()
+        t = t.reshape(-1).to(torch.int64)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= S):
+            raise ValueError(f"terminal states must be in [0, {S}), got {t.tolist()[:10]}")
+        mask[t] = True
+        return mask
+
+    @staticmethod
+    def _check_gamma(gamma) -> float:
+        gamma = float(gamma)
+        if not (0.0 < gamma <= 1.0):
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        return gamma
+
+    def _state_action(self, row: int) -> str:
+        return f"state {row // self.num_actions}, action {row % self.num_actions}"
+
+    def _check_probabilities(self) -> None:
+        S, A = self.num_states, self.num_actions
+        if self.p is not None:
+            p = self.p
+            bad = ~torch.isfinite(p) | (p < 0)
+            if bool(bad.any()):
+                a, s, s2 = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"P(s'={s2} | state {s}, action {a}) = {float(p[a, s, s2])}: "
+                                 "probabilities must be finite and >= 0")
+            sums = p.sum(-1, dtype=torch.float64).t().reshape(-1)  # state-major rows
+            lens = torch.full_like(sums, S)
+        else:
+            v, ix = self.values, self.indices
+            bad = ~torch.isfinite(v) | (v < 0)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0, 0])
+                row = int(torch.searchsorted(self.indptr, torch.tensor(k), right=True)) - 1
+                raise ValueError(f"P(s'={int(ix[k])} | {self._state_action(row)}) = {float(v[k])}: "
+                                 "probabilities must be finite and >= 0")
+            if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= S):
+                k = int(((ix < 0) | (ix >= S)).nonzero()[0, 0])
+                row = int(torch.searchsorted(self.indptr, torch.tensor(k), right=True)) - 1
+                raise ValueError(f"successor {int(ix[k])} of {self._state_action(row)} is outside "
+                                 f"[0, {S})")
+            lens = (self.indptr[1:] - self.indptr[:-1]).to(torch.float64)
+            sums = torch.segment_reduce(v.to(torch.float64), "sum", offsets=self.indptr,
+                                        unsafe=True) if v.numel() else torch.zeros(S * A, dtype=torch.float64)
+        live = ~self.terminal.repeat_interleave(A)
+        off = live & ~((sums - 1).abs() <= _row_sum_tol(self.dtype, lens))
+        if bool(off.any()):
+            row = int(off.nonzero()[0, 0])
+            raise ValueError(f"the transition probabilities of {self._state_action(row)} sum to "
+                             f"{float(sums[row])!r}, not 1 (each non-terminal (state, action) row must "
+                             "be a probability distribution)")
+
+    def _drop_terminal_rows(self) -> None:
+        if not bool(self.terminal.any()):
+            self._finish_sparse()
+            return
+        if self.p is not None:  # a new tensor: the caller's P stays as it was
+            self.p = self.p.masked_fill(self.terminal.view(1, -1, 1), 0)
+            return
+        keep_rows = ~self.terminal.repeat_interleave(self.num_actions)
+        counts = (self.indptr[1:] - self.indptr[:-1]) * keep_rows
+        keep = torch.repeat_interleave(keep_rows, self.indptr[1:] - self.indptr[:-1],
+                                       output_size=self.indices.numel())
+        self.indices, self.values = self.indices[keep], self.values[keep]
+        self.indptr = torch.zeros_like(self.indptr)
+        torch.cumsum(counts, 0, out=self.indptr[1:])
+        self._finish_sparse()
+
+    def _finish_sparse(self) -> None:
+        """Narrow index types where they fit (fewer bytes per sweep)."""
+        if self.p is not None:
+            return
+        if self.num_states <= _INT32_MAX:
+            self.indices = self.indices.to(torch.int32)
+        if int(self.indptr[-1]) <= _INT32_MAX:
+            self.indptr = self.indptr.to(torch.int32)
+        self.indices, self.values = self.indices.contiguous(), self.values.contiguous()
+
+    def _reduce_reward(self, reward) -> Tensor:
+        S, A = self.num_states, self.num_actions
+        sparse = _sparse_to_state_major(reward) if not isinstance(reward, _PerNonzero) else None
+        if sparse is not None:
+            if self.p is not None:
+                raise ValueError("a sparse R(s, a, s') needs sparse transitions; give a dense "
+                                 "(A, S, S) reward with dense transitions")
+            indptr, indices, values, S_r, A_r = sparse
+            if (S_r, A_r) != (S, A) or not torch.equal(indptr, self.indptr) or \
+                    not torch.equal(indices, self.indices):
+                raise ValueError("a sparse R(s, a, s') must have the nonzero pattern of the "
+                                 "transitions (same shape, row pointers and successors)")
+            reward = _PerNonzero(values.to(torch.float64))
+        if isinstance(reward, _PerNonzero):
+            r = self._row_sums(self.values.to(torch.float64) * reward.values).view(S, A)
+        else:
+            r = _as_tensor(reward, torch.float64)
+        if isinstance(reward, _PerNonzero):
+            pass
+        elif r.dim() == 1 and r.shape[0] == S:
+            r = r.unsqueeze(1).expand(S, A)
+        elif r.dim() == 2 and tuple(r.shape) == (S, A):
+            pass
+        elif r.dim() == 3 and tuple(r.shape) == (A, S, S):
+            if self.p is not None:
+                r = (self.p.to(torch.float64) * r).sum(-1).t()
+            else:
+                rows = torch.repeat_interleave(torch.arange(S * A), self.indptr[1:] - self.indptr[:-1],
+                                               output_size=self.indices.numel())
+                rv = r[rows % A, rows // A, self.indices.to(torch.int64)]
+                r = self._row_sums(self.values.to(torch.float64) * rv).view(S, A)
+        else:
+            raise ValueError(f"reward must have shape ({S},), ({S}, {A}) or ({A}, {S}, {S}), got "
+                             f"{tuple(r.shape)}")
+        bad = ~torch.isfinite(r)
+        if bool(bad.any()):
+            s, a = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"reward of state {s}, action {a} is {float(r[s, a])}: rewards must be finite")
+        return r.to(self.dtype).contiguous()
+
+    def _row_sums(self, per_nonzero: Tensor) -> Tensor:
+        if per_nonzero.numel() == 0:
+            return torch.zeros(self.num_states * self.num_actions, dtype=per_nonzero.dtype)
+        return torch.segment_reduce(per_nonzero, "sum", offsets=self.indptr.to(torch.int64),
+                                    unsafe=True)
+
+    def _check_terminals_reachable(self) -> None:
+        """gamma = 1: values are finite only if every state can reach a terminal state (then a
+        proper policy exists). Reverse breadth-first search from the terminal states, O(nnz)."""
+        S, A = self.num_states, self.num_actions
+        if not bool(self.terminal.any()):
+            raise ValueError("gamma = 1 needs terminal (absorbing) states: pass terminal=... or "
+                             "use gamma < 1")
+        if self.p is not None:
+            a, s, s2 = self.p.nonzero(as_tuple=True)
+            src, dst = s.numpy(), s2.numpy()
+        else:
+            rows = torch.repeat_interleave(torch.arange(S * A), (self.indptr[1:] - self.indptr[:-1]).to(torch.int64),
+                                           output_size=self.indices.numel())
+            src, dst = (rows // A).numpy(), self.indices.to(torch.int64).numpy()
+        order = np.argsort(dst, kind="stable")
+        pred = src[order]
+        start = np.searchsorted(dst[order], np.arange(S + 1))
+        reached = self.terminal.numpy().copy()
+        frontier = np.flatnonzero(reached)
+        while frontier.size:
+            lens = start[frontier + 1] - start[frontier]
+            idx = np.repeat(start[frontier] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+            new = np.unique(pred[idx])
+            new = new[~reached[new]]
+            reached[new] = True
+            frontier = new
+        if not reached.all():
+            s = int(np.flatnonzero(~reached)[0])
+            raise ValueError(f"gamma = 1 but state {s} cannot reach a terminal state (values would "
+                             "diverge); use gamma < 1 or make a terminal state reachable")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def is_sparse(self) -> bool:
+        return self.p is None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel()) if self.is_sparse else int(self.p.numel())
+
+    def transitions(self):
+        """What the kernel reads: the dense (A, S, S) tensor or (indptr, indices, values)."""
+        return self.p if self.p is not None else (self.indptr, self.indices, self.values)
+
+    def restricted(self, policy: Tensor) -> "MDP":
+        """The Markov chain of a deterministic policy as a one-action MDP (same terminals)."""
+        S, A = self.num_states, self.num_actions
+        policy = policy.to(torch.int64)
+        m = MDP.__new__(MDP)
+        m.dtype, m.gamma, m.terminal = self.dtype, self.gamma, self.terminal
+        m.num_states, m.num_actions = S, 1
+        m.reward = self.reward.gather(1, policy.view(S, 1)).contiguous()
+        if self.p is not None:
+            m.p = self.p[policy, torch.arange(S)].unsqueeze(0).contiguous()
+            m.indptr = m.indices = m.values = None
+        else:
+            m.p = None
+            rows = torch.arange(S) * A + policy
+            indptr, take = _gather_rows(self.indptr.to(torch.int64), rows)
+            m.indptr = indptr.to(self.indptr.dtype)
+            m.indices, m.values = self.indices[take], self.values[take]
+        return m
+
+    def __repr__(self) -> str:
+        kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
+        return (f"MDP(states={self.num_states}, actions={self.num_actions}, gamma={self.gamma}, "
+                f"{kind}, terminal={int(self.terminal.sum())}, dtype={self.dtype})")

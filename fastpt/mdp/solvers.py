@@ -1,0 +1,246 @@
+"""Dynamic-programming solvers for :class:`~fastpt.mdp.MDP`, all on the fused Bellman-sweep
+kernel (``torch.ops.fastpt.value_iteration_{sparse,dense}``).
+
+Stopping rules (Puterman, Markov Decision Processes, 6.3 and 6.6):
+
+- ``sup``: stop when ||V_{k+1} - V_k||_inf < eps (1 - gamma) / (2 gamma); then the policy
+  greedy with respect to V_{k+1} is eps-optimal and ||V_{k+1} - V*|| < eps / 2.
+- ``span``: stop when span(V_{k+1} - V_k) = max - min < eps (1 - gamma) / gamma, far earlier;
+  the greedy policy is eps-optimal but V is off by a near-constant shift, which the value
+  extrapolation V_{k+1} + gamma / (1 - gamma) * (max + min) / 2 of the last change removes.
+
+With gamma = 1 (terminal states) both rules stop at a change below eps, without that bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fastpt.mdp.model import MDP
+
+STOP_RULES = ("sup", "span")
+
+
+@dataclass
+class Result:
+    """What a solver returns.
+
+    v: (S,) values. policy: (S,) int64, greedy with respect to v. iterations: sweeps (value
+    iteration, modified PI's improvement steps) or policy improvements (policy iteration).
+    residual: the last stopping quantity (sup or span of the last change; policy changes for
+    policy iteration). converged: the stopping rule was met within max_iter. history: the
+    stopping quantity of every iteration. q: (S, A) Q-values of v when asked for.
+    """
+
+    v: Tensor
+    policy: Tensor
+    iterations: int
+    residual: float
+    converged: bool
+    history: list[float] = field(default_factory=list, repr=False)
+    q: Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class FiniteHorizonResult:
+    """Backward induction: v[t] is the optimal value with horizon - t steps to go (v[horizon] =
+    terminal values), policy[t] the optimal action at step t."""
+
+    v: Tensor
+    policy: Tensor
+
+
+def sweep(mdp: MDP, v: Tensor, *, sweeps: int = 1, tol: float = 0.0, span: bool = False,
+          gauss_seidel: bool = False, return_q: bool = False, gamma: float | None = None):
+    """``sweeps`` Bellman sweeps of ``mdp`` from ``v`` (the kernel call every solver makes).
+    Returns (v, policy, dv (sweeps, 2) min/max of the change, q)."""
+    g = mdp.gamma if gamma is None else gamma
+    if mdp.is_sparse:
+        return torch.ops.fastpt.value_iteration_sparse(
+            mdp.indptr, mdp.indices, mdp.values, mdp.reward, v, g, sweeps, gauss_seidel, return_q,
+            tol, span, 0)
+    return torch.ops.fastpt.value_iteration_dense(mdp.p, mdp.reward, v, g, sweeps, gauss_seidel,
+                                                  return_q, tol, span, 0)
+
+
+def residuals(dv: Tensor, span: bool) -> list[float]:
+    """Stopping quantity per sweep run (rows of dv that are not NaN)."""
+    dv = dv[~torch.isnan(dv[:, 0])]
+    r = dv[:, 1] - dv[:, 0] if span else torch.maximum(-dv[:, 0], dv[:, 1])
+    return r.tolist()
+
+
+def stop_threshold(epsilon: float, gamma: float, stop: str) -> float:
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if gamma == 1.0:
+        return epsilon
+    return epsilon * (1 - gamma) / (2 * gamma if stop == "sup" else gamma)
+
+
+def _initial_values(mdp: MDP, v0) -> Tensor:
+    if v0 is None:
+        return torch.zeros(mdp.num_states, dtype=mdp.dtype)
+    v0 = torch.as_tensor(v0, dtype=mdp.dtype).contiguous()
+    if v0.shape != (mdp.num_states,):
+        raise ValueError(f"v0 must have shape ({mdp.num_states},), got {tuple(v0.shape)}")
+    return v0
+
+
+def _check_max_iter(max_iter: int) -> None:
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+
+
+def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, stop: str = "sup",
+                    *, v0=None, gauss_seidel: bool = False, sweeps_per_call: int = 64,
+                    return_q: bool = False) -> Result:
+    """Value iteration to an epsilon-optimal policy (stopping rules: module docstring).
+
+    Runs up to ``sweeps_per_call`` sweeps per kernel call; the kernel itself stops after the
+    sweep that meets the rule, so no sweep is wasted. ``gauss_seidel`` updates in place within
+    blocks of states (CPU). The returned policy is greedy with respect to the returned v (one
+    more sweep, not counted in ``iterations``).
+    """
+    threshold = stop_threshold(epsilon, mdp.gamma, stop)
+    _check_max_iter(max_iter)
+    span = stop == "span"
+    v, history, converged = _initial_values(mdp, v0), [], False
+    dv_last = None
+    while len(history) < max_iter and not converged:
+        k = min(sweeps_per_call, max_iter - len(history))
+        v, _, dv, _ = sweep(mdp, v, sweeps=k, tol=threshold, span=span, gauss_seidel=gauss_seidel)
+        res = residuals(dv, span)
+        history += res
+        dv_last = dv[len(res) - 1]
+        converged = res[-1] < threshold
+    if span and converged and mdp.gamma < 1:
+        v = v + mdp.gamma / (1 - mdp.gamma) * float(dv_last[0] + dv_last[1]) / 2
+    _, policy, _, q = sweep(mdp, v, return_q=return_q)
+    return Result(v, policy, len(history), history[-1], converged, history,
+                  q if return_q else None)
+
+
+def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float = 1e-10,
+                      max_iter: int = 1_000_000, v0=None) -> Result:
+    """V of a deterministic policy: solves V = R_pi + gamma P_pi V.
+
+    method: ``"direct"`` (dense MDPs: a linear solve in float64), ``"iterative"`` (sweeps of the
+    policy's chain until ||V_{k+1} - V_k|| < epsilon (1 - gamma) / gamma, so ||V - V_pi|| <
+    epsilon), or ``"auto"`` (direct for dense, iterative for sparse: a sparse MDP is never
+    densified).
+    """
+    if method not in ("auto", "direct", "iterative"):
+        raise ValueError(f"method must be 'auto', 'direct' or 'iterative', got {method!r}")
+    policy = _check_policy(mdp, policy)
+    chain = mdp.restricted(policy)
+    if method == "auto":
+        method = "iterative" if mdp.is_sparse else "direct"
+    if method == "direct":
+        if mdp.is_sparse:
+            raise ValueError("direct policy evaluation needs a dense MDP; use method='iterative'")
+        S = mdp.num_states
+        a = torch.eye(S, dtype=torch.float64) - mdp.gamma * chain.p[0].to(torch.float64)
+        v = torch.linalg.solve(a, chain.reward[:, 0].to(torch.float64))
+        if not bool(torch.isfinite(v).all()) or float(torch.linalg.matrix_rank(a)) < S:
+            raise ValueError("the policy never reaches a terminal state from some state "
+                             "(I - gamma P_pi is singular): its values are not finite")
+        return Result(v.to(mdp.dtype), policy, 1, 0.0, True, [0.0])
+    _check_max_iter(max_iter)
+    threshold = epsilon * (1 - mdp.gamma) / mdp.gamma if mdp.gamma < 1 else epsilon
+    v, history = _initial_values(mdp, v0), []
+    while len(history) < max_iter:
+        v, _, dv, _ = sweep(chain, v, sweeps=min(64, max_iter - len(history)), tol=threshold)
+        history += residuals(dv, False)
+        if history[-1] < threshold:
+            return Result(v, policy, len(history), history[-1], True, history)
+    return Result(v, policy, len(history), history[-1], False, history)
+
+
+def _check_policy(mdp: MDP, policy) -> Tensor:
+    policy = torch.as_tensor(policy).to(torch.int64).contiguous()
+    if policy.shape != (mdp.num_states,):
+        raise ValueError(f"policy must have shape ({mdp.num_states},), got {tuple(policy.shape)}")
+    if policy.numel() and (int(policy.min()) < 0 or int(policy.max()) >= mdp.num_actions):
+        raise ValueError(f"policy actions must be in [0, {mdp.num_actions})")
+    return policy
+
+
+def _improve(mdp: MDP, v: Tensor, policy: Tensor) -> Tensor:
+    """Greedy policy for v, keeping the current action where it is (within rounding) as good,
+    so policy iteration cannot cycle between equally good actions."""
+    _, greedy, _, q = sweep(mdp, v, return_q=True)
+    cur = q.gather(1, policy.view(-1, 1))[:, 0]
+    best = q.gather(1, greedy.view(-1, 1))[:, 0]
+    tie = 8 * torch.finfo(mdp.dtype).eps * (best.abs() + 1)
+    return torch.where(cur >= best - tie, policy, greedy)
+
+
+def policy_iteration(mdp: MDP, policy0=None, *, max_iter: int = 1000, method: str = "auto",
+                     epsilon: float = 1e-10) -> Result:
+    """Howard's policy iteration: evaluate (``policy_evaluation`` with ``method``/``epsilon``),
+    improve greedily, until the policy is stable. The initial policy is greedy for V = 0 unless
+    given. history: number of states whose action changed, per improvement."""
+    _check_max_iter(max_iter)
+    policy = _check_policy(mdp, policy0) if policy0 is not None else \
+        sweep(mdp, torch.zeros(mdp.num_states, dtype=mdp.dtype))[1]
+    history, v = [], None
+    for _ in range(max_iter):
+        ev = policy_evaluation(mdp, policy, method=method, epsilon=epsilon, v0=v)
+        if not ev.converged:
+            raise ValueError("policy evaluation did not converge: the policy may never reach a "
+                             "terminal state (gamma = 1)")
+        v = ev.v
+        new = _improve(mdp, v, policy)
+        changed = int((new != policy).sum())
+        history.append(float(changed))
+        policy = new
+        if changed == 0:
+            return Result(v, policy, len(history), 0.0, True, history)
+    return Result(v, policy, len(history), history[-1], False, history)
+
+
+def modified_policy_iteration(mdp: MDP, epsilon: float = 1e-6, *, m: int = 10,
+                              max_iter: int = 100_000, v0=None) -> Result:
+    """Modified policy iteration (Puterman 6.5): a greedy sweep, then ``m`` sweeps of the
+    greedy policy's chain (partial evaluation), until the greedy sweep changes V by less than
+    epsilon (1 - gamma) / (2 gamma) (the sup rule). iterations: greedy sweeps."""
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    threshold = stop_threshold(epsilon, mdp.gamma, "sup")
+    _check_max_iter(max_iter)
+    v, history = _initial_values(mdp, v0), []
+    converged = False
+    while len(history) < max_iter:
+        v, policy, dv, _ = sweep(mdp, v)
+        history += residuals(dv, False)
+        if history[-1] < threshold:
+            converged = True
+            break
+        if m:
+            v = sweep(mdp.restricted(policy), v, sweeps=m)[0]
+    _, policy, _, _ = sweep(mdp, v)
+    return Result(v, policy, len(history), history[-1], converged, history)
+
+
+def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
+                       gamma: float | None = None) -> FiniteHorizonResult:
+    """Finite-horizon optimal values and the (time-dependent) optimal policy.
+
+    v[horizon] = terminal_values (default 0), v[t] = max_a R + gamma P v[t+1]. ``gamma``
+    overrides the MDP's (1 is fine here, terminal states or not).
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    g = mdp.gamma if gamma is None else MDP._check_gamma(gamma)
+    v = torch.empty(horizon + 1, mdp.num_states, dtype=mdp.dtype)
+    v[horizon] = _initial_values(mdp, terminal_values)
+    policy = torch.empty(horizon, mdp.num_states, dtype=torch.int64)
+    for t in range(horizon - 1, -1, -1):
+        v[t], policy[t], _, _ = sweep(mdp, v[t + 1], gamma=g)
+    return FiniteHorizonResult(v, policy)

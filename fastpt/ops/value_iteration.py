@@ -1,0 +1,105 @@
+"""Bellman sweeps with the max over actions fused: ``fastpt::value_iteration_sparse`` and
+``fastpt::value_iteration_dense``. The solvers around them live in :mod:`fastpt.mdp`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastpt.ops._checks import check_same_device
+
+
+class Sweep(NamedTuple):
+    """Result of :func:`value_iteration`.
+
+    v: (S,) values after the last sweep run. policy: (S,) int64 greedy action of that sweep
+    (the first maximising action on ties). dv: (sweeps, 2) float64, min and max over states
+    of V_new - V_old for each sweep (NaN rows: sweeps not run because ``tol`` was reached).
+    q: (S, A) Q-values of the last sweep, or an empty tensor unless ``return_q``.
+    """
+
+    v: Tensor
+    policy: Tensor
+    dv: Tensor
+    q: Tensor
+
+
+def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, sweeps: int = 1,
+                    gauss_seidel: bool = False, return_q: bool = False, tol: float = 0.0,
+                    span: bool = False, first_state: int = 0, check: bool = True) -> Sweep:
+    """Runs ``sweeps`` Bellman sweeps V(s) <- max_a [R(s,a) + gamma * sum_s' P(s'|s,a) V(s')].
+
+    Args:
+        transitions: dense ``(A, S, S)`` tensor P[a, s, s'], or sparse as a tuple
+            ``(indptr, indices, values)``: a CSR of S*A rows in state-major order (row
+            ``s*A + a`` holds P(.|s,a); int32 or int64 indices). An empty row (or an all-zero
+            dense row) is an exit: Q(s,a) = R(s,a), as for a terminal state.
+        reward: (S, A) expected reward R(s,a), float32 or float64; sets the dtype.
+        v: (S_total,) current values, reward's dtype. S_total > S when this call updates the
+            block of states [first_state, first_state + S) of a partitioned MDP.
+        gamma: discount in (0, 1].
+        sweeps: sweeps in this call (> 1 only for the whole MDP).
+        gauss_seidel: update in place within fixed blocks of 256 states (CPU only).
+        return_q: also return Q of the last sweep.
+        tol: stop after a sweep whose residual (max |dV|, or its span with ``span``) is < tol.
+        check: verify the CSR (monotone indptr, indices in range): O(nnz); the solvers of
+            :mod:`fastpt.mdp` validate once and pass ``check=False``.
+
+    Returns:
+        :class:`Sweep` (v, policy, dv, q).
+    """
+    if isinstance(transitions, Tensor):
+        if transitions.layout != torch.strided:
+            raise TypeError("transitions must be a dense (A, S, S) tensor or an (indptr, indices, "
+                            "values) tuple in state-major row order")
+        out = torch.ops.fastpt.value_iteration_dense(transitions, reward, v, gamma, sweeps,
+                                                     gauss_seidel, return_q, tol, span, first_state)
+    else:
+        indptr, indices, values = transitions
+        if check:
+            _check_csr(indptr, indices, v.shape[0])
+        out = torch.ops.fastpt.value_iteration_sparse(indptr, indices, values, reward, v, gamma,
+                                                      sweeps, gauss_seidel, return_q, tol, span,
+                                                      first_state)
+    return Sweep(*out)
+
+
+def _check_csr(indptr: Tensor, indices: Tensor, num_states: int) -> None:
+    if indptr.dim() != 1 or indptr.numel() < 1:
+        raise ValueError(f"indptr must be 1-D and non-empty, got shape {tuple(indptr.shape)}")
+    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError("indptr must be non-decreasing")
+    lo, hi = int(indptr[0]), int(indptr[-1])
+    if lo < 0 or hi > indices.numel():
+        raise ValueError(f"indptr spans [{lo}, {hi}), outside the {indices.numel()} indices")
+    used = indices[lo:hi]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_states):
+        raise ValueError(f"indices must lie in [0, {num_states}), got values in "
+                         f"[{int(used.min())}, {int(used.max())}]")
+
+
+def _fake_outputs(reward, v, sweeps, return_q):
+    states, actions = reward.shape
+    q = reward.new_empty((states, actions) if return_q else (0,))
+    return (v.new_empty((states,)), v.new_empty((states,), dtype=torch.int64),
+            v.new_empty((sweeps, 2), dtype=torch.float64), q)
+
+
+@torch.library.register_fake("fastpt::value_iteration_sparse")
+def _sparse_fake(indptr, indices, values, reward, v, gamma, sweeps=1, gauss_seidel=False,
+                 return_q=False, tol=0.0, span=False, first_state=0):
+    check_same_device("reward", reward, v=v, values=values, indptr=indptr, indices=indices)
+    torch._check(indptr.shape[0] == reward.shape[0] * reward.shape[1] + 1,
+                 lambda: "indptr must have states * actions + 1 entries")
+    return _fake_outputs(reward, v, sweeps, return_q)
+
+
+@torch.library.register_fake("fastpt::value_iteration_dense")
+def _dense_fake(p, reward, v, gamma, sweeps=1, gauss_seidel=False, return_q=False, tol=0.0,
+                span=False, first_state=0):
+    check_same_device("reward", reward, v=v, p=p)
+    torch._check(p.dim() == 3 and p.shape[0] == reward.shape[1] and p.shape[1] == reward.shape[0],
+                 lambda: "p must have shape (actions, states, num_states)")
+    return _fake_outputs(reward, v, sweeps, return_q)

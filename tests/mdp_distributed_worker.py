@@ -1,0 +1,36 @@
+"""Worker for tests/test_mdp.py::test_distributed_value_iteration_two_ranks, started by
+torchrun with 2 processes on gloo: solves the test's MDPs with the states split across the
+ranks and saves each rank's result to OUT_DIR/<kind>-<stop>-rank<r>.pt."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastpt import mdp as M
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    m = M.random_sparse_mdp(1001, 3, 5, seed=2, gamma=0.9)
+    dense = M.MDP(_dense(m), m.reward, m.gamma)
+    for kind, mdp in (("sparse", m), ("dense", dense)):
+        for stop in ("sup", "span"):
+            res = M.distributed_value_iteration(mdp, 1e-8, stop=stop)
+            torch.save({"v": res.v, "policy": res.policy, "iterations": res.iterations},
+                       Path(out_dir) / f"{kind}-{stop}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _dense(m):
+    S, A = m.num_states, m.num_actions
+    p = torch.zeros(A, S, S, dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(S * A), (m.indptr[1:] - m.indptr[:-1]).long())
+    p.index_put_((rows % A, rows // A, m.indices.long()), m.values, accumulate=True)
+    return p
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,481 @@
+"""fastpt.mdp and the value-iteration kernel, against an independent plain-numpy
+implementation written here, the known utilities of Russell & Norvig's 4x3 gridworld, and
+bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastpt
+from fastpt import mdp as M
+from fastpt.ops import value_iteration as vi_op
+
+GS_BLOCK = 256  # kGaussSeidelBlock in csrc/ops/value_iteration/value_iteration.h
+
+
+# ---------------------------------------------------------------- the numpy reference
+
+def np_dense(m: M.MDP) -> np.ndarray:
+    """P as a dense (A, S, S) float64 array (small MDPs only), from either storage."""
+    if not m.is_sparse:
+        return m.p.double().numpy()
+    S, A = m.num_states, m.num_actions
+    p = np.zeros((A, S, S))
+    indptr, idx, val = (m.indptr.long().numpy(), m.indices.long().numpy(), m.values.double().numpy())
+    for r in range(S * A):
+        for k in range(indptr[r], indptr[r + 1]):
+            p[r % A, r // A, idx[k]] += val[k]
+    return p
+
+
+def np_bellman(p: np.ndarray, r: np.ndarray, gamma: float, v: np.ndarray):
+    """One Jacobi sweep: (V', policy, Q), Q[s, a] = R[s, a] + gamma sum_s' P[a, s, s'] V[s']."""
+    q = r + gamma * np.einsum("ast,t->sa", p, v)
+    return q.max(1), q.argmax(1), q
+
+
+def np_bellman_gs(p, r, gamma, v, block=GS_BLOCK):
+    """Gauss-Seidel within blocks of `block` states, Jacobi across blocks (the kernel's rule)."""
+    S = len(v)
+    new = v.copy()
+    pol = np.zeros(S, dtype=np.int64)
+    for b0 in range(0, S, block):
+        cur = v.copy()
+        for s in range(b0, min(S, b0 + block)):
+            q = r[s] + gamma * p[:, s, :] @ cur
+            new[s], pol[s] = q.max(), q.argmax()
+            cur[s] = new[s]
+    return new, pol
+
+
+def np_value_iteration(p, r, gamma, eps=1e-12, max_iter=100000):
+    v = np.zeros(p.shape[1])
+    for _ in range(max_iter):
+        v2, pol, _ = np_bellman(p, r, gamma, v)
+        if np.abs(v2 - v).max() < eps:
+            return v2, pol
+        v = v2
+    raise AssertionError("numpy value iteration did not converge")
+
+
+def np_policy_value(p, r, gamma, policy):
+    S = p.shape[1]
+    pp = p[policy, np.arange(S)]
+    return np.linalg.solve(np.eye(S) - gamma * pp, r[np.arange(S), policy])
+
+
+def small_random_mdp(S=37, A=3, K=5, seed=0, dtype=torch.float64, gamma=0.9):
+    return M.random_sparse_mdp(S, A, K, seed, gamma=gamma, dtype=dtype)
+
+
+def as_dense_mdp(m: M.MDP) -> M.MDP:
+    return M.MDP(torch.from_numpy(np_dense(m)), m.reward.double(), m.gamma, dtype=m.dtype)
+
+
+# ---------------------------------------------------------------- the kernel
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_sweep_matches_numpy(cpu_capability, dtype, sparse):
+    for S, A, K in ((1, 1, 1), (37, 3, 5), (300, 4, 17), (600, 2, 33)):
+        m = small_random_mdp(S, A, K, seed=S, dtype=dtype)
+        if not sparse:
+            m = as_dense_mdp(m)
+        p, r = np_dense(m), m.reward.double().numpy()
+        v = torch.randn(S, dtype=torch.float64)
+        want_v, want_pol, want_q = np_bellman(p, r, m.gamma, v.numpy())
+        out = vi_op(m.transitions(), m.reward, v.to(dtype), m.gamma, return_q=True)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        np.testing.assert_allclose(out.q.double().numpy(), want_q, rtol=tol, atol=tol)
+        np.testing.assert_allclose(out.v.double().numpy(), want_v, rtol=tol, atol=tol)
+        if dtype == torch.float64:
+            assert np.array_equal(out.policy.numpy(), want_pol)
+        d = want_v - v.to(dtype).double().numpy()
+        np.testing.assert_allclose(out.dv[0].numpy(), [d.min(), d.max()], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_several_sweeps_gauss_seidel_and_partitions(cpu_capability, sparse):
+    m = small_random_mdp(700, 3, 9, seed=3)  # 3 Gauss-Seidel blocks
+    if not sparse:
+        m = as_dense_mdp(m)
+    p, r, g = np_dense(m), m.reward.numpy(), m.gamma
+    v0 = np.random.default_rng(0).standard_normal(700)
+    # k Jacobi sweeps in one call (odd and even k: the ping-pong must end in v_out)
+    for k in (2, 3):
+        v = v0
+        for _ in range(k):
+            v = np_bellman(p, r, g, v)[0]
+        out = vi_op(m.transitions(), m.reward, torch.from_numpy(v0), g, sweeps=k)
+        np.testing.assert_allclose(out.v.numpy(), v, rtol=1e-12, atol=1e-12)
+        assert not torch.isnan(out.dv).any()
+    # Gauss-Seidel, two sweeps
+    v = v0
+    for _ in range(2):
+        v, pol = np_bellman_gs(p, r, g, v)
+    out = vi_op(m.transitions(), m.reward, torch.from_numpy(v0), g, sweeps=2, gauss_seidel=True)
+    np.testing.assert_allclose(out.v.numpy(), v, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(out.policy.numpy(), pol)
+    # a block of states [100, 450) of the MDP, as one rank of a partition sees it
+    lo, hi = 100, 450
+    want = np_bellman(p, r, g, v0)[0][lo:hi]
+    if sparse:
+        A = m.num_actions
+        part = (m.indptr[lo * A:hi * A + 1], m.indices, m.values)
+    else:
+        part = m.p[:, lo:hi, :]
+    out = vi_op(part, m.reward[lo:hi], torch.from_numpy(v0), g, first_state=lo)
+    np.testing.assert_allclose(out.v.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_sweeps_stop_at_tolerance():
+    m = small_random_mdp(50, 2, 4)
+    out = vi_op(m.transitions(), m.reward, torch.zeros(50, dtype=torch.float64), m.gamma,
+                sweeps=500, tol=1e-3)
+    ran = int((~torch.isnan(out.dv[:, 0])).sum())
+    assert 1 < ran < 500
+    res = torch.maximum(-out.dv[:ran, 0], out.dv[:ran, 1])
+    assert res[-1] < 1e-3 and (res[:-1] >= 1e-3).all()
+    assert torch.isnan(out.dv[ran:]).all()
+
+
+def test_kernel_bad_input():
+    m = small_random_mdp(10, 2, 3)
+    v = torch.zeros(10, dtype=torch.float64)
+    t = m.transitions()
+    with pytest.raises(ValueError, match="gamma"):
+        vi_op(t, m.reward, v, 1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        vi_op(t, m.reward, v, 0.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        vi_op(t, m.reward.half(), v.half(), 0.9)
+    with pytest.raises(TypeError, match="dtype"):
+        vi_op(t, m.reward, v.float(), 0.9)
+    with pytest.raises(ValueError, match="indptr"):
+        vi_op((t[0][:-1], t[1], t[2]), m.reward, v, 0.9)
+    with pytest.raises(ValueError, match="indices must lie"):
+        vi_op((t[0], t[1] + 5, t[2]), m.reward, v, 0.9)
+    with pytest.raises(ValueError, match="sweeps > 1"):
+        vi_op(t, m.reward[:5], v, 0.9, sweeps=2)
+    with pytest.raises(ValueError, match="within"):
+        vi_op(t, m.reward, v, 0.9, first_state=3)
+    d = as_dense_mdp(m)
+    with pytest.raises(ValueError, match="p must have shape"):
+        vi_op(d.p[:, :, :5], d.reward, v, 0.9)
+
+
+def test_opcheck_and_compile():
+    m = small_random_mdp(20, 3, 4)
+    v = torch.randn(20, dtype=torch.float64)
+    d = as_dense_mdp(m)
+    torch.library.opcheck(torch.ops.fastpt.value_iteration_sparse,
+                          (*m.transitions(), m.reward, v, 0.9, 2, False, True, 0.0, False, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastpt.value_iteration_dense,
+                          (d.p, d.reward, v, 0.9, 1, True, False, 0.0, True, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    @torch.compile(fullgraph=True)
+    def two_sweeps(p, r, v):
+        v1 = torch.ops.fastpt.value_iteration_dense(p, r, v, 0.9)[0]
+        return torch.ops.fastpt.value_iteration_dense(p, r, v1, 0.9)[0]
+
+    want = vi_op(d.p, d.reward, v, 0.9, sweeps=2).v
+    torch.testing.assert_close(two_sweeps(d.p, d.reward, v), want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- gridworld (known values)
+
+# AIMA (3rd ed.) figure 17.3: utilities of the 4x3 world, gamma = 1, living reward -0.04.
+GRID_UTILITIES = {(1, 1): 0.705, (2, 1): 0.655, (3, 1): 0.611, (4, 1): 0.388,
+                  (1, 2): 0.762, (3, 2): 0.660, (1, 3): 0.812, (2, 3): 0.868, (3, 3): 0.918,
+                  (4, 3): 1.0, (4, 2): -1.0}
+# Figure 17.2 (a): the optimal policy (up, down, left, right = 0, 1, 2, 3).
+GRID_POLICY = {(1, 1): 0, (1, 2): 0, (1, 3): 3, (2, 3): 3, (3, 3): 3, (2, 1): 2, (3, 1): 2,
+               (3, 2): 0, (4, 1): 2}
+
+
+@pytest.mark.parametrize("solver", ["vi", "vi_span", "vi_gs", "pi", "mpi"])
+def test_gridworld_known_utilities(solver):
+    g = M.gridworld_4x3()
+    m = g.mdp
+    res = {"vi": lambda: M.value_iteration(m, 1e-8),
+           "vi_span": lambda: M.value_iteration(m, 1e-8, stop="span"),
+           "vi_gs": lambda: M.value_iteration(m, 1e-8, gauss_seidel=True),
+           "pi": lambda: M.policy_iteration(m),
+           "mpi": lambda: M.modified_policy_iteration(m, 1e-8, m=5)}[solver]()
+    assert res.converged and res.iterations >= 1 and len(res.history) == res.iterations
+    for cell, u in GRID_UTILITIES.items():
+        assert abs(float(res.v[g.state(*cell)]) - u) < 1e-3, (cell, float(res.v[g.state(*cell)]))
+    for cell, a in GRID_POLICY.items():
+        assert int(res.policy[g.state(*cell)]) == a, cell
+    assert "+0.705" in g.render(res.v, res.policy)
+
+
+def test_gridworld_matches_numpy_and_discounted():
+    g = M.gridworld_4x3(living_reward=-0.1, gamma=0.9, dtype=torch.float32)
+    p, r = np_dense(g.mdp), g.mdp.reward.double().numpy()
+    want_v, want_pol = np_value_iteration(p, r, 0.9)
+    res = M.value_iteration(g.mdp, 1e-6)
+    np.testing.assert_allclose(res.v.numpy(), want_v, atol=1e-5)
+    assert np.array_equal(res.policy.numpy(), want_pol)
+
+
+# ---------------------------------------------------------------- solvers vs numpy
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_solvers_match_numpy(sparse):
+    m = small_random_mdp(120, 4, 6, seed=7, gamma=0.95)
+    if not sparse:
+        m = as_dense_mdp(m)
+    p, r, g = np_dense(m), m.reward.numpy(), m.gamma
+    v_star, pol_star = np_value_iteration(p, r, g)
+    eps = 1e-6
+    sup = M.value_iteration(m, eps)
+    assert sup.converged and np.abs(sup.v.numpy() - v_star).max() < eps / 2
+    assert np.array_equal(sup.policy.numpy(), pol_star)
+    # the stopping rule met at the last sweep only
+    thr = eps * (1 - g) / (2 * g)
+    assert sup.history[-1] < thr and all(h >= thr for h in sup.history[:-1])
+    span = M.value_iteration(m, eps, stop="span")
+    assert span.iterations < sup.iterations and np.abs(span.v.numpy() - v_star).max() < 1e-5
+    assert np.array_equal(span.policy.numpy(), pol_star)
+    pi = M.policy_iteration(m)
+    np.testing.assert_allclose(pi.v.numpy(), v_star, atol=1e-8)
+    assert np.array_equal(pi.policy.numpy(), pol_star) and pi.history[-1] == 0
+    mpi = M.modified_policy_iteration(m, eps, m=8)
+    assert mpi.converged and np.abs(mpi.v.numpy() - v_star).max() < eps
+    assert mpi.iterations < sup.iterations
+    pol = torch.randint(0, m.num_actions, (m.num_states,))
+    want = np_policy_value(p, r, g, pol.numpy())
+    for method in ("auto", "iterative") + (() if sparse else ("direct",)):
+        ev = M.policy_evaluation(m, pol, method=method, epsilon=1e-10)
+        np.testing.assert_allclose(ev.v.numpy(), want, atol=1e-9)
+    if sparse:
+        with pytest.raises(ValueError, match="dense"):
+            M.policy_evaluation(m, pol, method="direct")
+    fh = M.backward_induction(m, 5, gamma=1.0)
+    v = np.zeros(m.num_states)
+    for t in range(4, -1, -1):
+        v, pol_t, _ = np_bellman(p, r, 1.0, v)
+        np.testing.assert_allclose(fh.v[t].numpy(), v, rtol=1e-12)
+        assert np.array_equal(fh.policy[t].numpy(), pol_t)
+    vq = M.value_iteration(m, eps, return_q=True)
+    np.testing.assert_allclose(vq.q.numpy(), np_bellman(p, r, g, vq.v.numpy())[2], rtol=1e-12)
+
+
+def test_value_iteration_max_iter_and_args():
+    m = small_random_mdp(30, 2, 3, gamma=0.99)
+    res = M.value_iteration(m, 1e-9, max_iter=7, sweeps_per_call=3)
+    assert not res.converged and res.iterations == 7 and len(res.history) == 7
+    with pytest.raises(ValueError, match="stop"):
+        M.value_iteration(m, stop="max")
+    with pytest.raises(ValueError, match="epsilon"):
+        M.value_iteration(m, 0.0)
+    with pytest.raises(ValueError, match="v0"):
+        M.value_iteration(m, v0=torch.zeros(3))
+    with pytest.raises(ValueError, match="policy"):
+        M.policy_evaluation(m, torch.full((30,), 2))
+
+
+# ---------------------------------------------------------------- MDP input formats
+
+def test_input_formats_agree():
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    base = small_random_mdp(25, 3, 4, seed=11)
+    p = np_dense(base)
+    r = base.reward
+    want = M.value_iteration(base, 1e-10).v
+    per_action = [torch.from_numpy(p[a]).to_sparse_csr() for a in range(3)]
+    stacked = torch.from_numpy(p.reshape(75, 25)).to_sparse_csr()
+    variants = [
+        M.MDP(torch.from_numpy(p), r, base.gamma),
+        M.MDP(p, r.numpy(), base.gamma),
+        M.MDP(per_action, r, base.gamma),
+        M.MDP(stacked, r, base.gamma),
+        M.MDP([scipy_sparse.csr_matrix(p[a]) for a in range(3)], r, base.gamma),
+        M.MDP(scipy_sparse.csr_matrix(p.reshape(75, 25)), r, base.gamma),
+        M.MDP.from_csr(stacked.crow_indices(), stacked.col_indices(), stacked.values(), 25, 3, r,
+                       base.gamma, order="action"),
+    ]
+    for m in variants:
+        torch.testing.assert_close(M.value_iteration(m, 1e-10).v, want, rtol=1e-9, atol=1e-9)
+    # R(s, a, s') reduced to sum_s' P R: dense, per-nonzero and sparse with P's pattern
+    r3 = np.random.default_rng(1).standard_normal((3, 25, 25)) * (p > 0)
+    want_r = np.einsum("ast,ast->sa", p, r3)
+    dense = M.MDP(p, r3, base.gamma)
+    np.testing.assert_allclose(dense.reward.numpy(), want_r, rtol=1e-12, atol=1e-14)
+    sp = M.MDP(per_action, [torch.from_numpy(r3[a]).to_sparse_csr() for a in range(3)], base.gamma)
+    np.testing.assert_allclose(sp.reward.numpy(), want_r, rtol=1e-12, atol=1e-14)
+    gathered = M.MDP(per_action, r3, base.gamma)
+    np.testing.assert_allclose(gathered.reward.numpy(), want_r, rtol=1e-12, atol=1e-14)
+    # indices narrowed to int32, no dense S x S anywhere in a sparse MDP
+    assert base.indices.dtype == torch.int32 and base.indptr.dtype == torch.int32
+    big = M.random_sparse_mdp(100_000, 2, 3, seed=0)
+    assert big.p is None and max(t.numel() for t in (big.indptr, big.indices, big.values)) <= 600_000
+
+
+def test_terminal_states_and_float32():
+    g = M.gridworld_4x3(dtype=torch.float32)
+    m = g.mdp
+    assert m.is_sparse is False and bool(m.terminal[g.state(4, 3)])
+    assert float(m.p[:, g.state(4, 3)].abs().sum()) == 0  # exits
+    res = M.value_iteration(m, 1e-5)
+    assert abs(float(res.v[g.state(1, 1)]) - 0.705) < 1e-3
+    sp = M.MDP([m.p[a].to_sparse_csr() for a in range(4)], m.reward, 1.0,
+               terminal=m.terminal, dtype=torch.float32)
+    torch.testing.assert_close(M.value_iteration(sp, 1e-5).v, res.v, rtol=1e-5, atol=1e-5)
+
+
+def test_random_sparse_mdp_generator():
+    a = M.random_sparse_mdp(1000, 3, 7, seed=5)
+    b = M.random_sparse_mdp(1000, 3, 7, seed=5)
+    c = M.random_sparse_mdp(1000, 3, 7, seed=6)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+    assert not torch.equal(a.indices, c.indices)
+    assert a.nnz == 1000 * 3 * 7 and a.reward.shape == (1000, 3)
+    sums = a.values.view(-1, 7).sum(1)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+    with pytest.raises(ValueError):
+        M.random_sparse_mdp(0, 3, 7)
+
+
+# ---------------------------------------------------------------- bad input -> clear errors
+
+def _p_ok():
+    p = torch.zeros(2, 3, 3, dtype=torch.float64)
+    p[:, :, 0] = 0.5
+    p[:, :, 1] = 0.5
+    return p
+
+
+def test_bad_mdp_input():
+    r = torch.zeros(3, 2)
+    p = _p_ok()
+    bad = p.clone()
+    bad[1, 2, 0] = 0.4
+    with pytest.raises(ValueError, match=r"state 2, action 1 sum to 0\.9"):
+        M.MDP(bad, r, 0.9)
+    bad = p.clone()
+    bad[0, 1, 0], bad[0, 1, 2] = -0.1, 0.6
+    with pytest.raises(ValueError, match=r"state 1, action 0\) = -0\.1.*>= 0"):
+        M.MDP(bad, r, 0.9)
+    bad = p.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        M.MDP(bad, r, 0.9)
+    r_nan = r.clone()
+    r_nan[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="reward of state 1, action 1 is nan"):
+        M.MDP(p, r_nan, 0.9)
+    for gamma in (0.0, -0.5, 1.01, float("nan")):
+        with pytest.raises(ValueError, match="gamma must be in"):
+            M.MDP(p, r, gamma)
+    with pytest.raises(ValueError, match="gamma = 1 needs terminal"):
+        M.MDP(p, r, 1.0)
+    with pytest.raises(ValueError, match="state 2 cannot reach a terminal"):
+        M.MDP(_chain_with_trap(), torch.zeros(3, 1), 1.0, terminal=[0])
+    with pytest.raises(ValueError, match="shape"):
+        M.MDP(p[:, :, :2], r, 0.9)
+    with pytest.raises(ValueError, match="reward must have shape"):
+        M.MDP(p, torch.zeros(4, 2), 0.9)
+    with pytest.raises(ValueError, match="terminal"):
+        M.MDP(p, r, 0.9, terminal=[5])
+    with pytest.raises(TypeError, match="dtype"):
+        M.MDP(p, r, 0.9, dtype=torch.float16)
+    # sparse: the same errors, naming the state and action of the offending row
+    crow = torch.tensor([0, 2, 4, 6, 8, 10, 12])
+    col = torch.tensor([0, 1] * 6)
+    val = torch.full((12,), 0.5, dtype=torch.float64)
+    M.MDP.from_csr(crow, col, val, 3, 2, r, 0.9)
+    v2 = val.clone()
+    v2[7] = 0.3  # row 3 = state 1, action 1
+    with pytest.raises(ValueError, match=r"state 1, action 1 sum to 0\.8"):
+        M.MDP.from_csr(crow, col, v2, 3, 2, r, 0.9)
+    v2 = val.clone()
+    v2[4] = -0.5
+    with pytest.raises(ValueError, match=r"state 1, action 0\) = -0\.5"):
+        M.MDP.from_csr(crow, col, v2, 3, 2, r, 0.9)
+    with pytest.raises(ValueError, match="successor 7 of state 0, action 1"):
+        M.MDP.from_csr(crow, torch.tensor([0, 1, 0, 7] + [0, 1] * 4), val, 3, 2, r, 0.9)
+    with pytest.raises(ValueError, match="indptr"):
+        M.MDP.from_csr(crow[:-1], col, val, 3, 2, r, 0.9)
+    with pytest.raises(ValueError, match="stacked"):
+        M.MDP(torch.eye(5)[:4].to_sparse_csr(), torch.zeros(5), 0.9)
+
+
+def _chain_with_trap():
+    """0 terminal; 1 -> 0; 2 -> 2 forever (cannot reach the terminal)."""
+    p = torch.zeros(1, 3, 3, dtype=torch.float64)
+    p[0, 1, 0] = 1
+    p[0, 2, 2] = 1
+    p[0, 0, 0] = 1
+    return p
+
+
+# ---------------------------------------------------------------- game trees
+
+def test_expectimax_and_minimax():
+    # The lecture's tree: a max root over three min (or chance) nodes.
+    leaves = [[3, 12, 8], [2, 4, 6], [14, 5, 2]]
+    mm = M.Node.max([M.Node.min(l) for l in leaves])
+    full = M.minimax(mm, alpha_beta=False)
+    ab = M.minimax(mm)
+    assert (full.value, full.action) == (3, 0) and (ab.value, ab.action) == (3, 0)
+    assert full.nodes == 13 and ab.nodes < full.nodes
+    assert M.expectimax(mm).value == 3
+    ex = M.Node.max([M.Node.chance(l) for l in leaves])
+    res = M.expectimax(ex)
+    assert res.action == 0 and abs(res.value - 23 / 3) < 1e-12
+    weighted = M.Node.chance([M.Node.max([1, 5]), M.Node.min([4, 10])], probs=[0.25, 0.75])
+    assert abs(M.expectimax(weighted).value - (0.25 * 5 + 0.75 * 4)) < 1e-12
+    assert M.expectimax(7).value == 7
+    with pytest.raises(ValueError, match="chance"):
+        M.minimax(ex)
+    with pytest.raises(ValueError, match="sum to 1"):
+        M.Node.chance([1, 2], probs=[0.5, 0.6])
+    with pytest.raises(ValueError, match="kind"):
+        M.Node("avg", [1])
+    with pytest.raises(TypeError):
+        M.expectimax(M.Node.max(["x"]))
+
+
+# ---------------------------------------------------------------- distributed (2 x gloo)
+
+def test_distributed_value_iteration_two_ranks(tmp_path):
+    worker = Path(__file__).with_name("mdp_distributed_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), str(worker), str(tmp_path)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                             cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun did not finish in 240 s:\n{e.stdout}\n{e.stderr}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for kind in ("sparse", "dense"):
+        for stop in ("sup", "span"):
+            got = [torch.load(tmp_path / f"{kind}-{stop}-rank{r}.pt") for r in range(2)]
+            m = _dist_mdp(kind)
+            want = M.value_iteration(m, 1e-8, stop=stop)
+            for g in got:
+                assert g["iterations"] == want.iterations
+                torch.testing.assert_close(g["v"], want.v, rtol=0, atol=1e-12)
+                assert torch.equal(g["policy"], want.policy)
+
+
+def _dist_mdp(kind: str) -> M.MDP:
+    m = M.random_sparse_mdp(1001, 3, 5, seed=2, gamma=0.9)
+    return m if kind == "sparse" else as_dense_mdp(m)
+
+
+def test_distributed_needs_init():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        M.distributed_value_iteration(small_random_mdp())
