@@ -19,6 +19,7 @@
 #include "ops/rms_norm/rms_norm_cuda.h"
 #include "ops/rope/rope_cuda.h"
 #include "ops/swiglu/swiglu_cuda.h"
+#include "ops/value_iteration/value_iteration_cuda.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -36,6 +37,7 @@ void rms_norm_bwd(const RmsNormBwdArgs& args);
 void swiglu_fwd(const SwigluFwdArgs& args);
 void swiglu_bwd(const SwigluBwdArgs& args);
 void rope_apply(const RopeArgs& args);
+void value_iteration(const ValueIterationArgs& args);
 }  // namespace fastpt::cpu::DEFAULT
 constexpr bool kWithCpu = true;
 #else
@@ -329,6 +331,185 @@ void test_rope(int64_t B, int64_t M, int64_t T_, int64_t D, int64_t R, bool inte
   compare<T>("rope_apply", tag, conj, got, ref, eager, cpu_out);
 }
 
+// ---------------------------------------------------------------- value iteration
+// A random MDP (S states, A actions, K successors per (s, a), repeats allowed; state 0 is
+// terminal: empty rows), Jacobi sweeps from a random V, in float64 and in T.
+struct ViCase {
+  int64_t S, A;
+  std::vector<int64_t> indptr, idx;  // state-major CSR
+  std::vector<double> w, r, v0;
+};
+
+ViCase vi_case(int64_t S, int64_t A, int64_t K) {
+  ViCase c{S, A, {0}, {}, {}, {}, {}};
+  std::uniform_int_distribution<int64_t> succ(0, S - 1);
+  std::uniform_real_distribution<double> u(0.05, 1.0), rr(-1.0, 1.0);
+  for (int64_t row = 0; row < S * A; ++row) {
+    const int64_t k = row < A ? 0 : K;  // state 0: exits
+    double sum = 0;
+    const size_t first = c.w.size();
+    for (int64_t j = 0; j < k; ++j) {
+      c.idx.push_back(succ(rng));
+      c.w.push_back(u(rng));
+      sum += c.w.back();
+    }
+    for (size_t j = first; j < c.w.size(); ++j) c.w[j] /= sum;
+    c.indptr.push_back(static_cast<int64_t>(c.w.size()));
+    c.r.push_back(rr(rng));
+  }
+  for (int64_t s = 0; s < S; ++s) c.v0.push_back(3 * rr(rng));
+  return c;
+}
+
+// `sweeps` Jacobi sweeps of states [lo, hi) in the arithmetic of R from v (all S values),
+// stopping like the kernel (residual < tol): values, policy, Q, dv (min, max) per sweep.
+template <typename R>
+struct ViRef {
+  std::vector<double> v, q, dv;
+  std::vector<int64_t> policy;
+};
+template <typename R, typename T>
+ViRef<R> vi_reference(const ViCase& c, int64_t lo, int64_t hi, int64_t sweeps, double gamma, double tol) {
+  ViRef<R> out;
+  std::vector<R> v(c.v0.size());
+  for (size_t i = 0; i < v.size(); ++i) v[i] = R(tod(fromd<T>(c.v0[i])));
+  std::vector<R> nv(v);
+  for (int64_t k = 0; k < sweeps; ++k) {
+    out.q.assign(static_cast<size_t>((hi - lo) * c.A), 0);
+    out.policy.assign(static_cast<size_t>(hi - lo), 0);
+    R dmin = INFINITY, dmax = -INFINITY;
+    for (int64_t s = lo; s < hi; ++s) {
+      R best = -INFINITY;
+      for (int64_t a = 0; a < c.A; ++a) {
+        const int64_t row = s * c.A + a;
+        R acc = 0;
+        for (int64_t j = c.indptr[row]; j < c.indptr[row + 1]; ++j)
+          acc += R(tod(fromd<T>(c.w[j]))) * v[c.idx[j]];
+        const R qa = R(tod(fromd<T>(c.r[row]))) + R(tod(fromd<T>(gamma))) * acc;
+        out.q[(s - lo) * c.A + a] = double(qa);
+        if (qa > best) { best = qa; out.policy[s - lo] = a; }
+      }
+      dmin = std::min(dmin, best - v[s]);
+      dmax = std::max(dmax, best - v[s]);
+      nv[s] = best;
+    }
+    out.dv.push_back(double(dmin));
+    out.dv.push_back(double(dmax));
+    v = nv;
+    if (std::max(-double(dmin), double(dmax)) < tol) break;
+  }
+  for (int64_t s = lo; s < hi; ++s) out.v.push_back(double(v[s]));
+  return out;
+}
+
+template <typename T, typename IP, typename IX>
+void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool early_stop,
+             int64_t lo, int64_t hi) {
+  const ViCase c = vi_case(S, A, K);
+  const double gamma = 0.9;
+  double tol = 0;
+  if (early_stop) {  // halfway (geometrically) between the residuals of sweeps 2 and 3
+    const ViRef<double> full = vi_reference<double, T>(c, 0, S, 3, gamma, 0);
+    const double r2 = std::max(-full.dv[2], full.dv[3]), r3 = std::max(-full.dv[4], full.dv[5]);
+    tol = std::sqrt(r2 * r3);
+  }
+  const int64_t n = hi - lo;
+  std::vector<IP> ip;
+  for (int64_t row = lo * A; row <= hi * A; ++row) ip.push_back(static_cast<IP>(c.indptr[row]));
+  std::vector<IX> ix(c.idx.begin(), c.idx.end());
+  std::vector<T> w, r, v, p;
+  for (double x : c.w) w.push_back(fromd<T>(x));
+  for (int64_t i = lo * A; i < hi * A; ++i) r.push_back(fromd<T>(c.r[i]));
+  for (double x : c.v0) v.push_back(fromd<T>(x));
+  if (dense) {
+    p.assign(static_cast<size_t>(A * n * S), T(0));
+    for (int64_t s = lo; s < hi; ++s)
+      for (int64_t a = 0; a < A; ++a)
+        for (int64_t j = c.indptr[s * A + a]; j < c.indptr[s * A + a + 1]; ++j) {
+          T& e = p[(a * n + (s - lo)) * S + c.idx[j]];
+          e = fromd<T>(tod(e) + c.w[j]);
+        }
+  }
+  ValueIterationArgs a{};
+  if (dense) {
+    a.p = p.data();
+    a.action_stride = n * S;
+    a.row_stride = S;
+  } else {
+    a.indptr = ip.data();
+    a.indices = ix.data();
+    a.values = w.data();
+    a.indptr64 = sizeof(IP) == 8;
+    a.indices64 = sizeof(IX) == 8;
+  }
+  a.reward = r.data();
+  a.v_in = v.data();
+  a.states = n; a.actions = A; a.num_states = S; a.first_state = lo; a.sweeps = sweeps;
+  a.gamma = gamma; a.tol = tol; a.span_residual = false; a.gauss_seidel = false;
+  a.dtype = dt<T>();
+  struct Out {
+    std::vector<T> v, work, q;
+    std::vector<int64_t> policy;
+    std::vector<double> stats;
+  };
+  auto alloc = [&](Out& o, ValueIterationArgs& args) {
+    o.v.assign(n, T(0)); o.work.assign(n, T(0)); o.q.assign(n * A, T(0));
+    o.policy.assign(n, -1); o.stats.assign(2 * sweeps, 0);
+    args.v_out = o.v.data(); args.v_work = o.work.data(); args.q = o.q.data();
+    args.policy = o.policy.data(); args.stats = o.stats.data();
+  };
+  Out gpu, cpu_o;
+  alloc(gpu, a);
+  std::vector<double> scratch(value_iteration_cuda_scratch_bytes(n) / 8 + 1);
+  const std::string kernel = dense ? "value_iteration_dense" : "value_iteration_sparse";
+  const std::string tag = std::string(name<T>()) + " S " + std::to_string(S) + " A " +
+                          std::to_string(A) + " K " + std::to_string(K) + " idx " +
+                          std::to_string(8 * sizeof(IP)) + "/" + std::to_string(8 * sizeof(IX)) +
+                          " sweeps " + std::to_string(sweeps) + (early_stop ? " tol" : "") +
+                          " states [" + std::to_string(lo) + ", " + std::to_string(hi) + ")";
+  launched(kernel, value_iteration_cuda(a, scratch.data(), nullptr), tag);
+  const ViRef<double> ref = vi_reference<double, T>(c, lo, hi, sweeps, gamma, tol);
+  const ViRef<cuda::acc_t<T>> eager = vi_reference<cuda::acc_t<T>, T>(c, lo, hi, sweeps, gamma, tol);
+  std::vector<double> cpu_v, cpu_q, cpu_dv;
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+  {
+    ValueIterationArgs ac = a;
+    alloc(cpu_o, ac);
+    cpu::DEFAULT::value_iteration(ac);
+    for (T x : cpu_o.v) cpu_v.push_back(tod(x));
+    for (T x : cpu_o.q) cpu_q.push_back(tod(x));
+    cpu_dv.assign(cpu_o.stats.begin(), cpu_o.stats.begin() + ref.dv.size());
+  }
+#endif
+  std::vector<double> got_v, got_q, got_dv(gpu.stats.begin(), gpu.stats.begin() + ref.dv.size());
+  for (T x : gpu.v) got_v.push_back(tod(x));
+  for (T x : gpu.q) got_q.push_back(tod(x));
+  compare<T>(kernel, tag + " v", false, got_v, ref.v, eager.v, cpu_v);
+  compare<T>(kernel, tag + " q", false, got_q, ref.q, eager.q, cpu_q);
+  compare<T>(kernel, tag + " dv", false, got_dv, ref.dv, eager.dv, cpu_dv);
+  // Sweeps not run (tolerance reached) are NaN rows; the greedy policy is that of the
+  // float64 reference (random data: no near-ties at these sizes).
+  Stats& st = stats[kernel];
+  ++st.checks;
+  bool ok = gpu.policy == ref.policy;
+  for (size_t k = ref.dv.size(); k < gpu.stats.size(); ++k) ok = ok && std::isnan(gpu.stats[k]);
+  if (!ok) {
+    ++st.failures;
+    std::printf("FAIL %s %s: policy or skipped-sweep stats differ\n", kernel.c_str(), tag.c_str());
+  }
+}
+
+template <typename T> void vi_all() {
+  for (bool dense : {false, true}) {
+    test_vi<T, int32_t, int32_t>(1, 1, 1, dense, 1, false, 0, 1);
+    test_vi<T, int32_t, int32_t>(37, 3, 5, dense, 1, false, 0, 37);
+    test_vi<T, int64_t, int32_t>(70, 4, 40, dense, 3, false, 0, 70);  // rows longer than a warp
+    test_vi<T, int32_t, int32_t>(50, 2, 3, dense, 6, true, 0, 50);    // stops after 3 sweeps
+    test_vi<T, int32_t, int64_t>(61, 3, 4, dense, 1, false, 13, 45);  // a block of a partition
+    test_vi<T, int64_t, int64_t>(29, 5, 7, dense, 2, false, 0, 29);
+  }
+}
+
 template <typename T> void rms_all() {
   for (int off : {0, 1})
     for (int64_t n : {1, 3, 13, 64, 97, 1024, 1025, 4096, 4097})
@@ -357,7 +538,7 @@ template <typename T, typename C> void rope_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope)
+  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope, value_iteration)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only" && i + 1 < argc) only = argv[++i];
@@ -374,6 +555,9 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "rope") {
     rope_all<float, float>(); rope_all<double, double>(); rope_all<__nv_bfloat16, __nv_bfloat16>();
     rope_all<__nv_bfloat16, float>(); rope_all<__half, float>(); rope_all<__half, __half>();
+  }
+  if (only.empty() || only == "value_iteration") {
+    vi_all<float>(); vi_all<double>();
   }
   int failures = 0, checks = 0;
   for (auto& [k, s] : stats) {
