@@ -32,10 +32,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MODES = ("fwd", "fwdbwd")
 # Loose agreement check of fastpt against eager before timing (tests hold the real bar).
-_AGREE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+_AGREE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class OpSpec:
     ``shapes`` maps a size ("full", "quick") to named input shapes; ``make_inputs(shapes,
     dtype, requires_grad)`` builds the :class:`Inputs`; ``fastpt`` and ``eager`` take
     ``*Inputs.args`` and return a tensor or a tuple of tensors. ``nbytes(inputs, outputs,
-    mode)`` overrides the default byte count (:func:`minimal_bytes`).
+    mode)`` overrides the default byte count (:func:`minimal_bytes`). ``compile=False``: no
+    torch.compile impl (ops whose eager path is not torch code, e.g. scipy).
     """
 
     name: str
@@ -68,6 +69,7 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
     modes: tuple[str, ...] = MODES
     nbytes: Callable | None = None
+    compile: bool = True
 
 
 @dataclass
@@ -208,7 +210,7 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
     del outputs
 
     impls = {"fastpt": spec.fastpt, "eager": spec.eager}
-    if compile:
+    if compile and spec.compile:
         impls["compile"] = _compile(spec.eager)
     impls.update(spec.baselines)
     calls = {name: _bind(fn, inputs, mode, grad_outputs) for name, fn in impls.items()}

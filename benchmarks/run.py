@@ -27,7 +27,8 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope")
+OPS = ("rms_norm", "swiglu", "rope", "value_iteration_sparse", "value_iteration_dense",
+       "value_iteration_solve")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}
@@ -92,7 +93,9 @@ def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> l
     print(harness.text_header(), flush=True)
     for op in config.ops:
         spec = load_spec(op)
-        for dtype in (d for d in config.dtypes if d in spec.dtypes):
+        # An op with none of the selected dtypes (the MDP ops are fp64/fp32) runs in its first.
+        dtypes = [d for d in config.dtypes if d in spec.dtypes] or [spec.dtypes[0]]
+        for dtype in dtypes:
             for mode in (m for m in config.modes if m in spec.modes):
                 case = harness.measure_case(spec, spec.shapes[config.size], dtype, mode, alloc=alloc,
                                             compile=config.compile, timing=timing,

@@ -66,9 +66,10 @@ def _add_bench(sub) -> None:
                    help="smaller shapes, fp32 only (unless --dtypes), 0.5 s per case")
     p.add_argument("--ops", type=_csv(run.OPS), default=run.OPS, metavar="LIST",
                    help=f"ops to run, comma-separated (default: {','.join(run.OPS)})")
-    p.add_argument("--dtypes", type=_csv(("fp32", "bf16", "fp16")), default=None, metavar="LIST",
-                   help="dtypes, comma-separated from fp32,bf16,fp16 (default: fp32,bf16; "
-                        "--quick: fp32)")
+    p.add_argument("--dtypes", type=_csv(("fp32", "bf16", "fp16", "fp64")), default=None,
+                   metavar="LIST",
+                   help="dtypes, comma-separated from fp32,bf16,fp16,fp64 (default: fp32,bf16; "
+                        "--quick: fp32; an op with none of them runs in its own first dtype)")
     p.add_argument("--modes", type=_csv(("fwd", "fwdbwd")), default=("fwd", "fwdbwd"),
                    metavar="LIST", help="fwd (forward) and/or fwdbwd (forward + backward with a "
                                         "fixed grad output) (default: fwd,fwdbwd)")

@@ -1,0 +1,70 @@
+"""Value iteration end to end: the random sparse MDP of value_iteration_sparse solved to
+epsilon = 1e-6 with the sup-norm rule ||V_k+1 - V_k|| < eps (1 - gamma) / (2 gamma),
+gamma = 0.9, float64, from V = 0.
+
+Implementations: ``fastpt``: fastpt.mdp.value_iteration (fused sweeps, the residual computed
+in the sweep, up to 64 sweeps per kernel call, plus one sweep for the greedy policy);
+``eager`` is the vectorised scipy implementation (scipy.sparse CSR matvec per sweep, then
+max, argmax and the residual in numpy).
+
+% of copy bandwidth: the bytes of one sweep (see value_iteration_sparse) times the sweeps
+fastpt ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastpt import mdp as M
+from fastpt.benchmarks import value_iteration_sparse as sparse
+from fastpt.benchmarks.harness import Inputs, OpSpec
+
+EPSILON = 1e-6
+
+
+def make_inputs(shapes, dtype, requires_grad):
+    return Inputs(args=(sparse.make_case(shapes, dtype),))
+
+
+def fastpt_solve(c: sparse.Case):
+    res = M.value_iteration(c.mdp, EPSILON)
+    return res.v, res.policy
+
+
+def scipy_solve(c: sparse.Case):
+    if c.scipy_csr is None:
+        raise RuntimeError("scipy is not installed (pip install scipy)")
+    m = c.mdp
+    S, A, g = m.num_states, m.num_actions, m.gamma
+    threshold = EPSILON * (1 - g) / (2 * g)
+    r = m.reward.numpy()
+    v = np.zeros(S)
+    while True:
+        q = r + g * (c.scipy_csr @ v).reshape(S, A)
+        v_new = q.max(1)
+        done = np.abs(v_new - v).max() < threshold
+        v = v_new
+        if done:
+            break
+    policy = (r + g * (c.scipy_csr @ v).reshape(S, A)).argmax(1)
+    return torch.from_numpy(v), torch.from_numpy(policy)
+
+
+def nbytes(inputs, outputs, mode) -> int:
+    c = inputs.args[0]
+    sweeps = M.value_iteration(c.mdp, EPSILON).iterations + 1
+    return sweeps * sparse.sweep_bytes(c.mdp)
+
+
+SPEC = OpSpec(
+    name="value_iteration_solve",
+    shapes={"full": {"P": (200_000, 4, 16)}, "quick": {"P": (20_000, 4, 16)}},
+    make_inputs=make_inputs,
+    fastpt=fastpt_solve,
+    eager=scipy_solve,
+    dtypes=("fp64",),
+    modes=("fwd",),
+    nbytes=nbytes,
+    compile=False,
+)
