@@ -68,3 +68,32 @@ def test_rope_cuda(head_dim, rotary_dim, dtype, layout):
 def test_cuda_and_cpu_inputs_mixed_is_an_error():
     with pytest.raises((ValueError, RuntimeError), match="device"):
         ops.rms_norm(torch.randn(4, 8, device="cuda"), torch.ones(8), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_value_iteration_cuda(sparse, dtype):
+    from fastpt import mdp as M
+    m = M.random_sparse_mdp(3001, 4, 40, seed=1, gamma=0.9, dtype=dtype)
+    if sparse:
+        t_cpu = m.transitions()
+    else:
+        S, A = m.num_states, m.num_actions
+        rows = torch.repeat_interleave(torch.arange(S * A), (m.indptr[1:] - m.indptr[:-1]).long())
+        p = torch.zeros(A, S, S, dtype=dtype)
+        p.index_put_((rows % A, rows // A, m.indices.long()), m.values, accumulate=True)
+        t_cpu = p
+    move = (lambda t: tuple(x.cuda() for x in t)) if sparse else (lambda t: t.cuda())
+    v = torch.randn(m.num_states, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for kwargs in ({}, {"sweeps": 5, "return_q": True}, {"sweeps": 50, "tol": 1e-2}):
+        want = ops.value_iteration(t_cpu, m.reward, v, 0.9, **kwargs)
+        got = ops.value_iteration(move(t_cpu), m.reward.cuda(), v.cuda(), 0.9, **kwargs)
+        torch.testing.assert_close(got.v.cpu(), want.v, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.dv.cpu(), want.dv, rtol=tol, atol=tol, equal_nan=True)
+        if kwargs.get("return_q"):
+            torch.testing.assert_close(got.q.cpu(), want.q, rtol=tol, atol=tol)
+        if dtype == torch.float64:
+            assert torch.equal(got.policy.cpu(), want.policy)
+    with pytest.raises(ValueError, match="CPU only"):
+        ops.value_iteration(move(t_cpu), m.reward.cuda(), v.cuda(), 0.9, gauss_seidel=True)

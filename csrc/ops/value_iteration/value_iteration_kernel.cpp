@@ -84,30 +84,48 @@ inline T sparse_dot_gs(const T* w, const IX* idx, const T* src, const T* dst, in
   return acc;
 }
 
-// sum_j row[j] * v[j], j < n: the dense row (vectorised, two accumulators).
-template <typename T>
-inline T dense_dot(const T* row, const T* v, int64_t n) {
+// out[g] += sum_j row_g[j] * v[j] over j < n for G rows row_g = row0 + g * stride: the G
+// action rows of one state read side by side, so G streams are in flight at once and each
+// load of V serves all of them.
+// NOTE: one row after the other (8 x 16 KB per state at S = 2000) ran at ~0.65x numpy's
+// single gemv over the (A*S, S) matrix; side by side it streams like the gemv.
+template <int G, typename T>
+inline void dense_dots_group(const T* row0, int64_t stride, const T* v, int64_t n, T* out) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = V::size();
-  V acc0(0), acc1(0);
+  V acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = V(0);
   int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    acc0 = at::vec::fmadd(V::loadu(row + j), V::loadu(v + j), acc0);
-    acc1 = at::vec::fmadd(V::loadu(row + j + W), V::loadu(v + j + W), acc1);
+  for (; j + W <= n; j += W) {
+    const V x = V::loadu(v + j);
+    for (int g = 0; g < G; ++g) acc[g] = at::vec::fmadd(V::loadu(row0 + g * stride + j), x, acc[g]);
   }
-  for (; j < n; j += W) {
-    const int64_t len = std::min<int64_t>(W, n - j);
-    acc0 = at::vec::fmadd(V::loadu(row + j, len), V::loadu(v + j, len), acc0);
+  if (j < n) {
+    const int64_t len = n - j;
+    const V x = V::loadu(v + j, len);
+    for (int g = 0; g < G; ++g)
+      acc[g] = at::vec::fmadd(V::loadu(row0 + g * stride + j, len), x, acc[g]);
   }
-  return at::vec::vec_reduce_all<T>(std::plus<V>(), acc0 + acc1);
+  for (int g = 0; g < G; ++g) out[g] += at::vec::vec_reduce_all<T>(std::plus<V>(), acc[g]);
 }
 
-// Dense Gauss-Seidel row: columns [blk, s) from dst, the rest from src.
+// out[a] += sum_j row_a[j] * v[j] for the A rows row_a = row0 + a * stride, 8 at a time.
 template <typename T>
-inline T dense_dot_gs(const T* row, const T* src, const T* dst, int64_t n, int64_t blk, int64_t s,
-                      int64_t first) {
-  return dense_dot(row, src, blk) + dense_dot(row + blk, dst + (blk - first), s - blk) +
-         dense_dot(row + s, src + s, n - s);
+inline void dense_dots(const T* row0, int64_t stride, int64_t A, const T* v, int64_t n, T* out) {
+  if (n <= 0) return;
+  int64_t a = 0;
+  for (; a + 8 <= A; a += 8) dense_dots_group<8>(row0 + a * stride, stride, v, n, out + a);
+  const T* r = row0 + a * stride;
+  switch (A - a) {
+    case 7: dense_dots_group<7>(r, stride, v, n, out + a); break;
+    case 6: dense_dots_group<6>(r, stride, v, n, out + a); break;
+    case 5: dense_dots_group<5>(r, stride, v, n, out + a); break;
+    case 4: dense_dots_group<4>(r, stride, v, n, out + a); break;
+    case 3: dense_dots_group<3>(r, stride, v, n, out + a); break;
+    case 2: dense_dots_group<2>(r, stride, v, n, out + a); break;
+    case 1: dense_dots_group<1>(r, stride, v, n, out + a); break;
+    default: break;
+  }
 }
 
 template <typename T>
@@ -204,13 +222,24 @@ void dense_sweeps(const ValueIterationArgs& a) {
   const T* p = static_cast<const T*>(a.p);
   const Sweep<T> sw{a, static_cast<const T*>(a.reward)};
   T* q = static_cast<T*>(a.q);
-  const int64_t n = a.num_states;
+  const int64_t n = a.num_states, A = a.actions, first = a.first_state;
   run_sweeps<T>(a, [&](int64_t i0, int64_t i1, const T* src, T* dst, double* mm) {
-    const int64_t blk = a.first_state + i0;
+    const int64_t blk = first + i0;
+    std::vector<T> sums(static_cast<size_t>(A));
+    // States() asks for action 0 first: all A row sums of the state are computed then.
     sw.states(i0, i1, src, dst, q, [&](int64_t i, int64_t act, int64_t s) {
-      const T* row = p + act * a.action_stride + i * a.row_stride;
-      return a.gauss_seidel ? dense_dot_gs(row, src, dst, n, blk, s, a.first_state)
-                            : dense_dot(row, src, n);
+      if (act == 0) {
+        const T* row0 = p + i * a.row_stride;
+        std::fill(sums.begin(), sums.end(), T(0));
+        if (!a.gauss_seidel) {
+          dense_dots(row0, a.action_stride, A, src, n, sums.data());
+        } else {  // columns [blk, s) from this sweep's values
+          dense_dots(row0, a.action_stride, A, src, blk, sums.data());
+          dense_dots(row0 + blk, a.action_stride, A, dst + (blk - first), s - blk, sums.data());
+          dense_dots(row0 + s, a.action_stride, A, src + s, n - s, sums.data());
+        }
+      }
+      return sums[act];
     }, mm);
   });
 }
