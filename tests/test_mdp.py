@@ -5,6 +5,7 @@ bad input."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_several_sweeps_gauss_seidel_and_partitions(cpu_capability, sparse):
     out = vi_op(m.transitions(), m.reward, torch.from_numpy(v0), g, sweeps=2, gauss_seidel=True)
     np.testing.assert_allclose(out.v.numpy(), v, rtol=1e-12, atol=1e-12)
     assert np.array_equal(out.policy.numpy(), pol)
+    threads = torch.get_num_threads()
+    try:  # fixed blocks: the same bits whatever the thread count
+        torch.set_num_threads(1)
+        one = vi_op(m.transitions(), m.reward, torch.from_numpy(v0), g, sweeps=2, gauss_seidel=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.v, out.v) and torch.equal(one.dv, out.dv)
     # a block of states [100, 450) of the MDP, as one rank of a partition sees it
     lo, hi = 100, 450
     want = np_bellman(p, r, g, v0)[0][lo:hi]
@@ -453,7 +461,7 @@ def test_distributed_value_iteration_two_ranks(tmp_path):
     worker = Path(__file__).with_name("mdp_distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), str(worker), str(tmp_path)]
+           "--master_port", str(_free_port()), str(worker), str(tmp_path)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
                              cwd=str(tmp_path))
@@ -469,6 +477,12 @@ def test_distributed_value_iteration_two_ranks(tmp_path):
                 assert g["iterations"] == want.iterations
                 torch.testing.assert_close(g["v"], want.v, rtol=0, atol=1e-12)
                 assert torch.equal(g["policy"], want.policy)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _dist_mdp(kind: str) -> M.MDP:
