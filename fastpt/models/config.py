@@ -138,7 +138,7 @@ class DecoderConfig(_Config):
     num_heads: int = 32
     num_kv_heads: int | None = None   # None: = num_heads (no GQA)
     head_dim: int | None = None       # None: hidden_size // num_heads
-    intermediate_size: int | None = None  # None: 4 * hidden_size (gpt2)
+    intermediate_size: int | None = None  # None: 4 d (gpt2), 8/3 d rounded up to 256 (llama)
     max_position_embeddings: int = 2048
     hidden_act: str | None = None     # None: gelu_new (gpt2), silu (llama)
     norm_eps: float | None = None     # None: 1e-5 (gpt2), 1e-6 (llama)
@@ -156,7 +156,9 @@ class DecoderConfig(_Config):
     def __post_init__(self):
         _check(self.flavour in ("gpt2", "llama"), f"flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
         gpt2 = self.flavour == "gpt2"
-        defaults = dict(num_kv_heads=self.num_heads, intermediate_size=4 * self.hidden_size if gpt2 else None,
+        # Llama's MLP width: 8/3 d rounded up to a multiple of 256 (4096 -> 11008).
+        ffn = 4 * self.hidden_size if gpt2 else 256 * -(-8 * self.hidden_size // (3 * 256))
+        defaults = dict(num_kv_heads=self.num_heads, intermediate_size=ffn,
                         hidden_act="gelu_new" if gpt2 else "silu", norm_eps=1e-5 if gpt2 else 1e-6,
                         tie_word_embeddings=gpt2, attention_bias=gpt2, mlp_bias=gpt2)
         for name, value in defaults.items():

@@ -43,8 +43,10 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
         raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
     # A stable sort of the mask moves pads to the front and keeps the tokens' order.
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-    ids = input_ids.gather(1, order).masked_fill(~mask.gather(1, order), pad_id)
-    return ids, mask.gather(1, order)
+    mask = mask.gather(1, order)
+    ids = input_ids.gather(1, order).masked_fill(~mask, pad_id)
+    first = mask.shape[1] - int(mask.sum(1).max())  # drop columns that are padding in every row
+    return ids[:, first:], mask[:, first:]
 
 
 def _apply_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
