@@ -108,6 +108,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
            scale: float | None = None, dropout_p: float = 0.0, use_fused: bool = True) -> Tensor:
     """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D); returns (B, H, T, D) in q's dtype."""
     _check(q, k, v, key_padding_mask)
+    if causal and q.shape[2] == 1:  # one query, aligned at the end: it sees every key
+        causal = False
     bias_needs_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
     if use_fused and not bias_needs_grad:
         return _attend_fused(q, k, v, causal=causal, key_padding_mask=key_padding_mask,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastpt.models.common import (Attention, PreTrainedModel, activation, cross_entropy,
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, activation, cross_entropy,
                                   init_normal_, key_padding)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
@@ -70,7 +70,9 @@ class Encoder(PreTrainedModel):
 
     Module names: ``embeddings``, ``layers[i].attn.{q,k,v,o}_proj``, ``layers[i].fc_in/fc_out``,
     ``pooler``, ``mlm_head``, ``nsp_head``. ``inputs_embeds`` replaces the token embeddings
-    (prompt tuning); ``attn_bias`` (additive, (B, 1 or H, T, T)) is passed to every layer."""
+    (prompt tuning); ``attn_bias`` (additive, (B, 1 or H, T, T)) is passed to every layer.
+    ``return_logits=False`` with ``labels``: the MLM head runs on the labelled positions only
+    (``.logits`` is None)."""
 
     config_class = EncoderConfig
 
@@ -101,16 +103,22 @@ class Encoder(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, next_sentence_label=None, attn_bias=None,
-                output_hidden_states=False) -> EncoderOutput:
+                output_hidden_states=False, return_logits=True) -> EncoderOutput:
         x, hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
                                 inputs_embeds, attn_bias, output_hidden_states)
         pooled = torch.tanh(self.pooler(x[:, 0]))
-        logits = self.mlm_head(x, self.embeddings.tokens.weight)
         nsp_logits = self.nsp_head(pooled)
-        out = EncoderOutput(logits=logits, nsp_logits=nsp_logits, last_hidden_state=x,
-                            pooler_output=pooled, hidden_states=hidden)
-        if labels is not None:
-            out.mlm_loss = cross_entropy(logits, labels)
+        out = EncoderOutput(nsp_logits=nsp_logits, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=hidden)
+        if labels is not None and not return_logits:
+            # MLM training: the head runs on the labelled (~15%) positions only.
+            picked = labels != IGNORE_INDEX
+            out.mlm_loss = cross_entropy(self.mlm_head(x[picked], self.embeddings.tokens.weight),
+                                         labels[picked])
+        else:
+            out.logits = self.mlm_head(x, self.embeddings.tokens.weight)
+            if labels is not None:
+                out.mlm_loss = cross_entropy(out.logits, labels)
         if next_sentence_label is not None:
             out.nsp_loss = cross_entropy(nsp_logits, next_sentence_label)
         losses = [l for l in (out.mlm_loss, out.nsp_loss) if l is not None]

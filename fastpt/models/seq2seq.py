@@ -11,6 +11,7 @@ from fastpt.models.cache import KVCache, Seq2SeqCache
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, activation,
                                   cross_entropy, key_padding)
 from fastpt.models.config import Seq2SeqConfig
+from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
 from fastpt.nn import RMSNorm
 
@@ -141,6 +142,7 @@ class Seq2Seq(PreTrainedModel):
     shifting ``labels`` right (decoder start token = pad); or give ``decoder_input_ids``.
 
     ``encoder_outputs`` (B, S, d) skips the encoder (generation runs it once).
+    ``return_logits=False`` with ``labels``: chunked loss, no (B, T, V) logits.
     ``decoder_attention_mask`` (B, past + T) masks decoder keys. Module names:
     ``shared``, ``encoder/decoder.layers[i].attn.{q,k,v,o}_proj``, ``decoder.layers[i].cross_attn``,
     ``...layers[i].mlp.{wi, wi_gate, wo}``, ``encoder/decoder.relative_bias``, ``lm_head``
@@ -202,7 +204,8 @@ class Seq2Seq(PreTrainedModel):
                 decoder_attention_mask=None, labels=None, encoder_outputs: Tensor | None = None,
                 inputs_embeds=None, decoder_inputs_embeds=None,
                 past_key_values: Seq2SeqCache | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, logits_to_keep: int = 0) -> Seq2SeqOutput:
+                output_hidden_states: bool = False, logits_to_keep: int = 0,
+                return_logits: bool = True) -> Seq2SeqOutput:
         enc_hidden = None
         if encoder_outputs is None:
             encoder_outputs, enc_hidden = self.encode(input_ids, attention_mask, inputs_embeds,
@@ -219,11 +222,15 @@ class Seq2Seq(PreTrainedModel):
                                      memory_mask=attention_mask, output_hidden_states=output_hidden_states)
         h = y[:, -logits_to_keep:] if logits_to_keep else y
         if self.lm_head is None:  # tied: T5 rescales before reusing the embedding matrix
-            logits = nn.functional.linear(h * self.config.hidden_size ** -0.5, self.shared.weight)
+            h, head = h * self.config.hidden_size ** -0.5, self.shared.weight
         else:
-            logits = self.lm_head(h)
-        out = Seq2SeqOutput(logits=logits, last_hidden_state=y, encoder_last_hidden_state=encoder_outputs,
+            head = self.lm_head.weight
+        out = Seq2SeqOutput(last_hidden_state=y, encoder_last_hidden_state=encoder_outputs,
                             hidden_states=dec_hidden, encoder_hidden_states=enc_hidden, past_key_values=cache)
+        if labels is not None and not return_logits:  # loss without the (B, T, V) logits
+            out.loss = linear_cross_entropy(h, head, labels)
+            return out
+        out.logits = nn.functional.linear(h, head)
         if labels is not None:
-            out.loss = cross_entropy(logits, labels)
+            out.loss = cross_entropy(out.logits, labels)
         return out
