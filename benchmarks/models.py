@@ -90,77 +90,88 @@ def _models(config, impls):
     return out
 
 
-def _train_step_fn(impl, model, ids):
+def _train_step_fn(impl, model, ids, dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the fastest for every impl
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        if impl == "transformers":
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids, return_logits=False).loss
+        with _autocast(dtype):  # the forward and the loss only, as in a training loop
+            if impl == "transformers":
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids, return_logits=False).loss
         loss.backward()
         opt.step()
     return step
 
 
-def _decode_fn(impl, model, ids, new):
+def _decode_fn(impl, model, ids, new, dtype):
     model.eval()
-    if impl == "transformers":
-        return lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            if impl == "transformers":
+                return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
-    return lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[])
+            return model.generate(ids, max_new_tokens=new, eos_token_id=[])
+    return run
 
 
-def _encoder_fn(impl, model, ids):
+def _encoder_fn(impl, model, ids, dtype):
     model.eval()
-    if impl == "transformers":
-        return lambda: model.bert(input_ids=ids).last_hidden_state
-    return lambda: model.encode(ids)[0]
+
+    def run():
+        with torch.no_grad(), _autocast(dtype):
+            if impl == "transformers":
+                return model.bert(input_ids=ids).last_hidden_state
+            return model.encode(ids)[0]
+    return run
 
 
 def _calls(case, dtype, impls, size):
+    """One callable per implementation (each enters its own autocast), the shape label, and
+    the number of new tokens (decode)."""
     quick = size == "quick"
     if case == "train":
         s = TRAIN[size]
         cfg = llama_config(quick)
         ids = torch.randint(0, cfg.vocab_size, (s["B"], s["T"]))
         models = _models(cfg, impls)
-        return {i: _train_step_fn(i, m, ids) for i, m in models.items()}, f"B={s['B']} T={s['T']}", None
+        return ({i: _train_step_fn(i, m, ids, dtype) for i, m in models.items()},
+                f"B={s['B']} T={s['T']}", None)
     if case == "decode":
         s = DECODE[size]
         cfg = llama_config(quick)
         ids = torch.randint(0, cfg.vocab_size, (1, s["prompt"]))
         models = _models(cfg, impls)
-        return ({i: _decode_fn(i, m, ids, s["new"]) for i, m in models.items()},
+        return ({i: _decode_fn(i, m, ids, s["new"], dtype) for i, m in models.items()},
                 f"prompt={s['prompt']} new={s['new']}", s["new"])
     s = ENCODER[size]
     cfg = bert_config(quick)
     ids = torch.randint(0, cfg.vocab_size, (s["B"], s["T"]))
     models = _models(cfg, impls)
-    return {i: _encoder_fn(i, m, ids) for i, m in models.items()}, f"L={cfg.num_layers} B={s['B']} T={s['T']}", None
+    return ({i: _encoder_fn(i, m, ids, dtype) for i, m in models.items()},
+            f"L={cfg.num_layers} B={s['B']} T={s['T']}", None)
 
 
 def measure(case: str, dtype: str, impls=IMPLS, size: str = "full", budget_s: float = 30.0,
             min_rounds: int = 3, max_rounds: int = 50) -> list[Result]:
     calls, shape, new_tokens = _calls(case, dtype, impls, size)
-    ctx = torch.no_grad() if case != "train" else contextlib.nullcontext()
     samples = {i: [] for i in calls}
-    with ctx, _autocast(dtype):
-        for call in calls.values():  # warm-up (first AdamW step allocates its state)
-            call()
-        gc.collect()
-        deadline = time.perf_counter() + budget_s
-        r = 0
-        while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
-            names = list(calls)
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                calls[name]()
-                samples[name].append(time.perf_counter() - t0)
-            r += 1
+    for call in calls.values():  # warm-up (the first AdamW step allocates its state)
+        call()
+    gc.collect()
+    deadline = time.perf_counter() + budget_s
+    r = 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
+        names = list(calls)
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - t0)
+        r += 1
     ms = {i: 1e3 * statistics.median(v) for i, v in samples.items()}
     out = []
     for impl in calls:
@@ -185,12 +196,11 @@ def _peak_memory_child(impl: str, dtype: str, size: str) -> float:
     cfg = llama_config(size == "quick")
     ids = torch.randint(0, cfg.vocab_size, (s["B"], s["T"]))
     model = _models(cfg, (impl,))[impl]
-    step = _train_step_fn(impl, model, ids)
+    step = _train_step_fn(impl, model, ids, dtype)
     gc.collect()
     before = _rss_mb()
-    with _autocast(dtype):
-        step()
-        step()
+    step()
+    step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return peak - before
 

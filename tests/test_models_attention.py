@@ -164,3 +164,19 @@ def test_inputs_embeds_and_hidden_states(name):
     assert len(a.hidden_states) == n_layers + 1
     with pytest.raises(ValueError, match="exactly one"):
         model(input_ids=ids, inputs_embeds=emb, **extra)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast(name):
+    model = MODELS[name]().eval()
+    randomize_(model)
+    ids = torch.randint(3, 1000, (2, 8))
+    extra = dict(decoder_input_ids=ids[:, :4]) if name == "t5" else {}
+    with torch.no_grad():
+        ref = model(ids, **extra).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids, **extra).logits
+            if name != "bert":
+                out = model.generate(ids, max_new_tokens=3, eos_token_id=[])
+                assert out.shape[1] == (1 if name == "t5" else 8) + 3
+    assert max_err(got, ref) < 5e-2 * ref.abs().max().item()

@@ -137,3 +137,18 @@ def test_bad_arguments():
             generate(model, [[1, 2]], **bad)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []])
+
+
+def test_autocast_weights_cast_once_and_restored(monkeypatch):
+    import contextlib
+    from fastpt.models import generation
+    _, model = _pair("llama")
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 97, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+        monkeypatch.setattr(generation, "_weights_cast_once", lambda *a: contextlib.nullcontext())
+        plain = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(fast, plain)
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n] and p.dtype == torch.float32

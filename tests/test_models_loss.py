@@ -24,7 +24,8 @@ def test_linear_cross_entropy_float64(chunk_rows, monkeypatch):
     assert abs(got.item() - ref.item()) < 1e-12
     for a, b in zip(torch.autograd.grad(3 * got, (x, w)), torch.autograd.grad(3 * ref, (x, w))):
         assert max_err(a, b) < 1e-12
-    assert torch.autograd.gradcheck(lambda x, w: loss_mod.linear_cross_entropy(x, w, labels), (x, w))
+    if chunk_rows == 7:  # several chunks, the last one partial
+        assert torch.autograd.gradcheck(lambda x, w: loss_mod.linear_cross_entropy(x, w, labels), (x, w))
 
 
 def test_linear_cross_entropy_bf16_autocast():

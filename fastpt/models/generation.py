@@ -13,10 +13,11 @@ depend on the other rows.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -81,7 +82,7 @@ class _Stepper:
                  decoder_start: int | None, cache_dtype):
         from fastpt.models.seq2seq import Seq2Seq
         self.model, self.seq2seq = model, isinstance(model, Seq2Seq)
-        device = model.lm_head.weight.device if model.lm_head is not None else model.shared.weight.device
+        device = ids.device
         self.has_pad = not bool(mask.all())
         if self.seq2seq:
             enc_mask = mask if self.has_pad else None
@@ -127,6 +128,32 @@ class _Stepper:
             out = m(input_ids=tokens.unsqueeze(1), past_key_values=self.cache, logits_to_keep=1, **kw)
             self.next_pos = self.next_pos + 1
         return out.logits[:, -1].float()
+
+
+@contextlib.contextmanager
+def _weights_cast_once(model, device_type: str):
+    """Under autocast every nn.Linear casts its float32 weight to the autocast dtype on every
+    call, and decoding calls each linear once per token: a weight cast costs more memory
+    traffic than the matrix-vector product itself. So cast them once for the whole call (the
+    values autocast would use: results are unchanged) and restore them after. Weights shared
+    with an embedding (tied heads) stay as they are: the embedding keeps returning float32."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    saved = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            for p in (m.weight, m.bias):
+                if p is not None and p.dtype == torch.float32 and id(p) not in tied and id(p) not in saved:
+                    saved[id(p)] = (p, p.data)
+                    p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in saved.values():
+            p.data = data
 
 
 def _stop_ids(eos_token_id, config) -> list[int]:
@@ -179,12 +206,12 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
         raise ValueError("beam search does not sample: use num_beams=1 with do_sample=True")
     if decoder_start_token_id is None:
         decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
-    if cache_dtype is None and torch.is_autocast_enabled("cpu"):
-        cache_dtype = torch.get_autocast_dtype("cpu")
+    device = next(model.parameters()).device
+    if cache_dtype is None and torch.is_autocast_enabled(device.type):
+        cache_dtype = torch.get_autocast_dtype(device.type)
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
         ids, mask = _as_batch(input_ids, attention_mask, pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         step = _Stepper(model, ids, mask, num_beams, max_new_tokens, decoder_start_token_id, cache_dtype)
@@ -199,9 +226,10 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
                 rows = torch.arange(B, device=device).unsqueeze(1).expand_as(ids)
                 seen[rows[mask], ids[mask]] = True
         args = (step, prefix, seen, max_new_tokens, stops, pad_token_id)
-        if num_beams > 1:
-            return _beam_search(*args, num_beams, length_penalty, repetition_penalty)
-        return _sample(*args, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+        with _weights_cast_once(model, device.type):
+            if num_beams > 1:
+                return _beam_search(*args, num_beams, length_penalty, repetition_penalty)
+            return _sample(*args, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
     finally:
         model.train(was_training)
 

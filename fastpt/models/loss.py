@@ -25,28 +25,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         N, V = x.shape[0], weight.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // V)
+        device = x.device.type
         acc = torch.promote_types(x.dtype, torch.float32)  # float32 math (float64 for float64)
+        # The GEMM dtype: autocast's (as nn.Linear would run) or x's. Cast x and the weight once
+        # here, not once per matmul as autocast would.
+        mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x_mm, w_mm = x.to(mm), weight.to(mm)
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=x.device)
-        for s in range(0, N, chunk):
-            xs, ls, vs = x[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
-            logits = (xs @ weight.t()).to(acc)            # under autocast: a bf16 GEMM, as nn.Linear
-            lse = logits.logsumexp(-1)
-            target = ls.clamp(min=0).unsqueeze(1)
-            total += ((lse - logits.gather(1, target).squeeze(1)) * vs).sum()
-            if need_x or need_w:
-                g = logits.sub_(lse.unsqueeze(1)).exp_()    # softmax, in place of the logits
-                g.scatter_add_(1, target, torch.full_like(target, -1, dtype=g.dtype))
-                g.mul_((vs / count).unsqueeze(1))
-                g = g.to(x.dtype)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, N, chunk):
+                xs, vs = x_mm[s:s + chunk], valid[s:s + chunk]
+                target = labels[s:s + chunk].clamp(min=0).unsqueeze(1)
+                logp = torch.log_softmax(xs @ w_mm.t(), dim=-1, dtype=acc)
+                total -= (logp.gather(1, target).squeeze(1) * vs).sum()
+                if not (need_x or need_w):
+                    continue
+                g = logp.exp_()                                   # softmax, in place
+                g.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=acc, device=g.device))
+                # d(mean loss)/d(logits), scaled and cast to the GEMM dtype in one pass
+                g = torch.mul(g, (vs / count).unsqueeze(1), out=torch.empty(g.shape, dtype=mm, device=g.device))
                 if need_x:
-                    grad_x[s:s + chunk] = g @ weight.to(x.dtype)
+                    grad_x[s:s + chunk] = g @ w_mm
                 if need_w:
-                    grad_w += (g.t() @ xs).to(acc)
+                    grad_w += g.t() @ xs
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None)
         return total / count
 

@@ -124,9 +124,10 @@ class Stack(nn.Module):
         bias = self.relative_bias(T, past + T, past)
         x = self.dropout(x)
         hidden = [x] if output_hidden_states else None
+        mask, memory_mask = key_padding(mask), key_padding(memory_mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, bias=bias, key_padding_mask=key_padding(mask), causal=self.is_decoder,
-                      cache=cache, layer_idx=i, memory=memory, memory_mask=key_padding(memory_mask))
+            x = layer(x, bias=bias, key_padding_mask=mask, causal=self.is_decoder,
+                      cache=cache, layer_idx=i, memory=memory, memory_mask=memory_mask)
             if hidden is not None:
                 hidden.append(x)
         x = self.dropout(self.final_norm(x))
