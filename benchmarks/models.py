@@ -12,7 +12,7 @@ Cases (issue F5):
 The implementations run in one process, alternating call by call, so drift of the shared
 host hits them alike; ratios (baseline time / fastpt time) are the steadier numbers.
 ``--memory`` adds the peak training memory of each implementation, each in a fresh child
-process (ru_maxrss after two steps minus before the first).
+process (peak RSS, VmHWM, over two steps minus the RSS before the first).
 
 Run: ``python -m fastpt.benchmarks.models [--quick] [--cases train,decode,encoder]
 [--dtypes fp32,bf16] [--memory] [--json PATH]`` or ``fastpt bench-models ...``.
@@ -190,6 +190,16 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_rss_mb() -> float:
+    # NOTE: VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across execve, so a
+    # child started by a large benchmark process would report its parent's size.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _peak_memory_child(impl: str, dtype: str, size: str) -> float:
     """In this (child) process: MB of peak RSS added by two training steps."""
     s = TRAIN[size]
@@ -201,8 +211,7 @@ def _peak_memory_child(impl: str, dtype: str, size: str) -> float:
     before = _rss_mb()
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return peak - before
+    return _peak_rss_mb() - before
 
 
 def peak_memory(impl: str, dtype: str, size: str) -> float:
