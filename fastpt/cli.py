@@ -141,7 +141,19 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_bench, _add_mdp)
+def _add_bench_models(sub) -> None:
+    p = sub.add_parser(
+        "bench-models", add_help=False,
+        help="time the models (training step, decoding, encoder) against use_fused=False and transformers")
+    p.set_defaults(func=_cmd_bench_models)
+
+
+def _cmd_bench_models(args: argparse.Namespace) -> int:
+    from fastpt.benchmarks import models
+    return models.main(args.rest)
+
+
+COMMANDS = (_add_bench, _add_bench_models, _add_mdp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "bench-models":  # only bench-models passes its options on
+        build_parser().parse_args(argv)
+    args.rest = rest
     return args.func(args)
 
 
