@@ -24,6 +24,15 @@ FASTPT_HOST_DEVICE int64_t packed_offset(int64_t n, int64_t k, int64_t k_pad) {
   return ((n / kPanelN) * (k_pad / 4) + k / 4) * (kPanelN * 4) + (n % kPanelN) * 4 + k % 4;
 }
 
+// (N, K) row-major int8 -> the packed layout above, and colsum[n] = sum_k W[n][k] (zero
+// for padding rows).
+struct Int8PackArgs {
+  const int8_t* w;  // (n, k) contiguous
+  int64_t n, k;
+  int8_t* packed;   // (round_up(n, kPadN) / 16, round_up(k, kPadK) / 4, 16, 4)
+  int32_t* colsum;  // (round_up(n, kPadN))
+};
+
 // CPU int8 GEMM paths, slowest to fastest. The glue picks one the running CPU (and the
 // selected kernel build) supports: see int8_path.h.
 enum class Int8Path : int { kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };

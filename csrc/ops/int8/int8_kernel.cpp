@@ -263,6 +263,30 @@ void int8_gemm(const Int8GemmArgs& g) {
   });
 }
 
+void int8_pack(const Int8PackArgs& a) {
+  const int64_t k_pad = round_up(a.k, kPadK), groups = k_pad / 4, n_pad = round_up(a.n, kPadN);
+  at::parallel_for(0, n_pad / kPanelN, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int8_t* dst = a.packed + p * groups * kPanelN * 4;
+      for (int64_t r = 0; r < kPanelN; ++r) {
+        const int64_t n = p * kPanelN + r;
+        int32_t sum = 0;
+        if (n < a.n) {
+          const int8_t* src = a.w + n * a.k;
+          for (int64_t c = 0; c < a.k; ++c) sum += src[c];
+          const int64_t full = a.k / 4;
+          for (int64_t g = 0; g < full; ++g) std::memcpy(dst + (g * kPanelN + r) * 4, src + 4 * g, 4);
+          for (int64_t g = full; g < groups; ++g)
+            for (int64_t t = 0; t < 4; ++t) dst[(g * kPanelN + r) * 4 + t] = 4 * g + t < a.k ? src[4 * g + t] : 0;
+        } else {
+          for (int64_t g = 0; g < groups; ++g) std::memset(dst + (g * kPanelN + r) * 4, 0, 4);
+        }
+        a.colsum[n] = sum;
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------- quantization
 namespace {
 
