@@ -65,8 +65,9 @@ struct Int8QuantArgs {
   const void* x;  // (rows, ldx)
   int64_t rows, cols, ldx;
   DType dtype;
-  const int64_t* skip_idx;  // column indices, or nullptr when n_skip == 0
+  const int64_t* skip_idx;  // CPU: column indices, or nullptr when n_skip == 0
   int64_t n_skip;
+  const uint8_t* skip_mask;  // CUDA: (cols) 0/1, or nullptr
   int8_t* q;            // (rows, ldq)
   int64_t ldq;
   float* scale;         // (rows)

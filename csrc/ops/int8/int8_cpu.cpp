@@ -95,7 +95,8 @@ void quantize_into(const at::Tensor& x2, DType dtype, const at::Tensor& skip, at
   if (x2.size(0) == 0) return;
   cpu::int8_quantize_rows({x2.const_data_ptr(), x2.size(0), x2.size(1), x2.size(1), dtype,
                            skip.defined() && skip.numel() ? skip.const_data_ptr<int64_t>() : nullptr,
-                           skip.defined() ? skip.numel() : 0, q.mutable_data_ptr<int8_t>(), q.size(1), scale});
+                           skip.defined() ? skip.numel() : 0, nullptr, q.mutable_data_ptr<int8_t>(), q.size(1),
+                           scale});
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_rowwise_cpu(const at::Tensor& x, const std::optional<at::Tensor>& skip_cols) {
