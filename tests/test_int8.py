@@ -353,3 +353,15 @@ def test_int8_linear_bad_input():
     bad.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         Int8Linear.from_linear(bad)
+
+
+def test_empty_and_non_contiguous_inputs():
+    layer = Int8Linear.from_linear(nn.Linear(16, 5))
+    assert layer(torch.randn(0, 16)).shape == (0, 5) and layer(torch.randn(2, 0, 16)).shape == (2, 0, 5)
+    xt = torch.randn(16, 40).t()
+    torch.testing.assert_close(layer(xt), layer(xt.contiguous()))
+    a, b = rand_int8(30, 50), rand_int8(20, 50)
+    assert torch.equal(ops.int8_matmul(a[:, ::2], b[:, ::2]), ref.int8_matmul(a[:, ::2], b[:, ::2]))
+    assert ops.int8_matmul(rand_int8(0, 8), rand_int8(3, 8)).shape == (0, 3)
+    out = ops.int8_matmul(rand_int8(2, 0), rand_int8(3, 0), torch.ones(2), torch.ones(3), bias=torch.ones(3))
+    assert torch.equal(out, torch.ones(2, 3))

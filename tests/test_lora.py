@@ -227,3 +227,16 @@ def test_bad_base_layer():
         LoRALinear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="lora_dropout must be"):
         LoRALinear(nn.Linear(4, 4), r=2, lora_dropout=1.5)
+
+
+def test_quantize_keeps_lora_factors_and_quantizes_the_base():
+    import fastpt
+
+    model = nn.Sequential(LoRALinear(nn.Linear(32, 16), r=4), nn.Linear(16, 8))
+    fastpt.quantize_(model)
+    lora = model[0]
+    assert isinstance(lora.base_layer, Int8Linear) and isinstance(model[1], Int8Linear)
+    assert type(lora.lora_A) is nn.Linear and type(lora.lora_B) is nn.Linear
+    x = torch.randn(5, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert lora.lora_A.weight.grad is not None and x.grad is not None
