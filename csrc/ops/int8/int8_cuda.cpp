@@ -4,6 +4,7 @@
 // the host (one synchronisation per call), like bitsandbytes' LLM.int8.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/nonzero.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
