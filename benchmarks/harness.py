@@ -14,8 +14,8 @@ Modes: ``fwd`` calls the op; ``fwdbwd`` calls it on inputs that require grad, th
 includes allocating and freeing its outputs, as in a training step.
 
 Peak memory (specs with ``peak_memory=True``): the most memory torch's CPU allocator holds
-at once during one call beyond what existed before it (outputs and saved tensors
-included), from the profiler's per-op allocation records (:func:`peak_memory_bytes`).
+at once during one call beyond what existed before it (outputs, saved tensors and
+temporaries included), from the profiler's allocation records (:func:`peak_memory_bytes`).
 
 % of copy bandwidth = (minimal bytes / median time) / copy GB/s. Minimal bytes: the
 forward reads each tensor input once and writes each output once; the backward reads
@@ -155,15 +155,22 @@ def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
 
 def peak_memory_bytes(call: Callable[[], object]) -> int:
     """Peak bytes held by torch's CPU allocator during call() beyond those held before it:
-    the running sum, in start-time order, of the profiler's per-op self allocations (a
-    tensor freed inside the op that allocated it is netted out within that op)."""
+    the running sum of the profiler's allocation records (each allocation and free with
+    its own timestamp, temporaries inside fused ops included)."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
+    steps, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            steps.append((node.start_time_ns, node.extra_fields.alloc_size))
     held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
+    for _, change in sorted(steps):
+        held += change
         peak = max(peak, held)
     return peak
 

@@ -57,6 +57,10 @@ def test_peak_memory_counts_temporaries_and_outputs():
     assert 2 * 2**20 <= harness.peak_memory_bytes(lambda: (x * 2 + 1).sum()) <= 2 * 2**20 + 64
     assert harness.peak_memory_bytes(lambda: x.clone()) == 2**20
     assert harness.peak_memory_bytes(lambda: None) == 0
+    # a temporary inside a fused op (int8_linear's int8 copy of x) counts too
+    from fastpt.nn import Int8Linear
+    layer = Int8Linear.from_linear(torch.nn.Linear(1024, 256))
+    assert harness.peak_memory_bytes(lambda: layer(x)) >= 256 * 1024 + 256 * 256 * 4  # int8 x + out
 
 
 def test_no_compile_has_no_compile_record():
