@@ -213,6 +213,7 @@ def _median_ms(ns: list[int]) -> float:
 
 def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, got: tuple, ref: tuple) -> None:
     for g, r in zip(got, ref):
+        g, r = g.detach(), r.detach()
         scale = float(r.abs().max()) if r.numel() else 0.0
         err = float((g.float() - r.float()).abs().max()) if r.numel() else 0.0
         if not err <= (spec.agree_tol or _AGREE_TOL[dtype]) * max(scale, 1e-30):
