@@ -4,10 +4,14 @@
 // over eager PyTorch come from the order of operations, not from a new GEMM:
 // - the low-rank update is accumulated into the base GEMM's output (addmm_ with beta = 1),
 //   never materialised as an (M, N) tensor, and scale is applied to the (M, r) factor;
-// - CPU: the thin GEMMs (x A^T, g B, g^T xa, u^T x, u A) run in one pass over blocks of
-//   32 rows, one block per thread at a time, while the rows of x, g and grad_x are in L2,
-//   instead of six multi-threaded GEMMs each streaming an (M, 4096) operand from memory
-//   (on 2 threads MKL runs such (M, K) x (K, 16) products far below memory speed);
+// - CPU float32/float64: the thin GEMMs (x A^T, g B, g^T xa, u^T x, u A) run in one pass
+//   over blocks of 32 rows, one block per thread at a time, while the rows of x, g and
+//   grad_x are in L2, instead of six multi-threaded GEMMs each streaming an (M, 4096)
+//   operand from memory. Not for bf16/fp16: oneDNN's per-call cost on small bf16 GEMMs and
+//   the float32 partial sums outweigh it.
+//   NOTE: 4096 x 4096, r = 16, forward+backward, A/B alternating in one process on the
+//   shared 2-core VM: fp32 1753 vs 1799 ms (blocked faster); bf16 687 vs 611, 828 vs 723
+//   ms on 2 threads and 584 vs 540 ms on 1 (blocked slower).
 // - grad_x = g W + (scale g B) A is one GEMM plus one in-place rank-r update;
 // - saved for backward: x (needed for grad_A anyway), W, A, B, nothing (M, N)- or
 //   (M, K)-sized of its own: the (M, r) factor xa = dropout(x) A^T is recomputed (one thin
@@ -92,12 +96,8 @@ void for_row_blocks(int64_t m, Fn&& fn) {
   });
 }
 
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// acc += p @ q in acc's (wider) dtype.
-void add_product(at::Tensor acc, const at::Tensor& p, const at::Tensor& q) {
-  if (p.scalar_type() == acc.scalar_type()) acc.addmm_(p, q);
-  else acc.add_(at::mm(p, q));
+bool blocked_cpu_path(const at::Tensor& x) {
+  return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 at::Tensor lora_linear(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -109,7 +109,7 @@ at::Tensor lora_linear(const at::Tensor& x, const std::optional<at::Tensor>& wei
   const at::Tensor x2 = x.reshape({d.m, d.k});
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
   at::Tensor out;
-  if (x.is_cpu() && weight.has_value()) {
+  if (blocked_cpu_path(x) && weight.has_value()) {
     out = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
     for_row_blocks(d.m, [&](int, int64_t r0, int64_t r1) {
       out.slice(0, r0, r1).addmm_(at::mm(xd.slice(0, r0, r1), a.t()), b.t(), 1, scale);
@@ -126,8 +126,8 @@ at::Tensor lora_linear(const at::Tensor& x, const std::optional<at::Tensor>& wei
   return out.view(shape);
 }
 
-// The backward's thin GEMMs in one pass over row blocks (see the top of the file); grad_A
-// and grad_B are summed per thread in float32 (float64 for float64) and reduced at the end.
+// The backward's thin GEMMs in one pass over row blocks (see the top of the file), float32
+// or float64; grad_A and grad_B are summed per thread and reduced at the end.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& x2, const std::optional<at::Tensor>& weight,
     const at::Tensor& a, const at::Tensor& b, double scale, double dropout_p,
@@ -140,19 +140,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const bool fuse_grad_x = need_grad_x && dropout_p == 0;
   at::Tensor u = fuse_grad_x ? at::Tensor() : at::empty({m, r}, x.options());
   const int threads = at::get_num_threads();
-  const auto acc_opts = x.options().dtype(acc_type(x));
-  at::Tensor acc_a = at::zeros({threads, r, k}, acc_opts), acc_b = at::zeros({threads, n, r}, acc_opts);
+  at::Tensor acc_a = at::zeros({threads, r, k}, x.options()), acc_b = at::zeros({threads, n, r}, x.options());
   for_row_blocks(m, [&](int t, int64_t r0, int64_t r1) {
     const at::Tensor xb = xd.slice(0, r0, r1), gblk = g.slice(0, r0, r1);
     const at::Tensor ub = at::mm(gblk, b).mul_(scale);  // scale g B
-    add_product(acc_b[t], gblk.t(), at::mm(xb, a.t()));
-    add_product(acc_a[t], ub.t(), xb);
+    acc_b[t].addmm_(gblk.t(), at::mm(xb, a.t()));
+    acc_a[t].addmm_(ub.t(), xb);
     if (fuse_grad_x) grad_x.slice(0, r0, r1).addmm_(ub, a);
     else if (u.defined()) u.slice(0, r0, r1).copy_(ub);
   });
   if (need_grad_x && !fuse_grad_x) grad_x.add_(hash_dropout(at::mm(u, a), dropout_p, seed));
   if (need_grad_x) grad_x = grad_x.view(x.sizes());
-  return {grad_x, acc_a.sum(0).to(x.scalar_type()), acc_b.sum(0).mul_(scale).to(x.scalar_type())};
+  return {grad_x, acc_a.sum(0), acc_b.sum(0).mul_(scale)};
 }
 
 // (grad_x or an empty tensor when !need_grad_x, grad_a, grad_b). grad_x holds only the LoRA
@@ -163,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const std::optional<at::Tensor>& seed, bool need_grad_x) {
   const int64_t k = x.size(-1), m = leading_rows(x), n = b.size(0);
   const at::Tensor g = grad_out.reshape({m, n}), x2 = x.reshape({m, k});
-  if (x.is_cpu()) return lora_backward_cpu(g, x, x2, weight, a, b, scale, dropout_p, seed, need_grad_x);
+  if (blocked_cpu_path(x)) return lora_backward_cpu(g, x, x2, weight, a, b, scale, dropout_p, seed, need_grad_x);
   const at::Tensor gb = at::mm(g, b).mul_(scale);  // (m, r) = scale g B
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
   const at::Tensor grad_b = at::mm(g.t(), at::mm(xd, a.t())).mul_(scale);
