@@ -13,6 +13,10 @@ Modes: ``fwd`` calls the op; ``fwdbwd`` calls it on inputs that require grad, th
 ``torch.autograd.grad`` with fixed grad outputs for every differentiable input. Each call
 includes allocating and freeing its outputs, as in a training step.
 
+Peak memory (specs with ``peak_memory=True``): the most memory torch's CPU allocator holds
+at once during one call beyond what existed before it (outputs, saved tensors and
+temporaries included), from the profiler's allocation records (:func:`peak_memory_bytes`).
+
 % of copy bandwidth = (minimal bytes / median time) / copy GB/s. Minimal bytes: the
 forward reads each tensor input once and writes each output once; the backward reads
 each grad output and the inputs it needs again (``Inputs.bwd_reads``) once and writes
@@ -70,6 +74,8 @@ class OpSpec:
     modes: tuple[str, ...] = MODES
     nbytes: Callable | None = None
     compile: bool = True
+    peak_memory: bool = False          # also record each impl's peak memory per call
+    agree_tol: float | None = None     # relative fastpt-vs-eager tolerance (e.g. int8 vs float)
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Record:
     threads: int = 0
     rounds: int = 0          # timed calls per implementation
     first_call_s: float = 0.0  # first call (for compile: compilation time)
+    peak_mib: float | None = None  # peak memory of one call (specs with peak_memory)
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,28 @@ def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
     return (lambda: dst.copy_(src)), 8 * n
 
 
+def peak_memory_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes held by torch's CPU allocator during call() beyond those held before it:
+    the running sum of the profiler's allocation records (each allocation and free with
+    its own timestamp, temporaries inside fused ops included)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    steps, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            steps.append((node.start_time_ns, node.extra_fields.alloc_size))
+    held = peak = 0
+    for _, change in sorted(steps):
+        held += change
+        peak = max(peak, held)
+    return peak
+
+
 def _compile(fn: Callable) -> Callable:
     # NOTE: a fresh dynamo state per case: each case is a new shape/dtype/grad mode of the same
     # reference function, and the per-function recompile limit (8) would otherwise be reached.
@@ -186,9 +215,10 @@ def _median_ms(ns: list[int]) -> float:
 
 def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, got: tuple, ref: tuple) -> None:
     for g, r in zip(got, ref):
+        g, r = g.detach(), r.detach()
         scale = float(r.abs().max()) if r.numel() else 0.0
         err = float((g.float() - r.float()).abs().max()) if r.numel() else 0.0
-        if not err <= _AGREE_TOL[dtype] * max(scale, 1e-30):
+        if not err <= (spec.agree_tol or _AGREE_TOL[dtype]) * max(scale, 1e-30):
             warnings.warn(f"{spec.name} {dtype} {mode}: fastpt differs from eager "
                           f"(max error {err:.3g}, max |eager| {scale:.3g}); timing it anyway",
                           stacklevel=2)
@@ -227,6 +257,8 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             call()
     _check_agreement(spec, tdtype, mode, results["fastpt"], results["eager"])
     del results
+    peak = {name: peak_memory_bytes(call) / 2**20 for name, call in calls.items() if name != "copy"} \
+        if spec.peak_memory else {}
 
     samples = _alternate(calls, timing)
     ms = {name: _median_ms(ns) for name, ns in samples.items()}
@@ -242,15 +274,15 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             pct_copy_bandwidth=100.0 * nbytes / (ms[name] * 1e6) / copy_gbps,
             alloc=alloc, bytes=nbytes, copy_gbps=copy_gbps,
             threads=threads or torch.get_num_threads(), rounds=len(samples[name]),
-            first_call_s=first_s[name]))
+            first_call_s=first_s[name], peak_mib=peak.get(name)))
     return records
 
 
 # ---------------------------------------------------------------- reporting
 
 COLUMNS = ("alloc", "op", "dtype", "mode", "shape", "fastpt ms", "eager ms", "compile ms",
-           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s")
-_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9)
+           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s", "fastpt MiB", "eager MiB")
+_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9, 10, 9)
 
 
 def _fmt(v, spec: str) -> str:
@@ -265,7 +297,7 @@ def case_row(records: Iterable[Record]) -> list[str]:
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
             _fmt(f.ratio_vs_eager, ".2f"), _fmt(f.ratio_vs_compile, ".2f"),
             _fmt(f.pct_copy_bandwidth, ".0f"), _fmt(c and c.pct_copy_bandwidth, ".0f"),
-            _fmt(f.copy_gbps, ".1f")]
+            _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f")]
 
 
 def text_header() -> str:

@@ -27,8 +27,8 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope", "value_iteration_sparse", "value_iteration_dense",
-       "value_iteration_solve")
+OPS = ("rms_norm", "swiglu", "rope", "int8_matmul", "int8_linear", "lora_linear",
+       "value_iteration_sparse", "value_iteration_dense", "value_iteration_solve")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}

@@ -54,14 +54,15 @@ def _add_bench(sub) -> None:
             "row per case: median ms, ratios (baseline time / fastpt time) and % of copy bandwidth.\n"
             "Each allocator mode runs in a child process: 'steady' keeps freed memory in glibc's\n"
             "heap (measures the kernels), 'default' is glibc's default (large outputs page-fault).\n"
-            "Full suite (3 ops x fp32,bf16 x fwd,fwdbwd x 2 allocator modes, 8 s per case): ~5 min\n"
+            "Full suite (every op x fp32,bf16 x its modes x 2 allocator modes, 8 s per case): ~9 min\n"
             "on 2 cores. --quick: smaller shapes, fp32 only unless --dtypes is given, 0.5 s per\n"
             "case: ~1.5 min even with a cold torch.compile cache."),
         epilog=(
             "--json writes a JSON list with one record object per line; fields: op, dtype, mode,\n"
             "shape, impl (fastpt | eager | compile | a named baseline), median_ms, ratio_vs_eager,\n"
             "ratio_vs_compile (on fastpt records, else null), pct_copy_bandwidth, alloc, and bytes,\n"
-            "copy_gbps, threads, rounds, first_call_s (for compile: the compilation time)."))
+            "copy_gbps, threads, rounds, first_call_s (for compile: the compilation time), peak_mib\n"
+            "(peak memory of one call, for ops that record it, else null)."))
     p.add_argument("--quick", action="store_true",
                    help="smaller shapes, fp32 only (unless --dtypes), 0.5 s per case")
     p.add_argument("--ops", type=_csv(run.OPS), default=run.OPS, metavar="LIST",
