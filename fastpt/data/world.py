@@ -122,8 +122,8 @@ class World:
         """All documents joined by blank lines (the plain-text file layout fastpt reads)."""
         return "\n\n".join(self.documents(n_docs, seed))
 
-    def _biography(self, rng: random.Random) -> str:
-        p = rng.choice(self.people)
+    def _biography(self, rng: random.Random, p: Person | None = None) -> str:
+        p = p or rng.choice(self.people)
         facts = [f"{p.name} lives in {p.city}.", f"{p.name} works as a {p.job}.",
                  f"The favourite food of {p.name} is {p.food}."]
         rng.shuffle(facts)
@@ -192,14 +192,13 @@ class World:
                      ("What is the favourite food of {n}?", "food"))
         out = []
         for _ in range(n):
-            context = self._biography(rng)
-            name = context.split(" ", 1)[0]
-            person = next(p for p in self.people if p.name == name)
+            person = rng.choice(self.people)
+            context = self._biography(rng, person)
             question, field = rng.choice(questions)
             answer = getattr(person, field)
-            # The first mention after the subject's own sentence start is the fact itself.
+            # The friend sentence comes last, so the first "<answer>." is the person's own fact.
             start = context.index(f"{answer}.") if f"{answer}." in context else context.index(answer)
-            out.append({"context": context, "question": question.format(n=name),
+            out.append({"context": context, "question": question.format(n=person.name),
                         "answer": answer, "answer_start": start})
         return out
 

@@ -56,6 +56,6 @@ class PrefixLMCollator:
         # Models shift labels by one, so position p's label is predicted from p-1: the first
         # target token (at index prefix) is predicted from the last prefix token.
         labels[(positions < prefix.unsqueeze(1)) | ~attention_mask] = IGNORE_INDEX
+        # The model builds the mask from prefix_lengths (prefix_lm_mask) and attention_mask.
         return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels,
-                "prefix_lengths": prefix,
-                "attention_bias_mask": prefix_lm_mask(prefix, T) & attention_mask[:, None, None, :]}
+                "prefix_lengths": prefix}

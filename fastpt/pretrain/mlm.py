@@ -62,6 +62,8 @@ class MLMCollator:
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0,
                                                    self.pad_to_multiple_of)
+        if "next_sentence_label" in examples[0]:  # MLM + NSP batches (BERT pre-training)
+            batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
         selected = self._select(examples, ids, attention_mask)
         batch["input_ids"], batch["labels"] = self.apply_mask(ids, selected)
         return batch
