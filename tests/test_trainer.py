@@ -55,6 +55,19 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(["--out", str(one), "--steps", "6", "--batch-size", "8", "--dropout", "0"])
+    common = ["--out", str(two), "--steps", "6", "--batch-size", "4", "--dropout", "0",
+              "--strategy", "fsdp", "--save-every", "3"]
+    _run(common + ["--kill-at", "4"], torchrun=True, check=False)
+    assert (two / "checkpoints" / "step-3").is_dir() and not (two / "final.safetensors").exists()
+    _run(common + ["--resume"], torchrun=True)
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def _trainer(tmp_path, **overrides):
     torch.manual_seed(0)
     cfg = dict(output_dir=str(tmp_path), max_steps=1, batch_size=8, lr=1e-2, label_shift=1,
@@ -117,16 +130,31 @@ def test_damaged_checkpoint_is_detected_and_previous_kept(tmp_path, damage):
         victim.unlink()
     fresh = _trainer(tmp_path / "fresh")
     with pytest.raises(CheckpointError, match="step-2"):
-        load_checkpoint(str(root), fresh.model, fresh.optimizer, fresh.scheduler)
-    state = load_checkpoint(str(root / "step-1"), fresh.model, fresh.optimizer, fresh.scheduler)
-    assert state["step"] == 1
+        fresh.load(str(root))
+    fresh.load(str(root / "step-1"))  # the previous checkpoint is intact and loads
+    assert fresh.step == 1
 
 
 def test_checkpoint_for_another_model_is_rejected(tmp_path):
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.train()
-    with pytest.raises(CheckpointError, match="does not match the model|cannot read"):
-        load_checkpoint(str(tmp_path / "checkpoints"), torch.nn.Linear(3, 3))
+    other = Trainer(TinyLM(dim=8), TrainerConfig(output_dir=str(tmp_path / "o"), progress=False),
+                    make_data())
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        other.load(str(tmp_path / "checkpoints"))
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.model.head.weight = trainer.model.embed.weight
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters())
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
+    trainer.train()
+    state = load_checkpoint(str(tmp_path / "checkpoints"))
+    assert state["aliases"] == {"head.weight": "embed.weight"}
+    assert torch.equal(state["model"]["head.weight"], trainer.model.embed.weight.detach())
+    stored = load_file(str(tmp_path / "checkpoints" / "step-1" / "model.safetensors"))
+    assert "head.weight" not in stored
 
 
 def test_config_validation():

@@ -1,7 +1,7 @@
 """Training checkpoints: model, optimizer, scheduler, RNG and data position, written atomically.
 
-Layout of ``<dir>/step-<N>/``: ``model.safetensors`` (safetensors' ``save_model``, so tied
-weights are stored once), ``optimizer.safetensors`` (every tensor of the optimizer state),
+Layout of ``<dir>/step-<N>/``: ``model.safetensors`` (full weights; tied weights stored once,
+their other names recorded as aliases), ``optimizer.safetensors`` (every tensor of the optimizer state),
 ``trainer_state.json`` (step, data position, scheduler, RNG states, optimizer hyper-parameters,
 and the size + SHA-256 of both tensor files). A checkpoint is written into a temporary folder
 and renamed into place, then ``<dir>/latest`` is replaced, so a crash mid-save leaves the
@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
     "model.safetensors", "optimizer.safetensors", "trainer_state.json", "latest")
@@ -65,48 +65,65 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
 
 
-def _optimizer_split(optimizer) -> tuple[dict, dict]:
-    sd = optimizer.state_dict()
+def _optimizer_split(sd: dict) -> tuple[dict, dict]:
+    """Optimizer state (keyed by parameter name) -> (tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for param, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.contiguous()
+                tensors[f"state/{param}/{name}"] = value.contiguous()
             else:
-                scalars[f"{idx}.{name}"] = value
+                scalars[f"{param}/{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _optimizer_join(tensors: dict, meta: dict) -> dict:
     state: dict = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        _, param, name = key.split("/")
+        state.setdefault(param, {})[name] = value
     for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        param, name = key.split("/")
+        state.setdefault(param, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: str, step: int, model, optimizer, scheduler, data_state: dict,
-                    extra: dict | None = None, keep_last: int = 2,
-                    tensors: dict | None = None) -> str:
-    """Write ``root/step-<step>`` atomically and point ``root/latest`` at it; returns the path."""
+def _dedup(model_state: dict) -> tuple[dict, dict]:
+    """Tied weights (one storage, several names) are stored once: (tensors, aliases)."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model_state.items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = t.contiguous()
+    return tensors, aliases
+
+
+def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: dict,
+                    scheduler_state: dict | None, data_state: dict, extra: dict | None = None,
+                    keep_last: int = 2, tensors: dict | None = None) -> str:
+    """Write ``root/step-<step>`` atomically and point ``root/latest`` at it; returns the path.
+
+    ``model_state`` / ``optimizer_state`` are full (unsharded) state dicts, the optimizer's
+    keyed by parameter name (``torch.distributed.checkpoint.state_dict`` gives both for plain,
+    DDP and FSDP models alike)."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, MODEL_FILE))
-    opt_tensors, opt_meta = _optimizer_split(optimizer)
+    weights, aliases = _dedup(model_state)
+    save_file(weights, os.path.join(tmp, MODEL_FILE))
+    opt_tensors, opt_meta = _optimizer_split(optimizer_state)
     rng_tensors, rng_meta = rng_state()
-    extra_tensors = {f"extra.{k}": v for k, v in (tensors or {}).items()}
+    extra_tensors = {f"extra/{k}": v for k, v in (tensors or {}).items()}
     save_file({**opt_tensors, **rng_tensors, **extra_tensors}, os.path.join(tmp, OPTIM_FILE))
     files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                     "sha256": _sha256(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
     state = {"step": step, "data": data_state, "optimizer": opt_meta, "rng": rng_meta,
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "extra": extra or {}, "files": files}
+             "scheduler": scheduler_state, "aliases": aliases, "extra": extra or {}, "files": files}
     _write_json_atomic(os.path.join(tmp, STATE_FILE), state)
     if os.path.exists(final):  # re-saving a step: move the old one aside, never half-replace
         shutil.rmtree(final + ".old", ignore_errors=True)
@@ -138,9 +155,11 @@ def resolve(path: str) -> str:
     raise CheckpointError(f"no checkpoint at {path!r} (neither a 'latest' file nor {STATE_FILE})")
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Verify and load a checkpoint into ``model`` (and optimizer/scheduler/RNG when given).
-    Returns the trainer state (step, data position, extra, and the extra ``tensors``)."""
+def load_checkpoint(path: str) -> dict:
+    """Verify a checkpoint (sizes, SHA-256) and read it: returns the trainer state with
+    ``model`` (full state dict, tied names restored), ``optimizer`` (full, keyed by parameter
+    name), ``scheduler``, ``step``, ``data``, ``extra`` and extra ``tensors``. Restores the
+    Python/NumPy/torch RNGs only through ``restore_rng(state)``."""
     folder = resolve(path)
     try:
         with open(os.path.join(folder, STATE_FILE)) as f:
@@ -157,19 +176,20 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
         if _sha256(file) != expect["sha256"]:
             raise CheckpointError(f"{file} is corrupted: SHA-256 does not match the one recorded")
     try:
-        missing, unexpected = load_model(model, os.path.join(folder, MODEL_FILE), strict=False)
+        weights = load_file(os.path.join(folder, MODEL_FILE))
         tensors = load_file(os.path.join(folder, OPTIM_FILE))
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {folder}: {e}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}/{MODEL_FILE} does not match the model: "
-                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    if optimizer is not None:
-        opt = {k: v for k, v in tensors.items() if k.startswith("state.")}
-        optimizer.load_state_dict(_optimizer_join(opt, state["optimizer"]))
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if optimizer is not None:
-        set_rng_state(tensors, state["rng"])
-    state["tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    for name, target in state["aliases"].items():
+        weights[name] = weights[target]
+    state["model"] = weights
+    state["optimizer"] = _optimizer_join(
+        {k: v for k, v in tensors.items() if k.startswith("state/")}, state["optimizer"])
+    state["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    state["tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
+    state["folder"] = folder
     return state
+
+
+def restore_rng(state: dict) -> None:
+    set_rng_state(state["rng_tensors"], state["rng"])

@@ -226,18 +226,26 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
     def save(self) -> str | None:
-        """Checkpoint model, optimizer, scheduler, RNG and data position (rank 0 writes)."""
-        if self.config.strategy == "fsdp" and self.world > 1:
-            raise NotImplementedError("checkpointing an FSDP run is not supported yet; use DDP")
+        """Checkpoint model, optimizer, scheduler, RNG and data position. Every rank takes
+        part in gathering full state dicts (needed under FSDP); rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = self._state_options()
+        model_state = get_model_state_dict(self.wrapped, options=options)
+        optim_state = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(
-                self.config.output_dir + "/checkpoints", self.step, self.model, self.optimizer,
-                self.scheduler, {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch},
+                self.config.output_dir + "/checkpoints", self.step, model_state, optim_state,
+                self.scheduler.state_dict(),
+                {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch},
                 extra={"config": self.config.to_dict(), "world_size": self.world},
-                tensors=self._extra_tensors(),
-                keep_last=self.config.keep_last)
+                keep_last=self.config.keep_last, tensors=self._extra_tensors())
         fdist.barrier()
         return path
 
@@ -246,7 +254,19 @@ class Trainer:
         return {"collate.generator": g.get_state()} if g is not None else {}
 
     def load(self, path: str) -> None:
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        """Resume from a checkpoint folder (or a root with ``latest``): weights, optimizer,
+        scheduler, data position, RNGs."""
+        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        state = ckpt.load_checkpoint(path)
+        options = self._state_options()
+        try:
+            set_model_state_dict(self.wrapped, state["model"], options=options)
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng(state)
         g = _collate_generator(self.collate_fn)
         if g is not None and "collate.generator" in state["tensors"]:
             g.set_state(state["tensors"]["collate.generator"])

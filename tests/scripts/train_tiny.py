@@ -53,12 +53,14 @@ def main() -> int:
     p.add_argument("--kill-at", type=int, default=0, help="SIGKILL this process at that step")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--strategy", default="auto")
     args = p.parse_args()
     torch.manual_seed(0)
     model = TinyLM(dropout=args.dropout)
     cfg = TrainerConfig(output_dir=args.out, max_steps=args.steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, lr=1e-2, warmup_steps=2, save_every=args.save_every,
-                        label_shift=1, progress=False, log_every=1, keep_last=3)
+                        label_shift=1, progress=False, log_every=1, keep_last=3,
+                        strategy=args.strategy)
     trainer = Trainer(model, cfg, make_data())
     if args.kill_at:
         step = trainer.train_step
@@ -69,9 +71,13 @@ def main() -> int:
             return step(micro)
         trainer.train_step = dying_step
     trainer.train(resume_from=os.path.join(args.out, "checkpoints") if args.resume else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(trainer.wrapped, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))  # collective under FSDP
     if trainer.rank == 0:
-        from safetensors.torch import save_model
-        save_model(model, os.path.join(args.out, "final.safetensors"))
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in weights.items()},
+                  os.path.join(args.out, "final.safetensors"))
     return 0
 
 
