@@ -96,7 +96,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return status
 
 
-COMMANDS = (_add_bench,)
+def _add_bench_models(sub) -> None:
+    p = sub.add_parser(
+        "bench-models", add_help=False,
+        help="time the models (training step, decoding, encoder) against use_fused=False and transformers")
+    p.set_defaults(func=_cmd_bench_models)
+
+
+def _cmd_bench_models(args: argparse.Namespace) -> int:
+    from fastpt.benchmarks import models
+    return models.main(args.rest)
+
+
+COMMANDS = (_add_bench, _add_bench_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "bench-models":  # only bench-models passes its options on
+        build_parser().parse_args(argv)
+    args.rest = rest
     return args.func(args)
 
 

@@ -1,0 +1,68 @@
+"""Static, preallocated key/value caches for generation.
+
+One buffer per cache for all layers, (L, B, Hkv, max_len, D), allocated once; each step
+writes its keys/values at [length, length + T) and attends over the view [:length + T].
+Every row of the batch has the same length: batched prompts are left-padded, and the pad
+positions are masked by the attention mask rather than removed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Self-attention cache. Layers call :meth:`update`; the model calls :meth:`advance`
+    once all layers have seen the step's tokens."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32, device=None):
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, Hkv, T, D) keys/values of this step; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        self.length += tokens
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search), in place."""
+        self.k.copy_(self.k.index_select(1, index))
+        self.v.copy_(self.v.index_select(1, index))
+
+
+class Seq2SeqCache:
+    """Encoder-decoder cache: the decoder's self-attention :class:`KVCache` plus each
+    layer's cross-attention keys/values, computed from the encoder output on the first
+    step and reused after."""
+
+    def __init__(self, self_attention: KVCache):
+        self.self_attention = self_attention
+        self.cross: list[tuple[Tensor, Tensor] | None] = [None] * self_attention.k.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.self_attention.length
+
+    def reorder(self, index: Tensor) -> None:
+        self.self_attention.reorder(index)
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]

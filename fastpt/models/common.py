@@ -1,0 +1,158 @@
+"""Pieces shared by the model families: the attention block, activations, losses, and the
+base class (``use_fused`` switch, Hugging Face save/load, generation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastpt.models._attention import attend
+
+IGNORE_INDEX = -100
+
+
+def activation(name: str):
+    """HF ACT2FN names: gelu (erf), gelu_new (tanh approximation, GPT-2/T5), relu, silu."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_new":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean token cross-entropy in float32, labels == -100 ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token loss: position t predicts labels[t + 1] (labels = input_ids is the usual)."""
+    return cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/o projections (LoRA and adapters find them
+    by name), GQA (``num_kv_heads`` < ``num_heads``), and an optional KV cache.
+
+    Shapes: x (B, T, d) -> q (B, H, T, D) as a transposed view of (B, T, H, D) (fastpt's
+    RoPE and the attention read such views in place, no copy)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 bias: bool, out_bias: bool | None = None, dropout: float = 0.0,
+                 scale: float | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.dropout = scale, dropout
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
+        self.use_fused = True
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def project_q(self, x: Tensor) -> Tensor:
+        return self._heads(self.q_proj(x), self.num_heads)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.k_proj(x), self.num_kv_heads), self._heads(self.v_proj(x), self.num_kv_heads)
+
+    def attend_and_project(self, q: Tensor, k: Tensor, v: Tensor, **masks) -> Tensor:
+        out = attend(q, k, v, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+                     use_fused=self.use_fused, **masks)
+        B, H, T, D = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+    def forward(self, x: Tensor, *, rotary=None, position_ids: Tensor | None = None,
+                cache=None, layer_idx: int = 0, causal: bool = False,
+                key_padding_mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+        """Self-attention of x (B, T, d). ``rotary``: a RotaryEmbedding applied to q and k at
+        ``position_ids``; ``cache``: a KVCache whose earlier keys/values are attended too."""
+        q = self.project_q(x)
+        k, v = self.project_kv(x)
+        if rotary is not None:
+            q, k = rotary(q, k, position_ids)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+            if k.dtype != q.dtype:  # a float32 cache under autocast
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        return self.attend_and_project(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                       attn_bias=attn_bias)
+
+
+def init_normal_(module: nn.Module, std: float) -> None:
+    """N(0, std) weights for linears and embeddings, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif hasattr(m, "weight") and type(m).__name__ == "RMSNorm" and m.weight is not None:
+            nn.init.ones_(m.weight)
+
+
+def key_padding(attention_mask: Tensor | None) -> Tensor | None:
+    """(B, S) bool of the keys to attend, or None when every key may be attended."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:
+    """Position ids (B, T) of the last T tokens: count of real tokens before each (left
+    padding gets position 0, never read since pad keys are masked)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)[:, -T:]
+
+
+class PreTrainedModel(nn.Module):
+    """Base of the fastpt models: ``use_fused`` (True: fastpt's fused ops; False: the same
+    weights on the eager reference ops), HF-layout save/load, generation."""
+
+    config_class: type
+
+    @property
+    def use_fused(self) -> bool:
+        return self._use_fused
+
+    @use_fused.setter
+    def use_fused(self, value: bool) -> None:
+        self._use_fused = bool(value)
+        for m in self.modules():
+            if m is not self and hasattr(m, "use_fused"):
+                m.use_fused = bool(value)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` (HF field names) and ``model.safetensors`` (HF parameter
+        names) into the folder ``path``, each atomically."""
+        from fastpt.models.hf import save_pretrained
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, use_fused: bool = True):
+        """Load a HF-layout folder (``config.json`` + ``model.safetensors``)."""
+        from fastpt.models.hf import from_pretrained
+        model = from_pretrained(path, dtype=dtype, use_fused=use_fused)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def generate(self, *args, **kwargs) -> Tensor:
+        """See :func:`fastpt.models.generation.generate`."""
+        from fastpt.models.generation import generate
+        return generate(self, *args, **kwargs)

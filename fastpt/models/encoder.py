@@ -1,0 +1,127 @@
+"""BERT-style encoder with its pre-training heads (MLM and NSP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, activation, cross_entropy,
+                                  init_normal_, key_padding)
+from fastpt.models.config import EncoderConfig
+from fastpt.models.outputs import EncoderOutput
+
+
+class EncoderEmbeddings(nn.Module):
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.positions = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.segments = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> Tensor:
+        x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device).unsqueeze(0)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        x = x + self.positions(position_ids) + self.segments(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.attn = Attention(c.hidden_size, c.num_heads, c.num_heads, c.head_dim, bias=True,
+                              dropout=c.attention_dropout)
+        self.attn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.fc_in = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc_out = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.mlp_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.act = activation(c.hidden_act)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, attn_bias: Tensor | None) -> Tensor:
+        x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask=key_padding_mask,
+                                                      attn_bias=attn_bias)))
+        return self.mlp_norm(x + self.dropout(self.fc_out(self.act(self.fc_in(x)))))
+
+
+class MLMHead(nn.Module):
+    """dense + GELU + LayerNorm, then the decoder tied to the token embeddings, own bias."""
+
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.act = activation(c.hidden_act)
+
+    def forward(self, x: Tensor, embedding_weight: Tensor) -> Tensor:
+        return nn.functional.linear(self.norm(self.act(self.dense(x))), embedding_weight, self.bias)
+
+
+class Encoder(PreTrainedModel):
+    """BERT. ``model(input_ids, attention_mask, token_type_ids, labels=..., next_sentence_label=...)``.
+
+    Module names: ``embeddings``, ``layers[i].attn.{q,k,v,o}_proj``, ``layers[i].fc_in/fc_out``,
+    ``pooler``, ``mlm_head``, ``nsp_head``. ``inputs_embeds`` replaces the token embeddings
+    (prompt tuning); ``attn_bias`` (additive, (B, 1 or H, T, T)) is passed to every layer.
+    ``return_logits=False`` with ``labels``: the MLM head runs on the labelled positions only
+    (``.logits`` is None)."""
+
+    config_class = EncoderConfig
+
+    def __init__(self, config: EncoderConfig, *, use_fused: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = EncoderEmbeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.mlm_head = MLMHead(config)
+        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        init_normal_(self, config.initializer_range)
+        self.use_fused = use_fused
+
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+               inputs_embeds=None, attn_bias=None, output_hidden_states=False):
+        """The backbone: (last hidden state (B, T, d), hidden states or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        mask = key_padding(attention_mask)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, mask, attn_bias)
+            if hidden is not None:
+                hidden.append(x)
+        return x, tuple(hidden) if hidden is not None else None
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, next_sentence_label=None, attn_bias=None,
+                output_hidden_states=False, return_logits=True) -> EncoderOutput:
+        x, hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                inputs_embeds, attn_bias, output_hidden_states)
+        pooled = torch.tanh(self.pooler(x[:, 0]))
+        nsp_logits = self.nsp_head(pooled)
+        out = EncoderOutput(nsp_logits=nsp_logits, last_hidden_state=x, pooler_output=pooled,
+                            hidden_states=hidden)
+        if labels is not None and not return_logits:
+            # MLM training: the head runs on the labelled (~15%) positions only.
+            picked = labels != IGNORE_INDEX
+            out.mlm_loss = cross_entropy(self.mlm_head(x[picked], self.embeddings.tokens.weight),
+                                         labels[picked])
+        else:
+            out.logits = self.mlm_head(x, self.embeddings.tokens.weight)
+            if labels is not None:
+                out.mlm_loss = cross_entropy(out.logits, labels)
+        if next_sentence_label is not None:
+            out.nsp_loss = cross_entropy(nsp_logits, next_sentence_label)
+        losses = [l for l in (out.mlm_loss, out.nsp_loss) if l is not None]
+        if losses:
+            out.loss = sum(losses)
+        return out

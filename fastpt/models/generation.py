@@ -1,0 +1,296 @@
+"""Autoregressive generation with a static, preallocated KV cache.
+
+Greedy, sampling (temperature, top-k, top-p), beam search, repetition penalty and stop
+tokens, for :class:`~fastpt.models.Decoder` (prompt -> prompt + continuation) and
+:class:`~fastpt.models.Seq2Seq` (encoder once, then one decoder step per token).
+
+Batched prompts may have different lengths: pass a list of token lists, or a padded tensor
+with its ``attention_mask`` (padding on either side). Rows are re-padded on the left
+internally, so every row's last prompt token sits in the same column; each row's position
+ids count its own tokens only, and pad keys are masked, so a row's continuation does not
+depend on the other rows.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, mask) left-padded: every row's real tokens at its right end, in order."""
+    if not isinstance(input_ids, Tensor):
+        rows = [list(map(int, r)) for r in input_ids]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        T = max(map(len, rows))
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = True
+        return ids, mask
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError("attention_mask must have input_ids' shape")
+    mask = attention_mask.to(torch.bool)
+    if not bool(mask.any(1).all()):
+        raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
+    # A stable sort of the mask moves pads to the front and keeps the tokens' order.
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    mask = mask.gather(1, order)
+    ids = input_ids.gather(1, order).masked_fill(~mask, pad_id)
+    first = mask.shape[1] - int(mask.sum(1).max())  # drop columns that are padding in every row
+    return ids[:, first:], mask[:, first:]
+
+
+def _apply_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL repetition penalty (as HF): seen tokens' logits divided by penalty if positive,
+    multiplied if negative."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Temperature, then top-k, then top-p (nucleus: the smallest set of tokens whose
+    probability reaches top_p, at least one); removed tokens get -inf."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        remove = mass_before >= top_p
+        remove[:, 0] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+class _Stepper:
+    """Runs the model one call at a time with the cache; hides Decoder vs Seq2Seq."""
+
+    def __init__(self, model, ids: Tensor, mask: Tensor, batch_rows: int, max_new_tokens: int,
+                 decoder_start: int | None, cache_dtype):
+        from fastpt.models.seq2seq import Seq2Seq
+        self.model, self.seq2seq = model, isinstance(model, Seq2Seq)
+        device = model.lm_head.weight.device if model.lm_head is not None else model.shared.weight.device
+        self.has_pad = not bool(mask.all())
+        if self.seq2seq:
+            enc_mask = mask if self.has_pad else None
+            self.memory = model.encode(ids, enc_mask)[0].repeat_interleave(batch_rows, 0)
+            self.memory_mask = None if enc_mask is None else enc_mask.repeat_interleave(batch_rows, 0)
+            B = self.memory.shape[0]
+            self.cache = model.new_cache(B, max_new_tokens + 1, dtype=cache_dtype)
+            self.first = torch.full((B, 1), decoder_start, dtype=torch.long, device=device)
+        else:
+            ids, mask = ids.repeat_interleave(batch_rows, 0), mask.repeat_interleave(batch_rows, 0)
+            B, T = ids.shape
+            self.cache = model.new_cache(B, T + max_new_tokens, dtype=cache_dtype)
+            self.mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+            self.mask[:, :T] = mask
+            self.next_pos = mask.long().sum(1, keepdim=True)
+            self.first = ids
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+        if self.seq2seq:
+            self.memory = self.memory.index_select(0, rows)
+            if self.memory_mask is not None:
+                self.memory_mask = self.memory_mask.index_select(0, rows)
+        else:
+            self.mask = self.mask.index_select(0, rows)
+            self.next_pos = self.next_pos.index_select(0, rows)
+
+    def __call__(self, tokens: Tensor | None) -> Tensor:
+        """Feed the prompt (tokens None) or one new token per row; last logits (B, V) fp32."""
+        m = self.model
+        if self.seq2seq:
+            dec = self.first if tokens is None else tokens.unsqueeze(1)
+            out = m(encoder_outputs=self.memory, attention_mask=self.memory_mask, decoder_input_ids=dec,
+                    past_key_values=self.cache, logits_to_keep=1)
+            return out.logits[:, -1].float()
+        if tokens is None:
+            T = self.first.shape[1]
+            mask = self.mask[:, :T] if self.has_pad else None
+            out = m(input_ids=self.first, attention_mask=mask, past_key_values=self.cache, logits_to_keep=1)
+        else:
+            S = self.cache.length + 1
+            kw = dict(attention_mask=self.mask[:, :S], position_ids=self.next_pos) if self.has_pad else {}
+            out = m(input_ids=tokens.unsqueeze(1), past_key_values=self.cache, logits_to_keep=1, **kw)
+            self.next_pos = self.next_pos + 1
+        return out.logits[:, -1].float()
+
+
+def _stop_ids(eos_token_id, config) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             decoder_start_token_id: int | None = None, generator: torch.Generator | None = None,
+             cache_dtype: torch.dtype | None = None) -> Tensor:
+    """Generate up to ``max_new_tokens`` tokens per prompt.
+
+    Args:
+        input_ids: (B, T) tensor, or a list of token-id lists of any lengths.
+        attention_mask: (B, T), 1 = real token; padding on the left or right.
+        do_sample: sample (after ``temperature``, ``top_k``, ``top_p``) instead of argmax.
+        repetition_penalty: > 1 discourages tokens already in the prompt or output.
+        num_beams: > 1 runs beam search (no sampling); a beam ends at a stop token; the search
+            of a prompt ends when ``num_beams`` beams have ended (or at max_new_tokens); the
+            best by sum of log-probs / generated length ** ``length_penalty`` is returned.
+        eos_token_id: stop token id(s); default the config's ``eos_token_id``. A row stops at
+            its first stop token; later columns hold ``pad_token_id`` (default: the stop token).
+        generator: the random generator for sampling.
+        cache_dtype: KV cache dtype; default the autocast dtype when autocast is on, else the
+            model's.
+
+    Returns:
+        Decoder: (B, T' + n) = left-padded prompts then the new tokens. Seq2Seq: (B, 1 + n),
+        starting with the decoder start token. n <= max_new_tokens (all rows stopped early).
+    """
+    config = model.config
+    stops = _stop_ids(eos_token_id, config)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = stops[0] if stops else 0
+    for name, ok in (("max_new_tokens", max_new_tokens >= 1), ("num_beams", num_beams >= 1),
+                     ("temperature", temperature > 0), ("top_k", top_k >= 0), ("top_p", 0 < top_p <= 1),
+                     ("repetition_penalty", repetition_penalty > 0)):
+        if not ok:
+            raise ValueError(f"generate: invalid {name}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search does not sample: use num_beams=1 with do_sample=True")
+    if decoder_start_token_id is None:
+        decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
+    if cache_dtype is None and torch.is_autocast_enabled("cpu"):
+        cache_dtype = torch.get_autocast_dtype("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids, mask = _as_batch(input_ids, attention_mask, pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        step = _Stepper(model, ids, mask, num_beams, max_new_tokens, decoder_start_token_id, cache_dtype)
+        B = ids.shape[0]
+        prefix = step.first[::num_beams] if step.seq2seq else ids
+        seen = None  # (B, V): tokens the repetition penalty applies to
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, config.vocab_size, dtype=torch.bool, device=device)
+            if step.seq2seq:
+                seen[:, decoder_start_token_id] = True
+            else:
+                rows = torch.arange(B, device=device).unsqueeze(1).expand_as(ids)
+                seen[rows[mask], ids[mask]] = True
+        args = (step, prefix, seen, max_new_tokens, stops, pad_token_id)
+        if num_beams > 1:
+            return _beam_search(*args, num_beams, length_penalty, repetition_penalty)
+        return _sample(*args, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sample(step, prefix, seen, max_new_tokens, stops, pad_id, do_sample, temperature, top_k,
+            top_p, repetition_penalty, generator) -> Tensor:
+    B = prefix.shape[0]
+    stop_t = torch.tensor(stops, device=prefix.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
+    out = []
+    logits = step(None)
+    for i in range(max_new_tokens):
+        if seen is not None:
+            logits = _apply_penalty(logits, seen, repetition_penalty)
+        if do_sample:
+            probs = _filter(logits, temperature, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(done, pad_id)
+        out.append(token)
+        if seen is not None:
+            seen[torch.arange(B), token] |= ~done
+        if len(stops):
+            done |= torch.isin(token, stop_t)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = step(token)
+    return torch.cat([prefix, torch.stack(out, 1)], dim=1)
+
+
+def _beam_search(step, prefix, seen, max_new_tokens, stops, pad_id, num_beams, length_penalty,
+                 repetition_penalty) -> Tensor:
+    B, K = prefix.shape[0], num_beams
+    device = prefix.device
+    seqs = prefix.repeat_interleave(K, 0)                       # (B*K, L)
+    if seen is not None:
+        seen = seen.repeat_interleave(K, 0)
+    running = torch.full((B, K), float("-inf"), device=device)
+    running[:, 0] = 0.0                                         # identical beams: start from one
+    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(B)]
+    batch_done = [False] * B
+    logits = step(None)
+    for i in range(max_new_tokens):
+        if seen is not None:
+            logits = _apply_penalty(logits, seen, repetition_penalty)
+        logp = logits.log_softmax(-1) + running.view(-1, 1)     # (B*K, V)
+        V = logp.shape[-1]
+        cand_scores, cand = logp.view(B, K * V).topk(2 * K, dim=1)
+        cand_beam, cand_tok = cand // V, cand % V
+        next_rows, next_tok, next_score = [], [], []
+        for b in range(B):
+            rows, toks, scores = [], [], []
+            for r in range(2 * K):
+                beam, tok, score = int(cand_beam[b, r]), int(cand_tok[b, r]), float(cand_scores[b, r])
+                if tok in stops:
+                    if r < K and not batch_done[b]:
+                        hyp = torch.cat([seqs[b * K + beam], seqs.new_tensor([tok])])
+                        finished[b].append((score / (i + 1) ** length_penalty, hyp))
+                    continue
+                rows.append(b * K + beam)
+                toks.append(tok)
+                scores.append(score)
+                if len(rows) == K:
+                    break
+            if len(finished[b]) >= K:
+                batch_done[b] = True
+            next_rows += rows
+            next_tok += toks
+            next_score += scores
+        rows_t = torch.tensor(next_rows, device=device)
+        tok_t = torch.tensor(next_tok, device=device)
+        running = torch.tensor(next_score, device=device).view(B, K)
+        seqs = torch.cat([seqs.index_select(0, rows_t), tok_t.unsqueeze(1)], dim=1)
+        if seen is not None:
+            seen = seen.index_select(0, rows_t)
+            seen[torch.arange(B * K, device=device), tok_t] = True
+        if all(batch_done) or i == max_new_tokens - 1:
+            break
+        step.reorder(rows_t)
+        logits = step(tok_t)
+    results = []
+    for b in range(B):
+        if not batch_done[b]:  # unfinished beams compete at their current length
+            n = seqs.shape[1] - prefix.shape[1]
+            finished[b] += [(float(running[b, k]) / n ** length_penalty, seqs[b * K + k]) for k in range(K)]
+        results.append(max(finished[b], key=lambda h: h[0])[1])
+    width = max(len(r) for r in results)
+    out = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    for b, r in enumerate(results):
+        out[b, :len(r)] = r
+    return out

@@ -1,0 +1,474 @@
+"""Hugging Face interop: HF config.json fields, HF parameter names, safetensors files, and
+conversion from/to ``transformers`` models (BERT, GPT-2, Llama, T5).
+
+The mapping between fastpt's parameter names and HF's is one list of :class:`_Entry` per
+model, built from the config: an HF tensor is made from one or more fastpt tensors
+(``pack``) and split back (``unpack``); GPT-2's fused, transposed ``c_attn`` is the only
+non-trivial one. Loading checks the file against that list and names every missing,
+unexpected and mis-shaped tensor. Only safetensors files are read (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fastpt.models.config import DecoderConfig, EncoderConfig, Seq2SeqConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the offending tensors or the file."""
+
+
+@dataclass
+class _Entry:
+    hf: str
+    ours: tuple[str, ...]
+    pack: Callable[..., Tensor] = lambda t: t
+    unpack: Callable[[Tensor], tuple[Tensor, ...]] = lambda t: (t,)
+
+
+def _same(hf: str, ours: str) -> _Entry:
+    return _Entry(hf, (ours,))
+
+
+def _linear(hf: str, ours: str, bias: bool = True) -> list[_Entry]:
+    out = [_same(f"{hf}.weight", f"{ours}.weight")]
+    return out + [_same(f"{hf}.bias", f"{ours}.bias")] if bias else out
+
+
+def _layer_norm(hf: str, ours: str) -> list[_Entry]:
+    return _linear(hf, ours, bias=True)
+
+
+def _conv1d(hf: str, ours: str) -> list[_Entry]:
+    """GPT-2 Conv1D stores (in, out): the transpose of nn.Linear's weight."""
+    return [_Entry(f"{hf}.weight", (f"{ours}.weight",), lambda w: w.t(), lambda w: (w.t(),)),
+            _same(f"{hf}.bias", f"{ours}.bias")]
+
+
+def _gpt2_qkv(hf: str, attn: str) -> list[_Entry]:
+    names = [f"{attn}.{p}_proj" for p in "qkv"]
+    return [_Entry(f"{hf}.weight", tuple(f"{n}.weight" for n in names),
+                   lambda q, k, v: torch.cat([q.t(), k.t(), v.t()], dim=1),
+                   lambda w: tuple(x.t() for x in w.chunk(3, dim=1))),
+            _Entry(f"{hf}.bias", tuple(f"{n}.bias" for n in names),
+                   lambda q, k, v: torch.cat([q, k, v]), lambda b: tuple(b.chunk(3)))]
+
+
+# ---------------------------------------------------------------- per-family tables
+
+def _bert_entries(c: EncoderConfig) -> list[_Entry]:
+    e = [_same("bert.embeddings.word_embeddings.weight", "embeddings.tokens.weight"),
+         _same("bert.embeddings.position_embeddings.weight", "embeddings.positions.weight"),
+         _same("bert.embeddings.token_type_embeddings.weight", "embeddings.segments.weight"),
+         *_layer_norm("bert.embeddings.LayerNorm", "embeddings.norm")]
+    for i in range(c.num_layers):
+        h, o = f"bert.encoder.layer.{i}", f"layers.{i}"
+        for hp, op in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            e += _linear(f"{h}.attention.self.{hp}", f"{o}.attn.{op}")
+        e += _linear(f"{h}.attention.output.dense", f"{o}.attn.o_proj")
+        e += _layer_norm(f"{h}.attention.output.LayerNorm", f"{o}.attn_norm")
+        e += _linear(f"{h}.intermediate.dense", f"{o}.fc_in")
+        e += _linear(f"{h}.output.dense", f"{o}.fc_out")
+        e += _layer_norm(f"{h}.output.LayerNorm", f"{o}.mlp_norm")
+    e += _linear("bert.pooler.dense", "pooler")
+    e += [_same("cls.predictions.bias", "mlm_head.bias"),
+          *_linear("cls.predictions.transform.dense", "mlm_head.dense"),
+          *_layer_norm("cls.predictions.transform.LayerNorm", "mlm_head.norm"),
+          *_linear("cls.seq_relationship", "nsp_head")]
+    return e
+
+
+def _gpt2_entries(c: DecoderConfig) -> list[_Entry]:
+    e = [_same("transformer.wte.weight", "embed_tokens.weight"),
+         _same("transformer.wpe.weight", "embed_positions.weight")]
+    for i in range(c.num_layers):
+        h, o = f"transformer.h.{i}", f"layers.{i}"
+        e += _layer_norm(f"{h}.ln_1", f"{o}.attn_norm")
+        e += _gpt2_qkv(f"{h}.attn.c_attn", f"{o}.attn")
+        e += _conv1d(f"{h}.attn.c_proj", f"{o}.attn.o_proj")
+        e += _layer_norm(f"{h}.ln_2", f"{o}.mlp_norm")
+        e += _conv1d(f"{h}.mlp.c_fc", f"{o}.mlp.fc_in")
+        e += _conv1d(f"{h}.mlp.c_proj", f"{o}.mlp.fc_out")
+    e += _layer_norm("transformer.ln_f", "final_norm")
+    if not c.tie_word_embeddings:
+        e.append(_same("lm_head.weight", "lm_head.weight"))
+    return e
+
+
+def _llama_entries(c: DecoderConfig) -> list[_Entry]:
+    e = [_same("model.embed_tokens.weight", "embed_tokens.weight")]
+    for i in range(c.num_layers):
+        h, o = f"model.layers.{i}", f"layers.{i}"
+        e.append(_same(f"{h}.input_layernorm.weight", f"{o}.attn_norm.weight"))
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            e += _linear(f"{h}.self_attn.{p}", f"{o}.attn.{p}", c.attention_bias)
+        e.append(_same(f"{h}.post_attention_layernorm.weight", f"{o}.mlp_norm.weight"))
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            e += _linear(f"{h}.mlp.{p}", f"{o}.mlp.{p}", c.mlp_bias)
+    e.append(_same("model.norm.weight", "final_norm.weight"))
+    if not c.tie_word_embeddings:
+        e.append(_same("lm_head.weight", "lm_head.weight"))
+    return e
+
+
+def _t5_entries(c: Seq2SeqConfig) -> list[_Entry]:
+    e = [_same("shared.weight", "shared.weight")]
+    if c.feed_forward_proj == "gated-gelu":
+        ff = (("wi_0", "wi_gate"), ("wi_1", "wi"), ("wo", "wo"))
+    else:
+        ff = (("wi", "wi"), ("wo", "wo"))
+    for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
+        e.append(_same(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       f"{stack}.relative_bias.embedding.weight"))
+        for i in range(n):
+            h, o = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
+            attns = [("0.SelfAttention", "attn")]
+            if stack == "decoder":
+                attns.append(("1.EncDecAttention", "cross_attn"))
+            for ha, oa in attns:
+                for hp, op in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+                    e.append(_same(f"{h}.{ha}.{hp}.weight", f"{o}.{oa}.{op}.weight"))
+            e.append(_same(f"{h}.0.layer_norm.weight", f"{o}.attn_norm.weight"))
+            f = 1
+            if stack == "decoder":
+                e.append(_same(f"{h}.1.layer_norm.weight", f"{o}.cross_norm.weight"))
+                f = 2
+            for hp, op in ff:
+                e.append(_same(f"{h}.{f}.DenseReluDense.{hp}.weight", f"{o}.mlp.{op}.weight"))
+            e.append(_same(f"{h}.{f}.layer_norm.weight", f"{o}.mlp_norm.weight"))
+        e.append(_same(f"{stack}.final_layer_norm.weight", f"{stack}.final_norm.weight"))
+    if not c.tie_word_embeddings:
+        e.append(_same("lm_head.weight", "lm_head.weight"))
+    return e
+
+
+def _entries(config) -> list[_Entry]:
+    if isinstance(config, EncoderConfig):
+        return _bert_entries(config)
+    if isinstance(config, DecoderConfig):
+        return _gpt2_entries(config) if config.flavour == "gpt2" else _llama_entries(config)
+    return _t5_entries(config)
+
+
+def _aliases(config) -> dict[str, str]:
+    """HF names that hold a copy of another tensor (tied weights): alias -> canonical name."""
+    if isinstance(config, EncoderConfig):
+        return {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+    if isinstance(config, DecoderConfig):
+        emb = "transformer.wte.weight" if config.flavour == "gpt2" else "model.embed_tokens.weight"
+        return {"lm_head.weight": emb} if config.tie_word_embeddings else {}
+    out = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = "shared.weight"
+    return out
+
+
+# Buffers that some HF versions save and that fastpt recomputes.
+_IGNORED = [re.compile(p) for p in (r"\.attn\.(masked_)?bias$", r"\.crossattention\.(masked_)?bias$",
+                                    r"rotary_emb\.inv_freq$",
+                                    r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")]
+
+
+# ---------------------------------------------------------------- configs
+
+def to_hf_config(config) -> dict:
+    """config.json contents (HF field names) for a fastpt config."""
+    c = config
+    if isinstance(c, EncoderConfig):
+        return dict(model_type="bert", architectures=["BertForPreTraining"], vocab_size=c.vocab_size,
+                    hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                    num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+                    hidden_act=c.hidden_act, hidden_dropout_prob=c.dropout,
+                    attention_probs_dropout_prob=c.attention_dropout,
+                    max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+                    initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps,
+                    pad_token_id=c.pad_token_id)
+    if isinstance(c, DecoderConfig) and c.flavour == "gpt2":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                    n_positions=c.max_position_embeddings, n_embd=c.hidden_size, n_layer=c.num_layers,
+                    n_head=c.num_heads, n_inner=c.intermediate_size, activation_function=c.hidden_act,
+                    resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.attention_dropout,
+                    layer_norm_epsilon=c.norm_eps, initializer_range=c.initializer_range,
+                    bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                    tie_word_embeddings=c.tie_word_embeddings)
+    if isinstance(c, DecoderConfig):
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=c.vocab_size,
+                    hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                    num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                    num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+                    max_position_embeddings=c.max_position_embeddings,
+                    initializer_range=c.initializer_range, rms_norm_eps=c.norm_eps,
+                    rope_theta=c.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                    attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+                    attention_dropout=c.attention_dropout, tie_word_embeddings=c.tie_word_embeddings,
+                    bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    return dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=c.vocab_size,
+                d_model=c.hidden_size, d_kv=c.head_dim, d_ff=c.intermediate_size, num_layers=c.num_layers,
+                num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+                relative_attention_num_buckets=c.relative_attention_num_buckets,
+                relative_attention_max_distance=c.relative_attention_max_distance,
+                dropout_rate=c.dropout, layer_norm_epsilon=c.layer_norm_eps,
+                initializer_factor=c.initializer_factor, feed_forward_proj=c.feed_forward_proj,
+                tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
+                eos_token_id=c.eos_token_id, decoder_start_token_id=c.decoder_start_token_id,
+                is_encoder_decoder=True)
+
+
+def _token(d: dict, name: str):
+    v = d.get(name)
+    return v[0] if isinstance(v, list) and v else v
+
+
+def from_hf_config(d: dict):
+    """A fastpt config from config.json contents (HF field names)."""
+    kind = d.get("model_type")
+    if kind == "bert":
+        return EncoderConfig(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                             num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                             intermediate_size=d["intermediate_size"], hidden_act=d.get("hidden_act", "gelu"),
+                             dropout=d.get("hidden_dropout_prob", 0.1),
+                             attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+                             max_position_embeddings=d.get("max_position_embeddings", 512),
+                             type_vocab_size=d.get("type_vocab_size", 2),
+                             initializer_range=d.get("initializer_range", 0.02),
+                             layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_token_id=d.get("pad_token_id", 0))
+    if kind == "gpt2":
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if d.get(flag):
+                raise ValueError(f"GPT-2 config with {flag}=True is not supported")
+        if d.get("scale_attn_weights", True) is False:
+            raise ValueError("GPT-2 config with scale_attn_weights=False is not supported")
+        return DecoderConfig(flavour="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"],
+                             num_layers=d["n_layer"], num_heads=d["n_head"],
+                             intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
+                             max_position_embeddings=d.get("n_positions", 1024),
+                             hidden_act=d.get("activation_function", "gelu_new"),
+                             norm_eps=d.get("layer_norm_epsilon", 1e-5), dropout=d.get("resid_pdrop", 0.1),
+                             attention_dropout=d.get("attn_pdrop", 0.1),
+                             initializer_range=d.get("initializer_range", 0.02),
+                             tie_word_embeddings=d.get("tie_word_embeddings", True),
+                             bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
+                             pad_token_id=_token(d, "pad_token_id"))
+    if kind == "llama":
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"Llama RoPE scaling {rope} is not supported (only the default RoPE)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        return DecoderConfig(flavour="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                             num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                             num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                             head_dim=d.get("head_dim"), intermediate_size=d["intermediate_size"],
+                             hidden_act=d.get("hidden_act", "silu"),
+                             max_position_embeddings=d.get("max_position_embeddings", 2048),
+                             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                             attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+                             attention_dropout=d.get("attention_dropout", 0.0),
+                             initializer_range=d.get("initializer_range", 0.02),
+                             tie_word_embeddings=d.get("tie_word_embeddings", False),
+                             bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
+                             pad_token_id=_token(d, "pad_token_id"))
+    if kind == "t5":
+        # transformers >= 5 always ties T5's embeddings and keeps the old meaning of
+        # tie_word_embeddings (scale the decoder output) in scale_decoder_outputs.
+        tied = d.get("scale_decoder_outputs", d.get("tie_word_embeddings", True))
+        return Seq2SeqConfig(vocab_size=d["vocab_size"], hidden_size=d["d_model"], head_dim=d["d_kv"],
+                             intermediate_size=d["d_ff"], num_layers=d["num_layers"],
+                             num_decoder_layers=d.get("num_decoder_layers"), num_heads=d["num_heads"],
+                             relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
+                             relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
+                             feed_forward_proj=d.get("feed_forward_proj", "relu"),
+                             layer_norm_eps=d.get("layer_norm_epsilon", 1e-6), dropout=d.get("dropout_rate", 0.1),
+                             tie_word_embeddings=bool(tied), initializer_factor=d.get("initializer_factor", 1.0),
+                             pad_token_id=d.get("pad_token_id", 0), eos_token_id=_token(d, "eos_token_id") or 1,
+                             decoder_start_token_id=d.get("decoder_start_token_id") or 0)
+    raise ValueError(f"unsupported model_type {kind!r} (fastpt reads bert, gpt2, llama and t5)")
+
+
+def model_for_config(config, use_fused: bool = True):
+    from fastpt.models.decoder import Decoder
+    from fastpt.models.encoder import Encoder
+    from fastpt.models.seq2seq import Seq2Seq
+    cls = {EncoderConfig: Encoder, DecoderConfig: Decoder, Seq2SeqConfig: Seq2Seq}[type(config)]
+    return cls(config, use_fused=use_fused)
+
+
+# ---------------------------------------------------------------- state dicts
+
+def hf_state_dict(model) -> dict[str, Tensor]:
+    """The model's tensors under HF names (tied copies not repeated), detached."""
+    ours = model.state_dict()
+    with torch.no_grad():
+        return {e.hf: e.pack(*(ours[n] for n in e.ours)).detach() for e in _entries(model.config)}
+
+
+def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Callable[[str], bool] | None = None,
+                       source: str = "checkpoint") -> list[str]:
+    """Copy HF-named ``tensors`` into ``model`` after checking names and shapes.
+
+    Raises :class:`CheckpointError` listing every missing, unexpected and mis-shaped tensor
+    (tied copies under their alias names are accepted). ``allow_missing(name)`` marks
+    tensors that may be absent (they keep their initial values); returns those names."""
+    entries = _entries(model.config)
+    aliases = _aliases(model.config)
+    tensors = dict(tensors)
+    for alias, canonical in aliases.items():
+        if alias in tensors:
+            value = tensors.pop(alias)
+            tensors.setdefault(canonical, value)
+    expected = {e.hf: e for e in entries}
+    current = model.state_dict()
+    missing = [n for n in expected if n not in tensors and not (allow_missing and allow_missing(n))]
+    skipped = [n for n in expected if n not in tensors and n not in missing]
+    unexpected = [n for n in tensors if n not in expected and not any(p.search(n) for p in _IGNORED)]
+    shapes = {}
+    for name, e in expected.items():
+        if name in tensors:
+            want = tuple(e.pack(*(current[n] for n in e.ours)).shape)
+            if tuple(tensors[name].shape) != want:
+                shapes[name] = (tuple(tensors[name].shape), want)
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+        for name, (got, want) in shapes.items():
+            lines.append(f"  mis-shaped tensor {name}: file has {list(got)}, model expects {list(want)}")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for name, e in expected.items():
+            if name in tensors:
+                for our, value in zip(e.ours, e.unpack(tensors[name])):
+                    current[our].copy_(value)
+    return skipped
+
+
+# ---------------------------------------------------------------- files
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model, path) -> None:
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().clone() for k, v in hf_state_dict(model).items()}
+    config = {**to_hf_config(model.config), "fastpt_version": _version()}
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / CONFIG_NAME, write_config)
+
+
+def _version() -> str:
+    import fastpt
+    return fastpt.__version__
+
+
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file raises CheckpointError."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError/ValueError
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
+                              f"or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def _bert_base_layout(tensors: dict[str, Tensor]) -> bool:
+    """A BertModel checkpoint: no 'bert.' prefix and no heads."""
+    return any(k.startswith("embeddings.") for k in tensors) and not any(k.startswith("bert.") for k in tensors)
+
+
+def _load_tensors(model, tensors: dict[str, Tensor], source: str) -> None:
+    allow = None
+    if isinstance(model.config, EncoderConfig) and _bert_base_layout(tensors):
+        # BertModel: the pre-training heads keep their initialisation.
+        tensors = {("bert." + k): v for k, v in tensors.items()}
+        allow = lambda name: name.startswith("cls.")  # noqa: E731
+    load_hf_state_dict(model, tensors, allow_missing=allow, source=source)
+
+
+def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool = True):
+    """The fastpt model of a HF-layout folder: config.json + model.safetensors."""
+    path = Path(path)
+    config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found")
+    if not weights.is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" ({', '.join(pickles)} not read: fastpt loads safetensors only, never pickle)" if pickles else ""
+        raise FileNotFoundError(f"{weights} not found{hint}")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
+    config = from_hf_config(hf_config)
+    model = model_for_config(config, use_fused=use_fused)
+    _load_tensors(model, read_safetensors(weights), source=str(weights))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- transformers models
+
+def from_hf(hf_model, *, use_fused: bool = True):
+    """A fastpt model with the weights of a ``transformers`` BertForPreTraining / BertModel,
+    GPT2LMHeadModel, LlamaForCausalLM or T5ForConditionalGeneration."""
+    config = from_hf_config(hf_model.config.to_dict())
+    model = model_for_config(config, use_fused=use_fused)
+    _load_tensors(model, hf_model.state_dict(), source=type(hf_model).__name__)
+    return model.train(hf_model.training)
+
+
+_HF_CLASSES = {"bert": "BertForPreTraining", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+               "t5": "T5ForConditionalGeneration"}
+
+
+def to_hf(model):
+    """The ``transformers`` model (same weights): BertForPreTraining, GPT2LMHeadModel,
+    LlamaForCausalLM or T5ForConditionalGeneration."""
+    import transformers
+    d = to_hf_config(model.config)
+    kind = d["model_type"]
+    if kind == "t5" and not model.config.tie_word_embeddings:
+        raise ValueError("transformers >= 5 always ties T5's lm_head to the embeddings; an untied "
+                         "fastpt Seq2Seq has no transformers equivalent (save_pretrained still works)")
+    hf_config = transformers.AutoConfig.for_model(**d)
+    hf_model = getattr(transformers, _HF_CLASSES[kind])(hf_config)
+    tensors = hf_state_dict(model)
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
+    aliases = _aliases(model.config)
+    bad = [n for n in missing if n not in aliases and not any(p.search(n) for p in _IGNORED)]
+    if bad or unexpected:
+        raise RuntimeError(f"conversion to {type(hf_model).__name__} failed: missing {bad}, unexpected {unexpected}")
+    hf_model.tie_weights()
+    return hf_model.train(model.training)

@@ -1,0 +1,139 @@
+"""Generation: token-for-token against transformers' generate (greedy, beam search,
+repetition penalty), cached vs uncached logits, batched left padding, stop tokens,
+sampling filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models_util import hf_gpt2, hf_llama, hf_t5, max_err, randomize_
+from fastpt.models import Decoder, from_hf, from_name, generate
+from fastpt.models.generation import _as_batch, _filter
+
+# HF generate sizes its T5 cache by num_layers, so the decoder depth must equal it here.
+HF = {"llama": hf_llama, "gpt2": hf_gpt2, "t5": lambda: hf_t5(num_decoder_layers=2)}
+
+
+def _pair(name):
+    hf = HF[name]()
+    randomize_(hf, 0.05)
+    return hf, from_hf(hf).eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(repetition_penalty=1.5)],
+                         ids=["greedy", "beam3", "penalty"])
+def test_matches_transformers_generate(name, options):
+    hf, model = _pair(name)
+    ids = torch.randint(3, 97, (1, 7))
+    ref = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0, **options)
+    ours = model.generate(ids, max_new_tokens=16, eos_token_id=[], **options)
+    assert torch.equal(ours, ref)
+
+
+def test_stop_token_matches_transformers():
+    hf, model = _pair("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    free = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+    stop = int(free[0, 6 + 4])  # the 5th new token becomes a stop token
+    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=0)
+    ours = model.generate(ids, max_new_tokens=12, eos_token_id=stop, pad_token_id=0)
+    assert torch.equal(ours, ref)
+    first = (free[0, 6:] == stop).nonzero()[0].item()
+    assert ours.shape[1] == 6 + first + 1  # stopped right after it
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_cached_equals_uncached_logits(use_fused):
+    model = Decoder(from_name("llama-tiny"), use_fused=use_fused).eval()
+    randomize_(model)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 12)
+        parts = [model(ids[:, :5], past_key_values=cache).logits]
+        parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(5, 9)]
+        parts.append(model(ids[:, 9:], past_key_values=cache).logits)
+    assert cache.length == 12
+    assert max_err(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_seq2seq_cached_equals_uncached():
+    _, model = _pair("t5")
+    ids, dec = torch.randint(3, 97, (2, 9)), torch.randint(3, 97, (2, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids, decoder_input_ids=dec).logits
+        memory = model.encode(ids)[0]
+        cache = model.new_cache(2, 6)
+        steps = [model(encoder_outputs=memory, decoder_input_ids=dec[:, t:t + 1], past_key_values=cache).logits
+                 for t in range(6)]
+    assert max_err(torch.cat(steps, 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_batched_prompts_equal_single_prompts(name, use_fused):
+    _, model = _pair(name)
+    model.use_fused = use_fused
+    prompts = [[10, 11, 12, 13, 14, 15], [20, 21], [30, 31, 32]]
+    batched = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    for row, prompt in zip(batched, prompts):
+        single = model.generate([prompt], max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(row[-6:], single[0, -6:])
+    beams = model.generate(prompts, max_new_tokens=5, num_beams=2, eos_token_id=[])
+    for row, prompt in zip(beams, prompts):
+        assert torch.equal(row[-5:], model.generate([prompt], max_new_tokens=5, num_beams=2, eos_token_id=[])[0, -5:])
+
+
+def test_right_padding_is_moved_left():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out, m = _as_batch(ids, mask, pad_id=0)
+    assert out.tolist() == [[5, 6, 7], [0, 8, 9]]
+    assert m.tolist() == [[True, True, True], [False, True, True]]
+    _, model = _pair("llama")
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_id=[]),
+                       model.generate([[5, 6, 7], [8, 9]], max_new_tokens=4, eos_token_id=[]))
+
+
+def test_stop_tokens_pad_finished_rows():
+    _, model = _pair("llama")
+    prompts = [[10, 11, 12], [40, 41, 42, 43]]
+    free = model.generate(prompts, max_new_tokens=8, eos_token_id=[])
+    stop = int(free[0, -8 + 1])  # row 0 stops at its 2nd new token
+    out = model.generate(prompts, max_new_tokens=8, eos_token_id=[stop, 96], pad_token_id=0)
+    new = out[:, -out.shape[1] + 4:]
+    row0 = new[0].tolist()
+    k = row0.index(stop)
+    assert all(t == 0 for t in row0[k + 1:])
+
+
+def test_sampling():
+    _, model = _pair("llama")
+    ids = torch.randint(3, 97, (2, 5))
+    greedy = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=[]), greedy)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, top_p=1e-6, eos_token_id=[]), greedy)
+    runs = [model.generate(ids, max_new_tokens=8, do_sample=True, temperature=2.0, eos_token_id=[],
+                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*runs)
+    assert not torch.equal(runs[0], greedy)
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(_filter(logits, 1.0, 2, 1.0)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(_filter(logits, 1.0, 0, 0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(_filter(logits, 1.0, 0, 0.81)).tolist() == [[False, False, False, True]]
+    assert torch.allclose(_filter(logits, 2.0, 0, 1.0), logits / 2)
+
+
+def test_bad_arguments():
+    _, model = _pair("gpt2")
+    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(num_beams=0),
+                dict(num_beams=2, do_sample=True)):
+        with pytest.raises(ValueError):
+            generate(model, [[1, 2]], **bad)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []])
