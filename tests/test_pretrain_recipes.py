@@ -64,3 +64,12 @@ def test_tiny_decoder_and_electra_runs(tmp_path):
     assert el.model is not None and el.metrics[-1]["loss"] > 0
     with pytest.raises(ValueError, match="objective"):
         pretrain_encoder(str(tmp_path / "x"), objective="clm")
+
+
+@pytest.mark.slow
+def test_pretraining_beats_scratch_on_unseen_adjectives(tmp_path):
+    """Learning outcome (README records the numbers): >= 10 points with 200 labels."""
+    from fastpt.pretrain.experiments import sentiment_transfer
+    result = sentiment_transfer(str(tmp_path), progress=False)
+    print(result)
+    assert result["frozen_embeddings"]["gain_points"] >= 10

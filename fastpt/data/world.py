@@ -15,9 +15,9 @@ pre-trains on this learns the facts and which adjectives go together.
 The labelled tasks are drawn from the same world, so pre-training transfers to them:
 
 ==================  =======================================================================
-``sentiment``       review without cue phrase or rating -> positive / negative. The
-                    adjectives are many, so a few hundred labels cover each only a few times:
-                    the polarity must come from pre-training.
+``sentiment``       review without cue phrase or rating -> positive / negative. Labelled
+                    sets can be drawn from half of the adjectives ("seen") and tested on the
+                    other half ("unseen"): their polarity must come from pre-training.
 ``tagging``         word-level entity tags: PER, CITY, JOB, FOOD, REST, O
 ``qa``              extractive QA over a biography (answer = character span)
 ``text_to_text``    sentence -> ``name: X | city: Y | job: Z``
@@ -63,6 +63,7 @@ NEGATIVE_CUES = ["{p} will never return.", "{p} gave it one star.",
                  "{p} warns everyone to stay away.", "Rating: 1 star."]
 TAGS = ("O", "PER", "CITY", "JOB", "FOOD", "REST")
 ICL_TASKS = ("city_of", "job_of", "sentiment")
+ADJECTIVE_SPLITS = ("all", "seen", "unseen")
 
 
 @dataclass(frozen=True)
@@ -155,14 +156,22 @@ class World:
 
     # -- labelled tasks ---------------------------------------------------------------------
 
-    def sentiment(self, n: int, seed: int = 0) -> list[dict]:
-        """Reviews without cue phrases: ``{"text", "label"}``, label 1 = positive."""
-        rng = random.Random(f"{self.seed}/sentiment/{seed}")
+    def sentiment(self, n: int, seed: int = 0, adjectives: str = "all") -> list[dict]:
+        """Reviews without cue phrases: ``{"text", "label"}``, label 1 = positive.
+
+        ``adjectives``: ``"all"``, or ``"seen"`` / ``"unseen"`` for the two halves of each
+        polarity's list. Training on "seen" and testing on "unseen" asks for polarity that
+        only pre-training can supply (the labels never show those words)."""
+        if adjectives not in ADJECTIVE_SPLITS:
+            raise ValueError(f"adjectives must be one of {ADJECTIVE_SPLITS}, got {adjectives!r}")
+        rng = random.Random(f"{self.seed}/sentiment/{seed}/{adjectives}")
+        start, step = {"all": (0, 1), "seen": (0, 2), "unseen": (1, 2)}[adjectives]
+        pools = (NEGATIVE[start::step], POSITIVE[start::step])
         out = []
         for _ in range(n):
             r, p = rng.choice(self.restaurants), rng.choice(self.people)
             label = rng.random() < 0.5
-            a1, a2 = rng.sample(POSITIVE if label else NEGATIVE, 2)
+            a1, a2 = rng.sample(pools[label], 2)
             out.append({"text": f"{p.name} ate at {r.name}. The {r.food} was {a1} and the "
                                 f"service was {a2}.", "label": int(label)})
         return out
