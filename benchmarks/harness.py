@@ -13,6 +13,10 @@ Modes: ``fwd`` calls the op; ``fwdbwd`` calls it on inputs that require grad, th
 ``torch.autograd.grad`` with fixed grad outputs for every differentiable input. Each call
 includes allocating and freeing its outputs, as in a training step.
 
+Peak memory (specs with ``peak_memory=True``): the most memory torch's CPU allocator holds
+at once during one call beyond what existed before it (outputs and saved tensors
+included), from the profiler's per-op allocation records (:func:`peak_memory_bytes`).
+
 % of copy bandwidth = (minimal bytes / median time) / copy GB/s. Minimal bytes: the
 forward reads each tensor input once and writes each output once; the backward reads
 each grad output and the inputs it needs again (``Inputs.bwd_reads``) once and writes
@@ -68,6 +72,8 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
     modes: tuple[str, ...] = MODES
     nbytes: Callable | None = None
+    peak_memory: bool = False          # also record each impl's peak memory per call
+    agree_tol: float | None = None     # relative fastpt-vs-eager tolerance (e.g. int8 vs float)
 
 
 @dataclass
@@ -90,6 +96,7 @@ class Record:
     threads: int = 0
     rounds: int = 0          # timed calls per implementation
     first_call_s: float = 0.0  # first call (for compile: compilation time)
+    peak_mib: float | None = None  # peak memory of one call (specs with peak_memory)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,21 @@ def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
     return (lambda: dst.copy_(src)), 8 * n
 
 
+def peak_memory_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes held by torch's CPU allocator during call() beyond those held before it:
+    the running sum, in start-time order, of the profiler's per-op self allocations (a
+    tensor freed inside the op that allocated it is netted out within that op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
 def _compile(fn: Callable) -> Callable:
     # NOTE: a fresh dynamo state per case: each case is a new shape/dtype/grad mode of the same
     # reference function, and the per-function recompile limit (8) would otherwise be reached.
@@ -186,7 +208,7 @@ def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, got: tuple, re
     for g, r in zip(got, ref):
         scale = float(r.abs().max()) if r.numel() else 0.0
         err = float((g.float() - r.float()).abs().max()) if r.numel() else 0.0
-        if not err <= _AGREE_TOL[dtype] * max(scale, 1e-30):
+        if not err <= (spec.agree_tol or _AGREE_TOL[dtype]) * max(scale, 1e-30):
             warnings.warn(f"{spec.name} {dtype} {mode}: fastpt differs from eager "
                           f"(max error {err:.3g}, max |eager| {scale:.3g}); timing it anyway",
                           stacklevel=2)
@@ -225,6 +247,8 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             call()
     _check_agreement(spec, tdtype, mode, results["fastpt"], results["eager"])
     del results
+    peak = {name: peak_memory_bytes(call) / 2**20 for name, call in calls.items() if name != "copy"} \
+        if spec.peak_memory else {}
 
     samples = _alternate(calls, timing)
     ms = {name: _median_ms(ns) for name, ns in samples.items()}
@@ -240,15 +264,15 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             pct_copy_bandwidth=100.0 * nbytes / (ms[name] * 1e6) / copy_gbps,
             alloc=alloc, bytes=nbytes, copy_gbps=copy_gbps,
             threads=threads or torch.get_num_threads(), rounds=len(samples[name]),
-            first_call_s=first_s[name]))
+            first_call_s=first_s[name], peak_mib=peak.get(name)))
     return records
 
 
 # ---------------------------------------------------------------- reporting
 
 COLUMNS = ("alloc", "op", "dtype", "mode", "shape", "fastpt ms", "eager ms", "compile ms",
-           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s")
-_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9)
+           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s", "fastpt MiB", "eager MiB")
+_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9, 10, 9)
 
 
 def _fmt(v, spec: str) -> str:
@@ -263,7 +287,7 @@ def case_row(records: Iterable[Record]) -> list[str]:
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
             _fmt(f.ratio_vs_eager, ".2f"), _fmt(f.ratio_vs_compile, ".2f"),
             _fmt(f.pct_copy_bandwidth, ".0f"), _fmt(c and c.pct_copy_bandwidth, ".0f"),
-            _fmt(f.copy_gbps, ".1f")]
+            _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f")]
 
 
 def text_header() -> str:

@@ -27,7 +27,7 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope")
+OPS = ("rms_norm", "swiglu", "rope", "int8_matmul", "int8_linear", "lora_linear")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}

@@ -18,7 +18,25 @@
     "bool interleaved) -> (Tensor, Tensor)")                                                   \
   X("rope_",                                                                                   \
     "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, "         \
-    "bool interleaved) -> ()")
+    "bool interleaved) -> ()")                                                             \
+  X("quantize_rowwise", "quantize_rowwise(Tensor x, Tensor? skip_cols) -> (Tensor, Tensor)")   \
+  X("outlier_columns", "outlier_columns(Tensor x, float threshold) -> Tensor")                 \
+  X("pack_int8_weight", "pack_int8_weight(Tensor weight) -> (Tensor, Tensor)")                 \
+  X("unpack_int8_weight", "unpack_int8_weight(Tensor packed, int n, int k) -> Tensor")         \
+  X("int8_matmul",                                                                             \
+    "int8_matmul(Tensor a, Tensor b, Tensor? scale_a, Tensor? scale_b, ScalarType? out_dtype, " \
+    "Tensor? bias) -> Tensor")                                                                 \
+  X("int8_linear",                                                                             \
+    "int8_linear(Tensor x, Tensor weight_packed, Tensor weight_colsum, Tensor weight_scale, "  \
+    "int out_features, Tensor? bias, float threshold) -> Tensor")                              \
+  X("hash_dropout", "hash_dropout(Tensor x, float p, Tensor? seed) -> Tensor")                 \
+  X("lora_linear",                                                                             \
+    "lora_linear(Tensor x, Tensor? weight, Tensor? base_out, Tensor lora_a, Tensor lora_b, "   \
+    "float scale, Tensor? bias, float dropout_p, Tensor? seed) -> Tensor")           \
+  X("lora_linear_backward",                                                                    \
+    "lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_a, "          \
+    "Tensor lora_b, float scale, float dropout_p, Tensor? seed, bool need_grad_x) " \
+    "-> (Tensor, Tensor, Tensor)")
 
 TORCH_LIBRARY(fastpt, m) {
 #define FASTPT_DEF(name, schema) m.def(schema);

@@ -10,6 +10,7 @@
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_features.h"
+#include "ops/int8/int8_path.h"
 
 namespace py = pybind11;
 using fastpt::cpu::Capability;
@@ -55,4 +56,10 @@ PYBIND11_MODULE(_C, m) {
         "Outputs of at least this many bytes are written with non-temporal stores.");
   m.def("set_stream_min_bytes", &fastpt::cpu::set_stream_min_bytes, py::arg("bytes"),
         "Change that threshold (0: always stream); for tests and A/B timing.");
+  m.def("int8_matmul_path", [] { return std::string(fastpt::cpu::int8_path_name(fastpt::cpu::int8_path())); },
+        "The CPU int8 GEMM path the next int8 matmul uses: amx, vnni, avx2 or scalar.");
+  m.def("int8_matmul_paths", &fastpt::cpu::int8_paths_available,
+        "The CPU int8 GEMM paths this machine can run, fastest first.");
+  m.def("set_int8_matmul_path", &fastpt::cpu::set_int8_path, py::arg("name"),
+        "Cap the int8 GEMM path (auto, amx, vnni, avx2, scalar); for tests and A/B timing.");
 }

@@ -10,6 +10,7 @@ from fastpt._loader import load_extension as _load_extension
 _C = _load_extension()
 
 from fastpt import nn, ops  # noqa: E402  (ops need _C loaded first)
+from fastpt.nn.int8_linear import quantize_  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -22,4 +23,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "nn", "ops"]
+__all__ = ["build_info", "nn", "ops", "quantize_"]

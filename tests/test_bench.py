@@ -16,7 +16,10 @@ from fastpt import alloc, cli
 from fastpt.benchmarks import harness, run
 
 TINY = {"rms_norm": {"x": (8, 32)}, "swiglu": {"gate": (8, 32), "up": (8, 32)},
-        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)}}
+        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)},
+        "int8_matmul": {"a": (32, 64), "b": (32, 64)},
+        "int8_linear": {"x": (32, 64), "w": (24, 64)},
+        "lora_linear": {"x": (8, 32), "w": (16, 32), "a": (4, 32), "b": (16, 4)}}
 FAST = harness.Timing(budget_s=0.0, min_rounds=3, warmup=1)
 
 
@@ -30,10 +33,13 @@ def test_records_and_ratios(op, mode, monkeypatch):
     # Stand-in for torch.compile: the harness logic is what is tested, not inductor.
     monkeypatch.setattr(harness, "_compile", lambda fn: fn)
     spec = run.load_spec(op)
+    if mode not in spec.modes:
+        pytest.skip(f"{op} has no {mode} benchmark")
     records = harness.measure_case(spec, TINY[op], "fp32", mode, alloc="steady", timing=FAST,
                                    threads=2)
     by = _by_impl(records)
-    assert [r.impl for r in records] == ["fastpt", "eager", "compile"]
+    assert [r.impl for r in records] == ["fastpt", "eager", "compile", *spec.baselines]
+    assert all((r.peak_mib is not None) == spec.peak_memory for r in records)
     for r in records:
         assert (r.op, r.dtype, r.mode, r.alloc, r.threads) == (op, "fp32", mode, "steady", 2)
         assert r.shape == harness.shape_str(TINY[op])
@@ -44,6 +50,13 @@ def test_records_and_ratios(op, mode, monkeypatch):
     assert math.isclose(f.ratio_vs_eager, by["eager"].median_ms / f.median_ms, rel_tol=1e-9)
     assert math.isclose(f.ratio_vs_compile, by["compile"].median_ms / f.median_ms, rel_tol=1e-9)
     assert all(r.ratio_vs_eager is None and r.ratio_vs_compile is None for r in records[1:])
+
+
+def test_peak_memory_counts_temporaries_and_outputs():
+    x = torch.randn(256, 1024)  # 1 MiB
+    assert 2 * 2**20 <= harness.peak_memory_bytes(lambda: (x * 2 + 1).sum()) <= 2 * 2**20 + 64
+    assert harness.peak_memory_bytes(lambda: x.clone()) == 2**20
+    assert harness.peak_memory_bytes(lambda: None) == 0
 
 
 def test_no_compile_has_no_compile_record():

@@ -68,3 +68,36 @@ def test_rope_cuda(head_dim, rotary_dim, dtype, layout):
 def test_cuda_and_cpu_inputs_mixed_is_an_error():
     with pytest.raises((ValueError, RuntimeError), match="device"):
         ops.rms_norm(torch.randn(4, 8, device="cuda"), torch.ones(8), 1e-6)
+
+
+# ---------------------------------------------------------------- int8 and LoRA
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (33, 70, 65), (300, 1025, 200)])
+def test_int8_matmul_cuda_matches_cpu_exactly(m, k, n):
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    assert torch.equal(ops.int8_matmul(a.cuda(), b.cuda()).cpu(), ops.int8_matmul(a, b))
+    sa, sb, bias = torch.rand(m), torch.rand(n), torch.randn(n)
+    out = ops.int8_matmul(a.cuda(), b.cuda(), sa.cuda(), sb.cuda(), torch.bfloat16, bias.cuda())
+    torch.testing.assert_close(out.cpu(), ops.int8_matmul(a, b, sa, sb, torch.bfloat16, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_quantize_and_linear_cuda(dtype):
+    x = torch.randn(37, 300).to(dtype)
+    x[:, 5] = 30
+    q, s = ops.quantize_rowwise(x.cuda(), ops.outlier_columns(x.cuda()))
+    q_cpu, s_cpu = ops.quantize_rowwise(x, ops.outlier_columns(x))
+    assert torch.equal(q.cpu(), q_cpu) and torch.equal(s.cpu(), s_cpu)
+    layer = fastpt.nn.Int8Linear.from_linear(torch.nn.Linear(300, 70))
+    out = layer.cuda()(x.cuda())
+    torch.testing.assert_close(out.cpu(), layer.cpu()(x), rtol=1e-2, atol=1e-2)
+
+
+def test_lora_linear_cuda_dropout_mask_matches_cpu():
+    x, w = torch.randn(64, 50), torch.randn(30, 50)
+    a, b = torch.randn(4, 50), torch.randn(30, 4)
+    torch.manual_seed(3)
+    out = ops.lora_linear(x.cuda(), w.cuda(), a.cuda(), b.cuda(), 0.5, dropout_p=0.2)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out.cpu(), ops.lora_linear(x, w, a, b, 0.5, dropout_p=0.2), rtol=1e-4, atol=1e-4)

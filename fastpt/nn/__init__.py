@@ -1,7 +1,9 @@
 """Modules built on fastpt's fused ops."""
 
+from fastpt.nn.int8_linear import Int8Linear, quantize_
+from fastpt.nn.lora import LoRALinear
 from fastpt.nn.rms_norm import RMSNorm
 from fastpt.nn.rotary import RotaryEmbedding
 from fastpt.nn.swiglu import SwiGLU
 
-__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU"]
+__all__ = ["Int8Linear", "LoRALinear", "RMSNorm", "RotaryEmbedding", "SwiGLU", "quantize_"]

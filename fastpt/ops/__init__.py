@@ -3,8 +3,13 @@
 that tests and benchmarks compare against."""
 
 from fastpt.ops import reference
+from fastpt.ops.int8 import (dequantize_rowwise, int8_linear, int8_matmul, outlier_columns, pack_int8_weight,
+                             quantize_rowwise, quantize_weight, unpack_int8_weight)
+from fastpt.ops.lora import lora_linear
 from fastpt.ops.rms_norm import rms_norm
 from fastpt.ops.rope import rope, rope_
 from fastpt.ops.swiglu import swiglu
 
-__all__ = ["reference", "rms_norm", "rope", "rope_", "swiglu"]
+__all__ = ["dequantize_rowwise", "int8_linear", "int8_matmul", "lora_linear", "outlier_columns",
+           "pack_int8_weight", "quantize_rowwise", "quantize_weight", "reference", "rms_norm", "rope", "rope_",
+           "swiglu", "unpack_int8_weight"]

@@ -1,0 +1,229 @@
+"""fastpt.ops.lora_linear and fastpt.nn.LoRALinear: reference, gradients, PEFT init,
+merge/unmerge, Int8Linear base, dropout, opcheck, compile, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpt import ops
+from fastpt.nn import Int8Linear, LoRALinear
+from fastpt.ops import reference_finetune as ref
+from reference_check import check_against_reference as check
+
+
+def fastpt_fn(x, a, b, w, scale, bias):
+    return ops.lora_linear(x, w.to(x.dtype), a, b, scale, None if bias is None else bias.to(x.dtype))
+
+
+def reference_fn(x, a, b, w, scale, bias):
+    return ref.lora_linear(x, w.to(x.dtype), a, b, scale, None if bias is None else bias.to(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("m, k, n, r", [(1, 1, 1, 1), (7, 13, 5, 3), (97, 64, 130, 16), (33, 257, 40, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64_reference(dtype, m, k, n, r, bias):
+    x, w = torch.randn(m, k), torch.randn(n, k) / math.sqrt(k)
+    a, b = torch.randn(r, k) / math.sqrt(k), torch.randn(n, r)
+    bias_t = torch.randn(n) if bias else None
+    check(fastpt_fn, reference_fn, ("out", "grad x", "grad A", "grad B"), (x, a, b), (torch.randn(m, n),),
+          dtype, w, 0.5, bias_t)
+
+
+def test_leading_dims():
+    x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
+    a, b = torch.randn(4, 40), torch.randn(24, 4)
+    check(fastpt_fn, reference_fn, ("out", "grad x", "grad A", "grad B"), (x, a, b), (torch.randn(2, 3, 24),),
+          torch.float32, w, 2.0, torch.randn(24))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 9, dtype=torch.float64)
+    a = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, a, b: ops.lora_linear(x, w, a, b, 0.7, bias), (x, a, b))
+
+    def with_dropout(x, a, b):
+        torch.manual_seed(7)  # the same mask on every call
+        return ops.lora_linear(x, w, a, b, 0.7, bias, dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(with_dropout, (x, a, b))
+
+
+def test_dropout_mask_matches_reference():
+    x, w = torch.randn(64, 50), torch.randn(30, 50)
+    a, b = torch.randn(4, 50, requires_grad=True), torch.randn(30, 4, requires_grad=True)
+    torch.manual_seed(11)
+    out = ops.lora_linear(x, w, a, b, 0.5, dropout_p=0.25)
+    torch.manual_seed(11)
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    keep = torch.ops.fastpt.hash_dropout(torch.ones_like(x), 0.25, seed) * 0.75
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert abs(keep.mean().item() - 0.75) < 0.03
+    expect = F.linear(x, w) + 0.5 * ((x * keep / 0.75) @ a.T) @ b.T
+    torch.testing.assert_close(out, expect)
+
+
+def test_int8_base():
+    lin = nn.Linear(96, 48)
+    base = Int8Linear.from_linear(lin)
+    a, b = torch.randn(8, 96, requires_grad=True), torch.randn(48, 8, requires_grad=True)
+    x = torch.randn(3, 20, 96, requires_grad=True)
+    out = ops.lora_linear(x, base, a, b, 0.25)
+    expect = base(x) + 0.25 * (x @ a.T) @ b.T
+    torch.testing.assert_close(out, expect)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, a, b), g)
+    grads_ref = torch.autograd.grad(expect, (x, a, b), g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="bias must be None with a base layer"):
+        ops.lora_linear(x, base, a, b, 0.25, bias=torch.zeros(48))
+
+
+# ---------------------------------------------------------------- LoRALinear
+
+def test_peft_compatible_init_and_state_dict():
+    lin = nn.Linear(64, 32)
+    layer = LoRALinear(lin, r=8, lora_alpha=16)
+    assert layer.scaling == 2.0
+    assert LoRALinear(nn.Linear(64, 32), r=16, lora_alpha=8, use_rslora=True).scaling == 8 / 4
+    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"}
+    assert layer.lora_A.weight.shape == (8, 64) and layer.lora_B.weight.shape == (32, 8)
+    assert (layer.lora_B.weight == 0).all()
+    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt(5)): sqrt(6 / ((1 + 5) * fan_in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.abs().max() > 0.8 * bound
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), lin(x))  # B = 0: the base at init
+
+
+def test_training_step_updates_only_lora():
+    lin = nn.Linear(32, 16)
+    w0 = lin.weight.detach().clone()
+    layer = LoRALinear(lin, r=4, lora_dropout=0.1)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        loss = layer(torch.randn(8, 32)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(lin.weight, w0) and lin.weight.grad is None
+    assert layer.lora_B.weight.abs().sum() > 0
+
+
+def test_merge_unmerge_restores_weight():
+    lin = nn.Linear(128, 64)
+    layer = LoRALinear(lin, r=8, lora_alpha=16)
+    nn.init.normal_(layer.lora_B.weight)
+    w0 = lin.weight.detach().clone()
+    layer.eval()
+    x = torch.randn(10, 128)
+    before = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.weight, w0 + layer.delta_weight(), rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert (lin.weight - w0).abs().max() <= 1e-6
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_merge_onto_dequantized_copy_for_int8_base():
+    base = Int8Linear.from_linear(nn.Linear(64, 32))
+    packed = base.weight_packed.clone()
+    layer = LoRALinear(base, r=4).eval()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 64) * 0.1  # no outliers: merged (float) and int8 paths differ by quantization only
+    before = layer(x)
+    layer.merge()
+    merged = layer(x)
+    expect = F.linear(x, base.dequantized_weight() + layer.delta_weight(), base.bias)
+    torch.testing.assert_close(merged, expect)
+    torch.testing.assert_close(merged, before, rtol=0.05, atol=0.05)
+    layer.unmerge()
+    assert torch.equal(base.weight_packed, packed)
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_compile_fullgraph():
+    layer = LoRALinear(nn.Linear(40, 24), r=4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 40, requires_grad=True)
+    f = torch.compile(lambda x: layer(x).sum(), fullgraph=True)
+    out = f(x)
+    grads = torch.autograd.grad(out, (x, layer.lora_A.weight, layer.lora_B.weight))
+    ref_out = layer(x).sum()
+    ref_grads = torch.autograd.grad(ref_out, (x, layer.lora_A.weight, layer.lora_B.weight))
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_opcheck():
+    x = torch.randn(7, 20, requires_grad=True)
+    w, bias = torch.randn(12, 20), torch.randn(12)
+    a, b = torch.randn(3, 20, requires_grad=True), torch.randn(12, 3, requires_grad=True)
+    seed = torch.tensor(5)
+    torch.library.opcheck(torch.ops.fastpt.lora_linear.default, (x, w, None, a, b, 0.5, bias, 0.0, None))
+    torch.library.opcheck(torch.ops.fastpt.lora_linear.default, (x, w, None, a, b, 0.5, None, 0.2, seed))
+    base_out = torch.randn(7, 12, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastpt.lora_linear.default, (x, None, base_out, a, b, 0.5, None, 0.0, None))
+    g = torch.randn(7, 12)
+    torch.library.opcheck(torch.ops.fastpt.lora_linear_backward.default,
+                          (g, x.detach(), w, a.detach(), b.detach(), 0.5, 0.2, seed, True))
+    torch.library.opcheck(torch.ops.fastpt.hash_dropout.default, (x.detach(), 0.3, seed))
+
+
+def test_nan_propagates_as_in_eager():
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    a, b = torch.randn(2, 16), torch.randn(8, 2)
+    x[1, 3] = float("nan")
+    out = ops.lora_linear(x, w, a, b, 1.0)
+    assert torch.equal(out.isnan(), ref.lora_linear(x, w, a, b, 1.0).isnan())
+
+
+@pytest.mark.parametrize("r", [0, 17, 2.5])
+def test_bad_rank(r):
+    with pytest.raises(ValueError, match="r must be an int in"):
+        LoRALinear(nn.Linear(16, 32), r=r)
+    if isinstance(r, int):
+        x, w = torch.randn(2, 16), torch.randn(32, 16)
+        r = max(r, 0)
+        with pytest.raises(ValueError, match="rank r must be in"):
+            ops.lora_linear(x, w, torch.randn(r, 16), torch.randn(32, r), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"w": torch.randn(8, 15)}, ValueError, "weight must be"),
+        ({"a": torch.randn(2, 15)}, ValueError, "lora_a must be"),
+        ({"b": torch.randn(8, 3)}, ValueError, "lora_b must be"),
+        ({"a": torch.randn(2, 16, dtype=torch.float64)}, TypeError, "lora_a must have the dtype"),
+        ({"x": torch.ones(4, 16, dtype=torch.int8)}, TypeError, "x must be"),
+        ({"bias": torch.randn(7)}, ValueError, "bias must have shape"),
+        ({"dropout_p": 1.0}, ValueError, "dropout_p must be in"),
+        ({"dropout_p": -0.1}, ValueError, "dropout_p must be in"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(4, 16), "w": torch.randn(8, 16), "a": torch.randn(2, 16), "b": torch.randn(8, 2),
+            "bias": None, "dropout_p": 0.0}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ops.lora_linear(args["x"], args["w"], args["a"], args["b"], 1.0, args["bias"], args["dropout_p"])
+
+
+def test_bad_base_layer():
+    with pytest.raises(TypeError, match="base_layer must be"):
+        LoRALinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="lora_dropout must be"):
+        LoRALinear(nn.Linear(4, 4), r=2, lora_dropout=1.5)
