@@ -104,9 +104,17 @@ class LoraLayer(nn.Module):
 
 
 def _targets(model: nn.Module, target_modules) -> list[str]:
-    linears = [n for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, Int8Linear)) and not isinstance(m, LoraLayer)
-               and ".base_layer" not in n and not n.endswith("base_layer")]
+    """Paths of the linears (or already wrapped LoraLayers) matching ``target_modules``;
+    the linears inside a LoraLayer (its base and factors) are never targets themselves."""
+    linears, inside = [], []
+    for n, m in model.named_modules():
+        if any(n.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, LoraLayer):
+            inside.append(n)
+            linears.append(n)
+        elif isinstance(m, (nn.Linear, Int8Linear)):
+            linears.append(n)
     if target_modules == ALL_LINEAR:
         return [n for n in linears if n.split(".")[-1] not in _HEAD_NAMES
                 and not n.startswith(_HEAD_NAMES) and "pooler" not in n]
@@ -123,7 +131,8 @@ def _targets(model: nn.Module, target_modules) -> list[str]:
 def add_lora(model: nn.Module, name: str = "default", *, r: int = 8, alpha: float = 16.0,
              dropout: float = 0.0, target_modules=None, use_rslora: bool = False) -> list[str]:
     """Add adapter ``name`` to the target linears (wrapping them on first use); returns the
-    module names it was added to. Only LoRA factors of this adapter become trainable."""
+    module names it was added to. Like PEFT, everything else in ``model`` is frozen and only
+    the newest adapter's factors train (``set_adapter`` switches)."""
     wrapped = []
     for path in _targets(model, target_modules):
         parent, _, leaf = path.rpartition(".")
@@ -136,9 +145,8 @@ def add_lora(model: nn.Module, name: str = "default", *, r: int = 8, alpha: floa
             raise ValueError(f"adapter {name!r} already exists on {path}")
         layer.add_adapter(name, r, alpha, dropout, use_rslora)
         wrapped.append(path)
-    for m in lora_layers(model):  # already-wrapped layers outside the targets count too
-        if name in m.lora_A and m not in [model.get_submodule(p) for p in wrapped]:
-            wrapped.append(next(n for n, x in model.named_modules() if x is m))
+    model.requires_grad_(False)
+    set_adapter(model, name)
     return wrapped
 
 
