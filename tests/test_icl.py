@@ -87,3 +87,11 @@ def test_multiple_choice_and_generation_run_without_gradients(model, tok, world)
     with pytest.raises(ValueError, match="not among the choices"):
         evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y", "choices": ["z"]}],
                                  k=0, pool=[])
+
+
+def test_long_contexts_lose_their_oldest_tokens(model, tok):
+    long_ctx = " ".join(["Ruza lives in Varna."] * 80)  # far beyond 128/256 positions
+    s = loglikelihood(model, tok, [(long_ctx, " Varna")])[0]
+    assert s.n_tokens >= 1 and s.logprob < 0
+    with pytest.raises(ValueError, match="does not fit"):
+        loglikelihood(model, tok, [("x", " " + " ".join(["Varna"] * 400))])

@@ -6,7 +6,8 @@ context alone (lm-evaluation-harness's split, robust to merges across the bounda
 trailing space of the context moves to the continuation first. The score is the sum of the
 continuation tokens' log-probabilities; ``is_greedy`` says whether each of them was the
 argmax. Requests sharing a context (the choices of one question) are scored together: the
-context runs once into a KV cache that all choices continue from.
+context runs once into a KV cache that all choices continue from. A context too long for
+the model loses its oldest tokens.
 """
 
 from __future__ import annotations
@@ -52,12 +53,24 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
             ctx = [bos_id] + ctx
         if not ctx:
             raise ValueError("empty context: pass bos_id so the first token can be scored")
+        ctx = _fit(ctx, cont, getattr(model.config, "max_position_embeddings", None))
         groups.setdefault(tuple(ctx), []).append((i, cont))
     scores: list[Score | None] = [None] * len(requests)
     for ctx, items in groups.items():
         for i, score in zip((i for i, _ in items), _score_group(model, list(ctx), [c for _, c in items])):
             scores[i] = score
     return scores
+
+
+def _fit(ctx: list[int], cont: list[int], max_length: int | None) -> list[int]:
+    """Drop the oldest context tokens so context + continuation fit the model (lm-eval's
+    left truncation); the continuation itself is never cut."""
+    if max_length is None or len(ctx) + len(cont) <= max_length:
+        return ctx
+    if len(cont) >= max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens does not fit the model's "
+                         f"{max_length} positions")
+    return ctx[len(ctx) + len(cont) - max_length:]
 
 
 def _score_group(model, ctx: list[int], conts: list[list[int]]) -> list[Score]:
