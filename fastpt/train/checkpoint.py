@@ -22,12 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+# One exception for every bad checkpoint, model files (fastpt.models) and training state alike.
+from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
+
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
     "model.safetensors", "optimizer.safetensors", "trainer_state.json", "latest")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupted or does not match the model."""
 
 
 def _sha256(path: str) -> str:
