@@ -1,0 +1,211 @@
+"""Fine-tuning outcomes and speed (issue F7).
+
+``strategies``: a GPT-2-style tiny decoder pre-trained on the embedded corpus (causal LM),
+then fine-tuned on the world's sentiment task (labels on half of the adjectives, test on the
+other half) with every strategy; one table of test
+accuracy, trainable parameters, median step time and peak memory of a training step (the
+most memory torch's CPU allocator holds, from the profiler's allocation records).
+``icl``: zero/one/few-shot accuracy of the same pre-trained decoder on the pattern tasks.
+``lora_speed``: a LoRA fine-tuning step of the F5 benchmark decoder (Llama, 6 layers,
+d 512, GQA 8/2, SwiGLU 1408) with fastpt's fused LoRA vs full fine-tuning vs the same LoRA
+built from eager ops, and the bytes of the frozen weights with an int8 base.
+
+Run: ``python -m fastpt.benchmarks.finetune [--quick] [--only strategies,icl,lora_speed]
+[--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from fastpt.benchmarks.harness import peak_memory_bytes
+
+
+def pretrained_decoder(out_dir: str, quick: bool):
+    """Pre-train (or reuse) a gpt2-tiny decoder on the world corpus."""
+    from fastpt.data.tokenizer import load_tokenizer
+    from fastpt.models import Decoder
+    from fastpt.pretrain.recipes import pretrain_decoder, save_pretrained_with_tokenizer
+    path = os.path.join(out_dir, "decoder")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return Decoder.from_pretrained(path), load_tokenizer(path)
+    steps = 150 if quick else 1500
+    result = pretrain_decoder(os.path.join(out_dir, "pretrain"), preset="gpt2-tiny", max_steps=steps,
+                              seq_len=256, batch_size=8,
+                              n_docs=4000 if quick else 30000, progress=False)
+    save_pretrained_with_tokenizer(result, path)
+    return result.model, result.tokenizer
+
+
+def _encode(tok, texts, pad):
+    from fastpt.pretrain.mlm import pad_batch
+    return pad_batch([e.ids for e in tok.encode_batch(texts)], pad)
+
+
+def run_strategy(base, tok, strategy: str, train, test, epochs: int, lr: float) -> dict:
+    from fastpt.finetune import FinetuneConfig, SequenceClassifier, count_parameters, prepare
+    torch.manual_seed(0)
+    backbone = type(base)(base.config)
+    backbone.load_state_dict(base.state_dict())
+    cfg = FinetuneConfig(strategy=strategy, freeze_layers=1, lora_r=4,
+                         num_virtual_tokens=8, prefix_length=8, adapter_reduction=4)
+    model = prepare(SequenceClassifier(backbone, 2, dropout=0.0), cfg)
+    pad = base.config.pad_token_id or 0
+    ids, mask = _encode(tok, [e["text"] for e in train], pad)
+    labels = torch.tensor([e["label"] for e in train])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    times = []
+
+    def step(idx):
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train), generator=g).split(16):
+            start = time.perf_counter()
+            step(idx)
+            times.append(time.perf_counter() - start)
+    peak = peak_memory_bytes(lambda: step(torch.arange(16)))
+    model.eval()
+    tids, tmask = _encode(tok, [e["text"] for e in test], pad)
+    with torch.no_grad():
+        pred = model(input_ids=tids, attention_mask=tmask).logits.argmax(-1)
+    counts = count_parameters(model)
+    return {"strategy": strategy, "accuracy": float((pred == torch.tensor([e["label"] for e in test])).float().mean()),
+            "trainable": counts["trainable"], "trainable_pct": counts["percent"],
+            "step_ms": 1000 * statistics.median(times), "peak_mib": peak / 2**20}
+
+
+def strategies(out_dir: str, quick: bool) -> list[dict]:
+    from fastpt.data.world import World
+    from fastpt.finetune import STRATEGIES
+    base, tok = pretrained_decoder(out_dir, quick)
+    world = World(0)
+    # Labels on half of the adjectives, test on the other half: with shared adjectives every
+    # strategy (even training from scratch) reaches 100%, which compares nothing.
+    train = world.sentiment(64 if quick else 200, seed=1, adjectives="seen")
+    test = world.sentiment(200 if quick else 1000, seed=2, adjectives="unseen")
+    rows = []
+    for strategy in ("full",) + tuple(s for s in STRATEGIES if s != "full"):
+        lr = 1e-3 if strategy in ("full", "partial") else 3e-3
+        rows.append(run_strategy(base, tok, strategy, train, test, 2 if quick else 8, lr))
+    torch.manual_seed(0)
+    scratch = type(base)(base.config)  # same architecture, fresh random weights
+    row = run_strategy(scratch, tok, "full", train, test, 2 if quick else 8, 1e-3)
+    row["strategy"] = "full, from scratch"
+    rows.append(row)
+    return rows
+
+
+def icl(out_dir: str, quick: bool) -> list[dict]:
+    from fastpt.data.world import ICL_TASKS, World
+    from fastpt.icl import evaluate_multiple_choice
+    model, tok = pretrained_decoder(out_dir, quick)
+    world = World(0)
+    rows = []
+    for task in ICL_TASKS:
+        items, pool = world.icl(task, 20 if quick else 100, seed=5), world.icl(task, 200, seed=6)
+        for k in (0, 1, 4):
+            r = evaluate_multiple_choice(model, tok, items, k=k, pool=pool)
+            rows.append({"task": task, "k": k, "acc": r.acc, "acc_norm": r.acc_norm, "n": r.n})
+    return rows
+
+
+class _EagerLoRA(torch.nn.Module):
+    """LoRA from plain ops (what PEFT computes): base(x) + s * B(A(x))."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.A = torch.nn.Linear(base.in_features, r, bias=False)
+        self.B = torch.nn.Linear(r, base.out_features, bias=False)
+        torch.nn.init.normal_(self.B.weight, std=0.01)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.B(self.A(x))
+
+
+def lora_speed(quick: bool) -> dict:
+    from fastpt.finetune import add_lora
+    from fastpt.finetune.lora import _targets
+    from fastpt.models import Decoder, from_name
+    from fastpt.nn.int8_linear import Int8Linear
+    config = from_name("llama-small", vocab_size=32000, max_position_embeddings=2048)
+    if quick:
+        config = config.replace(num_layers=2)
+    B, T = (2, 128) if quick else (8, 512)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    models = {}
+    for impl in ("full", "lora_fastpt", "lora_eager"):
+        m = Decoder(config)
+        if impl == "lora_fastpt":
+            add_lora(m, r=16, alpha=32, target_modules="all-linear")
+        elif impl == "lora_eager":
+            m.requires_grad_(False)
+            for path in _targets(m, "all-linear"):
+                parent, _, leaf = path.rpartition(".")
+                owner = m.get_submodule(parent)
+                setattr(owner, leaf, _EagerLoRA(getattr(owner, leaf), 16, 32))
+        models[impl] = m
+    steps = {}
+    for impl, m in models.items():
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(m=m, opt=opt):
+            m(input_ids=ids, labels=ids, return_logits=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[impl] = step
+    times = {k: [] for k in steps}
+    for fn in steps.values():
+        fn()
+    for _ in range(2 if quick else 4):
+        for impl, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peaks = {k: peak_memory_bytes(fn) / 2**20 for k, fn in steps.items()}
+    linears = [mod for mod in models["full"].modules() if isinstance(mod, torch.nn.Linear) and mod is not models["full"].lm_head]
+    fp32_bytes = sum(l.weight.numel() * 4 for l in linears[:8])
+    int8_bytes = sum(sum(b.numel() * b.element_size() for b in Int8Linear.from_linear(l).buffers())
+                     for l in linears[:8])
+    return {"shape": f"B={B},T={T},{config.num_layers} layers",
+            "step_s": med, "peak_mib": peaks,
+            "lora_vs_full": med["full"] / med["lora_fastpt"],
+            "lora_vs_eager_lora": med["lora_eager"] / med["lora_fastpt"],
+            "int8_frozen_bytes_vs_fp32": int8_bytes / fp32_bytes}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default="strategies,icl,lora_speed")
+    p.add_argument("--out", default="runs/bench-finetune")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    results = {}
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        results[name] = {"strategies": strategies, "icl": icl,
+                         "lora_speed": lambda o, q: lora_speed(q)}[name](args.out, args.quick)
+        print(f"== {name} ({time.perf_counter() - start:.0f} s)")
+        print(json.dumps(results[name], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

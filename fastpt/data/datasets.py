@@ -1,0 +1,175 @@
+"""Text sources (plain text, JSONL, CSV, any iterable), streaming, and sequence packing.
+
+Every reader is a generator: a corpus larger than memory streams through, one document at a
+time. Packing concatenates tokenized documents into fixed-length blocks (no padding wasted)
+and keeps the boundaries: each block carries ``position_ids`` that restart at 0 for every
+document and ``document_ids``, from which ``document_attention_mask`` builds the block mask
+that keeps attention inside a document.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Iterable, Iterator
+
+import torch
+
+FORMATS = ("text", "jsonl", "csv")
+
+
+def _format_of(path: str, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        return fmt
+    ext = os.path.splitext(path)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(ext, "text")
+
+
+def read_documents(path: str, fmt: str | None = None, field: str = "text") -> Iterator[str]:
+    """Stream documents from a file.
+
+    ``text``: documents separated by blank lines. ``jsonl``: one JSON object per line, the
+    document in ``field``. ``csv``: a header row, the document in column ``field``. The format
+    follows the extension unless ``fmt`` is given. Raises ``FileNotFoundError``, or
+    ``ValueError`` naming the line of a malformed record.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such corpus file: {path!r}")
+    fmt = _format_of(path, fmt)
+    with open(path, encoding="utf-8", newline="" if fmt == "csv" else None) as f:
+        if fmt == "text":
+            yield from _paragraphs(f)
+        elif fmt == "jsonl":
+            yield from _jsonl_field(f, path, field)
+        else:
+            yield from _csv_field(f, path, field)
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _jsonl_field(lines, path, field) -> Iterator[str]:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string field {field!r}")
+        yield record[field]
+
+
+def _csv_field(f, path, field) -> Iterator[str]:
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None or field not in reader.fieldnames:
+        raise ValueError(f"{path}: CSV header {reader.fieldnames} has no column {field!r}")
+    for n, row in enumerate(reader, 2):
+        if row[field] is None:
+            raise ValueError(f"{path}:{n}: row has no value for column {field!r}")
+        yield row[field]
+
+
+def tokenize_stream(documents: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
+    """Token ids per document, without special tokens, tokenized in batches (Rust threads)."""
+    batch: list[str] = []
+    for doc in documents:
+        batch.append(doc)
+        if len(batch) == batch_size:
+            yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+            batch = []
+    if batch:
+        yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+
+
+def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
+                   drop_last: bool = True) -> Iterator[dict]:
+    """Concatenate documents (each followed by ``eos_id``) into blocks of ``seq_len`` tokens.
+
+    Yields ``{"input_ids", "position_ids", "document_ids"}`` (int64 tensors of length
+    ``seq_len``). A document longer than the rest of a block continues in the next block as
+    that block's document 0 with positions restarting at 0 (attention never crosses blocks,
+    and learned position tables stay within ``seq_len``).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    ids: list[int] = []
+    pos: list[int] = []
+    doc: list[int] = []
+    for tokens in token_lists:
+        tokens = list(tokens) + [eos_id]
+        doc_index = doc[-1] + 1 if doc else 0
+        offset, piece_start = 0, 0
+        while offset < len(tokens):
+            take = min(seq_len - len(ids), len(tokens) - offset)
+            ids += tokens[offset:offset + take]
+            pos += range(offset - piece_start, offset - piece_start + take)
+            doc += [doc_index] * take
+            offset += take
+            if len(ids) == seq_len:
+                yield _block(ids, pos, doc)
+                ids, pos, doc, doc_index, piece_start = [], [], [], 0, offset
+    if ids and not drop_last:
+        yield _block(ids, pos, doc)
+
+
+def _block(ids, pos, doc) -> dict:
+    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos),
+            "document_ids": torch.tensor(doc)}
+
+
+def document_attention_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool mask, True where query i may attend to key j."""
+    if document_ids.dim() == 1:
+        document_ids = document_ids.unsqueeze(0)
+    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    if causal:
+        T = document_ids.shape[-1]
+        same &= torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return same.unsqueeze(1)
+
+
+class PackedDataset(torch.utils.data.IterableDataset):
+    """Packed causal-LM blocks from a restartable document source (re-read every epoch).
+
+    ``documents`` is a zero-argument callable returning an iterable of strings (e.g.
+    ``lambda: read_documents(path)``), so each epoch streams the corpus again. Under
+    ``torch.distributed`` and DataLoader workers, blocks are dealt round-robin so every
+    rank/worker sees a disjoint share.
+    """
+
+    def __init__(self, documents, tokenizer, seq_len: int, eos_id: int):
+        if not callable(documents):
+            raise TypeError("documents must be a callable returning an iterable of strings")
+        self.documents, self.tokenizer, self.seq_len, self.eos_id = documents, tokenizer, seq_len, eos_id
+
+    def __iter__(self):
+        share, n_shares = _share()
+        blocks = pack_documents(tokenize_stream(self.documents(), self.tokenizer),
+                                self.seq_len, self.eos_id)
+        for i, block in enumerate(blocks):
+            if i % n_shares == share:
+                yield block
+
+
+def _share() -> tuple[int, int]:
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return rank, world
+    return rank * info.num_workers + info.id, world * info.num_workers

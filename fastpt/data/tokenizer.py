@@ -1,0 +1,128 @@
+"""Tokenizer training with the `tokenizers` library, saved as Hugging Face ``tokenizer.json``.
+
+Three recipes, one per model family (as in the seed lectures and the HF reference models):
+
+- ``"wordpiece"``: BERT-style, lower-cased, ``[PAD] [UNK] [CLS] [SEP] [MASK]``, with a
+  ``[CLS] A [SEP] B [SEP]`` post-processor (segment ids 0/1).
+- ``"bpe"``: GPT-2-style byte-level BPE, ``<|endoftext|>`` as EOS and padding.
+- ``"unigram"``: T5-style SentencePiece-Unigram with ``<pad> </s> <unk>`` at ids 0, 1, 2
+  and ``n_sentinels`` sentinels ``<extra_id_0>`` ... at the top of the vocabulary
+  (``<extra_id_0>`` has the highest id, as T5's span corruption expects).
+
+``special_ids(tok)`` returns the ids the collators need (pad, mask, cls, sep, eos, bos, and
+the set of all special ids, which masking and random replacement must never touch).
+Padding is left to the collators, which pad each batch to its own longest sequence.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+KINDS = ("wordpiece", "bpe", "unigram")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    unk: int | None
+    cls: int | None
+    sep: int | None
+    mask: int | None
+    bos: int | None
+    eos: int | None
+    all: frozenset
+
+
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
+                    n_sentinels: int = 100, min_frequency: int = 2) -> Tokenizer:
+    """Train a tokenizer of ``kind`` (one of ``KINDS``) on an iterable of strings."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+    if vocab_size < 64:
+        raise ValueError(f"vocab_size={vocab_size} is too small (need at least 64)")
+    if kind == "wordpiece":
+        return _train_wordpiece(texts, vocab_size, min_frequency)
+    if kind == "bpe":
+        return _train_bpe(texts, vocab_size, min_frequency)
+    return _train_unigram(texts, vocab_size, n_sentinels)
+
+
+def _train_wordpiece(texts, vocab_size, min_frequency) -> Tokenizer:
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def _train_bpe(texts, vocab_size, min_frequency) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def _train_unigram(texts, vocab_size, n_sentinels) -> Tokenizer:
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=vocab_size - n_sentinels, special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>"))
+    # Sentinels go on top, in reverse so that <extra_id_0> gets the highest id (T5's layout).
+    tok.add_special_tokens([f"<extra_id_{k}>" for k in reversed(range(n_sentinels))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return tok
+
+
+def special_ids(tok: Tokenizer) -> SpecialIds:
+    """The special-token ids of a tokenizer trained by ``train_tokenizer`` (or any HF one)."""
+    def get(*names):
+        for name in names:
+            i = tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+    pad = get("[PAD]", "<pad>", "<|endoftext|>")
+    if pad is None:
+        raise ValueError("tokenizer has no padding token ([PAD], <pad> or <|endoftext|>)")
+    all_special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return SpecialIds(pad=pad, unk=get("[UNK]", "<unk>"), cls=get("[CLS]"), sep=get("[SEP]"),
+                      mask=get("[MASK]"), bos=get("<|endoftext|>"), eos=get("</s>", "<|endoftext|>"),
+                      all=frozenset(all_special))
+
+
+def save_tokenizer(tok: Tokenizer, path: str) -> None:
+    """Write ``tokenizer.json`` atomically into the folder ``path`` (created if missing)."""
+    os.makedirs(path, exist_ok=True)
+    final = os.path.join(path, "tokenizer.json")
+    tmp = final + ".tmp"
+    tok.save(tmp)
+    os.replace(tmp, final)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Read ``tokenizer.json`` from a folder (or the file itself), with a clear error."""
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path!r}")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"{file!r} is not a valid tokenizer.json: {e}") from e

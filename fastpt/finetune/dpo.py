@@ -1,0 +1,75 @@
+"""Direct Preference Optimization (Rafailov et al. 2023).
+
+z = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)],
+loss = -log sigmoid(beta z), beta = 0.1. Log-probabilities are summed over response tokens
+only (labels -100 on the prompt and padding). The reference is a frozen model or
+precomputed log-probs. Rewards beta * (log pi - log pi_ref) and their margin are logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                      labels: Tensor) -> Tensor:
+    """(B,) sum of log p(label_t | tokens < t) over labelled (response) tokens."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * keep).sum(-1)
+
+
+@dataclass
+class DPOOutput:
+    loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    reward_margin: Tensor
+    accuracy: Tensor      # fraction of pairs with chosen reward > rejected reward
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, beta: float = 0.1) -> DPOOutput:
+    """The DPO loss from summed response log-probs (each (B,))."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen = beta * (policy_chosen - ref_chosen.detach())
+    rejected = beta * (policy_rejected - ref_rejected.detach())
+    loss = -nn.functional.logsigmoid(chosen - rejected).mean()
+    return DPOOutput(loss=loss, chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach(),
+                     reward_margin=(chosen - rejected).detach().mean(),
+                     accuracy=(chosen > rejected).float().mean().detach())
+
+
+class DPO(nn.Module):
+    """``DPO(policy, reference=None, beta=0.1)``; ``forward(chosen=batch, rejected=batch,
+    ref_chosen_logps=None, ref_rejected_logps=None)`` where each batch has input_ids,
+    attention_mask and response-only labels. Without a reference model, precomputed
+    reference log-probs must be passed."""
+
+    def __init__(self, policy: nn.Module, reference: nn.Module | None = None, beta: float = 0.1):
+        super().__init__()
+        self.policy, self.beta = policy, beta
+        self._reference = [reference]  # frozen, not a trainable submodule
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+
+    def forward(self, chosen: dict, rejected: dict, ref_chosen_logps: Tensor | None = None,
+                ref_rejected_logps: Tensor | None = None) -> DPOOutput:
+        ref = self._reference[0]
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            if ref is None:
+                raise ValueError("DPO needs a reference model or precomputed reference log-probs")
+            with torch.no_grad():
+                ref_chosen_logps = sequence_logprobs(ref, **chosen)
+                ref_rejected_logps = sequence_logprobs(ref, **rejected)
+        return dpo_loss(sequence_logprobs(self.policy, **chosen),
+                        sequence_logprobs(self.policy, **rejected),
+                        ref_chosen_logps, ref_rejected_logps, self.beta)

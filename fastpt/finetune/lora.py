@@ -1,0 +1,214 @@
+"""LoRA on chosen linear layers, with several named adapters (PEFT's in-memory layout).
+
+Each targeted ``nn.Linear`` (or ``fastpt.nn.Int8Linear``) is replaced in place by a
+``LoraLayer`` holding the frozen ``base_layer`` and, per adapter name, ``lora_A[name]``
+(r, in) and ``lora_B[name]`` (out, r) with PEFT's init and scaling (see
+``fastpt.nn.LoRALinear``, whose fused op ``fastpt.ops.lora_linear`` runs the forward and
+backward here too). State-dict keys match PEFT: ``...q_proj.base_layer.weight``,
+``...q_proj.lora_A.<name>.weight``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fastpt.nn.int8_linear import Int8Linear
+from fastpt.ops.lora import lora_linear
+
+# Architecture-aware defaults (PEFT's choices): attention projections.
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+ALL_LINEAR = "all-linear"
+_HEAD_NAMES = ("lm_head", "classifier", "qa_outputs", "nsp_head", "score")
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, base_layer: nn.Linear | Int8Linear):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Int8Linear)):
+            raise TypeError(f"LoRA wraps nn.Linear or Int8Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: str | None = None
+        self.disabled = False
+        self.merged: list[str] = []
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        n_in, n_out = self.in_features, self.out_features
+        if not (isinstance(r, int) and 1 <= r <= min(n_in, n_out)):
+            raise ValueError(f"LoRA rank r={r} must be in [1, min(in, out) = {min(n_in, n_out)}]")
+        w = self._base_weight_ref()
+        self.lora_A[name] = nn.Linear(n_in, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Linear(r, n_out, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout[name] = dropout
+        self.active = self.active or name
+
+    def _base_weight_ref(self) -> Tensor:
+        base = self.base_layer
+        if isinstance(base, Int8Linear):
+            return torch.empty(0, device=base.weight_packed.device, dtype=torch.float32)
+        return base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        name = self.active
+        if self.disabled or name is None or name in self.merged:
+            if self.disabled and self.merged:
+                raise RuntimeError("disable_adapter() on merged weights: unmerge() first")
+            return base(x) if not isinstance(base, Int8Linear) or not self.merged else self._merged_forward(x)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        p = self.dropout[name] if self.training else 0.0
+        if isinstance(base, Int8Linear):
+            return lora_linear(x, base, a.to(x.dtype), b.to(x.dtype), self.scaling[name], None, p)
+        return lora_linear(x, base.weight, a.to(x.dtype), b.to(x.dtype), self.scaling[name], base.bias, p)
+
+    def delta_weight(self, name: str) -> Tensor:
+        return self.scaling[name] * (self.lora_B[name].weight.detach().float()
+                                     @ self.lora_A[name].weight.detach().float())
+
+    def _merged_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        w = base.dequantized_weight(torch.float32) + sum(self.delta_weight(n) for n in self.merged)
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        return nn.functional.linear(x, w.to(x.dtype), bias)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W += scaling * B A in float32 (Int8Linear base: applied to a dequantized copy at
+        forward time, the int8 weight is never changed)."""
+        if name in self.merged:
+            return
+        if not isinstance(self.base_layer, Int8Linear):
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for name in reversed(self.merged):
+            if not isinstance(self.base_layer, Int8Linear):
+                w = self.base_layer.weight
+                w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+        self.merged = []
+
+
+def _targets(model: nn.Module, target_modules) -> list[str]:
+    """Paths of the linears (or already wrapped LoraLayers) matching ``target_modules``;
+    the linears inside a LoraLayer (its base and factors) are never targets themselves."""
+    linears, inside = [], []
+    for n, m in model.named_modules():
+        if any(n.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, LoraLayer):
+            inside.append(n)
+            linears.append(n)
+        elif isinstance(m, (nn.Linear, Int8Linear)):
+            linears.append(n)
+    if target_modules == ALL_LINEAR:
+        return [n for n in linears if n.split(".")[-1] not in _HEAD_NAMES
+                and not n.startswith(_HEAD_NAMES) and "pooler" not in n]
+    wanted = tuple(target_modules or DEFAULT_TARGETS)
+    found = [n for n in linears if n.split(".")[-1] in wanted or n in wanted]
+    missing = [w for w in wanted if not any(n.split(".")[-1] == w or n == w for n in found)]
+    if missing:
+        names = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(f"LoRA target modules {missing} not found; this model's linear layers are "
+                         f"named {names}")
+    return found
+
+
+def add_lora(model: nn.Module, name: str = "default", *, r: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, target_modules=None, use_rslora: bool = False) -> list[str]:
+    """Add adapter ``name`` to the target linears (wrapping them on first use); returns the
+    module names it was added to. Like PEFT, everything else in ``model`` is frozen and only
+    the newest adapter's factors train (``set_adapter`` switches)."""
+    wrapped = []
+    for path in _targets(model, target_modules):
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        layer = getattr(owner, leaf)
+        if not isinstance(layer, LoraLayer):
+            layer = LoraLayer(layer)
+            setattr(owner, leaf, layer)
+        if name in layer.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on {path}")
+        layer.add_adapter(name, r, alpha, dropout, use_rslora)
+        wrapped.append(path)
+    model.requires_grad_(False)
+    set_adapter(model, name)
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active (and only trainable) adapter."""
+    layers = lora_layers(model)
+    if not any(name in m.lora_A for m in layers):
+        known = sorted({n for m in layers for n in m.lora_A})
+        raise ValueError(f"no adapter named {name!r}; adapters: {known}")
+    for m in layers:
+        m.active = name if name in m.lora_A else None
+        for n in m.lora_A:
+            m.lora_A[n].weight.requires_grad_(n == name)
+            m.lora_B[n].weight.requires_grad_(n == name)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Run the base model only, inside the ``with`` block."""
+    layers = lora_layers(model)
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, p in zip(layers, previous):
+            m.disabled = p
+
+
+def merge(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        if m.active is not None:
+            m.merge(m.active)
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapter into plain ``nn.Linear`` layers and drop every LoRA module
+    (an Int8Linear base becomes a float32 ``nn.Linear`` with the merged weight)."""
+    for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        base = m.base_layer
+        delta = m.delta_weight(m.active) if m.active and m.active not in m.merged else 0
+        if isinstance(base, Int8Linear):
+            w = base.dequantized_weight(torch.float32) + sum(m.delta_weight(n) for n in m.merged) + delta
+            plain = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(w)
+                if base.bias is not None:
+                    plain.bias.copy_(base.bias.float())
+        else:
+            with torch.no_grad():
+                base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            plain = base
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, plain)
+    return model

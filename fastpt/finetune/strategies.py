@@ -1,0 +1,227 @@
+"""One config selects how a model is adapted; ``prepare`` applies it in place.
+
+``model`` is a task head (``SequenceClassifier`` ...) around a backbone, or a bare fastpt
+model (e.g. a ``Decoder`` for text-to-text). Task-head parameters always stay trainable;
+the strategy decides what else is.
+
+==============  ===========================================================================
+full            every parameter
+partial         all but the embeddings and the first ``freeze_layers`` layers
+probe           the head only (feature-based: frozen backbone; ``layer`` picks the features)
+lora            LoRA factors on ``target_modules`` (names, or "all-linear")
+int8_lora       the same on an int8 (LLM.int8) copy of the frozen linears
+adapters        bottleneck adapters: Houlsby (after attention and FFN) or Pfeiffer (FFN)
+prefix          per-layer key/value prefixes (decoders)
+prompt          soft prompt tokens prepended to the input embeddings
+ia3             learned scales on keys, values and the FFN intermediate
+bitfit          biases only
+==============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fastpt.finetune import lora as lora_mod
+from fastpt.finetune.peft_modules import BottleneckAdapter, IA3Linear, SoftPrompt, WithAdapter
+from fastpt.finetune.prefix import add_prefix_tuning
+from fastpt.models import Decoder, Encoder
+
+STRATEGIES = ("full", "partial", "probe", "lora", "int8_lora", "adapters", "prefix", "prompt",
+              "ia3", "bitfit")
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "full"
+    freeze_layers: int = 0                 # partial: how many bottom layers to freeze
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: object = None          # None: q_proj, v_proj; or a list; or "all-linear"
+    use_rslora: bool = False
+    int8_threshold: float = 6.0
+    adapter_kind: str = "houlsby"          # or "pfeiffer"
+    adapter_reduction: int = 16
+    num_virtual_tokens: int = 20           # prompt tuning
+    prompt_init_text: list = field(default_factory=list)  # token ids to initialise from
+    prefix_length: int = 10
+    prefix_projection: bool = True
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if self.adapter_kind not in ("houlsby", "pfeiffer"):
+            raise ValueError(f"adapter_kind must be 'houlsby' or 'pfeiffer', got {self.adapter_kind!r}")
+        for name in ("lora_r", "adapter_reduction", "num_virtual_tokens", "prefix_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.freeze_layers < 0 or not self.int8_threshold > 0:
+            raise ValueError("freeze_layers must be >= 0 and int8_threshold > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    return getattr(model, "backbone", model)
+
+
+def _head_parameters(model: nn.Module) -> list:
+    backbone = backbone_of(model)
+    if backbone is model:
+        return []
+    inside = {id(p) for p in backbone.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
+
+
+def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Apply ``config`` in place and return the model to train (prompt tuning wraps it)."""
+    backbone = backbone_of(model)
+    if config.strategy == "full":
+        model.requires_grad_(True)
+        return model
+    model.requires_grad_(False)
+    apply = {"partial": _partial, "probe": lambda b, c: None, "lora": _lora, "int8_lora": _int8_lora,
+             "adapters": _adapters, "prefix": _prefix, "ia3": _ia3, "bitfit": _bitfit}
+    wrapped = model
+    if config.strategy == "prompt":
+        wrapped = PromptTuned(model, config)
+    else:
+        apply[config.strategy](backbone, config)
+    for p in _head_parameters(model):
+        p.requires_grad_(True)
+    return wrapped
+
+
+def _layers(backbone) -> nn.ModuleList:
+    if not hasattr(backbone, "layers"):
+        raise TypeError(f"{type(backbone).__name__} has no .layers; expected a fastpt Encoder or Decoder")
+    return backbone.layers
+
+
+def _partial(backbone, c):
+    layers = _layers(backbone)
+    if c.freeze_layers > len(layers):
+        raise ValueError(f"freeze_layers={c.freeze_layers} but the model has {len(layers)} layers")
+    frozen = {id(p) for layer in layers[:c.freeze_layers] for p in layer.parameters()}
+    embeddings = {id(p) for n, p in backbone.named_parameters() if n.startswith(("embed", "embeddings"))}
+    for p in backbone.parameters():
+        p.requires_grad_(id(p) not in frozen | embeddings)
+
+
+def _lora(backbone, c):
+    lora_mod.add_lora(backbone, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                      target_modules=c.target_modules, use_rslora=c.use_rslora)
+
+
+def _int8_lora(backbone, c):
+    from fastpt.nn.int8_linear import Int8Linear
+    targets = lora_mod._targets(backbone, c.target_modules)
+    for path in targets:
+        parent, _, leaf = path.rpartition(".")
+        owner = backbone.get_submodule(parent) if parent else backbone
+        setattr(owner, leaf, Int8Linear.from_linear(getattr(owner, leaf), threshold=c.int8_threshold))
+    _lora(backbone, c)
+
+
+def _ffn_site(layer) -> tuple[nn.Module, str]:
+    """(owner, attribute) of the FFN sub-layer whose output an adapter follows."""
+    if hasattr(layer, "mlp"):
+        return layer, "mlp"
+    if hasattr(layer, "fc_out"):
+        return layer, "fc_out"
+    raise TypeError(f"cannot find the FFN of {type(layer).__name__} (no .mlp or .fc_out)")
+
+
+def _adapters(backbone, c):
+    d = backbone.config.hidden_size
+    for layer in _layers(backbone):
+        sites = [_ffn_site(layer)] + ([(layer, "attn")] if c.adapter_kind == "houlsby" else [])
+        for owner, attr in sites:
+            setattr(owner, attr, WithAdapter(getattr(owner, attr), BottleneckAdapter(d, c.adapter_reduction)))
+
+
+def _prefix(backbone, c):
+    add_prefix_tuning(backbone, c.prefix_length, c.prefix_projection)
+
+
+def _ia3(backbone, c):
+    for layer in _layers(backbone):
+        attn = layer.attn
+        attn.k_proj = IA3Linear(attn.k_proj, "output")
+        attn.v_proj = IA3Linear(attn.v_proj, "output")
+        owner, attr = _ffn_site(layer)
+        ffn = getattr(owner, attr)
+        down_owner, down_attr = (ffn, "down_proj") if hasattr(ffn, "down_proj") else \
+            (ffn, "fc_out") if hasattr(ffn, "fc_out") else (owner, attr)
+        setattr(down_owner, down_attr, IA3Linear(getattr(down_owner, down_attr), "input"))
+
+
+def _bitfit(backbone, c):
+    biases = [p for n, p in backbone.named_parameters() if n.endswith("bias")]
+    if not biases:
+        raise ValueError(f"BitFit trains biases, and this {type(backbone).__name__} has none "
+                         "(e.g. Llama); pick another strategy")
+    for p in biases:
+        p.requires_grad_(True)
+
+
+def token_embedding(backbone) -> nn.Embedding:
+    if isinstance(backbone, Encoder):
+        return backbone.embeddings.tokens
+    if isinstance(backbone, Decoder):
+        return backbone.embed_tokens
+    raise TypeError(f"prompt tuning needs a fastpt Encoder or Decoder, got {type(backbone).__name__}")
+
+
+class PromptTuned(nn.Module):
+    """Prepends soft tokens to the input embeddings of ``model`` (after [CLS] for encoders,
+    so [CLS] pooling still reads the first position)."""
+
+    def __init__(self, model: nn.Module, c: FinetuneConfig):
+        super().__init__()
+        self.model = model
+        embed = token_embedding(backbone_of(model))
+        n = c.num_virtual_tokens
+        if c.prompt_init_text:
+            ids = torch.tensor(c.prompt_init_text).repeat(-(-n // len(c.prompt_init_text)))[:n]
+        else:
+            ids = torch.randint(0, embed.num_embeddings, (n,), generator=torch.Generator().manual_seed(0))
+        self.prompt = SoftPrompt(embed.weight[ids])
+        self.after_first = isinstance(backbone_of(model), Encoder)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
+        embeds = token_embedding(backbone_of(self.model))(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        x, mask, labels = self.prompt.insert(embeds, attention_mask, labels, int(self.after_first))
+        return self.model(inputs_embeds=x, attention_mask=mask, labels=labels, **kw)
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Trainable and total *logical* parameters: an int8 weight counts once, as its fp
+    original (out x in), not as its packed bytes or scales."""
+    from fastpt.nn.int8_linear import Int8Linear
+    seen, total, trainable = set(), 0, 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+            seen.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    c = count_parameters(model)
+    line = f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {c['percent']:.4f}"
+    print(line)
+    return line

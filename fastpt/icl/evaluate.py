@@ -1,0 +1,69 @@
+"""Few-shot evaluation: multiple choice by log-likelihood (acc, acc_norm) and free
+generation with stop strings. No gradient, no parameter changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastpt.icl.prompts import PromptFormat, build_prompt, requests_for, sample_examples
+from fastpt.icl.scoring import loglikelihood
+
+
+@dataclass
+class ICLResult:
+    k: int
+    acc: float            # argmax of summed log-likelihood is the target
+    acc_norm: float       # argmax of log-likelihood per character of the continuation
+    n: int
+    predictions: list = field(default_factory=list)
+
+
+def evaluate_multiple_choice(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],
+                             fmt: PromptFormat = PromptFormat(), seed: int = 0,
+                             bos_id: int | None = None) -> ICLResult:
+    """k-shot accuracy on ``items`` ({"input", "target", "choices"}), examples from ``pool``."""
+    if not items:
+        raise ValueError("no items to evaluate")
+    correct = correct_norm = 0
+    predictions = []
+    for item in items:
+        if item["target"] not in item["choices"]:
+            raise ValueError(f"target {item['target']!r} is not among the choices {item['choices']}")
+        examples = sample_examples(pool, item, k, seed)
+        reqs = requests_for(item, examples, fmt)
+        scores = loglikelihood(model, tokenizer, reqs, bos_id=bos_id)
+        ll = torch.tensor([s.logprob for s in scores])
+        per_char = ll / torch.tensor([float(len(c)) for _, c in reqs])
+        gold = item["choices"].index(item["target"])
+        pred = int(ll.argmax())
+        correct += pred == gold
+        correct_norm += int(per_char.argmax()) == gold
+        predictions.append(item["choices"][pred])
+    n = len(items)
+    return ICLResult(k=k, acc=correct / n, acc_norm=correct_norm / n, n=n, predictions=predictions)
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("\n",),
+                    max_new_tokens: int = 16, bos_id: int | None = None) -> str:
+    """Greedy continuation of ``prompt``, cut at the first stop string."""
+    from fastpt.models import generate
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if bos_id is not None:
+        ids = [bos_id] + ids
+    out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens)
+    text = tokenizer.decode(out[0, len(ids):].tolist())
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]
+
+
+def evaluate_generation(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],
+                        fmt: PromptFormat = PromptFormat(), seed: int = 0, **kw) -> float:
+    """Exact-match accuracy of greedy answers (stripped) against the targets."""
+    hits = 0
+    for item in items:
+        prompt = build_prompt(item, sample_examples(pool, item, k, seed), fmt)
+        hits += generate_answer(model, tokenizer, prompt, **kw).strip() == str(item["target"]).strip()
+    return hits / len(items)

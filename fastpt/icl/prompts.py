@@ -1,0 +1,56 @@
+"""Zero/one/few-shot prompt construction (GPT-3 style, as lm-evaluation-harness builds them).
+
+A prompt is: optional task description, k solved examples, then the query without its
+answer. Example ``{"input": "Ruza", "target": "Varna"}`` with the default format renders as
+``"Ruza -> Varna"``; the query as context ``"Ruza ->"`` and continuation ``" Varna"``: the
+space between them belongs to the continuation (lm-eval's rule), so the tokenizer sees the
+answer word as it appears mid-text.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    description: str = ""            # first line(s), e.g. "Where does each person live?"
+    description_separator: str = "\n"
+    input_prefix: str = ""
+    answer_separator: str = " ->"    # between input and answer
+    target_prefix: str = " "         # before the answer (moved into the continuation)
+    example_separator: str = "\n"
+
+    def example(self, item: dict) -> str:
+        return f"{self.input_prefix}{item['input']}{self.answer_separator}{self.target_prefix}{item['target']}"
+
+    def query(self, item: dict) -> str:
+        return f"{self.input_prefix}{item['input']}{self.answer_separator}"
+
+
+def sample_examples(pool: list[dict], query: dict, k: int, seed: int) -> list[dict]:
+    """k examples drawn without replacement from ``pool``, never the query itself; the same
+    (seed, query) always gives the same examples."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    candidates = [ex for ex in pool if ex is not query and ex != query]
+    if k > len(candidates):
+        raise ValueError(f"asked for {k} examples but the pool has only {len(candidates)} "
+                         "besides the query")
+    rng = random.Random(f"{seed}/{query.get('input')}")
+    return rng.sample(candidates, k)
+
+
+def build_prompt(query: dict, examples: list[dict], fmt: PromptFormat = PromptFormat()) -> str:
+    """The context string for ``query`` after ``examples`` (k = len(examples) shots)."""
+    parts = [fmt.example(ex) for ex in examples] + [fmt.query(query)]
+    body = fmt.example_separator.join(parts)
+    return f"{fmt.description}{fmt.description_separator}{body}" if fmt.description else body
+
+
+def requests_for(query: dict, examples: list[dict], fmt: PromptFormat = PromptFormat()) -> list[tuple[str, str]]:
+    """(context, continuation) for every candidate answer of a multiple-choice item."""
+    context = build_prompt(query, examples, fmt)
+    choices = query.get("choices") or [query["target"]]
+    return [(context, f"{fmt.target_prefix}{c}") for c in choices]

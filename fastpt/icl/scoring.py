@@ -1,0 +1,98 @@
+"""Log-likelihood scoring of continuations with a decoder, no gradient, shared prefixes once.
+
+For a (context, continuation) request the continuation's tokens are ``whole[len(ctx):]``
+where ``whole`` and ``ctx`` are the tokenizations of context + continuation and of the
+context alone (lm-evaluation-harness's split, robust to merges across the boundary). A
+trailing space of the context moves to the continuation first. The score is the sum of the
+continuation tokens' log-probabilities; ``is_greedy`` says whether each of them was the
+argmax. Requests sharing a context (the choices of one question) are scored together: the
+context runs once into a KV cache that all choices continue from. A context too long for
+the model loses its oldest tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) with lm-eval's whitespace and boundary rules."""
+    if context.endswith(" "):
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped):] + continuation
+        context = stripped
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
+    ctx = tokenizer.encode(context, add_special_tokens=False).ids
+    cont = whole[len(ctx):]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} adds no token to the context")
+    return whole[:len(ctx)], cont
+
+
+@torch.no_grad()
+def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
+                  bos_id: int | None = None) -> list[Score]:
+    """Score each (context, continuation). ``bos_id`` is prepended to contexts (needed when
+    a context is empty, so the first token has something to be predicted from)."""
+    model.eval()
+    groups: OrderedDict[tuple, list] = OrderedDict()
+    for i, (context, continuation) in enumerate(requests):
+        ctx, cont = split_request(tokenizer, context, continuation)
+        if bos_id is not None:
+            ctx = [bos_id] + ctx
+        if not ctx:
+            raise ValueError("empty context: pass bos_id so the first token can be scored")
+        ctx = _fit(ctx, cont, getattr(model.config, "max_position_embeddings", None))
+        groups.setdefault(tuple(ctx), []).append((i, cont))
+    scores: list[Score | None] = [None] * len(requests)
+    for ctx, items in groups.items():
+        for i, score in zip((i for i, _ in items), _score_group(model, list(ctx), [c for _, c in items])):
+            scores[i] = score
+    return scores
+
+
+def _fit(ctx: list[int], cont: list[int], max_length: int | None) -> list[int]:
+    """Drop the oldest context tokens so context + continuation fit the model (lm-eval's
+    left truncation); the continuation itself is never cut."""
+    if max_length is None or len(ctx) + len(cont) <= max_length:
+        return ctx
+    if len(cont) >= max_length:
+        raise ValueError(f"continuation of {len(cont)} tokens does not fit the model's "
+                         f"{max_length} positions")
+    return ctx[len(ctx) + len(cont) - max_length:]
+
+
+def _score_group(model, ctx: list[int], conts: list[list[int]]) -> list[Score]:
+    n, L, longest = len(conts), len(ctx), max(len(c) for c in conts)
+    device = next(model.parameters()).device
+    prefix = model.new_cache(1, L)
+    out = model(input_ids=torch.tensor([ctx], device=device), past_key_values=prefix,
+                use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each first token
+    cache = model.new_cache(n, L + longest)
+    cache.k[:, :, :, :L] = prefix.k[:, :, :, :L]  # the context, broadcast to every choice
+    cache.v[:, :, :, :L] = prefix.v[:, :, :, :L]
+    cache.length = L
+    ids = torch.zeros(n, longest, dtype=torch.long, device=device)
+    for r, c in enumerate(conts):  # right padding: causal attention never looks ahead
+        ids[r, :len(c)] = torch.tensor(c)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits.float()
+    logp = torch.cat([first.expand(n, 1, -1), torch.log_softmax(logits[:, :-1], -1)], 1)
+    scores = []
+    for r, c in enumerate(conts):
+        lp = logp[r, :len(c)]
+        target = torch.tensor(c, device=device)
+        scores.append(Score(logprob=float(lp.gather(1, target[:, None]).sum()),
+                            is_greedy=bool((lp.argmax(-1) == target).all()), n_tokens=len(c)))
+    return scores

@@ -1,0 +1,61 @@
+"""Causal LM and prefix LM batches.
+
+Causal LM: packed blocks (``fastpt.data.pack_documents``) stacked as they are; labels are the
+inputs (models shift internally), and ``document_ids`` let the model keep attention inside a
+document. Prefix LM (Raffel et al. 2020; UniLM): a prefix of each sequence is attended
+bidirectionally and the rest causally; the loss covers the rest only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastpt.pretrain.mlm import IGNORE_INDEX, pad_batch
+
+
+def collate_packed(blocks: list[dict]) -> dict:
+    """Stack packed blocks into ``input_ids, position_ids, document_ids, labels`` (B, T)."""
+    if not blocks:
+        raise ValueError("cannot collate an empty batch")
+    batch = {k: torch.stack([b[k] for b in blocks]) for k in blocks[0]}
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
+
+
+def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B,) prefix lengths -> (B, 1, T, T) bool mask: keys in the prefix are visible to every
+    query; other keys only to queries at or after them."""
+    j = torch.arange(seq_len)
+    causal = j.unsqueeze(0) <= j.unsqueeze(1)  # (T, T): key j <= query i
+    in_prefix = j.unsqueeze(0) < prefix_lengths.view(-1, 1)  # (B, T) over keys
+    return (causal.unsqueeze(0) | in_prefix.unsqueeze(1)).unsqueeze(1)
+
+
+class PrefixLMCollator:
+    """Split each sequence at a random point in [1, len-1] (or at a given ``split`` per example)."""
+
+    def __init__(self, pad_id: int, seed: int = 0):
+        self.pad_id = pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        seqs = [e["input_ids"] for e in examples]
+        if any(len(s) < 2 for s in seqs):
+            raise ValueError("prefix LM needs sequences of at least 2 tokens")
+        ids, attention_mask = pad_batch(seqs, self.pad_id)
+        lengths = torch.tensor([len(s) for s in seqs])
+        prefix = torch.tensor([
+            e["split"] if "split" in e else
+            int(torch.randint(1, len(e["input_ids"]), (1,), generator=self.generator))
+            for e in examples])
+        if bool(((prefix < 1) | (prefix >= lengths)).any()):
+            raise ValueError("each split must lie in [1, len(input_ids) - 1]")
+        T = ids.shape[1]
+        labels = ids.clone()
+        positions = torch.arange(T).unsqueeze(0)
+        # Models shift labels by one, so position p's label is predicted from p-1: the first
+        # target token (at index prefix) is predicted from the last prefix token.
+        labels[(positions < prefix.unsqueeze(1)) | ~attention_mask] = IGNORE_INDEX
+        # The model builds the mask from prefix_lengths (prefix_lm_mask) and attention_mask.
+        return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels,
+                "prefix_lengths": prefix}

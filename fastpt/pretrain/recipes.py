@@ -1,0 +1,101 @@
+"""Ready-made pre-training runs on the embedded world corpus (used by the CLI, the demo and
+the learning-outcome experiments): tokenizer -> dataset -> objective -> model -> Trainer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastpt.data.datasets import pack_documents, tokenize_stream
+from fastpt.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
+from fastpt.data.world import World
+from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from fastpt.pretrain.clm import collate_packed
+from fastpt.pretrain.mlm import MLMCollator
+from fastpt.train import Trainer, TrainerConfig
+
+OBJECTIVES = ("mlm", "electra", "clm")
+
+
+@dataclass
+class PretrainResult:
+    model: torch.nn.Module
+    tokenizer: object
+    metrics: list
+    output_dir: str
+
+
+def encoder_examples(docs, tokenizer, max_len: int) -> list[dict]:
+    """``[CLS] doc [SEP]`` per document, truncated to ``max_len``, with word ids (for
+    whole-word masking)."""
+    tokenizer.enable_truncation(max_len)
+    try:
+        encodings = tokenizer.encode_batch(list(docs))
+    finally:
+        tokenizer.no_truncation()
+    return [{"input_ids": e.ids, "word_ids": e.word_ids} for e in encodings]
+
+
+def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "bert-tiny",
+                     n_docs: int = 20000, vocab_size: int = 2000, seq_len: int = 64,
+                     max_steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
+                     seed: int = 0, world: World | None = None, progress: bool = True,
+                     **trainer_overrides) -> PretrainResult:
+    """MLM (or ELECTRA) pre-training of a BERT-style encoder on the world corpus."""
+    if objective not in ("mlm", "electra"):
+        raise ValueError(f"encoder objective must be 'mlm' or 'electra', got {objective!r}")
+    world = world or World(seed)
+    docs = list(world.documents(n_docs, seed=seed))
+    tok = train_tokenizer(docs, "wordpiece", vocab_size=vocab_size)
+    save_tokenizer(tok, output_dir)
+    ids = special_ids(tok)
+    config = EncoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
+                                     max_position_embeddings=max(seq_len, 64), pad_token_id=ids.pad)
+    if objective == "electra":
+        from fastpt.pretrain.electra import Electra
+        model: torch.nn.Module = Electra(config, seed=seed)
+    else:
+        model = Encoder(config)
+    collator = MLMCollator(tok.get_vocab_size(), ids.mask, ids.pad, ids.all, seed=seed)
+    cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                        warmup_steps=max_steps // 10, seed=seed, progress=progress,
+                        **trainer_overrides)
+    examples = encoder_examples(docs, tok, seq_len)
+    trainer = Trainer(model, cfg, examples, collate_fn=collator)
+    trainer.train()
+    encoder = model.discriminator if objective == "electra" else model
+    return PretrainResult(encoder, tok, trainer.metrics.rows, output_dir)
+
+
+def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int = 20000,
+                     vocab_size: int = 2000, seq_len: int = 128, max_steps: int = 300,
+                     batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                     world: World | None = None, progress: bool = True,
+                     **trainer_overrides) -> PretrainResult:
+    """Causal-LM pre-training of a decoder on packed blocks of the world corpus
+    (attention kept inside each document)."""
+    world = world or World(seed)
+    docs = list(world.documents(n_docs, seed=seed))
+    tok = train_tokenizer(docs, "bpe", vocab_size=vocab_size)
+    save_tokenizer(tok, output_dir)
+    eos = special_ids(tok).eos
+    blocks = list(pack_documents(tokenize_stream(docs, tok), seq_len, eos))
+    config = DecoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
+                                     max_position_embeddings=max(seq_len, 128),
+                                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model = Decoder(config)
+    cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                        warmup_steps=max_steps // 10, seed=seed, label_shift=1,
+                        progress=progress, **trainer_overrides)
+    trainer = Trainer(model, cfg, blocks, collate_fn=collate_packed)
+    trainer.train()
+    return PretrainResult(model, tok, trainer.metrics.rows, output_dir)
+
+
+def save_pretrained_with_tokenizer(result: PretrainResult, path: str) -> None:
+    """HF layout: config.json + model.safetensors + tokenizer.json in one folder."""
+    os.makedirs(path, exist_ok=True)
+    result.model.save_pretrained(path)
+    save_tokenizer(result.tokenizer, path)

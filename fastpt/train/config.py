@@ -1,0 +1,64 @@
+"""``TrainerConfig``: every knob of the training loop, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from fastpt.train.schedules import SCHEDULES
+
+STRATEGIES = ("auto", "single", "ddp", "fsdp")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/train"
+    max_steps: int = 100
+    batch_size: int = 8             # examples per micro-batch on each process
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False              # torch.autocast(bfloat16) around forward and loss
+    activation_checkpointing: bool = False
+    label_shift: int = 0            # 1 for models that shift labels inside (causal LM)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0             # 0: only at the end (when eval data is given)
+    save_every: int = 0             # 0: only at the end
+    keep_last: int = 2
+    strategy: str = "auto"          # auto = ddp under torchrun with >1 process, else single
+    progress: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self):
+        positive = ("max_steps", "batch_size", "grad_accum", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainerConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "label_shift", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainerConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainerConfig.schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"TrainerConfig.strategy {self.strategy!r} not in {STRATEGIES}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainerConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainerConfig options: {unknown}")
+        return cls(**d)

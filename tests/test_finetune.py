@@ -1,0 +1,184 @@
+"""Fine-tuning strategies: what each trains, LoRA merge/unmerge and adapters, save/load,
+heads, prompt masks, and bad input."""
+
+import pytest
+import torch
+
+from fastpt.finetune import (STRATEGIES, FinetuneConfig, QuestionAnswering, SequenceClassifier,
+                             TokenClassifier, add_lora, count_parameters, disable_adapter,
+                             load_adapter, merge, merge_and_unload, prepare, prompt_masked_labels,
+                             save_adapter, set_adapter, unmerge)
+from fastpt.finetune.lora import LoraLayer
+from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from fastpt.train import enable_activation_checkpointing
+
+V = 120
+
+
+def _backbone(kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        return Encoder(EncoderConfig.from_name("bert-tiny", vocab_size=V, dropout=0.0, attention_dropout=0.0))
+    return Decoder(DecoderConfig.from_name(f"{kind}-tiny", vocab_size=V))
+
+
+def _batch(B=4, T=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -3:] = False
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])[:B]}
+
+
+def _train(model, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(steps):
+        loss = model(**_batch()).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+EXPECTED_TRAINABLE = {  # substrings of trainable parameter names (besides the head)
+    "full": None, "partial": None, "probe": "", "lora": "lora_", "int8_lora": "lora_",
+    "adapters": "adapter.", "prefix": "prefix_tuning", "prompt": "prompt.", "ia3": "ia3_l",
+    "bitfit": "bias",
+}
+
+
+# Not applicable, and tested as errors below: prefix tuning of an encoder, BitFit on Llama.
+CASES = [(k, s) for s in STRATEGIES for k in ("bert", "gpt2", "llama")
+         if (k, s) not in {("bert", "prefix"), ("llama", "bitfit")}]
+
+
+@pytest.mark.parametrize("kind,strategy", CASES)
+def test_each_strategy_trains_only_its_parameters(kind, strategy):
+    head = SequenceClassifier(_backbone(kind), 2, dropout=0.0)
+    model = prepare(head, FinetuneConfig(strategy=strategy, freeze_layers=1, lora_r=4,
+                                         num_virtual_tokens=3, prefix_length=2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "classifier" in n}, "the task head must train"
+    pattern = EXPECTED_TRAINABLE[strategy]
+    if pattern is not None:
+        others = {n for n in trainable if "classifier" not in n}
+        assert all(pattern in n for n in others), sorted(others)
+        assert bool(others) == (strategy != "probe")
+    if strategy == "partial":  # embeddings and the first layer frozen, the rest trains
+        assert not any(n.startswith(("backbone.embed", "backbone.layers.0.")) for n in trainable)
+        assert all(n in trainable for n, _ in model.named_parameters() if ".layers.1." in n)
+    _train(model)
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+def test_strategy_errors_are_clear():
+    with pytest.raises(ValueError, match="has none"):
+        prepare(SequenceClassifier(_backbone("llama"), 2), FinetuneConfig(strategy="bitfit"))
+    with pytest.raises(TypeError, match="prefix tuning"):
+        prepare(SequenceClassifier(_backbone("bert"), 2), FinetuneConfig(strategy="prefix"))
+    with pytest.raises(ValueError, match=r"not found; this model's linear layers are named .*q_proj"):
+        prepare(SequenceClassifier(_backbone("llama"), 2), FinetuneConfig(strategy="lora", target_modules=["query"]))
+    with pytest.raises(ValueError, match="rank r=999"):
+        prepare(SequenceClassifier(_backbone("llama"), 2), FinetuneConfig(strategy="lora", lora_r=999))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        FinetuneConfig(strategy="qlora")
+    with pytest.raises(ValueError, match="freeze_layers=5"):
+        prepare(SequenceClassifier(_backbone("bert"), 2), FinetuneConfig(strategy="partial", freeze_layers=5))
+
+
+def test_lora_merge_unmerge_and_disable():
+    model = _backbone("llama")
+    ids = _batch()["input_ids"]
+    base_out = model(input_ids=ids).logits
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    add_lora(model, r=4, target_modules="all-linear")
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
+    lora_out = model(input_ids=ids).logits
+    assert not torch.allclose(lora_out, base_out)
+    with disable_adapter(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, base_out)
+    merge(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, lora_out, atol=1e-5, rtol=1e-5)
+    unmerge(model)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            torch.testing.assert_close(p, weights[n.replace(".base_layer", "")], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(input_ids=ids).logits, lora_out, atol=1e-5, rtol=1e-5)
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(input_ids=ids).logits, lora_out, atol=1e-5, rtol=1e-5)
+
+
+def test_several_named_adapters():
+    model = _backbone("gpt2")
+    add_lora(model, "a", r=2, target_modules=["q_proj", "v_proj"])
+    add_lora(model, "b", r=3, target_modules=["q_proj", "v_proj"])
+    set_adapter(model, "b")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".b." in n for n in trainable)
+    with pytest.raises(ValueError, match=r"no adapter named 'c'; adapters: \['a', 'b'\]"):
+        set_adapter(model, "c")
+
+
+def test_int8_lora_holds_int8_weights_and_counts_logical_parameters():
+    head = SequenceClassifier(_backbone("llama"), 2)
+    total_fp = count_parameters(head)["total"]
+    model = prepare(head, FinetuneConfig(strategy="int8_lora", target_modules="all-linear", lora_r=2))
+    counts = count_parameters(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert counts["total"] == total_fp + lora
+    _train(model, steps=1)
+
+
+def test_gradient_checkpointing_with_lora():
+    head = SequenceClassifier(_backbone("llama"), 2)
+    model = prepare(head, FinetuneConfig(strategy="lora"))
+    enable_activation_checkpointing(model)
+    model(**_batch()).loss.backward()  # frozen inputs + checkpointing must still reach LoRA
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "adapters", "prompt", "ia3", "prefix"])
+def test_adapter_save_then_load_into_a_fresh_base(tmp_path, strategy):
+    cfg = FinetuneConfig(strategy=strategy, lora_r=2, num_virtual_tokens=2, prefix_length=2)
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2), cfg)
+    _train(model, steps=2)
+    model.eval()
+    expected = model(**_batch()).logits
+    names = save_adapter(model, str(tmp_path), cfg)
+    assert any("classifier" in n for n in names)  # the new head is saved automatically
+    fresh = load_adapter(SequenceClassifier(_backbone("gpt2"), 2), str(tmp_path)).eval()
+    torch.testing.assert_close(fresh(**_batch()).logits, expected)
+    with pytest.raises(ValueError, match="was trained on Decoder"):
+        load_adapter(SequenceClassifier(_backbone("llama"), 2), str(tmp_path))
+
+
+def test_heads_shapes_and_losses():
+    batch = _batch()
+    enc = _backbone("bert")
+    tok = TokenClassifier(enc, 5)
+    out = tok(batch["input_ids"], batch["attention_mask"], labels=torch.full((4, 9), -100).index_fill(1, torch.tensor([2]), 1))
+    assert out.logits.shape == (4, 9, 5) and out.loss > 0
+    qa = QuestionAnswering(_backbone("llama"))
+    out = qa(batch["input_ids"], batch["attention_mask"], start_positions=torch.tensor([1, 2, 3, 4]),
+             end_positions=torch.tensor([2, 3, 4, 5]))
+    assert out.logits.shape == (4, 9, 2) and torch.isfinite(out.loss)
+    assert (out.logits[0, -3:] < -1e30).all()  # padding is never an answer
+    reg = SequenceClassifier(_backbone("bert"), 1, pooling="mean")
+    assert reg(batch["input_ids"], batch["attention_mask"], labels=torch.rand(4)).loss >= 0
+    with pytest.raises(ValueError, match="pooling"):
+        SequenceClassifier(enc, 2, pooling="max")
+
+
+def test_prompt_masked_labels_keep_the_real_eos_when_pad_is_eos():
+    eos = 7
+    b = prompt_masked_labels([[1, 2, 3], [4]], [[5], [6, 8]], pad_id=eos, eos_id=eos)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 5, 7], [4, 6, 8, 7, 7]]
+    assert b["labels"].tolist() == [[-100, -100, -100, 5, 7], [-100, 6, 8, 7, -100]]
+    assert b["attention_mask"].tolist() == [[True] * 5, [True] * 4 + [False]]

@@ -1,0 +1,97 @@
+"""In-context learning: prompt construction, log-likelihood scoring vs a direct
+log-softmax computation, multiple-choice and generation evaluation."""
+
+import pytest
+import torch
+
+from fastpt.data.tokenizer import special_ids, train_tokenizer
+from fastpt.data.world import World
+from fastpt.icl import (PromptFormat, build_prompt, evaluate_generation, evaluate_multiple_choice,
+                        loglikelihood, requests_for, sample_examples, split_request)
+from fastpt.models import Decoder, DecoderConfig
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(0)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return train_tokenizer(list(world.documents(2000)), "bpe", vocab_size=400)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tok):
+    torch.manual_seed(0)
+    config = DecoderConfig.from_name(f"{request.param}-tiny", vocab_size=tok.get_vocab_size())
+    return Decoder(config).eval()
+
+
+def test_prompts_are_deterministic_and_exclude_the_query(world):
+    items = world.icl("city_of", 30)
+    q = items[0]
+    ex = sample_examples(items, q, 5, seed=3)
+    assert q not in ex and ex == sample_examples(items, q, 5, seed=3)
+    assert sample_examples(items, q, 0, seed=3) == []
+    prompt = build_prompt(q, ex[:2], PromptFormat(description="Homes:"))
+    lines = prompt.split("\n")
+    assert lines[0] == "Homes:" and lines[1] == f"{ex[0]['input']} -> {ex[0]['target']}"
+    assert lines[-1] == f"{q['input']} ->"
+    reqs = requests_for(q, ex[:2])
+    assert len(reqs) == len(q["choices"]) and all(c.startswith(" ") for _, c in reqs)
+    with pytest.raises(ValueError, match="pool has only"):
+        sample_examples(items[:3], q, 5, seed=0)
+
+
+def test_trailing_space_moves_to_the_continuation(tok):
+    a = split_request(tok, "Ruza lives in ", "Varna")
+    b = split_request(tok, "Ruza lives in", " Varna")
+    assert a == b
+    with pytest.raises(ValueError, match="adds no token"):
+        split_request(tok, "Ruza", "")
+
+
+def test_scores_equal_a_direct_log_softmax(model, tok):
+    reqs = [("Ruza lives in", " Varna"), ("Ruza lives in", " Fasutra town"),
+            ("The soup was", " delicious and warm"), ("Directory:", "\nBob -> baker")]
+    scores = loglikelihood(model, tok, reqs)
+    for (ctx, cont), s in zip(reqs, scores):
+        c_ids, t_ids = split_request(tok, ctx, cont)
+        ids = torch.tensor([c_ids + t_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+        pos = torch.arange(len(c_ids) - 1, len(c_ids) + len(t_ids) - 1)
+        direct = logp[pos, torch.tensor(t_ids)]
+        assert s.logprob == pytest.approx(float(direct.sum()), rel=1e-4, abs=1e-4)
+        assert s.is_greedy == bool((logp[pos].argmax(-1) == torch.tensor(t_ids)).all())
+        assert s.n_tokens == len(t_ids)
+
+
+def test_empty_context_needs_bos(model, tok):
+    with pytest.raises(ValueError, match="bos_id"):
+        loglikelihood(model, tok, [("", "Varna")])
+    bos = special_ids(tok).bos
+    assert loglikelihood(model, tok, [("", "Varna")], bos_id=bos)[0].logprob < 0
+
+
+def test_multiple_choice_and_generation_run_without_gradients(model, tok, world):
+    items = world.icl("job_of", 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evaluate_multiple_choice(model, tok, items, k=2, pool=world.icl("job_of", 40, seed=1))
+    assert result.n == 6 and 0.0 <= result.acc <= 1.0 and len(result.predictions) == 6
+    acc = evaluate_generation(model, tok, items[:2], k=1, pool=world.icl("job_of", 40, seed=1),
+                              max_new_tokens=4)
+    assert 0.0 <= acc <= 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not among the choices"):
+        evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y", "choices": ["z"]}],
+                                 k=0, pool=[])
+
+
+def test_long_contexts_lose_their_oldest_tokens(model, tok):
+    long_ctx = " ".join(["Ruza lives in Varna."] * 80)  # far beyond 128/256 positions
+    s = loglikelihood(model, tok, [(long_ctx, " Varna")])[0]
+    assert s.n_tokens >= 1 and s.logprob < 0
+    with pytest.raises(ValueError, match="does not fit"):
+        loglikelihood(model, tok, [("x", " " + " ".join(["Varna"] * 400))])

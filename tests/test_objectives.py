@@ -1,0 +1,152 @@
+"""Pre-training objectives: statistics of each collator over >= 100k tokens, exact span
+corruption lengths and sentinel order, prefix-LM masks, NSP balance."""
+
+import pytest
+import torch
+
+from fastpt.data.tokenizer import special_ids, train_tokenizer
+from fastpt.data.world import World
+from fastpt.pretrain.clm import PrefixLMCollator, collate_packed, prefix_lm_mask
+from fastpt.pretrain.mlm import IGNORE_INDEX, MLMCollator
+from fastpt.pretrain.nsp import IS_NEXT, encode_nsp_pairs, make_nsp_pairs, split_sentences
+from fastpt.pretrain.span_corruption import (SpanCorruptionCollator, noise_mask,
+                                             span_corruption_lengths)
+
+VOCAB = 1000
+SPECIAL = [0, 1, 2, 3, 4]  # pad, unk, cls, sep, mask
+
+
+def _mlm_batch(n_rows=400, T=300, **kw):
+    g = torch.Generator().manual_seed(7)
+    examples = []
+    for _ in range(n_rows):
+        ids = torch.randint(5, VOCAB, (T,), generator=g)
+        ids[0], ids[-1] = 2, 3  # [CLS] ... [SEP]
+        examples.append({"input_ids": ids[: T - int(torch.randint(0, 50, (1,), generator=g))]})
+    collator = MLMCollator(VOCAB, mask_id=4, pad_id=0, special_ids=SPECIAL, **kw)
+    return examples, collator, collator(examples)
+
+
+def test_mlm_rates_over_100k_tokens():
+    examples, _, batch = _mlm_batch()
+    original = torch.nn.utils.rnn.pad_sequence([e["input_ids"] for e in examples], batch_first=True)
+    labels, ids = batch["labels"], batch["input_ids"]
+    maskable = batch["attention_mask"] & (original > 4)
+    n = int(maskable.sum())
+    assert n >= 100_000
+    selected = labels != IGNORE_INDEX
+    assert not (selected & ~maskable).any()  # never a special or padding position
+    assert abs(selected.sum() / n - 0.15) < 0.005
+    k = int(selected.sum())
+    as_mask = (ids == 4) & selected
+    unchanged = (ids == original) & selected
+    random_ = selected & ~as_mask & ~unchanged
+    assert abs(as_mask.sum() / k - 0.8) < 0.01
+    # a random draw can hit the original id (1/995): the 10/10 split is checked with that in mind
+    assert abs(unchanged.sum() / k - 0.1) < 0.01 and abs(random_.sum() / k - 0.1) < 0.01
+    assert (ids[random_] > 4).all()  # replacements are never special tokens
+    assert torch.equal(labels[selected], original[selected])
+
+
+def test_mlm_masks_are_dynamic_and_seeded():
+    examples, collator, first = _mlm_batch(n_rows=8)
+    second = collator(examples)
+    assert not torch.equal(first["labels"], second["labels"])  # new mask each epoch
+    again = MLMCollator(VOCAB, 4, 0, SPECIAL)(examples)
+    assert torch.equal(first["labels"], again["labels"])  # same seed, same masks
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word():
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(300):
+        ids = torch.randint(5, VOCAB, (120,), generator=g)
+        word_ids = [None] + [i // 3 for i in range(118)] + [None]  # 3 pieces per word
+        ids[0], ids[-1] = 2, 3
+        examples.append({"input_ids": ids, "word_ids": word_ids})
+    batch = MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True)(examples)
+    selected = (batch["labels"] != IGNORE_INDEX)[:, 1:-1].reshape(300, -1)[:, :117].reshape(300, 39, 3)
+    assert (selected.all(-1) | ~selected.any(-1)).all()  # all pieces or none
+    assert abs(selected[..., 0].float().mean() - 0.15) < 0.01
+    with pytest.raises(ValueError, match="word_ids"):
+        MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True)([{"input_ids": [2, 9, 3]}])
+
+
+def test_mlm_bad_arguments():
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MLMCollator(VOCAB, 4, 0, SPECIAL, mlm_probability=0.0)
+    with pytest.raises(ValueError, match="special ids"):
+        MLMCollator(10, 40, 0, SPECIAL)
+    with pytest.raises(ValueError, match="empty batch"):
+        MLMCollator(VOCAB, 4, 0, SPECIAL)([])
+
+
+def test_span_corruption_lengths_and_sentinels():
+    assert span_corruption_lengths(512) == (568, 114)
+    assert span_corruption_lengths(128) == (141, 29)
+    collator = SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=512)
+    runs = [torch.randint(5, VOCAB - 100, (568,)) for _ in range(200)]  # 113,600 raw tokens
+    batch = collator(runs)
+    assert batch["input_ids"].shape == (200, 512) and batch["labels"].shape == (200, 114)
+    for run, inp, tgt in zip(runs, batch["input_ids"], batch["labels"]):
+        sent_in = inp[inp >= VOCAB - 100]
+        sent_tgt = tgt[tgt >= VOCAB - 100]
+        k = len(sent_in)
+        assert k == 28 and torch.equal(sent_in, torch.arange(VOCAB - 1, VOCAB - 1 - k, -1))
+        assert torch.equal(sent_tgt, sent_in) and tgt[0] == VOCAB - 1
+        assert inp[-1] == 1 and tgt[-1] == 1
+        # Re-inserting each target span at its sentinel reconstructs the raw run exactly.
+        spans = torch.tensor_split(tgt[:-1], (tgt[:-1] >= VOCAB - 100).nonzero().squeeze(1)[1:])
+        rebuilt = torch.cat([spans[int(VOCAB - 1 - t)][1:] if t >= VOCAB - 100 else t.view(1)
+                             for t in inp[:-1]])
+        assert torch.equal(rebuilt, run)
+    with pytest.raises(ValueError, match="568 tokens"):
+        collator([torch.arange(10)])
+
+
+def test_noise_mask_statistics():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([noise_mask(568, 0.15, 3.0, g) for _ in range(300)])
+    assert (masks.sum(1) == 85).all()  # round(568 * 0.15)
+    assert not masks[:, 0].any()  # starts with non-noise
+    starts = masks & ~torch.cat([torch.zeros(300, 1, dtype=torch.bool), masks[:, :-1]], 1)
+    assert (starts.sum(1) == 28).all()
+    assert abs(85 / 28 - masks.sum() / starts.sum()) < 1e-6  # mean span length ~3
+
+
+def test_prefix_lm_mask_and_labels():
+    mask = prefix_lm_mask(torch.tensor([2]), 4)[0, 0]
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    batch = PrefixLMCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8], "split": 2},
+                                        {"input_ids": [5, 6, 7], "split": 1}])
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 6, 7, -100]]
+    assert batch["prefix_lengths"].tolist() == [2, 1]
+    assert batch["attention_mask"].tolist() == [[True] * 4, [True] * 3 + [False]]
+    with pytest.raises(ValueError, match="split"):
+        PrefixLMCollator(0)([{"input_ids": [5, 6], "split": 2}])
+
+
+def test_causal_packed_batch():
+    blocks = [{"input_ids": torch.arange(6), "position_ids": torch.arange(6),
+               "document_ids": torch.zeros(6, dtype=torch.long)} for _ in range(3)]
+    batch = collate_packed(blocks)
+    assert batch["labels"].shape == (3, 6) and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_nsp_balance_and_encoding():
+    world = World(0)
+    docs = [split_sentences(d) for d in world.documents(5000)]
+    pairs = make_nsp_pairs(docs, seed=0)
+    assert len(pairs) > 7000
+    frac_next = sum(p["next_sentence_label"] == IS_NEXT for p in pairs) / len(pairs)
+    assert abs(frac_next - 0.5) < 0.02
+    tok = train_tokenizer((" ".join(d) for d in docs), "wordpiece", vocab_size=600)
+    enc = encode_nsp_pairs(pairs[:50], tok, max_length=32)
+    ids = special_ids(tok)
+    for e in enc:
+        assert len(e["input_ids"]) <= 32 and e["input_ids"][0] == ids.cls
+        assert e["input_ids"].count(ids.sep) == 2 and e["token_type_ids"][-1] == 1
+    assert tok.truncation is None  # the tokenizer's own settings are restored
+    with pytest.raises(ValueError, match="two non-empty documents"):
+        make_nsp_pairs([["only one."]])
