@@ -18,7 +18,14 @@
     "bool interleaved) -> (Tensor, Tensor)")                                                   \
   X("rope_",                                                                                   \
     "rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, "         \
-    "bool interleaved) -> ()")
+    "bool interleaved) -> ()")                                                                    \
+  X("attention",                                                                               \
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, "    \
+    "bool causal, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)")   \
+  X("attention_backward",                                                                      \
+    "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " \
+    "Tensor? key_padding_mask, Tensor? attn_bias, bool causal, float scale, float dropout_p, " \
+    "Tensor? dropout_seed, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 
 TORCH_LIBRARY(fastpt, m) {
 #define FASTPT_DEF(name, schema) m.def(schema);

@@ -3,8 +3,9 @@
 that tests and benchmarks compare against."""
 
 from fastpt.ops import reference
+from fastpt.ops.attention import attention
 from fastpt.ops.rms_norm import rms_norm
 from fastpt.ops.rope import rope, rope_
 from fastpt.ops.swiglu import swiglu
 
-__all__ = ["reference", "rms_norm", "rope", "rope_", "swiglu"]
+__all__ = ["attention", "reference", "rms_norm", "rope", "rope_", "swiglu"]
