@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -33,12 +32,13 @@ namespace {
 
 using attention_blas::gemm;
 
-// NOTE: tile sizes from measurement (2 threads, D = 64, T = S = 1024 and 4096).
-inline int64_t tune(const char* name, int64_t dflt) { const char* e = std::getenv(name); return e ? std::atoll(e) : dflt; }
-static const int64_t kBlockQ = tune("FA_BQ", 128);
-static const int64_t kBlockK = tune("FA_BK", 256);
-static const int64_t kBwdBlockQ = tune("FA_BBQ", 128);
-static const int64_t kBwdBlockK = tune("FA_BBK", 128);
+// NOTE: forward tiles of 128 queries x 512 keys vs 128 x 256 (2 threads, D = 64, CPU time,
+// alternating with SDPA): bf16 B=1 T=S=4096 93 vs 103 ms (SDPA 106-109), fp32 about even.
+// 512 keys are a multiple of the 64-column chunks of the packed path.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 512;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockK = 128;
 
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -49,13 +49,36 @@ inline at::vec::Vectorized<A> vexp(const at::vec::Vectorized<A>& x) {
   else return x.exp_u20();  // <= 20 ulp; exp(-inf) = 0 (inputs here are <= 0 or -inf)
 }
 
+// exp for P rounded to bf16 / fp16 (8 / 11 mantissa bits): ATen's cheaper degree-3 fexp_u20.
+// The row sums use the unrounded values; its error there is far below the rounding of P.
+template <typename T>
+inline aVec<T> vexp_p(const aVec<T>& x) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) return vexp(x);
+  else return x.fexp_u20();
+}
+
+// max without NaN propagation (one instruction instead of ATen's four): a NaN logit still
+// reaches the output through exp and the sum.
+template <typename A>
+inline at::vec::Vectorized<A> vmax(const at::vec::Vectorized<A>& a, const at::vec::Vectorized<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return _mm256_max_ps(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
+
 template <typename A>
 inline A row_max(const A* x, int64_t n) {
   using V = at::vec::Vectorized<A>;
-  V mv(kNegInf<A>);
+  V m0(kNegInf<A>), m1(kNegInf<A>);
   int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) mv = at::vec::maximum(mv, V::loadu(x + j));
-  A m = at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, mv);
+  for (; j + 2 * V::size() <= n; j += 2 * V::size()) {
+    m0 = vmax(m0, V::loadu(x + j));
+    m1 = vmax(m1, V::loadu(x + j + V::size()));
+  }
+  A m = at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax(m0, m1));
   for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
@@ -81,42 +104,26 @@ inline A exp_sub_sum(A* x, int64_t n, A m) {
   return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sv);
 }
 
-// x = scale * x in place; returns the max.
-template <typename A>
-inline A scale_max(A* x, int64_t n, A scale) {
-  using V = at::vec::Vectorized<A>;
-  const V sv(scale);
-  V mv(kNegInf<A>);
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) {
-    const V y = V::loadu(x + j) * sv;
-    y.store(x + j);
-    mv = at::vec::maximum(mv, y);
-  }
-  A m = at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, mv);
-  for (; j < n; ++j) m = std::max(m, x[j] *= scale);
-  return m;
-}
-
-// y = exp(x - m) in the storage type (y may be x when T is the compute type); returns the sum
-// of the values before rounding. One pass: the exp, the sum and the bf16/fp16 rounding.
+// y = exp(scale * x - m) in the storage type (y may be x when T is the compute type); returns
+// the sum of the values before rounding. One pass: exp, sum and the bf16/fp16 rounding.
 template <typename T, typename A = acc_t<T>>
-inline A exp_sum_store(const A* x, int64_t n, A m, T* y) {
+inline A exp_sum_store(const A* x, int64_t n, A scale, A m, T* y) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t K = kChunk<T>;
-  const V mv(m);
+  const V mv(-m), sv(scale);
   V s0(0), s1(0);
   int64_t j = 0;
   for (; j + K <= n; j += K) {
-    const V e0 = vexp(V::loadu(x + j) - mv), e1 = vexp(V::loadu(x + j + V::size()) - mv);
+    const V e0 = vexp_p<T>(at::vec::fmadd(V::loadu(x + j), sv, mv));
+    const V e1 = vexp_p<T>(at::vec::fmadd(V::loadu(x + j + V::size()), sv, mv));
     s0 = s0 + e0;
     s1 = s1 + e1;
     store2(y + j, e0, e1);
   }
   if (j < n) {
     const int64_t r = n - j, ra = std::min<int64_t>(r, V::size());
-    const V e0 = V::set(V(0), vexp(V::loadu(x + j, ra) - mv), ra);
-    const V e1 = r > ra ? V::set(V(0), vexp(V::loadu(x + j + ra, r - ra) - mv), r - ra) : V(0);
+    const V e0 = V::set(V(0), vexp_p<T>(at::vec::fmadd(V::loadu(x + j, ra), sv, mv)), ra);
+    const V e1 = r > ra ? V::set(V(0), vexp_p<T>(at::vec::fmadd(V::loadu(x + j + ra, r - ra), sv, mv)), r - ra) : V(0);
     s0 = s0 + e0;
     s1 = s1 + e1;
     store2(y + j, e0, e1, r);
@@ -358,17 +365,20 @@ void forward(const AttentionFwdArgs& args, const Products& mm) {
           A* row = logits.data() + r * kBlockK;
           T* prow = kLowp ? reinterpret_cast<T*>(p_lowp.data()) + r * kBlockK : reinterpret_cast<T*>(row);
           const int64_t vis = hd.visible(i0 + r, j0, nk);  // keys past vis: p = 0
-          A mx;
-          if (hd.bias || any_masked) {
-            if (!scaled) scale_row(row, vis, scale);
+          // Logits are scale * row; the scale is folded into the exp pass where it can be
+          // (it commutes with the max only when positive).
+          A row_scale = scaled ? A(1) : scale, mx;
+          if (hd.bias || any_masked || row_scale <= 0) {
+            if (row_scale != A(1)) scale_row(row, vis, row_scale);
+            row_scale = A(1);
             hd.add_bias_mask(row, i0 + r, j0, vis, any_masked ? kmask.data() : nullptr);
             mx = row_max(row, vis);
           } else {
-            mx = scaled ? row_max(row, vis) : scale_max(row, vis, scale);
+            mx = row_max(row, vis) * row_scale;
           }
           const A m_new = std::max(m[r], mx);
           const A m_use = m_new == kNegInf<A> ? A(0) : m_new;  // a row without keys so far: p = 0
-          const A sum = exp_sum_store(row, vis, m_use, prow);
+          const A sum = exp_sum_store(row, vis, row_scale, m_use, prow);
           std::fill(prow + vis, prow + (Products::kPadEven ? (nk + 1) / 2 * 2 : nk), T(0));
           const A alpha = std::exp(m[r] - m_use);
           l[r] = l[r] * alpha + sum;
@@ -405,7 +415,7 @@ void backward(const AttentionBwdArgs& args) {
   constexpr bool kLowp = !std::is_same_v<T, A>;
   const AttentionShape& s = args.s;
   const int64_t D = s.D, group = s.H / s.Hkv, off = s.S - s.T;
-  const int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  constexpr int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
   const A scale = A(s.scale), keep_scale = A(1) / A(1 - s.dropout_p);
   const bool dropout = s.dropout_p > 0;
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
