@@ -68,6 +68,10 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
     modes: tuple[str, ...] = MODES
     nbytes: Callable | None = None
+    # Compute-bound ops: flops(shapes, mode) -> FLOPs of one call (a GFLOP/s column), and
+    # whether to record each implementation's peak memory (one extra untimed call each).
+    flops: Callable | None = None
+    measure_memory: bool = False
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Record:
     threads: int = 0
     rounds: int = 0          # timed calls per implementation
     first_call_s: float = 0.0  # first call (for compile: compilation time)
+    gflops: float | None = None   # FLOP rate (ops with OpSpec.flops)
+    peak_mb: float | None = None  # peak extra memory of one call (OpSpec.measure_memory)
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,27 @@ def _alternate(calls: Mapping[str, Callable], timing: Timing) -> dict[str, list[
     return samples
 
 
+def shape_cases(shapes) -> list:
+    """``OpSpec.shapes[size]``: one mapping of named shapes, or a list of them (several cases)."""
+    return list(shapes) if isinstance(shapes, (list, tuple)) else [shapes]
+
+
+def peak_memory_bytes(call: Callable) -> int:
+    """Peak bytes held through torch's CPU allocator during one call, above what was held
+    before (the profiler's memory events). Memory a kernel takes outside torch's allocator
+    (e.g. a C++ std::vector) is not seen; ops that do so say how much in their benchmark."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    held = peak = 0
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
 def _median_ms(ns: list[int]) -> float:
     s = sorted(ns)
     mid = len(s) // 2
@@ -226,8 +253,10 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
     _check_agreement(spec, tdtype, mode, results["fastpt"], results["eager"])
     del results
 
+    peak = {name: peak_memory_bytes(calls[name]) for name in impls} if spec.measure_memory else {}
     samples = _alternate(calls, timing)
     ms = {name: _median_ms(ns) for name, ns in samples.items()}
+    flops = spec.flops(shapes, mode) if spec.flops else None
     copy_gbps = copy_bytes / (ms["copy"] * 1e6)
     records = []
     for name in impls:
@@ -240,15 +269,18 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             pct_copy_bandwidth=100.0 * nbytes / (ms[name] * 1e6) / copy_gbps,
             alloc=alloc, bytes=nbytes, copy_gbps=copy_gbps,
             threads=threads or torch.get_num_threads(), rounds=len(samples[name]),
-            first_call_s=first_s[name]))
+            first_call_s=first_s[name],
+            gflops=flops / (ms[name] * 1e6) if flops else None,
+            peak_mb=peak[name] / 2**20 if name in peak else None))
     return records
 
 
 # ---------------------------------------------------------------- reporting
 
 COLUMNS = ("alloc", "op", "dtype", "mode", "shape", "fastpt ms", "eager ms", "compile ms",
-           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s")
-_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9)
+           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s", "fastpt GFLOP/s",
+           "fastpt peak MB", "eager peak MB")
+_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9, 14, 14, 13)
 
 
 def _fmt(v, spec: str) -> str:
@@ -263,7 +295,8 @@ def case_row(records: Iterable[Record]) -> list[str]:
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
             _fmt(f.ratio_vs_eager, ".2f"), _fmt(f.ratio_vs_compile, ".2f"),
             _fmt(f.pct_copy_bandwidth, ".0f"), _fmt(c and c.pct_copy_bandwidth, ".0f"),
-            _fmt(f.copy_gbps, ".1f")]
+            _fmt(f.copy_gbps, ".1f"), _fmt(f.gflops, ".0f"), _fmt(f.peak_mb, ".1f"),
+            _fmt(by["eager"].peak_mb, ".1f")]
 
 
 def text_header() -> str:

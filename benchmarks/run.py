@@ -27,7 +27,7 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope")
+OPS = ("rms_norm", "swiglu", "rope", "attention", "attention_causal")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}
@@ -92,16 +92,17 @@ def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> l
     print(harness.text_header(), flush=True)
     for op in config.ops:
         spec = load_spec(op)
-        for dtype in (d for d in config.dtypes if d in spec.dtypes):
-            for mode in (m for m in config.modes if m in spec.modes):
-                case = harness.measure_case(spec, spec.shapes[config.size], dtype, mode, alloc=alloc,
-                                            compile=config.compile, timing=timing,
-                                            threads=config.threads)
-                print(harness.text_row(case), flush=True)
-                records += case
-                if out_path:
-                    with open(out_path, "a") as f:
-                        f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
+        for shapes in harness.shape_cases(spec.shapes[config.size]):
+            for dtype in (d for d in config.dtypes if d in spec.dtypes):
+                for mode in (m for m in config.modes if m in spec.modes):
+                    case = harness.measure_case(spec, shapes, dtype, mode, alloc=alloc,
+                                                compile=config.compile, timing=timing,
+                                                threads=config.threads)
+                    print(harness.text_row(case), flush=True)
+                    records += case
+                    if out_path:
+                        with open(out_path, "a") as f:
+                            f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
     if not records:
         print("no case matches the selected ops, dtypes and modes", flush=True)
     return records

@@ -16,7 +16,8 @@ from fastpt import alloc, cli
 from fastpt.benchmarks import harness, run
 
 TINY = {"rms_norm": {"x": (8, 32)}, "swiglu": {"gate": (8, 32), "up": (8, 32)},
-        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)}}
+        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)}, "attention": {"q": (1, 2, 16, 32)},
+        "attention_causal": {"q": (1, 2, 16, 32)}}
 FAST = harness.Timing(budget_s=0.0, min_rounds=3, warmup=1)
 
 
@@ -33,7 +34,9 @@ def test_records_and_ratios(op, mode, monkeypatch):
     records = harness.measure_case(spec, TINY[op], "fp32", mode, alloc="steady", timing=FAST,
                                    threads=2)
     by = _by_impl(records)
-    assert [r.impl for r in records] == ["fastpt", "eager", "compile"]
+    assert [r.impl for r in records] == ["fastpt", "eager", "compile", *spec.baselines]
+    if spec.flops:  # compute-bound ops: FLOP rate and peak memory of every implementation
+        assert all(r.gflops > 0 and r.peak_mb is not None for r in records)
     for r in records:
         assert (r.op, r.dtype, r.mode, r.alloc, r.threads) == (op, "fp32", mode, "steady", 2)
         assert r.shape == harness.shape_str(TINY[op])
@@ -44,6 +47,16 @@ def test_records_and_ratios(op, mode, monkeypatch):
     assert math.isclose(f.ratio_vs_eager, by["eager"].median_ms / f.median_ms, rel_tol=1e-9)
     assert math.isclose(f.ratio_vs_compile, by["compile"].median_ms / f.median_ms, rel_tol=1e-9)
     assert all(r.ratio_vs_eager is None and r.ratio_vs_compile is None for r in records[1:])
+
+
+def test_several_shape_cases_per_size():
+    assert harness.shape_cases({"x": (1, 2)}) == [{"x": (1, 2)}]
+    assert harness.shape_cases([{"x": (1,)}, {"x": (2,)}]) == [{"x": (1,)}, {"x": (2,)}]
+
+
+def test_peak_memory_counts_temporaries():
+    x = torch.randn(256, 256)
+    assert harness.peak_memory_bytes(lambda: (x @ x) @ x) >= 2 * x.numel() * 4
 
 
 def test_no_compile_has_no_compile_record():
@@ -67,8 +80,9 @@ def test_spec_registry():
     for op in run.OPS:
         spec = run.load_spec(op)
         assert spec.name == op and {"full", "quick"} <= set(spec.shapes)
-        full = sum(math.prod(s) for s in spec.shapes["full"].values())
-        assert sum(math.prod(s) for s in spec.shapes["quick"].values()) < full
+        def size(shapes):
+            return min(sum(math.prod(s) for s in case.values()) for case in harness.shape_cases(shapes))
+        assert size(spec.shapes["quick"]) < size(spec.shapes["full"])
 
 
 def _records():
