@@ -45,7 +45,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Raises:
         TypeError: dtypes (non-float, q/k/v differ, mask not bool). ValueError: shapes, H not a
-        multiple of Hkv, head dim outside [1, 256] (CUDA: a multiple of 8, at most 128),
+        multiple of Hkv, head dim outside [1, 256] (CUDA: [1, 128]),
         devices differ, dropout_p outside [0, 1).
     """
     D = q.shape[-1]

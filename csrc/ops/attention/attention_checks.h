@@ -7,9 +7,9 @@
 #pragma once
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "common/glue.h"
 #include "ops/attention/attention.h"
@@ -119,6 +119,17 @@ inline void check_backward(const Inputs& in, const at::Tensor& grad_out, const a
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.T &&
                         lse.scalar_type() == compute_type(in.q.scalar_type()),
                     "lse must be the forward's (B, H, T) log-sum-exp, got ", lse.sizes(), " ", lse.scalar_type());
+}
+
+// The bias gradient, (B, H, T, S) in the compute type, summed over the dims the bias was
+// broadcast along, back to its own shape and dtype.
+inline at::Tensor reduce_bias_grad(const at::Tensor& full, const at::Tensor& bias) {
+  std::vector<int64_t> dims;
+  const int64_t lead = 4 - bias.dim();
+  for (int64_t d = 0; d < 4; ++d)
+    if (d < lead || bias.size(d - lead) == 1) dims.push_back(d);
+  const at::Tensor g = dims.empty() ? full : full.sum(dims, /*keepdim=*/true);
+  return g.reshape(bias.sizes()).to(bias.scalar_type());
 }
 
 }  // namespace fastpt::attention_glue

@@ -54,14 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                         bias_grad ? gbias_full.mutable_data_ptr() : nullptr});
   }
   if (!bias_grad) return {gq, gk, gv, at::empty({0}, q.options())};
-  // Sum over the dims the bias was broadcast along, back to its own shape and dtype.
-  const at::Tensor& bias = *attn_bias;
-  std::vector<int64_t> dims;
-  const int64_t lead = 4 - bias.dim();
-  for (int64_t d = 0; d < 4; ++d)
-    if (d < lead || bias.size(d - lead) == 1) dims.push_back(d);
-  at::Tensor gb = dims.empty() ? gbias_full : gbias_full.sum(dims, /*keepdim=*/true);
-  return {gq, gk, gv, gb.reshape(bias.sizes()).to(bias.scalar_type())};
+  return {gq, gk, gv, attention_glue::reduce_bias_grad(gbias_full, *attn_bias)};
 }
 
 }  // namespace
