@@ -2,9 +2,10 @@
 // Algorithm and argument contract: attention.h.
 //
 // Forward: parallel over (b, h, query tile of kBlockQ rows). Each task walks the key tiles
-// (kBlockK keys; causal: only those its rows can see): logits = scale * Q K^T by one BLAS call
-// (attention_blas.h), bias / masks added per row, online softmax (running max m, sum l, the
-// accumulator rescaled by exp(m_old - m_new)), then acc += P V by a second BLAS call. Memory per
+// (kBlockK keys; causal: only those its rows can see): logits = Q K^T by one tile product
+// (BLAS, attention_blas.h; bf16/fp16 with AMX: ATen's brgemm on K, V packed once per call, see
+// PackedProducts), bias / masks added per row, online softmax (running max m, sum l, the
+// accumulator rescaled by exp(m_old - m_new)), then acc += P V by a second product. Memory per
 // thread: one kBlockQ x kBlockK logits tile, a kBlockQ x D accumulator (+ a storage-type copy of
 // P for bf16/fp16, whose products run in bf16/fp16 with fp32 accumulation as in FlashAttention).
 // FLOPs: 4 B H T S D (half that causal); traffic: q, k, v read once per query tile.
