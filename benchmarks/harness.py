@@ -75,6 +75,7 @@ class OpSpec:
     nbytes: Callable | None = None
     compile: bool = True
     peak_memory: bool = False          # also record each impl's peak memory per call
+    flops: Callable | None = None      # compute-bound ops: FLOPs of one call -> a GFLOP/s column
     agree_tol: float | None = None     # relative fastpt-vs-eager tolerance (e.g. int8 vs float)
 
 
@@ -99,6 +100,7 @@ class Record:
     rounds: int = 0          # timed calls per implementation
     first_call_s: float = 0.0  # first call (for compile: compilation time)
     peak_mib: float | None = None  # peak memory of one call (specs with peak_memory)
+    gflops: float | None = None    # FLOP rate (specs with flops)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,11 @@ def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
     n = max(min(nbytes // 2, _COPY_MAX_BYTES) // 4, 1024)
     src, dst = torch.randn(n), torch.empty(n)
     return (lambda: dst.copy_(src)), 8 * n
+
+
+def shape_cases(shapes) -> list:
+    """``OpSpec.shapes[size]``: one mapping of named shapes, or a list of them (several cases)."""
+    return list(shapes) if isinstance(shapes, (list, tuple)) else [shapes]
 
 
 def peak_memory_bytes(call: Callable[[], object]) -> int:
@@ -262,6 +269,7 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
 
     samples = _alternate(calls, timing)
     ms = {name: _median_ms(ns) for name, ns in samples.items()}
+    flops = spec.flops(shapes, mode) if spec.flops else None
     copy_gbps = copy_bytes / (ms["copy"] * 1e6)
     records = []
     for name in impls:
@@ -274,15 +282,17 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             pct_copy_bandwidth=100.0 * nbytes / (ms[name] * 1e6) / copy_gbps,
             alloc=alloc, bytes=nbytes, copy_gbps=copy_gbps,
             threads=threads or torch.get_num_threads(), rounds=len(samples[name]),
-            first_call_s=first_s[name], peak_mib=peak.get(name)))
+            first_call_s=first_s[name], peak_mib=peak.get(name),
+            gflops=flops / (ms[name] * 1e6) if flops else None))
     return records
 
 
 # ---------------------------------------------------------------- reporting
 
 COLUMNS = ("alloc", "op", "dtype", "mode", "shape", "fastpt ms", "eager ms", "compile ms",
-           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s", "fastpt MiB", "eager MiB")
-_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9, 10, 9)
+           "x eager", "x compile", "fastpt %bw", "compile %bw", "copy GB/s", "fastpt MiB", "eager MiB",
+           "fastpt GFLOP/s")
+_WIDTHS = (7, 9, 5, 6, 31, 9, 9, 10, 7, 9, 10, 11, 9, 10, 9, 14)
 
 
 def _fmt(v, spec: str) -> str:
@@ -297,7 +307,8 @@ def case_row(records: Iterable[Record]) -> list[str]:
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
             _fmt(f.ratio_vs_eager, ".2f"), _fmt(f.ratio_vs_compile, ".2f"),
             _fmt(f.pct_copy_bandwidth, ".0f"), _fmt(c and c.pct_copy_bandwidth, ".0f"),
-            _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f")]
+            _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f"),
+            _fmt(f.gflops, ".0f")]
 
 
 def text_header() -> str:

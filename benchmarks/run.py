@@ -27,8 +27,9 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope", "int8_matmul", "int8_linear", "lora_linear",
-       "value_iteration_sparse", "value_iteration_dense", "value_iteration_solve")
+OPS = ("rms_norm", "swiglu", "rope", "attention", "attention_causal", "int8_matmul",
+       "int8_linear", "lora_linear", "value_iteration_sparse", "value_iteration_dense",
+       "value_iteration_solve")
 ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}
@@ -95,16 +96,18 @@ def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> l
         spec = load_spec(op)
         # An op with none of the selected dtypes (the MDP ops are fp64/fp32) runs in its first.
         dtypes = [d for d in config.dtypes if d in spec.dtypes] or [spec.dtypes[0]]
-        for dtype in dtypes:
-            for mode in (m for m in config.modes if m in spec.modes):
-                case = harness.measure_case(spec, spec.shapes[config.size], dtype, mode, alloc=alloc,
-                                            compile=config.compile, timing=timing,
-                                            threads=config.threads)
-                print(harness.text_row(case), flush=True)
-                records += case
-                if out_path:
-                    with open(out_path, "a") as f:
-                        f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
+        for shapes in harness.shape_cases(spec.shapes[config.size]):
+            for dtype in dtypes:
+                for mode in (m for m in config.modes if m in spec.modes):
+                    case = harness.measure_case(spec, shapes, dtype, mode, alloc=alloc,
+                                                compile=config.compile, timing=timing,
+                                                threads=config.threads)
+                    print(harness.text_row(case), flush=True)
+                    records += case
+                    if out_path:
+                        with open(out_path, "a") as f:
+                            f.writelines(json.dumps(asdict(r)) + "
+" for r in case)
     if not records:
         print("no case matches the selected ops, dtypes and modes", flush=True)
     return records

@@ -44,7 +44,14 @@
   X("lora_linear_backward",                                                                    \
     "lora_linear_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_a, "          \
     "Tensor lora_b, float scale, float dropout_p, Tensor? seed, bool need_grad_x) " \
-    "-> (Tensor, Tensor, Tensor)")
+    "-> (Tensor, Tensor, Tensor)")                                                             \
+  X("attention",                                                                               \
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? attn_bias, "    \
+    "bool causal, float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)")   \
+  X("attention_backward",                                                                      \
+    "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " \
+    "Tensor? key_padding_mask, Tensor? attn_bias, bool causal, float scale, float dropout_p, " \
+    "Tensor? dropout_seed, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 
 TORCH_LIBRARY(fastpt, m) {
 #define FASTPT_DEF(name, schema) m.def(schema);

@@ -16,7 +16,8 @@ from fastpt import alloc, cli
 from fastpt.benchmarks import harness, run
 
 TINY = {"rms_norm": {"x": (8, 32)}, "swiglu": {"gate": (8, 32), "up": (8, 32)},
-        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)},
+        "rope": {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16)}, "attention": {"q": (1, 2, 16, 32)},
+        "attention_causal": {"q": (1, 2, 16, 32)},
         "int8_matmul": {"a": (32, 64), "b": (32, 64)},
         "int8_linear": {"x": (32, 64), "w": (24, 64)},
         "lora_linear": {"x": (8, 32), "w": (16, 32), "a": (4, 32), "b": (16, 4)}}
@@ -40,6 +41,8 @@ def test_records_and_ratios(op, mode, monkeypatch):
     by = _by_impl(records)
     assert [r.impl for r in records] == ["fastpt", "eager", "compile", *spec.baselines]
     assert all((r.peak_mib is not None) == spec.peak_memory for r in records)
+    if spec.flops:  # compute-bound ops: a FLOP rate for every implementation
+        assert all(r.gflops > 0 for r in records)
     for r in records:
         assert (r.op, r.dtype, r.mode, r.alloc, r.threads) == (op, "fp32", mode, "steady", 2)
         assert r.shape == harness.shape_str(TINY[op])
@@ -63,6 +66,16 @@ def test_peak_memory_counts_temporaries_and_outputs():
     assert harness.peak_memory_bytes(lambda: layer(x)) >= 256 * 1024 + 256 * 256 * 4  # int8 x + out
 
 
+def test_several_shape_cases_per_size():
+    assert harness.shape_cases({"x": (1, 2)}) == [{"x": (1, 2)}]
+    assert harness.shape_cases([{"x": (1,)}, {"x": (2,)}]) == [{"x": (1,)}, {"x": (2,)}]
+
+
+def test_peak_memory_counts_matmul_temporaries():
+    x = torch.randn(256, 256)
+    assert harness.peak_memory_bytes(lambda: (x @ x) @ x) >= 2 * x.numel() * 4
+
+
 def test_no_compile_has_no_compile_record():
     records = harness.measure_case(run.load_spec("swiglu"), TINY["swiglu"], "bf16", "fwd",
                                    compile=False, timing=FAST)
@@ -84,8 +97,9 @@ def test_spec_registry():
     for op in run.OPS:
         spec = run.load_spec(op)
         assert spec.name == op and {"full", "quick"} <= set(spec.shapes)
-        full = sum(math.prod(s) for s in spec.shapes["full"].values())
-        assert sum(math.prod(s) for s in spec.shapes["quick"].values()) < full
+        def size(shapes):
+            return min(sum(math.prod(s) for s in case.values()) for case in harness.shape_cases(shapes))
+        assert size(spec.shapes["quick"]) < size(spec.shapes["full"])
 
 
 def _records():

@@ -65,6 +65,26 @@ def test_rope_cuda(head_dim, rotary_dim, dtype, layout):
              layout=layout)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, S, D, causal", [(1, 45, 64, True), (19, 37, 40, False), (97, 97, 128, True),
+                                             (33, 9, 80, True)])
+def test_attention_cuda(T, S, D, causal, dtype):
+    q, k, v = torch.randn(2, 4, T, D), torch.randn(2, 2, S, D), torch.randn(2, 2, S, D)
+    mask = (torch.rand(2, S) > 0.3).cuda()
+    bias = torch.randn(4, T, S).cuda()
+    _compare(ops.attention, reference.attention, ("out", "grad q", "grad k", "grad v"), (q, k, v),
+             (torch.randn(q.shape),), dtype, causal=causal, key_padding_mask=mask, attn_bias=bias)
+
+
+def test_attention_cuda_dropout_matches_cpu():
+    q, k, v = (torch.randn(1, 2, 17, 32, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(3)
+    cpu = ops.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    gpu = ops.attention(q.cuda(), k.cuda(), v.cuda(), dropout_p=0.3)
+    torch.testing.assert_close(gpu.cpu(), cpu)
+
+
 def test_cuda_and_cpu_inputs_mixed_is_an_error():
     with pytest.raises((ValueError, RuntimeError), match="device"):
         ops.rms_norm(torch.randn(4, 8, device="cuda"), torch.ones(8), 1e-6)

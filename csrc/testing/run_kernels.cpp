@@ -16,6 +16,7 @@
 //    with -DCPU_CAPABILITY=DEFAULT against torch's headers, linked with libtorch_cpu]
 // Output: one "KERNEL <name> launches <L> checks <C> failures <F>" line per launcher, then
 // "<N> kernels emulated"; exit status 1 on any failure.
+#include "ops/attention/attention_cuda.h"
 #include "ops/int8/int8_cuda.h"
 #include "ops/rms_norm/rms_norm_cuda.h"
 #include "ops/rope/rope_cuda.h"
@@ -513,6 +514,120 @@ template <typename T> void vi_all() {
     test_vi<T, int32_t, int64_t>(61, 3, 4, dense, 1, false, 13, 45);  // a block of a partition
     test_vi<T, int64_t, int64_t>(29, 5, 7, dense, 2, false, 0, 29);
   }
+// ---------------------------------------------------------------- attention
+// Naive attention and its gradients in R (double: the reference; the compute type: "eager"),
+// on the same rounded inputs, with the kernel's masks and dropout mask. Layout contiguous:
+// q, out (B, H, T, D), k, v (B, Hkv, S, D).
+struct AttnResult {
+  std::vector<double> out, dq, dk, dv;
+};
+
+template <typename R>
+AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q, const std::vector<double>& k,
+                           const std::vector<double>& v, const std::vector<double>& dout,
+                           const std::vector<double>& bias, const std::vector<uint8_t>& mask) {
+  const int64_t B = s.B, H = s.H, T = s.T, S = s.S, D = s.D, G = s.H / s.Hkv;
+  AttnResult res{std::vector<double>(B * H * T * D), std::vector<double>(B * H * T * D),
+                 std::vector<double>(B * s.Hkv * S * D, 0.0), std::vector<double>(B * s.Hkv * S * D, 0.0)};
+  const uint32_t thr = dropout_threshold(s.dropout_p);
+  std::vector<R> p(S), pd(S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t kv = (b * s.Hkv + h / G) * S, row = (b * H + h) * T + i;
+        const uint64_t key = dropout_row_key(s.seed, uint64_t(row));
+        R mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          const bool seen = (!s.causal || j <= i + S - T) && (mask.empty() || mask[b * S + j]);
+          R x = -INFINITY;
+          if (seen) {
+            R dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += R(q[row * D + d]) * R(k[(kv + j) * D + d]);
+            x = dot * R(s.scale) + (bias.empty() ? R(0) : R(bias[row * S + j]));
+          }
+          p[j] = x;
+          mx = std::max(mx, x);
+        }
+        R sum = 0;
+        for (int64_t j = 0; j < S; ++j) sum += (p[j] = mx == R(-INFINITY) ? R(0) : R(std::exp(p[j] - mx)));
+        for (int64_t j = 0; j < S; ++j) {
+          p[j] = sum > 0 ? p[j] / sum : R(0);
+          const bool keep = s.dropout_p == 0 || dropout_keep(key, uint32_t(j), thr);
+          pd[j] = keep ? p[j] / R(1 - s.dropout_p) : R(0);
+        }
+        std::vector<R> o(D, R(0));
+        for (int64_t j = 0; j < S; ++j)
+          for (int64_t d = 0; d < D; ++d) o[d] += pd[j] * R(v[(kv + j) * D + d]);
+        R delta = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          res.out[row * D + d] = double(o[d]);
+          delta += R(dout[row * D + d]) * o[d];
+        }
+        for (int64_t j = 0; j < S; ++j) {
+          R dp = 0;
+          for (int64_t d = 0; d < D; ++d) dp += R(dout[row * D + d]) * R(v[(kv + j) * D + d]);
+          const R ds = pd[j] * dp - p[j] * delta;
+          for (int64_t d = 0; d < D; ++d) {
+            res.dq[row * D + d] += double(R(s.scale) * ds * R(k[(kv + j) * D + d]));
+            res.dk[(kv + j) * D + d] += double(R(s.scale) * ds * R(q[row * D + d]));
+            res.dv[(kv + j) * D + d] += double(pd[j] * R(dout[row * D + d]));
+          }
+        }
+      }
+  return res;
+}
+
+template <typename T>
+void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, int64_t D, bool causal,
+                    bool masked, bool biased, double dropout) {
+  using A = cuda::acc_t<T>;
+  const int64_t nq = B * H * T_ * D, nk = B * Hkv * S * D;
+  Buf<T> q(nq, 0), k(nk, 0), v(nk, 0), dout(nq, 0), out(nq, 0), dq(nq, 0);
+  fill(q, nq); fill(k, nk); fill(v, nk); fill(dout, nq);
+  std::vector<uint8_t> mask;
+  if (masked) {
+    mask.assign(B * S, 1);
+    for (int64_t j = 0; j < S; j += 3) mask[j] = 0;
+    for (int64_t j = 0; j < S && B > 1; ++j) mask[S + j] = 0;  // batch row 1 sees no key
+  }
+  std::vector<A> bias_full;
+  std::vector<double> bias_d;
+  if (biased) {
+    for (int64_t e = 0; e < B * H * T_ * S; ++e) bias_full.push_back(A(std::sin(0.37 * double(e))));
+    bias_d.assign(bias_full.begin(), bias_full.end());
+  }
+  AttentionShape sh{B, H, Hkv, T_, S, D, H * T_ * D, T_ * D, D, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
+                    H * T_ * S, T_ * S, S, 1, masked ? mask.data() : nullptr,
+                    biased ? bias_full.data() : nullptr, causal, 1.0 / std::sqrt(double(D)), dropout,
+                    0x1234567890abcdefull, dt<T>()};
+  std::vector<A> lse(B * H * T_), gk(nk, A(0)), gv(nk, A(0)), gbias(biased ? B * H * T_ * S : 0, A(0));
+  const std::string tag = std::string(name<T>()) + " B " + std::to_string(B) + " H " + std::to_string(H) + "/" +
+                          std::to_string(Hkv) + " T " + std::to_string(T_) + " S " + std::to_string(S) + " D " +
+                          std::to_string(D) + (causal ? " causal" : "") + (masked ? " mask" : "") +
+                          (biased ? " bias" : "") + (dropout > 0 ? " dropout" : "");
+  launched("attention_fwd", attention_fwd_cuda({sh, q.p(), k.p(), v.p(), out.p(), lse.data()}, nullptr), tag);
+  launched("attention_bwd",
+           attention_bwd_cuda({sh, q.p(), k.p(), v.p(), out.p(), dout.p(), lse.data(), dq.p(), gk.data(), gv.data(),
+                               biased ? gbias.data() : nullptr}, nullptr),
+           tag);
+  const auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk), dod = dout.doubles(nq);
+  const AttnResult ref = attention_naive<double>(sh, qd, kd, vd, dod, bias_d, mask);
+  AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask);
+  for (auto* x : {&eager.out, &eager.dq})
+    for (double& e : *x) e = round_to<T>(e);
+  compare<T>("attention_fwd", tag, false, out.doubles(nq), ref.out, eager.out);
+  compare<T>("attention_bwd", tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq);
+  compare<T>("attention_bwd", tag + " dk", true, std::vector<double>(gk.begin(), gk.end()), ref.dk, eager.dk);
+  compare<T>("attention_bwd", tag + " dv", true, std::vector<double>(gv.begin(), gv.end()), ref.dv, eager.dv);
+}
+
+template <typename T> void attention_all() {
+  test_attention<T>(2, 4, 2, 19, 37, 40, false, false, false, 0.0);   // GQA, cross lengths, 2 query blocks
+  test_attention<T>(2, 4, 2, 19, 37, 40, true, true, false, 0.0);     // causal + padding, an empty batch row
+  test_attention<T>(1, 2, 1, 1, 45, 64, true, false, true, 0.0);      // decode step, MQA, bias
+  test_attention<T>(1, 2, 2, 33, 9, 80, true, false, false, 0.0);     // T > S: rows without keys
+  test_attention<T>(1, 2, 2, 17, 17, 32, false, false, false, 0.3);   // dropout
+  test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
 }
 
 template <typename T> void rms_all() {
@@ -722,6 +837,7 @@ template <typename T> void int8_all() {
 
 int main(int argc, char** argv) {
   std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope, value_iteration)
+  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope, attention)
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only" && i + 1 < argc) only = argv[++i];
@@ -734,6 +850,9 @@ int main(int argc, char** argv) {
   }
   if (only.empty() || only == "swiglu") {
     swiglu_all<float>(); swiglu_all<double>(); swiglu_all<__nv_bfloat16>(); swiglu_all<__half>();
+  }
+  if (only.empty() || only == "attention") {
+    attention_all<float>(); attention_all<double>(); attention_all<__nv_bfloat16>(); attention_all<__half>();
   }
   if (only.empty() || only == "rope") {
     rope_all<float, float>(); rope_all<double, double>(); rope_all<__nv_bfloat16, __nv_bfloat16>();

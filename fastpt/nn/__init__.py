@@ -1,9 +1,11 @@
 """Modules built on fastpt's fused ops."""
 
+from fastpt.nn.attention import Attention, KVCache
 from fastpt.nn.int8_linear import Int8Linear, quantize_
 from fastpt.nn.lora import LoRALinear
 from fastpt.nn.rms_norm import RMSNorm
 from fastpt.nn.rotary import RotaryEmbedding
 from fastpt.nn.swiglu import SwiGLU
 
-__all__ = ["Int8Linear", "LoRALinear", "RMSNorm", "RotaryEmbedding", "SwiGLU", "quantize_"]
+__all__ = ["Attention", "Int8Linear", "KVCache", "LoRALinear", "RMSNorm", "RotaryEmbedding", "SwiGLU",
+           "quantize_"]

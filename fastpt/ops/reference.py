@@ -4,6 +4,8 @@ precision inputs are upcast to float32 where HF does so."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,3 +67,65 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | 
         c, s = c.unsqueeze(1), s.unsqueeze(1)
     interleaved = layout == "interleaved"
     return _rope_one(q, c, s, interleaved), _rope_one(k, c, s, interleaved)
+
+
+def _u64(x: int) -> int:
+    """Python int -> the int64 with the same low 64 bits (torch has no uint64 arithmetic)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 tensors holding uint64 bit patterns."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def attention_dropout_keep(seed: int, B: int, H: int, T: int, S: int, p: float) -> Tensor:
+    """(B, H, T, S) bool: which attention probabilities fastpt.ops.attention keeps for this seed
+    (the counter-based hash of csrc/ops/attention/attention.h, in int64 arithmetic)."""
+    row = torch.arange(B * H * T, dtype=torch.int64)
+    z = (row ^ _u64(seed)) + _u64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    lo, hi = (z & 0xFFFFFFFF)[:, None], _shr(z, 32)[:, None]
+    j = torch.arange(S, dtype=torch.int64)[None, :]
+    h = _fmix32(_fmix32(j ^ lo) ^ hi)
+    threshold = min(int(p * 4294967296.0), 4294967295)
+    return (h >= threshold).view(B, H, T, S)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Tensor | None = None,
+              attn_bias: Tensor | None = None, scale: float | None = None,
+              dropout_keep: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Naive attention (matmul, softmax, matmul) with fastpt.ops.attention's semantics: GQA by
+    repeating kv heads, bottom-right causal alignment, rows without keys give 0.
+    ``dropout_keep`` (B, H, T, S) bool applies that dropout mask with rate ``dropout_p``."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        logits = logits + attn_bias.to(logits.dtype)
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.ones_like(visible).tril(S - T)
+    visible = visible.expand(B, 1, T, S)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    empty = ~visible.any(-1, keepdim=True)  # rows without keys: probabilities 0, no NaN
+    logits = logits.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
+    probs = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    return probs @ v

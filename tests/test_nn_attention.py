@@ -1,0 +1,83 @@
+"""fastpt.nn.Attention: fused vs eager path, KV cache decoding, cross-attention, RoPE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpt.nn import Attention, KVCache, RotaryEmbedding
+
+
+def _pair(**kwargs):
+    fused = Attention(**kwargs)
+    eager = Attention(**kwargs, use_fused=False)
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
+@pytest.mark.parametrize("fused_qkv", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_matches_eager_with_gradients(fused_qkv, causal):
+    rotary = RotaryEmbedding(16, max_position_embeddings=32)
+    fused, eager = _pair(hidden_size=64, num_heads=4, num_kv_heads=2, causal=causal, fused_qkv=fused_qkv,
+                         rotary=rotary, bias=True)
+    x = torch.randn(2, 11, 64)
+    mask = torch.rand(2, 11) > 0.2
+    outs = []
+    for m in (fused, eager):
+        xi = x.clone().requires_grad_()
+        out = m(xi, key_padding_mask=mask)
+        out.square().sum().backward()
+        outs.append((out, xi.grad, m.o_proj.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_cache_object", [True, False])
+def test_incremental_decoding_matches_the_full_sequence(with_cache_object):
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(16, max_position_embeddings=8)  # grows on demand
+    attn = Attention(64, 4, 1, causal=True, rotary=rotary).eval()  # MQA
+    x = torch.randn(2, 13, 64)
+    full = attn(x)
+    cache = KVCache(2, 1, 16, 16) if with_cache_object else None
+    past, steps = None, []
+    prompt = 5
+    out, past = attn(x[:, :prompt], cache=cache, past_key_value=past, use_cache=True)
+    steps.append(out)
+    for t in range(prompt, 13):
+        out, past = attn(x[:, t:t + 1], cache=cache, past_key_value=None if cache else past, use_cache=True)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert past[0].shape == (2, 1, 13, 16)
+
+
+def test_cross_attention_with_padding():
+    fused, eager = _pair(hidden_size=32, num_heads=4, kv_input_size=48, scale=1.0)
+    x, enc = torch.randn(3, 7, 32), torch.randn(3, 9, 48)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    bias = torch.randn(4, 7, 9)
+    torch.testing.assert_close(fused(x, enc, key_padding_mask=mask, attn_bias=bias),
+                               eager(x, enc, key_padding_mask=mask, attn_bias=bias), rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    attn = Attention(32, 4, dropout=0.5)
+    x = torch.randn(2, 6, 32)
+    attn.eval()
+    torch.testing.assert_close(attn(x), attn(x))
+    attn.train()
+    assert not torch.allclose(attn(x), attn.eval()(x))
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        Attention(64, 4, 3)
+    with pytest.raises(ValueError, match="divisible"):
+        Attention(30, 4)
+    with pytest.raises(ValueError, match="needs kv"):
+        Attention(32, 4, kv_input_size=16)(torch.randn(1, 2, 32))
+    cache = KVCache(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="KVCache full"):
+        Attention(32, 4, causal=True)(torch.randn(1, 3, 32), cache=cache)
