@@ -10,9 +10,8 @@ batched generation produces such rows).
 
 ``use_fused=False`` is the A/B reference: explicit matmul-softmax-matmul in float32.
 
-Gradient of ``attn_bias``: the fused op treats the bias as a constant. T5's relative
-position bias is a learned embedding, so when the bias requires grad (T5 training) this
-function runs the eager path, which differentiates through it.
+``use_fused=True`` calls ``fastpt.ops.attention``, which also differentiates ``attn_bias``
+when it requires grad (T5's learned relative position bias).
 """
 
 from __future__ import annotations
@@ -78,29 +77,13 @@ def attend_eager(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
 def _attend_fused(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None,
                   attn_bias: Tensor | None, scale: float | None, dropout_p: float) -> Tensor:
-    # TODO(F3): switch to fastpt.ops.attention (same arguments); until then torch's SDPA.
-    T, S = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    plain_causal = causal and T == S
-    allowed = _allowed(T, S, causal and not plain_causal, key_padding_mask, q.device)
-    mask = None
-    if attn_bias is not None:
-        mask = attn_bias.to(q.dtype)
-        if allowed is not None:
-            mask = mask.masked_fill(~allowed, float("-inf"))
-        if plain_causal:  # SDPA takes is_causal or a mask, not both
-            mask = mask.masked_fill(~_allowed(T, S, True, None, q.device), float("-inf"))
-            plain_causal = False
-    elif allowed is not None:
-        mask = allowed
-        if plain_causal:
-            mask = mask & _allowed(T, S, True, None, q.device)
-            plain_causal = False
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                         is_causal=plain_causal, scale=scale, enable_gqa=gqa)
-    if allowed is not None:  # SDPA leaves NaN in rows with no allowed key
-        out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    return out
+    from fastpt.ops import attention
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(torch.bool)
+    if attn_bias is not None and attn_bias.dtype != q.dtype:
+        attn_bias = attn_bias.to(q.dtype)
+    return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                     attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -110,8 +93,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     _check(q, k, v, key_padding_mask)
     if causal and q.shape[2] == 1:  # one query, aligned at the end: it sees every key
         causal = False
-    bias_needs_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
-    if use_fused and not bias_needs_grad:
+    if use_fused:
         return _attend_fused(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                              attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     return attend_eager(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
