@@ -106,8 +106,7 @@ def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> l
                     records += case
                     if out_path:
                         with open(out_path, "a") as f:
-                            f.writelines(json.dumps(asdict(r)) + "
-" for r in case)
+                            f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
     if not records:
         print("no case matches the selected ops, dtypes and modes", flush=True)
     return records
