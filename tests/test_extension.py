@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -44,7 +45,9 @@ def test_one_openmp_runtime():
     code = ("import torch, fastpt; fastpt.ops.rms_norm(torch.randn(64, 64), torch.ones(64), 1e-6);"
             "libs = {l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'libiomp' in l};"
             "print(len(libs), sorted(libs))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd: not the repository root, whose fastpt/ source folder has no compiled _C
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("1 "), out.stdout
 

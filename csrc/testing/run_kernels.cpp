@@ -514,6 +514,8 @@ template <typename T> void vi_all() {
     test_vi<T, int32_t, int64_t>(61, 3, 4, dense, 1, false, 13, 45);  // a block of a partition
     test_vi<T, int64_t, int64_t>(29, 5, 7, dense, 2, false, 0, 29);
   }
+}
+
 // ---------------------------------------------------------------- attention
 // Naive attention and its gradients in R (double: the reference; the compute type: "eager"),
 // on the same rounded inputs, with the kernel's masks and dropout mask. Layout contiguous:
@@ -836,8 +838,8 @@ template <typename T> void int8_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope, value_iteration)
-  std::string only;  // --only <op>: run one op's launchers (rms_norm, swiglu, rope, attention)
+  // --only <op>: run one op's launchers (rms_norm, swiglu, attention, rope, value_iteration, int8)
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--only" && i + 1 < argc) only = argv[++i];
