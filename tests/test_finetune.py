@@ -182,3 +182,28 @@ def test_prompt_masked_labels_keep_the_real_eos_when_pad_is_eos():
     assert b["input_ids"].tolist() == [[1, 2, 3, 5, 7], [4, 6, 8, 7, 7]]
     assert b["labels"].tolist() == [[-100, -100, -100, 5, 7], [-100, 6, 8, 7, -100]]
     assert b["attention_mask"].tolist() == [[True] * 5, [True] * 4 + [False]]
+
+
+def test_prefix_tuning_generates_with_a_kv_cache():
+    cfg = FinetuneConfig(strategy="prefix", prefix_length=3)
+    model = prepare(_backbone("llama"), cfg).eval()
+    torch.nn.init.normal_(model.prefix_tuning.mlp[2].weight, std=0.5)  # a prefix that matters
+    ids = _batch()["input_ids"][:2, :6]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = model.new_cache(2, 6)
+        model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
+        step = model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(step, full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_layer_mix_features_train_in_a_probe():
+    head = SequenceClassifier(_backbone("bert"), 2, layer="mix", dropout=0.0)
+    model = prepare(head, FinetuneConfig(strategy="probe"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"mix.weights", "mix.gamma"} <= trainable
+    assert not any(n.startswith("backbone.") for n in trainable)
+    _train(model, steps=2)
+    assert not torch.equal(model.mix.weights.detach(), torch.zeros(3))
+    with pytest.raises(ValueError, match="layer must be"):
+        SequenceClassifier(_backbone("bert"), 2, layer="last")

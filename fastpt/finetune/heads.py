@@ -48,6 +48,36 @@ def features(backbone: nn.Module, input_ids=None, attention_mask=None, *, layer:
     return (last if not every else hidden[layer]), hidden
 
 
+class ScalarMix(nn.Module):
+    """ELMo's learned mix of layers: gamma * sum_i softmax(w)_i h_i over the embeddings and
+    every layer's output (feature-based transfer, Peters et al. 2018)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(n))
+        self.gamma = nn.Parameter(torch.ones(()))
+
+    def forward(self, hidden: tuple) -> Tensor:
+        w = torch.softmax(self.weights, 0)
+        return self.gamma * sum(wi * h for wi, h in zip(w, hidden))
+
+
+class _Head(nn.Module):
+    """Shared by the heads: features from ``layer`` (an index, -1 = last, or "mix")."""
+
+    def _init_features(self, backbone: nn.Module, layer) -> None:
+        if not (layer == "mix" or isinstance(layer, int)):
+            raise ValueError(f"layer must be an int or 'mix', got {layer!r}")
+        self.backbone, self.layer = backbone, layer
+        self.mix = ScalarMix(backbone.config.num_layers + 1) if layer == "mix" else None
+
+    def _features(self, input_ids, attention_mask, **kw) -> Tensor:
+        if self.mix is None:
+            return features(self.backbone, input_ids, attention_mask, layer=self.layer, **kw)[0]
+        _, hidden = features(self.backbone, input_ids, attention_mask, layer=0, **kw)
+        return self.mix(hidden)
+
+
 def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
     """(B, T, d) -> (B, d) by the first token, the mean of real tokens, or the last real one
     (right padding)."""
@@ -64,23 +94,23 @@ def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(_Head):
     """``num_labels`` classes (cross-entropy) or 1 output (regression, MSE)."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, *, pooling: str | None = None,
-                 layer: int = -1, dropout: float = 0.1):
+                 layer: int | str = -1, dropout: float = 0.1):
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-        self.backbone = backbone
+        self._init_features(backbone, layer)
         self.pooling = pooling or ("cls" if isinstance(backbone, Encoder) else "last")
         pool(torch.zeros(1, 1, 1), None, self.pooling)  # validates the name early
-        self.layer, self.num_labels = layer, num_labels
+        self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kw) -> HeadOutput:
-        h, _ = features(self.backbone, input_ids, attention_mask, layer=self.layer, **kw)
+        h = self._features(input_ids, attention_mask, **kw)
         pooled = pool(h, attention_mask, self.pooling)
         if self.pooling == "cls" and isinstance(self.backbone, Encoder) and self.layer == -1:
             pooled = torch.tanh(self.backbone.pooler(pooled))  # BERT's pre-trained pooler
@@ -94,15 +124,15 @@ class SequenceClassifier(nn.Module):
         return HeadOutput(loss, logits)
 
 
-class TokenClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, num_labels: int, *, layer: int = -1, dropout: float = 0.1):
+class TokenClassifier(_Head):
+    def __init__(self, backbone: nn.Module, num_labels: int, *, layer: int | str = -1, dropout: float = 0.1):
         super().__init__()
-        self.backbone, self.layer = backbone, layer
+        self._init_features(backbone, layer)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kw) -> HeadOutput:
-        h, _ = features(self.backbone, input_ids, attention_mask, layer=self.layer, **kw)
+        h = self._features(input_ids, attention_mask, **kw)
         logits = self.classifier(self.dropout(h))
         loss = None
         if labels is not None:
@@ -111,17 +141,17 @@ class TokenClassifier(nn.Module):
         return HeadOutput(loss, logits)
 
 
-class QuestionAnswering(nn.Module):
+class QuestionAnswering(_Head):
     """Extractive QA: logits (B, T, 2) for answer start and end token."""
 
-    def __init__(self, backbone: nn.Module, *, layer: int = -1):
+    def __init__(self, backbone: nn.Module, *, layer: int | str = -1):
         super().__init__()
-        self.backbone, self.layer = backbone, layer
+        self._init_features(backbone, layer)
         self.qa_outputs = nn.Linear(backbone.config.hidden_size, 2)
 
     def forward(self, input_ids=None, attention_mask=None, start_positions=None,
                 end_positions=None, **kw) -> HeadOutput:
-        h, _ = features(self.backbone, input_ids, attention_mask, layer=self.layer, **kw)
+        h = self._features(input_ids, attention_mask, **kw)
         logits = self.qa_outputs(h)
         if attention_mask is not None:  # never predict a padding position
             logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)

@@ -53,13 +53,14 @@ class PrefixAttention(nn.Module):
 
     def forward(self, x: Tensor, *, rotary=None, position_ids=None, cache=None, layer_idx: int = 0,
                 causal: bool = False, key_padding_mask=None, attn_bias=None) -> Tensor:
-        if cache is not None:
-            raise NotImplementedError("prefix tuning with a KV cache (generation) is not supported yet")
         a = self.attn
         q = a.project_q(x)
         k, v = a.project_kv(x)
         if rotary is not None:
             q, k = rotary(q, k, position_ids)
+        if cache is not None:  # generation: the cache holds the real keys; the prefix goes first
+            k, v = cache.update(layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         B, m = x.shape[0], self._prefix[0].length
         pk, pv = self._prefix[0].key_values()[self.layer].to(q.dtype)  # (Hkv, m, D) each
         k = torch.cat([pk.expand(B, -1, -1, -1), k], 2)
