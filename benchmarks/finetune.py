@@ -31,7 +31,7 @@ def pretrained_decoder(out_dir: str, quick: bool):
     """Pre-train (or reuse) a gpt2-tiny decoder on the world corpus."""
     from fastpt.data.tokenizer import load_tokenizer
     from fastpt.models import Decoder
-    from fastpt.pretrain.recipes import pretrain_decoder, save_pretrained_with_tokenizer
+    from fastpt.train.recipes import pretrain_decoder, save_pretrained_with_tokenizer
     path = os.path.join(out_dir, "decoder")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return Decoder.from_pretrained(path), load_tokenizer(path)
@@ -44,7 +44,7 @@ def pretrained_decoder(out_dir: str, quick: bool):
 
 
 def _encode(tok, texts, pad):
-    from fastpt.pretrain.mlm import pad_batch
+    from fastpt.data.datasets import pad_batch
     return pad_batch([e.ids for e in tok.encode_batch(texts)], pad)
 
 

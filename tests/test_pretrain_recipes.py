@@ -6,7 +6,7 @@ import torch
 from fastpt.models import EncoderConfig
 from fastpt.pretrain.electra import DISC_WEIGHT, Electra
 from fastpt.pretrain.mlm import MLMCollator
-from fastpt.pretrain.recipes import pretrain_decoder, pretrain_encoder
+from fastpt.train.recipes import pretrain_decoder, pretrain_encoder
 
 
 def _electra_batch(vocab=200):
@@ -69,7 +69,7 @@ def test_tiny_decoder_and_electra_runs(tmp_path):
 @pytest.mark.slow
 def test_pretraining_beats_scratch_on_unseen_adjectives(tmp_path):
     """Learning outcome (README records the numbers): >= 10 points with 200 labels."""
-    from fastpt.pretrain.experiments import sentiment_transfer
+    from fastpt.train.experiments import sentiment_transfer
     result = sentiment_transfer(str(tmp_path), progress=False)
     print(result)
     assert result["frozen_embeddings"]["gain_points"] >= 10

@@ -131,6 +131,21 @@ def _block(ids, pos, doc) -> dict:
             "document_ids": torch.tensor(doc)}
 
 
+def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None) -> tuple:
+    """Right-pad a list of 1-D id sequences to (B, T) ids and a (B, T) bool attention mask."""
+    if not seqs:
+        raise ValueError("cannot collate an empty batch")
+    T = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask
+
+
 def document_attention_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """(B, T) document ids -> (B, 1, T, T) bool mask, True where query i may attend to key j."""
     if document_ids.dim() == 1:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.finetune.heads import features, pool
-from fastpt.pretrain.mlm import pad_batch
+from fastpt.data.datasets import pad_batch
 
 
 def embed(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,

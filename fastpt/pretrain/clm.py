@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastpt.pretrain.mlm import IGNORE_INDEX, pad_batch
+from fastpt.data.datasets import pad_batch
+from fastpt.pretrain.mlm import IGNORE_INDEX
 
 
 def collate_packed(blocks: list[dict]) -> dict:

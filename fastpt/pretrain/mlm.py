@@ -11,22 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from fastpt.data.datasets import pad_batch
+
 IGNORE_INDEX = -100
-
-
-def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None) -> tuple:
-    """Right-pad a list of 1-D id sequences to (B, T) ids and a (B, T) bool attention mask."""
-    if not seqs:
-        raise ValueError("cannot collate an empty batch")
-    T = max(len(s) for s in seqs)
-    if pad_to_multiple_of:
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
-    return ids, mask
 
 
 class MLMCollator:

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastpt.data.world import World
 from fastpt.models import Encoder
-from fastpt.pretrain.mlm import pad_batch
+from fastpt.data.datasets import pad_batch
 
 
 class _Classifier(nn.Module):
@@ -73,7 +73,7 @@ def sentiment_transfer(output_dir: str, *, n_labels: int = 200, n_test: int = 10
     """Test accuracy on unseen adjectives of pre-trained vs randomly initialised tiny
     encoders fine-tuned on ``n_labels`` reviews, with the embedding layer frozen (the
     recipe) and with every weight trained (for comparison)."""
-    from fastpt.pretrain.recipes import pretrain_encoder
+    from fastpt.train.recipes import pretrain_encoder
     world = World(seed)
     result = pretrain_encoder(output_dir, world=world, max_steps=pretrain_steps, seed=seed,
                               progress=progress)
@@ -95,7 +95,7 @@ def sentiment_transfer(output_dir: str, *, n_labels: int = 200, n_test: int = 10
 
 
 def main(argv=None) -> int:
-    """``python -m fastpt.pretrain.experiments [--out DIR] [--json PATH] [--only ...]``."""
+    """``python -m fastpt.train.experiments [--out DIR] [--json PATH] [--only ...]``."""
     import argparse
     import json
     import time
