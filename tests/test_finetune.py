@@ -207,3 +207,28 @@ def test_layer_mix_features_train_in_a_probe():
     assert not torch.equal(model.mix.weights.detach(), torch.zeros(3))
     with pytest.raises(ValueError, match="layer must be"):
         SequenceClassifier(_backbone("bert"), 2, layer="last")
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora", "int8_lora", "ia3", "bitfit"])
+def test_merged_checkpoint_loads_without_adapter_code(tmp_path, strategy):
+    from fastpt.finetune import load_merged, save_merged
+    from fastpt.finetune.lora import LoraLayer
+    from fastpt.finetune.peft_modules import IA3Linear
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2, dropout=0.0),
+                    FinetuneConfig(strategy=strategy, lora_r=2))
+    _train(model, steps=2)
+    model.eval()
+    expected = model(**_batch()).logits
+    save_merged(model, str(tmp_path))
+    loaded = load_merged(str(tmp_path)).eval()
+    assert not any(isinstance(m, (LoraLayer, IA3Linear)) for m in loaded.modules())
+    tol = 5e-2 if strategy == "int8_lora" else 1e-5  # int8: merged onto the dequantized weight
+    torch.testing.assert_close(loaded(**_batch()).logits, expected, atol=tol, rtol=tol)
+
+
+def test_merged_checkpoint_refuses_unmergeable_strategies(tmp_path):
+    from fastpt.finetune import save_merged
+    for strategy in ("adapters", "prefix", "prompt"):
+        model = prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy=strategy))
+        with pytest.raises(ValueError, match="save_adapter"):
+            save_merged(model, str(tmp_path / strategy))
