@@ -4,7 +4,6 @@ opcheck, compile, odd sizes, bad input."""
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastpt
 from fastpt import ops
-from fastpt.nn import Int8Linear, quantize_
+from fastpt.nn import Int8Linear
 from fastpt.ops import reference_finetune as ref
 
 PATHS = fastpt._C.int8_matmul_paths()
