@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable
 
+from fastpt._atomic import atomic_write
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 KINDS = ("wordpiece", "bpe", "unigram")
@@ -111,10 +112,7 @@ def special_ids(tok: Tokenizer) -> SpecialIds:
 def save_tokenizer(tok: Tokenizer, path: str) -> None:
     """Write ``tokenizer.json`` atomically into the folder ``path`` (created if missing)."""
     os.makedirs(path, exist_ok=True)
-    final = os.path.join(path, "tokenizer.json")
-    tmp = final + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, final)
+    atomic_write(os.path.join(path, "tokenizer.json"), tok.save)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastpt._atomic import atomic_write, atomic_write_json
 from fastpt.finetune.strategies import FinetuneConfig, backbone_of, prepare
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -36,14 +37,9 @@ def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig) -> l
     if not tensors:
         raise ValueError("the model has no trainable parameters to save")
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, WEIGHTS_FILE + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+    atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp))
     meta = {"finetune": config.to_dict(), "base": _base_signature(model), "tensors": sorted(tensors)}
-    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+    atomic_write_json(os.path.join(path, CONFIG_FILE), meta)
     return sorted(tensors)
 
 
@@ -119,11 +115,10 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     if backbone is model:
         return
     head = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    save_file(head, os.path.join(path, "head.safetensors"))
+    atomic_write(os.path.join(path, "head.safetensors"), lambda tmp: save_file(head, tmp))
     meta = {"class": type(model).__name__, "num_labels": getattr(model, "num_labels", None),
             "pooling": getattr(model, "pooling", None), "layer": model.layer}
-    with open(os.path.join(path, "head_config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    atomic_write_json(os.path.join(path, "head_config.json"), meta)
 
 
 def load_merged(path: str) -> torch.nn.Module:

@@ -11,9 +11,7 @@ unexpected and mis-shaped tensor. Only safetensors files are read (never pickle)
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastpt._atomic import atomic_write
 from fastpt.models.config import DecoderConfig, EncoderConfig, Seq2SeqConfig
 
 CONFIG_NAME = "config.json"
@@ -359,18 +358,6 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
 
 # ---------------------------------------------------------------- files
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model, path) -> None:
     from safetensors.torch import save_file
     path = Path(path)
@@ -382,8 +369,8 @@ def save_pretrained(model, path) -> None:
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, write_config)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, write_config)
 
 
 def _version() -> str:

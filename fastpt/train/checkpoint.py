@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastpt._atomic import atomic_write_json
+
 # One exception for every bad checkpoint, model files (fastpt.models) and training state alike.
 from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
 
@@ -35,15 +37,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -123,13 +116,13 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
                     "sha256": _sha256(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
     state = {"step": step, "data": data_state, "optimizer": opt_meta, "rng": rng_meta,
              "scheduler": scheduler_state, "aliases": aliases, "extra": extra or {}, "files": files}
-    _write_json_atomic(os.path.join(tmp, STATE_FILE), state)
+    atomic_write_json(os.path.join(tmp, STATE_FILE), state)
     if os.path.exists(final):  # re-saving a step: move the old one aside, never half-replace
         shutil.rmtree(final + ".old", ignore_errors=True)
         os.replace(final, final + ".old")
     os.replace(tmp, final)
     shutil.rmtree(final + ".old", ignore_errors=True)
-    _write_json_atomic(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
+    atomic_write_json(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
     _prune(root, keep_last)
     return final
 

@@ -1,0 +1,34 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename over it, so a
+crash leaves either the old file or the new one, never half of one. Used by every file fastpt
+writes (model checkpoints, training checkpoints, adapters, tokenizers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` and move the result to ``path``; the temporary is removed on error."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
