@@ -43,12 +43,8 @@ def pretrained_decoder(out_dir: str, quick: bool):
     return result.model, result.tokenizer
 
 
-def _encode(tok, texts, pad):
-    from fastpt.data.datasets import pad_batch
-    return pad_batch([e.ids for e in tok.encode_batch(texts)], pad)
-
-
 def run_strategy(base, tok, strategy: str, train, test, epochs: int, lr: float) -> dict:
+    from fastpt.data.datasets import encode_padded
     from fastpt.finetune import FinetuneConfig, SequenceClassifier, count_parameters, prepare
     torch.manual_seed(0)
     backbone = type(base)(base.config)
@@ -57,7 +53,7 @@ def run_strategy(base, tok, strategy: str, train, test, epochs: int, lr: float) 
                          num_virtual_tokens=8, prefix_length=8, adapter_reduction=4)
     model = prepare(SequenceClassifier(backbone, 2, dropout=0.0), cfg)
     pad = base.config.pad_token_id or 0
-    ids, mask = _encode(tok, [e["text"] for e in train], pad)
+    ids, mask = encode_padded(tok, [e["text"] for e in train], pad)
     labels = torch.tensor([e["label"] for e in train])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(0)
@@ -76,7 +72,7 @@ def run_strategy(base, tok, strategy: str, train, test, epochs: int, lr: float) 
             times.append(time.perf_counter() - start)
     peak = peak_memory_bytes(lambda: step(torch.arange(16)))
     model.eval()
-    tids, tmask = _encode(tok, [e["text"] for e in test], pad)
+    tids, tmask = encode_padded(tok, [e["text"] for e in test], pad)
     with torch.no_grad():
         pred = model(input_ids=tids, attention_mask=tmask).logits.argmax(-1)
     counts = count_parameters(model)

@@ -146,6 +146,12 @@ def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None) ->
     return ids, mask
 
 
+def encode_padded(tokenizer, texts: list[str], pad_id: int) -> tuple:
+    """Tokenize ``texts`` (with the tokenizer's special tokens) into right-padded (B, T) ids
+    and a (B, T) bool attention mask."""
+    return pad_batch([e.ids for e in tokenizer.encode_batch(texts)], pad_id)
+
+
 def document_attention_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """(B, T) document ids -> (B, 1, T, T) bool mask, True where query i may attend to key j."""
     if document_ids.dim() == 1:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.finetune.heads import features, pool
-from fastpt.data.datasets import pad_batch
+from fastpt.data.datasets import encode_padded
 
 
 def embed(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
@@ -29,7 +29,7 @@ def encode(backbone: nn.Module, tokenizer, texts: list[str], *, pooling: str = "
     pad = getattr(backbone.config, "pad_token_id", None) or 0
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = pad_batch([e.ids for e in tokenizer.encode_batch(texts[i:i + batch_size])], pad)
+        ids, mask = encode_padded(tokenizer, texts[i:i + batch_size], pad)
         out.append(embed(backbone, ids, mask, pooling=pooling, normalize=normalize))
     backbone.train(was_training)
     return torch.cat(out)

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastpt.data.world import World
 from fastpt.models import Encoder
-from fastpt.data.datasets import pad_batch
+from fastpt.data.datasets import encode_padded
 
 
 class _Classifier(nn.Module):
@@ -33,10 +33,6 @@ class _Classifier(nn.Module):
         return self.head(torch.tanh(self.encoder.pooler(x[:, 0])))
 
 
-def _encode(tok, texts, pad_id):
-    return pad_batch([e.ids for e in tok.encode_batch(texts)], pad_id)
-
-
 def fine_tune_accuracy(encoder: Encoder, tok, train: list, test: list, *, epochs: int = 30,
                        lr: float = 5e-4, batch_size: int = 32, seed: int = 0,
                        freeze_embeddings: bool = True) -> float:
@@ -49,7 +45,7 @@ def fine_tune_accuracy(encoder: Encoder, tok, train: list, test: list, *, epochs
     for p in encoder.embeddings.parameters():
         p.requires_grad_(not freeze_embeddings)
     model = _Classifier(encoder, 2)
-    ids, mask = _encode(tok, [e["text"] for e in train], pad)
+    ids, mask = encode_padded(tok, [e["text"] for e in train], pad)
     labels = torch.tensor([e["label"] for e in train])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.01)
@@ -62,7 +58,7 @@ def fine_tune_accuracy(encoder: Encoder, tok, train: list, test: list, *, epochs
             loss.backward()
             opt.step()
     model.eval()
-    ids, mask = _encode(tok, [e["text"] for e in test], pad)
+    ids, mask = encode_padded(tok, [e["text"] for e in test], pad)
     with torch.no_grad():
         predictions = torch.cat([model(i, m).argmax(-1) for i, m in zip(ids.split(256), mask.split(256))])
     return float((predictions == torch.tensor([e["label"] for e in test])).float().mean())
