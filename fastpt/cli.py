@@ -154,7 +154,12 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     return models.main(args.rest)
 
 
-COMMANDS = (_add_bench, _add_bench_models, _add_mdp)
+def _training_commands() -> tuple:
+    from fastpt.commands import evaluate, finetune, generate, pretrain
+    return (pretrain.register, finetune.register, generate.register, evaluate.register)
+
+
+COMMANDS = (_add_bench, _add_bench_models, _add_mdp, *_training_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +176,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and args.command != "bench-models":  # only bench-models passes its options on
         build_parser().parse_args(argv)
     args.rest = rest
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs a subcommand; user errors (bad options, files, checkpoints) become one line on
+    stderr and exit status 2, and an interrupted training run says where to resume from."""
+    from fastpt.commands.options import ConfigError
+    from fastpt.models import CheckpointError as ModelCheckpointError
+    from fastpt.train import CheckpointError
+    from fastpt.train.interrupt import TrainingInterrupted
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        where = f"; checkpoint in {e.checkpoint}: run again with --resume" if e.checkpoint else ""
+        print(f"fastpt {args.command}: interrupted after step {e.step}{where}", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, ModelCheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"fastpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

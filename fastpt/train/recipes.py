@@ -14,7 +14,7 @@ from fastpt.data.world import World
 from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from fastpt.pretrain.clm import collate_packed
 from fastpt.pretrain.mlm import MLMCollator
-from fastpt.train import Trainer, TrainerConfig
+from fastpt.train import Trainer, TrainerConfig, seed_everything
 
 OBJECTIVES = ("mlm", "electra", "clm")
 
@@ -38,33 +38,47 @@ def encoder_examples(docs, tokenizer, max_len: int) -> list[dict]:
     return [{"input_ids": e.ids, "word_ids": e.word_ids} for e in encodings]
 
 
+def _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed, kind, vocab_size):
+    """The training documents (the world corpus unless ``docs`` is given) and a tokenizer
+    (trained on them unless given), saved into ``output_dir``."""
+    if docs is None:
+        docs = (world or World(seed)).documents(n_docs, seed=seed)
+    docs = list(docs)
+    if not docs:
+        raise ValueError("no training documents")
+    tok = tokenizer if tokenizer is not None else train_tokenizer(docs, kind, vocab_size=vocab_size)
+    save_tokenizer(tok, output_dir)
+    return docs, tok
+
+
 def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "bert-tiny",
                      n_docs: int = 20000, vocab_size: int = 2000, seq_len: int = 64,
                      max_steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
-                     seed: int = 0, world: World | None = None, progress: bool = True,
+                     seed: int = 0, world: World | None = None, docs=None, tokenizer=None,
+                     resume_from: str | None = None, progress: bool = True,
                      **trainer_overrides) -> PretrainResult:
-    """MLM (or ELECTRA) pre-training of a BERT-style encoder on the world corpus."""
+    """MLM (or ELECTRA) pre-training of a BERT-style encoder on ``docs`` (default: the
+    world corpus), with a WordPiece tokenizer trained on them unless one is given."""
     if objective not in ("mlm", "electra"):
         raise ValueError(f"encoder objective must be 'mlm' or 'electra', got {objective!r}")
-    world = world or World(seed)
-    docs = list(world.documents(n_docs, seed=seed))
-    tok = train_tokenizer(docs, "wordpiece", vocab_size=vocab_size)
-    save_tokenizer(tok, output_dir)
+    docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
+                                         "wordpiece", vocab_size)
     ids = special_ids(tok)
     config = EncoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
                                      max_position_embeddings=max(seq_len, 64), pad_token_id=ids.pad)
+    seed_everything(seed)  # the initial weights are a function of the seed
     if objective == "electra":
         from fastpt.pretrain.electra import Electra
         model: torch.nn.Module = Electra(config, seed=seed)
     else:
         model = Encoder(config)
     collator = MLMCollator(tok.get_vocab_size(), ids.mask, ids.pad, ids.all, seed=seed)
+    trainer_overrides.setdefault("warmup_steps", max_steps // 10)
     cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        warmup_steps=max_steps // 10, seed=seed, progress=progress,
-                        **trainer_overrides)
+                        seed=seed, progress=progress, **trainer_overrides)
     examples = encoder_examples(docs, tok, seq_len)
     trainer = Trainer(model, cfg, examples, collate_fn=collator)
-    trainer.train()
+    trainer.train(resume_from)
     encoder = model.discriminator if objective == "electra" else model
     return PretrainResult(encoder, tok, trainer.metrics.rows, output_dir)
 
@@ -72,25 +86,28 @@ def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "
 def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int = 20000,
                      vocab_size: int = 2000, seq_len: int = 128, max_steps: int = 300,
                      batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-                     world: World | None = None, progress: bool = True,
+                     world: World | None = None, docs=None, tokenizer=None,
+                     resume_from: str | None = None, progress: bool = True,
                      **trainer_overrides) -> PretrainResult:
-    """Causal-LM pre-training of a decoder on packed blocks of the world corpus
-    (attention kept inside each document)."""
-    world = world or World(seed)
-    docs = list(world.documents(n_docs, seed=seed))
-    tok = train_tokenizer(docs, "bpe", vocab_size=vocab_size)
-    save_tokenizer(tok, output_dir)
+    """Causal-LM pre-training of a decoder on packed blocks of ``docs`` (default: the world
+    corpus; attention kept inside each document), with a byte-level BPE tokenizer trained on
+    them unless one is given."""
+    docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
+                                         "bpe", vocab_size)
     eos = special_ids(tok).eos
     blocks = list(pack_documents(tokenize_stream(docs, tok), seq_len, eos))
+    if not blocks:
+        raise ValueError(f"the documents hold fewer than seq_len={seq_len} tokens")
     config = DecoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
                                      max_position_embeddings=max(seq_len, 128),
                                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    seed_everything(seed)
     model = Decoder(config)
+    trainer_overrides.setdefault("warmup_steps", max_steps // 10)
     cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        warmup_steps=max_steps // 10, seed=seed, label_shift=1,
-                        progress=progress, **trainer_overrides)
+                        seed=seed, label_shift=1, progress=progress, **trainer_overrides)
     trainer = Trainer(model, cfg, blocks, collate_fn=collate_packed)
-    trainer.train()
+    trainer.train(resume_from)
     return PretrainResult(model, tok, trainer.metrics.rows, output_dir)
 
 

@@ -27,6 +27,7 @@ from fastpt.pretrain.mlm import IGNORE_INDEX
 from fastpt.train import checkpoint as ckpt
 from fastpt.train import distributed as fdist
 from fastpt.train.config import TrainerConfig
+from fastpt.train.interrupt import StopRequest, TrainingInterrupted
 from fastpt.train.logging import MetricsLog
 from fastpt.train.schedules import lr_lambda, make_optimizer
 
@@ -181,7 +182,8 @@ class Trainer:
 
     def train(self, resume_from: str | None = None) -> dict:
         """Run to ``max_steps`` (resuming from a checkpoint folder when given); returns the
-        last metrics row."""
+        last metrics row. On SIGINT/SIGTERM the current step finishes, a checkpoint is saved
+        and :class:`TrainingInterrupted` is raised (see fastpt.train.interrupt)."""
         cfg = self.config
         if resume_from is not None:
             self.load(resume_from)
@@ -191,26 +193,34 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         row: dict = {}
         window_tokens, window_start = 0.0, time.perf_counter()
-        while self.step < cfg.max_steps:
-            stats = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
-            window_tokens += stats["tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            done = self.step == cfg.max_steps
-            row = {"step": self.step, "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
-                   "grad_norm": stats["grad_norm"], "tokens": stats["tokens"]}
-            if self.eval_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
-                row["eval_loss"] = self.evaluate()
-            if self.step % cfg.log_every == 0 or done or "eval_loss" in row:
-                elapsed = time.perf_counter() - window_start
-                row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else None
-                window_tokens, window_start = 0.0, time.perf_counter()
-                self.metrics.write(row)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                self.save()
-        bar.close()
+        with StopRequest() as stop, bar:
+            while self.step < cfg.max_steps:
+                stats = self.train_step([next(batches) for _ in range(cfg.grad_accum)])
+                window_tokens += stats["tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                done = self.step == cfg.max_steps
+                row = {"step": self.step, "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": stats["grad_norm"], "tokens": stats["tokens"]}
+                if self.eval_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
+                    row["eval_loss"] = self.evaluate()
+                if self.step % cfg.log_every == 0 or done or "eval_loss" in row:
+                    elapsed = time.perf_counter() - window_start
+                    row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else None
+                    window_tokens, window_start = 0.0, time.perf_counter()
+                    self.metrics.write(row)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                    self.save()
+                elif self._stop_agreed(stop):
+                    raise TrainingInterrupted(self.step, self.save())
         self.metrics.plot()
         return row
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop (all ranks must save together)."""
+        if self.world == 1:
+            return stop.requested
+        return bool(fdist.all_reduce_sum(torch.tensor(float(stop.requested))) > 0)
 
     @torch.no_grad()
     def evaluate(self) -> float:

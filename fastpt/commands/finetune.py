@@ -1,0 +1,202 @@
+"""``fastpt finetune``: fine-tune a pre-trained model folder for text classification with any
+fastpt.finetune strategy (full, partial, probe, LoRA, int8 LoRA, adapters, prefix, prompt,
+IA3, BitFit); resumable; runs under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from fastpt.commands.common import (checkpoint_root, is_main_process, read_jsonl, save_options,
+                                    say)
+from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
+                                     section_values)
+from fastpt.finetune.strategies import STRATEGIES, FinetuneConfig
+from fastpt.train.config import TrainerConfig
+
+WORLD_TASK = "world:sentiment"
+MERGEABLE = ("full", "partial", "probe", "lora", "ia3", "bitfit")
+INFO_FILE = "finetune.json"   # base model, label names, pooling: what eval needs to reload
+
+OPTIONS = [
+    Option("output_dir", "str", "runs/finetune", "folder for checkpoints, metrics, the result"),
+    Option("resume", "bool", False, "continue the run in output_dir from its latest checkpoint"),
+    Option("save", "str", "auto", "merged: full HF-layout model; adapter: trainable tensors only; "
+           "auto: merged where the strategy can be merged", choices=("auto", "merged", "adapter")),
+    Option("base", "str", None, "pre-trained model folder (HF layout + tokenizer.json), e.g. the "
+           "final/ folder of fastpt pretrain", "model", input_path=True, optional=True),
+    Option("pooling", "str", None, "cls, mean or last (default: cls for encoders, last for "
+           "decoders)", "model", ("cls", "mean", "last"), optional=True),
+    Option("train", "str", WORLD_TASK, f"JSONL with text and label per line, or {WORLD_TASK!r}",
+           "data"),
+    Option("test", "str", None, f"JSONL to report accuracy on (with {WORLD_TASK!r} training: the "
+           "world's held-out reviews)", "data", optional=True),
+    Option("text_field", "str", "text", "", "data"),
+    Option("label_field", "str", "label", "", "data"),
+    Option("max_length", "int", 128, "tokens per example (longer ones are truncated)", "data"),
+    Option("n_train", "int", 200, f"examples of {WORLD_TASK!r}", "data"),
+    *options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)}),
+    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"),
+                            rename={"strategy": "distributed"},
+                            helps={"strategy": "auto, single, ddp or fsdp"}),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pre-trained model for text classification (any strategy)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Fine-tune model.base for classification on data.train (JSONL: {\"text\": ...,\n"
+            "\"label\": ...} per line; labels may be strings or integers), with the strategy of\n"
+            "finetune.strategy. Reports test accuracy when data.test is given, and saves the\n"
+            "result into output_dir/final: a merged model (loads with fastpt eval/generate\n"
+            "and fastpt.finetune.load_merged) or adapter files (with finetune.json naming the\n"
+            "base). Ctrl-C saves a checkpoint; --resume continues."),
+        epilog="Example: fastpt finetune --config configs/finetune-lora.toml")
+    add_options(p, OPTIONS)
+    p.set_defaults(func=run)
+
+
+def _examples(v: dict) -> tuple[list[dict], list[dict] | None]:
+    if v["train"] == WORLD_TASK:
+        from fastpt.data.world import World
+        world = World(v["seed"])
+        # Labels on half of the adjectives, test on the other half (see World.sentiment).
+        train = world.sentiment(v["n_train"], seed=1, adjectives="seen")
+        test = world.sentiment(1000, seed=2, adjectives="unseen") if v["test"] is None else None
+        return train, test
+    for key in ("train", "test"):
+        if v[key] is not None and not os.path.isfile(v[key]):
+            raise ConfigError(f"data.{key}: no such file: {v[key]}")
+    return read_jsonl(v["train"]), None
+
+
+def _records(rows: list[dict], v: dict, path: str) -> list[tuple[str, object]]:
+    out = []
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in (v["text_field"], v["label_field"]) if f not in row]
+        if missing:
+            raise ValueError(f"{path}: record {i} has no {' or '.join(map(repr, missing))}")
+        out.append((str(row[v["text_field"]]), row[v["label_field"]]))
+    return out
+
+
+class _Collate:
+    """Tokenized examples -> a right-padded batch for the task head."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from fastpt.data.datasets import pad_batch
+        ids, mask = pad_batch([e["input_ids"] for e in examples], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def _encode(tok, records, label_ids: dict, max_length: int) -> list[dict]:
+    tok.enable_truncation(max_length)
+    try:
+        encodings = tok.encode_batch([text for text, _ in records])
+    finally:
+        tok.no_truncation()
+    return [{"input_ids": e.ids, "label": label_ids[label]} for e, (_, label) in zip(encodings, records)]
+
+
+@torch.no_grad()
+def accuracy(model, examples: list[dict], collate, batch_size: int = 64) -> float:
+    model.eval()
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hits += int((logits.argmax(-1) == batch["labels"]).sum())
+    return hits / len(examples)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastpt.data.tokenizer import load_tokenizer, special_ids
+    from fastpt.finetune import SequenceClassifier, prepare, print_trainable_parameters
+    from fastpt.models import from_pretrained
+    from fastpt.train import Trainer
+    v = resolve(args, OPTIONS)
+    if v["base"] is None:
+        raise ConfigError("model.base: required (a model folder, e.g. runs/pretrain/final)")
+    resume_from = checkpoint_root(v["output_dir"], v["resume"])
+    finetune_config = FinetuneConfig(**section_values(v, OPTIONS, "finetune"))
+    save_mode = v["save"] if v["save"] != "auto" else (
+        "merged" if finetune_config.strategy in MERGEABLE else "adapter")
+    if save_mode == "merged" and finetune_config.strategy not in MERGEABLE:
+        raise ConfigError(f"save: {finetune_config.strategy!r} cannot be merged; use save = \"adapter\"")
+    train_rows, test_rows = _examples(v)
+    if v["test"] is not None:
+        test_rows = read_jsonl(v["test"])
+    train = _records(train_rows, v, v["train"])
+    test = _records(test_rows, v, v["test"] or WORLD_TASK) if test_rows else []
+    labels = sorted({label for _, label in train}, key=lambda x: (str(type(x)), x))
+    unknown = sorted({str(label) for _, label in test if label not in labels})
+    if unknown:
+        raise ValueError(f"data.test has labels never seen in training: {unknown}")
+    label_ids = {label: i for i, label in enumerate(labels)}
+    save_options(v["output_dir"], "finetune", v)
+
+    tok = load_tokenizer(v["base"])
+    backbone = from_pretrained(v["base"])
+    pad = backbone.config.pad_token_id if backbone.config.pad_token_id is not None else special_ids(tok).pad
+    model = SequenceClassifier(backbone, len(labels), pooling=v["pooling"])
+    model = prepare(model, finetune_config)
+    say(print_trainable_parameters(model))
+    collate = _Collate(pad)
+    trainer_config = TrainerConfig(output_dir=v["output_dir"], **section_values(v, OPTIONS, "train"))
+    trainer = Trainer(model, trainer_config, _encode(tok, train, label_ids, v["max_length"]),
+                      collate_fn=collate)
+    say(f"fine-tuning {v['base']} with {finetune_config.strategy} on {len(train)} examples, "
+        f"{len(labels)} labels -> {v['output_dir']}")
+    trainer.train(resume_from)
+    result = {"strategy": finetune_config.strategy, "labels": labels,
+              "final_loss": trainer.metrics.rows[-1]["loss"] if trainer.metrics.rows else None}
+    if test:
+        result["test_accuracy"] = accuracy(model, _encode(tok, test, label_ids, v["max_length"]), collate)
+        result["n_test"] = len(test)
+        say(f"test accuracy: {100 * result['test_accuracy']:.1f}% on {len(test)} examples")
+    if is_main_process():
+        _save(model, tok, finetune_config, save_mode, v, labels, result)
+    return 0
+
+
+def _save(model, tok, config, mode, v, labels, result) -> None:
+    from fastpt._atomic import atomic_write_json
+    from fastpt.data.tokenizer import save_tokenizer
+    from fastpt.finetune.save import save_adapter, save_merged
+    final = os.path.join(v["output_dir"], "final")
+    if mode == "merged":
+        save_merged(model, final)
+    else:
+        save_adapter(model, final, config)
+    save_tokenizer(tok, final)
+    head = getattr(model, "model", model)
+    atomic_write_json(os.path.join(final, INFO_FILE), {
+        "base": os.path.abspath(v["base"]), "saved_as": mode, "labels": labels,
+        "pooling": head.pooling, "max_length": v["max_length"]})
+    atomic_write_json(os.path.join(v["output_dir"], "result.json"), result)
+    say(f"saved ({mode}) in {final}")
+
+
+def load_finetuned(path: str):
+    """(model, tokenizer, info) of a ``fastpt finetune`` result folder, merged or adapter."""
+    from fastpt.data.tokenizer import load_tokenizer
+    from fastpt.finetune import SequenceClassifier, load_adapter, load_merged
+    from fastpt.models import from_pretrained
+    with open(os.path.join(path, INFO_FILE)) as f:
+        info = json.load(f)
+    if info["saved_as"] == "merged":
+        model = load_merged(path)
+    else:
+        head = SequenceClassifier(from_pretrained(info["base"]), len(info["labels"]),
+                                  pooling=info["pooling"])
+        model = load_adapter(head, path)
+    return model.eval(), load_tokenizer(path), info

@@ -1,0 +1,97 @@
+"""``fastpt pretrain``: pre-train an encoder (MLM or ELECTRA) or a decoder (causal LM) on a
+text / JSONL / CSV corpus or the embedded world corpus; resumable; runs under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fastpt.commands.common import checkpoint_root, save_options, say
+from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
+                                     section_values)
+from fastpt.train.config import TrainerConfig
+
+ENCODER_PRESETS = ("bert-tiny", "bert-small", "bert-base")
+DECODER_PRESETS = ("gpt2-tiny", "gpt2-small", "gpt2-base", "llama-tiny", "llama-small", "llama-base")
+
+OPTIONS = [
+    Option("output_dir", "str", "runs/pretrain", "folder for checkpoints, metrics, the final model"),
+    Option("resume", "bool", False, "continue the run in output_dir from its latest checkpoint"),
+    Option("preset", "str", "llama-tiny", "model preset", "model", ENCODER_PRESETS + DECODER_PRESETS),
+    Option("objective", "str", "auto", "auto: mlm for encoders, clm for decoders", "model",
+           ("auto", "mlm", "electra", "clm")),
+    Option("corpus", "str", "world", "'world' (the embedded corpus) or a .txt/.jsonl/.csv file",
+           "data"),
+    Option("format", "str", "auto", "corpus format (auto: from the extension)", "data",
+           ("auto", "text", "jsonl", "csv")),
+    Option("field", "str", "text", "JSONL key / CSV column holding the text", "data"),
+    Option("n_docs", "int", 20000, "documents drawn from the world corpus", "data"),
+    Option("vocab_size", "int", 2000, "size of the tokenizer trained on the corpus", "data"),
+    Option("seq_len", "int", 128, "tokens per training example", "data"),
+    Option("tokenizer", "str", None, "a folder with tokenizer.json to use instead of training one",
+           "data", input_path=True, optional=True),
+    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"), helps={
+        "max_steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
+        "lr": "peak learning rate", "bf16": "bf16 autocast", "save_every": "checkpoint every N "
+        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp"}),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pre-train an encoder (MLM/ELECTRA) or decoder (causal LM) on a corpus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Pre-train a model from a preset on a corpus (a tokenizer is trained on it unless\n"
+            "given). Writes checkpoints, metrics.jsonl/.csv and loss.png into output_dir, and\n"
+            "the final model in HF layout (config.json, model.safetensors, tokenizer.json)\n"
+            "into output_dir/final. Ctrl-C finishes the current step and saves a checkpoint;\n"
+            "--resume continues from it. Several processes: torchrun --nproc-per-node N\n"
+            "-m fastpt pretrain ... (gloo on CPU, NCCL on GPU)."),
+        epilog="Example: fastpt pretrain --config configs/pretrain-decoder.toml --max-steps 50")
+    add_options(p, OPTIONS)
+    p.set_defaults(func=run)
+
+
+def _objective(preset: str, objective: str) -> str:
+    encoder = preset in ENCODER_PRESETS
+    if objective == "auto":
+        return "mlm" if encoder else "clm"
+    if encoder != (objective in ("mlm", "electra")):
+        kind = "an encoder" if encoder else "a decoder"
+        raise ConfigError(f"model.objective: {objective!r} does not train {kind} ({preset})")
+    return objective
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastpt.data.datasets import read_documents
+    from fastpt.data.tokenizer import load_tokenizer
+    from fastpt.train import recipes
+    v = resolve(args, OPTIONS)
+    objective = _objective(v["preset"], v["objective"])
+    resume_from = checkpoint_root(v["output_dir"], v["resume"])
+    if v["corpus"] != "world" and not os.path.isfile(v["corpus"]):
+        raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
+    save_options(v["output_dir"], "pretrain", v)
+    docs = None
+    if v["corpus"] != "world":
+        docs = read_documents(v["corpus"], None if v["format"] == "auto" else v["format"], v["field"])
+    tokenizer_dir = v["output_dir"] if resume_from else v["tokenizer"]
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    trainer = section_values(v, OPTIONS, "train")
+    common = dict(preset=v["preset"], n_docs=v["n_docs"], vocab_size=v["vocab_size"],
+                  seq_len=v["seq_len"], docs=docs, tokenizer=tokenizer, resume_from=resume_from,
+                  **trainer)
+    say(f"pre-training {v['preset']} ({objective}) -> {v['output_dir']}"
+        + (f", resuming from {resume_from}" if resume_from else ""))
+    if objective == "clm":
+        result = recipes.pretrain_decoder(v["output_dir"], **common)
+    else:
+        result = recipes.pretrain_encoder(v["output_dir"], objective=objective, **common)
+    final = os.path.join(v["output_dir"], "final")
+    from fastpt.commands.common import is_main_process
+    if is_main_process():
+        recipes.save_pretrained_with_tokenizer(result, final)
+    last = result.metrics[-1] if result.metrics else {}
+    say(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; model in {final}")
+    return 0
