@@ -229,3 +229,15 @@ def test_pretrain_under_torchrun(tmp_path):
     assert _steps(out) == [1, 2, 3, 4]
     assert proc.stdout.count("done: step 4") == 1  # rank 0 reports, once
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_pretrain_continues_from_a_model_folder(pretrained, tmp_path):
+    """init_from: the run starts at the given weights (its first loss is the pre-trained
+    model's, far below a fresh model's) and keeps its tokenizer."""
+    out = tmp_path / "more"
+    assert main(["pretrain", "--output-dir", str(out), "--init-from", str(pretrained / "final"),
+                 "--max-steps", "2", "--lr", "1e-4", *TINY]) == 0
+    first = json.loads(open(out / "metrics.jsonl").readline())["loss"]
+    before = [json.loads(line)["loss"] for line in open(pretrained / "metrics.jsonl")]
+    assert abs(first - before[-1]) < 0.3 and first < before[0] - 1.0  # ~4.2 against ~5.7
+    assert (out / "tokenizer.json").read_text() == (pretrained / "final" / "tokenizer.json").read_text()

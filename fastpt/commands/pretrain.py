@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastpt.commands.common import checkpoint_root, save_options, say
+from fastpt.commands.common import checkpoint_root, is_main_process, save_options, say
 from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
                                      section_values)
 from fastpt.train.config import TrainerConfig
@@ -18,6 +18,9 @@ OPTIONS = [
     Option("output_dir", "str", "runs/pretrain", "folder for checkpoints, metrics, the final model"),
     Option("resume", "bool", False, "continue the run in output_dir from its latest checkpoint"),
     Option("preset", "str", "llama-tiny", "model preset", "model", ENCODER_PRESETS + DECODER_PRESETS),
+    Option("init_from", "str", None, "continue pre-training a model folder (HF layout + "
+           "tokenizer.json) instead of starting a preset from random weights", "model",
+           input_path=True, optional=True),
     Option("objective", "str", "auto", "auto: mlm for encoders, clm for decoders", "model",
            ("auto", "mlm", "electra", "clm")),
     Option("corpus", "str", "world", "'world' (the embedded corpus) or a .txt/.jsonl/.csv file",
@@ -53,22 +56,37 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _objective(preset: str, objective: str) -> str:
-    encoder = preset in ENCODER_PRESETS
+def _objective(encoder: bool, objective: str, what: str) -> str:
     if objective == "auto":
         return "mlm" if encoder else "clm"
     if encoder != (objective in ("mlm", "electra")):
         kind = "an encoder" if encoder else "a decoder"
-        raise ConfigError(f"model.objective: {objective!r} does not train {kind} ({preset})")
+        raise ConfigError(f"model.objective: {objective!r} does not train {kind} ({what})")
     return objective
+
+
+def _initial_model(path: str | None):
+    """(model, tokenizer) to continue from, or (None, None)."""
+    if path is None:
+        return None, None
+    from fastpt.data.tokenizer import load_tokenizer
+    from fastpt.models import Decoder, Encoder, from_pretrained
+    model = from_pretrained(path)
+    if not isinstance(model, (Encoder, Decoder)):
+        raise ConfigError(f"model.init_from: {path} holds a {type(model).__name__}; pretrain "
+                          "continues encoders and decoders")
+    return model, load_tokenizer(path)
 
 
 def run(args: argparse.Namespace) -> int:
     from fastpt.data.datasets import read_documents
     from fastpt.data.tokenizer import load_tokenizer
     from fastpt.train import recipes
+    from fastpt.models import Encoder
     v = resolve(args, OPTIONS)
-    objective = _objective(v["preset"], v["objective"])
+    model, tokenizer = _initial_model(v["init_from"])
+    encoder = isinstance(model, Encoder) if model is not None else v["preset"] in ENCODER_PRESETS
+    objective = _objective(encoder, v["objective"], v["init_from"] or v["preset"])
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
     if v["corpus"] != "world" and not os.path.isfile(v["corpus"]):
         raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
@@ -77,19 +95,19 @@ def run(args: argparse.Namespace) -> int:
     if v["corpus"] != "world":
         docs = read_documents(v["corpus"], None if v["format"] == "auto" else v["format"], v["field"])
     tokenizer_dir = v["output_dir"] if resume_from else v["tokenizer"]
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    if tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
     trainer = section_values(v, OPTIONS, "train")
     common = dict(preset=v["preset"], n_docs=v["n_docs"], vocab_size=v["vocab_size"],
-                  seq_len=v["seq_len"], docs=docs, tokenizer=tokenizer, resume_from=resume_from,
-                  **trainer)
-    say(f"pre-training {v['preset']} ({objective}) -> {v['output_dir']}"
+                  seq_len=v["seq_len"], docs=docs, tokenizer=tokenizer, model=model,
+                  resume_from=resume_from, **trainer)
+    say(f"pre-training {v['init_from'] or v['preset']} ({objective}) -> {v['output_dir']}"
         + (f", resuming from {resume_from}" if resume_from else ""))
     if objective == "clm":
         result = recipes.pretrain_decoder(v["output_dir"], **common)
     else:
         result = recipes.pretrain_encoder(v["output_dir"], objective=objective, **common)
     final = os.path.join(v["output_dir"], "final")
-    from fastpt.commands.common import is_main_process
     if is_main_process():
         recipes.save_pretrained_with_tokenizer(result, final)
     last = result.metrics[-1] if result.metrics else {}

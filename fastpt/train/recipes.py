@@ -51,27 +51,48 @@ def _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed, k
     return docs, tok
 
 
+def _check_continued(model, tokenizer, cls, objective_ok: bool, seq_len: int) -> None:
+    """A model to continue from must be of ``cls``, come with its tokenizer, and fit seq_len."""
+    if model is None:
+        return
+    if not isinstance(model, cls):
+        raise ValueError(f"expected a {cls.__name__} to continue from, got {type(model).__name__}")
+    if not objective_ok:
+        raise ValueError("continuing from a model needs objective 'mlm' (ELECTRA adds a generator)")
+    if tokenizer is None:
+        raise ValueError("continuing from a model needs its tokenizer")
+    if model.config.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
+                         f"{model.config.vocab_size}")
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} > the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+
+
 def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "bert-tiny",
                      n_docs: int = 20000, vocab_size: int = 2000, seq_len: int = 64,
                      max_steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
                      seed: int = 0, world: World | None = None, docs=None, tokenizer=None,
-                     resume_from: str | None = None, progress: bool = True,
-                     **trainer_overrides) -> PretrainResult:
+                     model: Encoder | None = None, resume_from: str | None = None,
+                     progress: bool = True, **trainer_overrides) -> PretrainResult:
     """MLM (or ELECTRA) pre-training of a BERT-style encoder on ``docs`` (default: the
-    world corpus), with a WordPiece tokenizer trained on them unless one is given."""
+    world corpus), with a WordPiece tokenizer trained on them unless one is given. With
+    ``model`` (and its ``tokenizer``), MLM continues from its weights and ``preset`` is unused."""
     if objective not in ("mlm", "electra"):
         raise ValueError(f"encoder objective must be 'mlm' or 'electra', got {objective!r}")
+    _check_continued(model, tokenizer, Encoder, objective == "mlm", seq_len)
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "wordpiece", vocab_size)
     ids = special_ids(tok)
-    config = EncoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
-                                     max_position_embeddings=max(seq_len, 64), pad_token_id=ids.pad)
     seed_everything(seed)  # the initial weights are a function of the seed
-    if objective == "electra":
-        from fastpt.pretrain.electra import Electra
-        model: torch.nn.Module = Electra(config, seed=seed)
-    else:
-        model = Encoder(config)
+    if model is None:
+        config = EncoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
+                                         max_position_embeddings=max(seq_len, 64), pad_token_id=ids.pad)
+        if objective == "electra":
+            from fastpt.pretrain.electra import Electra
+            model = Electra(config, seed=seed)
+        else:
+            model = Encoder(config)
     collator = MLMCollator(tok.get_vocab_size(), ids.mask, ids.pad, ids.all, seed=seed)
     trainer_overrides.setdefault("warmup_steps", max_steps // 10)
     cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
@@ -87,22 +108,24 @@ def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int
                      vocab_size: int = 2000, seq_len: int = 128, max_steps: int = 300,
                      batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
                      world: World | None = None, docs=None, tokenizer=None,
-                     resume_from: str | None = None, progress: bool = True,
-                     **trainer_overrides) -> PretrainResult:
+                     model: Decoder | None = None, resume_from: str | None = None,
+                     progress: bool = True, **trainer_overrides) -> PretrainResult:
     """Causal-LM pre-training of a decoder on packed blocks of ``docs`` (default: the world
     corpus; attention kept inside each document), with a byte-level BPE tokenizer trained on
-    them unless one is given."""
+    them unless one is given. With ``model`` (and its ``tokenizer``), training continues
+    from its weights and ``preset`` is unused."""
+    _check_continued(model, tokenizer, Decoder, True, seq_len)
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "bpe", vocab_size)
     eos = special_ids(tok).eos
     blocks = list(pack_documents(tokenize_stream(docs, tok), seq_len, eos))
     if not blocks:
         raise ValueError(f"the documents hold fewer than seq_len={seq_len} tokens")
-    config = DecoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
-                                     max_position_embeddings=max(seq_len, 128),
-                                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     seed_everything(seed)
-    model = Decoder(config)
+    if model is None:
+        model = Decoder(DecoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
+                                                max_position_embeddings=max(seq_len, 128),
+                                                bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
     trainer_overrides.setdefault("warmup_steps", max_steps // 10)
     cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
                         seed=seed, label_shift=1, progress=progress, **trainer_overrides)
