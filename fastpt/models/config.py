@@ -2,7 +2,7 @@
 
 Field names are fastpt's own and shared across families where the meaning is shared
 (``hidden_size``, ``num_layers``, ``num_heads``...). Hugging Face's ``config.json`` field
-names are translated in :mod:`fastpt.models.hf` (``to_hf_config`` / ``from_hf_config``).
+names are translated in :mod:`fastpt.models.hf_config` (``to_hf_config`` / ``from_hf_config``).
 """
 
 from __future__ import annotations
