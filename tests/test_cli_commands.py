@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -18,11 +19,14 @@ from fastpt.commands import options as opts
 TINY = ["--preset", "gpt2-tiny", "--n-docs", "300", "--vocab-size", "300", "--seq-len", "32",
         "--batch-size", "4", "--no-progress", "--log-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Child processes run away from the repository root: `python -m` puts the working directory
+# first on sys.path, and the fastpt/ source folder there has no compiled _C.
+AWAY = tempfile.gettempdir()
 
 
 def _fastpt(args, **kw):
     return subprocess.run([sys.executable, "-m", "fastpt", *args], capture_output=True, text=True,
-                          timeout=240, env=ENV, **kw)
+                          timeout=240, env=ENV, cwd=AWAY, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +197,7 @@ def test_ctrl_c_during_pretrain_leaves_a_resumable_checkpoint(tmp_path):
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "fastpt", "pretrain", "--output-dir", str(cut),
                              "--max-steps", "100000", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=AWAY)
     deadline = time.time() + 120
     while time.time() < deadline and not (
             (cut / "metrics.jsonl").exists() and len(_steps(cut)) >= 3):
@@ -224,7 +228,7 @@ def test_pretrain_under_torchrun(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--standalone", "-m", "fastpt", "pretrain", "--output-dir", str(out),
                            "--max-steps", "4", *TINY], capture_output=True, text=True, timeout=240,
-                          env=ENV)
+                          env=ENV, cwd=AWAY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _steps(out) == [1, 2, 3, 4]
     assert proc.stdout.count("done: step 4") == 1  # rank 0 reports, once
