@@ -1,0 +1,208 @@
+"""Patch Hugging Face ``transformers`` models in place to run on fastpt's kernels.
+
+    report = fastpt.patch(model)   # Llama / Mistral / Qwen2, GPT-2, BERT, T5; peft-wrapped too
+    print(report)                  # what runs on fastpt now, what stayed and why
+    fastpt.unpatch(model)          # back to the original modules
+
+What is swapped (module classes are swapped for fastpt subclasses, so parameters, state-dict keys
+and peft wrappers are untouched):
+
+- RMSNorm (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm) -> ``fastpt.ops.rms_norm``;
+- the gated MLP's ``silu(gate) * up`` (LlamaMLP, MistralMLP, Qwen2MLP) -> ``fastpt.ops.swiglu``;
+- the rotary embedding applied in LlamaAttention / MistralAttention / Qwen2Attention -> ``fastpt.ops.rope``;
+- attention: "fastpt" is registered in transformers' ``AttentionInterface`` and set as the
+  model config's attention implementation, so HF's own modules call ``fastpt.ops.attention``
+  (GQA without copying k/v, T5's position bias as ``attn_bias``, padding as a key mask).
+
+LayerNorm (GPT-2, BERT) and GELU/ReLU MLPs have no fastpt kernel and are reported as kept.
+A model type outside the list, or a module the patcher does not know in a known model, raises
+:class:`PatchError` naming what would and would not be patched, and changes nothing (pass
+``strict=False`` to patch what is known and get the rest listed in the report).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fastpt.patch import modules as _m
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert", "t5")
+_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"}
+_SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+_ROPE_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+_INTERFACE_ATTENTIONS = _ROPE_ATTENTIONS | {"GPT2Attention", "BertSelfAttention", "BertCrossAttention",
+                                            "T5Attention"}
+# Modules of the supported families that fastpt leaves alone, and why.
+_KEPT = {"GPT2MLP": "GELU MLP (no fused GELU kernel)", "BertIntermediate": "GELU MLP (no fused GELU kernel)",
+         "T5DenseActDense": "ReLU/GELU MLP (no fused kernel)",
+         "T5DenseGatedActDense": "gated GELU MLP (fastpt's SwiGLU kernel is silu only)",
+         "LayerNorm": "LayerNorm has a mean and a bias (fastpt has RMSNorm only)"}
+_CONTAINERS = {"BertAttention", "T5LayerSelfAttention", "T5LayerCrossAttention", "T5LayerFF"}
+_CANDIDATE = re.compile(r"(RMSNorm|LayerNorm|Norm|Attention|MLP|Intermediate)$")
+_SILU = ("silu", "swish")
+
+
+class PatchError(ValueError):
+    """The model has parts fastpt does not know how to patch; ``report`` lists them."""
+
+    def __init__(self, message: str, report: "PatchReport"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class PatchReport:
+    """``patched``: kind -> number of modules now on fastpt (rms_norm, swiglu, rope, attention).
+    ``kept``: HF class name -> why it stays on HF's code. ``unknown``: module classes fastpt
+    does not recognise (only with ``strict=False`` after a patch)."""
+
+    model_type: str | None
+    patched: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastpt.patch ({self.model_type}): "
+                 + (", ".join(f"{n} {k}" for k, n in sorted(self.patched.items())) or "nothing patched")]
+        lines += [f"  kept {name}: {why}" for name, why in sorted(self.kept.items())]
+        if self.unknown:
+            lines.append("  not patched, unknown to fastpt: " + ", ".join(sorted(self.unknown)))
+        return "\n".join(lines)
+
+
+def _is_hf(module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _class_name(module) -> str:
+    cls = type(module)
+    return cls._fastpt_original.__name__ if _m.is_patched(module) else cls.__name__
+
+
+def _model_type(model) -> str | None:
+    for module in model.modules():
+        mt = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(mt, str) and mt:
+            return mt
+    return None
+
+
+def _configs(model) -> list:
+    seen, out = set(), []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            out.append(config)
+    return out
+
+
+def _plan(model) -> tuple[list[tuple[nn.Module, str, object]], PatchReport]:
+    """(module, kind, forward) swaps to make, and the report of the patched model."""
+    report = PatchReport(_model_type(model))
+    swaps, counts = [], Counter()
+    for module in model.modules():
+        name = _class_name(module)
+        if not (_is_hf(module) or _m.is_patched(module)):
+            if isinstance(module, nn.LayerNorm):
+                report.kept["LayerNorm"] = _KEPT["LayerNorm"]
+            continue
+        if name in _RMS_NORMS:
+            swaps.append((module, "rms_norm", _m.rms_norm_forward))
+            counts["rms_norm"] += 1
+        elif name in _SWIGLU_MLPS:
+            act = getattr(getattr(module, "config", None), "hidden_act", None)
+            if act in _SILU:
+                swaps.append((module, "swiglu", _m.swiglu_mlp_forward))
+                counts["swiglu"] += 1
+            else:
+                report.kept[name] = f"activation {act!r} (fastpt's SwiGLU kernel is silu only)"
+        elif name in _KEPT:
+            report.kept[name] = _KEPT[name]
+        elif _CANDIDATE.search(name) and name not in _INTERFACE_ATTENTIONS and name not in _CONTAINERS:
+            report.unknown.append(name)
+        if name in _ROPE_ATTENTIONS:
+            swaps.append((module, "rope", _m.llama_attention_forward))
+            counts["rope"] += 1
+        if name in _INTERFACE_ATTENTIONS:
+            counts["attention"] += 1
+    report.patched = dict(counts)
+    report.unknown = sorted(set(report.unknown))
+    return swaps, report
+
+
+def patch(model: nn.Module, *, strict: bool = True) -> PatchReport:
+    """Swap fastpt kernels into a ``transformers`` model in place; returns a :class:`PatchReport`.
+
+    Idempotent (patching twice changes nothing more). Works on peft-wrapped models
+    (``get_peft_model``); patch before ``torch.compile``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        PatchError: with ``strict`` (the default), the model type is not one of
+            SUPPORTED_MODEL_TYPES or holds modules fastpt does not recognise; nothing is changed.
+            With ``strict=False`` the known parts are patched, the rest listed and warned about.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpt.patch expects a torch.nn.Module, got {type(model).__name__}")
+    from fastpt.patch.attention import NAME, register
+
+    swaps, report = _plan(model)
+    problems = []
+    if report.model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model type {report.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if report.unknown:
+        problems.append("modules unknown to fastpt: " + ", ".join(report.unknown))
+    if problems:
+        message = "; ".join(problems) + f". Would patch: {report.patched or 'nothing'}"
+        if strict:
+            raise PatchError(message + ". Nothing was changed (strict=False patches the known parts).", report)
+        warnings.warn("fastpt.patch: partial patch: " + message, stacklevel=2)
+    for module, kind, forward in swaps:
+        if not _m.is_patched(module):
+            _m.swap(module, kind, forward)
+    if report.patched.get("attention"):
+        register()
+        restore = getattr(model, "_fastpt_attn_restore", None)
+        if restore is None:
+            restore = [(c, c._attn_implementation) for c in _configs(model) if c._attn_implementation != NAME]
+            object.__setattr__(model, "_fastpt_attn_restore", restore)
+        for config in _configs(model):
+            config._attn_implementation = NAME
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore every module :func:`patch` swapped and the attention implementations it replaced.
+
+    Returns the number of modules restored (0 when the model was not patched)."""
+    restored = 0
+    for module in model.modules():
+        if _m.is_patched(module):
+            _m.restore(module)
+            restored += 1
+        restore = module.__dict__.pop("_fastpt_attn_restore", None)
+        for config, previous in restore or ():
+            config._attn_implementation = previous
+    return restored
+
+
+__all__ = ["PatchError", "PatchReport", "SUPPORTED_MODEL_TYPES", "patch", "unpatch"]
+
+
+class _CallableModule(types.ModuleType):
+    # `fastpt.patch(model)` calls patch() while `fastpt.patch.PatchReport` and
+    # `import fastpt.patch` keep working: binding the function over the package's name in
+    # fastpt/__init__ would break the latter.
+    def __call__(self, model: nn.Module, *, strict: bool = True) -> PatchReport:
+        return patch(model, strict=strict)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,93 @@
+"""fastpt forwards for Hugging Face modules, applied by swapping a module's class for a
+subclass (``module.__class__ = Patched``): parameters, buffers, state-dict keys, ``isinstance``
+checks and wrappers such as peft's LoRA layers stay as they are, and unpatching restores the
+original class. Each forward here is the HF forward with the kernel swapped in."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastpt.ops.rms_norm import rms_norm
+from fastpt.ops.rope import rope
+from fastpt.ops.swiglu import swiglu
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    # LlamaRMSNorm / T5LayerNorm: weight * x / sqrt(mean(x^2) + eps), statistics in float32.
+    # The output keeps x's dtype (HF promotes to the weight's dtype when they differ).
+    return rms_norm(hidden_states, self.weight.to(hidden_states.dtype), self.variance_epsilon)
+
+
+def swiglu_mlp_forward(self, x: Tensor) -> Tensor:
+    # LlamaMLP: down(silu(gate(x)) * up(x)); the projections may be peft LoRA layers.
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's apply_rotary_pos_emb on (B, H, T, D) q and (B, Hkv, T, D) k with fastpt's kernel.
+
+    HF hands over cos/sin already gathered per position, (B or 1, T, 2R) = cat(freqs, freqs)
+    (times the rope scaling). fastpt reads (P, R) tables by row index, so the gathered rows
+    become the table and row b*T + t is position (b, t).
+    """
+    Bc, T, two_r = cos.shape
+    r = two_r // 2
+    cos_table = cos[..., :r].reshape(Bc * T, r)
+    sin_table = sin[..., :r].reshape(Bc * T, r)
+    rows = torch.arange(Bc * T, device=q.device).view(Bc, T)
+    if Bc == 1:
+        rows = rows[0]
+    return rope(q, k, cos_table, sin_table, rows, layout="half")
+
+
+def llama_attention_forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None,
+                            cache=None, past_key_values=None, **kwargs):
+    # LlamaAttention.forward (also Mistral, Qwen2) with the rotary embedding on fastpt.ops.rope.
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    cache = cache if cache is not None else past_key_values
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = apply_rope(query_states, key_states, cos, sin)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                eager_attention_forward)
+    # Qwen2 keeps the window on the module, Mistral on the config; the mask already applies it.
+    sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+        sliding_window=sliding_window, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def patched_class(original: type, kind: str, forward) -> type:
+    """The (cached) subclass of ``original`` whose forward is ``forward``."""
+    key = (original, kind)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Fastpt{original.__name__}", (original,),
+                                {"forward": forward, "_fastpt_original": original, "_fastpt_kind": kind,
+                                 "__module__": __name__})
+    return _SUBCLASSES[key]
+
+
+def is_patched(module) -> bool:
+    return "_fastpt_original" in type(module).__dict__
+
+
+def swap(module, kind: str, forward) -> None:
+    module.__class__ = patched_class(type(module), kind, forward)
+
+
+def restore(module) -> None:
+    module.__class__ = type(module)._fastpt_original

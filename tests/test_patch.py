@@ -1,0 +1,207 @@
+"""fastpt.patch on tiny random transformers models (no downloads): logits and parameter
+gradients of patched vs unpatched models within the fp32 tolerances (float64 HF as the
+reference, HF's own fp32 as "eager"), padding masks, KV-cache generation, idempotence,
+unpatch, peft-wrapped models, torch.compile, and the error for unknown architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models_util import hf_bert, hf_gpt2, hf_llama, hf_t5, randomize_, transformers
+from tolerances import assert_close
+import fastpt
+
+B, T, VOCAB = 2, 11, 97
+
+
+def hf_mistral(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, intermediate_size=88, max_position_embeddings=128, sliding_window=None)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**{**cfg, **kw})).eval()
+
+
+def hf_qwen2(**kw):
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=88, max_position_embeddings=128)
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**cfg, **kw})).eval()
+
+
+FAMILIES = {  # builder, expected patched kinds (per model)
+    "llama": (hf_llama, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
+    "mistral": (hf_mistral, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
+    "mistral_window": (lambda: hf_mistral(sliding_window=4), {"rms_norm": 5, "swiglu": 2, "rope": 2,
+                                                               "attention": 2}),
+    "qwen2": (hf_qwen2, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
+    "gpt2": (hf_gpt2, {"attention": 2}),
+    "bert": (hf_bert, {"attention": 2}),
+    "t5": (hf_t5, {"rms_norm": 2 * 2 + 1 + 3 * 3 + 1, "attention": 2 + 3 * 2}),
+}
+
+
+def _padded_batch(left: bool):
+    ids = torch.randint(3, VOCAB, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    if left:
+        mask[0, :3] = 0
+    else:
+        mask[1, 7:] = 0
+    return ids, mask
+
+
+def _run(model, name, ids, mask):
+    """(output logits, valid-position mask) for one family."""
+    if name == "t5":
+        dec = torch.arange(3, 3 + B * 5).view(B, 5) % VOCAB  # fixed, so every run sees the same
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, torch.ones(B, 5, dtype=bool)
+    out = model(input_ids=ids, attention_mask=mask)
+    logits = out.prediction_logits if name == "bert" else out.logits
+    return logits, mask.bool()
+
+
+def _logits_and_grads(model, name, ids, mask, weights_seed=1):
+    model.zero_grad()
+    logits, valid = _run(model, name, ids, mask)
+    picked = logits[valid]
+    g = torch.Generator().manual_seed(weights_seed)
+    w = torch.randn(picked.shape, generator=g, dtype=torch.float64).to(picked.dtype)
+    (picked * w).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return picked.detach(), grads
+
+
+def _compare(patched, reference, name, ids, mask):
+    ref64 = copy.deepcopy(reference).double()
+    out, grads = _logits_and_grads(patched, name, ids, mask)
+    eager, eager_grads = _logits_and_grads(reference, name, ids, mask)
+    ref, ref_grads = _logits_and_grads(ref64, name, ids, mask)
+    assert_close(out, ref, torch.float32, "fwd", eager=eager, what=f"{name} logits")
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], torch.float32, "bwd", eager=eager_grads[n], what=f"{name} grad {n}")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_patched_matches_unpatched(name):
+    build, expected = FAMILIES[name]
+    model = build()
+    randomize_(model)
+    reference = copy.deepcopy(model)
+    report = fastpt.patch(model)
+    assert report.patched == expected, str(report)
+    assert not report.unknown
+    ids, mask = _padded_batch(left=name not in ("bert", "t5"))
+    _compare(model, reference, name, ids, mask)
+
+
+def test_attention_runs_through_fastpt(monkeypatch):
+    model = hf_llama()
+    fastpt.patch(model)
+    calls = []
+    import fastpt.patch.attention as pa
+    original = pa.attention
+    monkeypatch.setattr(pa, "attention", lambda *a, **k: calls.append(k) or original(*a, **k))
+    ids, mask = _padded_batch(left=True)
+    model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 2
+    assert calls[0]["causal"] and calls[0]["key_padding_mask"].shape == (B, T)
+
+
+def test_generation_with_kv_cache_matches():
+    model = hf_llama()
+    randomize_(model, std=0.5)
+    reference = copy.deepcopy(model)
+    ids, mask = _padded_batch(left=True)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **kw)
+    fastpt.patch(model)
+    assert torch.equal(model.generate(ids, **kw), expected)
+
+
+def test_idempotent_and_unpatch_restores():
+    model = hf_llama()
+    randomize_(model)
+    ids, mask = _padded_batch(left=True)
+    classes = [type(m) for m in model.modules()]
+    attn = model.config._attn_implementation
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    first = fastpt.patch(model)
+    patched_classes = [type(m) for m in model.modules()]
+    assert patched_classes != classes and model.config._attn_implementation == "fastpt"
+    second = fastpt.patch(model)
+    assert second == first and [type(m) for m in model.modules()] == patched_classes
+    assert fastpt.unpatch(model) == 5 + 2 + 2
+    assert [type(m) for m in model.modules()] == classes
+    assert model.config._attn_implementation == attn
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+    assert fastpt.unpatch(model) == 0
+
+
+def test_state_dict_unchanged_by_patch():
+    model = hf_llama()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fastpt.patch(model)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+
+
+def test_peft_lora_wrapped_model():
+    peft = pytest.importorskip("peft")
+    base = hf_llama()
+    randomize_(base)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    reference = copy.deepcopy(model)
+    report = fastpt.patch(model)
+    assert report.patched == FAMILIES["llama"][1]
+    ids, mask = _padded_batch(left=True)
+    _compare(model, reference, "llama", ids, mask)
+    assert fastpt.unpatch(model) == 9
+    assert model.base_model.model.config._attn_implementation == reference.base_model.model.config._attn_implementation
+
+
+def test_torch_compile_gives_same_logits():
+    model = hf_llama()
+    randomize_(model)
+    fastpt.patch(model)
+    ids = torch.randint(3, VOCAB, (B, T))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=False)(input_ids=ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_gpt_neox():
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    return transformers.GPTNeoXForCausalLM(cfg).eval()
+
+
+def test_unknown_architecture_raises_and_changes_nothing():
+    model = _tiny_gpt_neox()
+    classes = [type(m) for m in model.modules()]
+    attn = model.config._attn_implementation
+    with pytest.raises(fastpt.patch.PatchError, match=r"model type 'gpt_neox' is not one of .*GPTNeoX") as err:
+        fastpt.patch(model)
+    assert "GPTNeoXAttention" in err.value.report.unknown
+    assert [type(m) for m in model.modules()] == classes and model.config._attn_implementation == attn
+
+
+def test_unknown_architecture_non_strict_warns_and_lists():
+    model = _tiny_gpt_neox()
+    with pytest.warns(UserWarning, match="partial patch"):
+        report = fastpt.patch(model, strict=False)
+    assert report.unknown and "not patched, unknown to fastpt" in str(report)
+    assert "LayerNorm" in report.kept
+
+
+def test_rejects_non_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastpt.patch("llama")
