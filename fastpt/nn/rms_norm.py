@@ -1,5 +1,6 @@
-"""RMSNorm module: a drop-in for torch.nn.RMSNorm and HF LlamaRMSNorm (same constructor
-arguments and state-dict key ``weight``)."""
+"""RMSNorm module: a drop-in for torch.nn.RMSNorm and HF LlamaRMSNorm / T5LayerNorm (same
+constructor arguments, state-dict key ``weight``, ``eps`` / ``variance_epsilon``), and
+:meth:`RMSNorm.from_module` to convert an existing module."""
 
 from __future__ import annotations
 
@@ -16,16 +17,29 @@ from fastpt.ops.rms_norm import rms_norm
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x**2) + eps) * weight over the trailing ``normalized_shape`` dims.
 
+    Constructor arguments of both originals: ``RMSNorm(normalized_shape, eps, elementwise_affine,
+    device, dtype)`` as torch.nn.RMSNorm, ``RMSNorm(hidden_size, eps)`` or
+    ``RMSNorm(hidden_size=..., eps=...)`` as LlamaRMSNorm. The default eps is 1e-6 (HF's);
+    torch's is None.
+
     Args:
-        normalized_shape: int or tuple, the trailing dims to normalise over.
+        normalized_shape: int or tuple, the trailing dims to normalise over (alias ``hidden_size``).
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps`` (as torch).
         elementwise_affine: learn a weight (initialised to ones); False means no weight.
         use_fused: False runs the pure-PyTorch reference instead (for A/B checks).
+
+    Raises:
+        TypeError: both or neither of ``normalized_shape`` and ``hidden_size`` given.
+        ValueError: eps not positive and finite.
     """
 
-    def __init__(self, normalized_shape, eps: float | None = 1e-6, elementwise_affine: bool = True,
-                 device=None, dtype=None, use_fused: bool = True):
+    def __init__(self, normalized_shape=None, eps: float | None = 1e-6, elementwise_affine: bool = True,
+                 device=None, dtype=None, use_fused: bool = True, *, hidden_size=None):
         super().__init__()
+        if (normalized_shape is None) == (hidden_size is None):
+            raise TypeError("RMSNorm takes normalized_shape (torch) or hidden_size (HF), exactly one of them")
+        if normalized_shape is None:
+            normalized_shape = hidden_size
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (int(normalized_shape),)
         self.normalized_shape = tuple(normalized_shape)
@@ -42,6 +56,36 @@ class RMSNorm(nn.Module):
     @property
     def variance_epsilon(self) -> float | None:  # HF LlamaRMSNorm's name for eps
         return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float | None) -> None:
+        self.eps = value
+
+    @classmethod
+    def from_module(cls, module: nn.Module, use_fused: bool = True) -> "RMSNorm":
+        """A fastpt RMSNorm with the shape, eps and a copy of the weight of ``module``: a
+        torch.nn.RMSNorm, an HF LlamaRMSNorm-style module (``weight`` + ``variance_epsilon``,
+        e.g. MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm) or a fastpt RMSNorm.
+
+        Raises:
+            TypeError: ``module`` has neither ``normalized_shape``/``eps`` nor
+                ``weight``/``variance_epsilon``.
+        """
+        if isinstance(module, (nn.RMSNorm, RMSNorm)):
+            shape, eps, affine = module.normalized_shape, module.eps, module.elementwise_affine
+        elif isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "variance_epsilon"):
+            shape, eps, affine = tuple(module.weight.shape), module.variance_epsilon, True
+        else:
+            raise TypeError(f"cannot convert {type(module).__name__} to RMSNorm: expected torch.nn.RMSNorm or a "
+                            "module with weight and variance_epsilon (HF LlamaRMSNorm)")
+        weight = getattr(module, "weight", None)
+        out = cls(shape, eps=eps, elementwise_affine=affine, use_fused=use_fused,
+                  device=weight.device if weight is not None else None,
+                  dtype=weight.dtype if weight is not None else None)
+        if weight is not None:
+            with torch.no_grad():
+                out.weight.copy_(weight)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.normalized_shape)

@@ -1,0 +1,80 @@
+"""fastpt.nn.RMSNorm as a drop-in for torch.nn.RMSNorm and HF's LlamaRMSNorm / T5LayerNorm:
+same constructor arguments, same state-dict keys, same outputs; RMSNorm.from_module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpt import nn as fnn
+from tolerances import assert_close
+
+
+def _check_same_output(ours, theirs, n):
+    x = torch.randn(3, 7, n)
+    ref64 = fnn.RMSNorm(n, eps=ours.eps, use_fused=False).double()
+    with torch.no_grad():
+        ref64.weight.copy_(theirs.weight.double())
+    with torch.no_grad():
+        assert_close(ours(x), ref64(x.double()), torch.float32, eager=theirs(x), what=type(theirs).__name__)
+
+
+def _randomized(module):
+    with torch.no_grad():
+        module.weight.normal_()
+    return module
+
+
+def test_loads_torch_rms_norm_state_dict():
+    theirs = _randomized(torch.nn.RMSNorm(40, eps=1e-5))
+    ours = fnn.RMSNorm(40, eps=1e-5)
+    ours.load_state_dict(theirs.state_dict())
+    _check_same_output(ours, theirs, 40)
+
+
+def test_loads_hf_llama_rms_norm_state_dict():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    theirs = _randomized(llama.LlamaRMSNorm(40, eps=1e-5))
+    ours = fnn.RMSNorm(hidden_size=40, eps=1e-5)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.variance_epsilon == theirs.variance_epsilon
+    _check_same_output(ours, theirs, 40)
+
+
+@pytest.mark.parametrize("kind", ["torch", "llama", "t5"])
+def test_from_module(kind):
+    if kind == "torch":
+        theirs = torch.nn.RMSNorm(24, eps=1e-4)
+    else:
+        pytest.importorskip("transformers")
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.t5.modeling_t5 import T5LayerNorm
+        theirs = (LlamaRMSNorm if kind == "llama" else T5LayerNorm)(24, eps=1e-4)
+    theirs = _randomized(theirs)
+    ours = fnn.RMSNorm.from_module(theirs)
+    assert ours.eps == 1e-4 and ours.normalized_shape == (24,)
+    assert ours.weight.data_ptr() != theirs.weight.data_ptr()  # a copy, not an alias
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    _check_same_output(ours, theirs, 24)
+
+
+def test_from_module_without_affine():
+    ours = fnn.RMSNorm.from_module(torch.nn.RMSNorm((2, 8), elementwise_affine=False))
+    assert ours.weight is None and ours.eps is None and ours.normalized_shape == (2, 8)
+    x = torch.randn(3, 2, 8)
+    torch.testing.assert_close(ours(x), torch.nn.functional.rms_norm(x, (2, 8)))
+
+
+def test_variance_epsilon_is_settable():
+    norm = fnn.RMSNorm(8)
+    norm.variance_epsilon = 1e-3
+    assert norm.eps == 1e-3
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="exactly one"):
+        fnn.RMSNorm()
+    with pytest.raises(TypeError, match="exactly one"):
+        fnn.RMSNorm(8, hidden_size=8)
+    with pytest.raises(TypeError, match="cannot convert Linear"):
+        fnn.RMSNorm.from_module(torch.nn.Linear(4, 4))
