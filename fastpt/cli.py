@@ -159,7 +159,16 @@ def _training_commands() -> tuple:
     return (pretrain.register, finetune.register, generate.register, evaluate.register)
 
 
-COMMANDS = (_add_bench, _add_bench_models, _add_mdp, *_training_commands())
+def _dropin_commands() -> tuple:
+    from fastpt.commands import bench_dropin, lm_eval
+    return (bench_dropin.register, lm_eval.register)
+
+
+# Commands whose options belong to another tool (passed on as args.rest, unparsed).
+PASS_THROUGH = ("bench-models", "bench-dropin", "lm-eval")
+
+
+COMMANDS = (_add_bench, _add_bench_models, _add_mdp, *_training_commands(), *_dropin_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command != "bench-models":  # only bench-models passes its options on
+    if rest and args.command not in PASS_THROUGH:
         build_parser().parse_args(argv)
     args.rest = rest
     return _run(args)

@@ -45,17 +45,31 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
                   bos_id: int | None = None) -> list[Score]:
     """Score each (context, continuation). ``bos_id`` is prepended to contexts (needed when
     a context is empty, so the first token has something to be predicted from)."""
+    pairs = []
+    for context, continuation in requests:
+        ctx, cont = split_request(tokenizer, context, continuation)
+        pairs.append(([bos_id] + ctx if bos_id is not None else ctx, cont))
+    return score_tokens(model, pairs)
+
+
+@torch.no_grad()
+def score_tokens(model, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
+    """Score token-level (context ids, continuation ids) pairs: the path :func:`loglikelihood`
+    and lm-eval's rolling windows share. Contexts too long lose their oldest tokens.
+
+    Raises:
+        ValueError: an empty context or continuation, or a continuation longer than the model.
+    """
     model.eval()
     groups: OrderedDict[tuple, list] = OrderedDict()
-    for i, (context, continuation) in enumerate(requests):
-        ctx, cont = split_request(tokenizer, context, continuation)
-        if bos_id is not None:
-            ctx = [bos_id] + ctx
+    for i, (ctx, cont) in enumerate(pairs):
         if not ctx:
             raise ValueError("empty context: pass bos_id so the first token can be scored")
-        ctx = _fit(ctx, cont, getattr(model.config, "max_position_embeddings", None))
-        groups.setdefault(tuple(ctx), []).append((i, cont))
-    scores: list[Score | None] = [None] * len(requests)
+        if not cont:
+            raise ValueError(f"pair {i}: empty continuation")
+        ctx = _fit(list(ctx), list(cont), getattr(model.config, "max_position_embeddings", None))
+        groups.setdefault(tuple(ctx), []).append((i, list(cont)))
+    scores: list[Score | None] = [None] * len(pairs)
     for ctx, items in groups.items():
         for i, score in zip((i for i, _ in items), _score_group(model, list(ctx), [c for _, c in items])):
             scores[i] = score
