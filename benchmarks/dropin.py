@@ -1,0 +1,234 @@
+"""Drop-in benchmarks (issue F10): fastpt inside the tools people already use.
+
+Cases:
+
+- ``llama``: one training step (forward + backward + AdamW) of ``transformers``'
+  LlamaForCausalLM with the F5 benchmark config (6 layers, d 512, 8 heads / 2 kv heads,
+  SwiGLU 1408, vocab 32000, B=8, T=512), unpatched (``hf``, HF's default sdpa attention) vs
+  ``fastpt.patch(model)`` (``hf+patch``), fp32 and bf16 autocast, with peak memory;
+- ``lora``: the same model wrapped by ``peft`` LoRA (r=16, alpha=32, all linear layers),
+  unpatched vs patched, against fastpt's own F7 LoRA on fastpt's Decoder with the same
+  config (``fastpt-lora``);
+- ``int8``: bitsandbytes' CPU ``Linear8bitLt`` (threshold 6.0, int8 weights) vs fastpt's
+  ``Int8Linear`` on the F4 int8 shapes (x (M, K) with 0.1% outlier features, K -> N), forward
+  speed and max error relative to the fp32 ``F.linear`` of the same weights.
+
+Implementations of a case run in one process, alternating call by call, so drift of the
+shared host hits them alike; ratios are the steadier numbers. Peak memory: the most memory
+torch's CPU allocator holds during one training step beyond what existed before it (the
+profiler's allocation records, :func:`fastpt.benchmarks.harness.peak_memory_bytes`).
+
+Run: ``python -m fastpt.benchmarks.dropin [--quick] [--cases llama,lora,int8]
+[--dtypes fp32,bf16] [--json PATH]`` or ``fastpt bench-dropin ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastpt.benchmarks.harness import peak_memory_bytes
+from fastpt.benchmarks.models import _autocast
+
+CASES = ("llama", "lora", "int8")
+DTYPES = ("fp32", "bf16")
+TRAIN = {"full": dict(B=8, T=512, layers=6), "quick": dict(B=2, T=128, layers=2)}
+INT8 = {"full": (4096, 4096, 4096), "quick": (1024, 1024, 1024)}  # M, K, N as benchmarks/int8_linear.py
+LORA_R, LORA_ALPHA = 16, 32
+
+
+@dataclass
+class Result:
+    case: str
+    dtype: str
+    impl: str
+    shape: str
+    median_ms: float
+    speedup: float | None = None     # baseline time / this time (baseline: first impl of the case)
+    peak_mib: float | None = None
+    rel_error: float | None = None   # int8: max |y - y_fp32| / max |y_fp32|
+    rounds: int = 0
+
+
+def hf_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         attention_dropout=0.0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _peft(model):
+    import peft
+    cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear")
+    return peft.get_peft_model(model, cfg)
+
+
+def _fastpt_lora(layers: int):
+    from fastpt.finetune import add_lora
+    from fastpt.models import Decoder, from_name
+    config = from_name("llama-small", vocab_size=32000, max_position_embeddings=2048).replace(num_layers=layers)
+    torch.manual_seed(0)
+    model = Decoder(config)
+    add_lora(model, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear")
+    return model
+
+
+def _train_step(model, ids, dtype: str, fastpt_model: bool = False):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(dtype):
+            if fastpt_model:
+                loss = model(input_ids=ids, labels=ids, return_logits=False).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _train_calls(case: str, dtype: str, size: str):
+    import fastpt
+    s = TRAIN[size]
+    ids = torch.randint(0, 32000, (s["B"], s["T"]))
+    base = hf_llama(s["layers"])
+    if case == "llama":
+        patched = copy.deepcopy(base)
+        fastpt.patch(patched)
+        models = {"hf": (base, False), "hf+patch": (patched, False)}
+    else:
+        unpatched = _peft(base)
+        patched = _peft(copy.deepcopy(base))
+        fastpt.patch(patched)
+        models = {"peft": (unpatched, False), "peft+patch": (patched, False),
+                  "fastpt-lora": (_fastpt_lora(s["layers"]), True)}
+    shape = f"L={s['layers']} B={s['B']} T={s['T']}"
+    return {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}, shape
+
+
+def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
+    samples = {n: [] for n in calls}
+    for call in calls.values():  # warm-up (the first AdamW step allocates its state)
+        call()
+    gc.collect()
+    deadline = time.perf_counter() + budget_s
+    names, r = list(calls), 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - t0)
+        r += 1
+    return samples
+
+
+def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Result]:
+    calls, shape = _train_calls(case, dtype, size)
+    samples = _alternate(calls, budget_s, min_rounds=3, max_rounds=50)
+    ms = {n: 1e3 * statistics.median(v) for n, v in samples.items()}
+    baseline = next(iter(ms))
+    out = []
+    for name, call in calls.items():
+        gc.collect()
+        peak = peak_memory_bytes(call) / 2**20
+        out.append(Result(case, dtype, name, shape, ms[name], ms[baseline] / ms[name], peak,
+                          rounds=len(samples[name])))
+    return out
+
+
+def _int8_layers(m: int, k: int, n: int):
+    import bitsandbytes as bnb
+    from fastpt.nn import Int8Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n)
+    x = torch.randn(m, k)
+    cols = torch.randperm(k)[: max(1, k // 1000)]
+    x[:, cols] *= 20  # outlier features (|x| > 6), as in LLM activations and benchmarks/int8_linear.py
+    bnb_layer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=6.0)
+    bnb_layer.load_state_dict(lin.state_dict())
+    bnb_layer = bnb_layer.to("cpu")  # quantizes the weight to int8 (row-wise absmax)
+    ours = Int8Linear.from_linear(lin)  # default outlier threshold 6.0, as bitsandbytes
+    return x, lin, {"bnb": bnb_layer, "fastpt": ours}
+
+
+def measure_int8(size: str, budget_s: float) -> list[Result]:
+    m, k, n = INT8[size]
+    x, lin, layers = _int8_layers(m, k, n)
+    with torch.no_grad():
+        ref = lin(x)
+        errors = {name: float((layer(x).float() - ref).abs().max() / ref.abs().max())
+                  for name, layer in layers.items()}
+
+    def call(layer):
+        def run():
+            with torch.no_grad():
+                return layer(x)
+        return run
+
+    calls = {name: call(layer) for name, layer in layers.items()}
+    calls["fp32"] = call(lin)
+    samples = _alternate(calls, budget_s, min_rounds=5, max_rounds=200)
+    ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    shape = f"x={m}x{k} w={n}x{k}"
+    return [Result("int8", "fp32", name, shape, ms[name], ms["bnb"] / ms[name],
+                   rel_error=errors.get(name, 0.0), rounds=len(samples[name])) for name in calls]
+
+
+def _row(r: Result) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {f(r.speedup, '.2f')} | "
+            f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |")
+
+
+HEADER = ("| case | dtype | shape | impl | median ms | speedup vs first | peak MiB | rel. error vs fp32 | rounds |\n"
+          "|---|---|---|---|---:|---:|---:|---:|---:|")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastpt bench-dropin", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 layers, B=2, T=128; int8 at 1024; short budget")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {','.join(CASES)}")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="fp32,bf16 (bf16 = autocast; llama and lora)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per case")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the results as JSON to this path")
+    args = p.parse_args(argv)
+    cases, dtypes = tuple(args.cases.split(",")), tuple(args.dtypes.split(","))
+    for name, values, allowed in (("cases", cases, CASES), ("dtypes", dtypes, DTYPES)):
+        if not values or any(v not in allowed for v in values):
+            p.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
+    torch.set_num_threads(args.threads)
+    size = "quick" if args.quick else "full"
+    budget = args.budget if args.budget is not None else (5.0 if args.quick else 60.0)
+    results = []
+    print(HEADER, flush=True)
+    for case in cases:
+        rows_per_dtype = [measure_int8(size, budget)] if case == "int8" else \
+            (measure_train(case, d, size, budget) for d in dtypes)
+        for rows in rows_per_dtype:
+            for r in rows:
+                print(_row(r), flush=True)
+            results += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
