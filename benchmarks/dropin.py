@@ -44,6 +44,8 @@ DTYPES = ("fp32", "bf16")
 TRAIN = {"full": dict(B=8, T=512, layers=6), "quick": dict(B=2, T=128, layers=2)}
 INT8 = {"full": (4096, 4096, 4096), "quick": (1024, 1024, 1024)}  # M, K, N as benchmarks/int8_linear.py
 LORA_R, LORA_ALPHA = 16, 32
+LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+             num_key_value_heads=2)  # the F5 benchmark decoder (fastpt's llama-small)
 
 
 @dataclass
@@ -61,9 +63,7 @@ class Result:
 
 def hf_llama(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         attention_dropout=0.0)
+    config = LlamaConfig(**LLAMA, num_hidden_layers=layers, max_position_embeddings=2048, attention_dropout=0.0)
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -74,12 +74,11 @@ def _peft(model):
     return peft.get_peft_model(model, cfg)
 
 
-def _fastpt_lora(layers: int):
+def _fastpt_lora(hf_model):
+    """fastpt's Decoder with the weights of ``hf_model`` and fastpt's own (F7) LoRA."""
     from fastpt.finetune import add_lora
-    from fastpt.models import Decoder, from_name
-    config = from_name("llama-small", vocab_size=32000, max_position_embeddings=2048).replace(num_layers=layers)
-    torch.manual_seed(0)
-    model = Decoder(config)
+    from fastpt.models import from_hf
+    model = from_hf(hf_model)
     add_lora(model, r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear")
     return model
 
@@ -103,18 +102,19 @@ def _train_step(model, ids, dtype: str, fastpt_model: bool = False):
 def _train_calls(case: str, dtype: str, size: str):
     import fastpt
     s = TRAIN[size]
-    ids = torch.randint(0, 32000, (s["B"], s["T"]))
     base = hf_llama(s["layers"])
+    ids = torch.randint(0, base.config.vocab_size, (s["B"], s["T"]))
     if case == "llama":
         patched = copy.deepcopy(base)
         fastpt.patch(patched)
         models = {"hf": (base, False), "hf+patch": (patched, False)}
     else:
+        fastpt_lora = _fastpt_lora(base)
         unpatched = _peft(base)
         patched = _peft(copy.deepcopy(base))
         fastpt.patch(patched)
         models = {"peft": (unpatched, False), "peft+patch": (patched, False),
-                  "fastpt-lora": (_fastpt_lora(s["layers"]), True)}
+                  "fastpt-lora": (fastpt_lora, True)}
     shape = f"L={s['layers']} B={s['B']} T={s['T']}"
     return {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}, shape
 
