@@ -59,6 +59,7 @@ class Result:
     peak_mib: float | None = None
     rel_error: float | None = None   # int8: max |y - y_fp32| / max |y_fp32|
     rounds: int = 0
+    failed: str | None = None        # the error of an implementation that could not run
 
 
 def hf_llama(layers: int):
@@ -96,6 +97,8 @@ def _train_step(model, ids, dtype: str, fastpt_model: bool = False):
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
+    # Peak memory is measured from the same state for every implementation: no gradients held.
+    step.release_grads = lambda: opt.zero_grad(set_to_none=True)
     return step
 
 
@@ -110,19 +113,30 @@ def _train_calls(case: str, dtype: str, size: str):
         models = {"hf": (base, False), "hf+patch": (patched, False)}
     else:
         fastpt_lora = _fastpt_lora(base)
-        unpatched = _peft(base)
-        patched = _peft(copy.deepcopy(base))
+        patched = _peft(copy.deepcopy(base))  # get_peft_model wraps in place: copy first
         fastpt.patch(patched)
+        unpatched = _peft(base)
         models = {"peft": (unpatched, False), "peft+patch": (patched, False),
                   "fastpt-lora": (fastpt_lora, True)}
     shape = f"L={s['layers']} B={s['B']} T={s['T']}"
     return {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}, shape
 
 
+def _warm_up(calls: dict) -> dict[str, str]:
+    """Run each call once (the first AdamW step allocates its state); drop the ones that
+    fail and return their errors, so one broken implementation does not end the run."""
+    failed = {}
+    for name, call in list(calls.items()):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001  (reported in the table)
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            del calls[name]
+    return failed
+
+
 def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
     samples = {n: [] for n in calls}
-    for call in calls.values():  # warm-up (the first AdamW step allocates its state)
-        call()
     gc.collect()
     deadline = time.perf_counter() + budget_s
     names, r = list(calls), 0
@@ -138,14 +152,20 @@ def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -
 
 def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Result]:
     calls, shape = _train_calls(case, dtype, size)
+    names = list(calls)
+    failed = _warm_up(calls)
     samples = _alternate(calls, budget_s, min_rounds=3, max_rounds=50)
     ms = {n: 1e3 * statistics.median(v) for n, v in samples.items()}
-    baseline = next(iter(ms))
+    baseline = ms.get(names[0])
     out = []
-    for name, call in calls.items():
+    for name in names:
+        if name in failed:
+            out.append(Result(case, dtype, name, shape, float("nan"), failed=failed[name]))
+            continue
+        calls[name].release_grads()
         gc.collect()
-        peak = peak_memory_bytes(call) / 2**20
-        out.append(Result(case, dtype, name, shape, ms[name], ms[baseline] / ms[name], peak,
+        peak = peak_memory_bytes(calls[name]) / 2**20
+        out.append(Result(case, dtype, name, shape, ms[name], baseline / ms[name] if baseline else None, peak,
                           rounds=len(samples[name])))
     return out
 
@@ -181,6 +201,7 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
 
     calls = {name: call(layer) for name, layer in layers.items()}
     calls["fp32"] = call(lin)
+    _warm_up(calls)
     samples = _alternate(calls, budget_s, min_rounds=5, max_rounds=200)
     ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
     shape = f"x={m}x{k} w={n}x{k}"
@@ -192,7 +213,8 @@ def _row(r: Result) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {f(r.speedup, '.2f')} | "
-            f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |")
+            f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |"
+            + (f" failed: {r.failed} |" if r.failed else ""))
 
 
 HEADER = ("| case | dtype | shape | impl | median ms | speedup vs first | peak MiB | rel. error vs fp32 | rounds |\n"

@@ -37,9 +37,8 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     r = two_r // 2
     cos_table = cos[..., :r].reshape(Bc * T, r)
     sin_table = sin[..., :r].reshape(Bc * T, r)
-    rows = torch.arange(Bc * T, device=q.device).view(Bc, T)
-    if Bc == 1:
-        rows = rows[0]
+    # One shared table (Bc == 1, the usual case): rows 0..T-1 are the kernel's default positions.
+    rows = None if Bc == 1 else torch.arange(Bc * T, device=q.device).view(Bc, T)
     return rope(q, k, cos_table, sin_table, rows, layout="half")
 
 
