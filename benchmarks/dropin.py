@@ -11,7 +11,9 @@ Cases:
   config (``fastpt-lora``);
 - ``int8``: bitsandbytes' CPU ``Linear8bitLt`` (threshold 6.0, int8 weights) vs fastpt's
   ``Int8Linear`` on the F4 int8 shapes (x (M, K) with 0.1% outlier features, K -> N), forward
-  speed and max error relative to the fp32 ``F.linear`` of the same weights.
+  speed and max error relative to the fp32 ``F.linear`` of the same weights. ``bnb``: in
+  eval mode (LLM.int8: int8 matmul, outlier columns in fp32); ``bnb-dequant``: the same layer
+  in training mode, where bitsandbytes' CPU path dequantizes the weight and runs an fp32 GEMM.
 
 Implementations of a case run in one process, alternating call by call, so drift of the
 shared host hits them alike; ratios are the steadier numbers. Peak memory: the most memory
@@ -56,6 +58,8 @@ class Result:
     shape: str
     median_ms: float
     speedup: float | None = None     # baseline time / this time (baseline: first impl of the case)
+    cpu_ms: float | None = None      # median CPU time of the process per call (both threads)
+    cpu_speedup: float | None = None  # the same ratio on CPU time, less sensitive to other load
     peak_mib: float | None = None
     rel_error: float | None = None   # int8: max |y - y_fp32| / max |y_fp32|
     rounds: int = 0
@@ -135,7 +139,8 @@ def _warm_up(calls: dict) -> dict[str, str]:
     return failed
 
 
-def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
+def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[tuple]]:
+    """(wall, process CPU) seconds per call, one call of each impl per round, order rotating."""
     samples = {n: [] for n in calls}
     gc.collect()
     deadline = time.perf_counter() + budget_s
@@ -143,11 +148,17 @@ def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -
     while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             calls[name]()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append((time.perf_counter() - t0, time.process_time() - c0))
         r += 1
     return samples
+
+
+def _medians_ms(samples: dict) -> tuple[dict, dict]:
+    wall = {n: 1e3 * statistics.median(w for w, _ in v) for n, v in samples.items()}
+    cpu = {n: 1e3 * statistics.median(c for _, c in v) for n, v in samples.items()}
+    return wall, cpu
 
 
 def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Result]:
@@ -155,8 +166,8 @@ def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Res
     names = list(calls)
     failed = _warm_up(calls)
     samples = _alternate(calls, budget_s, min_rounds=3, max_rounds=50)
-    ms = {n: 1e3 * statistics.median(v) for n, v in samples.items()}
-    baseline = ms.get(names[0])
+    ms, cpu = _medians_ms(samples)
+    baseline, cpu_baseline = ms.get(names[0]), cpu.get(names[0])
     out = []
     for name in names:
         if name in failed:
@@ -165,7 +176,8 @@ def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Res
         calls[name].release_grads()
         gc.collect()
         peak = peak_memory_bytes(calls[name]) / 2**20
-        out.append(Result(case, dtype, name, shape, ms[name], baseline / ms[name] if baseline else None, peak,
+        out.append(Result(case, dtype, name, shape, ms[name], baseline / ms[name] if baseline else None,
+                          cpu[name], cpu_baseline / cpu[name] if cpu_baseline else None, peak,
                           rounds=len(samples[name])))
     return out
 
@@ -181,8 +193,11 @@ def _int8_layers(m: int, k: int, n: int):
     bnb_layer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=6.0)
     bnb_layer.load_state_dict(lin.state_dict())
     bnb_layer = bnb_layer.to("cpu")  # quantizes the weight to int8 (row-wise absmax)
+    # NOTE: in training mode bitsandbytes' CPU path skips LLM.int8 (MatMul8bitFp: dequantize the
+    # weight, fp32 GEMM); eval() runs the int8 x int8 matmul with outlier columns in fp32.
+    bnb_dequant = copy.deepcopy(bnb_layer).train()
     ours = Int8Linear.from_linear(lin)  # default outlier threshold 6.0, as bitsandbytes
-    return x, lin, {"bnb": bnb_layer, "fastpt": ours}
+    return x, lin, {"bnb": bnb_layer.eval(), "bnb-dequant": bnb_dequant, "fastpt": ours.eval()}
 
 
 def measure_int8(size: str, budget_s: float) -> list[Result]:
@@ -203,9 +218,9 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
     calls["fp32"] = call(lin)
     _warm_up(calls)
     samples = _alternate(calls, budget_s, min_rounds=5, max_rounds=200)
-    ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+    ms, cpu = _medians_ms(samples)
     shape = f"x={m}x{k} w={n}x{k}"
-    return [Result("int8", "fp32", name, shape, ms[name], ms["bnb"] / ms[name],
+    return [Result("int8", "fp32", name, shape, ms[name], ms["bnb"] / ms[name], cpu[name], cpu["bnb"] / cpu[name],
                    rel_error=errors.get(name, 0.0), rounds=len(samples[name])) for name in calls]
 
 
@@ -213,12 +228,13 @@ def _row(r: Result) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {f(r.speedup, '.2f')} | "
+            f"{f(r.cpu_ms, '.1f')} | {f(r.cpu_speedup, '.2f')} | "
             f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |"
             + (f" failed: {r.failed} |" if r.failed else ""))
 
 
-HEADER = ("| case | dtype | shape | impl | median ms | speedup vs first | peak MiB | rel. error vs fp32 | rounds |\n"
-          "|---|---|---|---|---:|---:|---:|---:|---:|")
+HEADER = ("| case | dtype | shape | impl | wall ms | speedup vs first | CPU ms | CPU-time speedup | peak MiB "
+          "| rel. error vs fp32 | rounds |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main(argv=None) -> int:
