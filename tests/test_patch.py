@@ -205,3 +205,37 @@ def test_unknown_architecture_non_strict_warns_and_lists():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fastpt.patch("llama")
+
+
+def _bf16_check(name, grads_too: bool):
+    build, _ = FAMILIES[name]
+    model = build()
+    randomize_(model)
+    reference = copy.deepcopy(model)
+    ref64 = copy.deepcopy(model).double()
+    fastpt.patch(model)
+    ids, mask = _padded_batch(left=name != "t5")
+    ref, ref_grads = _logits_and_grads(ref64, name, ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _logits_and_grads(model, name, ids, mask)
+        eager, eager_grads = _logits_and_grads(reference, name, ids, mask)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, eager=eager, what=f"{name} bf16 logits")
+    for n in ref_grads if grads_too else ():  # fp32 parameters: fp32 gradients through bf16 activations
+        assert_close(grads[n].bfloat16(), ref_grads[n], torch.bfloat16, eager=eager_grads[n].bfloat16(),
+                     what=f"{name} bf16 grad {n}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+def test_bf16_autocast_logits_within_twice_eager_error(name):
+    _bf16_check(name, grads_too=False)
+
+
+def test_bf16_autocast_llama_gradients_within_twice_eager_error():
+    _bf16_check("llama", grads_too=True)
+
+
+@pytest.mark.xfail(strict=True, reason="open: T5's decoder gradients under bf16 autocast are 2-4x eager's error "
+                   "(fastpt attention's bf16 backward with scale 1.0 and a position bias); fp32 is exact")
+def test_bf16_autocast_t5_gradients_within_twice_eager_error():
+    _bf16_check("t5", grads_too=True)

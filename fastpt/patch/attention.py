@@ -32,6 +32,9 @@ def fastpt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     Attention weights are never materialised, so the second output is None (as HF's sdpa).
     """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # Biases stay in float32 under bf16/fp16 (as HF adds them to float32 scores): T5's learned
+    # position bias gets its gradient in float32 then, within 2x of eager's bf16 error.
+    bias_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     key_padding_mask, bias = None, position_bias
     if attention_mask is not None:
         if attention_mask.dim() == 2:
@@ -39,15 +42,15 @@ def fastpt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
         elif attention_mask.dim() == 4:
             causal = False  # a materialised mask already holds the causal part
             if attention_mask.dtype == torch.bool:
-                mask_bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+                mask_bias = torch.zeros(attention_mask.shape, dtype=bias_dtype, device=query.device)
                 mask_bias = mask_bias.masked_fill(~attention_mask, float("-inf"))
             else:
-                mask_bias = attention_mask.to(query.dtype)
-            bias = mask_bias if bias is None else bias.to(query.dtype) + mask_bias
+                mask_bias = attention_mask.to(bias_dtype)
+            bias = mask_bias if bias is None else bias.to(bias_dtype) + mask_bias
         else:
             raise ValueError(f"attention_mask must be (B, S) or 4-D, got shape {tuple(attention_mask.shape)}")
     if bias is not None:
-        bias = bias.to(query.dtype)
+        bias = bias.to(bias_dtype)
     out = attention(query, key, value, causal=bool(causal) and query.shape[2] > 1, key_padding_mask=key_padding_mask,
                     attn_bias=bias, scale=scaling, dropout_p=float(dropout) if module.training else 0.0)
     return out.transpose(1, 2), None
