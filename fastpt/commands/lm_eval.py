@@ -31,14 +31,24 @@ def lm_eval_argv(rest: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    wants_help = not args.rest or args.rest[0] in ("-h", "--help")
+    if wants_help:
+        print("usage: fastpt lm-eval [--model fastpt] --model_args pretrained=PATH --tasks TASK "
+              "[--include_path DIR] [other lm-eval run options]\n\n" + __doc__.strip())
     try:
         import lm_eval  # noqa: F401
     except ImportError:
+        if wants_help:
+            print("\nlm-eval is not installed: pip install lm-eval (or fastpt[test])")
+            return 0
         raise ValueError("lm-eval is not installed: pip install lm-eval (or fastpt[test])") from None
     import fastpt.icl.lm_eval_harness  # noqa: F401  (registers the "fastpt" model type)
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
+    if wants_help:
+        print("\nlm-eval's options:")
+        args.rest = ["run", "--help"]
     setup_logging()
     saved, sys.argv = sys.argv, ["lm-eval", *lm_eval_argv(args.rest)]
     try:
