@@ -6,6 +6,7 @@ come from pre-training (fastpt.finetune.compare)."""
 from __future__ import annotations
 
 from fastpt.demo import plots
+from fastpt.demo.report import row_printer
 
 HEADERS = ["strategy", "test accuracy", "trainable parameters", "train s", "step ms", "peak MiB"]
 
@@ -24,9 +25,13 @@ LABELS = {
 }
 
 
+def _percent(p: float) -> str:
+    return f"{p:.0f}%" if p >= 10 else f"{p:.1f}%" if p >= 1 else f"{p:.2f}%"
+
+
 def _row(r: dict) -> list[str]:
     return [LABELS.get(r["strategy"], r["strategy"]), f"{100 * r['accuracy']:.1f}%",
-            f"{r['trainable']:,} ({r['trainable_pct']:.2g}%)", f"{r['train_s']:.2f}",
+            f"{r['trainable']:,} ({_percent(r['trainable_pct'])})", f"{r['train_s']:.2f}",
             f"{r['step_ms']:.1f}", f"{r['peak_mib']:.2f}"]
 
 
@@ -40,12 +45,11 @@ def run(ctx, sec) -> None:
     test = ctx.world.sentiment(cfg.n_test, seed=2, adjectives="unseen")
     total = steps_per_run(len(train), cfg.finetune_epochs) * (len(cfg.strategies) + 1)
     with tqdm(total=total, desc="fine-tuning", disable=not cfg.progress, leave=False) as bar:
-        def show(row):
-            bar.write("  ".join(_row(row)))
+        show = row_printer(HEADERS, [41, 13, 20, 7, 7, 8], write=bar.write)
         rows = compare_strategies(base, tokenizer, cfg.strategies, train, test,
                                   epochs=cfg.finetune_epochs, seed=cfg.seed, progress=bar,
-                                  on_row=show if cfg.progress else None)
-    sec.table(HEADERS, [_row(r) for r in rows], caption=(
+                                  on_row=lambda r: show(_row(r)))
+    sec.table(HEADERS, [_row(r) for r in rows], echo=False, caption=(
         f"The {cfg.decoder_preset} decoder of the pre-training section as a 2-class sentiment "
         f"classifier: {len(train)} labelled reviews on half of the adjectives, {cfg.finetune_epochs} "
         f"epochs, tested on {len(test)} reviews with the other half. Peak memory: what torch's "

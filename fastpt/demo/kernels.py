@@ -5,6 +5,7 @@ the harness of ``fastpt bench`` (timed in this process, alternating round by rou
 from __future__ import annotations
 
 from fastpt.demo import plots
+from fastpt.demo.report import row_printer
 
 HEADERS = ["op", "mode", "shape", "fastpt ms", "eager ms", "compile ms", "x eager", "x compile"]
 
@@ -27,7 +28,7 @@ def run(ctx, sec) -> None:
     cfg = ctx.config
     timing = harness.Timing(budget_s=cfg.kernel_budget_s)
     cases = []
-    print("  ".join(HEADERS), flush=True)
+    show = row_printer(HEADERS, [16, 6, 30, 9, 9, 10, 7, 9])
     for op in cfg.kernel_ops:
         spec = load_spec(op)
         shapes = harness.shape_cases(spec.shapes["quick"])[0]   # the small shapes of the suite
@@ -36,7 +37,7 @@ def run(ctx, sec) -> None:
             records = harness.measure_case(spec, shapes, dtype, mode, compile=cfg.kernel_compile,
                                            timing=timing, threads=cfg.threads)
             cases.append(records)
-            print("  ".join(_row(records)), flush=True)
+            show(_row(records))
     if not cases:
         raise ValueError("no benchmark case: none of kernel_ops runs in kernel_modes")
     rows = [_row(c) for c in cases]

@@ -30,6 +30,20 @@ def text_table(headers, rows) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
 
 
+def row_printer(headers, widths, write=None):
+    """Prints ``headers`` now and returns a function that prints one row, for tables whose
+    rows are printed as they are measured; columns padded to ``widths`` (at least the
+    header's). ``write``: the line writer (default print; tqdm.write next to a bar)."""
+    widths = [max(w, len(h)) for h, w in zip(headers, widths)]
+    write = write or (lambda line: print(line, flush=True))
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    write(line(headers))
+    return lambda row: write(line(row))
+
+
 @dataclass
 class Section:
     """One section of the report: Markdown blocks, its time and, if it failed, the error."""
