@@ -30,12 +30,13 @@ SIZES = {
                   mdp_states=20_000),
     "full": dict(kernel_ops=("rms_norm", "swiglu", "rope", "attention_causal"),
                  kernel_modes=("fwd", "fwdbwd"), kernel_budget_s=1.0, n_docs=30_000,
-                 encoder_steps=600, decoder_steps=1000, pretrain_lr=1e-3, seq_len=256, n_train=200, n_test=1000,
+                 encoder_steps=400, decoder_steps=1000, pretrain_lr=1e-3, seq_len=256, n_train=200, n_test=1000,
                  finetune_epochs=8, icl_items=50, mdp_states=200_000),
 }
 
 TABLE_OF = {
-    **{name: "" for name in ("quick", "out", "seed", "threads", "sections", "progress")},
+    **{name: "" for name in ("quick", "out", "seed", "threads", "train_threads", "sections",
+                             "progress")},
     **{name: "kernels" for name in ("kernel_ops", "kernel_modes", "kernel_budget_s", "kernel_compile")},
     **{name: "pretrain" for name in ("n_docs", "vocab_size", "seq_len", "encoder_preset",
                                      "decoder_preset", "encoder_steps", "decoder_steps",
@@ -51,7 +52,8 @@ HELPS = {
     "quick": "the <= 2-minute version (smaller models, fewer steps and cases)",
     "out": "output folder for report.md and the plots (default: a new runs/demo-<time>)",
     "seed": "seed of the corpus, the weights and the data order",
-    "threads": "torch threads",
+    "threads": "torch threads of the kernel benchmarks and value iteration",
+    "train_threads": "torch threads while training and scoring the tiny models",
     "sections": f"sections to run, comma-separated from {','.join(SECTIONS)}",
     "progress": "tqdm progress bars while training",
     "kernel_ops": "ops to benchmark (see fastpt bench --help)",
@@ -87,6 +89,10 @@ class DemoConfig:
     out: str | None = None
     seed: int = 0
     threads: int = 2
+    # NOTE: the tiny models (d 64) gain nothing from a second thread and lose 3-4x when the
+    # machine has other work: bert-tiny, batch 32, load ~5 on 2 cores: 470-600 ms per step
+    # with 1 thread, 1400-2100 ms with 2 (OpenMP workers waiting for a descheduled peer).
+    train_threads: int = 1
     sections: tuple = SECTIONS
     progress: bool = True
     kernel_ops: tuple | None = None
@@ -141,7 +147,7 @@ class DemoConfig:
             if getattr(self, name) not in cls.PRESETS:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of "
                                  f"{', '.join(sorted(cls.PRESETS))}")
-        for name in ("threads", "vocab_size", "seq_len", "n_docs", "encoder_steps", "decoder_steps",
+        for name in ("threads", "train_threads", "vocab_size", "seq_len", "n_docs", "encoder_steps", "decoder_steps",
                      "n_train", "n_test", "finetune_epochs", "icl_items", "mdp_states",
                      "mdp_actions", "mdp_successors"):
             value = getattr(self, name)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from fastpt._atomic import atomic_write_json
 from fastpt.demo.config import SECTIONS, TITLES, DemoConfig
 from fastpt.demo.context import Context
 from fastpt.demo.report import Report
@@ -19,6 +20,9 @@ from fastpt.demo.report import Report
 MODULES = {"kernels": "kernels", "pretrain": "pretraining", "finetune": "finetuning",
            "icl": "icl", "mdp": "mdp"}
 """Section name -> module of fastpt.demo with its ``run(ctx, section)``."""
+
+TRAINING = ("pretrain", "finetune", "icl")
+"""Sections that run on ``train_threads`` (the others on ``threads``)."""
 
 
 def new_output_dir(out: str | None, root: str = "runs") -> str:
@@ -47,7 +51,8 @@ def describe(config: DemoConfig) -> str:
     info = fastpt.build_info()
     return (f"fastpt {info['version']}, torch {torch.__version__}, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{config.threads} threads, kernels {info['cpu_capability']}; "
+            f"{config.threads} threads ({config.train_threads} for the tiny models), "
+            f"kernels {info['cpu_capability']}; "
             f"{config.size} demo, seed {config.seed}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
@@ -55,16 +60,17 @@ def run_demo(config: DemoConfig) -> int:
     """Runs the demo; prints the tables as they come and the report's path at the end."""
     out = new_output_dir(config.out)
     threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     ctx = Context(config, out)
-    command = "fastpt demo" + (" --quick" if config.quick else "")
-    report = Report(out, "fastpt demo", f"{describe(config)}.\n\nMade by `{command}` "
-                    f"(sections: {', '.join(config.sections)}). Times are wall-clock seconds on "
-                    "this machine; other jobs running on it slow them down.")
+    atomic_write_json(ctx.path("demo_config.json"), config.to_dict())
+    report = Report(out, "fastpt demo", f"{describe(config)}.\n\nMade by `fastpt demo"
+                    f"{' --quick' if config.quick else ''}` with the options in `demo_config.json`. "
+                    "Times are wall-clock seconds on this machine; other jobs running on it slow "
+                    "them down.")
     print(f"fastpt demo ({config.size}): {', '.join(config.sections)} -> {out}", flush=True)
     try:
         for key in (s for s in SECTIONS if s in config.sections):
             sec = report.section(key, TITLES[key])
+            torch.set_num_threads(config.train_threads if key in TRAINING else config.threads)
             start = time.perf_counter()
             try:
                 importlib.import_module(f"fastpt.demo.{MODULES[key]}").run(ctx, sec)
