@@ -30,8 +30,8 @@ SIZES = {
                   mdp_states=20_000),
     "full": dict(kernel_ops=("rms_norm", "swiglu", "rope", "attention_causal"),
                  kernel_modes=("fwd", "fwdbwd"), kernel_budget_s=1.0, n_docs=30_000,
-                 encoder_steps=400, decoder_steps=1000, pretrain_lr=1e-3, seq_len=256, n_train=200, n_test=1000,
-                 finetune_epochs=8, icl_items=50, mdp_states=200_000),
+                 encoder_steps=400, decoder_steps=1500, pretrain_lr=1e-3, seq_len=256, n_train=200, n_test=1000,
+                 finetune_epochs=8, icl_items=100, mdp_states=200_000),
 }
 
 TABLE_OF = {
