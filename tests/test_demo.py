@@ -153,3 +153,12 @@ def test_demo_help_explains_the_sections():
     assert exit_.value.code == 0
     for word in ("--quick", "--out", "--sections", "--config", "--threads", "--seed", *SECTIONS):
         assert word in out.getvalue(), word
+
+
+def test_shared_comparison_helpers_reject_bad_input():
+    from fastpt.finetune.compare import finetune_strategy
+    from fastpt.icl import few_shot_table
+    with pytest.raises(ValueError, match="need labelled train and test examples"):
+        finetune_strategy(None, None, "lora", [], [{"text": "x", "label": 0}], epochs=1)
+    with pytest.raises(ValueError, match="shots must be >= 0"):
+        few_shot_table(None, None, {"t": ([], [])}, (0, -1))
