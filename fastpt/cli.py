@@ -159,7 +159,12 @@ def _training_commands() -> tuple:
     return (pretrain.register, finetune.register, generate.register, evaluate.register)
 
 
-COMMANDS = (_add_bench, _add_bench_models, _add_mdp, *_training_commands())
+def _add_demo(sub) -> None:
+    from fastpt.commands import demo
+    demo.register(sub)
+
+
+COMMANDS = (_add_demo, _add_bench, _add_bench_models, _add_mdp, *_training_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:
