@@ -864,6 +864,7 @@ int main(int argc, char** argv) {
     else if (a == "-v") verbose = true;
     else if (a == "--reverse") fastpt_simt::set_order(fastpt_simt::Order::kReverse);
     else if (a == "--shuffle") fastpt_simt::set_order(fastpt_simt::Order::kShuffle, 12345);
+    else if (a == "--warp-serial") fastpt_simt::set_warp_serial(true);
   }
   if (only.empty() || only == "rms_norm") {
     rms_all<float>(); rms_all<double>(); rms_all<__nv_bfloat16>(); rms_all<__half>();

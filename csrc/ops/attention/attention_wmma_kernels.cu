@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionF
       mma_tile<T, FragBCol<T>>(acc, sm.q + rf * 16 * dm.ld, dm.ld, sm.k + kf * 16 * dm.ld, dm.ld, dm.dp);
       wmma::store_matrix_sync(sm.s + rf * 16 * kLdS + kf * 16, acc, kLdS, wmma::mem_row_major);
     }
-    __syncthreads();
+    __syncthreads();  // a softmax row reads two warps' S tiles
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp * kRowsPerWarp + rr;
@@ -425,7 +425,7 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dkv_kernel(Attent
         sm.g1[c * kLdP + r] = cuda::from_float<T>(g.pd);
         sm.g2[c * kLdP + r] = cuda::from_float<T>(g.ds);
       }
-      __syncthreads();
+      __syncthreads();  // dV, dK tiles read every warp's Pd^T, dS^T
 #pragma unroll
       for (int t = 0; t < kMaxOutTiles; ++t) {
         const int tile = warp + t * kWarps, tkf = tile % 2, c = tile / 2 * 16;
