@@ -175,8 +175,10 @@ def test_emulator_selftests(emulator_bins):
 #  - block_sum (used by the RMSNorm kernels in block mode, n > 1024) without the barrier between
 #    the per-warp partial writes and their reads;
 #  - the WMMA attention forward without the barrier between the warps' S tiles and the softmax
-#    rows that read two warps' tiles: warps move in lockstep through WMMA calls, so only the
-#    warp-serial schedule catches it (the backward fails too: it uses the forward's lse).
+#    rows that read two warps' tiles (the backward fails too: it uses the forward's lse), and
+#    the dK dV kernel without the one between the warps' Pd^T, dS^T tiles and the products that
+#    read them: warps move in lockstep through WMMA calls, so only the warp-serial schedule
+#    catches these.
 MUTATIONS = {
     "rms_norm": ("common/cuda_compat.h", "ops/rms_norm/rms_norm_kernels.cu",
                  "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
@@ -184,6 +186,9 @@ MUTATIONS = {
     "attention_wmma": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
                        "    __syncthreads();  // a softmax row reads two warps' S tiles\n", "",
                        ["--warp-serial"], ["attention_wmma_fwd"]),
+    "attention_wmma_bwd": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
+                           "      __syncthreads();  // dV, dK tiles read every warp's Pd^T, dS^T\n", "",
+                           ["--warp-serial"], ["attention_wmma_bwd"]),
 }
 
 
@@ -208,7 +213,7 @@ def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path, op)
     res = subprocess.run([CXX, "-pthread", "-fopenmp", *objs, *torch_link, "-ltorch_cpu", "-lc10",
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = _run(exe, "--only", op, *run_flags, timeout=RUN_TIMEOUT)
+    res = _run(exe, "--only", op.removesuffix("_bwd"), *run_flags, timeout=RUN_TIMEOUT)
     counts = {m[0]: tuple(map(int, m[1:])) for m in KERNEL_LINE.findall(res.stdout)}
     assert res.returncode == 1 and counts, res.stdout[-3000:]
     assert all(counts[k][2] > 0 for k in must_fail), counts

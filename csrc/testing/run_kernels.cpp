@@ -610,7 +610,8 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
                           std::to_string(D) + (causal ? " causal" : "") + (masked ? " mask" : "") +
                           (biased ? " bias" : "") + (dropout > 0 ? " dropout" : "");
   // The tensor-core kernels (bf16 / fp16) are separate launchers with their own counts.
-  const std::string fwd = wmma ? "attention_wmma_fwd" : "attention_fwd", bwd = wmma ? "attention_wmma_bwd" : "attention_bwd";
+  const std::string fwd = wmma ? "attention_wmma_fwd" : "attention_fwd";
+  const std::string bwd = wmma ? "attention_wmma_bwd" : "attention_bwd";
   const AttentionFwdArgs fa{sh, q.p(), k.p(), v.p(), out.p(), lse.data()};
   launched(fwd, wmma ? attention_wmma_fwd_cuda(fa, nullptr) : attention_fwd_cuda(fa, nullptr), tag);
   if (wmma) std::fill(gk.begin(), gk.end(), A(NAN)), std::fill(gv.begin(), gv.end(), A(NAN));  // it must write all
@@ -626,7 +627,8 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   compare<T>(bwd, tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq);
   compare<T>(bwd, tag + " dk", true, std::vector<double>(gk.begin(), gk.end()), ref.dk, eager.dk);
   compare<T>(bwd, tag + " dv", true, std::vector<double>(gv.begin(), gv.end()), ref.dv, eager.dv);
-  if (biased) compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias);
+  if (biased)
+    compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias);
 }
 
 template <typename T> void attention_all() {

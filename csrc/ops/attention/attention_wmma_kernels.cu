@@ -88,7 +88,7 @@ FASTPT_DEVICE char* aligned_smem() {
 template <typename T>
 struct FwdSmem {
   T *q, *k, *v, *p;  // 32 x ld tiles; P: 32 x kLdP
-  float *s, *scratch, *alpha, *inv_l;
+  float *s, *scratch, *alpha, *inv_l, *row_m, *row_l;  // row_m, row_l: the softmax state
   FASTPT_HOST_DEVICE FwdSmem(Carver& c, const Dims& d) {
     q = c.take<T>(kTile * d.ld);
     k = c.take<T>(kTile * d.ld);
@@ -98,6 +98,8 @@ struct FwdSmem {
     scratch = c.take<float>(kWarps * kFrag);
     alpha = c.take<float>(kTile);
     inv_l = c.take<float>(kTile);
+    row_m = c.take<float>(kTile);
+    row_l = c.take<float>(kTile);
   }
 };
 
@@ -193,13 +195,15 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionF
   const T* v = static_cast<const T*>(a.v) + b * s.v_sb + hk * s.v_sh;
   stage(sm.q, static_cast<const T*>(a.q) + b * s.q_sb + h * s.q_sh, s.q_st, i0, s.T, s.D, dm);
   float o[kMaxOutTiles][8];  // this lane's 8 elements of each of its output tiles
-  float m[kRowsPerWarp], l[kRowsPerWarp];
 #pragma unroll
   for (int t = 0; t < kMaxOutTiles; ++t)
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[t][e] = 0.0f;
-#pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) m[rr] = -INFINITY, l[rr] = 0.0f;
+  // Each row's running max and sum live in shared memory, written by lane 0 of the warp that
+  // owns the row and read by that warp only (after the next __syncthreads).
+  // NOTE: in registers (the row loop unrolled) the kernel took 238 registers; this way 128.
+  for (int rr = 0; rr < kRowsPerWarp && lane == 0; ++rr)
+    sm.row_m[warp * kRowsPerWarp + rr] = -INFINITY, sm.row_l[warp * kRowsPerWarp + rr] = 0.0f;
   const int64_t kend = key_end(s, i0);
   for (int64_t j0 = 0; j0 < kend; j0 += kTile) {
     __syncthreads();  // the previous tile is consumed (the first time: Q is staged)
@@ -214,21 +218,22 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionF
       wmma::store_matrix_sync(sm.s + rf * 16 * kLdS + kf * 16, acc, kLdS, wmma::mem_row_major);
     }
     __syncthreads();  // a softmax row reads two warps' S tiles
-#pragma unroll
+#pragma unroll 1
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp * kRowsPerWarp + rr;
       const int64_t i = i0 + r, j = j0 + lane;
       const bool seen = lg.seen(i, j);
       const float x = seen ? lg.logit(sm.s[r * kLdS + lane], i, j) : -INFINITY;
-      const float m_new = fmaxf(m[rr], warp_max(x));
+      // Read before the warp primitives: lane 0 overwrites both after them.
+      const float m_old = sm.row_m[r], l_old = sm.row_l[r];
+      const float m_new = fmaxf(m_old, warp_max(x));
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key seen yet: p = 0
       float p = expf(x - m_use);
-      const float alpha = expf(m[rr] - m_use);
-      l[rr] = l[rr] * alpha + cuda::warp_sum(p);
-      m[rr] = m_new;
+      const float alpha = expf(m_old - m_use);
+      const float l_new = l_old * alpha + cuda::warp_sum(p);
       if (seen && !lg.kept(i, j)) p = 0.0f;
       sm.p[r * kLdP + lane] = cuda::from_float<T>(p);
-      if (lane == 0) sm.alpha[r] = alpha;
+      if (lane == 0) sm.alpha[r] = alpha, sm.row_m[r] = m_new, sm.row_l[r] = l_new;
     }
     __syncthreads();
     float* scratch = sm.scratch + warp * kFrag;
@@ -251,14 +256,12 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionF
   // The softmax warps own l and m; the output tiles are spread over all warps.
   const int64_t bh = b * s.H + h;
   const float keep_scale = 1.0f / float(1.0 - s.dropout_p);
-#pragma unroll
-  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+  for (int rr = 0; rr < kRowsPerWarp && lane == 0; ++rr) {
     const int r = warp * kRowsPerWarp + rr;
-    const bool empty = l[rr] == 0.0f;  // no key: output 0, lse -inf
-    if (lane == 0) {
-      sm.inv_l[r] = empty ? 0.0f : keep_scale / l[rr];
-      if (i0 + r < s.T) static_cast<float*>(a.lse)[bh * s.T + i0 + r] = empty ? -INFINITY : m[rr] + logf(l[rr]);
-    }
+    const float l = sm.row_l[r];
+    const bool empty = l == 0.0f;  // no key: output 0, lse -inf
+    sm.inv_l[r] = empty ? 0.0f : keep_scale / l;
+    if (i0 + r < s.T) static_cast<float*>(a.lse)[bh * s.T + i0 + r] = empty ? -INFINITY : sm.row_m[r] + logf(l);
   }
   __syncthreads();
   T* out = static_cast<T*>(a.out) + bh * s.T * s.D;
