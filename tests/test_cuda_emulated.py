@@ -179,22 +179,23 @@ def test_emulator_selftests(emulator_bins):
 #    the dK dV kernel without the one between the warps' Pd^T, dS^T tiles and the products that
 #    read them: warps move in lockstep through WMMA calls, so only the warp-serial schedule
 #    catches these.
+# name: (file to mutate, kernel file to rebuild, text, replacement, run_kernels args, kernels that must fail)
 MUTATIONS = {
     "rms_norm": ("common/cuda_compat.h", "ops/rms_norm/rms_norm_kernels.cu",
                  "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
-                 "  if (lane == 0) scratch[warp] = v;\n", [], ["rms_norm_fwd", "rms_norm_bwd"]),
-    "attention_wmma": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
-                       "    __syncthreads();  // a softmax row reads two warps' S tiles\n", "",
-                       ["--warp-serial"], ["attention_wmma_fwd"]),
+                 "  if (lane == 0) scratch[warp] = v;\n", ["--only", "rms_norm"], ["rms_norm_fwd", "rms_norm_bwd"]),
+    "attention_wmma_fwd": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
+                           "    __syncthreads();  // a softmax row reads two warps' S tiles\n", "",
+                           ["--only", "attention_wmma", "--warp-serial"], ["attention_wmma_fwd"]),
     "attention_wmma_bwd": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
                            "      __syncthreads();  // dV, dK tiles read every warp's Pd^T, dS^T\n", "",
-                           ["--warp-serial"], ["attention_wmma_bwd"]),
+                           ["--only", "attention_wmma", "--warp-serial"], ["attention_wmma_bwd"]),
 }
 
 
 @pytest.mark.parametrize("op", sorted(MUTATIONS))
 def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path, op):
-    mutation_file, kernel_file, mutation_from, mutation_to, run_flags, must_fail = MUTATIONS[op]
+    mutation_file, kernel_file, mutation_from, mutation_to, run_args, must_fail = MUTATIONS[op]
     src = (CSRC / mutation_file).read_text()
     assert mutation_from in src, \
         f"mutation target not found in csrc/{mutation_file}: update MUTATIONS in this test"
@@ -213,7 +214,7 @@ def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path, op)
     res = subprocess.run([CXX, "-pthread", "-fopenmp", *objs, *torch_link, "-ltorch_cpu", "-lc10",
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = _run(exe, "--only", op.removesuffix("_bwd"), *run_flags, timeout=RUN_TIMEOUT)
+    res = _run(exe, *run_args, timeout=RUN_TIMEOUT)
     counts = {m[0]: tuple(map(int, m[1:])) for m in KERNEL_LINE.findall(res.stdout)}
     assert res.returncode == 1 and counts, res.stdout[-3000:]
     assert all(counts[k][2] > 0 for k in must_fail), counts
