@@ -519,7 +519,8 @@ template <typename T> void vi_all() {
 // ---------------------------------------------------------------- attention
 // Naive attention and its gradients in R (double: the reference; the compute type: "eager"),
 // on the same rounded inputs, with the kernel's masks and dropout mask. Layout contiguous:
-// q, out (B, H, T, D), k, v (B, Hkv, S, D).
+// q, out (B, H, T, D), k, v (B, Hkv, S, D). `stored` rounds the output before the backward's
+// Delta = dO . O: the eager baseline stores O in the inputs' dtype, as every kernel does.
 struct AttnResult {
   std::vector<double> out, dq, dk, dv, dbias;  // dbias: dS at every (b, h, i, j)
 };
@@ -527,7 +528,8 @@ struct AttnResult {
 template <typename R>
 AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q, const std::vector<double>& k,
                            const std::vector<double>& v, const std::vector<double>& dout,
-                           const std::vector<double>& bias, const std::vector<uint8_t>& mask) {
+                           const std::vector<double>& bias, const std::vector<uint8_t>& mask,
+                           double (*stored)(double) = nullptr) {
   const int64_t B = s.B, H = s.H, T = s.T, S = s.S, D = s.D, G = s.H / s.Hkv;
   AttnResult res{std::vector<double>(B * H * T * D), std::vector<double>(B * H * T * D),
                  std::vector<double>(B * s.Hkv * S * D, 0.0), std::vector<double>(B * s.Hkv * S * D, 0.0),
@@ -564,7 +566,7 @@ AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q
         R delta = 0;
         for (int64_t d = 0; d < D; ++d) {
           res.out[row * D + d] = double(o[d]);
-          delta += R(dout[row * D + d]) * o[d];
+          delta += R(dout[row * D + d]) * (stored ? R(stored(double(o[d]))) : o[d]);
         }
         for (int64_t j = 0; j < S; ++j) {
           R dp = 0;
@@ -620,7 +622,7 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   launched(bwd, wmma ? attention_wmma_bwd_cuda(ba, nullptr) : attention_bwd_cuda(ba, nullptr), tag);
   const auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk), dod = dout.doubles(nq);
   const AttnResult ref = attention_naive<double>(sh, qd, kd, vd, dod, bias_d, mask);
-  AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask);
+  AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask, &round_to<T>);
   for (auto* x : {&eager.out, &eager.dq})
     for (double& e : *x) e = round_to<T>(e);
   compare<T>(fwd, tag, false, out.doubles(nq), ref.out, eager.out);
