@@ -583,9 +583,21 @@ AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q
   return res;
 }
 
+// (B, T, H, D) -> (B, H, T, D)
+std::vector<double> to_bhtd(const std::vector<double>& x, int64_t B, int64_t H, int64_t T, int64_t D) {
+  std::vector<double> y(x.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) y[((b * H + h) * T + t) * D + d] = x[((b * T + t) * H + h) * D + d];
+  return y;
+}
+
 template <typename T>
 void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, int64_t D, bool causal,
-                    bool masked, bool biased, double dropout, bool wmma = false) {
+                    bool masked, bool biased, double dropout, bool wmma = false, bool strided = false) {
+  // strided: q, k, v in (B, T, H, D) layout read through strides (as the glue passes
+  // x.transpose(1, 2)), the bias (H, T, S) broadcast over the batch (stride 0).
   using A = cuda::acc_t<T>;
   const int64_t nq = B * H * T_ * D, nk = B * Hkv * S * D;
   Buf<T> q(nq, 0), k(nk, 0), v(nk, 0), dout(nq, 0), out(nq, 0), dq(nq, 0);
@@ -599,13 +611,17 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   std::vector<A> bias_full;
   std::vector<double> bias_d;
   if (biased) {
-    for (int64_t e = 0; e < B * H * T_ * S; ++e) bias_full.push_back(A(std::sin(0.37 * double(e))));
-    bias_d.assign(bias_full.begin(), bias_full.end());
+    for (int64_t e = 0; e < (strided ? 1 : B) * H * T_ * S; ++e) bias_full.push_back(A(std::sin(0.37 * double(e))));
+    for (int64_t e = 0; e < B * H * T_ * S; ++e) bias_d.push_back(double(bias_full[e % bias_full.size()]));
   }
   AttentionShape sh{B, H, Hkv, T_, S, D, H * T_ * D, T_ * D, D, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
-                    H * T_ * S, T_ * S, S, 1, masked ? mask.data() : nullptr,
+                    strided ? 0 : H * T_ * S, T_ * S, S, 1, masked ? mask.data() : nullptr,
                     biased ? bias_full.data() : nullptr, causal, 1.0 / std::sqrt(double(D)), dropout,
                     0x1234567890abcdefull, dt<T>()};
+  if (strided) {
+    sh.q_sb = T_ * H * D, sh.q_sh = D, sh.q_st = H * D;
+    sh.k_sb = sh.v_sb = S * Hkv * D, sh.k_sh = sh.v_sh = D, sh.k_st = sh.v_st = Hkv * D;
+  }
   std::vector<A> lse(B * H * T_), gk(nk, A(0)), gv(nk, A(0)), gbias(biased ? B * H * T_ * S : 0, A(0));
   const std::string tag = std::string(name<T>()) + " B " + std::to_string(B) + " H " + std::to_string(H) + "/" +
                           std::to_string(Hkv) + " T " + std::to_string(T_) + " S " + std::to_string(S) + " D " +
@@ -620,7 +636,11 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   const AttentionBwdArgs ba{sh, q.p(), k.p(), v.p(), out.p(), dout.p(), lse.data(), dq.p(), gk.data(), gv.data(),
                             biased ? gbias.data() : nullptr};
   launched(bwd, wmma ? attention_wmma_bwd_cuda(ba, nullptr) : attention_bwd_cuda(ba, nullptr), tag);
-  const auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk), dod = dout.doubles(nq);
+  auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk);
+  const auto dod = dout.doubles(nq);
+  if (strided) {  // the reference reads (B, H, T, D)
+    qd = to_bhtd(qd, B, H, T_, D), kd = to_bhtd(kd, B, Hkv, S, D), vd = to_bhtd(vd, B, Hkv, S, D);
+  }
   const AttnResult ref = attention_naive<double>(sh, qd, kd, vd, dod, bias_d, mask);
   AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask, &round_to<T>);
   for (auto* x : {&eager.out, &eager.dq})
@@ -640,6 +660,7 @@ template <typename T> void attention_all() {
   test_attention<T>(1, 2, 2, 33, 9, 80, true, false, false, 0.0);     // T > S: rows without keys
   test_attention<T>(1, 2, 2, 17, 17, 32, false, false, false, 0.3);   // dropout
   test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
+  test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);  // (B, T, H, D) strides, bias over H, T, S
 }
 
 // The tensor-core kernels: bf16 / fp16, D padded to a multiple of 16 (40 -> 48), 32 x 32 tiles.
@@ -651,6 +672,7 @@ template <typename T> void attention_wmma_all() {
   test_attention<T>(1, 2, 2, 17, 40, 32, false, true, false, 0.3, true);   // dropout with padding
   test_attention<T>(1, 2, 1, 40, 70, 128, true, false, false, 0.0, true);  // largest head dim, causal T < S
   test_attention<T>(1, 1, 1, 7, 5, 8, false, false, false, 0.0, true);     // D = 8 padded to 16
+  test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);  // (B, T, H, D) strides, bias over H, T, S
 }
 
 template <typename T> void rms_all() {
