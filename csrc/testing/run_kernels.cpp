@@ -660,7 +660,8 @@ template <typename T> void attention_all() {
   test_attention<T>(1, 2, 2, 33, 9, 80, true, false, false, 0.0);     // T > S: rows without keys
   test_attention<T>(1, 2, 2, 17, 17, 32, false, false, false, 0.3);   // dropout
   test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
-  test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);  // (B, T, H, D) strides, bias over H, T, S
+  // (B, T, H, D) strides, bias over (H, T, S)
+  test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);
 }
 
 // The tensor-core kernels: bf16 / fp16, D padded to a multiple of 16 (40 -> 48), 32 x 32 tiles.
@@ -672,7 +673,8 @@ template <typename T> void attention_wmma_all() {
   test_attention<T>(1, 2, 2, 17, 40, 32, false, true, false, 0.3, true);   // dropout with padding
   test_attention<T>(1, 2, 1, 40, 70, 128, true, false, false, 0.0, true);  // largest head dim, causal T < S
   test_attention<T>(1, 1, 1, 7, 5, 8, false, false, false, 0.0, true);     // D = 8 padded to 16
-  test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);  // (B, T, H, D) strides, bias over H, T, S
+  // (B, T, H, D) strides, bias over (H, T, S)
+  test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);
 }
 
 template <typename T> void rms_all() {

@@ -6,9 +6,9 @@
 // of the MACs are on zeros). Each tile product is cut into 16 x 16 output tiles, one warp each.
 // Forward, block = (32 queries, b, h), per key tile:
 //   S = Q K^T: 2 x 2 tiles, one per warp, stored in fp32 to shared memory;
-//   online softmax in fp32: warp w owns rows 8w..8w+7, lane = key, warp-shuffle max and sum;
-//     P (rounded to the input type before P V, as FlashAttention does) and each row's rescale
-//     factor alpha go to shared memory;
+//   online softmax in fp32: warp w owns rows 8w..8w+7, lane = key, warp-shuffle max and sum,
+//     the rows' running max and sum in shared memory; P (rounded to the input type before
+//     P V, as FlashAttention does) and each row's rescale factor alpha go to shared memory;
 //   O = alpha O + P V: 2 x Dp/16 tiles, warp w owns tiles w, w+4, ...; a tile's P V product goes
 //     through a per-warp fp32 scratch tile into registers (lane: row lane/2, 8 columns), where
 //     the rescale happens: WMMA leaves the fragment's element-to-row mapping unspecified.
@@ -22,9 +22,9 @@
 // Shared memory at Dp = 128: forward 37 KiB, dQ 45 KiB, dK dV 47 KiB (all under the 48 KiB a
 // launch gets without opting in). FLOPs: 4 B H T S D forward; the backward does 7 tile
 // products per tile pair (FlashAttention-2: 5), S and dP twice, the price of no atomics.
-// Traffic: q once per block row, k and v once per 32-query block (forward, dQ); q, dO, O once
-// per 32-key block (dK dV). Not tuned (no GPU here): no cp.async double buffering, scalar
-// staging loads.
+// Traffic: forward and dQ read their 32 rows of q (and dO) once and k, v once per block; the
+// dK dV kernel reads k, v once and q, dO, O once per block. Not tuned (no GPU here): no
+// cp.async double buffering, scalar staging loads.
 #include "common/cuda_compat.h"
 #include "common/portable.h"
 #include "ops/attention/attention.h"
