@@ -1,5 +1,5 @@
 # Two commands for a fresh clone (see README):
-#   make demo   set everything up, build, and run the main job (for now: fastpt bench --quick)
+#   make demo   set everything up, build, and run the main job: fastpt demo (<= 10 min, 2 cores)
 #   make test   set everything up, build, and run the test suite
 # Everything goes into .venv; nothing is installed system-wide.
 
@@ -9,6 +9,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch. A bare "torch" requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup install test demo bench check-cuda clean
 
@@ -34,7 +35,7 @@ test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/fastpt bench --quick
+	$(BIN)/fastpt demo $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/fastpt bench --json benchmarks/results.json --markdown benchmarks/results.md

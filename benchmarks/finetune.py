@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from fastpt.benchmarks.harness import peak_memory_bytes
+from fastpt.alloc import peak_memory_bytes
 
 
 def pretrained_decoder(out_dir: str, quick: bool):
@@ -43,77 +43,27 @@ def pretrained_decoder(out_dir: str, quick: bool):
     return result.model, result.tokenizer
 
 
-def run_strategy(base, tok, strategy: str, train, test, epochs: int, lr: float) -> dict:
-    from fastpt.data.datasets import encode_padded
-    from fastpt.finetune import FinetuneConfig, SequenceClassifier, count_parameters, prepare
-    torch.manual_seed(0)
-    backbone = type(base)(base.config)
-    backbone.load_state_dict(base.state_dict())
-    cfg = FinetuneConfig(strategy=strategy, freeze_layers=1, lora_r=4,
-                         num_virtual_tokens=8, prefix_length=8, adapter_reduction=4)
-    model = prepare(SequenceClassifier(backbone, 2, dropout=0.0), cfg)
-    pad = base.config.pad_token_id or 0
-    ids, mask = encode_padded(tok, [e["text"] for e in train], pad)
-    labels = torch.tensor([e["label"] for e in train])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    g = torch.Generator().manual_seed(0)
-    times = []
-
-    def step(idx):
-        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train), generator=g).split(16):
-            start = time.perf_counter()
-            step(idx)
-            times.append(time.perf_counter() - start)
-    peak = peak_memory_bytes(lambda: step(torch.arange(16)))
-    model.eval()
-    tids, tmask = encode_padded(tok, [e["text"] for e in test], pad)
-    with torch.no_grad():
-        pred = model(input_ids=tids, attention_mask=tmask).logits.argmax(-1)
-    counts = count_parameters(model)
-    return {"strategy": strategy, "accuracy": float((pred == torch.tensor([e["label"] for e in test])).float().mean()),
-            "trainable": counts["trainable"], "trainable_pct": counts["percent"],
-            "step_ms": 1000 * statistics.median(times), "peak_mib": peak / 2**20}
-
-
 def strategies(out_dir: str, quick: bool) -> list[dict]:
     from fastpt.data.world import World
     from fastpt.finetune import STRATEGIES
+    from fastpt.finetune.compare import compare_strategies
     base, tok = pretrained_decoder(out_dir, quick)
     world = World(0)
     # Labels on half of the adjectives, test on the other half: with shared adjectives every
     # strategy (even training from scratch) reaches 100%, which compares nothing.
     train = world.sentiment(64 if quick else 200, seed=1, adjectives="seen")
     test = world.sentiment(200 if quick else 1000, seed=2, adjectives="unseen")
-    rows = []
-    for strategy in ("full",) + tuple(s for s in STRATEGIES if s != "full"):
-        lr = 1e-3 if strategy in ("full", "partial") else 3e-3
-        rows.append(run_strategy(base, tok, strategy, train, test, 2 if quick else 8, lr))
-    torch.manual_seed(0)
-    scratch = type(base)(base.config)  # same architecture, fresh random weights
-    row = run_strategy(scratch, tok, "full", train, test, 2 if quick else 8, 1e-3)
-    row["strategy"] = "full, from scratch"
-    rows.append(row)
-    return rows
+    return compare_strategies(base, tok, STRATEGIES, train, test, epochs=2 if quick else 8)
 
 
 def icl(out_dir: str, quick: bool) -> list[dict]:
     from fastpt.data.world import ICL_TASKS, World
-    from fastpt.icl import evaluate_multiple_choice
+    from fastpt.icl import few_shot_table
     model, tok = pretrained_decoder(out_dir, quick)
     world = World(0)
-    rows = []
-    for task in ICL_TASKS:
-        items, pool = world.icl(task, 20 if quick else 100, seed=5), world.icl(task, 200, seed=6)
-        for k in (0, 1, 4):
-            r = evaluate_multiple_choice(model, tok, items, k=k, pool=pool)
-            rows.append({"task": task, "k": k, "acc": r.acc, "acc_norm": r.acc_norm, "n": r.n})
-    return rows
+    tasks = {task: (world.icl(task, 20 if quick else 100, seed=5), world.icl(task, 200, seed=6))
+             for task in ICL_TASKS}
+    return few_shot_table(model, tok, tasks, (0, 1, 4))
 
 
 class _EagerLoRA(torch.nn.Module):

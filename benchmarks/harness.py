@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from fastpt.alloc import peak_memory_bytes  # noqa: F401  (part of the harness API)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MODES = ("fwd", "fwdbwd")
 # Loose agreement check of fastpt against eager before timing (tests hold the real bar).
@@ -160,28 +162,6 @@ def _copy_call(nbytes: int) -> tuple[Callable[[], None], int]:
 def shape_cases(shapes) -> list:
     """``OpSpec.shapes[size]``: one mapping of named shapes, or a list of them (several cases)."""
     return list(shapes) if isinstance(shapes, (list, tuple)) else [shapes]
-
-
-def peak_memory_bytes(call: Callable[[], object]) -> int:
-    """Peak bytes held by torch's CPU allocator during call() beyond those held before it:
-    the running sum of the profiler's allocation records (each allocation and free with
-    its own timestamp, temporaries inside fused ops included)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
-    steps, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            steps.append((node.start_time_ns, node.extra_fields.alloc_size))
-    held = peak = 0
-    for _, change in sorted(steps):
-        held += change
-        peak = max(peak, held)
-    return peak
 
 
 def _compile(fn: Callable) -> Callable:

@@ -1,4 +1,4 @@
-"""Opt-in allocator setting for memory-bound work on CPU.
+"""Opt-in allocator setting for memory-bound work on CPU, and the peak memory of a call.
 
 glibc hands every freed block above its mmap threshold (at most 32 MiB on 64-bit) back to
 the OS, so each new large tensor page-faults its memory in again. For memory-bound ops that
@@ -17,9 +17,12 @@ apply it only when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
+from typing import Callable
 
 # <malloc.h> parameter numbers for mallopt(3).
 M_TRIM_THRESHOLD = -1
@@ -69,3 +72,43 @@ def use_steady_allocator() -> bool:
     settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX), (M_TOP_PAD, TOP_PAD))
     # mallopt returns 1 on success, 0 on error.
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Sends file descriptor 2 to /dev/null for the block: the profiler's C++ side (kineto)
+    prints "profiler_start"/"profiler_stop" lines there on every use, whatever its log level,
+    which would interleave with tables and progress bars. Python's sys.stderr is flushed first."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(call: Callable[[], object]) -> int:
+    """Peak bytes held by torch's CPU allocator during call() beyond those held before it:
+    the running sum of the profiler's allocation records (each allocation and free with
+    its own timestamp, temporaries inside fused ops included). The profiler's own messages
+    on stderr are suppressed."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            call()
+    steps, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            steps.append((node.start_time_ns, node.extra_fields.alloc_size))
+    held = peak = 0
+    for _, change in sorted(steps):
+        held += change
+        peak = max(peak, held)
+    return peak

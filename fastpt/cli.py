@@ -159,6 +159,11 @@ def _training_commands() -> tuple:
     return (pretrain.register, finetune.register, generate.register, evaluate.register)
 
 
+def _add_demo(sub) -> None:
+    from fastpt.commands import demo
+    demo.register(sub)
+
+
 def _dropin_commands() -> tuple:
     from fastpt.commands import bench_dropin, lm_eval
     return (bench_dropin.register, lm_eval.register)
@@ -168,7 +173,7 @@ def _dropin_commands() -> tuple:
 PASS_THROUGH = ("bench-models", "bench-dropin", "lm-eval")
 
 
-COMMANDS = (_add_bench, _add_bench_models, _add_mdp, *_training_commands(), *_dropin_commands())
+COMMANDS = (_add_demo, _add_bench, _add_bench_models, _add_mdp, *_training_commands(), *_dropin_commands())
 
 
 def build_parser() -> argparse.ArgumentParser:

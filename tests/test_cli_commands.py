@@ -173,9 +173,10 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_shipped_configs_parse():
-    from fastpt.commands import evaluate, finetune, generate, pretrain
+    from fastpt.commands import demo, evaluate, finetune, generate, pretrain
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    modules = {"pretrain": pretrain, "finetune": finetune, "generate": generate, "eval": evaluate}
+    modules = {"pretrain": pretrain, "finetune": finetune, "generate": generate, "eval": evaluate,
+               "demo": demo}
     files = sorted(os.listdir(root))
     assert files
     for name in files:

@@ -26,12 +26,15 @@ SHAPES = [(1, 1), (7, 3), (97, 13), (1025, 4097), (3, 8192)]
 
 
 def _compare(fn, ref, names, diff_inputs, grads, dtype, *args, **kwargs):
-    """CUDA result vs float64 reference (on CPU), eager CUDA as the low-precision yardstick."""
+    """CUDA result vs float64 reference (on CPU), eager CUDA as the low-precision yardstick.
+    Tensor args and kwargs are given on the CPU and moved to the GPU for the CUDA runs."""
     cuda = lambda t: t.cuda()  # noqa: E731
+    cuda_args = [cuda(a) if isinstance(a, torch.Tensor) else a for a in args]
+    cuda_kwargs = {k: cuda(a) if isinstance(a, torch.Tensor) else a for k, a in kwargs.items()}
     ours = run_with_grads(fn, [cuda(t) for t in diff_inputs], [cuda(g) for g in grads], dtype,
-                          *[cuda(a) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+                          *cuda_args, **cuda_kwargs)
     eager = run_with_grads(ref, [cuda(t) for t in diff_inputs], [cuda(g) for g in grads], dtype,
-                           *[cuda(a) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+                           *cuda_args, **cuda_kwargs)
     ref64 = run_with_grads(ref, diff_inputs, grads, torch.float64, *args, **kwargs)
     n_out = len(ours) - len(diff_inputs)
     for i, (name, a, r, e) in enumerate(zip(names, ours, ref64, eager)):
@@ -70,8 +73,8 @@ def test_rope_cuda(head_dim, rotary_dim, dtype, layout):
                                              (33, 9, 80, True)])
 def test_attention_cuda(T, S, D, causal, dtype):
     q, k, v = torch.randn(2, 4, T, D), torch.randn(2, 2, S, D), torch.randn(2, 2, S, D)
-    mask = (torch.rand(2, S) > 0.3).cuda()
-    bias = torch.randn(4, T, S).cuda()
+    mask = torch.rand(2, S) > 0.3
+    bias = torch.randn(4, T, S)
     _compare(ops.attention, reference.attention, ("out", "grad q", "grad k", "grad v"), (q, k, v),
              (torch.randn(q.shape),), dtype, causal=causal, key_padding_mask=mask, attn_bias=bias)
 
@@ -83,6 +86,58 @@ def test_attention_cuda_dropout_matches_cpu():
     torch.manual_seed(3)
     gpu = ops.attention(q.cuda(), k.cuda(), v.cuda(), dropout_p=0.3)
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# bf16 / fp16 run on the tensor-core (WMMA) kernels: tiles of 32, D padded to a multiple of 16.
+ATTN_NAMES = ("out", "grad q", "grad k", "grad v")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, Hkv, T, S, D, causal", [
+    (2, 8, 2, 130, 77, 64, True),    # GQA; causal with T > S: rows without keys
+    (1, 4, 4, 64, 200, 128, True),   # causal with T < S (bottom-right), largest head dim
+    (2, 4, 1, 33, 33, 40, False),    # MQA; D = 40 padded to 48
+    (1, 2, 2, 97, 1025, 80, False),  # odd lengths, many key tiles
+    (3, 2, 2, 1, 45, 64, True),      # decode step
+])
+def test_attention_wmma_cuda(B, H, Hkv, T, S, D, causal, dtype):
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = torch.rand(B, S) > 0.2
+    mask[-1] = False  # a batch row without keys
+    bias = torch.randn(H, T, S)
+    _compare(ops.attention, reference.attention, ATTN_NAMES, (q, k, v), (torch.randn(q.shape),), dtype,
+             causal=causal, key_padding_mask=mask, attn_bias=bias)
+    out = ops.attention(q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), causal=causal,
+                        key_padding_mask=mask.cuda())
+    assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu())), "a row without keys must give 0, not NaN"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_wmma_cuda_dropout_matches_reference_mask(dtype):
+    B, H, Hkv, T, S, D, p = 2, 4, 2, 37, 150, 64, 0.3
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    torch.manual_seed(7)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))  # as fastpt.ops.attention draws it
+    keep = reference.attention_dropout_keep(seed, B, H, T, S, p)
+
+    def ours(q, k, v, causal, dropout_keep, dropout_p):  # the seed replaces the explicit mask
+        torch.manual_seed(7)
+        return ops.attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+    _compare(ours, reference.attention, ATTN_NAMES, (q, k, v), (torch.randn(q.shape),), dtype, causal=True,
+             dropout_keep=keep, dropout_p=p)
+
+
+def test_attention_wmma_cuda_backward_is_deterministic():
+    # No atomics: dQ, dK, dV are bitwise the same run to run (GQA: 4 query heads per kv head).
+    q, dout = (torch.randn(2, 8, 200, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(ops.attention(*leaves, causal=True), leaves, dout)
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
 
 
 def test_cuda_and_cpu_inputs_mixed_is_an_error():

@@ -128,7 +128,9 @@ def _run(binary: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
 KERNEL_LINE = re.compile(r"^KERNEL (\S+) launches (\d+) checks (\d+) failures (\d+)$", re.M)
 
 
-@pytest.mark.parametrize("order", ["forward", "shuffle"])
+# warp-serial: one warp at a time between barriers, the only schedule that shows races between
+# warps that call the same warp primitives (every WMMA call is one) in lockstep.
+@pytest.mark.parametrize("order", ["forward", "shuffle", "warp-serial"])
 def test_every_cuda_kernel_emulated(emulator_bins, order, capsys):
     res = _run(emulator_bins["run_kernels"], *([f"--{order}"] if order != "forward" else []),
                timeout=RUN_TIMEOUT)
@@ -162,40 +164,57 @@ def test_emulator_selftests(emulator_bins):
         "warp_primitives_exact", "warp_sum_exact", "early_exit_at_barrier_is_error",
         "partial_warp_block_is_error", "exited_lane_shuffle_is_error",
         "divergent_barriers_is_error", "wmma_f16", "wmma_bf16", "wmma_s8",
+        "inter_warp_race_caught_warp_serial",
     }
     missing = required - results.keys()
     assert not missing, f"self-tests not run: {sorted(missing)}\n{out}"
     assert all(v == "ok" for v in results.values()), out
 
 
-# A real kernel with a barrier removed must fail under the emulator: block_sum (used by the
-# RMSNorm kernels in block mode, n > 1024) without the barrier between the per-warp partial
-# writes and their reads.
-MUTATION_FILE = "common/cuda_compat.h"
-MUTATION_FROM = "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n"
-MUTATION_TO = "  if (lane == 0) scratch[warp] = v;\n"
+# A real kernel with a barrier removed must fail under the emulator.
+#  - block_sum (used by the RMSNorm kernels in block mode, n > 1024) without the barrier between
+#    the per-warp partial writes and their reads;
+#  - the WMMA attention forward without the barrier between the warps' S tiles and the softmax
+#    rows that read two warps' tiles (the backward fails too: it uses the forward's lse), and
+#    the dK dV kernel without the one between the warps' Pd^T, dS^T tiles and the products that
+#    read them: warps move in lockstep through WMMA calls, so only the warp-serial schedule
+#    catches these.
+# name: (file to mutate, kernel file to rebuild, text, replacement, run_kernels args, kernels that must fail)
+MUTATIONS = {
+    "rms_norm": ("common/cuda_compat.h", "ops/rms_norm/rms_norm_kernels.cu",
+                 "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();\n",
+                 "  if (lane == 0) scratch[warp] = v;\n", ["--only", "rms_norm"], ["rms_norm_fwd", "rms_norm_bwd"]),
+    "attention_wmma_fwd": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
+                           "    __syncthreads();  // a softmax row reads two warps' S tiles\n", "",
+                           ["--only", "attention_wmma", "--warp-serial"], ["attention_wmma_fwd"]),
+    "attention_wmma_bwd": ("ops/attention/attention_wmma_kernels.cu", "ops/attention/attention_wmma_kernels.cu",
+                           "      __syncthreads();  // dV, dK tiles read every warp's Pd^T, dS^T\n", "",
+                           ["--only", "attention_wmma", "--warp-serial"], ["attention_wmma_bwd"]),
+}
 
 
-def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path):
-    src = (CSRC / MUTATION_FILE).read_text()
-    assert MUTATION_FROM in src, \
-        f"mutation target not found in csrc/{MUTATION_FILE}: update MUTATION_FROM in this test"
+@pytest.mark.parametrize("op", sorted(MUTATIONS))
+def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path, op):
+    mutation_file, kernel_file, mutation_from, mutation_to, run_args, must_fail = MUTATIONS[op]
+    src = (CSRC / mutation_file).read_text()
+    assert mutation_from in src, \
+        f"mutation target not found in csrc/{mutation_file}: update MUTATIONS in this test"
     mutated = tmp_path / "csrc"
     shutil.copytree(CSRC, mutated)
-    (mutated / MUTATION_FILE).write_text(src.replace(MUTATION_FROM, MUTATION_TO, 1))
+    (mutated / mutation_file).write_text(src.replace(mutation_from, mutation_to, 1))
     obj_dir = emulator_bins["obj"]
-    rms_obj = tmp_path / "rms_norm_kernels.o"
+    kernel_obj = tmp_path / (Path(kernel_file).stem + ".o")
     flags = [f if f != str(CSRC) else str(mutated) for f in FLAGS]
-    _compile([(mutated / "ops" / "rms_norm" / "rms_norm_kernels.cu", rms_obj, flags)])
-    objs = [str(obj_dir / "run_kernels.o"), str(rms_obj)]
+    _compile([(mutated / kernel_file, kernel_obj, flags)])
+    objs = [str(obj_dir / "run_kernels.o"), str(kernel_obj)]
     objs += [str(o) for o in sorted(obj_dir.glob("*.o"))
-             if o.name not in ("run_kernels.o", "simt_selftest.o", "rms_norm_kernels.o")]
+             if o.name not in ("run_kernels.o", "simt_selftest.o", kernel_obj.name)]
     torch_link = [f for d in TORCH_LIBS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
     exe = tmp_path / "run_kernels_mutated"
     res = subprocess.run([CXX, "-pthread", "-fopenmp", *objs, *torch_link, "-ltorch_cpu", "-lc10",
                           "-o", str(exe)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    res = _run(exe, "--only", "rms_norm", timeout=RUN_TIMEOUT)
+    res = _run(exe, *run_args, timeout=RUN_TIMEOUT)
     counts = {m[0]: tuple(map(int, m[1:])) for m in KERNEL_LINE.findall(res.stdout)}
     assert res.returncode == 1 and counts, res.stdout[-3000:]
-    assert counts["rms_norm_fwd"][2] > 0 and counts["rms_norm_bwd"][2] > 0, counts
+    assert all(counts[k][2] > 0 for k in must_fail), counts

@@ -167,6 +167,29 @@ def test_compile_fullgraph():
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("base", ["linear", "int8"])
+def test_bf16_autocast_runs_like_eager_lora(base):
+    """Under autocast the frozen float32 weight meets bf16 activations: the layer runs in
+    autocast's dtype as nn.Linear does, and the LoRA factors get float32 gradients."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = LoRALinear(linear if base == "linear" else Int8Linear.from_linear(linear), r=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(5, 64, requires_grad=True)
+    factors = (layer.lora_A.weight, layer.lora_B.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        eager = linear(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().square().sum(), (x, *factors))
+    eager_grads = torch.autograd.grad(eager.float().square().sum(), (x, *factors))
+    tol = 0.05 if base == "int8" else 0.02  # int8 rounding on top of bf16's
+    torch.testing.assert_close(out.float(), eager.float(), rtol=tol, atol=tol)
+    for g, e in zip(grads, eager_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol * e.abs().max().item())
+
+
 def test_opcheck():
     x = torch.randn(7, 20, requires_grad=True)
     w, bias = torch.randn(12, 20), torch.randn(12)

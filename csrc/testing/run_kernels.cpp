@@ -519,18 +519,21 @@ template <typename T> void vi_all() {
 // ---------------------------------------------------------------- attention
 // Naive attention and its gradients in R (double: the reference; the compute type: "eager"),
 // on the same rounded inputs, with the kernel's masks and dropout mask. Layout contiguous:
-// q, out (B, H, T, D), k, v (B, Hkv, S, D).
+// q, out (B, H, T, D), k, v (B, Hkv, S, D). `stored` rounds the output before the backward's
+// Delta = dO . O: the eager baseline stores O in the inputs' dtype, as every kernel does.
 struct AttnResult {
-  std::vector<double> out, dq, dk, dv;
+  std::vector<double> out, dq, dk, dv, dbias;  // dbias: dS at every (b, h, i, j)
 };
 
 template <typename R>
 AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q, const std::vector<double>& k,
                            const std::vector<double>& v, const std::vector<double>& dout,
-                           const std::vector<double>& bias, const std::vector<uint8_t>& mask) {
+                           const std::vector<double>& bias, const std::vector<uint8_t>& mask,
+                           double (*stored)(double) = nullptr) {
   const int64_t B = s.B, H = s.H, T = s.T, S = s.S, D = s.D, G = s.H / s.Hkv;
   AttnResult res{std::vector<double>(B * H * T * D), std::vector<double>(B * H * T * D),
-                 std::vector<double>(B * s.Hkv * S * D, 0.0), std::vector<double>(B * s.Hkv * S * D, 0.0)};
+                 std::vector<double>(B * s.Hkv * S * D, 0.0), std::vector<double>(B * s.Hkv * S * D, 0.0),
+                 std::vector<double>(B * H * T * S, 0.0)};
   const uint32_t thr = dropout_threshold(s.dropout_p);
   std::vector<R> p(S), pd(S);
   for (int64_t b = 0; b < B; ++b)
@@ -563,12 +566,13 @@ AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q
         R delta = 0;
         for (int64_t d = 0; d < D; ++d) {
           res.out[row * D + d] = double(o[d]);
-          delta += R(dout[row * D + d]) * o[d];
+          delta += R(dout[row * D + d]) * (stored ? R(stored(double(o[d]))) : o[d]);
         }
         for (int64_t j = 0; j < S; ++j) {
           R dp = 0;
           for (int64_t d = 0; d < D; ++d) dp += R(dout[row * D + d]) * R(v[(kv + j) * D + d]);
           const R ds = pd[j] * dp - p[j] * delta;
+          res.dbias[row * S + j] = double(ds);
           for (int64_t d = 0; d < D; ++d) {
             res.dq[row * D + d] += double(R(s.scale) * ds * R(k[(kv + j) * D + d]));
             res.dk[(kv + j) * D + d] += double(R(s.scale) * ds * R(q[row * D + d]));
@@ -579,9 +583,21 @@ AttnResult attention_naive(const AttentionShape& s, const std::vector<double>& q
   return res;
 }
 
+// (B, T, H, D) -> (B, H, T, D)
+std::vector<double> to_bhtd(const std::vector<double>& x, int64_t B, int64_t H, int64_t T, int64_t D) {
+  std::vector<double> y(x.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d) y[((b * H + h) * T + t) * D + d] = x[((b * T + t) * H + h) * D + d];
+  return y;
+}
+
 template <typename T>
 void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, int64_t D, bool causal,
-                    bool masked, bool biased, double dropout) {
+                    bool masked, bool biased, double dropout, bool wmma = false, bool strided = false) {
+  // strided: q, k, v in (B, T, H, D) layout read through strides (as the glue passes
+  // x.transpose(1, 2)), the bias (H, T, S) broadcast over the batch (stride 0).
   using A = cuda::acc_t<T>;
   const int64_t nq = B * H * T_ * D, nk = B * Hkv * S * D;
   Buf<T> q(nq, 0), k(nk, 0), v(nk, 0), dout(nq, 0), out(nq, 0), dq(nq, 0);
@@ -595,32 +611,46 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   std::vector<A> bias_full;
   std::vector<double> bias_d;
   if (biased) {
-    for (int64_t e = 0; e < B * H * T_ * S; ++e) bias_full.push_back(A(std::sin(0.37 * double(e))));
-    bias_d.assign(bias_full.begin(), bias_full.end());
+    for (int64_t e = 0; e < (strided ? 1 : B) * H * T_ * S; ++e) bias_full.push_back(A(std::sin(0.37 * double(e))));
+    for (int64_t e = 0; e < B * H * T_ * S; ++e) bias_d.push_back(double(bias_full[e % bias_full.size()]));
   }
   AttentionShape sh{B, H, Hkv, T_, S, D, H * T_ * D, T_ * D, D, Hkv * S * D, S * D, D, Hkv * S * D, S * D, D,
-                    H * T_ * S, T_ * S, S, 1, masked ? mask.data() : nullptr,
+                    strided ? 0 : H * T_ * S, T_ * S, S, 1, masked ? mask.data() : nullptr,
                     biased ? bias_full.data() : nullptr, causal, 1.0 / std::sqrt(double(D)), dropout,
                     0x1234567890abcdefull, dt<T>()};
+  if (strided) {
+    sh.q_sb = T_ * H * D, sh.q_sh = D, sh.q_st = H * D;
+    sh.k_sb = sh.v_sb = S * Hkv * D, sh.k_sh = sh.v_sh = D, sh.k_st = sh.v_st = Hkv * D;
+  }
   std::vector<A> lse(B * H * T_), gk(nk, A(0)), gv(nk, A(0)), gbias(biased ? B * H * T_ * S : 0, A(0));
   const std::string tag = std::string(name<T>()) + " B " + std::to_string(B) + " H " + std::to_string(H) + "/" +
                           std::to_string(Hkv) + " T " + std::to_string(T_) + " S " + std::to_string(S) + " D " +
                           std::to_string(D) + (causal ? " causal" : "") + (masked ? " mask" : "") +
                           (biased ? " bias" : "") + (dropout > 0 ? " dropout" : "");
-  launched("attention_fwd", attention_fwd_cuda({sh, q.p(), k.p(), v.p(), out.p(), lse.data()}, nullptr), tag);
-  launched("attention_bwd",
-           attention_bwd_cuda({sh, q.p(), k.p(), v.p(), out.p(), dout.p(), lse.data(), dq.p(), gk.data(), gv.data(),
-                               biased ? gbias.data() : nullptr}, nullptr),
-           tag);
-  const auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk), dod = dout.doubles(nq);
+  // The tensor-core kernels (bf16 / fp16) are separate launchers with their own counts.
+  const std::string fwd = wmma ? "attention_wmma_fwd" : "attention_fwd";
+  const std::string bwd = wmma ? "attention_wmma_bwd" : "attention_bwd";
+  const AttentionFwdArgs fa{sh, q.p(), k.p(), v.p(), out.p(), lse.data()};
+  launched(fwd, wmma ? attention_wmma_fwd_cuda(fa, nullptr) : attention_fwd_cuda(fa, nullptr), tag);
+  if (wmma) std::fill(gk.begin(), gk.end(), A(NAN)), std::fill(gv.begin(), gv.end(), A(NAN));  // it must write all
+  const AttentionBwdArgs ba{sh, q.p(), k.p(), v.p(), out.p(), dout.p(), lse.data(), dq.p(), gk.data(), gv.data(),
+                            biased ? gbias.data() : nullptr};
+  launched(bwd, wmma ? attention_wmma_bwd_cuda(ba, nullptr) : attention_bwd_cuda(ba, nullptr), tag);
+  auto qd = q.doubles(nq), kd = k.doubles(nk), vd = v.doubles(nk);
+  const auto dod = dout.doubles(nq);
+  if (strided) {  // the reference reads (B, H, T, D)
+    qd = to_bhtd(qd, B, H, T_, D), kd = to_bhtd(kd, B, Hkv, S, D), vd = to_bhtd(vd, B, Hkv, S, D);
+  }
   const AttnResult ref = attention_naive<double>(sh, qd, kd, vd, dod, bias_d, mask);
-  AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask);
+  AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask, &round_to<T>);
   for (auto* x : {&eager.out, &eager.dq})
     for (double& e : *x) e = round_to<T>(e);
-  compare<T>("attention_fwd", tag, false, out.doubles(nq), ref.out, eager.out);
-  compare<T>("attention_bwd", tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq);
-  compare<T>("attention_bwd", tag + " dk", true, std::vector<double>(gk.begin(), gk.end()), ref.dk, eager.dk);
-  compare<T>("attention_bwd", tag + " dv", true, std::vector<double>(gv.begin(), gv.end()), ref.dv, eager.dv);
+  compare<T>(fwd, tag, false, out.doubles(nq), ref.out, eager.out);
+  compare<T>(bwd, tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq);
+  compare<T>(bwd, tag + " dk", true, std::vector<double>(gk.begin(), gk.end()), ref.dk, eager.dk);
+  compare<T>(bwd, tag + " dv", true, std::vector<double>(gv.begin(), gv.end()), ref.dv, eager.dv);
+  if (biased)
+    compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias);
 }
 
 template <typename T> void attention_all() {
@@ -630,6 +660,21 @@ template <typename T> void attention_all() {
   test_attention<T>(1, 2, 2, 33, 9, 80, true, false, false, 0.0);     // T > S: rows without keys
   test_attention<T>(1, 2, 2, 17, 17, 32, false, false, false, 0.3);   // dropout
   test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
+  // (B, T, H, D) strides, bias over (H, T, S)
+  test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);
+}
+
+// The tensor-core kernels: bf16 / fp16, D padded to a multiple of 16 (40 -> 48), 32 x 32 tiles.
+template <typename T> void attention_wmma_all() {
+  test_attention<T>(2, 4, 2, 19, 37, 64, false, false, false, 0.0, true);  // GQA, cross lengths, 2 key tiles
+  test_attention<T>(2, 4, 2, 45, 37, 40, true, true, false, 0.0, true);    // causal T > S, padding, a masked batch row
+  test_attention<T>(1, 2, 1, 1, 45, 64, true, false, true, 0.0, true);     // decode step, MQA, bias
+  test_attention<T>(1, 4, 2, 70, 33, 80, true, false, true, 0.0, true);    // T > S: rows without keys, 3 query blocks
+  test_attention<T>(1, 2, 2, 17, 40, 32, false, true, false, 0.3, true);   // dropout with padding
+  test_attention<T>(1, 2, 1, 40, 70, 128, true, false, false, 0.0, true);  // largest head dim, causal T < S
+  test_attention<T>(1, 1, 1, 7, 5, 8, false, false, false, 0.0, true);     // D = 8 padded to 16
+  // (B, T, H, D) strides, bias over (H, T, S)
+  test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);
 }
 
 template <typename T> void rms_all() {
@@ -838,7 +883,8 @@ template <typename T> void int8_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --only <op>: run one op's launchers (rms_norm, swiglu, attention, rope, value_iteration, int8)
+  // --only <op>: run one op's launchers (rms_norm, swiglu, attention, attention_wmma, rope,
+  // value_iteration, int8)
   std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -846,6 +892,7 @@ int main(int argc, char** argv) {
     else if (a == "-v") verbose = true;
     else if (a == "--reverse") fastpt_simt::set_order(fastpt_simt::Order::kReverse);
     else if (a == "--shuffle") fastpt_simt::set_order(fastpt_simt::Order::kShuffle, 12345);
+    else if (a == "--warp-serial") fastpt_simt::set_warp_serial(true);
   }
   if (only.empty() || only == "rms_norm") {
     rms_all<float>(); rms_all<double>(); rms_all<__nv_bfloat16>(); rms_all<__half>();
@@ -855,6 +902,9 @@ int main(int argc, char** argv) {
   }
   if (only.empty() || only == "attention") {
     attention_all<float>(); attention_all<double>(); attention_all<__nv_bfloat16>(); attention_all<__half>();
+  }
+  if (only.empty() || only == "attention" || only == "attention_wmma") {
+    attention_wmma_all<__nv_bfloat16>(); attention_wmma_all<__half>();
   }
   if (only.empty() || only == "rope") {
     rope_all<float, float>(); rope_all<double, double>(); rope_all<__nv_bfloat16, __nv_bfloat16>();

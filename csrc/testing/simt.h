@@ -8,7 +8,11 @@
 // runs alone. The order in which ready threads are resumed is configurable (forward,
 // reverse, seeded shuffle: set_order() or FASTPT_SIMT_ORDER=forward|reverse|shuffle), so a
 // missing barrier reads data that is not written yet (shared memory starts filled with a
-// NaN pattern) and shows up as a wrong result, deterministically.
+// NaN pattern) and shows up as a wrong result, deterministically. Warps that call the same
+// warp primitives move in lockstep under those orders, so a race between warps (common in WMMA
+// kernels, where every call is warp-collective) needs the warp-serial schedule
+// (set_warp_serial(true) or FASTPT_SIMT_WARP_SERIAL=1): one warp at a time runs up to its next
+// __syncthreads, the first warp in the resume order first.
 //
 // Errors (a thread exits while others wait at a barrier, a warp primitive called by a
 // partial warp, a non-full mask, divergent barriers, a bad launch configuration) end the
@@ -147,6 +151,7 @@ struct Settings {
   uint64_t seed = 0;
   size_t max_dynamic_smem = 48 * 1024;
   size_t stack_bytes = 128 * 1024;
+  bool warp_serial = false;  // run one warp at a time between block barriers
   bool from_env = false;
 };
 inline Settings& settings() {
@@ -158,9 +163,11 @@ inline Settings& settings() {
       if (v == "reverse") s.order = Order::kReverse;
       else if (v == "shuffle") s.order = Order::kShuffle;
     }
+    if (const char* w = std::getenv("FASTPT_SIMT_WARP_SERIAL")) s.warp_serial = std::string(w) == "1";
   }
   return s;
 }
+inline void set_warp_serial(bool on) { settings().warp_serial = on; }
 inline void set_order(Order o, uint64_t seed = 0) {
   settings().order = o;
   settings().seed = seed;
@@ -296,11 +303,19 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
   std::iota(order.begin(), order.end(), 0);
   const Order mode = settings().order;
   if (mode == Order::kReverse) std::reverse(order.begin(), order.end());
+  const bool serial = settings().warp_serial;
   for (;;) {
     if (mode == Order::kShuffle) std::shuffle(order.begin(), order.end(), rng);
+    int only_warp = -1;  // warp-serial: the warp of the first ready thread in resume order
+    if (serial)
+      for (int i : order)
+        if (b.fibers[i].state == State::kReady) {
+          only_warp = b.fibers[i].warp;
+          break;
+        }
     for (int i : order) {
       Fiber& f = b.fibers[i];
-      if (f.state != State::kReady) continue;
+      if (f.state != State::kReady || (only_warp >= 0 && f.warp != only_warp)) continue;
       b.cur = i;
       threadIdx = f.tid;
       swapcontext(&b.main_ctx, &f.ctx);
@@ -322,6 +337,9 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
       }
     }
     if (released) continue;
+    if (serial && std::any_of(b.fibers.begin(), b.fibers.end(),
+                              [](const Fiber& f) { return f.state == State::kReady; }))
+      continue;  // warps that have not run yet
     if (b.at_block_barrier == n) {
       for (auto& f : b.fibers) f.state = State::kReady;
       b.at_block_barrier = 0;

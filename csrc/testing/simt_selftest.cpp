@@ -36,6 +36,18 @@ __global__ void block_reduce(const float* in, float* out, bool racy) {
   if (t == 0) out[blockIdx.x] = s[0];
 }
 
+// Warp 1 reads what warp 0 wrote; `racy` leaves out the barrier between. Both warps call the
+// same warp primitive in between, so they move in lockstep under every resume order and only
+// the warp-serial schedule runs the reader before the writer.
+__global__ void warp_handoff(float* out, bool racy) {
+  float* s = fastpt::cuda::dynamic_smem<float>();  // NaN before each block (static smem keeps old values)
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  if (w == 0) s[lane] = float(lane);
+  __syncwarp();
+  if (!racy) __syncthreads();
+  if (w == 1) out[lane] = s[31 - lane];
+}
+
 // Integer warp primitives: xor / down all-reduce, up inclusive scan, broadcast, ballot.
 __global__ void warp_ops(int* out) {
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
@@ -159,6 +171,23 @@ void test_race() {
   fastpt_simt::set_order(Order::kForward);
 }
 
+void test_inter_warp_race() {
+  std::vector<float> out(32), ref(32);
+  for (int l = 0; l < 32; ++l) ref[l] = float(31 - l);
+  fastpt_simt::set_warp_serial(true);
+  for (auto [order, oname] : {std::pair{Order::kForward, "forward"}, std::pair{Order::kReverse, "reverse"}}) {
+    fastpt_simt::set_order(order);
+    std::fill(out.begin(), out.end(), -1.f);
+    const cudaError_t e = launch(&warp_handoff, 1, 64, 32 * sizeof(float), out.data(), false);
+    expect(std::string("warp_serial_correct_handoff_") + oname, e == cudaSuccess && out == ref);
+  }
+  // In reverse order the reader's warp (1) is the first ready one, so it runs first.
+  const cudaError_t e = launch(&warp_handoff, 1, 64, 32 * sizeof(float), out.data(), true);
+  expect("inter_warp_race_caught_warp_serial", e != cudaSuccess || out != ref);
+  fastpt_simt::set_warp_serial(false);
+  fastpt_simt::set_order(Order::kForward);
+}
+
 void test_warp_ops() {
   const int blocks = 2, threads = 64;
   std::vector<int> out(blocks * threads * 6, -1);
@@ -267,6 +296,7 @@ void test_wmma(const char* what, int K) {
 
 int main() {
   test_race();
+  test_inter_warp_race();
   test_warp_ops();
   test_errors();
   test_indices_smem_atomics();

@@ -119,7 +119,8 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
     for o in options:
         title = f"[{o.section}]" if o.section else "general"
         group = groups.setdefault(o.section, parser.add_argument_group(title))
-        default_text = "none" if o.default is None else o.default
+        default_text = ("none" if o.default is None else ",".join(map(str, o.default))
+                        if isinstance(o.default, (list, tuple)) else o.default)
         help_text = f"{o.help} (default: {default_text})" if o.help else f"(default: {default_text})"
         if o.kind == "bool":
             group.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction,

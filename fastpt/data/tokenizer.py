@@ -59,7 +59,8 @@ def _train_wordpiece(texts, vocab_size, min_frequency) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special))
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
+        show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -73,7 +74,7 @@ def _train_bpe(texts, vocab_size, min_frequency) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return tok
 
 
@@ -84,7 +85,7 @@ def _train_unigram(texts, vocab_size, n_sentinels) -> Tokenizer:
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts, trainers.UnigramTrainer(
         vocab_size=vocab_size - n_sentinels, special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>"))
+        unk_token="<unk>", show_progress=False))
     # Sentinels go on top, in reverse so that <extra_id_0> gets the highest id (T5's layout).
     tok.add_special_tokens([f"<extra_id_{k}>" for k in reversed(range(n_sentinels))])
     tok.post_processor = processors.TemplateProcessing(

@@ -67,3 +67,22 @@ def evaluate_generation(model, tokenizer, items: list[dict], *, k: int, pool: li
         prompt = build_prompt(item, sample_examples(pool, item, k, seed), fmt)
         hits += generate_answer(model, tokenizer, prompt, **kw).strip() == str(item["target"]).strip()
     return hits / len(items)
+
+
+def few_shot_table(model, tokenizer, tasks: dict[str, tuple[list[dict], list[dict]]],
+                   shots=(0, 1, 4), *, on_row=None, **kw) -> list[dict]:
+    """:func:`evaluate_multiple_choice` for every task and every k in ``shots``.
+
+    ``tasks`` maps a task name to (items, pool). Returns one row per (task, k):
+    {"task", "k", "acc", "acc_norm", "n"}; ``on_row(row)`` is called as each is ready.
+    """
+    if any(k < 0 for k in shots):
+        raise ValueError(f"shots must be >= 0, got {list(shots)}")
+    rows = []
+    for task, (items, pool) in tasks.items():
+        for k in shots:
+            r = evaluate_multiple_choice(model, tokenizer, items, k=k, pool=pool, **kw)
+            rows.append({"task": task, "k": k, "acc": r.acc, "acc_norm": r.acc_norm, "n": r.n})
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows

@@ -35,13 +35,24 @@ def lora_linear(x: Tensor, weight: Tensor | Callable[[Tensor], Tensor], lora_a: 
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
-    if isinstance(weight, Tensor):
-        return torch.ops.fastpt.lora_linear(x, weight, None, lora_a, lora_b, float(scale), bias,
-                                            float(dropout_p), seed)
-    if bias is not None:
+    if not isinstance(weight, Tensor) and bias is not None:
         raise ValueError("bias must be None with a base layer: the layer adds its own")
-    return torch.ops.fastpt.lora_linear(x, None, weight(x), lora_a, lora_b, float(scale), None,
+    base_out = None if isinstance(weight, Tensor) else weight(x)
+    weight = weight if isinstance(weight, Tensor) else None
+    x, weight, base_out, lora_a, lora_b, bias = _autocast(x, weight, base_out, lora_a, lora_b, bias)
+    return torch.ops.fastpt.lora_linear(x, weight, base_out, lora_a, lora_b, float(scale), bias,
                                         float(dropout_p), seed)
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, run in autocast's dtype as nn.Linear would: a custom op is not cast by
+    autocast itself, and the kernel wants one dtype (frozen float32 weights, bf16 inputs).
+    The casts of lora_a/lora_b are differentiable, so their gradients arrive in float32."""
+    x = tensors[0]
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
 
 
 @torch.library.register_fake("fastpt::hash_dropout")

@@ -1,6 +1,7 @@
 // Attention CUDA glue: the CPU glue's checks (attention_checks.h) plus device checks, launch on
-// the current stream (kernels in attention_kernels.cu). The backward's dK, dV accumulate in
-// compute-type buffers (atomics across query blocks) and are cast to the inputs' dtype here.
+// the current stream. bf16 / fp16 go to the tensor-core kernels (attention_wmma_kernels.cu),
+// fp32 / fp64 to the SIMT kernels (attention_kernels.cu). The backward's dK, dV come in
+// compute-type buffers (fp32 for bf16 / fp16) and are cast to the inputs' dtype here.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -38,9 +39,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = attention_glue::new_lse(q);
-  check_launch(attention_fwd_cuda({in.shape, in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
-                                   out.mutable_data_ptr(), lse.mutable_data_ptr()},
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+  const AttentionFwdArgs args{in.shape, in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
+                              out.mutable_data_ptr(), lse.mutable_data_ptr()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(attention_wmma_supported(in.shape) ? attention_wmma_fwd_cuda(args, stream)
+                                                  : attention_fwd_cuda(args, stream),
                "attention");
   return {out, lse};
 }
@@ -59,11 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::zeros(k.sizes(), acc), gv = at::zeros(v.sizes(), acc);
   at::Tensor gbias_full = bias_grad ? at::zeros({s.B, s.H, s.T, s.S}, acc) : at::Tensor();
   const at::Tensor dout = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-  check_launch(attention_bwd_cuda({s, in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
-                                   o.const_data_ptr(), dout.const_data_ptr(), l.const_data_ptr(), gq.mutable_data_ptr(),
-                                   gk.mutable_data_ptr(), gv.mutable_data_ptr(),
-                                   bias_grad ? gbias_full.mutable_data_ptr() : nullptr},
-                                  c10::cuda::getCurrentCUDAStream().stream()),
+  const AttentionBwdArgs args{s, in.q.const_data_ptr(), in.k.const_data_ptr(), in.v.const_data_ptr(),
+                              o.const_data_ptr(), dout.const_data_ptr(), l.const_data_ptr(), gq.mutable_data_ptr(),
+                              gk.mutable_data_ptr(), gv.mutable_data_ptr(),
+                              bias_grad ? gbias_full.mutable_data_ptr() : nullptr};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(attention_wmma_supported(s) ? attention_wmma_bwd_cuda(args, stream) : attention_bwd_cuda(args, stream),
                "attention_backward");
   at::Tensor gb = bias_grad ? attention_glue::reduce_bias_grad(gbias_full, *attn_bias) : at::empty({0}, q.options());
   return {gq, gk.to(k.scalar_type()), gv.to(v.scalar_type()), gb};

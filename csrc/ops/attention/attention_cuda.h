@@ -17,4 +17,11 @@ cudaError_t attention_fwd_cuda(const AttentionFwdArgs& args, cudaStream_t stream
 // accumulators of shape (B, Hkv, S, D), zero-filled by the caller, which casts them.
 cudaError_t attention_bwd_cuda(const AttentionBwdArgs& args, cudaStream_t stream);
 
+// Tensor-core (WMMA) kernels, attention_wmma_kernels.cu: bf16 / fp16, D <= 128 (padded to a
+// multiple of 16 in shared memory). Same contracts as the two above; the backward writes every
+// element of grad_k and grad_v (no atomics: deterministic).
+bool attention_wmma_supported(const AttentionShape& s);
+cudaError_t attention_wmma_fwd_cuda(const AttentionFwdArgs& args, cudaStream_t stream);
+cudaError_t attention_wmma_bwd_cuda(const AttentionBwdArgs& args, cudaStream_t stream);
+
 }  // namespace fastpt

@@ -1,0 +1,164 @@
+"""``fastpt demo``: the quick demo end to end (one run shared by the module), section
+selection, failing sections, the output folder rule, config errors and --help."""
+
+import contextlib
+import io
+import os
+
+import pytest
+
+from fastpt.cli import main
+from fastpt.demo import SECTIONS
+from fastpt.demo.config import TITLES, DemoConfig
+
+PLOTS = {"kernels": ["kernels.png"], "pretrain": ["pretrain_loss.png"],
+         "finetune": ["finetune.png"], "icl": [], "mdp": ["gridworld.png"]}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(argv):
+    """main(argv) in this process -> (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def _assert_valid_png(path):
+    from matplotlib.image import imread
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, path
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, (path, image.shape)
+    assert image.std() > 0, f"{path} is blank"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    status, stdout, stderr = _run(["demo", "--quick", "--out", str(out), "--no-progress"])
+    return out, status, stdout, stderr
+
+
+def test_quick_demo_runs_every_section_and_writes_the_report(quick_demo):
+    out, status, stdout, stderr = quick_demo
+    assert status == 0, stderr
+    report = (out / "report.md").read_text()
+    for number, key in enumerate(SECTIONS, 1):
+        assert f"## {number}. {TITLES[key]}" in report
+    assert "This section failed" not in report
+    assert f"report: {out / 'report.md'}" in stdout
+    for name in (n for key in SECTIONS for n in PLOTS[key]):
+        assert f"]({name})" in report
+        _assert_valid_png(out / name)
+
+
+def test_quick_demo_report_holds_the_tables(quick_demo):
+    out, _, stdout, _ = quick_demo
+    report = (out / "report.md").read_text()
+    for label in ("| full |", "| linear probe |", "LoRA", "adapters", "prompt tuning",
+                  "from random weights", "| 0-shot | 1-shot | 4-shot |", "rms_norm",
+                  "x compile", "random sparse", "4x3 gridworld", "| total |"):
+        assert label in report, label
+    # The tables were printed while the demo ran, not only written to the report.
+    for label in ("linear probe", "4-shot", "x eager", "random sparse"):
+        assert label in stdout, label
+    # The pre-trained models are saved for the other commands.
+    for kind in ("encoder", "decoder"):
+        assert (out / kind / "config.json").is_file() and (out / kind / "tokenizer.json").is_file()
+
+
+def test_sections_selects_what_runs(tmp_path):
+    status, stdout, _ = _run(["demo", "--quick", "--sections", "mdp", "--out", str(tmp_path / "d")])
+    assert status == 0
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert f"## 1. {TITLES['mdp']}" in report
+    assert all(TITLES[key] not in report for key in SECTIONS if key != "mdp")
+    assert sorted(p for p in os.listdir(tmp_path / "d") if p.endswith(".png")) == ["gridworld.png"]
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    from fastpt.demo import kernels
+
+    def broken(ctx, sec):
+        raise RuntimeError("kernel section exploded")
+    monkeypatch.setattr(kernels, "run", broken)
+    status, _, stderr = _run(["demo", "--quick", "--sections", "kernels,mdp",
+                              "--out", str(tmp_path / "d")])
+    assert status == 1
+    assert "kernels" in stderr and "kernel section exploded" in stderr
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "This section failed" in report and "RuntimeError: kernel section exploded" in report
+    assert "| 2. Value iteration | ok |" in report and "| total | 1 failed |" in report
+
+
+def test_never_writes_into_an_existing_run(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.md").write_text("earlier run")
+    status, _, stderr = _run(["demo", "--quick", "--sections", "mdp", "--out", str(tmp_path / "old")])
+    assert status == 2 and "already exists" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (tmp_path / "old" / "report.md").read_text() == "earlier run"
+
+
+def test_default_output_folders_are_new_each_time(tmp_path):
+    from fastpt.demo.run import new_output_dir
+    first, second = new_output_dir(None, root=str(tmp_path)), new_output_dir(None, root=str(tmp_path))
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
+    assert os.path.basename(first).startswith("demo-")
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[mdp]\nstates = 5\n", "unknown key 'mdp.states'"),
+    ("seed = \"zero\"\n", "key 'seed' must be an integer"),
+    ("sections = [\"kernels\", \"nope\"]\n", "sections: expected a non-empty list"),
+    ("[pretrain]\ndecoder_steps = 0\n", "pretrain.decoder_steps: expected a positive integer"),
+    ("[pretrain]\ndecoder_preset = \"bert-tiny\"\n", "pretrain.decoder_preset: 'bert-tiny'"),
+    ("[finetune]\nstrategies = [\"lora\", \"magic\"]\n", "finetune.strategies"),
+    ("[mdp]\nmdp_gamma = 1.5\n", "mdp.mdp_gamma: expected a discount"),
+    ("quick = true\n[icl\n", "not valid TOML"),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, toml, message):
+    path = tmp_path / "demo.toml"
+    path.write_text(toml)
+    status, stdout, stderr = _run(["demo", "--config", str(path), "--out", str(tmp_path / "d")])
+    assert status == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "d").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    status, _, stderr = _run(["demo", "--config", str(tmp_path / "none.toml")])
+    assert status == 2 and f"config file not found: {tmp_path / 'none.toml'}" in stderr
+
+
+def test_shipped_demo_config_builds_the_full_demo():
+    import argparse
+
+    from fastpt.commands import demo
+    from fastpt.commands.options import resolve
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.toml")
+    config = DemoConfig(**resolve(argparse.Namespace(config=path), demo.OPTIONS))
+    assert config == DemoConfig()   # the file writes out the defaults
+
+
+def test_flags_override_the_size_defaults():
+    config = DemoConfig(quick=True, decoder_steps=7)
+    assert config.decoder_steps == 7 and config.encoder_steps < DemoConfig().encoder_steps
+
+
+def test_demo_help_explains_the_sections():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["demo", "--help"])
+    assert exit_.value.code == 0
+    for word in ("--quick", "--out", "--sections", "--config", "--threads", "--seed", *SECTIONS):
+        assert word in out.getvalue(), word
+
+
+def test_shared_comparison_helpers_reject_bad_input():
+    from fastpt.finetune.compare import finetune_strategy
+    from fastpt.icl import few_shot_table
+    with pytest.raises(ValueError, match="need labelled train and test examples"):
+        finetune_strategy(None, None, "lora", [], [{"text": "x", "label": 0}], epochs=1)
+    with pytest.raises(ValueError, match="shots must be >= 0"):
+        few_shot_table(None, None, {"t": ([], [])}, (0, -1))
