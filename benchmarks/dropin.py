@@ -5,10 +5,12 @@ Cases:
 - ``llama``: one training step (forward + backward + AdamW) of ``transformers``'
   LlamaForCausalLM with the F5 benchmark config (6 layers, d 512, 8 heads / 2 kv heads,
   SwiGLU 1408, vocab 32000, B=8, T=512), unpatched (``hf``, HF's default sdpa attention) vs
-  ``fastpt.patch(model)`` (``hf+patch``), fp32 and bf16 autocast, with peak memory;
+  ``fastpt.patch(model)`` (``hf+patch``) vs ``fastpt.patch(model, fused_cross_entropy=True)``
+  (``hf+patch+ce``: the loss without materialising the logits), fp32 and bf16 autocast,
+  with peak memory;
 - ``lora``: the same model wrapped by ``peft`` LoRA (r=16, alpha=32, all linear layers),
-  unpatched vs patched, against fastpt's own F7 LoRA on fastpt's Decoder with the same
-  config (``fastpt-lora``);
+  unpatched vs patched (with and without the fused loss), against fastpt's own F7 LoRA on
+  fastpt's Decoder with the same weights (``fastpt-lora``);
 - ``int8``: bitsandbytes' CPU ``Linear8bitLt`` (threshold 6.0, int8 weights) vs fastpt's
   ``Int8Linear`` on the F4 int8 shapes (x (M, K) with 0.1% outlier features, K -> N), forward
   speed and max error relative to the fp32 ``F.linear`` of the same weights. ``bnb``: in
@@ -112,15 +114,18 @@ def _train_calls(case: str, dtype: str, size: str):
     base = hf_llama(s["layers"])
     ids = torch.randint(0, base.config.vocab_size, (s["B"], s["T"]))
     if case == "llama":
-        patched = copy.deepcopy(base)
+        patched, patched_ce = copy.deepcopy(base), copy.deepcopy(base)
         fastpt.patch(patched)
-        models = {"hf": (base, False), "hf+patch": (patched, False)}
+        fastpt.patch(patched_ce, fused_cross_entropy=True)
+        models = {"hf": (base, False), "hf+patch": (patched, False), "hf+patch+ce": (patched_ce, False)}
     else:
         fastpt_lora = _fastpt_lora(base)
         patched = _peft(copy.deepcopy(base))  # get_peft_model wraps in place: copy first
+        patched_ce = _peft(copy.deepcopy(base))
         fastpt.patch(patched)
+        fastpt.patch(patched_ce, fused_cross_entropy=True)
         unpatched = _peft(base)
-        models = {"peft": (unpatched, False), "peft+patch": (patched, False),
+        models = {"peft": (unpatched, False), "peft+patch": (patched, False), "peft+patch+ce": (patched_ce, False),
                   "fastpt-lora": (fastpt_lora, True)}
     shape = f"L={s['layers']} B={s['B']} T={s['T']}"
     return {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}, shape

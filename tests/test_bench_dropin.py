@@ -19,14 +19,14 @@ def tiny(monkeypatch):
 
 def test_llama_rows(tiny):
     rows = bench.measure_train("llama", "fp32", "quick", budget_s=0.0)
-    assert [r.impl for r in rows] == ["hf", "hf+patch"]
+    assert [r.impl for r in rows] == ["hf", "hf+patch", "hf+patch+ce"]
     assert rows[0].speedup == 1.0 and all(r.median_ms > 0 and r.peak_mib > 0 and r.rounds == 3 for r in rows)
 
 
 def test_lora_rows(tiny):
     pytest.importorskip("peft")
     rows = bench.measure_train("lora", "fp32", "quick", budget_s=0.0)
-    assert [r.impl for r in rows] == ["peft", "peft+patch", "fastpt-lora"]
+    assert [r.impl for r in rows] == ["peft", "peft+patch", "peft+patch+ce", "fastpt-lora"]
     assert all(r.speedup > 0 and r.peak_mib > 0 for r in rows)
 
 

@@ -239,3 +239,30 @@ def test_bf16_autocast_llama_gradients_within_twice_eager_error():
                    "(fastpt attention's bf16 backward with scale 1.0 and a position bias); fp32 is exact")
 def test_bf16_autocast_t5_gradients_within_twice_eager_error():
     _bf16_check("t5", grads_too=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_fused_cross_entropy_loss_and_gradients(name):
+    build, expected = FAMILIES[name]
+    model = build()
+    randomize_(model)
+    reference = copy.deepcopy(model).train()
+    ref64 = copy.deepcopy(model).double().train()
+    report = fastpt.patch(model, fused_cross_entropy=True)
+    assert report.patched == {**expected, "cross_entropy": 1}
+    ids, mask = _padded_batch(left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for m in (model.train(), reference, ref64):
+        m.zero_grad()
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (out, grads), (eager, eager_grads), (ref, ref_grads) = results
+    assert out.logits is None and eager.logits is not None
+    assert_close(out.loss.detach(), ref.loss.detach(), torch.float32, "fwd", eager=eager.loss.detach(), what="loss")
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], torch.float32, "bwd", eager=eager_grads[n], what=f"grad {n}")
+    model.eval()  # evaluation keeps HF's forward: logits are there
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None

@@ -37,6 +37,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert", "t5")
 _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"}
 _SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 _ROPE_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+_CAUSAL_LMS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 _INTERFACE_ATTENTIONS = _ROPE_ATTENTIONS | {"GPT2Attention", "BertSelfAttention", "BertCrossAttention",
                                             "T5Attention"}
 # Modules of the supported families that fastpt leaves alone, and why.
@@ -104,7 +105,7 @@ def _configs(model) -> list:
     return out
 
 
-def _plan(model) -> tuple[list[tuple[nn.Module, str, object]], PatchReport]:
+def _plan(model, fused_cross_entropy: bool = False) -> tuple[list[tuple[nn.Module, str, object]], PatchReport]:
     """(module, kind, forward) swaps to make, and the report of the patched model."""
     report = PatchReport(_model_type(model))
     swaps, counts = [], Counter()
@@ -114,7 +115,11 @@ def _plan(model) -> tuple[list[tuple[nn.Module, str, object]], PatchReport]:
             if isinstance(module, nn.LayerNorm):
                 report.kept["LayerNorm"] = _KEPT["LayerNorm"]
             continue
-        if name in _RMS_NORMS:
+        if name in _CAUSAL_LMS:
+            if fused_cross_entropy or type(module).__dict__.get("_fastpt_kind") == "cross_entropy":
+                swaps.append((module, "cross_entropy", _m.causal_lm_forward))
+                counts["cross_entropy"] += 1
+        elif name in _RMS_NORMS:
             swaps.append((module, "rms_norm", _m.rms_norm_forward))
             counts["rms_norm"] += 1
         elif name in _SWIGLU_MLPS:
@@ -138,11 +143,15 @@ def _plan(model) -> tuple[list[tuple[nn.Module, str, object]], PatchReport]:
     return swaps, report
 
 
-def patch(model: nn.Module, *, strict: bool = True) -> PatchReport:
+def patch(model: nn.Module, *, strict: bool = True, fused_cross_entropy: bool = False) -> PatchReport:
     """Swap fastpt kernels into a ``transformers`` model in place; returns a :class:`PatchReport`.
 
     Idempotent (patching twice changes nothing more). Works on peft-wrapped models
     (``get_peft_model``); patch before ``torch.compile``.
+
+    ``fused_cross_entropy``: Llama/Mistral/Qwen2 ``*ForCausalLM`` called in training mode with
+    ``labels`` compute the loss from the hidden states in chunks (fastpt.models.loss) and
+    return ``logits=None``: the (B, T, V) logits and their gradient are never materialised.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -154,7 +163,7 @@ def patch(model: nn.Module, *, strict: bool = True) -> PatchReport:
         raise TypeError(f"fastpt.patch expects a torch.nn.Module, got {type(model).__name__}")
     from fastpt.patch.attention import NAME, register
 
-    swaps, report = _plan(model)
+    swaps, report = _plan(model, fused_cross_entropy)
     problems = []
     if report.model_type not in SUPPORTED_MODEL_TYPES:
         problems.append(f"model type {report.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -201,8 +210,8 @@ class _CallableModule(types.ModuleType):
     # `fastpt.patch(model)` calls patch() while `fastpt.patch.PatchReport` and
     # `import fastpt.patch` keep working: binding the function over the package's name in
     # fastpt/__init__ would break the latter.
-    def __call__(self, model: nn.Module, *, strict: bool = True) -> PatchReport:
-        return patch(model, strict=strict)
+    def __call__(self, model: nn.Module, *, strict: bool = True, fused_cross_entropy: bool = False) -> PatchReport:
+        return patch(model, strict=strict, fused_cross_entropy=fused_cross_entropy)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -90,3 +90,26 @@ def swap(module, kind: str, forward) -> None:
 
 def restore(module) -> None:
     module.__class__ = type(module)._fastpt_original
+
+
+def causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
+    # LlamaForCausalLM.forward (also Mistral, Qwen2) while training with labels: the loss of
+    # the shifted tokens straight from the hidden states with fastpt.models.loss's chunked
+    # linear cross-entropy, so the (B, T, V) logits and their gradient never exist; the output
+    # has loss and no logits (as Liger-Kernel's fused loss). Anything else is HF's forward.
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastpt.models.loss import linear_cross_entropy
+
+    original = type(self)._fastpt_original.forward
+    fusable = (self.training and labels is not None and kwargs.get("num_items_in_batch") is None
+               and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None)
+    if not fusable:
+        return original(self, input_ids=input_ids, labels=labels, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.model(input_ids=input_ids, **kwargs)
+    hidden = outputs.last_hidden_state[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+    return CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
