@@ -266,3 +266,30 @@ def test_fused_cross_entropy_loss_and_gradients(name):
     model.eval()  # evaluation keeps HF's forward: logits are there
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+
+
+def test_peft_lora_with_fused_cross_entropy():
+    peft = pytest.importorskip("peft")
+    base = hf_llama()
+    randomize_(base)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    reference = copy.deepcopy(model)
+    assert fastpt.patch(model, fused_cross_entropy=True).patched["cross_entropy"] == 1
+    ids, mask = _padded_batch(left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    losses, grads = [], []
+    for m in (model.train(), reference.train()):
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    # the unpatched fp32 model as the reference, with the fp32 bounds of tests/tolerances.py
+    assert_close(losses[0], losses[1].double(), torch.float32, "fwd", what="loss")
+    assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])
+    for n in grads[0]:
+        assert_close(grads[0][n], grads[1][n].double(), torch.float32, "bwd", what=f"grad {n}")
