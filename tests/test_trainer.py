@@ -76,16 +76,32 @@ def _trainer(tmp_path, **overrides):
     return Trainer(TinyLM(), TrainerConfig(**cfg), make_data())
 
 
+def _gradients_at_step(trainer):
+    """The gradients the optimizer steps with, captured just before its step."""
+    grads = {}
+    trainer.optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    return grads
+
+
 def test_grad_accumulation_equals_one_large_batch(tmp_path):
     data = make_data()[:8]
     big = _trainer(tmp_path / "a")
     big.model.dropout.p = 0.0
+    big_grads = _gradients_at_step(big)
     big.train_step([torch.utils.data.default_collate(data)])
     small = _trainer(tmp_path / "b", batch_size=2, grad_accum=4)
     small.model.dropout.p = 0.0
+    small_grads = _gradients_at_step(small)
     small.train_step([torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)])
+    assert big_grads.keys() == small_grads.keys() and big_grads
+    for name, g in big_grads.items():
+        torch.testing.assert_close(small_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    # Adam's first step is lr * g / (|g| + eps): where a gradient entry is ~eps (a near-cancelling
+    # sum) the summation order of the BLAS in use moves it by a fraction of lr, so the weights
+    # are compared at that scale; the gradients above are the exact check.
     for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-2 * big.config.lr, msg=name)
 
 
 def test_schedules_warmup_then_decay():
