@@ -139,16 +139,33 @@ def test_bad_arguments():
         generate(model, [[1, 2], []])
 
 
-def test_autocast_weights_cast_once_and_restored(monkeypatch):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autocast):
+    """Weights cast once (autocast) and stored column-major (float32) for the call: same
+    tokens as without, and the parameters are the same tensors after."""
     import contextlib
     from fastpt.models import generation
-    _, model = _pair("llama")
-    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    _, model = _pair(name)
+    before = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
     ids = torch.randint(3, 97, (2, 6))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = model.generate(ids, max_new_tokens=6, eos_token_id=[])
-        monkeypatch.setattr(generation, "_weights_cast_once", lambda *a: contextlib.nullcontext())
-        plain = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    seen = []
+    real = generation._decode_weights
+
+    @contextlib.contextmanager
+    def spy(*a, **k):
+        with real(*a, **k):
+            seen.append({n: (p.dtype, p.is_contiguous()) for n, p in model.named_parameters()})
+            yield
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        monkeypatch.setattr(generation, "_decode_weights", spy)
+        fast = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+        monkeypatch.setattr(generation, "_decode_weights", lambda *a, **k: contextlib.nullcontext())
+        plain = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast, plain)
+    inside = seen[0]["layers.0.mlp.gate_proj.weight" if name == "llama" else "layers.0.mlp.fc_in.weight"]
+    assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, False))
     for n, p in model.named_parameters():
-        assert p.data_ptr() == before[n] and p.dtype == torch.float32
+        assert (p.data_ptr(), p.stride()) == before[n] and p.dtype == torch.float32
