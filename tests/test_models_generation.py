@@ -169,3 +169,25 @@ def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autoc
     assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, False))
     for n, p in model.named_parameters():
         assert (p.data_ptr(), p.stride()) == before[n] and p.dtype == torch.float32
+
+
+def test_decode_weights_cache_follows_weight_changes():
+    """The decode copies are reused across calls, and rebuilt when a weight changes in place
+    (an optimizer step) or is replaced."""
+    _, model = _pair("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    cache = model._decode_weights_cache
+    w = model.layers[0].mlp.gate_proj.weight
+    first = cache[id(w)][1]
+    model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert cache[id(w)][1] is first                      # reused
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)                  # in place: version bump
+        model.layers[1].attn.q_proj.weight = torch.nn.Parameter(model.layers[1].attn.q_proj.weight * 2)
+    got = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    del model._decode_weights_cache
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, eos_token_id=[])  # < 8 tokens: no copies
+    assert torch.equal(got[:, :10], ref)
+    assert not hasattr(model, "_decode_weights_cache") or not model._decode_weights_cache

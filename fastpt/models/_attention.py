@@ -58,9 +58,10 @@ def attend_eager(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    # (B, Hkv, G, T, D) x (B, Hkv, 1, D, S): the kv head broadcasts over its G query heads.
-    qg = q.float().reshape(B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    # (B, Hkv, G * T, D) x (B, Hkv, D, S): the G query heads of a kv head are rows of one
+    # product (a broadcast over G would have matmul copy k and v G times).
+    qg = q.float().reshape(B, Hkv, G * T, D)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
     scores = scores.reshape(B, H, T, S)
     if attn_bias is not None:
         scores = scores + attn_bias.float()
@@ -72,7 +73,7 @@ def attend_eager(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
-    out = torch.matmul(probs.reshape(B, Hkv, G, T, S), v.float().unsqueeze(2))
+    out = torch.matmul(probs.reshape(B, Hkv, G * T, S), v.float())
     return out.reshape(B, H, T, D).to(q.dtype)
 
 
