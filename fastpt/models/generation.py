@@ -172,13 +172,14 @@ def _decode_weights(model, device_type: str, relayout: bool = True):
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     relayout = relayout and device_type == "cpu"
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    saved = {}
+    saved, linear_params = {}, set()
     for m in model.modules():
         if not isinstance(m, nn.Linear):
             continue
         for p in (m.weight, m.bias):
             if p is None or id(p) in saved:
                 continue
+            linear_params.add(id(p))
             cast = dtype is not None and p.dtype == torch.float32 and id(p) not in tied
             new_dtype = dtype if cast else p.dtype
             col = relayout and p is m.weight and new_dtype == torch.float32 and p.is_contiguous()
@@ -186,7 +187,7 @@ def _decode_weights(model, device_type: str, relayout: bool = True):
                 saved[id(p)] = (p, p.data)
                 p.data = _decode_copy(model, p, new_dtype, col)
     cache = model.__dict__.get("_decode_weights_cache", {})
-    for gone in cache.keys() - saved.keys():  # parameters replaced or no longer copied
+    for gone in cache.keys() - linear_params:  # parameters no longer in the model
         del cache[gone]
     try:
         yield
