@@ -156,6 +156,7 @@ def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autoc
     def spy(*a, **k):
         with real(*a, **k):
             seen.append({n: (p.dtype, p.is_contiguous()) for n, p in model.named_parameters()})
+            seen.append(model.layers[0].attn.fused_qkv)
             yield
 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -165,8 +166,13 @@ def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autoc
         monkeypatch.setattr(generation, "_decode_weights", lambda *a, **k: contextlib.nullcontext())
         plain = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast, plain)
-    inside = seen[0]["layers.0.mlp.gate_proj.weight" if name == "llama" else "layers.0.mlp.fc_in.weight"]
+    inside = seen[0]["layers.0.attn.o_proj.weight" if name == "llama" else "layers.0.mlp.fc_in.weight"]
     assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, False))
+    qkv = seen[1][0]  # q, k and v stacked: (H + 2 Hkv) D rows
+    attn = model.layers[0].attn
+    assert qkv.shape == ((attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim, model.config.hidden_size)
+    assert qkv.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert attn.fused_qkv is None and getattr(model.layers[0], "fused_gate_up", None) is None
     for n, p in model.named_parameters():
         assert (p.data_ptr(), p.stride()) == before[n] and p.dtype == torch.float32
 
@@ -178,7 +184,7 @@ def test_decode_weights_cache_follows_weight_changes():
     ids = torch.randint(3, 97, (1, 6))
     model.generate(ids, max_new_tokens=8, eos_token_id=[])
     cache = model._decode_weights_cache
-    w = model.layers[0].mlp.gate_proj.weight
+    w = model.layers[0].attn.o_proj.weight
     first = cache[id(w)][1]
     model.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert cache[id(w)][1] is first                      # reused
@@ -191,3 +197,23 @@ def test_decode_weights_cache_follows_weight_changes():
         ref = model.generate(ids, max_new_tokens=4, eos_token_id=[])  # < 8 tokens: no copies
     assert torch.equal(got[:, :10], ref)
     assert not hasattr(model, "_decode_weights_cache") or not model._decode_weights_cache
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_decode_weights_give_the_same_logits(use_fused):
+    """Inside _decode_weights (stacked q/k/v and gate/up, column-major float32 weights) a
+    forward, cached steps included, gives the logits of the plain model."""
+    from fastpt.models.generation import _decode_weights
+    model = Decoder(from_name("llama-tiny"), use_fused=use_fused).eval()
+    randomize_(model)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with _decode_weights(model, "cpu"):
+            assert model.layers[0].fused_gate_up is not None
+            full = model(ids).logits
+            cache = model.new_cache(2, 9)
+            parts = [model(ids[:, :6], past_key_values=cache).logits]
+            parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(6, 9)]
+    assert max_err(full, ref) < 1e-5
+    assert max_err(torch.cat(parts, 1), ref) < 1e-5
