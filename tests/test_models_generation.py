@@ -217,3 +217,13 @@ def test_decode_weights_give_the_same_logits(use_fused):
             parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(6, 9)]
     assert max_err(full, ref) < 1e-5
     assert max_err(torch.cat(parts, 1), ref) < 1e-5
+
+
+def test_hooked_projection_is_not_stacked():
+    """A forward hook on a projection must still run during generate."""
+    _, model = _pair("llama")
+    calls = []
+    h = model.layers[0].attn.k_proj.register_forward_hook(lambda *a: calls.append(1))
+    model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=8, eos_token_id=[])
+    h.remove()
+    assert len(calls) == 8  # the prompt, then 7 single-token steps

@@ -54,7 +54,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
         self.use_fused = True
-        # (weight, bias) of q/k/v stacked, set by generate for its call (decode_projections).
+        # (weight, bias) of q/k/v stacked, set by generate for its call (generation._decode_weights).
         self.fused_qkv: tuple[Tensor, Tensor | None] | None = None
 
     def _heads(self, x: Tensor, n: int) -> Tensor:

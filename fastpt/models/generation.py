@@ -151,8 +151,11 @@ def _decode_copy(model, key, parts: list[Tensor], dtype: torch.dtype, col: bool)
 
 
 def _stackable(linears) -> bool:
+    """Plain nn.Linears (not LoRA-wrapped, no hooks or patched forward: stacking would skip
+    them) of one dtype, device and input width, all with or all without bias."""
     ws = [m.weight for m in linears]
-    return (all(type(m) is nn.Linear for m in linears)
+    return (all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                and "forward" not in m.__dict__ for m in linears)
             and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
             and len({m.bias is None for m in linears}) == 1)
 
