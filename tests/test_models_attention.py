@@ -54,6 +54,27 @@ def test_attend_semantics(T, S, use_fused):
     assert max_err(plain, _naive(q, k, v, torch.ones(B, T, S, dtype=torch.bool), None, 1 / math.sqrt(D))) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_path_equals_fused_op(dtype):
+    """A decoding step (T = 1) on the CPU takes the float32 matmul path: it must equal
+    fastpt.ops.attention (fp32: 1e-5; bf16: at most one bf16 rounding step apart)."""
+    from fastpt.ops import attention
+    B, H, Hkv, S, D = 3, 8, 2, 97, 64
+    q = torch.randn(B, 1, H, D).to(dtype).transpose(1, 2)      # a (B, T, H, D) view, as the model's
+    cache = torch.randn(2, B, Hkv, S + 5, D).to(dtype)
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]                # KV-cache views
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, :40] = False
+    pad[2, :] = False
+    bias = torch.randn(1, H, 1, S).to(dtype)
+    for kw in (dict(), dict(causal=True, key_padding_mask=pad), dict(attn_bias=bias, scale=0.5)):
+        got = attend(q, k, v, **kw)
+        ref = attention(q, k, v, **kw)
+        assert got.dtype == dtype and got.shape == (B, H, 1, D)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+        assert max_err(got, ref) <= tol, kw
+
+
 def test_bias_gets_gradient_on_both_paths():
     q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 4, 6, 6, requires_grad=True)

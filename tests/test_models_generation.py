@@ -139,16 +139,91 @@ def test_bad_arguments():
         generate(model, [[1, 2], []])
 
 
-def test_autocast_weights_cast_once_and_restored(monkeypatch):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autocast):
+    """Weights cast once (autocast) and stored column-major (float32) for the call: same
+    tokens as without, and the parameters are the same tensors after."""
     import contextlib
     from fastpt.models import generation
-    _, model = _pair("llama")
-    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    _, model = _pair(name)
+    before = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
     ids = torch.randint(3, 97, (2, 6))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = model.generate(ids, max_new_tokens=6, eos_token_id=[])
-        monkeypatch.setattr(generation, "_weights_cast_once", lambda *a: contextlib.nullcontext())
-        plain = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    seen = []
+    real = generation._decode_weights
+
+    @contextlib.contextmanager
+    def spy(*a, **k):
+        with real(*a, **k):
+            seen.append({n: (p.dtype, p.is_contiguous()) for n, p in model.named_parameters()})
+            seen.append(model.layers[0].attn.fused_qkv)
+            yield
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        monkeypatch.setattr(generation, "_decode_weights", spy)
+        fast = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+        monkeypatch.setattr(generation, "_decode_weights", lambda *a, **k: contextlib.nullcontext())
+        plain = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast, plain)
+    inside = seen[0]["layers.0.attn.o_proj.weight" if name == "llama" else "layers.0.mlp.fc_in.weight"]
+    assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, False))
+    qkv = seen[1][0]  # q, k and v stacked: (H + 2 Hkv) D rows
+    attn = model.layers[0].attn
+    assert qkv.shape == ((attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim, model.config.hidden_size)
+    assert qkv.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert attn.fused_qkv is None and getattr(model.layers[0], "fused_gate_up", None) is None
     for n, p in model.named_parameters():
-        assert p.data_ptr() == before[n] and p.dtype == torch.float32
+        assert (p.data_ptr(), p.stride()) == before[n] and p.dtype == torch.float32
+
+
+def test_decode_weights_cache_follows_weight_changes():
+    """The decode copies are reused across calls, and rebuilt when a weight changes in place
+    (an optimizer step) or is replaced."""
+    _, model = _pair("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    cache = model._decode_weights_cache
+    w = model.layers[0].attn.o_proj.weight
+    first = cache[id(w)][1]
+    model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert cache[id(w)][1] is first                      # reused
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)                  # in place: version bump
+        model.layers[1].attn.q_proj.weight = torch.nn.Parameter(model.layers[1].attn.q_proj.weight * 2)
+    got = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    del model._decode_weights_cache
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=4, eos_token_id=[])  # < 8 tokens: no copies
+    assert torch.equal(got[:, :10], ref)
+    assert not hasattr(model, "_decode_weights_cache") or not model._decode_weights_cache
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_decode_weights_give_the_same_logits(use_fused):
+    """Inside _decode_weights (stacked q/k/v and gate/up, column-major float32 weights) a
+    forward, cached steps included, gives the logits of the plain model."""
+    from fastpt.models.generation import _decode_weights
+    model = Decoder(from_name("llama-tiny"), use_fused=use_fused).eval()
+    randomize_(model)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with _decode_weights(model, "cpu"):
+            assert model.layers[0].fused_gate_up is not None
+            full = model(ids).logits
+            cache = model.new_cache(2, 9)
+            parts = [model(ids[:, :6], past_key_values=cache).logits]
+            parts += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(6, 9)]
+    assert max_err(full, ref) < 1e-5
+    assert max_err(torch.cat(parts, 1), ref) < 1e-5
+
+
+def test_hooked_projection_is_not_stacked():
+    """A forward hook on a projection must still run during generate."""
+    _, model = _pair("llama")
+    calls = []
+    h = model.layers[0].attn.k_proj.register_forward_hook(lambda *a: calls.append(1))
+    model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=8, eos_token_id=[])
+    h.remove()
+    assert len(calls) == 8  # the prompt, then 7 single-token steps

@@ -11,7 +11,8 @@ batched generation produces such rows).
 ``use_fused=False`` is the A/B reference: explicit matmul-softmax-matmul in float32.
 
 ``use_fused=True`` calls ``fastpt.ops.attention``, which also differentiates ``attn_bias``
-when it requires grad (T5's learned relative position bias).
+when it requires grad (T5's learned relative position bias); except for a single query on
+the CPU (KV-cache decoding), which takes the float32 matmul path (see ``attend``).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def attend_eager(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    # (B, Hkv, G, T, D) x (B, Hkv, 1, D, S): the kv head broadcasts over its G query heads.
-    qg = q.float().reshape(B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    # (B, Hkv, G * T, D) x (B, Hkv, D, S): the G query heads of a kv head are rows of one
+    # product (a broadcast over G would have matmul copy k and v G times).
+    qg = q.float().reshape(B, Hkv, G * T, D)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
     scores = scores.reshape(B, H, T, S)
     if attn_bias is not None:
         scores = scores + attn_bias.float()
@@ -71,7 +73,7 @@ def attend_eager(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
-    out = torch.matmul(probs.reshape(B, Hkv, G, T, S), v.float().unsqueeze(2))
+    out = torch.matmul(probs.reshape(B, Hkv, G * T, S), v.float())
     return out.reshape(B, H, T, D).to(q.dtype)
 
 
@@ -89,11 +91,18 @@ def _attend_fused(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
            key_padding_mask: Tensor | None = None, attn_bias: Tensor | None = None,
            scale: float | None = None, dropout_p: float = 0.0, use_fused: bool = True) -> Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D); returns (B, H, T, D) in q's dtype."""
+    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D); returns (B, H, T, D) in q's dtype.
+
+    One query per row on the CPU (a KV-cache decoding step) takes the float32 matmul path
+    even when ``use_fused``: two matrix-vector products per kv head, nothing to tile."""
     _check(q, k, v, key_padding_mask)
     if causal and q.shape[2] == 1:  # one query, aligned at the end: it sees every key
         causal = False
-    if use_fused:
+    # NOTE: a decoding step (T = 1, S = 513, 8/2 heads, D 64) costs 43 us in fastpt::attention
+    # and 34 us as float32 matmuls in fp32 (1 thread), 390 vs 93 us in bf16; with 2 threads
+    # on the loaded 2-core VM the op's parallel region often waits a whole scheduler slice
+    # (8 ms), the small matmuls stay on one thread (26 us). Six such calls per token.
+    if use_fused and not (q.shape[2] == 1 and q.device.type == "cpu"):
         return _attend_fused(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                              attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     return attend_eager(q, k, v, causal=causal, key_padding_mask=key_padding_mask,

@@ -54,6 +54,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
         self.use_fused = True
+        # (weight, bias) of q/k/v stacked, set by generate for its call (generation._decode_weights).
+        self.fused_qkv: tuple[Tensor, Tensor | None] | None = None
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         B, T, _ = x.shape
@@ -76,8 +78,13 @@ class Attention(nn.Module):
                 key_padding_mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         """Self-attention of x (B, T, d). ``rotary``: a RotaryEmbedding applied to q and k at
         ``position_ids``; ``cache``: a KVCache whose earlier keys/values are attended too."""
-        q = self.project_q(x)
-        k, v = self.project_kv(x)
+        if self.fused_qkv is not None:  # one matrix-vector product instead of three
+            H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            q, k, v = F.linear(x, *self.fused_qkv).split([H * D, Hkv * D, Hkv * D], -1)
+            q, k, v = self._heads(q, H), self._heads(k, Hkv), self._heads(v, Hkv)
+        else:
+            q = self.project_q(x)
+            k, v = self.project_kv(x)
         if rotary is not None:
             q, k = rotary(q, k, position_ids)
         if cache is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
@@ -12,6 +13,8 @@ from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
 from fastpt.nn import RMSNorm, RotaryEmbedding, SwiGLU
+from fastpt.ops import reference
+from fastpt.ops.swiglu import swiglu
 
 
 class GPT2MLP(nn.Module):
@@ -41,10 +44,19 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                               bias=c.attention_bias, dropout=c.attention_dropout)
         self.dropout = nn.Dropout(c.dropout)
+        # (weight, bias) of the SwiGLU's gate and up stacked, set by generate for its call.
+        self.fused_gate_up: tuple[Tensor, Tensor | None] | None = None
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        if self.fused_gate_up is None:
+            return self.mlp(x)
+        gate, up = F.linear(x, *self.fused_gate_up).chunk(2, -1)  # one matrix-vector product
+        act = swiglu if self.mlp.use_fused else reference.swiglu
+        return self.mlp.down_proj(act(gate, up))
 
     def forward(self, x: Tensor, **attn_kwargs) -> Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), **attn_kwargs))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x + self.dropout(self._mlp(self.mlp_norm(x)))
 
 
 def _document_positions(document_ids: Tensor) -> Tensor:

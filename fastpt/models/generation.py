@@ -13,11 +13,12 @@ depend on the other rows.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from fastpt.models._decode_weights import decode_weights as _decode_weights
 
 
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -130,32 +131,6 @@ class _Stepper:
         return out.logits[:, -1].float()
 
 
-@contextlib.contextmanager
-def _weights_cast_once(model, device_type: str):
-    """Under autocast every nn.Linear casts its float32 weight to the autocast dtype on every
-    call, and decoding calls each linear once per token: a weight cast costs more memory
-    traffic than the matrix-vector product itself. So cast them once for the whole call (the
-    values autocast would use: results are unchanged) and restore them after. Weights shared
-    with an embedding (tied heads) stay as they are: the embedding keeps returning float32."""
-    if not torch.is_autocast_enabled(device_type):
-        yield
-        return
-    dtype = torch.get_autocast_dtype(device_type)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    saved = {}
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            for p in (m.weight, m.bias):
-                if p is not None and p.dtype == torch.float32 and id(p) not in tied and id(p) not in saved:
-                    saved[id(p)] = (p, p.data)
-                    p.data = p.data.to(dtype)
-    try:
-        yield
-    finally:
-        for p, data in saved.values():
-            p.data = data
-
-
 def _stop_ids(eos_token_id, config) -> list[int]:
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
@@ -226,7 +201,8 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
                 rows = torch.arange(B, device=device).unsqueeze(1).expand_as(ids)
                 seen[rows[mask], ids[mask]] = True
         args = (step, prefix, seen, max_new_tokens, stops, pad_token_id)
-        with _weights_cast_once(model, device.type):
+        # The decode copies of the weights are made once (then cached): worth it for 8+ tokens.
+        with _decode_weights(model, device.type, copies=max_new_tokens >= 8):
             if num_beams > 1:
                 return _beam_search(*args, num_beams, length_penalty, repetition_penalty)
             return _sample(*args, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
