@@ -199,6 +199,21 @@ def test_decode_weights_cache_follows_weight_changes():
     assert not hasattr(model, "_decode_weights_cache") or not model._decode_weights_cache
 
 
+def test_decode_weights_of_a_large_model_are_freed_after_the_call(monkeypatch):
+    """Copies over KEEP_ACROSS_CALLS_BYTES do not stay on the model (no second copy of a
+    large model's weights between calls); the tokens are the same either way."""
+    from fastpt.models import _decode_weights
+    _, model = _pair("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    kept = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert model._decode_weights_cache
+    del model._decode_weights_cache
+    monkeypatch.setattr(_decode_weights, "KEEP_ACROSS_CALLS_BYTES", 1024)
+    freed = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert "_decode_weights_cache" not in model.__dict__
+    assert torch.equal(kept, freed)
+
+
 @pytest.mark.parametrize("use_fused", [True, False])
 def test_decode_weights_give_the_same_logits(use_fused):
     """Inside _decode_weights (stacked q/k/v and gate/up, column-major float32 weights) a

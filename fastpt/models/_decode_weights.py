@@ -59,7 +59,8 @@ def decode_weights(model, device_type: str, copies: bool = True):
     the originals are restored after. With ``copies`` (generations of 8 tokens or more) the
     copies are kept on the model (``_decode_weights_cache``: one extra copy of the linear
     weights, 133 MB for the fp32 6 x d512 Llama with its 32000-token head) and reused by the
-    next call while the weights are unchanged; ``del model._decode_weights_cache`` frees them.
+    next call while the weights are unchanged, up to ``KEEP_ACROSS_CALLS_BYTES`` (larger
+    copies are freed after each call); ``del model._decode_weights_cache`` frees them.
 
     Casts: under autocast every nn.Linear casts its float32 weight to the autocast dtype on
     every call, and decoding calls each linear once per token: a weight cast costs more
@@ -126,3 +127,17 @@ def decode_weights(model, device_type: str, copies: bool = True):
             setattr(module, attr, None)
         for p, data in saved.values():
             p.data = data
+        if _cache_bytes(model) > KEEP_ACROSS_CALLS_BYTES:
+            del model._decode_weights_cache  # a large model: not worth a second copy of its weights
+
+
+KEEP_ACROSS_CALLS_BYTES = 512 * 2**20
+"""Copies up to this size stay on the model between generate calls; larger ones are freed
+at the end of each call. Making them costs about ten tokens' worth of decoding, which
+matters for the small models fastpt decodes on a CPU, while a second copy of a large
+model's weights would not be welcome."""
+
+
+def _cache_bytes(model) -> int:
+    cache = model.__dict__.get("_decode_weights_cache", {})
+    return sum(t.numel() * t.element_size() for _, t in cache.values())
