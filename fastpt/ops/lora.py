@@ -28,6 +28,9 @@ def lora_linear(x: Tensor, weight: Tensor | Callable[[Tensor], Tensor], lora_a: 
             drawn from torch's default generator, so backward regenerates it instead of
             storing it (same seed -> same mask on CPU and CUDA).
 
+    Under autocast (CPU or CUDA) every tensor is cast to autocast's dtype first, as
+    nn.Linear would be; the LoRA factors still get float32 gradients.
+
     Raises:
         TypeError: dtypes differ or are unsupported.
         ValueError: shapes do not match, r out of range, dropout_p out of range.
