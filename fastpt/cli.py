@@ -54,7 +54,7 @@ def _add_bench(sub) -> None:
             "row per case: median ms, ratios (baseline time / fastpt time) and % of copy bandwidth.\n"
             "Each allocator mode runs in a child process: 'steady' keeps freed memory in glibc's\n"
             "heap (measures the kernels), 'default' is glibc's default (large outputs page-fault).\n"
-            "Full suite (every op x fp32,bf16 x its modes x 2 allocator modes, 8 s per case): ~9 min\n"
+            "Full suite (every op x fp32,bf16 x its modes x 2 allocator modes, 8 s per case): ~17 min\n"
             "on 2 cores. --quick: smaller shapes, fp32 only unless --dtypes is given, 0.5 s per\n"
             "case: ~1.5 min even with a cold torch.compile cache."),
         epilog=(
