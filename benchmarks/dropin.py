@@ -34,14 +34,13 @@ import gc
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fastpt.benchmarks.harness import peak_memory_bytes
-from fastpt.benchmarks.models import _autocast
+from fastpt.benchmarks.models import _autocast, alternate_rounds, check_subsets
 
 CASES = ("llama", "lora", "int8")
 DTYPES = ("fp32", "bf16")
@@ -144,22 +143,6 @@ def _warm_up(calls: dict) -> dict[str, str]:
     return failed
 
 
-def _alternate(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[tuple]]:
-    """(wall, process CPU) seconds per call, one call of each impl per round, order rotating."""
-    samples = {n: [] for n in calls}
-    gc.collect()
-    deadline = time.perf_counter() + budget_s
-    names, r = list(calls), 0
-    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            calls[name]()
-            samples[name].append((time.perf_counter() - t0, time.process_time() - c0))
-        r += 1
-    return samples
-
-
 def _medians_ms(samples: dict) -> tuple[dict, dict]:
     wall = {n: 1e3 * statistics.median(w for w, _ in v) for n, v in samples.items()}
     cpu = {n: 1e3 * statistics.median(c for _, c in v) for n, v in samples.items()}
@@ -170,7 +153,7 @@ def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Res
     calls, shape = _train_calls(case, dtype, size)
     names = list(calls)
     failed = _warm_up(calls)
-    samples = _alternate(calls, budget_s, min_rounds=3, max_rounds=50)
+    samples = alternate_rounds(calls, budget_s, min_rounds=3, max_rounds=50)
     ms, cpu = _medians_ms(samples)
     baseline, cpu_baseline = ms.get(names[0]), cpu.get(names[0])
     out = []
@@ -222,7 +205,7 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
     calls = {name: call(layer) for name, layer in layers.items()}
     calls["fp32"] = call(lin)
     _warm_up(calls)
-    samples = _alternate(calls, budget_s, min_rounds=5, max_rounds=200)
+    samples = alternate_rounds(calls, budget_s, min_rounds=5, max_rounds=200)
     ms, cpu = _medians_ms(samples)
     shape = f"x={m}x{k} w={n}x{k}"
     return [Result("int8", "fp32", name, shape, ms[name], ms["bnb"] / ms[name], cpu[name], cpu["bnb"] / cpu[name],
@@ -252,9 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON to this path")
     args = p.parse_args(argv)
     cases, dtypes = tuple(args.cases.split(",")), tuple(args.dtypes.split(","))
-    for name, values, allowed in (("cases", cases, CASES), ("dtypes", dtypes, DTYPES)):
-        if not values or any(v not in allowed for v in values):
-            p.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
+    check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES))
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (5.0 if args.quick else 60.0)

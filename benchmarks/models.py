@@ -155,24 +155,37 @@ def _calls(case, dtype, impls, size):
             f"L={cfg.num_layers} B={s['B']} T={s['T']}", None)
 
 
+def alternate_rounds(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[tuple]]:
+    """(wall, process CPU) seconds per call, one call of each impl per round, order rotating,
+    for at least min_rounds and at most max_rounds, until budget_s has passed."""
+    samples = {n: [] for n in calls}
+    gc.collect()
+    deadline = time.perf_counter() + budget_s
+    names, r = list(calls), 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            calls[name]()
+            samples[name].append((time.perf_counter() - t0, time.process_time() - c0))
+        r += 1
+    return samples
+
+
+def check_subsets(parser: argparse.ArgumentParser, **options: tuple[tuple, tuple]) -> None:
+    """options: name=(values, allowed); a parser error unless each is a non-empty subset."""
+    for name, (values, allowed) in options.items():
+        if not values or any(v not in allowed for v in values):
+            parser.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
+
+
 def measure(case: str, dtype: str, impls=IMPLS, size: str = "full", budget_s: float = 30.0,
             min_rounds: int = 3, max_rounds: int = 50) -> list[Result]:
     calls, shape, new_tokens = _calls(case, dtype, impls, size)
-    samples = {i: [] for i in calls}
     for call in calls.values():  # warm-up (the first AdamW step allocates its state)
         call()
-    gc.collect()
-    deadline = time.perf_counter() + budget_s
-    r = 0
-    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
-        names = list(calls)
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            calls[name]()
-            samples[name].append(time.perf_counter() - t0)
-        r += 1
-    ms = {i: 1e3 * statistics.median(v) for i, v in samples.items()}
+    samples = alternate_rounds(calls, budget_s, min_rounds, max_rounds)
+    ms = {i: 1e3 * statistics.median(wall for wall, _ in v) for i, v in samples.items()}
     out = []
     for impl in calls:
         res = Result(case, dtype, impl, shape, ms[impl], rounds=len(samples[impl]))
@@ -244,9 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON to this path")
     args = p.parse_args(argv)
     cases, dtypes, impls = (tuple(s.split(",")) for s in (args.cases, args.dtypes, args.impls))
-    for name, values, allowed in (("cases", cases, CASES), ("dtypes", dtypes, DTYPES), ("impls", impls, IMPLS)):
-        if not values or any(v not in allowed for v in values):
-            p.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
+    check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES), impls=(impls, IMPLS))
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 30.0)
