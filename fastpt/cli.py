@@ -7,6 +7,7 @@ Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Sequence
 
@@ -142,16 +143,21 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_models(sub) -> None:
-    p = sub.add_parser(
-        "bench-models", add_help=False,
-        help="time the models (training step, decoding, encoder) against use_fused=False and transformers")
-    p.set_defaults(func=_cmd_bench_models)
+def _benchmark_script(name: str, module: str, help: str) -> Callable:
+    """A subcommand that hands its arguments, unparsed, to ``fastpt.benchmarks.<module>.main``
+    (the script parses its own options, ``--help`` included)."""
+    def add(sub) -> None:
+        p = sub.add_parser(name, add_help=False, help=help)
+        p.set_defaults(func=lambda args: importlib.import_module(f"fastpt.benchmarks.{module}").main(args.rest))
+    return add
 
 
-def _cmd_bench_models(args: argparse.Namespace) -> int:
-    from fastpt.benchmarks import models
-    return models.main(args.rest)
+_add_bench_models = _benchmark_script(
+    "bench-models", "models",
+    "time the models (training step, decoding, encoder) against use_fused=False and transformers")
+_add_bench_dropin = _benchmark_script(
+    "bench-dropin", "dropin",
+    "time transformers Llama patched vs unpatched, peft LoRA, bitsandbytes int8 vs fastpt")
 
 
 def _training_commands() -> tuple:
@@ -164,16 +170,17 @@ def _add_demo(sub) -> None:
     demo.register(sub)
 
 
-def _dropin_commands() -> tuple:
-    from fastpt.commands import bench_dropin, lm_eval
-    return (bench_dropin.register, lm_eval.register)
+def _add_lm_eval(sub) -> None:
+    from fastpt.commands import lm_eval
+    lm_eval.register(sub)
 
 
 # Commands whose options belong to another tool (passed on as args.rest, unparsed).
 PASS_THROUGH = ("bench-models", "bench-dropin", "lm-eval")
 
 
-COMMANDS = (_add_demo, _add_bench, _add_bench_models, _add_mdp, *_training_commands(), *_dropin_commands())
+COMMANDS = (_add_demo, _add_bench, _add_bench_models, _add_mdp, *_training_commands(), _add_bench_dropin,
+            _add_lm_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
