@@ -55,6 +55,15 @@ def test_odd_sizes(T, S, causal):
             assert_close(a, r, torch.float32, "fwd" if i == 0 else "bwd", what=name)
 
 
+@pytest.mark.parametrize("T, S, D", [(1, 7, 40), (7, 97, 80), (97, 7, 64), (33, 300, 96), (300, 33, 128)])
+def test_odd_sizes_bf16(cpu_capability, T, S, D):
+    """Odd lengths are odd inner dimensions of the bf16 tile products (P V over S keys, the
+    backward's P^T dO over T queries) and partial tiles in every direction; the AVX512_BF16
+    build runs its own VDPBF16PS products (attention_dpbf16.h) on CPUs without AMX."""
+    q, k, v = qkv(1, 2, 1, T, S, D)
+    check_against_reference(q, k, v, torch.bfloat16, causal=T <= S)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_sequence(dtype):
     q, k, v = qkv(1, 2, 1, 1025, 1025, 64)

@@ -7,6 +7,7 @@
 // libtorch_cpu does not export them (only its slow reference kernel behind gemm_stub).
 // The symbols are weak: with a torch built without MKL they are null and a plain loop runs
 // (correct, slow; such builds are not a target of this project).
+// bf16 on CPUs with AVX512_BF16 but no AMX: attention_dpbf16.h instead of MKL.
 // NOTE: PyTorch's own CPU flash attention calls the same MKL sgemm for fp32 through cpublas.
 #pragma once
 
@@ -15,6 +16,9 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#include "common/cpu_features.h"
+#include "ops/attention/attention_dpbf16.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -64,6 +68,13 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
   } else if constexpr (std::is_same_v<T, double>) {
     if (dgemm_) return dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+#if defined(__AVX512BF16__)
+    // Without AMX, MKL's bf16 gemm runs at its fp32 rate (attention_dpbf16.h); with AMX it is
+    // the faster one.
+    if (!cpu_features().amx_bf16)
+      return dpbf16::gemm(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                          reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+#endif
     if (gemm_bf16bf16f32_)
       return gemm_bf16bf16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
                                reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);
