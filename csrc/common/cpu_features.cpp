@@ -23,6 +23,12 @@ uint64_t xgetbv0() {
 CpuFeatures detect() {
   CpuFeatures f{};
   unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return f;
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  f.intel = std::strcmp(vendor, "GenuineIntel") == 0;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = c & bit_OSXSAVE;
   const bool fma = c & bit_FMA, f16c = c & bit_F16C, avx = c & bit_AVX;

@@ -11,6 +11,7 @@ struct CpuFeatures {
   bool amx_tile;
   bool amx_int8;
   bool amx_bf16;
+  bool intel;  // vendor GenuineIntel: where MKL runs its AVX-512 / AMX kernels (elsewhere AVX2 ones)
 };
 
 const CpuFeatures& cpu_features();

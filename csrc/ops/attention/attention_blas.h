@@ -7,7 +7,8 @@
 // libtorch_cpu does not export them (only its slow reference kernel behind gemm_stub).
 // The symbols are weak: with a torch built without MKL they are null and a plain loop runs
 // (correct, slow; such builds are not a target of this project).
-// bf16 on CPUs with AVX512_BF16 but no AMX: attention_dpbf16.h instead of MKL.
+// fp32 on CPUs other than Intel's and bf16 on CPUs with AVX512_BF16 but no AMX: fastpt's own
+// AVX-512 micro-kernels instead (attention_gemm_avx512.h; MKL is slow there).
 // NOTE: PyTorch's own CPU flash attention calls the same MKL sgemm for fp32 through cpublas.
 #pragma once
 
@@ -18,7 +19,7 @@
 #include <type_traits>
 
 #include "common/cpu_features.h"
-#include "ops/attention/attention_dpbf16.h"
+#include "ops/attention/attention_gemm_avx512.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -64,15 +65,16 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
   const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
   const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!cpu_features().intel) return avx512_gemm::gemm_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
     if (sgemm_) return sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, double>) {
     if (dgemm_) return dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__AVX512BF16__)
-    // Without AMX, MKL's bf16 gemm runs at its fp32 rate (attention_dpbf16.h); with AMX it is
-    // the faster one.
-    if (!cpu_features().amx_bf16)
-      return dpbf16::gemm(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+    if (!cpu_features().amx_bf16)  // with AMX, MKL is the faster one
+      return avx512_gemm::gemm_bf16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
                           reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 #endif
     if (gemm_bf16bf16f32_)
