@@ -7,7 +7,7 @@
 // libtorch_cpu does not export them (only its slow reference kernel behind gemm_stub).
 // The symbols are weak: with a torch built without MKL they are null and a plain loop runs
 // (correct, slow; such builds are not a target of this project).
-// fp32 on CPUs other than Intel's and bf16 on CPUs with AVX512_BF16 but no AMX: fastpt's own
+// fp32 and fp16 on CPUs other than Intel's and bf16 on CPUs with AVX512_BF16 but no AMX: fastpt's own
 // AVX-512 micro-kernels instead (attention_gemm_avx512.h; MKL is slow there).
 // NOTE: PyTorch's own CPU flash attention calls the same MKL sgemm for fp32 through cpublas.
 #pragma once
@@ -81,6 +81,11 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
       return gemm_bf16bf16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
                                reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!cpu_features().intel)
+      return avx512_gemm::gemm_f16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                                   reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+#endif
     if (gemm_f16f16f32_)
       return gemm_f16f16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
                              reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);

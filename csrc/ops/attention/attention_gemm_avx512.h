@@ -207,6 +207,7 @@ inline void kernel_bf16(const ReadA& A, const uint32_t* panel, float* c, int64_t
 
 struct Workspace {
   std::vector<uint32_t> a, b;
+  std::vector<float> a_f32, b_f32;  // fp16 inputs converted
 };
 inline Workspace& workspace() {
   thread_local Workspace w;
@@ -252,6 +253,26 @@ inline void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float al
   for_tiles(m, n, A, c, ldc, [&](auto mr, const ReadA& Ai, int64_t pn, float* ci, int64_t nc) {
     kernel_f32<decltype(mr)::value>(Ai, panels + pn * k * kNR, ci, ldc, nc, alpha, beta);
   });
+}
+
+// rows x cols fp16 (bit patterns, row stride ld) -> fp32, contiguous.
+inline void fp16_to_f32(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& dst) {
+  dst.resize(rows * cols);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = lanes(cols - j);
+      _mm512_mask_storeu_ps(dst.data() + i * cols + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i * ld + j)));
+    }
+}
+
+// fp16 A and B: converted to fp32 (exact) for gemm_f32, the conversion O(k (m + n)) against the
+// product's O(m n k). Without AVX512_FP16 there is no faster fp16 product.
+inline void gemm_f16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                     int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  Workspace& w = workspace();
+  fp16_to_f32(a, lda, ta ? k : m, ta ? m : k, w.a_f32);
+  fp16_to_f32(b, ldb, tb ? n : k, tb ? k : n, w.b_f32);
+  gemm_f32(ta, tb, m, n, k, alpha, w.a_f32.data(), ta ? m : k, w.b_f32.data(), tb ? k : n, beta, c, ldc);
 }
 
 #if defined(__AVX512BF16__)
