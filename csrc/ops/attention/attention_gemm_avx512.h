@@ -1,4 +1,4 @@
-// fp32 and bf16 tile products for the attention CPU kernel with AVX-512 micro-kernels, used
+// fp32, bf16 and fp16 tile products for the attention CPU kernel with AVX-512 micro-kernels, used
 // where MKL is slow: on CPUs other than Intel's, MKL runs its AVX2 kernels (measured on this
 // project's AMD EPYC VM, one thread: MKL sgemm ~100 GFLOP/s, an AVX-512 FMA loop 258), and
 // without AMX its gemm_bf16bf16f32 runs at that fp32 rate, while VDPBF16PS (AVX512_BF16: 32
@@ -32,16 +32,16 @@ constexpr int64_t kMR = 8;   // rows per micro-kernel call
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // dst[((j / width) * kp + p) * width + j % width] = (src[2p][j], src[2p + 1][j]) for a k x n
-// row-major src (row 2p + 1 = 0 past k); width is kNR (B panels, padded columns zeroed) or >= n
-// (one block: the packed A^T). Two rows are interleaved 32 columns at a time with vpermt2w.
-inline void pack_row_pairs(const uint16_t* src, int64_t ld, int64_t k, int64_t n, uint32_t* dst, int64_t width) {
+// row-major src (row 2p + 1 = 0 past k). B panels: width kNR, columns past n zeroed; the packed
+// A^T: one block, width n. Two rows are interleaved 32 columns at a time with vpermt2w.
+inline void pack_row_pairs(const uint16_t* src, int64_t ld, int64_t k, int64_t n, uint32_t* dst, bool panels) {
+  const int64_t width = panels ? kNR : n;
   alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
   const int64_t kp = (k + 1) / 2;
-  const bool padded = width == kNR;
   for (int64_t p = 0; p < kp; ++p) {
     const uint16_t* r0 = src + 2 * p * ld;
     const uint16_t* r1 = 2 * p + 1 < k ? r0 + ld : nullptr;
@@ -52,7 +52,7 @@ inline void pack_row_pairs(const uint16_t* src, int64_t ld, int64_t k, int64_t n
       const __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1 + j0) : _mm512_setzero_si512();
       uint32_t* d = dst + ((j0 / width) * kp + p) * width + j0 % width;
       const __m512i lo = _mm512_permutex2var_epi16(a, lo_idx, b), hi = _mm512_permutex2var_epi16(a, hi_idx, b);
-      if (padded) {  // whole panel row, zeros past n
+      if (panels) {  // whole panel row, zeros past n
         _mm512_storeu_si512(d, lo);
         _mm512_storeu_si512(d + 16, hi);
       } else {
@@ -283,11 +283,11 @@ inline void gemm_bf16(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
   const int64_t kp = (k + 1) / 2;
   w.b.resize((n + kNR - 1) / kNR * kp * kNR);
   if (tb) pack_col_words(reinterpret_cast<const char*>(b), 2 * ldb, k / 2, k % 2 == 1, n, w.b.data());
-  else pack_row_pairs(b, ldb, k, n, w.b.data(), kNR);
+  else pack_row_pairs(b, ldb, k, n, w.b.data(), true);
   ReadA A;
   if (ta) {  // op(A) = A^T, A stored k x m: pairs of its rows, one block of width m
     w.a.resize(kp * m);
-    pack_row_pairs(a, lda, k, m, w.a.data(), m);
+    pack_row_pairs(a, lda, k, m, w.a.data(), false);
     A = {reinterpret_cast<const char*>(w.a.data()), 4, 4 * m, kp, false};
   } else {
     A = {reinterpret_cast<const char*>(a), 2 * lda, 4, k / 2, k % 2 == 1};
