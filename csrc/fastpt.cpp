@@ -37,6 +37,7 @@
   X("int8_linear",                                                                             \
     "int8_linear(Tensor x, Tensor weight_packed, Tensor weight_colsum, Tensor weight_scale, "  \
     "int out_features, Tensor? bias, float threshold) -> Tensor")                              \
+  X("gemm", "gemm(Tensor a, Tensor b, bool trans_a, bool trans_b) -> Tensor")                  \
   X("hash_dropout", "hash_dropout(Tensor x, float p, Tensor? seed) -> Tensor")                 \
   X("lora_linear",                                                                             \
     "lora_linear(Tensor x, Tensor? weight, Tensor? base_out, Tensor lora_a, Tensor lora_b, "   \

@@ -21,7 +21,7 @@ std::map<std::string, bool> cpu_features_dict() {
   const auto& f = fastpt::cpu::cpu_features();
   return {{"avx2", f.avx2},         {"avx512", f.avx512},       {"avx512_vnni", f.avx512_vnni},
           {"avx512_bf16", f.avx512_bf16}, {"amx_tile", f.amx_tile}, {"amx_int8", f.amx_int8},
-          {"amx_bf16", f.amx_bf16}};
+          {"amx_bf16", f.amx_bf16}, {"intel", f.intel}};
 }
 
 py::dict build_info() {

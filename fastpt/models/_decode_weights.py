@@ -8,6 +8,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from fastpt.nn.linear import Linear
+
 
 def _decode_copy(model, key, parts: list[Tensor], dtype: torch.dtype, col: bool) -> Tensor:
     """``parts`` stacked along dim 0 (one part: itself), in ``dtype``, column-major if
@@ -33,7 +35,7 @@ def _stackable(linears) -> bool:
     """Plain nn.Linears (not LoRA-wrapped, no hooks or patched forward: stacking would skip
     them) of one dtype, device and input width, all with or all without bias."""
     ws = [m.weight for m in linears]
-    return (all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+    return (all(type(m) in (nn.Linear, Linear) and not m._forward_hooks and not m._forward_pre_hooks
                 and "forward" not in m.__dict__ for m in linears)
             and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
             and len({m.bias is None for m in linears}) == 1)

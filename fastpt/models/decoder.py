@@ -12,7 +12,7 @@ from fastpt.models.common import (Attention, PreTrainedModel, activation, causal
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
-from fastpt.nn import RMSNorm, RotaryEmbedding, SwiGLU
+from fastpt.nn import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from fastpt.ops import reference
 from fastpt.ops.swiglu import swiglu
 
@@ -20,8 +20,8 @@ from fastpt.ops.swiglu import swiglu
 class GPT2MLP(nn.Module):
     def __init__(self, c: DecoderConfig):
         super().__init__()
-        self.fc_in = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.fc_out = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.fc_in = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.fc_out = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = activation(c.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,7 +113,7 @@ class Decoder(PreTrainedModel):
             self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, base=c.rope_theta)
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         init_normal_(self, c.initializer_range)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -180,7 +180,8 @@ class Decoder(PreTrainedModel):
         out = DecoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden else None,
                             past_key_values=cache)
         if labels is not None and not return_logits:  # training: loss without the (B, T, V) logits
-            out.loss = linear_cross_entropy(x[:, :-1], self.lm_head.weight, labels[:, 1:])
+            out.loss = linear_cross_entropy(x[:, :-1], self.lm_head.weight, labels[:, 1:],
+                                            fused_gemm=self.use_fused)
             return out
         out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         if labels is not None:

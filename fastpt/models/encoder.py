@@ -9,6 +9,7 @@ from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, acti
                                   init_normal_, key_padding)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
+from fastpt.nn.linear import Linear
 
 
 class EncoderEmbeddings(nn.Module):
@@ -39,8 +40,8 @@ class EncoderLayer(nn.Module):
         self.attn = Attention(c.hidden_size, c.num_heads, c.num_heads, c.head_dim, bias=True,
                               dropout=c.attention_dropout)
         self.attn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.fc_in = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc_out = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.fc_in = Linear(c.hidden_size, c.intermediate_size)
+        self.fc_out = Linear(c.intermediate_size, c.hidden_size)
         self.mlp_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.act = activation(c.hidden_act)
         self.dropout = nn.Dropout(c.dropout)
@@ -56,7 +57,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, c: EncoderConfig):
         super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.dense = Linear(c.hidden_size, c.hidden_size)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.act = activation(c.hidden_act)
@@ -81,9 +82,9 @@ class Encoder(PreTrainedModel):
         self.config = config
         self.embeddings = EncoderEmbeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pooler = Linear(config.hidden_size, config.hidden_size)
         self.mlm_head = MLMHead(config)
-        self.nsp_head = nn.Linear(config.hidden_size, 2)
+        self.nsp_head = Linear(config.hidden_size, 2)
         init_normal_(self, config.initializer_range)
         self.use_fused = use_fused
 

@@ -14,15 +14,20 @@ import torch
 from torch import Tensor
 
 from fastpt.models.common import IGNORE_INDEX
+from fastpt.ops.gemm import gemm, uses_gemm
 
 # Rows per chunk: chunk * V fp32 logits = 128 MB (1024 rows at V = 32000). Smaller chunks
 # cost more float32 conversions of the (V, d) weight-gradient partial sums under autocast.
 _CHUNK_ELEMENTS = 32 << 20
 
 
+def _torch_mm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool) -> Tensor:
+    return (a.t() if trans_a else a) @ (b.t() if trans_b else b)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, fused_gemm: bool) -> Tensor:
         N, V = x.shape[0], weight.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // V)
         device = x.device.type
@@ -31,6 +36,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # here, not once per matmul as autocast would.
         mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x_mm, w_mm = x.to(mm), weight.to(mm)
+        mm_ = gemm if fused_gemm and uses_gemm(x_mm, w_mm) else _torch_mm
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -41,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, N, chunk):
                 xs, vs = x_mm[s:s + chunk], valid[s:s + chunk]
                 target = labels[s:s + chunk].clamp(min=0).unsqueeze(1)
-                logp = torch.log_softmax(xs @ w_mm.t(), dim=-1, dtype=acc)
+                logp = torch.log_softmax(mm_(xs, w_mm, False, True), dim=-1, dtype=acc)
                 total -= (logp.gather(1, target).squeeze(1) * vs).sum()
                 if not (need_x or need_w):
                     continue
@@ -50,9 +56,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(mean loss)/d(logits), scaled and cast to the GEMM dtype in one pass
                 g = torch.mul(g, (vs / count).unsqueeze(1), out=torch.empty(g.shape, dtype=mm, device=g.device))
                 if need_x:
-                    grad_x[s:s + chunk] = g @ w_mm
+                    grad_x[s:s + chunk] = mm_(g, w_mm, False, False)
                 if need_w:
-                    grad_w += g.t() @ xs
+                    grad_w += mm_(g, xs, True, False)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None)
         return total / count
 
@@ -60,12 +66,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_x, grad_w = ctx.saved_tensors
         return (None if grad_x is None else grad_x * grad_out.to(grad_x.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None)
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None)
 
 
-def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, *, fused_gemm: bool = True) -> Tensor:
     """Mean cross-entropy of ``x @ weight.T`` against ``labels`` (-100 ignored).
 
     x: (..., d); weight: (V, d); labels: x.shape[:-1]. Differentiable in x and weight
-    (first order only)."""
-    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
+    (first order only). ``fused_gemm``: the products go through ``fastpt.ops.gemm`` where
+    ``fastpt.ops.linear`` would (False: torch's matmul, for the models' eager A/B path)."""
+    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), fused_gemm)

@@ -13,7 +13,7 @@ from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, acti
 from fastpt.models.config import Seq2SeqConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
-from fastpt.nn import RMSNorm
+from fastpt.nn import Linear, RMSNorm
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
@@ -58,9 +58,9 @@ class FeedForward(nn.Module):
     def __init__(self, c: Seq2SeqConfig):
         super().__init__()
         self.gated = c.feed_forward_proj == "gated-gelu"
-        self.wi = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.wi_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False) if self.gated else None
-        self.wo = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.wi = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.wi_gate = Linear(c.hidden_size, c.intermediate_size, bias=False) if self.gated else None
+        self.wo = Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.act = activation("gelu_new" if self.gated else "relu")
         self.dropout = nn.Dropout(c.dropout)
 
@@ -160,7 +160,7 @@ class Seq2Seq(PreTrainedModel):
         self.shared = nn.Embedding(c.vocab_size, c.hidden_size)
         self.encoder = Stack(c, is_decoder=False)
         self.decoder = Stack(c, is_decoder=True)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.hidden_size, c.vocab_size, bias=False)
         self._init_weights()
         self.use_fused = use_fused
 
@@ -229,7 +229,7 @@ class Seq2Seq(PreTrainedModel):
         out = Seq2SeqOutput(last_hidden_state=y, encoder_last_hidden_state=encoder_outputs,
                             hidden_states=dec_hidden, encoder_hidden_states=enc_hidden, past_key_values=cache)
         if labels is not None and not return_logits:  # loss without the (B, T, V) logits
-            out.loss = linear_cross_entropy(h, head, labels)
+            out.loss = linear_cross_entropy(h, head, labels, fused_gemm=self.use_fused)
             return out
         out.logits = nn.functional.linear(h, head)
         if labels is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastpt.nn.linear import Linear
 from fastpt.nn.rotary import RotaryEmbedding
 from fastpt.ops import reference
 from fastpt.ops.attention import attention
@@ -84,19 +85,19 @@ class Attention(nn.Module):
         kw = dict(bias=bias, device=device, dtype=dtype)
         q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
         if self.cross:
-            self.q_proj = nn.Linear(hidden_size, q_out, **kw)
+            self.q_proj = Linear(hidden_size, q_out, **kw)
             if fused_qkv:
-                self.kv_proj = nn.Linear(kv_input_size, 2 * kv_out, **kw)
+                self.kv_proj = Linear(kv_input_size, 2 * kv_out, **kw)
             else:
-                self.k_proj = nn.Linear(kv_input_size, kv_out, **kw)
-                self.v_proj = nn.Linear(kv_input_size, kv_out, **kw)
+                self.k_proj = Linear(kv_input_size, kv_out, **kw)
+                self.v_proj = Linear(kv_input_size, kv_out, **kw)
         elif fused_qkv:
-            self.qkv_proj = nn.Linear(hidden_size, q_out + 2 * kv_out, **kw)
+            self.qkv_proj = Linear(hidden_size, q_out + 2 * kv_out, **kw)
         else:
-            self.q_proj = nn.Linear(hidden_size, q_out, **kw)
-            self.k_proj = nn.Linear(hidden_size, kv_out, **kw)
-            self.v_proj = nn.Linear(hidden_size, kv_out, **kw)
-        self.o_proj = nn.Linear(q_out, hidden_size, bias=bias if out_bias is None else out_bias, device=device,
+            self.q_proj = Linear(hidden_size, q_out, **kw)
+            self.k_proj = Linear(hidden_size, kv_out, **kw)
+            self.v_proj = Linear(hidden_size, kv_out, **kw)
+        self.o_proj = Linear(q_out, hidden_size, bias=bias if out_bias is None else out_bias, device=device,
                                 dtype=dtype)
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:  # (B, T, heads * D) -> (B, heads, T, D) view

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fastpt.nn.linear import Linear
 from fastpt.ops import reference
 from fastpt.ops.swiglu import swiglu
 
@@ -24,9 +25,9 @@ class SwiGLU(nn.Module):
         if hidden_size < 1 or intermediate_size < 1:
             raise ValueError(f"sizes must be positive, got {hidden_size} and {intermediate_size}")
         kw = dict(bias=bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self.gate_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, **kw)
         self.use_fused = use_fused
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)

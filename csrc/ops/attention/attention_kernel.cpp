@@ -3,7 +3,7 @@
 //
 // Forward: parallel over (b, h, query tile of kBlockQ rows). Each task walks the key tiles
 // (kBlockK keys; causal: only those its rows can see): logits = Q K^T by one tile product
-// (BLAS, attention_blas.h; bf16/fp16 with AMX: ATen's brgemm on K, V packed once per call, see
+// (BLAS, common/cpu_gemm.h; bf16/fp16 with AMX: ATen's brgemm on K, V packed once per call, see
 // PackedProducts), bias / masks added per row, online softmax (running max m, sum l, the
 // accumulator rescaled by exp(m_old - m_new)), then acc += P V by a second product. Memory per
 // thread: one kBlockQ x kBlockK logits tile, a kBlockQ x D accumulator (+ a storage-type copy of
@@ -25,13 +25,13 @@
 
 #include "common/cpu_vec.h"
 #include "ops/attention/attention.h"
-#include "ops/attention/attention_blas.h"
+#include "common/cpu_gemm.h"
 
 namespace fastpt::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-using attention_blas::gemm;
+using cpu_gemm::gemm;
 
 // NOTE: forward tiles of 128 queries x 512 keys vs 128 x 256 (2 threads, D = 64, CPU time,
 // alternating with SDPA): bf16 B=1 T=S=4096 93 vs 103 ms (SDPA 106-109), fp32 about even.
@@ -249,7 +249,7 @@ inline bool key_mask_tile(const AttentionShape& s, int64_t b, int64_t j0, int64_
   return any;
 }
 
-// The forward's two tile products through BLAS (attention_blas.h), reading q, k, v in place.
+// The forward's two tile products through BLAS (common/cpu_gemm.h), reading q, k, v in place.
 template <typename T>
 struct BlasProducts {
   const AttentionShape& s;

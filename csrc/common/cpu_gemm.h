@@ -1,5 +1,6 @@
-// Tile products for the attention CPU kernel: row-major C = alpha * op(A) op(B) + beta * C with
-// C in the compute type (float; double for float64) and A, B in the storage type.
+// Single-threaded products for CPU kernels (attention's tiles, the blocks of the gemm op):
+// row-major C = alpha * op(A) op(B) + beta * C with C in the compute type (float; double for
+// float64) and A, B in the storage type.
 //
 // The BLAS that torch's x86 wheels link (MKL, exported by libtorch_cpu) does these products:
 // sgemm/dgemm, and gemm_bf16bf16f32 / gemm_f16f16f32, which use AMX or AVX512_BF16/FP16 where
@@ -7,8 +8,8 @@
 // libtorch_cpu does not export them (only its slow reference kernel behind gemm_stub).
 // The symbols are weak: with a torch built without MKL they are null and a plain loop runs
 // (correct, slow; such builds are not a target of this project).
-// fp32 and fp16 on CPUs other than Intel's and bf16 on CPUs with AVX512_BF16 but no AMX: fastpt's own
-// AVX-512 micro-kernels instead (attention_gemm_avx512.h; MKL is slow there).
+// fp32 and fp16 on CPUs other than Intel's and bf16 on CPUs with AVX512_BF16 but no AMX:
+// fastpt's own AVX-512 micro-kernels instead (gemm_avx512.h; MKL is slow there).
 // NOTE: PyTorch's own CPU flash attention calls the same MKL sgemm for fp32 through cpublas.
 #pragma once
 
@@ -19,7 +20,7 @@
 #include <type_traits>
 
 #include "common/cpu_features.h"
-#include "ops/attention/attention_gemm_avx512.h"
+#include "common/gemm_avx512.h"
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -36,7 +37,7 @@ void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int
 
 namespace fastpt::cpu {
 inline namespace CPU_CAPABILITY {
-namespace attention_blas {
+namespace cpu_gemm {
 
 // Plain loop for builds without MKL: C = alpha * op(A) op(B) + beta * C, row-major.
 template <typename T, typename A>
@@ -93,6 +94,6 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
   gemm_loop(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-}  // namespace attention_blas
+}  // namespace cpu_gemm
 }  // namespace CPU_CAPABILITY
 }  // namespace fastpt::cpu

@@ -1,4 +1,4 @@
-// fp32, bf16 and fp16 tile products for the attention CPU kernel with AVX-512 micro-kernels, used
+// fp32, bf16 and fp16 products for CPU kernels (common/cpu_gemm.h) with AVX-512 micro-kernels, used
 // where MKL is slow: on CPUs other than Intel's, MKL runs its AVX2 kernels (measured on this
 // project's AMD EPYC VM, one thread: MKL sgemm ~100 GFLOP/s, an AVX-512 FMA loop 258), and
 // without AMX its gemm_bf16bf16f32 runs at that fp32 rate, while VDPBF16PS (AVX512_BF16: 32

@@ -1,0 +1,22 @@
+// Matrix product C = op(A) op(B) (op(X) = X or X^T), row-major, fp32 or fp64, for linear layers on
+// CPUs where torch's BLAS is slow (gemm_kernel.cpp). Argument struct shared by the kernel file
+// and the glue.
+#pragma once
+#include <cstdint>
+
+#include "common/portable.h"
+
+namespace fastpt {
+
+struct GemmArgs {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const void* a;  // (m, k), or (k, m) when trans_a; unit stride along its last dim, row stride lda
+  int64_t lda;
+  const void* b;  // (k, n), or (n, k) when trans_b; row stride ldb
+  int64_t ldb;
+  void* c;  // (m, n) contiguous
+  DType dtype;  // kFloat32 or kFloat64
+};
+
+}  // namespace fastpt

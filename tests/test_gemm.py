@@ -1,0 +1,126 @@
+"""fastpt.ops.gemm / fastpt.ops.linear against float64 and F.linear: every transpose case and
+CPU kernel build, odd sizes, strided inputs, gradients, opcheck, compile, bad input."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpt import ops
+
+gemm_module = importlib.import_module("fastpt.ops.gemm")  # the module: fastpt.ops.gemm is the function
+
+
+def operands(m, n, k, ta, tb, dtype=torch.float32):
+    a = torch.randn(k, m) if ta else torch.randn(m, k)
+    b = torch.randn(n, k) if tb else torch.randn(k, n)
+    return a.to(dtype), b.to(dtype)
+
+
+def product(a, b, ta, tb):
+    return (a.t() if ta else a).double() @ (b.t() if tb else b).double()
+
+
+def assert_fp32_close(out, ref, k):
+    # fp32 accumulation over k terms: error ~ sqrt(k) eps |a||b| for random signs
+    bound = 1e-6 * max(k, 1) ** 0.5 * ref.abs().max().clamp(min=1).item()
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (8, 32, 16), (300, 129, 257), (513, 70, 1000)])
+def test_matches_float64(cpu_capability, m, n, k, ta, tb):
+    a, b = operands(m, n, k, ta, tb)
+    out = ops.gemm(a, b, ta, tb)
+    assert out.shape == (m, n) and out.dtype == torch.float32 and out.is_contiguous()
+    assert_fp32_close(out, product(a, b, ta, tb), k)
+
+
+def test_strided_inputs_are_read_in_place_or_copied():
+    big = torch.randn(40, 90)
+    a = big[3:20, 5:60]            # row stride 90 > 55 columns
+    b = torch.randn(70, 55).t()    # column-major: read as the other layout
+    c = torch.randn(55, 30, 2)[:, :, 0]   # no unit stride: copied
+    assert_fp32_close(ops.gemm(a, b), a.double() @ b.double(), 55)
+    assert_fp32_close(ops.gemm(a, c), a.double() @ c.double(), 55)
+    assert_fp32_close(ops.gemm(b, a, True, True), b.t().double() @ a.t().double(), 70)
+
+
+def test_empty_and_zero_inner_dimension():
+    assert ops.gemm(torch.randn(0, 4), torch.randn(4, 3)).shape == (0, 3)
+    out = ops.gemm(torch.randn(5, 0), torch.randn(0, 3))
+    assert out.shape == (5, 3) and torch.equal(out, torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_gradcheck(ta, tb):
+    a, b = operands(6, 5, 7, ta, tb, torch.float64)
+    a.requires_grad_(), b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: ops.gemm(x, y, ta, tb), (a, b))
+
+
+@pytest.mark.parametrize("ta, tb", [(False, True), (True, False)])
+def test_fp32_gradients_match_float64(ta, tb):
+    a, b = operands(65, 40, 300, ta, tb)
+    g = torch.randn(65, 40)
+    a32, b32 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ops.gemm(a32, b32, ta, tb).backward(g)
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    ((a64.t() if ta else a64) @ (b64.t() if tb else b64)).backward(g.double())
+    assert_fp32_close(a32.grad, a64.grad, 40)
+    assert_fp32_close(b32.grad, b64.grad, 65)
+
+
+def test_opcheck():
+    for ta, tb in [(False, True), (True, False)]:
+        a, b = operands(9, 6, 11, ta, tb)
+        torch.library.opcheck(torch.ops.fastpt.gemm, (a.requires_grad_(), b.requires_grad_(), ta, tb))
+
+
+def test_linear_matches_f_linear_values_and_gradients():
+    x = torch.randn(3, 17, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True)
+    y = ops.linear(x, w, bias)
+    ref = F.linear(x.double(), w.double(), bias.double())
+    assert y.shape == (3, 17, 48)
+    assert_fp32_close(y, ref, 64)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, bias), g)
+    refs = torch.autograd.grad(ref, (x, w, bias), g.double())
+    for got, want, k in zip(grads, refs, (48, 51, 51)):
+        assert_fp32_close(got, want, k)
+
+
+def test_linear_falls_back_where_torch_is_faster_or_casts():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm_module.uses_gemm(x, w)
+        assert ops.linear(x, w).dtype == torch.bfloat16        # as F.linear under autocast
+    assert not gemm_module.uses_gemm(x.double(), w.double())
+    assert torch.equal(ops.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+    assert gemm_module.uses_gemm(x, w) == gemm_module.own_kernel_active()
+
+
+def test_linear_under_compile_fullgraph():
+    x, w, bias = torch.randn(2, 9, 32), torch.randn(24, 32), torch.randn(24)
+    compiled = torch.compile(ops.linear, fullgraph=True)
+    assert_fp32_close(compiled(x, w, bias), F.linear(x.double(), w.double(), bias.double()), 32)
+
+
+def test_bad_input_names_the_problem():
+    with pytest.raises(ValueError, match="2-D"):
+        ops.gemm(torch.randn(3), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        ops.gemm(torch.randn(3, 4), torch.randn(5, 2))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.gemm(torch.ones(3, 4, dtype=torch.int32), torch.ones(4, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype of a"):
+        ops.gemm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="mat1 and mat2|shapes cannot be multiplied"):
+        ops.linear(torch.randn(3, 4), torch.randn(5, 6))   # F.linear's own message
