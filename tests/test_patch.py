@@ -13,6 +13,7 @@ import torch
 from models_util import hf_bert, hf_gpt2, hf_llama, hf_t5, randomize_, transformers
 from tolerances import assert_close
 import fastpt
+from fastpt.ops.gemm import own_kernel_active
 
 B, T, VOCAB = 2, 11, 97
 
@@ -39,6 +40,12 @@ FAMILIES = {  # builder, expected patched kinds (per model)
     "bert": (hf_bert, {"attention": 2}),
     "t5": (hf_t5, {"rms_norm": 2 * 2 + 1 + 3 * 3 + 1, "attention": 2 + 3 * 2}),
 }
+
+
+def with_linears(model, expected: dict) -> dict:
+    """``expected`` plus the nn.Linear layers patch swaps where fastpt's GEMM is the faster one."""
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    return {**expected, "linear": linears} if own_kernel_active() and linears else dict(expected)
 
 
 def _padded_batch(left: bool):
@@ -89,6 +96,7 @@ def test_patched_matches_unpatched(name):
     model = build()
     randomize_(model)
     reference = copy.deepcopy(model)
+    expected = with_linears(model, expected)
     report = fastpt.patch(model)
     assert report.patched == expected, str(report)
     assert not report.unknown
@@ -133,7 +141,7 @@ def test_idempotent_and_unpatch_restores():
     assert patched_classes != classes and model.config._attn_implementation == "fastpt"
     second = fastpt.patch(model)
     assert second == first and [type(m) for m in model.modules()] == patched_classes
-    assert fastpt.unpatch(model) == 5 + 2 + 2
+    assert fastpt.unpatch(model) == 5 + 2 + 2 + first.patched.get("linear", 0)
     assert [type(m) for m in model.modules()] == classes
     assert model.config._attn_implementation == attn
     with torch.no_grad():
@@ -159,11 +167,12 @@ def test_peft_lora_wrapped_model():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     reference = copy.deepcopy(model)
+    expected = with_linears(model, FAMILIES["llama"][1])
     report = fastpt.patch(model)
-    assert report.patched == FAMILIES["llama"][1]
+    assert report.patched == expected
     ids, mask = _padded_batch(left=True)
     _compare(model, reference, "llama", ids, mask)
-    assert fastpt.unpatch(model) == 9
+    assert fastpt.unpatch(model) == 9 + report.patched.get("linear", 0)
     assert model.base_model.model.config._attn_implementation == reference.base_model.model.config._attn_implementation
 
 
@@ -248,6 +257,7 @@ def test_fused_cross_entropy_loss_and_gradients(name):
     randomize_(model)
     reference = copy.deepcopy(model).train()
     ref64 = copy.deepcopy(model).double().train()
+    expected = with_linears(model, expected)
     report = fastpt.patch(model, fused_cross_entropy=True)
     assert report.patched == {**expected, "cross_entropy": 1}
     ids, mask = _padded_batch(left=True)

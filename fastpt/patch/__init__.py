@@ -12,7 +12,10 @@ and peft wrappers are untouched):
 - the rotary embedding applied in LlamaAttention / MistralAttention / Qwen2Attention -> ``fastpt.ops.rope``;
 - attention: "fastpt" is registered in transformers' ``AttentionInterface`` and set as the
   model config's attention implementation, so HF's own modules call ``fastpt.ops.attention``
-  (GQA without copying k/v, T5's position bias as ``attn_bias``, padding as a key mask).
+  (GQA without copying k/v, T5's position bias as ``attn_bias``, padding as a key mask);
+- ``nn.Linear`` layers -> ``fastpt.ops.linear``, only where fastpt's GEMM is faster than
+  torch's BLAS (float32 on non-Intel x86 CPUs with AVX-512: ``fastpt.ops.gemm``); elsewhere
+  they are left alone and not counted.
 
 LayerNorm (GPT-2, BERT) and GELU/ReLU MLPs have no fastpt kernel and are reported as kept.
 A model type outside the list, or a module the patcher does not know in a known model, raises
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fastpt.ops.gemm import own_kernel_active
 from fastpt.patch import modules as _m
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert", "t5")
@@ -109,8 +113,14 @@ def _plan(model, fused_cross_entropy: bool = False) -> tuple[list[tuple[nn.Modul
     """(module, kind, forward) swaps to make, and the report of the patched model."""
     report = PatchReport(_model_type(model))
     swaps, counts = [], Counter()
+    own_gemm = own_kernel_active()
     for module in model.modules():
         name = _class_name(module)
+        if type(module) is nn.Linear or type(module).__dict__.get("_fastpt_kind") == "linear":
+            if own_gemm:  # elsewhere fastpt.ops.linear would be F.linear: nothing to swap
+                swaps.append((module, "linear", _m.linear_forward))
+                counts["linear"] += 1
+            continue
         if not (_is_hf(module) or _m.is_patched(module)):
             if isinstance(module, nn.LayerNorm):
                 report.kept["LayerNorm"] = _KEPT["LayerNorm"]

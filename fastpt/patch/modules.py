@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpt.ops.gemm import linear
 from fastpt.ops.rms_norm import rms_norm
 from fastpt.ops.rope import rope
 from fastpt.ops.swiglu import swiglu
@@ -19,6 +20,11 @@ def rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     # LlamaRMSNorm / T5LayerNorm: weight * x / sqrt(mean(x^2) + eps), statistics in float32.
     # The output keeps x's dtype (HF promotes to the weight's dtype when they differ).
     return rms_norm(hidden_states, self.weight.to(hidden_states.dtype), self.variance_epsilon)
+
+
+def linear_forward(self, x: Tensor) -> Tensor:
+    # nn.Linear; fastpt.ops.linear is F.linear where fastpt's GEMM is not the faster one.
+    return linear(x, self.weight, self.bias)
 
 
 def swiglu_mlp_forward(self, x: Tensor) -> Tensor:
@@ -103,7 +109,7 @@ def causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
 
     original = type(self)._fastpt_original.forward
     fusable = (self.training and labels is not None and kwargs.get("num_items_in_batch") is None
-               and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None)
+               and isinstance(self.lm_head, torch.nn.Linear) and self.lm_head.bias is None)
     if not fusable:
         return original(self, input_ids=input_ids, labels=labels, **kwargs)
     kwargs.pop("logits_to_keep", None)

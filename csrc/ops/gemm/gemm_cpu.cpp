@@ -3,8 +3,10 @@
 #include <torch/library.h>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_features.h"
 #include "common/glue.h"
 #include "ops/gemm/gemm.h"
+#include "ops/gemm/gemm_glue.h"
 
 FASTPT_DECLARE_CPU_KERNEL(gemm, fastpt::GemmArgs)
 
@@ -27,7 +29,9 @@ Operand operand(const at::Tensor& x, bool trans) {
   return {y, trans, std::max<int64_t>(1, y.size(1))};
 }
 
-at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b) {
+}  // namespace
+
+at::Tensor gemm_tensors(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b) {
   TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, "gemm: a and b must be 2-D, got ", a.sizes(), " and ",
                     b.sizes());
   TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
@@ -47,7 +51,12 @@ at::Tensor gemm_cpu(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool
   return c;
 }
 
-}  // namespace
+bool gemm_beats_blas(const at::Tensor& t) {
+  const cpu::Capability cap = cpu::capability();
+  return t.is_cpu() && t.scalar_type() == at::kFloat && !cpu::cpu_features().intel &&
+         (cap == cpu::Capability::AVX512 || cap == cpu::Capability::AVX512_BF16);
+}
+
 }  // namespace fastpt
 
-TORCH_LIBRARY_IMPL(fastpt, CPU, m) { m.impl("gemm", &fastpt::gemm_cpu); }
+TORCH_LIBRARY_IMPL(fastpt, CPU, m) { m.impl("gemm", &fastpt::gemm_tensors); }

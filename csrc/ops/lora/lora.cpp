@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "common/glue.h"
+#include "ops/gemm/gemm_glue.h"
 #include "ops/int8/int8_weight.h"
 
 namespace fastpt {
@@ -96,6 +97,12 @@ void for_row_blocks(int64_t m, Fn&& fn) {
   });
 }
 
+// The base product x W^T (forward) or g W (backward): fastpt's gemm where it beats BLAS.
+at::Tensor base_mm(const at::Tensor& x, const at::Tensor& w, bool trans_w) {
+  if (gemm_beats_blas(x)) return gemm_tensors(x, w, false, trans_w);
+  return at::mm(x, trans_w ? w.t() : w);
+}
+
 bool blocked_cpu_path(const at::Tensor& x) {
   return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
@@ -110,7 +117,8 @@ at::Tensor lora_linear(const at::Tensor& x, const std::optional<at::Tensor>& wei
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
   at::Tensor out;
   if (blocked_cpu_path(x) && weight.has_value()) {
-    out = bias.has_value() ? at::addmm(*bias, x2, weight->t()) : at::mm(x2, weight->t());
+    out = base_mm(x2, *weight, true);
+    if (bias.has_value()) out.add_(*bias);
     for_row_blocks(d.m, [&](int, int64_t r0, int64_t r1) {
       out.slice(0, r0, r1).addmm_(at::mm(xd.slice(0, r0, r1), a.t()), b.t(), 1, scale);
     });
@@ -135,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const int64_t m = x2.size(0), k = x2.size(1), n = b.size(0), r = a.size(0);
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
   at::Tensor grad_x = at::empty({0}, x.options());
-  if (need_grad_x) grad_x = weight.has_value() ? at::mm(g, *weight) : at::zeros({m, k}, x.options());
+  if (need_grad_x) grad_x = weight.has_value() ? base_mm(g, *weight, false) : at::zeros({m, k}, x.options());
   // With dropout the input gradient of the LoRA path is dropout(u A): added after the pass.
   const bool fuse_grad_x = need_grad_x && dropout_p == 0;
   at::Tensor u = fuse_grad_x ? at::Tensor() : at::empty({m, r}, x.options());
