@@ -105,6 +105,8 @@ def test_linear_falls_back_where_torch_is_faster_or_casts():
     assert not gemm_module.uses_gemm(x.double(), w.double())
     assert torch.equal(ops.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
     assert gemm_module.uses_gemm(x, w) == gemm_module.own_kernel_active()
+    one_row = torch.randn(1, 1, 8)   # a matrix-vector product stays with torch's gemv
+    assert torch.equal(ops.linear(one_row, w), F.linear(one_row, w))
 
 
 def test_linear_under_compile_fullgraph():

@@ -132,7 +132,8 @@ inline void pack_rows_f32(const float* src, int64_t ld, int64_t k, int64_t n, fl
       const int64_t nj = std::min<int64_t>(kNR, n - j0);
       float* d = dst + ((j0 / kNR) * k + p) * kNR;
       _mm512_storeu_ps(d, _mm512_maskz_loadu_ps(lanes(nj), src + p * ld + j0));
-      _mm512_storeu_ps(d + 16, _mm512_maskz_loadu_ps(nj > 16 ? lanes(nj - 16) : __mmask16(0), src + p * ld + j0 + 16));
+      const __mmask16 hi = nj > 16 ? lanes(nj - 16) : __mmask16(0);
+      _mm512_storeu_ps(d + 16, _mm512_maskz_loadu_ps(hi, src + p * ld + j0 + 16));
     }
 }
 
@@ -261,7 +262,8 @@ inline void fp16_to_f32(const uint16_t* src, int64_t ld, int64_t rows, int64_t c
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 m = lanes(cols - j);
-      _mm512_mask_storeu_ps(dst.data() + i * cols + j, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i * ld + j)));
+      const __m512 x = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i * ld + j));
+      _mm512_mask_storeu_ps(dst.data() + i * cols + j, m, x);
     }
 }
 

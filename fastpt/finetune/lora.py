@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.nn.int8_linear import Int8Linear
+from fastpt.nn.linear import Linear
 from fastpt.ops.lora import lora_linear
 
 # Architecture-aware defaults (PEFT's choices): attention projections.
@@ -194,13 +195,13 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapter into plain ``nn.Linear`` layers and drop every LoRA module
-    (an Int8Linear base becomes a float32 ``nn.Linear`` with the merged weight)."""
+    (an Int8Linear base becomes a float32 ``fastpt.nn.Linear`` with the merged weight)."""
     for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
         base = m.base_layer
         delta = m.delta_weight(m.active) if m.active and m.active not in m.merged else 0
         if isinstance(base, Int8Linear):
             w = base.dequantized_weight(torch.float32) + sum(m.delta_weight(n) for n in m.merged) + delta
-            plain = nn.Linear(m.in_features, m.out_features, bias=base.bias is not None)
+            plain = Linear(m.in_features, m.out_features, bias=base.bias is not None)
             with torch.no_grad():
                 plain.weight.copy_(w)
                 if base.bias is not None:
