@@ -33,7 +33,8 @@ def assert_fp32_close(out, ref, k):
 
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
-@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (8, 32, 16), (300, 129, 257), (513, 70, 1000)])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 37, 1000), (3, 70, 17), (4, 5, 16), (7, 33, 5), (8, 32, 16),
+                                     (300, 129, 257), (513, 70, 1000)])
 def test_matches_float64(cpu_capability, m, n, k, ta, tb):
     a, b = operands(m, n, k, ta, tb)
     out = ops.gemm(a, b, ta, tb)
@@ -105,8 +106,6 @@ def test_linear_falls_back_where_torch_is_faster_or_casts():
     assert not gemm_module.uses_gemm(x.double(), w.double())
     assert torch.equal(ops.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
     assert gemm_module.uses_gemm(x, w) == gemm_module.own_kernel_active()
-    one_row = torch.randn(1, 1, 8)   # a matrix-vector product stays with torch's gemv
-    assert torch.equal(ops.linear(one_row, w), F.linear(one_row, w))
 
 
 def test_linear_under_compile_fullgraph():

@@ -10,6 +10,7 @@ import torch
 from models_util import hf_gpt2, hf_llama, hf_t5, max_err, randomize_
 from fastpt.models import Decoder, from_hf, from_name, generate
 from fastpt.models.generation import _as_batch, _filter
+from fastpt.ops.gemm import own_kernel_active
 
 # HF generate sizes its T5 cache by num_layers, so the decoder depth must equal it here.
 HF = {"llama": hf_llama, "gpt2": hf_gpt2, "t5": lambda: hf_t5(num_decoder_layers=2)}
@@ -142,8 +143,9 @@ def test_bad_arguments():
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autocast):
-    """Weights cast once (autocast) and stored column-major (float32) for the call: same
-    tokens as without, and the parameters are the same tensors after."""
+    """Weights cast once (autocast) and stored column-major (float32, where torch's BLAS
+    runs the products) for the call: same tokens as without, and the parameters are the same
+    tensors after."""
     import contextlib
     from fastpt.models import generation
     _, model = _pair(name)
@@ -167,7 +169,8 @@ def test_decode_weights_change_nothing_and_are_restored(monkeypatch, name, autoc
         plain = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(fast, plain)
     inside = seen[0]["layers.0.attn.o_proj.weight" if name == "llama" else "layers.0.mlp.fc_in.weight"]
-    assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, False))
+    # float32: column-major where torch's BLAS does the products, row-major for fastpt's
+    assert inside == ((torch.bfloat16, True) if autocast else (torch.float32, own_kernel_active()))
     qkv = seen[1][0]  # q, k and v stacked: (H + 2 Hkv) D rows
     attn = model.layers[0].attn
     assert qkv.shape == ((attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim, model.config.hidden_size)
@@ -184,10 +187,10 @@ def test_decode_weights_cache_follows_weight_changes():
     ids = torch.randint(3, 97, (1, 6))
     model.generate(ids, max_new_tokens=8, eos_token_id=[])
     cache = model._decode_weights_cache
-    w = model.layers[0].attn.o_proj.weight
-    first = cache[id(w)][1]
+    key = ("fused_qkv", id(model.layers[0].attn), "w")  # q, k, v stacked: always a copy
+    first = cache[key][1]
     model.generate(ids, max_new_tokens=8, eos_token_id=[])
-    assert cache[id(w)][1] is first                      # reused
+    assert cache[key][1] is first                        # reused
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)                  # in place: version bump
         model.layers[1].attn.q_proj.weight = torch.nn.Parameter(model.layers[1].attn.q_proj.weight * 2)

@@ -256,6 +256,50 @@ inline void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float al
   });
 }
 
+// C[i][j] = sum_p A[i][p] B[j][p] for the M (<= kGemvRows) rows of A and the rows j0 .. j1 of B,
+// both row-major (B as nn.Linear stores its weight): a matrix-vector product (decoding), bound
+// by reading B once, four rows at a time against A's rows held in cache. No packing: packing B
+// would read and write it before the product reads it again.
+constexpr int64_t kGemvRows = 4;
+
+template <int M>
+inline void gemv_rows(int64_t j0, int64_t j1, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc) {
+  constexpr int R = 4;  // rows of B per pass
+  const int64_t full = k / 16 * 16;
+  const __mmask16 tail = lanes(k - full);
+  int64_t j = j0;
+  for (; j < j1; j += R) {
+    const int rows = int(std::min<int64_t>(R, j1 - j));
+    __m512 acc[M][R];
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    auto step = [&](int64_t p, __mmask16 m) {
+      __m512 bv[R];
+      for (int r = 0; r < R; ++r)
+        bv[r] = r < rows ? _mm512_maskz_loadu_ps(m, b + (j + r) * ldb + p) : _mm512_setzero_ps();
+      for (int i = 0; i < M; ++i) {
+        const __m512 av = _mm512_maskz_loadu_ps(m, a + i * lda + p);
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(av, bv[r], acc[i][r]);
+      }
+    };
+    for (int64_t p = 0; p < full; p += 16) step(p, __mmask16(0xFFFF));
+    if (full < k) step(full, tail);
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < rows; ++r) c[i * ldc + j + r] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+}
+
+inline void gemv_nt(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a, int64_t lda, const float* b,
+                    int64_t ldb, float* c, int64_t ldc) {
+  switch (m) {
+    case 1: return gemv_rows<1>(j0, j1, k, a, lda, b, ldb, c, ldc);
+    case 2: return gemv_rows<2>(j0, j1, k, a, lda, b, ldb, c, ldc);
+    case 3: return gemv_rows<3>(j0, j1, k, a, lda, b, ldb, c, ldc);
+    default: return gemv_rows<4>(j0, j1, k, a, lda, b, ldb, c, ldc);
+  }
+}
+
 // rows x cols fp16 (bit patterns, row stride ld) -> fp32, contiguous.
 inline void fp16_to_f32(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, std::vector<float>& dst) {
   dst.resize(rows * cols);

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from fastpt.models._attention import attend
 from fastpt.nn.linear import Linear
+from fastpt.ops.gemm import linear
 
 IGNORE_INDEX = -100
 
@@ -81,7 +82,8 @@ class Attention(nn.Module):
         ``position_ids``; ``cache``: a KVCache whose earlier keys/values are attended too."""
         if self.fused_qkv is not None:  # one matrix-vector product instead of three
             H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-            q, k, v = F.linear(x, *self.fused_qkv).split([H * D, Hkv * D, Hkv * D], -1)
+            project = linear if self.use_fused else F.linear
+            q, k, v = project(x, *self.fused_qkv).split([H * D, Hkv * D, Hkv * D], -1)
             q, k, v = self._heads(q, H), self._heads(k, Hkv), self._heads(v, Hkv)
         else:
             q = self.project_q(x)

@@ -14,6 +14,7 @@ from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
 from fastpt.nn import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from fastpt.ops import reference
+from fastpt.ops.gemm import linear
 from fastpt.ops.swiglu import swiglu
 
 
@@ -50,7 +51,8 @@ class DecoderLayer(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         if self.fused_gate_up is None:
             return self.mlp(x)
-        gate, up = F.linear(x, *self.fused_gate_up).chunk(2, -1)  # one matrix-vector product
+        project = linear if self.mlp.use_fused else F.linear
+        gate, up = project(x, *self.fused_gate_up).chunk(2, -1)  # one matrix-vector product
         act = swiglu if self.mlp.use_fused else reference.swiglu
         return self.mlp.down_proj(act(gate, up))
 

@@ -52,9 +52,7 @@ def uses_gemm(x: Tensor, weight: Tensor) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (y = x W^T + b), through ``gemm`` where that is faster
     (module docstring), else ``F.linear`` itself. Same shapes, errors and gradients."""
-    # One row is a matrix-vector product: bound by reading W, which MKL's gemv does once while
-    # the gemm packs it first (0.66-0.72x for 512 x 1408 weights, 2 threads).
-    if not uses_gemm(x, weight) or x.shape[-1] != weight.shape[1] or x.numel() <= x.shape[-1]:
+    if not uses_gemm(x, weight) or x.shape[-1] != weight.shape[1]:
         return F.linear(x, weight, bias)
     y = gemm(x.reshape(-1, x.shape[-1]), weight, False, True).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias

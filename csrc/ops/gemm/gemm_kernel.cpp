@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/cpu_gemm.h"
 #include "common/cpu_vec.h"
@@ -23,8 +24,26 @@ constexpr int64_t kBlockM = 256;
 constexpr int64_t kBlockN = 128;
 constexpr int64_t kBlockK = 256;
 
+// Rows of B per task of the matrix-vector path.
+constexpr int64_t kGemvGrain = 64;
+
 template <typename T>
 void gemm_blocks(const GemmArgs& g) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // A few rows of A against a row-major B^T (x W^T with nn.Linear's W, decoding): stream B once.
+  // NOTE: the 32000 x 512 head, one row, 2 threads: see README (Linear layers).
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && !cpu_features().intel) {
+      const float* a = static_cast<const float*>(g.a);
+      const float* b = static_cast<const float*>(g.b);
+      float* c = static_cast<float*>(g.c);
+      at::parallel_for(0, g.n, kGemvGrain, [&](int64_t begin, int64_t end) {
+        avx512_gemm::gemv_nt(g.m, begin, end, g.k, a, g.lda, b, g.ldb, c, g.n);
+      });
+      return;
+    }
+  }
+#endif
   const int64_t mb = (g.m + kBlockM - 1) / kBlockM, nb = (g.n + kBlockN - 1) / kBlockN;
   const T* a = static_cast<const T*>(g.a);
   const T* b = static_cast<const T*>(g.b);
