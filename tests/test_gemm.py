@@ -42,6 +42,30 @@ def test_matches_float64(cpu_capability, m, n, k, ta, tb):
     assert_fp32_close(out, product(a, b, ta, tb), k)
 
 
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("m, n, k", [(1, 37, 1000), (3, 70, 17), (4, 129, 64), (40, 70, 33)])
+def test_bfloat16_within_twice_torch_error(cpu_capability, m, n, k, tb):
+    """bf16 inputs, fp32 accumulation, one rounding: the matrix-vector path (up to 4 rows of
+    a against b^T) and the blocked products, against float64 and torch's own bf16 matmul."""
+    a, b = operands(m, n, k, False, tb, torch.bfloat16)
+    out = ops.gemm(a, b, False, tb)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    ref = product(a, b, False, tb)
+    torch_err = ((a @ (b.t() if tb else b)).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6 * ref.abs().max().item()
+
+
+def test_linear_bf16_decoding_path_matches_autocast_f_linear():
+    x, w = torch.randn(1, 1, 96), torch.randn(50, 96).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_module.gemm_dtype(x, w) == (torch.bfloat16 if gemm_module.own_kernel_active() else None)
+        got, want = ops.linear(x, w), F.linear(x, w)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # fp32 sums in another order, each rounded once to bf16: within a unit in the last place
+    assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+
+
 def test_strided_inputs_are_read_in_place_or_copied():
     big = torch.randn(40, 90)
     a = big[3:20, 5:60]            # row stride 90 > 55 columns
@@ -119,7 +143,7 @@ def test_bad_input_names_the_problem():
         ops.gemm(torch.randn(3), torch.randn(3, 2))
     with pytest.raises(ValueError, match="inner dimensions differ"):
         ops.gemm(torch.randn(3, 4), torch.randn(5, 2))
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float64"):
         ops.gemm(torch.ones(3, 4, dtype=torch.int32), torch.ones(4, 2, dtype=torch.int32))
     with pytest.raises(TypeError, match="dtype of a"):
         ops.gemm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))

@@ -262,8 +262,15 @@ inline void gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float al
 // would read and write it before the product reads it again.
 constexpr int64_t kGemvRows = 4;
 
-template <int M>
-inline void gemv_rows(int64_t j0, int64_t j1, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+// 16 elements from p (masked) as fp32: fp32 as they are, bf16 (bit patterns) widened exactly
+// (a bf16 is the high half of an fp32).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+template <int M, typename T>
+inline void gemv_rows(int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
                       float* c, int64_t ldc) {
   constexpr int R = 4;  // rows of B per pass
   const int64_t full = k / 16 * 16;
@@ -277,9 +284,9 @@ inline void gemv_rows(int64_t j0, int64_t j1, int64_t k, const float* a, int64_t
     auto step = [&](int64_t p, __mmask16 m) {
       __m512 bv[R];
       for (int r = 0; r < R; ++r)
-        bv[r] = r < rows ? _mm512_maskz_loadu_ps(m, b + (j + r) * ldb + p) : _mm512_setzero_ps();
+        bv[r] = r < rows ? load16(b + (j + r) * ldb + p, m) : _mm512_setzero_ps();
       for (int i = 0; i < M; ++i) {
-        const __m512 av = _mm512_maskz_loadu_ps(m, a + i * lda + p);
+        const __m512 av = load16(a + i * lda + p, m);
         for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(av, bv[r], acc[i][r]);
       }
     };
@@ -290,8 +297,10 @@ inline void gemv_rows(int64_t j0, int64_t j1, int64_t k, const float* a, int64_t
   }
 }
 
-inline void gemv_nt(int64_t m, int64_t j0, int64_t j1, int64_t k, const float* a, int64_t lda, const float* b,
-                    int64_t ldb, float* c, int64_t ldc) {
+// fp32 or bf16 A and B (fp32 accumulation and output).
+template <typename T>
+inline void gemv_nt(int64_t m, int64_t j0, int64_t j1, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                    float* c, int64_t ldc) {
   switch (m) {
     case 1: return gemv_rows<1>(j0, j1, k, a, lda, b, ldb, c, ldc);
     case 2: return gemv_rows<2>(j0, j1, k, a, lda, b, ldb, c, ldc);

@@ -4,9 +4,10 @@ On x86 CPUs other than Intel's, torch's BLAS (MKL) runs its AVX2 kernels: one th
 project's AMD EPYC VM reaches ~100 GFLOP/s in fp32 there, against ~230 for fastpt's AVX-512
 micro-kernel (``csrc/common/gemm_avx512.h``, blocked and threaded in
 ``csrc/ops/gemm/gemm_kernel.cpp``; shapes and numbers in the README, "Linear layers").
-``linear`` takes that kernel for float32 CPU tensors on such CPUs and is ``F.linear``
-everywhere else: CUDA (cuBLAS), other dtypes, under autocast (which casts to bf16/fp16 for
-oneDNN), and on Intel CPUs, where MKL runs its AVX-512 / AMX kernels.
+``linear`` takes that kernel for float32 CPU tensors on such CPUs, and for bf16
+matrix-vector products (decoding; MKL/oneDNN read the weights at about half the rate), and
+is ``F.linear`` everywhere else: CUDA (cuBLAS), other dtypes, larger products under autocast
+(oneDNN's bf16 kernels), and on Intel CPUs, where MKL runs its AVX-512 / AMX kernels.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ _AVX512_BUILDS = ("AVX512", "AVX512_BF16")
 
 
 def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> Tensor:
-    """op(a) @ op(b), op(x) = x.T when its flag is set, for 2-D float32 / float64 CPU tensors.
+    """op(a) @ op(b), op(x) = x.T when its flag is set, for 2-D float32 / bfloat16 / float64
+    CPU tensors.
 
     Any strides with one unit-stride dim are read in place; other layouts are copied. Returns
-    a contiguous (m, n) tensor. float32 runs fastpt's AVX-512 kernel on non-Intel CPUs and MKL
-    elsewhere; float64 runs MKL (for gradcheck). Differentiable in a and b.
+    a contiguous (m, n) tensor of the inputs' dtype (bf16: fp32 accumulation, rounded once).
+    float32 and bfloat16 run fastpt's AVX-512 kernels on non-Intel CPUs (bf16 products of
+    more than 4 rows: VDPBF16PS where the CPU has AVX512_BF16) and MKL elsewhere; float64 runs
+    MKL (for gradcheck). Differentiable in a and b.
 
     Raises:
         ValueError: a or b not 2-D, inner dimensions differ, devices differ.
-        TypeError: dtype not float32 / float64, or a and b differ.
+        TypeError: dtype not float32 / bfloat16 / float64, or a and b differ.
     """
     return torch.ops.fastpt.gemm(a, b, trans_a, trans_b)
 
@@ -42,19 +46,39 @@ def own_kernel_active() -> bool:
     return not _FEATURES.get("intel", True) and _C.cpu_capability() in _AVX512_BUILDS
 
 
+# Rows up to which a bfloat16 product takes fastpt's matrix-vector path (csrc/common/gemm_avx512.h
+# kGemvRows); larger bf16 products stay on oneDNN, which is as fast as fastpt's there.
+_GEMV_ROWS = 4
+
+
+def gemm_dtype(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.dtype | None:
+    """The dtype ``linear(x, weight, bias)`` runs fastpt's product in, or None for ``F.linear``:
+    float32 (no autocast) on CPUs where the kernel is active; bfloat16 for matrix-vector
+    products (decoding: up to 4 rows) with bf16 weights, plain or under bf16 autocast, no bias."""
+    if x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1 or not own_kernel_active():
+        return None
+    rows = x.numel() // max(x.shape[-1], 1)
+    bf16_gemv = weight.dtype == torch.bfloat16 and bias is None and rows <= _GEMV_ROWS
+    if torch.is_autocast_enabled("cpu"):
+        return torch.bfloat16 if bf16_gemv and torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    if x.dtype == weight.dtype == torch.float32:
+        return torch.float32
+    return torch.bfloat16 if bf16_gemv and x.dtype == torch.bfloat16 else None
+
+
 def uses_gemm(x: Tensor, weight: Tensor) -> bool:
     """Whether ``linear(x, weight)`` runs fastpt's kernel (else ``F.linear``)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.dim() == 2 and x.dim() >= 1 and not torch.is_autocast_enabled("cpu")
-            and own_kernel_active())
+    return gemm_dtype(x, weight) is not None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (y = x W^T + b), through ``gemm`` where that is faster
-    (module docstring), else ``F.linear`` itself. Same shapes, errors and gradients."""
-    if not uses_gemm(x, weight) or x.shape[-1] != weight.shape[1]:
+    (module docstring, ``gemm_dtype``), else ``F.linear`` itself. Same shapes, dtypes, errors
+    and gradients."""
+    dtype = gemm_dtype(x, weight, bias)
+    if dtype is None or x.shape[-1] != weight.shape[1]:
         return F.linear(x, weight, bias)
-    y = gemm(x.reshape(-1, x.shape[-1]), weight, False, True).view(*x.shape[:-1], weight.shape[0])
+    y = gemm(x.reshape(-1, x.shape[-1]).to(dtype), weight, False, True).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 
 

@@ -1,6 +1,6 @@
-// Matrix product C = op(A) op(B) (op(X) = X or X^T), row-major, fp32 or fp64, for linear layers on
-// CPUs where torch's BLAS is slow (gemm_kernel.cpp). Argument struct shared by the kernel file
-// and the glue.
+// Matrix product C = op(A) op(B) (op(X) = X or X^T), row-major, fp32, bf16 or fp64, for linear
+// layers on CPUs where torch's BLAS is slow (gemm_kernel.cpp). Argument struct shared by the
+// kernel file and the glue.
 #pragma once
 #include <cstdint>
 
@@ -15,8 +15,8 @@ struct GemmArgs {
   int64_t lda;
   const void* b;  // (k, n), or (n, k) when trans_b; row stride ldb
   int64_t ldb;
-  void* c;  // (m, n) contiguous
-  DType dtype;  // kFloat32 or kFloat64
+  void* c;  // (m, n) contiguous: float32 for fp32 and bf16 inputs, float64 for fp64
+  DType dtype;  // of A and B: kFloat32, kBFloat16 or kFloat64
 };
 
 }  // namespace fastpt

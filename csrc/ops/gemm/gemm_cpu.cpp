@@ -34,21 +34,23 @@ Operand operand(const at::Tensor& x, bool trans) {
 at::Tensor gemm_tensors(const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b) {
   TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, "gemm: a and b must be 2-D, got ", a.sizes(), " and ",
                     b.sizes());
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble,
-                   "gemm: a must be float32 or float64, got ", a.scalar_type());
+  const at::ScalarType dt = a.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16,
+                   "gemm: a must be float32, bfloat16 or float64, got ", dt);
   check_same_dtype(b, a, "gemm: b", "a");
   check_same_device(b, a, "gemm: b", "a");
   const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
   const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
   TORCH_CHECK_VALUE(k == kb, "gemm: inner dimensions differ: op(a) is ", m, " x ", k, ", op(b) is ", kb,
                     " x ", n);
-  at::Tensor c = at::empty({m, n}, a.options());
-  if (m == 0 || n == 0) return c;
-  if (k == 0) return c.zero_();
+  // bf16: fp32 accumulation into an fp32 C, rounded once at the end (as torch's bf16 matmul).
+  at::Tensor c = at::empty({m, n}, a.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+  if (m == 0 || n == 0 || k == 0) return c.zero_().to(dt);
   const Operand A = operand(a, trans_a), B = operand(b, trans_b);
+  const DType dtype = dt == at::kDouble ? DType::kFloat64 : dt == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
   cpu::gemm({A.trans, B.trans, m, n, k, A.t.const_data_ptr(), A.ld, B.t.const_data_ptr(), B.ld,
-             c.mutable_data_ptr(), a.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32});
-  return c;
+             c.mutable_data_ptr(), dtype});
+  return c.to(dt);
 }
 
 bool gemm_beats_blas(const at::Tensor& t) {

@@ -29,25 +29,25 @@ constexpr int64_t kGemvGrain = 64;
 
 template <typename T>
 void gemm_blocks(const GemmArgs& g) {
+  using A = acc_t<T>;  // C's type: float (fp32, bf16 inputs) or double
+  const T* a = static_cast<const T*>(g.a);
+  const T* b = static_cast<const T*>(g.b);
+  A* c = static_cast<A*>(g.c);
 #if defined(CPU_CAPABILITY_AVX512)
   // A few rows of A against a row-major B^T (x W^T with nn.Linear's W, decoding): stream B once.
-  // NOTE: the 32000 x 512 head, one row, 2 threads: see README (Linear layers).
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<T, double>) {
     if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && !cpu_features().intel) {
-      const float* a = static_cast<const float*>(g.a);
-      const float* b = static_cast<const float*>(g.b);
-      float* c = static_cast<float*>(g.c);
+      using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+      const Bits* ab = reinterpret_cast<const Bits*>(a);
+      const Bits* bb = reinterpret_cast<const Bits*>(b);
       at::parallel_for(0, g.n, kGemvGrain, [&](int64_t begin, int64_t end) {
-        avx512_gemm::gemv_nt(g.m, begin, end, g.k, a, g.lda, b, g.ldb, c, g.n);
+        avx512_gemm::gemv_nt(g.m, begin, end, g.k, ab, g.lda, bb, g.ldb, c, g.n);
       });
       return;
     }
   }
 #endif
   const int64_t mb = (g.m + kBlockM - 1) / kBlockM, nb = (g.n + kBlockN - 1) / kBlockN;
-  const T* a = static_cast<const T*>(g.a);
-  const T* b = static_cast<const T*>(g.b);
-  T* c = static_cast<T*>(g.c);
   at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       // Consecutive tasks share a column block of B (and its cache lines).
@@ -58,8 +58,8 @@ void gemm_blocks(const GemmArgs& g) {
       for (int64_t p0 = 0; p0 < g.k; p0 += kBlockK) {
         const T* aip = g.trans_a ? ai + p0 * g.lda : ai + p0;
         const T* bjp = g.trans_b ? bj + p0 : bj + p0 * g.ldb;
-        cpu_gemm::gemm<T, T>(g.trans_a, g.trans_b, rows, cols, std::min(kBlockK, g.k - p0), T(1), aip, g.lda,
-                             bjp, g.ldb, T(p0 == 0 ? 0 : 1), c + i0 * g.n + j0, g.n);
+        cpu_gemm::gemm<T, A>(g.trans_a, g.trans_b, rows, cols, std::min(kBlockK, g.k - p0), A(1), aip, g.lda,
+                             bjp, g.ldb, A(p0 == 0 ? 0 : 1), c + i0 * g.n + j0, g.n);
       }
     }
   });
@@ -69,6 +69,7 @@ void gemm_blocks(const GemmArgs& g) {
 
 void gemm(const GemmArgs& g) {
   if (g.dtype == DType::kFloat64) gemm_blocks<double>(g);
+  else if (g.dtype == DType::kBFloat16) gemm_blocks<c10::BFloat16>(g);
   else gemm_blocks<float>(g);
 }
 
