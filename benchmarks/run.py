@@ -27,7 +27,7 @@ import torch
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
 
-OPS = ("rms_norm", "swiglu", "rope", "attention", "attention_causal", "int8_matmul",
+OPS = ("rms_norm", "swiglu", "rope", "attention", "attention_causal", "linear", "int8_matmul",
        "int8_linear", "lora_linear", "value_iteration_sparse", "value_iteration_dense",
        "value_iteration_solve")
 ALLOCS = ("steady", "default")

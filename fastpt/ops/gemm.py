@@ -1,4 +1,5 @@
-"""Matrix products for linear layers: ``fastpt::gemm`` (CPU, float32 / float64) and ``linear``.
+"""Matrix products for linear layers: ``fastpt::gemm`` (CPU; float32, bfloat16, float64) and
+``linear``.
 
 On x86 CPUs other than Intel's, torch's BLAS (MKL) runs its AVX2 kernels: one thread of this
 project's AMD EPYC VM reaches ~100 GFLOP/s in fp32 there, against ~230 for fastpt's AVX-512
@@ -83,8 +84,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _shape(a, b, trans_a, trans_b):
-    torch._check(a.dim() == 2 and b.dim() == 2, lambda: f"gemm: a and b must be 2-D, got {tuple(a.shape)} and "
-                 f"{tuple(b.shape)}")
+    torch._check(a.dim() == 2 and b.dim() == 2,
+                 lambda: f"gemm: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
     m, k = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
     kb, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
     torch._check(k == kb, lambda: f"gemm: inner dimensions differ: op(a) is {m} x {k}, op(b) is {kb} x {n}")
