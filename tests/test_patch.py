@@ -156,7 +156,8 @@ def test_state_dict_unchanged_by_patch():
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
 
 
-def test_peft_lora_wrapped_model():
+def _peft_llama():
+    """A tiny random Llama wrapped by peft's LoRA on every linear layer, B non-zero."""
     peft = pytest.importorskip("peft")
     base = hf_llama()
     randomize_(base)
@@ -166,6 +167,11 @@ def test_peft_lora_wrapped_model():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    return model
+
+
+def test_peft_lora_wrapped_model():
+    model = _peft_llama()
     reference = copy.deepcopy(model)
     expected = with_linears(model, FAMILIES["llama"][1])
     report = fastpt.patch(model)
@@ -279,15 +285,7 @@ def test_fused_cross_entropy_loss_and_gradients(name):
 
 
 def test_peft_lora_with_fused_cross_entropy():
-    peft = pytest.importorskip("peft")
-    base = hf_llama()
-    randomize_(base)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = _peft_llama()
     reference = copy.deepcopy(model)
     assert fastpt.patch(model, fused_cross_entropy=True).patched["cross_entropy"] == 1
     ids, mask = _padded_batch(left=True)

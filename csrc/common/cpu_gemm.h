@@ -76,7 +76,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
 #if defined(__AVX512BF16__)
     if (!cpu_features().amx_bf16)  // with AMX, MKL is the faster one
       return avx512_gemm::gemm_bf16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
-                          reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+                                    reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 #endif
     if (gemm_bf16bf16f32_)
       return gemm_bf16bf16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
