@@ -52,6 +52,8 @@ PYBIND11_MODULE(_C, m) {
         "The best CPU kernel build this machine can run.");
   m.def("set_cpu_capability", &set_cpu_capability, py::arg("name"),
         "Use another CPU kernel build (at most the detected one); for tests and A/B timing.");
+  m.def("own_gemm_active", &fastpt::cpu::own_gemm_active,
+        "Whether fp32 products run on fastpt's AVX-512 kernels instead of MKL (non-Intel CPU, AVX512 build).");
   m.def("stream_min_bytes", &fastpt::cpu::stream_min_bytes,
         "Outputs of at least this many bytes are written with non-temporal stores.");
   m.def("set_stream_min_bytes", &fastpt::cpu::set_stream_min_bytes, py::arg("bytes"),

@@ -17,6 +17,9 @@ enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3
 
 Capability detected_capability();  // the best build this CPU and OS can run
 Capability capability();           // the build kernels use now
+// Whether fp32 products run on fastpt's AVX-512 kernels (common/gemm_avx512.h) rather than
+// MKL: an AVX512 build in use on a non-Intel CPU, where MKL runs its AVX2 kernels.
+bool own_gemm_active();
 // Throws std::invalid_argument when the CPU cannot run `cap`.
 void set_capability(Capability cap);
 const char* capability_name(Capability cap);

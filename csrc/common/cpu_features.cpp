@@ -83,6 +83,11 @@ Capability detected_capability() { return best(cpu_features()); }
 
 Capability capability() { return static_cast<Capability>(active().load(std::memory_order_relaxed)); }
 
+bool own_gemm_active() {
+  const Capability cap = capability();
+  return !cpu_features().intel && (cap == Capability::AVX512 || cap == Capability::AVX512_BF16);
+}
+
 void set_capability(Capability cap) {
   if (static_cast<int>(cap) > static_cast<int>(detected_capability())) {
     throw std::invalid_argument(std::string("this CPU cannot run the ") + capability_name(cap) +

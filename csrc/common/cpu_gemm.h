@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
 #include "common/cpu_features.h"
 #include "common/gemm_avx512.h"
 
@@ -67,7 +68,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
   const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (!cpu_features().intel) return avx512_gemm::gemm_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (own_gemm_active()) return avx512_gemm::gemm_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
     if (sgemm_) return sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, double>) {
@@ -83,7 +84,7 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
                                reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (!cpu_features().intel)
+    if (own_gemm_active())
       return avx512_gemm::gemm_f16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
                                    reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 #endif

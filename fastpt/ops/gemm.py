@@ -20,10 +20,6 @@ from torch import Tensor
 import fastpt._C as _C
 from fastpt.ops._checks import check_same_device
 
-_FEATURES = _C.cpu_features()
-_AVX512_BUILDS = ("AVX512", "AVX512_BF16")
-
-
 def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> Tensor:
     """op(a) @ op(b), op(x) = x.T when its flag is set, for 2-D float32 / bfloat16 / float64
     CPU tensors.
@@ -44,7 +40,7 @@ def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> 
 @torch.compiler.assume_constant_result  # a compiled graph keeps the choice made when traced
 def own_kernel_active() -> bool:
     """Whether ``linear`` uses fastpt's kernel for float32 CPU tensors on this machine now."""
-    return not _FEATURES.get("intel", True) and _C.cpu_capability() in _AVX512_BUILDS
+    return _C.own_gemm_active()
 
 
 # Rows up to which a bfloat16 product takes fastpt's matrix-vector path (csrc/common/gemm_avx512.h

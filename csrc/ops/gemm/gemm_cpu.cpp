@@ -3,7 +3,6 @@
 #include <torch/library.h>
 
 #include "common/cpu_dispatch.h"
-#include "common/cpu_features.h"
 #include "common/glue.h"
 #include "ops/gemm/gemm.h"
 #include "ops/gemm/gemm_glue.h"
@@ -54,9 +53,7 @@ at::Tensor gemm_tensors(const at::Tensor& a, const at::Tensor& b, bool trans_a, 
 }
 
 bool gemm_beats_blas(const at::Tensor& t) {
-  const cpu::Capability cap = cpu::capability();
-  return t.is_cpu() && t.scalar_type() == at::kFloat && !cpu::cpu_features().intel &&
-         (cap == cpu::Capability::AVX512 || cap == cpu::Capability::AVX512_BF16);
+  return t.is_cpu() && t.scalar_type() == at::kFloat && cpu::own_gemm_active();
 }
 
 }  // namespace fastpt

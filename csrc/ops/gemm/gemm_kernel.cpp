@@ -36,7 +36,7 @@ void gemm_blocks(const GemmArgs& g) {
 #if defined(CPU_CAPABILITY_AVX512)
   // A few rows of A against a row-major B^T (x W^T with nn.Linear's W, decoding): stream B once.
   if constexpr (!std::is_same_v<T, double>) {
-    if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && !cpu_features().intel) {
+    if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && own_gemm_active()) {
       using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
       const Bits* ab = reinterpret_cast<const Bits*>(a);
       const Bits* bb = reinterpret_cast<const Bits*>(b);
