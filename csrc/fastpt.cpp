@@ -38,6 +38,9 @@
     "int8_linear(Tensor x, Tensor weight_packed, Tensor weight_colsum, Tensor weight_scale, "  \
     "int out_features, Tensor? bias, float threshold) -> Tensor")                              \
   X("gemm", "gemm(Tensor a, Tensor b, bool trans_a, bool trans_b) -> Tensor")                  \
+  X("softmax_cross_entropy_",                                                                  \
+    "softmax_cross_entropy_(Tensor(a!) logits, Tensor labels, float grad_scale, int ignore_index, " \
+    "bool write_grad) -> Tensor")                                                              \
   X("hash_dropout", "hash_dropout(Tensor x, float p, Tensor? seed) -> Tensor")                 \
   X("lora_linear",                                                                             \
     "lora_linear(Tensor x, Tensor? weight, Tensor? base_out, Tensor lora_a, Tensor lora_b, "   \

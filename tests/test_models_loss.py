@@ -11,29 +11,32 @@ from models_util import max_err
 from fastpt.models import Decoder, Encoder, Seq2Seq, from_name
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
-def test_linear_cross_entropy_float64(chunk_rows, monkeypatch):
+def test_linear_cross_entropy_float64(chunk_rows, fused, monkeypatch):
     V = 50
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", chunk_rows * V)
     x = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(V, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (23,))
     labels[[3, 10]] = -100
-    got = loss_mod.linear_cross_entropy(x, w, labels)
+    got = loss_mod.linear_cross_entropy(x, w, labels, fused=fused)
     ref = F.cross_entropy(x @ w.T, labels)
     assert abs(got.item() - ref.item()) < 1e-12
     for a, b in zip(torch.autograd.grad(3 * got, (x, w)), torch.autograd.grad(3 * ref, (x, w))):
         assert max_err(a, b) < 1e-12
     if chunk_rows == 7:  # several chunks, the last one partial
-        assert torch.autograd.gradcheck(lambda x, w: loss_mod.linear_cross_entropy(x, w, labels), (x, w))
+        assert torch.autograd.gradcheck(lambda x, w: loss_mod.linear_cross_entropy(x, w, labels, fused=fused),
+                                        (x, w))
 
 
-def test_linear_cross_entropy_bf16_autocast():
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_cross_entropy_bf16_autocast(fused):
     x = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(100, 32, requires_grad=True)
     labels = torch.randint(0, 100, (64,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = loss_mod.linear_cross_entropy(x, w, labels)
+        got = loss_mod.linear_cross_entropy(x, w, labels, fused=fused)
         ref = F.cross_entropy(F.linear(x, w).float(), labels)
     assert abs(got.item() - ref.item()) < 1e-2 * abs(ref.item())
     ga, gb = torch.autograd.grad(got, (x, w)), torch.autograd.grad(ref, (x, w))
@@ -69,3 +72,20 @@ def test_return_logits_false_same_loss_and_grads(name):
     assert ga.keys() == gb.keys()
     for n in ga:
         assert max_err(ga[n], gb[n]) < 1e-5, n
+
+
+def test_fused_and_eager_paths_agree_float32():
+    """The in-place kernel path and the eager path give the same loss and gradients (fp32,
+    ignored rows, several chunks)."""
+    x = torch.randn(40, 24, requires_grad=True)
+    w = torch.randn(300, 24, requires_grad=True)
+    labels = torch.randint(0, 300, (40,))
+    labels[::4] = -100
+    results = []
+    for fused in (True, False):
+        loss = loss_mod.linear_cross_entropy(x, w, labels, fused=fused)
+        results.append((loss.detach(), torch.autograd.grad(2 * loss, (x, w))))
+    (la, ga), (lb, gb) = results
+    assert abs(la.item() - lb.item()) < 1e-5
+    for a, b in zip(ga, gb):
+        assert max_err(a, b) < 1e-5

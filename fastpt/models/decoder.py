@@ -183,7 +183,7 @@ class Decoder(PreTrainedModel):
                             past_key_values=cache)
         if labels is not None and not return_logits:  # training: loss without the (B, T, V) logits
             out.loss = linear_cross_entropy(x[:, :-1], self.lm_head.weight, labels[:, 1:],
-                                            fused_gemm=self.use_fused)
+                                            fused=self.use_fused)
             return out
         out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         if labels is not None:

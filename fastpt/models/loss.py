@@ -6,6 +6,10 @@ while that chunk is processed, and the gradients w.r.t. x and weight are compute
 there (softmax - one-hot is known in the forward), so the backward is a scaling. For a
 Llama step with B*T = 4096 tokens and V = 32000 that avoids two 500 MB fp32 tensors
 (logits and their gradient) and their memory traffic, at the same GEMM count.
+
+On CPU the fused path turns each chunk's logits into their gradient in place with one
+kernel (``fastpt.ops.softmax_cross_entropy_``); the eager path (``fused=False``, other
+devices) does it with log_softmax, exp, scatter and a cast, as PyTorch would.
 """
 
 from __future__ import annotations
@@ -14,20 +18,36 @@ import torch
 from torch import Tensor
 
 from fastpt.models.common import IGNORE_INDEX
+from fastpt.ops.cross_entropy import softmax_cross_entropy_
 from fastpt.ops.gemm import gemm, uses_gemm
 
 # Rows per chunk: chunk * V fp32 logits = 128 MB (1024 rows at V = 32000). Smaller chunks
 # cost more float32 conversions of the (V, d) weight-gradient partial sums under autocast.
 _CHUNK_ELEMENTS = 32 << 20
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _torch_mm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool) -> Tensor:
     return (a.t() if trans_a else a) @ (b.t() if trans_b else b)
 
 
+def _eager_softmax_xent_(logits: Tensor, labels: Tensor, valid: Tensor, acc: torch.dtype,
+                         write_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(row losses, softmax - one-hot in logits' dtype with ignored rows zero) in eager ops."""
+    target = labels.clamp(min=0).unsqueeze(1)
+    logp = torch.log_softmax(logits, dim=-1, dtype=acc)
+    loss = -logp.gather(1, target).squeeze(1) * valid
+    if not write_grad:
+        return loss, None
+    g = logp.exp_()                                               # softmax, in place
+    g.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=acc, device=g.device))
+    # masked and cast to the GEMM dtype in one pass
+    return loss, torch.mul(g, valid.unsqueeze(1), out=torch.empty(g.shape, dtype=logits.dtype, device=g.device))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, fused_gemm: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, fused: bool) -> Tensor:
         N, V = x.shape[0], weight.shape[0]
         chunk = max(1, _CHUNK_ELEMENTS // V)
         device = x.device.type
@@ -36,43 +56,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # here, not once per matmul as autocast would.
         mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         x_mm, w_mm = x.to(mm), weight.to(mm)
-        mm_ = gemm if fused_gemm and uses_gemm(x_mm, w_mm) else _torch_mm
+        mm_ = gemm if fused and uses_gemm(x_mm, w_mm) else _torch_mm
+        use_kernel = fused and device == "cpu" and mm in _KERNEL_DTYPES
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_x or need_w
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=x.device)
         with torch.autocast(device, enabled=False):
             for s in range(0, N, chunk):
-                xs, vs = x_mm[s:s + chunk], valid[s:s + chunk]
-                target = labels[s:s + chunk].clamp(min=0).unsqueeze(1)
-                logp = torch.log_softmax(mm_(xs, w_mm, False, True), dim=-1, dtype=acc)
-                total -= (logp.gather(1, target).squeeze(1) * vs).sum()
-                if not (need_x or need_w):
-                    continue
-                g = logp.exp_()                                   # softmax, in place
-                g.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=acc, device=g.device))
-                # d(mean loss)/d(logits), scaled and cast to the GEMM dtype in one pass
-                g = torch.mul(g, (vs / count).unsqueeze(1), out=torch.empty(g.shape, dtype=mm, device=g.device))
+                xs, ls = x_mm[s:s + chunk], labels[s:s + chunk]
+                logits = mm_(xs, w_mm, False, True)
+                if use_kernel and logits.stride(-1) == 1:
+                    # g is the logits buffer, overwritten with softmax - one-hot
+                    loss = softmax_cross_entropy_(logits, ls, ignore_index=IGNORE_INDEX, write_grad=need_grad)
+                    g = logits
+                else:
+                    loss, g = _eager_softmax_xent_(logits, ls, valid[s:s + chunk], acc, need_grad)
+                total += loss.sum()
+                # g is the gradient of the summed loss; the mean's 1 / count is applied once,
+                # to grad_x and grad_w, in backward.
                 if need_x:
                     grad_x[s:s + chunk] = mm_(g, w_mm, False, False)
                 if need_w:
                     grad_w += mm_(g, xs, True, False)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None)
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None, count)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return (None if grad_x is None else grad_x * grad_out.to(grad_x.dtype),
-                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None)
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_out / count
+        return (None if grad_x is None else grad_x * scale.to(grad_x.dtype),
+                None if grad_w is None else grad_w * scale.to(grad_w.dtype), None, None)
 
 
-def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, *, fused_gemm: bool = True) -> Tensor:
+def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, *, fused: bool = True) -> Tensor:
     """Mean cross-entropy of ``x @ weight.T`` against ``labels`` (-100 ignored).
 
     x: (..., d); weight: (V, d); labels: x.shape[:-1]. Differentiable in x and weight
-    (first order only). ``fused_gemm``: the products go through ``fastpt.ops.gemm`` where
-    ``fastpt.ops.linear`` would (False: torch's matmul, for the models' eager A/B path)."""
-    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), fused_gemm)
+    (first order only). ``fused``: the products go through ``fastpt.ops.gemm`` where
+    ``fastpt.ops.linear`` would, and on CPU each chunk's softmax and gradient through
+    ``fastpt.ops.softmax_cross_entropy_`` (False: torch's matmul and eager ops, for the
+    models' eager A/B path)."""
+    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), fused)

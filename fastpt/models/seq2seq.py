@@ -229,7 +229,7 @@ class Seq2Seq(PreTrainedModel):
         out = Seq2SeqOutput(last_hidden_state=y, encoder_last_hidden_state=encoder_outputs,
                             hidden_states=dec_hidden, encoder_hidden_states=enc_hidden, past_key_values=cache)
         if labels is not None and not return_logits:  # loss without the (B, T, V) logits
-            out.loss = linear_cross_entropy(h, head, labels, fused_gemm=self.use_fused)
+            out.loss = linear_cross_entropy(h, head, labels, fused=self.use_fused)
             return out
         out.logits = nn.functional.linear(h, head)
         if labels is not None:
