@@ -38,6 +38,8 @@
     "int8_linear(Tensor x, Tensor weight_packed, Tensor weight_colsum, Tensor weight_scale, "  \
     "int out_features, Tensor? bias, float threshold) -> Tensor")                              \
   X("gemm", "gemm(Tensor a, Tensor b, bool trans_a, bool trans_b) -> Tensor")                  \
+  X("gemm_into_",                                                                              \
+    "gemm_into_(Tensor(a!) c, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate) -> ()") \
   X("softmax_cross_entropy_",                                                                  \
     "softmax_cross_entropy_(Tensor(a!) logits, Tensor labels, float grad_scale, int ignore_index, " \
     "bool write_grad) -> Tensor")                                                              \

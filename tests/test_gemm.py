@@ -149,3 +149,52 @@ def test_bad_input_names_the_problem():
         ops.gemm(torch.randn(3, 4), torch.randn(4, 2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="mat1 and mat2|shapes cannot be multiplied"):
         ops.linear(torch.randn(3, 4), torch.randn(5, 6))   # F.linear's own message
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("ta, tb", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("m, n, k", [(1, 37, 1000), (4, 5, 16), (300, 129, 257)])
+def test_gemm_into_writes_or_adds_in_place(cpu_capability, m, n, k, ta, tb, accumulate):
+    """c = op(a) op(b), or c += with accumulate, through every path (matrix-vector rows
+    included: accumulate must not take the path that overwrites)."""
+    a, b = operands(m, n, k, ta, tb)
+    c = torch.randn(m, n)
+    start = c.clone()
+    assert ops.gemm_into_(c, a, b, ta, tb, accumulate=accumulate) is c
+    assert_fp32_close(c, product(a, b, ta, tb) + (start.double() if accumulate else 0), k)
+
+
+@pytest.mark.parametrize("tb", [False, True])
+def test_gemm_into_bfloat16_sums_in_float32(cpu_capability, tb):
+    """bf16 operands summed into a float32 c over chunks: no bf16 rounding of the partial
+    sums, so the error is that of one fp32 product of the bf16 values."""
+    a, b = operands(96, 70, 40, True, tb, torch.bfloat16)
+    c = torch.zeros(96, 70)
+    for s in range(0, 40, 16):  # a weight gradient over chunks of rows
+        ops.gemm_into_(c, a[s:s + 16], b[:, s:s + 16] if tb else b[s:s + 16], True, tb, accumulate=True)
+    assert_fp32_close(c, product(a, b, True, tb), 40)
+
+
+def test_gemm_into_zero_inner_dimension():
+    c = torch.ones(3, 2)
+    ops.gemm_into_(c, torch.empty(3, 0), torch.empty(0, 2), accumulate=True)
+    assert torch.equal(c, torch.ones(3, 2))
+    ops.gemm_into_(c, torch.empty(3, 0), torch.empty(0, 2))
+    assert torch.equal(c, torch.zeros(3, 2))
+
+
+def test_gemm_into_opcheck():
+    a, b = operands(9, 6, 11, False, True)
+    torch.library.opcheck(torch.ops.fastpt.gemm_into_.default, (torch.zeros(9, 6), a, b, False, True, True))
+
+
+def test_gemm_into_bad_output():
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"c must have shape \(3, 2\)"):
+        ops.gemm_into_(torch.zeros(2, 3), a, b)
+    with pytest.raises(TypeError, match="c must be Float for BFloat16"):
+        ops.gemm_into_(torch.zeros(3, 2, dtype=torch.bfloat16), a.bfloat16(), b.bfloat16())
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.gemm_into_(torch.zeros(2, 3).t(), a, b)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        ops.gemm_into_(torch.zeros(3, 2), a.requires_grad_(), b)

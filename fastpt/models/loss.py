@@ -19,12 +19,14 @@ from torch import Tensor
 
 from fastpt.models.common import IGNORE_INDEX
 from fastpt.ops.cross_entropy import softmax_cross_entropy_
-from fastpt.ops.gemm import gemm, uses_gemm
+from fastpt.ops.gemm import gemm, gemm_into_, uses_gemm
 
 # Rows per chunk: chunk * V fp32 logits = 128 MB (1024 rows at V = 32000). Smaller chunks
 # cost more float32 conversions of the (V, d) weight-gradient partial sums under autocast.
 _CHUNK_ELEMENTS = 32 << 20
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# GEMM dtypes fastpt.ops.gemm_into_ sums in float32 (float64) in place.
+_ACCUMULATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def _torch_mm(a: Tensor, b: Tensor, trans_a: bool, trans_b: bool) -> Tensor:
@@ -62,26 +64,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1).to(acc)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_x or need_w
-        grad_x = torch.empty_like(x) if need_x else None
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=x.device)
+        own_mm = mm_ is gemm  # float32 products on fastpt's kernel (gemm_dtype)
+        logits_buf = None
         with torch.autocast(device, enabled=False):
             for s in range(0, N, chunk):
                 xs, ls = x_mm[s:s + chunk], labels[s:s + chunk]
-                logits = mm_(xs, w_mm, False, True)
-                if use_kernel and logits.stride(-1) == 1:
+                if use_kernel:
+                    # One logits buffer for every chunk: a new 100+ MB tensor per chunk would
+                    # page-fault its memory in each time (glibc maps blocks over 32 MiB afresh).
+                    if logits_buf is None:
+                        logits_buf = torch.empty((min(chunk, N), V), dtype=mm, device=x.device)
+                    logits = logits_buf[:xs.shape[0]]
+                    if own_mm:
+                        gemm_into_(logits, xs, w_mm, False, True)
+                    else:
+                        torch.mm(xs, w_mm.t(), out=logits)
                     # g is the logits buffer, overwritten with softmax - one-hot
                     loss = softmax_cross_entropy_(logits, ls, ignore_index=IGNORE_INDEX, write_grad=need_grad)
                     g = logits
                 else:
-                    loss, g = _eager_softmax_xent_(logits, ls, valid[s:s + chunk], acc, need_grad)
+                    loss, g = _eager_softmax_xent_(mm_(xs, w_mm, False, True), ls, valid[s:s + chunk], acc, need_grad)
                 total += loss.sum()
                 # g is the gradient of the summed loss; the mean's 1 / count is applied once,
                 # to grad_x and grad_w, in backward.
                 if need_x:
-                    grad_x[s:s + chunk] = mm_(g, w_mm, False, False)
+                    if own_mm:
+                        gemm_into_(grad_x[s:s + chunk], g, w_mm, False, False)
+                    else:
+                        grad_x[s:s + chunk] = mm_(g, w_mm, False, False)
                 if need_w:
-                    grad_w += mm_(g, xs, True, False)
+                    if use_kernel and mm in _ACCUMULATE_DTYPES:
+                        gemm_into_(grad_w, g, xs, True, False, accumulate=True)  # no (V, d) temporary
+                    else:
+                        grad_w += mm_(g, xs, True, False)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None, count)
         return total / count
 

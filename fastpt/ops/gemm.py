@@ -37,6 +37,25 @@ def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> 
     return torch.ops.fastpt.gemm(a, b, trans_a, trans_b)
 
 
+def gemm_into_(c: Tensor, a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False, *,
+               accumulate: bool = False) -> Tensor:
+    """c = op(a) @ op(b), or c += op(a) @ op(b) with ``accumulate``, in place; returns c.
+
+    c: contiguous (m, n) float32 (float64 for float64 a and b; bfloat16 a and b accumulate in
+    float32). For an output reused across calls (no new allocation: large ones page-fault
+    their memory in on every call) and for sums of products, e.g. a weight gradient summed
+    over chunks of rows, with no temporary and no rounding of the partial sums. CPU only, no
+    autograd.
+
+    Raises:
+        ValueError / TypeError: as :func:`gemm`; c of the wrong shape, dtype or layout.
+    """
+    if torch.is_grad_enabled() and (c.requires_grad or a.requires_grad or b.requires_grad):
+        raise RuntimeError("gemm_into_ works in place and has no autograd; use fastpt.ops.gemm")
+    torch.ops.fastpt.gemm_into_(c, a, b, trans_a, trans_b, accumulate)
+    return c
+
+
 @torch.compiler.assume_constant_result  # a compiled graph keeps the choice made when traced
 def own_kernel_active() -> bool:
     """Whether ``linear`` uses fastpt's kernel for float32 CPU tensors on this machine now."""
@@ -93,6 +112,14 @@ def _gemm_fake(a, b, trans_a, trans_b):
     m, n = _shape(a, b, trans_a, trans_b)
     check_same_device("a", a, b=b)
     return a.new_empty((m, n))
+
+
+@torch.library.register_fake("fastpt::gemm_into_")
+def _gemm_into_fake(c, a, b, trans_a, trans_b, accumulate):
+    m, n = _shape(a, b, trans_a, trans_b)
+    check_same_device("a", a, b=b, c=c)
+    torch._check(tuple(c.shape) == (m, n), lambda: f"gemm_into_: c must have shape ({m}, {n}), got {tuple(c.shape)}")
+    return None
 
 
 def _setup_context(ctx, inputs, output):

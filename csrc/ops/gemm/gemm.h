@@ -17,6 +17,16 @@ struct GemmArgs {
   int64_t ldb;
   void* c;  // (m, n) contiguous: float32 for fp32 and bf16 inputs, float64 for fp64
   DType dtype;  // of A and B: kFloat32, kBFloat16 or kFloat64
+  bool accumulate = false;  // C += op(A) op(B) instead of C = op(A) op(B)
+  // Optional second product added in the same pass, C = op(A) op(B) + op(A2) op(B2), with
+  // A2 (m, k2) and B2 (k2, n) laid out as A and B are (k2 = 0: none). Each block of C gets
+  // it while still in cache: a LoRA layer's x W^T + (x A^T) B^T without a second pass over C.
+  bool trans_a2 = false, trans_b2 = false;
+  int64_t k2 = 0;
+  const void* a2 = nullptr;
+  int64_t lda2 = 0;
+  const void* b2 = nullptr;
+  int64_t ldb2 = 0;
 };
 
 }  // namespace fastpt

@@ -36,7 +36,7 @@ void gemm_blocks(const GemmArgs& g) {
 #if defined(CPU_CAPABILITY_AVX512)
   // A few rows of A against a row-major B^T (x W^T with nn.Linear's W, decoding): stream B once.
   if constexpr (!std::is_same_v<T, double>) {
-    if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && own_gemm_active()) {
+    if (g.m <= avx512_gemm::kGemvRows && !g.trans_a && g.trans_b && g.k2 == 0 && !g.accumulate && own_gemm_active()) {
       using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
       const Bits* ab = reinterpret_cast<const Bits*>(a);
       const Bits* bb = reinterpret_cast<const Bits*>(b);
@@ -47,6 +47,8 @@ void gemm_blocks(const GemmArgs& g) {
     }
   }
 #endif
+  const T* a2 = static_cast<const T*>(g.a2);
+  const T* b2 = static_cast<const T*>(g.b2);
   const int64_t mb = (g.m + kBlockM - 1) / kBlockM, nb = (g.n + kBlockN - 1) / kBlockN;
   at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -59,7 +61,13 @@ void gemm_blocks(const GemmArgs& g) {
         const T* aip = g.trans_a ? ai + p0 * g.lda : ai + p0;
         const T* bjp = g.trans_b ? bj + p0 : bj + p0 * g.ldb;
         cpu_gemm::gemm<T, A>(g.trans_a, g.trans_b, rows, cols, std::min(kBlockK, g.k - p0), A(1), aip, g.lda,
-                             bjp, g.ldb, A(p0 == 0 ? 0 : 1), c + i0 * g.n + j0, g.n);
+                             bjp, g.ldb, A(p0 == 0 && !g.accumulate ? 0 : 1), c + i0 * g.n + j0, g.n);
+      }
+      if (g.k2 > 0) {  // the second product, into the block while it is in cache
+        const T* a2i = g.trans_a2 ? a2 + i0 : a2 + i0 * g.lda2;
+        const T* b2j = g.trans_b2 ? b2 + j0 * g.ldb2 : b2 + j0;
+        cpu_gemm::gemm<T, A>(g.trans_a2, g.trans_b2, rows, cols, g.k2, A(1), a2i, g.lda2, b2j, g.ldb2,
+                             A(g.k == 0 && !g.accumulate ? 0 : 1), c + i0 * g.n + j0, g.n);
       }
     }
   });

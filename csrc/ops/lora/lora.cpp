@@ -116,7 +116,12 @@ at::Tensor lora_linear(const at::Tensor& x, const std::optional<at::Tensor>& wei
   const at::Tensor x2 = x.reshape({d.m, d.k});
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
   at::Tensor out;
-  if (blocked_cpu_path(x) && weight.has_value()) {
+  if (gemm_beats_blas(x2) && weight.has_value()) {
+    // x W^T + (scale xa) B^T in one pass of fastpt's gemm over the output
+    const at::Tensor xa = gemm_tensors(xd, a, false, true).mul_(scale);  // (m, r)
+    out = gemm2_tensors(x2, *weight, false, true, xa, b, false, true);
+    if (bias.has_value()) out.add_(*bias);
+  } else if (blocked_cpu_path(x) && weight.has_value()) {
     out = base_mm(x2, *weight, true);
     if (bias.has_value()) out.add_(*bias);
     for_row_blocks(d.m, [&](int, int64_t r0, int64_t r1) {
@@ -162,6 +167,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   return {grad_x, acc_a.sum(0), acc_b.sum(0).mul_(scale)};
 }
 
+// float32 where fastpt's gemm beats BLAS: five products of fastpt's gemm, the rank-r update of
+// grad_x added in the same pass as the base product g W.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_gemm(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& a,
+    const at::Tensor& b, double scale, double dropout_p, const std::optional<at::Tensor>& seed, bool need_grad_x) {
+  const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
+  const at::Tensor u = gemm_tensors(g, b, false, false).mul_(scale);       // (m, r) = scale g B
+  const at::Tensor xa = gemm_tensors(xd, a, false, true);                  // (m, r), recomputed
+  const at::Tensor grad_b = gemm_tensors(g, xa, true, false).mul_(scale);  // scale g^T xa
+  const at::Tensor grad_a = gemm_tensors(u, xd, true, false);              // u^T dropout(x)
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (need_grad_x) {
+    // With dropout the update's input gradient is dropout(u A), added on its own.
+    grad_x = dropout_p > 0 ? gemm_tensors(g, weight, false, false).add_(hash_dropout(gemm_tensors(u, a, false, false),
+                                                                                         dropout_p, seed))
+                           : gemm2_tensors(g, weight, false, false, u, a, false, false);
+    grad_x = grad_x.view(x.sizes());
+  }
+  return {grad_x, grad_a, grad_b};
+}
+
 // (grad_x or an empty tensor when !need_grad_x, grad_a, grad_b). grad_x holds only the LoRA
 // path when weight is None (the base's own backward adds its part).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
@@ -170,6 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const std::optional<at::Tensor>& seed, bool need_grad_x) {
   const int64_t k = x.size(-1), m = leading_rows(x), n = b.size(0);
   const at::Tensor g = grad_out.reshape({m, n}), x2 = x.reshape({m, k});
+  if (gemm_beats_blas(x2) && weight.has_value()) {
+    return lora_backward_gemm(g, x, x2, *weight, a, b, scale, dropout_p, seed, need_grad_x);
+  }
   if (blocked_cpu_path(x)) return lora_backward_cpu(g, x, x2, weight, a, b, scale, dropout_p, seed, need_grad_x);
   const at::Tensor gb = at::mm(g, b).mul_(scale);  // (m, r) = scale g B
   const at::Tensor xd = dropout_p > 0 ? hash_dropout(x2, dropout_p, seed) : x2;
