@@ -103,6 +103,42 @@ def test_decode_step_equals_last_row_of_full_sequence():
     torch.testing.assert_close(chunk, full[:, :, -5:])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S, D", [(2, 64), (33, 40), (600, 64), (97, 80), (65, 128)])
+def test_single_query_path(cpu_capability, S, D, dtype):
+    """T = 1 without dropout (a decoding step) takes its own kernel: GQA, odd head dims and
+    key counts, the KV cache as a strided view of a longer preallocated buffer; forward and
+    (through the regular backward, from its lse) gradients against float64."""
+    B, H, Hkv = 2, 8, 2
+    cache_k, cache_v = torch.randn(B, Hkv, S + 9, D), torch.randn(B, Hkv, S + 9, D)
+    q = torch.randn(B, H, 1, D)
+    check_against_reference(q, cache_k[:, :, :S], cache_v[:, :, :S], dtype, causal=True)
+
+
+def test_single_query_masks_bias_and_many_tasks():
+    """Key padding (one row with no visible key: 0 and lse -inf), a T5-style bias, and a step
+    large enough to be split over threads."""
+    B, H, Hkv, S, D = 4, 8, 2, 600, 64
+    q, k, v = qkv(B, H, Hkv, 1, S, D)
+    mask = torch.rand(B, S) > 0.3
+    mask[2] = False
+    bias = torch.randn(1, H, 1, S)
+    out, lse = ops.attention(q, k, v, key_padding_mask=mask, attn_bias=bias, return_lse=True)
+    ref = reference.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, attn_bias=bias.double())
+    assert_close(out, ref, torch.float32, "fwd", what="out")
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
+    logits = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) / D ** 0.5 + bias
+    want = logits.masked_fill(~mask[:, None, None, :], float("-inf")).logsumexp(-1)
+    assert torch.allclose(lse[[0, 1, 3]].double(), want[[0, 1, 3]], atol=1e-5)
+
+
+def test_single_query_gradcheck():
+    q = torch.randn(1, 4, 1, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.attention(q, k, v, causal=True), (q, k, v))
+
+
 @pytest.mark.parametrize("bias_shape", [(4, 11, 13), (1, 4, 11, 13), (2, 1, 1, 13), (2, 4, 1, 13), (13,)])
 def test_additive_bias_and_its_gradient(bias_shape):
     q, k, v = qkv(2, 4, 4, 11, 13, 40)

@@ -11,8 +11,7 @@ batched generation produces such rows).
 ``use_fused=False`` is the A/B reference: explicit matmul-softmax-matmul in float32.
 
 ``use_fused=True`` calls ``fastpt.ops.attention``, which also differentiates ``attn_bias``
-when it requires grad (T5's learned relative position bias); except for a single query on
-the CPU (KV-cache decoding), which takes the float32 matmul path (see ``attend``).
+when it requires grad (T5's learned relative position bias).
 """
 
 from __future__ import annotations
@@ -93,16 +92,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
            scale: float | None = None, dropout_p: float = 0.0, use_fused: bool = True) -> Tensor:
     """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D); returns (B, H, T, D) in q's dtype.
 
-    One query per row on the CPU (a KV-cache decoding step) takes the float32 matmul path
-    even when ``use_fused``: two matrix-vector products per kv head, nothing to tile."""
+    A decoding step (one query per row) runs the fused op's single-query kernel: the kv
+    head's G queries against one pass over its cache rows, on the calling thread."""
     _check(q, k, v, key_padding_mask)
     if causal and q.shape[2] == 1:  # one query, aligned at the end: it sees every key
         causal = False
-    # NOTE: a decoding step (T = 1, S = 513, 8/2 heads, D 64) costs 43 us in fastpt::attention
-    # and 34 us as float32 matmuls in fp32 (1 thread), 390 vs 93 us in bf16; with 2 threads
-    # on the loaded 2-core VM the op's parallel region often waits a whole scheduler slice
-    # (8 ms), the small matmuls stay on one thread (26 us). Six such calls per token.
-    if use_fused and not (q.shape[2] == 1 and q.device.type == "cpu"):
+    if use_fused:
         return _attend_fused(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                              attn_bias=attn_bias, scale=scale, dropout_p=dropout_p)
     return attend_eager(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
