@@ -64,3 +64,32 @@ def test_rotary_embedding_bad_arguments():
         fnn.RotaryEmbedding(7)
     with pytest.raises(ValueError, match="layout"):
         fnn.RotaryEmbedding(8, layout="neox")
+
+
+def test_linear_inference_under_autocast_reuses_the_cast_weight():
+    """No grad + bf16 autocast: the same result as F.linear under autocast, from one bf16 copy
+    of the weight kept across calls; remade when the weight changes; never made with grad."""
+    lin = fnn.Linear(64, 48)
+    x = torch.randn(5, 64)
+
+    def f_linear():  # a fresh autocast region: autocast caches its casts of leaves inside one
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.nn.functional.linear(x, lin.weight, lin.bias)
+
+    def ours():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return lin(x)
+
+    got = ours()
+    copy = lin._autocast_weight[1]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, f_linear())
+    ours()
+    assert lin._autocast_weight[1] is copy                        # reused across calls
+    with torch.no_grad():
+        lin.weight.mul_(2)                                         # in place: the version bumps
+    assert torch.equal(ours(), f_linear())
+    assert lin._autocast_weight[1] is not copy
+    del lin._autocast_weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):             # grad mode: autocast's own cast
+        lin(x).float().sum().backward()
+    assert "_autocast_weight" not in lin.__dict__ and lin.weight.grad is not None
