@@ -196,5 +196,8 @@ def test_gemm_into_bad_output():
         ops.gemm_into_(torch.zeros(3, 2, dtype=torch.bfloat16), a.bfloat16(), b.bfloat16())
     with pytest.raises(ValueError, match="contiguous"):
         ops.gemm_into_(torch.zeros(2, 3).t(), a, b)
+    square = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="must not share memory"):
+        ops.gemm_into_(square, square, torch.randn(4, 4))
     with pytest.raises(RuntimeError, match="no autograd"):
         ops.gemm_into_(torch.zeros(3, 2), a.requires_grad_(), b)

@@ -107,6 +107,7 @@ void gemm_into_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
   TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == d.m && c.size(1) == d.n, "gemm_into_: c must have shape (", d.m,
                     ", ", d.n, "), got ", c.sizes());
   TORCH_CHECK_VALUE(c.is_contiguous(), "gemm_into_: c must be contiguous (it is written in place)");
+  TORCH_CHECK_VALUE(!c.is_alias_of(a) && !c.is_alias_of(b), "gemm_into_: c must not share memory with a or b");
   if (d.m == 0 || d.n == 0) return;
   if (d.k == 0) {
     if (!accumulate) c.zero_();
