@@ -505,14 +505,13 @@ void backward(const AttentionBwdArgs& args) {
   });
 }
 
-
 // One query per (b, h) without dropout: a KV-cache decoding step (causal or not, a single
 // query aligned at the end sees every key). The G query heads of a kv head are the rows of
 // two products over its whole cache, (G x D)(D x S) and (G x S)(S x D), with the softmax
 // between them; no tiles, no online rescaling. Small steps run on the calling thread.
-// NOTE: Llama decoding step (8 / 2 heads, D 64, S ~600) on the tiled path: 43 us fp32 and
-// 390 us bf16 (per-tile packing); as float32 matmuls 34 us, plus a cast of the cache and
-// ~10 ATen calls per layer around them.
+// NOTE: Llama decoding step (8 / 2 heads, D 64, S 640), 2 threads, through the models'
+// attend: 26 us fp32 and 20 us bf16 here, against 33 and 46 us for the float32 matmuls with
+// a cast of the cache that decoding used before (the tiled path: 43 and 390 us, 1 thread).
 constexpr int64_t kDecodeParallelWork = 1 << 20;  // multiply-adds of q k^T
 
 template <typename T>
