@@ -119,6 +119,7 @@ def test_opcheck(dtype):
     (torch.randn(10), torch.tensor([0]), ValueError, "logits must be 2-D"),
     (torch.randn(10, 4).t(), torch.tensor([0, 1, 2, 3]), ValueError, "unit stride along classes"),
     (torch.zeros(4, 10, dtype=torch.int64), torch.tensor([0, 1, 2, 3]), TypeError, "logits must be float32"),
+    (torch.randn(1, 10).expand(4, 10), torch.tensor([0, 1, 2, 3]), ValueError, "rows overlap"),
     (torch.randn(2, 0), torch.tensor([IGNORE, IGNORE]), ValueError, "has no classes"),
 ])
 def test_bad_input(logits, labels, error, match):
