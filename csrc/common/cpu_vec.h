@@ -135,6 +135,14 @@ inline void store2(T* p, const aVec<T>& a, const aVec<T>& b, int64_t n) {
   }
 }
 
+// exp of inputs <= 0 or -inf (x minus a row max): float ATen's exp_u20 (<= 20 ulp, ~2e-6
+// relative; exp(-inf) = 0), double Sleef's exp.
+template <typename A>
+inline at::vec::Vectorized<A> exp_nonpos(const at::vec::Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, double>) return x.exp();
+  else return x.exp_u20();
+}
+
 // Calls fn(T{}) with T the C++ type of `dtype` (use decltype on the argument).
 template <typename Fn>
 inline void dispatch_float_types(DType dtype, Fn&& fn) {

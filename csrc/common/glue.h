@@ -24,6 +24,10 @@ inline DType float_dtype(const at::Tensor& t, const char* name, bool allow_float
   }
 }
 
+// The compute type of kernels reading t: float64 for float64, float32 for every other float
+// dtype (the type of accumulators, statistics and lse outputs).
+inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
                              const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,

@@ -34,7 +34,6 @@ struct Inputs {
   AttentionShape shape;
 };
 
-inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline Inputs check_inputs(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                            const std::optional<at::Tensor>& key_padding_mask,

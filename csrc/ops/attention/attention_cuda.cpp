@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cu
   TORCH_CHECK_VALUE(!bias_grad || attn_bias.has_value(), "bias_grad needs attn_bias");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto& s = in.shape;
-  const auto acc = q.options().dtype(attention_glue::compute_type(q.scalar_type()));
+  const auto acc = q.options().dtype(compute_type(q.scalar_type()));
   at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::zeros(k.sizes(), acc), gv = at::zeros(v.sizes(), acc);
   at::Tensor gbias_full = bias_grad ? at::zeros({s.B, s.H, s.T, s.S}, acc) : at::Tensor();
   const at::Tensor dout = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();

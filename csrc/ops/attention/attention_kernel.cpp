@@ -44,17 +44,11 @@ constexpr int64_t kBwdBlockK = 128;
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
-template <typename A>
-inline at::vec::Vectorized<A> vexp(const at::vec::Vectorized<A>& x) {
-  if constexpr (std::is_same_v<A, double>) return x.exp();
-  else return x.exp_u20();  // <= 20 ulp; exp(-inf) = 0 (inputs here are <= 0 or -inf)
-}
-
 // exp for P rounded to bf16 / fp16 (8 / 11 mantissa bits): ATen's cheaper degree-3 fexp_u20.
 // The row sums use the unrounded values; its error there is far below the rounding of P.
 template <typename T>
 inline aVec<T> vexp_p(const aVec<T>& x) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) return vexp(x);
+  if constexpr (std::is_same_v<T, acc_t<T>>) return exp_nonpos(x);
   else return x.fexp_u20();
 }
 
@@ -92,13 +86,13 @@ inline A exp_sub_sum(A* x, int64_t n, A m) {
   V sv(0);
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) {
-    const V e = vexp(V::loadu(x + j) - mv);
+    const V e = exp_nonpos(V::loadu(x + j) - mv);
     e.store(x + j);
     sv = sv + e;
   }
   if (j < n) {
     const int64_t r = n - j;
-    const V e = vexp(V::loadu(x + j, r) - mv);
+    const V e = exp_nonpos(V::loadu(x + j, r) - mv);
     e.store(x + j, r);
     sv = sv + V::set(V(0), e, r);
   }

@@ -38,7 +38,7 @@ at::Tensor softmax_cross_entropy_cpu(at::Tensor& logits, const at::Tensor& label
                       l[r], " in row ", r, " is outside [0, ", cols, ") and is not ignore_index (",
                       ignore_index, ")");
   }
-  at::Tensor loss = at::empty({rows}, logits.options().dtype(dtype == DType::kFloat64 ? at::kDouble : at::kFloat));
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(compute_type(logits.scalar_type())));
   if (rows == 0) return loss;
   TORCH_CHECK_VALUE(cols > 0, "softmax_cross_entropy_: logits has no classes (shape ", logits.sizes(), ")");
   cpu::softmax_xent({logits.mutable_data_ptr(), rows, cols, logits.stride(0), l, ignore_index, grad_scale,

@@ -19,15 +19,6 @@ namespace fastpt::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-// exp of x <= 0 (x - row max). float: ATen's exp_u20 (<= 20 ulp, ~2e-6 relative, inside
-// fp32's budget for a loss; underflows to 0); bf16/fp16 logits are read into float too.
-// double: Sleef's exp.
-template <typename A>
-inline at::vec::Vectorized<A> exp_nonpos(const at::vec::Vectorized<A>& x) {
-  if constexpr (std::is_same_v<A, double>) return x.exp();
-  else return x.exp_u20();
-}
-
 template <typename T>
 void row(T* x, int64_t n, int64_t label, double grad_scale, bool write_grad, acc_t<T>* loss) {
   using A = acc_t<T>;

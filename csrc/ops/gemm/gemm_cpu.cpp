@@ -61,9 +61,9 @@ at::Tensor gemm_impl(const at::Tensor& a, const at::Tensor& b, bool trans_a, boo
   }
   const at::ScalarType dt = a.scalar_type();
   // bf16: fp32 accumulation into an fp32 C, rounded once at the end (as torch's bf16 matmul).
-  at::Tensor c = at::empty({d.m, d.n}, a.options().dtype(dt == at::kDouble ? at::kDouble : at::kFloat));
+  at::Tensor c = at::empty({d.m, d.n}, a.options().dtype(compute_type(dt)));
   if (d.m == 0 || d.n == 0 || d.k + d2.k == 0) return c.zero_().to(dt);
-  const DType dtype = dt == at::kDouble ? DType::kFloat64 : dt == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
+  const DType dtype = float_dtype(a, "gemm: a");  // float32, bfloat16 or float64 (product_dims)
   const Operand A = operand(a, trans_a), B = operand(b, trans_b);
   GemmArgs args{A.trans, B.trans, d.m, d.n, d.k, A.t.const_data_ptr(), A.ld, B.t.const_data_ptr(), B.ld,
                 c.mutable_data_ptr(), dtype};
@@ -100,7 +100,7 @@ at::Tensor gemm2_tensors(const at::Tensor& a, const at::Tensor& b, bool trans_a,
 void gemm_into_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool trans_a, bool trans_b,
                    bool accumulate) {
   const Dims d = product_dims(a, b, trans_a, trans_b, "gemm_into_");
-  const at::ScalarType dt = a.scalar_type(), acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dt = a.scalar_type(), acc = compute_type(dt);
   TORCH_CHECK_TYPE(c.scalar_type() == acc, "gemm_into_: c must be ", acc, " for ", dt, " a and b, got ",
                    c.scalar_type());
   check_same_device(c, a, "gemm_into_: c", "a");
@@ -113,10 +113,9 @@ void gemm_into_cpu(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool
     if (!accumulate) c.zero_();
     return;
   }
-  const DType dtype = dt == at::kDouble ? DType::kFloat64 : dt == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
   const Operand A = operand(a, trans_a), B = operand(b, trans_b);
   GemmArgs args{A.trans, B.trans, d.m, d.n, d.k, A.t.const_data_ptr(), A.ld, B.t.const_data_ptr(), B.ld,
-                c.mutable_data_ptr(), dtype};
+                c.mutable_data_ptr(), float_dtype(a, "gemm_into_: a")};
   args.accumulate = accumulate;
   cpu::gemm(args);
 }

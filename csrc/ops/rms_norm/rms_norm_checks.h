@@ -10,7 +10,7 @@ namespace fastpt {
 
 // rstd and the dw partial sums are kept in the compute type: float32, float64 for float64 x.
 inline at::ScalarType rms_norm_stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return compute_type(x.scalar_type());
 }
 
 inline void rms_norm_check_inputs(const at::Tensor& x, const at::Tensor& weight) {
