@@ -109,6 +109,14 @@ void block_avx2(const int8_t* a, int64_t lda, const int8_t* p0, const int8_t* p1
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
+// acc += vpdpbusd(a, b), accumulating in place. Written in asm because GCC 12 compiles
+// _mm512_dpbusd_epi32 with a register copy per instruction (and spills accumulators): the
+// 8 x 2 kernel ran at 53% of vpdpbusd's throughput, in place at ~100% (Zen 5, in L1).
+__attribute__((target("avx512vnni"))) inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
 // Eight rows x two panels: 16 zmm accumulators, 2 B loads and 8 broadcasts per 4 k.
 __attribute__((target("avx512vnni"))) void vnni_rows8(const int8_t* a, int64_t lda,
                                                         const int8_t* p0, const int8_t* p1,
@@ -122,8 +130,8 @@ __attribute__((target("avx512vnni"))) void vnni_rows8(const int8_t* a, int64_t l
     const __m512i b1 = _mm512_loadu_si512(p1 + g * 64);
     for (int r = 0; r < 8; ++r) {
       const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(load_i32(a + r * lda + 4 * g)), flip);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][0] = dpbusd(acc[r][0], av, b0);
+      acc[r][1] = dpbusd(acc[r][1], av, b1);
     }
   }
   // sum (a + 128) b = sum a b + 128 sum b
