@@ -1,6 +1,6 @@
 """fastpt.ops.softmax_cross_entropy_ against a float64 reference, per CPU kernel build:
 row losses, the in-place gradient, ignored rows, extreme logits, strided rows, opcheck,
-bad input."""
+bad input; and ops.cross_entropy, the differentiable loss built on it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpt import ops
+from tolerances import assert_close
 from fastpt.models.loss import _eager_softmax_xent_
 
 IGNORE = -100
@@ -130,3 +131,82 @@ def test_bad_input(logits, labels, error, match):
 def test_refuses_autograd_inputs():
     with pytest.raises(RuntimeError, match="no autograd"):
         ops.softmax_cross_entropy_(torch.randn(2, 5, requires_grad=True), torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------- ops.cross_entropy (autograd)
+
+def _loss_and_grad(fn, logits, labels, **kw):
+    x = logits.clone().requires_grad_()
+    loss = fn(x, labels, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _eager_cross_entropy(x, labels, reduction="mean", num_items=None):
+    """transformers' ForCausalLMLoss arithmetic: float32 logits, F.cross_entropy."""
+    acc = x if x.dtype == torch.float64 else x.float()
+    loss = F.cross_entropy(acc, labels, ignore_index=IGNORE, reduction="sum" if num_items else reduction)
+    return loss / num_items if num_items else loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("mean", 17)])
+def test_cross_entropy_matches_float64_reference(dtype, reduction, num_items):
+    logits, labels = (3 * torch.randn(37, 1001)).to(dtype), labels_for(37, 1001)
+    kw = dict(reduction=reduction, num_items=num_items)
+    loss, grad = _loss_and_grad(lambda x, y, **k: ops.cross_entropy(x, y, ignore_index=IGNORE, **k), logits, labels, **kw)
+    ref_loss, ref_grad = _loss_and_grad(_eager_cross_entropy, logits.double(), labels, **kw)
+    eager_loss, eager_grad = _loss_and_grad(_eager_cross_entropy, logits, labels, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "fwd", eager=eager_loss, what="loss")
+    assert_close(grad, ref_grad, dtype, "bwd", eager=eager_grad, what="grad")
+    assert (grad[labels == IGNORE] == 0).all()
+
+
+def test_cross_entropy_gradcheck():
+    logits = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, IGNORE, 3, 8, 2, 5])
+    assert torch.autograd.gradcheck(lambda x: ops.cross_entropy(x, labels), (logits,))
+    assert torch.autograd.gradcheck(lambda x: ops.cross_entropy(x, labels, reduction="sum"), (logits,))
+
+
+def test_cross_entropy_second_backward_and_scaled_grad_output():
+    """The saved gradient is never scaled in place: retain_graph gives the same gradient twice,
+    and a grad_output other than 1 (loss * 3) scales it."""
+    logits, labels = torch.randn(8, 50, requires_grad=True), labels_for(8, 50)
+    loss = ops.cross_entropy(logits, labels)
+    first, = torch.autograd.grad(loss, logits, retain_graph=True)
+    second, = torch.autograd.grad(loss, logits, retain_graph=True)
+    tripled, = torch.autograd.grad(3 * loss, logits)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(tripled, 3 * first)
+
+
+def test_cross_entropy_strided_logits_and_int32_labels():
+    base = torch.randn(40, 12)
+    logits = base.t()  # (12, 40), unit stride along rows: copied for the kernel
+    labels = torch.randint(0, 40, (12,), dtype=torch.int32)
+    loss, grad = _loss_and_grad(ops.cross_entropy, logits, labels)
+    ref_loss, ref_grad = _loss_and_grad(_eager_cross_entropy, logits.double(), labels.long())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_all_ignored_is_nan_with_zero_gradient_as_torch():
+    labels = torch.full((3,), IGNORE)
+    loss, grad = _loss_and_grad(ops.cross_entropy, torch.randn(3, 5), labels)
+    ref_loss, ref_grad = _loss_and_grad(F.cross_entropy, torch.randn(3, 5), labels)
+    assert loss.isnan() and ref_loss.isnan() and torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("logits,labels,kw,error,match", [
+    (torch.randn(4, 10), torch.tensor([0, 1, 10, 2]), {}, ValueError, r"label 10 in row 2 is outside \[0, 10\)"),
+    (torch.randn(4, 10), torch.tensor([0, 1, 2]), {}, ValueError, r"logits must be \(N, C\) and labels \(N,\)"),
+    (torch.randn(10), torch.tensor([0]), {}, ValueError, r"logits must be \(N, C\)"),
+    (torch.zeros(4, 10, dtype=torch.int64), torch.tensor([0, 1, 2, 3]), {}, TypeError, "logits must be a float"),
+    (torch.randn(4, 10), torch.tensor([0.0, 1, 2, 3]), {}, TypeError, "labels must be an integer"),
+    (torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), {"reduction": "none"}, ValueError, "reduction must be one of"),
+])
+def test_cross_entropy_bad_input(logits, labels, kw, error, match):
+    with pytest.raises(error, match=match):
+        ops.cross_entropy(logits.requires_grad_() if logits.is_floating_point() else logits, labels, **kw)

@@ -30,12 +30,12 @@ def hf_qwen2(**kw):
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**cfg, **kw})).eval()
 
 
-FAMILIES = {  # builder, expected patched kinds (per model)
-    "llama": (hf_llama, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
-    "mistral": (hf_mistral, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
+FAMILIES = {  # builder, expected patched kinds (per model); "loss": the causal LM's loss_function
+    "llama": (hf_llama, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}),
+    "mistral": (hf_mistral, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}),
     "mistral_window": (lambda: hf_mistral(sliding_window=4), {"rms_norm": 5, "swiglu": 2, "rope": 2,
-                                                               "attention": 2}),
-    "qwen2": (hf_qwen2, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}),
+                                                               "attention": 2, "loss": 1}),
+    "qwen2": (hf_qwen2, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}),
     "gpt2": (hf_gpt2, {"attention": 2}),
     "bert": (hf_bert, {"attention": 2}),
     "t5": (hf_t5, {"rms_norm": 2 * 2 + 1 + 3 * 3 + 1, "attention": 2 + 3 * 2}),
@@ -141,7 +141,7 @@ def test_idempotent_and_unpatch_restores():
     assert patched_classes != classes and model.config._attn_implementation == "fastpt"
     second = fastpt.patch(model)
     assert second == first and [type(m) for m in model.modules()] == patched_classes
-    assert fastpt.unpatch(model) == 5 + 2 + 2 + first.patched.get("linear", 0)
+    assert fastpt.unpatch(model) == 5 + 2 + 2 + 1 + first.patched.get("linear", 0)
     assert [type(m) for m in model.modules()] == classes
     assert model.config._attn_implementation == attn
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_peft_lora_wrapped_model():
     assert report.patched == expected
     ids, mask = _padded_batch(left=True)
     _compare(model, reference, "llama", ids, mask)
-    assert fastpt.unpatch(model) == 9 + report.patched.get("linear", 0)
+    assert fastpt.unpatch(model) == 10 + report.patched.get("linear", 0)
     assert model.base_model.model.config._attn_implementation == reference.base_model.model.config._attn_implementation
 
 
@@ -265,7 +265,7 @@ def test_fused_cross_entropy_loss_and_gradients(name):
     ref64 = copy.deepcopy(model).double().train()
     expected = with_linears(model, expected)
     report = fastpt.patch(model, fused_cross_entropy=True)
-    assert report.patched == {**expected, "cross_entropy": 1}
+    assert report.patched == {**{k: n for k, n in expected.items() if k != "loss"}, "cross_entropy": 1}
     ids, mask = _padded_batch(left=True)
     labels = ids.masked_fill(mask == 0, -100)
     results = []
@@ -301,3 +301,58 @@ def test_peft_lora_with_fused_cross_entropy():
     assert grads[0].keys() == grads[1].keys() and all("lora_" in n for n in grads[0])
     for n in grads[0]:
         assert_close(grads[0][n], grads[1][n].double(), torch.float32, "bwd", what=f"grad {n}")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("num_items", [None, 13])
+def test_patched_loss_matches_hf_and_keeps_logits(name, num_items):
+    """fastpt.patch(model) gives a causal LM fastpt's loss_function: same loss and gradients
+    as HF's ForCausalLMLoss (mean, or sum / num_items_in_batch as the Trainer passes), and the
+    logits are still returned."""
+    model = FAMILIES[name][0]()
+    randomize_(model)
+    reference = copy.deepcopy(model).train()
+    ref64 = copy.deepcopy(model).double().train()
+    fastpt.patch(model)
+    assert model.loss_function is fastpt.patch.modules.causal_lm_loss
+    ids, mask = _padded_batch(left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    kw = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    results = []
+    for m in (model.train(), reference, ref64):
+        m.zero_grad()
+        out = m(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (out, grads), (eager, eager_grads), (ref, ref_grads) = results
+    assert out.logits is not None
+    assert_close(out.logits.detach(), ref.logits.detach(), torch.float32, "fwd", eager=eager.logits.detach(),
+                 what="logits")
+    assert_close(out.loss.detach(), ref.loss.detach(), torch.float32, "fwd", eager=eager.loss.detach(), what="loss")
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], torch.float32, "bwd", eager=eager_grads[n], what=f"grad {n}")
+
+
+def test_patched_loss_respects_a_user_loss_and_unpatch():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = hf_llama()
+    fastpt.patch(model)
+    mine = lambda logits, labels, vocab_size, **kw: logits.sum() * 0  # noqa: E731
+    model.loss_function = mine
+    assert model.loss_function is mine  # the user's choice wins over fastpt's
+    del model._loss_function
+    assert model.loss_function is fastpt.patch.modules.causal_lm_loss
+    fastpt.unpatch(model)
+    assert model.loss_function is ForCausalLMLoss
+
+
+def test_patch_then_fused_cross_entropy_switches_the_loss():
+    model = hf_llama()
+    original = type(model)
+    assert fastpt.patch(model).patched["loss"] == 1
+    report = fastpt.patch(model, fused_cross_entropy=True)
+    assert report.patched["cross_entropy"] == 1 and "loss" not in report.patched
+    assert type(model)._fastpt_kind == "cross_entropy" and type(model).__mro__[1] is original
+    fastpt.unpatch(model)
+    assert type(model) is original

@@ -4,7 +4,7 @@ that tests and benchmarks compare against."""
 
 from fastpt.ops import reference
 from fastpt.ops.attention import attention
-from fastpt.ops.cross_entropy import softmax_cross_entropy_
+from fastpt.ops.cross_entropy import cross_entropy, softmax_cross_entropy_
 from fastpt.ops.gemm import gemm, gemm_into_, linear
 from fastpt.ops.int8 import (dequantize_rowwise, int8_linear, int8_matmul, outlier_columns, pack_int8_weight,
                              quantize_rowwise, quantize_weight, unpack_int8_weight)

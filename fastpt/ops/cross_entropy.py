@@ -1,5 +1,6 @@
 """Softmax cross-entropy over rows of logits with the gradient written in place:
-``fastpt::softmax_cross_entropy_`` (CPU; float32, bfloat16, float16, float64).
+``fastpt::softmax_cross_entropy_`` (CPU; float32, bfloat16, float16, float64), and
+:func:`cross_entropy`, ``F.cross_entropy`` for class logits built on it.
 
 It is the non-GEMM half of ``fastpt.models.loss.linear_cross_entropy``: for a chunk of
 logits it returns each row's loss and overwrites the logits with (softmax - one-hot), the
@@ -11,9 +12,14 @@ exp, scatter and scaling pass over the chunk four to six times.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from torch.autograd.function import once_differentiable
+
 from fastpt.ops._checks import check_same_device
+
+_REDUCTIONS = ("mean", "sum")
 
 
 def softmax_cross_entropy_(logits: Tensor, labels: Tensor, *, grad_scale: float = 1.0,
@@ -37,6 +43,77 @@ def softmax_cross_entropy_(logits: Tensor, labels: Tensor, *, grad_scale: float 
         raise RuntimeError("softmax_cross_entropy_ works in place and has no autograd; "
                            "use fastpt.models.loss.linear_cross_entropy or F.cross_entropy for training")
     return torch.ops.fastpt.softmax_cross_entropy_(logits, labels, grad_scale, ignore_index, write_grad)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """loss_scale * sum_r loss_r with gradient grad_scale * d(sum_r loss_r)/dlogits (the two
+    differ only without rows to average: NaN and 0). The forward keeps the gradient (one
+    kernel pass over a copy of the logits)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, grad_scale: float,
+                loss_scale: float) -> Tensor:
+        # The gradient for grad_output 1 is written into a copy of the logits, in their dtype:
+        # no float32 upcast of the (N, C) logits, no log-softmax kept for backward.
+        grad = logits.detach().clone(memory_format=torch.contiguous_format)
+        rows = torch.ops.fastpt.softmax_cross_entropy_(grad, labels, grad_scale, ignore_index, True)
+        ctx.save_for_backward(grad)
+        return rows.sum() * loss_scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        # loss.backward() passes 1: the saved gradient is the answer. Never scaled in place, so
+        # a second backward (retain_graph) reads it unchanged.
+        if grad_out.item() != 1.0:
+            grad = grad * grad_out.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
+                  reduction: str = "mean", num_items: int | Tensor | None = None) -> Tensor:
+    """``F.cross_entropy(logits.float(), labels, ignore_index=, reduction=)`` for (N, C) class
+    logits, differentiable, without the float32 copies: on CPU one kernel pass computes the
+    row losses in float32 and the gradient (softmax - one-hot) in the logits' dtype
+    (:func:`softmax_cross_entropy_` on a copy), which backward returns as it is.
+    Elsewhere (CUDA) it is that ``F.cross_entropy`` call.
+
+    reduction: "mean" over the rows whose label is not ``ignore_index`` (NaN when there are
+    none, as ``F.cross_entropy``; the gradient is then zero) or "sum". ``num_items``: divide
+    the sum by it instead (transformers' ``num_items_in_batch`` for gradient accumulation).
+    The loss is float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError: logits not (N, C), labels not (N,), a label outside [0, C) other than
+            ignore_index, unknown reduction, devices differ.
+        TypeError: logits not a float dtype, labels not an integer dtype.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a float tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    check_same_device("logits", logits, labels=labels)
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    labels = labels.long()
+    if logits.device.type != "cpu":
+        acc = logits if logits.dtype == torch.float64 else logits.float()
+        loss = F.cross_entropy(acc, labels, ignore_index=ignore_index,
+                               reduction="sum" if num_items is not None else reduction)
+        return loss / num_items if num_items is not None else loss
+    if num_items is not None:
+        scale = 1.0 / float(num_items)
+    elif reduction == "sum":
+        scale = 1.0
+    else:
+        count = int((labels != ignore_index).sum())
+        if count == 0:  # nothing to average: NaN loss and a zero gradient, as F.cross_entropy
+            return _CrossEntropy.apply(logits, labels, ignore_index, 0.0, float("nan"))
+        scale = 1.0 / count
+    return _CrossEntropy.apply(logits, labels, ignore_index, scale, scale)
 
 
 @torch.library.register_fake("fastpt::softmax_cross_entropy_")

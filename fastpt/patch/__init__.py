@@ -13,6 +13,10 @@ and peft wrappers are untouched):
 - attention: "fastpt" is registered in transformers' ``AttentionInterface`` and set as the
   model config's attention implementation, so HF's own modules call ``fastpt.ops.attention``
   (GQA without copying k/v, T5's position bias as ``attn_bias``, padding as a key mask);
+- the causal-LM loss (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: their
+  ``loss_function``) -> ``fastpt.ops.cross_entropy``: the same loss and gradient, the logits
+  still returned, in one kernel pass instead of a float32 copy, log-softmax and its backward;
+  ``fused_cross_entropy=True`` goes further (below);
 - ``nn.Linear`` layers -> ``fastpt.ops.linear``, only where fastpt's GEMM is faster than
   torch's BLAS (float32 on non-Intel x86 CPUs with AVX-512: ``fastpt.ops.gemm``); elsewhere
   they are left alone and not counted.
@@ -64,7 +68,8 @@ class PatchError(ValueError):
 
 @dataclass
 class PatchReport:
-    """``patched``: kind -> number of modules now on fastpt (rms_norm, swiglu, rope, attention).
+    """``patched``: kind -> number of modules now on fastpt (rms_norm, swiglu, rope, attention,
+    linear, loss or cross_entropy).
     ``kept``: HF class name -> why it stays on HF's code. ``unknown``: module classes fastpt
     does not recognise (only with ``strict=False`` after a patch)."""
 
@@ -129,6 +134,9 @@ def _plan(model, fused_cross_entropy: bool = False) -> tuple[list[tuple[nn.Modul
             if fused_cross_entropy or type(module).__dict__.get("_fastpt_kind") == "cross_entropy":
                 swaps.append((module, "cross_entropy", _m.causal_lm_forward))
                 counts["cross_entropy"] += 1
+            else:
+                swaps.append((module, "loss", None))
+                counts["loss"] += 1
         elif name in _RMS_NORMS:
             swaps.append((module, "rms_norm", _m.rms_norm_forward))
             counts["rms_norm"] += 1
@@ -159,6 +167,9 @@ def patch(model: nn.Module, *, strict: bool = True, fused_cross_entropy: bool = 
     Idempotent (patching twice changes nothing more). Works on peft-wrapped models
     (``get_peft_model``); patch before ``torch.compile``.
 
+    Without it the causal LMs keep HF's forward and return their logits; only the loss
+    function is fastpt's (report kind ``loss``).
+
     ``fused_cross_entropy``: Llama/Mistral/Qwen2 ``*ForCausalLM`` called in training mode with
     ``labels`` compute the loss from the hidden states in chunks (fastpt.models.loss) and
     return ``logits=None``: the (B, T, V) logits and their gradient are never materialised.
@@ -185,8 +196,10 @@ def patch(model: nn.Module, *, strict: bool = True, fused_cross_entropy: bool = 
             raise PatchError(message + ". Nothing was changed (strict=False patches the known parts).", report)
         warnings.warn("fastpt.patch: partial patch: " + message, stacklevel=2)
     for module, kind, forward in swaps:
+        if _m.is_patched(module) and type(module)._fastpt_kind != kind:  # loss -> fused loss
+            _m.restore(module)
         if not _m.is_patched(module):
-            _m.swap(module, kind, forward)
+            _m.swap(module, kind, forward, _m.CAUSAL_LM_LOSS if kind in ("loss", "cross_entropy") else None)
     if report.patched.get("attention"):
         register()
         restore = getattr(model, "_fastpt_attn_restore", None)

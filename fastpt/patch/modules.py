@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpt.ops.cross_entropy import cross_entropy
 from fastpt.ops.gemm import linear
 from fastpt.ops.rms_norm import rms_norm
 from fastpt.ops.rope import rope
@@ -76,13 +77,43 @@ def llama_attention_forward(self, hidden_states: Tensor, position_embeddings=Non
     return self.o_proj(attn_output), attn_weights
 
 
-def patched_class(original: type, kind: str, forward) -> type:
-    """The (cached) subclass of ``original`` whose forward is ``forward``."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: Tensor | None = None, **kwargs) -> Tensor:
+    # transformers' ForCausalLMLoss (shift, flatten, mean or sum / num_items_in_batch) on
+    # fastpt.ops.cross_entropy: no float32 copy of the logits, no log-softmax kept for backward.
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return cross_entropy(logits.reshape(-1, vocab_size), shift_labels, ignore_index=ignore_index,
+                         num_items=num_items_in_batch)
+
+
+def _get_loss_function(self):
+    # PreTrainedModel.loss_function, with fastpt's loss for the causal-LM loss it would pick.
+    # A loss the user assigned (model.loss_function = f) is theirs to keep.
+    if "_loss_function" in self.__dict__:
+        return self._loss_function
+    original = type(self)._fastpt_original.loss_function.fget(self)
+    return causal_lm_loss if getattr(original, "__name__", None) == "ForCausalLMLoss" else original
+
+
+def _set_loss_function(self, value):
+    self._loss_function = value
+
+
+# Patched causal LMs get this property (HF's models call self.loss_function(logits=...)).
+CAUSAL_LM_LOSS = {"loss_function": property(_get_loss_function, _set_loss_function)}
+
+
+def patched_class(original: type, kind: str, forward, extra: dict | None = None) -> type:
+    """The (cached) subclass of ``original`` whose forward is ``forward`` (None: the original's)
+    and which also defines ``extra``."""
     key = (original, kind)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"Fastpt{original.__name__}", (original,),
-                                {"forward": forward, "_fastpt_original": original, "_fastpt_kind": kind,
-                                 "__module__": __name__})
+        body = {"_fastpt_original": original, "_fastpt_kind": kind, "__module__": __name__, **(extra or {})}
+        if forward is not None:
+            body["forward"] = forward
+        _SUBCLASSES[key] = type(f"Fastpt{original.__name__}", (original,), body)
     return _SUBCLASSES[key]
 
 
@@ -90,8 +121,8 @@ def is_patched(module) -> bool:
     return "_fastpt_original" in type(module).__dict__
 
 
-def swap(module, kind: str, forward) -> None:
-    module.__class__ = patched_class(type(module), kind, forward)
+def swap(module, kind: str, forward, extra: dict | None = None) -> None:
+    module.__class__ = patched_class(type(module), kind, forward, extra)
 
 
 def restore(module) -> None:
