@@ -54,6 +54,12 @@ struct Int8GemmArgs {
   bool out_int32;
   DType out_dtype;        // when !out_int32
   Int8Path path;          // CPU only
+  // CPU, !out_int32: a rank-r product added before the output is rounded (LLM.int8's
+  // outlier columns): out[m][n] += sum_o outlier_x[m][o] * outlier_wt[o][n], float32,
+  // (m, r) and (r, n) row-major; r = 0: none.
+  const float* outlier_x = nullptr;
+  const float* outlier_wt = nullptr;
+  int64_t outlier_rank = 0;
 };
 
 // q[r][c] = round(x[r][c] / scale[r]) with scale[r] = max_c |x[r][c]| / 127 (round half to

@@ -31,16 +31,30 @@ DType out_kernel_dtype(at::ScalarType t) {
   return t == at::kBFloat16 ? DType::kBFloat16 : t == at::kHalf ? DType::kFloat16 : DType::kFloat32;
 }
 
-// out (m, n) = a_pad (rows padded) x packed weight, through the dequantization epilogue.
+// Up to this many outlier columns are added in the GEMM's epilogue (a few multiply-adds
+// per output, while the block is in cache); more go to one addmm pass over the output.
+// NOTE: 4096 x 4096 x 4096 with 4 outlier columns (2 threads, steady allocator): the
+// separate addmm (with index_select and its output pass) cost ~9 ms of the 84 ms layer.
+constexpr int64_t kEpilogueOutliersMax = 16;
+
+// out (m, n) = a_pad (rows padded) x packed weight, through the dequantization epilogue,
+// plus outlier_x (m, r) outlier_wt (r, n) when given (float32).
 void run_gemm(const at::Tensor& a_pad, int64_t m, const at::Tensor& packed, const at::Tensor& colsum,
               int64_t n, const float* scale_a, const float* scale_b, const at::Tensor& bias_f32,
-              at::Tensor& out, bool out_int32) {
+              at::Tensor& out, bool out_int32, const at::Tensor& outlier_x = at::Tensor(),
+              const at::Tensor& outlier_wt = at::Tensor()) {
   if (m == 0 || n == 0) return;
-  cpu::int8_gemm({a_pad.const_data_ptr<int8_t>(), a_pad.size(1), packed.const_data_ptr<int8_t>(),
-                  colsum.const_data_ptr<int32_t>(), m, n, a_pad.size(1), scale_a, scale_b,
-                  bias_f32.defined() ? bias_f32.const_data_ptr<float>() : nullptr,
-                  out.mutable_data_ptr(), out.size(1), out_int32, out_kernel_dtype(out.scalar_type()),
-                  cpu::int8_path()});
+  Int8GemmArgs g{a_pad.const_data_ptr<int8_t>(), a_pad.size(1), packed.const_data_ptr<int8_t>(),
+                 colsum.const_data_ptr<int32_t>(), m, n, a_pad.size(1), scale_a, scale_b,
+                 bias_f32.defined() ? bias_f32.const_data_ptr<float>() : nullptr,
+                 out.mutable_data_ptr(), out.size(1), out_int32, out_kernel_dtype(out.scalar_type()),
+                 cpu::int8_path()};
+  if (outlier_x.defined()) {
+    g.outlier_x = outlier_x.const_data_ptr<float>();
+    g.outlier_wt = outlier_wt.const_data_ptr<float>();
+    g.outlier_rank = outlier_x.size(1);
+  }
+  cpu::int8_gemm(g);
 }
 
 // The CPU kernel for pack_int8_weight (ATen's permute + copy is ~8x slower on int8).
@@ -150,9 +164,15 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   quantize_into(x2, dtype, outliers, q, scale.mutable_data_ptr<float>());
   at::Tensor out2 = out.view({m, n});
   const at::Tensor ws = w_scale.contiguous();
+  const int64_t n_out = outliers.defined() ? outliers.numel() : 0;
+  at::Tensor outlier_x, outlier_wt;
+  if (n_out > 0 && n_out <= kEpilogueOutliersMax) {
+    outlier_x = x2.index_select(1, outliers).to(at::kFloat).contiguous();
+    outlier_wt = dequantize_weight_columns(packed, ws, n, k, outliers, at::kFloat).t().contiguous();
+  }
   run_gemm(q, m, packed, colsum, n, scale.const_data_ptr<float>(), ws.const_data_ptr<float>(),
-           float_bias(bias), out2, false);
-  if (outliers.defined() && outliers.numel() > 0) {
+           float_bias(bias), out2, false, outlier_x, outlier_wt);
+  if (n_out > kEpilogueOutliersMax) {
     const at::Tensor w_cols = dequantize_weight_columns(packed, ws, n, k, outliers, x.scalar_type());
     out2.addmm_(x2.index_select(1, outliers), w_cols.t());
   }

@@ -211,6 +211,11 @@ void epilogue(const Int8GemmArgs& g, int64_t m0, int64_t n0, const int32_t* c) {
     for (int64_t j = 0; j < nlen; ++j) row[j] = float(ci[j]) * (sa * sb[j]);
     if (g.bias)
       for (int64_t j = 0; j < nlen; ++j) row[j] += g.bias[n0 + j];
+    for (int64_t o = 0; o < g.outlier_rank; ++o) {
+      const float xo = g.outlier_x[(m0 + i) * g.outlier_rank + o];
+      const float* wo = g.outlier_wt + o * g.n + n0;
+      for (int64_t j = 0; j < nlen; ++j) row[j] += xo * wo[j];
+    }
     T* o = static_cast<T*>(g.out) + (m0 + i) * g.ldo + n0;
     for (int64_t j = 0; j < nlen; j += C) {
       V v0, v1;
