@@ -210,3 +210,15 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_gradient_as_torch():
 def test_cross_entropy_bad_input(logits, labels, kw, error, match):
     with pytest.raises(error, match=match):
         ops.cross_entropy(logits.requires_grad_() if logits.is_floating_point() else logits, labels, **kw)
+
+
+def test_cross_entropy_large_grad_output_does_not_overflow_float16():
+    """A GradScaler multiplies the loss by 65536 (> float16's max): the backward scales the
+    float16 gradient in float32 arithmetic, as autograd does through an upcast."""
+    logits = torch.randn(4, 10, dtype=torch.float16, requires_grad=True)
+    labels = torch.tensor([1, 2, 3, IGNORE])
+    (ops.cross_entropy(logits, labels) * 65536).backward()
+    ref = logits.detach().float().requires_grad_()
+    (F.cross_entropy(ref, labels, ignore_index=IGNORE) * 65536).backward()
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad.float(), ref.grad, rtol=2e-3, atol=1e-2)

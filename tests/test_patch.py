@@ -193,6 +193,22 @@ def test_torch_compile_gives_same_logits():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_compile_training_step_with_the_patched_loss():
+    model = hf_llama()
+    randomize_(model)
+    reference = copy.deepcopy(model).train()
+    fastpt.patch(model)
+    ids = torch.randint(3, VOCAB, (B, T))
+    labels = ids.masked_fill(torch.arange(T) < 3, -100)
+    out = torch.compile(model.train(), fullgraph=False)(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref = reference(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
 def _tiny_gpt_neox():
     cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64)

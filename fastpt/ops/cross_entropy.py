@@ -64,10 +64,12 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
-        # loss.backward() passes 1: the saved gradient is the answer. Never scaled in place, so
-        # a second backward (retain_graph) reads it unchanged.
-        if grad_out.item() != 1.0:
-            grad = grad * grad_out.to(grad.dtype)
+        # loss.backward() passes 1: the saved gradient is the answer (no pass over it, no new
+        # (N, C) tensor). Never scaled in place, so a second backward (retain_graph) reads it
+        # unchanged. The product keeps grad's dtype, computed in float32 (a GradScaler's
+        # 65536 would overflow float16 if cast first).
+        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
+            grad = grad * grad_out
         return grad, None, None, None, None
 
 
