@@ -36,7 +36,7 @@ FAMILIES = {  # builder, expected patched kinds (per model); "loss": the causal 
     "mistral_window": (lambda: hf_mistral(sliding_window=4), {"rms_norm": 5, "swiglu": 2, "rope": 2,
                                                                "attention": 2, "loss": 1}),
     "qwen2": (hf_qwen2, {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "loss": 1}),
-    "gpt2": (hf_gpt2, {"attention": 2}),
+    "gpt2": (hf_gpt2, {"attention": 2, "loss": 1}),
     "bert": (hf_bert, {"attention": 2}),
     "t5": (hf_t5, {"rms_norm": 2 * 2 + 1 + 3 * 3 + 1, "attention": 2 + 3 * 2}),
 }
@@ -319,7 +319,7 @@ def test_peft_lora_with_fused_cross_entropy():
         assert_close(grads[0][n], grads[1][n].double(), torch.float32, "bwd", what=f"grad {n}")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("num_items", [None, 13])
 def test_patched_loss_matches_hf_and_keeps_logits(name, num_items):
     """fastpt.patch(model) gives a causal LM fastpt's loss_function: same loss and gradients

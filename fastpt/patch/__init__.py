@@ -13,8 +13,8 @@ and peft wrappers are untouched):
 - attention: "fastpt" is registered in transformers' ``AttentionInterface`` and set as the
   model config's attention implementation, so HF's own modules call ``fastpt.ops.attention``
   (GQA without copying k/v, T5's position bias as ``attn_bias``, padding as a key mask);
-- the causal-LM loss (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: their
-  ``loss_function``) -> ``fastpt.ops.cross_entropy``: the same loss and gradient, the logits
+- the causal-LM loss (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+  GPT2LMHeadModel: their ``loss_function``) -> ``fastpt.ops.cross_entropy``: the same loss and gradient, the logits
   still returned, in one kernel pass instead of a float32 copy, log-softmax and its backward;
   ``fused_cross_entropy=True`` goes further (below);
 - ``nn.Linear`` layers -> ``fastpt.ops.linear``, only where fastpt's GEMM is faster than
@@ -46,6 +46,8 @@ _RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "T5LayerNorm"}
 _SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 _ROPE_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 _CAUSAL_LMS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# Causal LMs whose loss_function fastpt takes over, without the fused-loss forward.
+_LOSS_ONLY_LMS = {"GPT2LMHeadModel"}
 _INTERFACE_ATTENTIONS = _ROPE_ATTENTIONS | {"GPT2Attention", "BertSelfAttention", "BertCrossAttention",
                                             "T5Attention"}
 # Modules of the supported families that fastpt leaves alone, and why.
@@ -137,6 +139,9 @@ def _plan(model, fused_cross_entropy: bool = False) -> tuple[list[tuple[nn.Modul
             else:
                 swaps.append((module, "loss", None))
                 counts["loss"] += 1
+        elif name in _LOSS_ONLY_LMS:
+            swaps.append((module, "loss", None))
+            counts["loss"] += 1
         elif name in _RMS_NORMS:
             swaps.append((module, "rms_norm", _m.rms_norm_forward))
             counts["rms_norm"] += 1
