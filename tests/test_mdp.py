@@ -520,3 +520,25 @@ def test_benchmark_specs(op, impls, recwarn):
         got = fn(case)
         torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
         assert torch.equal(got[1].long(), want[1])
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_restricted_chain_is_the_policy_rows(uniform):
+    """MDP.restricted(policy): row s of the one-action chain is row (s, policy[s]) of P, for
+    equal row lengths (whole rows of a (S*A, k) view) and unequal ones (the general gather)."""
+    m = M.random_sparse_mdp(50, 3, 4, seed=3, gamma=0.9)
+    if not uniform:  # every other state moves to one certain successor: rows of 1 and of up to 4 nonzeros
+        p = np_dense(m)
+        p[:, ::2, :] = 0
+        for a in range(3):
+            for s in range(0, 50, 2):
+                p[a, s, (s + a) % 50] = 1.0
+        m = M.MDP([torch.from_numpy(p[a]).to_sparse_csr() for a in range(3)], m.reward, 0.9)
+        lengths = m.indptr[1:] - m.indptr[:-1]
+        assert lengths.unique().numel() > 1
+    policy = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(4))
+    chain = m.restricted(policy)
+    assert chain.num_actions == 1 and chain.indptr.dtype == m.indptr.dtype
+    expected = np_dense(m)[policy.numpy(), np.arange(50)]
+    np.testing.assert_array_equal(np_dense(chain)[0], expected)
+    np.testing.assert_array_equal(chain.reward.view(-1).numpy(), m.reward.gather(1, policy.view(-1, 1)).view(-1).numpy())

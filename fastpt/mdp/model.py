@@ -388,10 +388,23 @@ class MDP:
         else:
             m.p = None
             rows = torch.arange(S) * A + policy
-            indptr, take = _gather_rows(self.indptr.to(torch.int64), rows)
-            m.indptr = indptr.to(self.indptr.dtype)
-            m.indices, m.values = self.indices[take], self.values[take]
+            k = self._row_length()
+            if k is not None:  # every row has k nonzeros: whole rows of a (S*A, k) view
+                m.indptr = torch.arange(0, S * k + 1, k, dtype=self.indptr.dtype) if S else self.indptr[:1]
+                m.indices = self.indices.view(-1, k).index_select(0, rows).view(-1) if k else self.indices[:0]
+                m.values = self.values.view(-1, k).index_select(0, rows).view(-1) if k else self.values[:0]
+            else:
+                indptr, take = _gather_rows(self.indptr.to(torch.int64), rows)
+                m.indptr = indptr.to(self.indptr.dtype)
+                m.indices, m.values = self.indices[take], self.values[take]
         return m
+
+    def _row_length(self) -> int | None:
+        """k when every (state, action) row of the sparse transitions has k nonzeros (as
+        random_sparse_mdp makes them), else None."""
+        lengths = self.indptr[1:] - self.indptr[:-1]
+        k = int(lengths[0]) if lengths.numel() else 0
+        return k if bool((lengths == k).all()) else None
 
     def __repr__(self) -> str:
         kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
