@@ -110,8 +110,9 @@ void block_avx2(const int8_t* a, int64_t lda, const int8_t* p0, const int8_t* p1
 
 #if defined(CPU_CAPABILITY_AVX512)
 // acc += vpdpbusd(a, b), accumulating in place. Written in asm because GCC 12 compiles
-// _mm512_dpbusd_epi32 with a register copy per instruction (and spills accumulators): the
-// 8 x 2 kernel ran at 53% of vpdpbusd's throughput, in place at ~100% (Zen 5, in L1).
+// _mm512_dpbusd_epi32 with a register copy per instruction (and spills accumulators).
+// NOTE: the 8 x 2 kernel with its data in L1 (this project's AMD EPYC): 53% of vpdpbusd's
+// throughput with the intrinsic, ~100% in place.
 __attribute__((target("avx512vnni"))) inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
