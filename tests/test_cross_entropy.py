@@ -222,3 +222,17 @@ def test_cross_entropy_large_grad_output_does_not_overflow_float16():
     (F.cross_entropy(ref, labels, ignore_index=IGNORE) * 65536).backward()
     assert torch.isfinite(logits.grad).all()
     torch.testing.assert_close(logits.grad.float(), ref.grad, rtol=2e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_without_grad_leaves_logits_alone(dtype):
+    """Evaluation (no grad): the loss from one read of the logits, which stay as they were."""
+    logits, labels = (3 * torch.randn(9, 300)).to(dtype), labels_for(9, 300)
+    before = logits.clone()
+    with torch.no_grad():
+        loss = ops.cross_entropy(logits, labels, ignore_index=IGNORE)
+        strided = ops.cross_entropy(logits.t().contiguous().t(), labels, ignore_index=IGNORE)
+    ref = _eager_cross_entropy(logits.double(), labels)
+    assert torch.equal(logits, before) and not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(strided, loss)

@@ -78,8 +78,9 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
     """``F.cross_entropy(logits.float(), labels, ignore_index=, reduction=)`` for (N, C) class
     logits, differentiable, without the float32 copies: on CPU one kernel pass computes the
     row losses in float32 and the gradient (softmax - one-hot) in the logits' dtype
-    (:func:`softmax_cross_entropy_` on a copy), which backward returns as it is.
-    Elsewhere (CUDA) it is that ``F.cross_entropy`` call.
+    (:func:`softmax_cross_entropy_` on a copy), which backward returns as it is. Without
+    autograd (``no_grad``, or logits that do not require grad) only the losses: one read of
+    the logits, no copy. Elsewhere (CUDA) it is that ``F.cross_entropy`` call.
 
     reduction: "mean" over the rows whose label is not ``ignore_index`` (NaN when there are
     none, as ``F.cross_entropy``; the gradient is then zero) or "sum". ``num_items``: divide
@@ -112,10 +113,12 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
         scale = 1.0
     else:
         count = int((labels != ignore_index).sum())
-        if count == 0:  # nothing to average: NaN loss and a zero gradient, as F.cross_entropy
-            return _CrossEntropy.apply(logits, labels, ignore_index, 0.0, float("nan"))
-        scale = 1.0 / count
-    return _CrossEntropy.apply(logits, labels, ignore_index, scale, scale)
+        scale = 1.0 / count if count else float("nan")  # nothing to average: NaN, as F.cross_entropy
+    if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation: one read, no copy
+        rows_in = logits if logits.stride(-1) == 1 else logits.contiguous()
+        return torch.ops.fastpt.softmax_cross_entropy_(rows_in, labels, 1.0, ignore_index, False).sum() * scale
+    # (the gradient without rows to average is zero, as F.cross_entropy's)
+    return _CrossEntropy.apply(logits, labels, ignore_index, 0.0 if scale != scale else scale, scale)
 
 
 @torch.library.register_fake("fastpt::softmax_cross_entropy_")
