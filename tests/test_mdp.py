@@ -542,3 +542,13 @@ def test_restricted_chain_is_the_policy_rows(uniform):
     expected = np_dense(m)[policy.numpy(), np.arange(50)]
     np.testing.assert_array_equal(np_dense(chain)[0], expected)
     np.testing.assert_array_equal(chain.reward.view(-1).numpy(), m.reward.gather(1, policy.view(-1, 1)).view(-1).numpy())
+
+
+def test_restricted_chain_of_an_all_terminal_mdp():
+    """Terminal states lose their transitions: every row has 0 nonzeros, the chain too."""
+    m = M.random_sparse_mdp(6, 2, 3, seed=0, gamma=0.9)
+    t = M.MDP.from_csr(m.indptr, m.indices, m.values, 6, 2, m.reward, 0.9, terminal=torch.ones(6, dtype=torch.bool))
+    chain = t.restricted(torch.zeros(6, dtype=torch.long))
+    assert chain.indptr.tolist() == [0] * 7 and chain.indices.numel() == 0 and chain.values.numel() == 0
+    res = M.modified_policy_iteration(t, 1e-6)
+    assert res.converged and torch.equal(res.v, M.value_iteration(t, 1e-6).v)

@@ -389,10 +389,10 @@ class MDP:
             m.p = None
             rows = torch.arange(S) * A + policy
             k = self._row_length()
-            if k is not None:  # every row has k nonzeros: whole rows of a (S*A, k) view
-                m.indptr = torch.arange(0, S * k + 1, k, dtype=self.indptr.dtype) if S else self.indptr[:1]
-                m.indices = self.indices.view(-1, k).index_select(0, rows).view(-1) if k else self.indices[:0]
-                m.values = self.values.view(-1, k).index_select(0, rows).view(-1) if k else self.values[:0]
+            if k is not None:  # every row has k nonzeros (k = 0: all terminal): rows of an (S*A, k) view
+                m.indptr = torch.arange(S + 1, dtype=self.indptr.dtype) * k
+                m.indices = self.indices.view(S * A, k).index_select(0, rows).view(-1)
+                m.values = self.values.view(S * A, k).index_select(0, rows).view(-1)
             else:
                 indptr, take = _gather_rows(self.indptr.to(torch.int64), rows)
                 m.indptr = indptr.to(self.indptr.dtype)
