@@ -33,8 +33,14 @@ inline T sparse_dot(const T* w, const IX* idx, const T* v, int64_t b, int64_t e)
     __m512d acc = _mm512_setzero_pd();
     int64_t k = b;
     for (; k + 8 <= e; k += 8) {
-      const __m256i ix = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + k));
-      acc = _mm512_fmadd_pd(_mm512_loadu_pd(w + k), _mm512_i32gather_pd(ix, v, 8), acc);
+      // NOTE: two 4-wide gathers, not one 8-wide: on this project's AMD CPUs the sweep is
+      // bound by gather throughput (it runs nearly as slowly with V in L1), and the ymm form
+      // ran the S = 200k sweep 6-8% faster (fp32 below likewise: 2 x 8 instead of 16, 10%).
+      const __m128i ix0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + k));
+      const __m128i ix1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + k + 4));
+      const __m512d g = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_i32gather_pd(v, ix0, 8)),
+                                           _mm256_i32gather_pd(v, ix1, 8), 1);
+      acc = _mm512_fmadd_pd(_mm512_loadu_pd(w + k), g, acc);
     }
     if (k < e) {
       const __mmask8 m = static_cast<__mmask8>((1u << (e - k)) - 1);
@@ -47,8 +53,11 @@ inline T sparse_dot(const T* w, const IX* idx, const T* v, int64_t b, int64_t e)
     __m512 acc = _mm512_setzero_ps();
     int64_t k = b;
     for (; k + 16 <= e; k += 16) {
-      const __m512i ix = _mm512_loadu_si512(idx + k);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_i32gather_ps(ix, v, 4), acc);
+      const __m256i ix0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + k));
+      const __m256i ix1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + k + 8));
+      const __m512 g = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_i32gather_ps(v, ix0, 4)),
+                                          _mm256_i32gather_ps(v, ix1, 4), 1);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), g, acc);
     }
     if (k < e) {
       const __mmask16 m = static_cast<__mmask16>((1u << (e - k)) - 1);
