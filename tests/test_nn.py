@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
 from fastpt import nn as fnn
+from fastpt.nn import _onednn as fnn_onednn
+from fastpt.nn import linear as fnn_linear
 
 
 @pytest.mark.parametrize("shape, eps, affine", [(64, 1e-6, True), ((4, 16), None, True), (32, 1e-5, False)])
@@ -67,10 +72,11 @@ def test_rotary_embedding_bad_arguments():
 
 
 def test_linear_inference_under_autocast_reuses_the_cast_weight():
-    """No grad + bf16 autocast: the same result as F.linear under autocast, from one bf16 copy
-    of the weight kept across calls; remade when the weight changes; never made with grad."""
+    """No grad + bf16 autocast, up to 4 rows (decoding): the same result as F.linear under
+    autocast, from one bf16 copy of the weight kept across calls; remade when the weight
+    changes; never made with grad."""
     lin = fnn.Linear(64, 48)
-    x = torch.randn(5, 64)
+    x = torch.randn(3, 64)
 
     def f_linear():  # a fresh autocast region: autocast caches its casts of leaves inside one
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -93,3 +99,88 @@ def test_linear_inference_under_autocast_reuses_the_cast_weight():
     with torch.autocast("cpu", dtype=torch.bfloat16):             # grad mode: autocast's own cast
         lin(x).float().sum().backward()
     assert "_autocast_weight" not in lin.__dict__ and lin.weight.grad is not None
+
+
+needs_onednn = pytest.mark.skipif(not fnn_onednn.available(), reason="oneDNN without native bf16 on this CPU")
+
+
+def _bf16_inference(f, *args):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return f(*args)
+
+
+@needs_onednn
+def test_linear_packed_bf16_inference_matches_autocast_and_follows_the_weight():
+    """More than 4 rows: the oneDNN-packed weight, kept across calls, gives what F.linear under
+    autocast gives (within one bf16 rounding), is remade when the weight changes, and is never
+    made with grad (training) or for few rows."""
+    lin = fnn.Linear(96, 80)
+    x = torch.randn(2, 9, 96)
+    ref = lambda: _bf16_inference(torch.nn.functional.linear, x, lin.weight, lin.bias)  # noqa: E731
+    got = _bf16_inference(lin, x)
+    packed = lin._packed_weight[1]
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 9, 80)
+    torch.testing.assert_close(got.float(), ref().float(), rtol=1e-2, atol=1e-2)
+    _bf16_inference(lin, x[:, :5])
+    assert lin._packed_weight[1] is packed                      # reused, also for another row count
+    twin = copy.deepcopy(lin)                                    # the caches are not copied or pickled
+    torch.save(lin, io.BytesIO())
+    assert "_packed_weight" not in twin.__dict__ and torch.equal(_bf16_inference(twin, x), got)
+    with torch.no_grad():
+        lin.weight.mul_(-2)                                      # in place: the version bumps
+    torch.testing.assert_close(_bf16_inference(lin, x).float(), ref().float(), rtol=1e-2, atol=1e-2)
+    assert lin._packed_weight[1] is not packed
+    fresh = fnn.Linear(96, 80)
+    _bf16_inference(fresh, x[0, :4])                             # 4 rows: the matrix-vector path
+    assert "_packed_weight" not in fresh.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16):            # grad mode: autocast's own cast
+        fresh(x).float().sum().backward()
+    assert "_packed_weight" not in fresh.__dict__ and fresh.weight.grad is not None
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_new", "relu", "silu"])
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn", "two-steps"])
+def test_linear_forward_activation_matches_float64(monkeypatch, activation, packed):
+    """forward_activation(x, act) = act(x W^T + b): fused in the packed bf16 call, two steps
+    elsewhere (no oneDNN, fp32, use_fused=False); bf16 within 2 bf16 roundings of float64."""
+    if packed and not fnn_onednn.available():
+        pytest.skip("oneDNN without native bf16 on this CPU")
+    if not packed:
+        monkeypatch.setattr(fnn_onednn, "available", lambda: False)
+    lin = fnn.Linear(64, 40)
+    x = torch.randn(3, 7, 64)
+    act = (lambda y: y) if activation is None else fnn_linear.ACTIVATIONS[activation]
+    want = act(torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()))
+    got = _bf16_inference(lin.forward_activation, x, activation)
+    assert got.dtype == torch.bfloat16 and ("_packed_weight" in lin.__dict__) == (packed and activation != "silu")
+    # inputs and weight rounded to bf16 (relative 2^-8 each), the output rounded once or twice
+    bound = 4 * 2.0 ** -8 * (x.abs() @ lin.weight.abs().t() + lin.bias.abs()).double() + 2 * 2.0 ** -8 * want.abs()
+    assert ((got.double() - want).abs() <= bound + 1e-6).all()
+    for bad in (x.double(), x.long(), x[..., :63]):              # F.linear's errors, packed or not
+        with pytest.raises(RuntimeError):
+            _bf16_inference(lin.forward_activation, bad, activation)
+    with torch.no_grad():                                        # fp32: fastpt's product, then F.linear
+        torch.testing.assert_close(lin.forward_activation(x, activation).double(), want, rtol=1e-5, atol=1e-5)
+        lin.use_fused = False
+        torch.testing.assert_close(lin.forward_activation(x, activation).double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        lin.forward_activation(x, "swish")
+
+
+def test_linear_activation_keeps_hooks_and_wrappers():
+    """The models' linear_activation fuses only into a plain fastpt Linear: a hooked layer or
+    another module still runs its own forward (the hook sees the product, then the activation)."""
+    from fastpt.models.common import linear_activation
+    lin, seen = fnn.Linear(32, 24), []
+    x = torch.randn(2, 6, 32)
+    want = _bf16_inference(lin.forward_activation, x, "gelu")
+    handle = lin.register_forward_hook(lambda m, args, out: seen.append(out))
+    got = _bf16_inference(linear_activation, lin, x, "gelu")
+    assert len(seen) == 1 and torch.equal(got, torch.nn.functional.gelu(seen[0]))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    handle.remove()
+    assert torch.equal(_bf16_inference(linear_activation, lin, x, "gelu"), want) and len(seen) == 1
+    plain = torch.nn.Linear(32, 24)
+    plain.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(_bf16_inference(linear_activation, plain, x, "relu"),
+                               _bf16_inference(lambda: torch.relu(plain(x))))

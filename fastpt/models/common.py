@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastpt.models._attention import attend
-from fastpt.nn.linear import Linear
+from fastpt.nn.linear import ACTIVATIONS, Linear
 from fastpt.ops.gemm import linear
 
 IGNORE_INDEX = -100
@@ -16,15 +16,19 @@ IGNORE_INDEX = -100
 
 def activation(name: str):
     """HF ACT2FN names: gelu (erf), gelu_new (tanh approximation, GPT-2/T5), relu, silu."""
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_new":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    if name == "silu":
-        return F.silu
-    raise ValueError(f"unknown activation {name!r}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    return ACTIVATIONS[name]
+
+
+def linear_activation(layer: nn.Module, x: Tensor, name: str) -> Tensor:
+    """``activation(name)(layer(x))``; one fused call (``Linear.forward_activation``) when the
+    layer is a plain fastpt ``Linear``: not wrapped (LoRA), no hooks, forward not replaced."""
+    plain = (type(layer) is Linear and "forward" not in layer.__dict__
+             and not (layer._forward_hooks or layer._forward_pre_hooks
+                      or nn.modules.module._global_forward_hooks
+                      or nn.modules.module._global_forward_pre_hooks))
+    return layer.forward_activation(x, name) if plain else activation(name)(layer(x))
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
-from fastpt.models.common import (Attention, PreTrainedModel, activation, causal_lm_loss,
-                                  init_normal_, key_padding, positions_from_mask)
+from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, init_normal_, key_padding,
+                                  linear_activation, positions_from_mask)
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
@@ -23,10 +23,10 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.fc_in = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.fc_out = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = activation(c.hidden_act)
+        self.act = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
+        return self.fc_out(linear_activation(self.fc_in, x, self.act))
 
 
 class DecoderLayer(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, activation, cross_entropy,
-                                  init_normal_, key_padding)
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, cross_entropy, init_normal_,
+                                  key_padding, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
 from fastpt.nn.linear import Linear
@@ -43,13 +43,13 @@ class EncoderLayer(nn.Module):
         self.fc_in = Linear(c.hidden_size, c.intermediate_size)
         self.fc_out = Linear(c.intermediate_size, c.hidden_size)
         self.mlp_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.act = activation(c.hidden_act)
+        self.act = c.hidden_act
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, attn_bias: Tensor | None) -> Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask=key_padding_mask,
                                                       attn_bias=attn_bias)))
-        return self.mlp_norm(x + self.dropout(self.fc_out(self.act(self.fc_in(x)))))
+        return self.mlp_norm(x + self.dropout(self.fc_out(linear_activation(self.fc_in, x, self.act))))
 
 
 class MLMHead(nn.Module):
@@ -60,10 +60,11 @@ class MLMHead(nn.Module):
         self.dense = Linear(c.hidden_size, c.hidden_size)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
-        self.act = activation(c.hidden_act)
+        self.act = c.hidden_act
 
     def forward(self, x: Tensor, embedding_weight: Tensor) -> Tensor:
-        return nn.functional.linear(self.norm(self.act(self.dense(x))), embedding_weight, self.bias)
+        return nn.functional.linear(self.norm(linear_activation(self.dense, x, self.act)), embedding_weight,
+                                    self.bias)
 
 
 class Encoder(PreTrainedModel):

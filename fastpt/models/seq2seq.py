@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache, Seq2SeqCache
-from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, activation,
-                                  cross_entropy, key_padding)
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, cross_entropy, key_padding,
+                                  linear_activation)
 from fastpt.models.config import Seq2SeqConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
@@ -61,11 +61,14 @@ class FeedForward(nn.Module):
         self.wi = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.wi_gate = Linear(c.hidden_size, c.intermediate_size, bias=False) if self.gated else None
         self.wo = Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.act = activation("gelu_new" if self.gated else "relu")
+        self.act = "gelu_new" if self.gated else "relu"
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.wi_gate(x)) * self.wi(x) if self.gated else self.act(self.wi(x))
+        if self.gated:
+            h = linear_activation(self.wi_gate, x, self.act) * self.wi(x)
+        else:
+            h = linear_activation(self.wi, x, self.act)
         return self.wo(self.dropout(h))
 
 

@@ -8,7 +8,13 @@ calls instead of casting the weight on every call as autocast does: for a BERT-b
 in bf16 that cast is ~9% of the time. The copy is the tensor autocast would make (same
 rounding); it is remade when the weight changes (an optimizer step or load_state_dict bumps
 its version counter, ``.to()`` gives new storage) and costs one extra copy of the weight in
-that dtype (``del module._autocast_weight`` frees it)."""
+that dtype (``del module._autocast_weight`` frees it).
+
+With bf16 autocast on a CPU whose oneDNN runs bf16 natively, products of more than 4 rows
+instead keep the weight packed in oneDNN's layout (``_packed_weight``, same bytes) and run one
+prepacked oneDNN call (``fastpt.nn._onednn``): the reorder ``F.linear`` does per call is gone,
+and ``forward_activation`` fuses a GELU / ReLU into the same call. Up to 4 rows (decoding)
+stay on fastpt's matrix-vector product with the plain bf16 copy."""
 
 from __future__ import annotations
 
@@ -16,30 +22,86 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastpt.ops.gemm import linear
+from fastpt.nn import _onednn
+from fastpt.ops.gemm import _GEMV_ROWS, linear
+
+# Hugging Face ACT2FN names.
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+               "silu": F.silu}
+
+
+# Input dtypes CPU autocast casts to bf16 for a linear (float64 and integers raise there).
+_AUTOCAST_CASTS = (torch.float32, torch.bfloat16, torch.float16)
+
+# Inference caches in a Linear's __dict__, made from the weight by ``Linear._cached``.
+_CACHES = ("_autocast_weight", "_packed_weight")
 
 
 class Linear(nn.Linear):
     use_fused = True
 
+    def __getstate__(self):
+        # copy.deepcopy and pickling leave the caches out: they are remade from the weight, and
+        # oneDNN's packed tensor has no storage to copy.
+        state = super().__getstate__()
+        for name in _CACHES:
+            state.pop(name, None)
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fused:
-            return linear(x, self._inference_weight(x), self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.forward_activation(x, None)
+
+    def forward_activation(self, x: Tensor, activation: str | None) -> Tensor:
+        """``act(self(x))`` for a Hugging Face activation name (``ACTIVATIONS``) or None: one
+        fused call where the packed bf16 path runs (module docstring), else two steps."""
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if not self.use_fused:
+            y = F.linear(x, self.weight, self.bias)
+        elif activation in _onednn.POST_OPS and (packed := self._packed_inference_weight(x)) is not None:
+            return _onednn.linear(x, packed, self.bias, activation)
+        else:
+            y = linear(x, self._inference_weight(x), self.bias)
+        return y if activation is None else ACTIVATIONS[activation](y)
 
     def _inference_weight(self, x: Tensor) -> Tensor:
         """The weight, or in inference under autocast its cached copy in the autocast dtype."""
+        w = self.weight
+        dtype = self._inference_dtype(x)
+        if dtype is None:
+            return w
+        return self._cached("_autocast_weight", dtype, lambda: w.detach().to(dtype))
+
+    def _packed_inference_weight(self, x: Tensor) -> Tensor | None:
+        """In inference under bf16 autocast, for more than ``_GEMV_ROWS`` rows where oneDNN runs
+        bf16 natively: the weight packed for oneDNN (cached), else None."""
+        if self._inference_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or not _onednn.available():
+            return None
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= _GEMV_ROWS or x.dim() < 2 or x.shape[-1] != self.in_features or x.dtype not in _AUTOCAST_CASTS:
+            return None  # few rows: fastpt's matrix-vector product; bad input: F.linear's errors
+        return self._cached("_packed_weight", torch.bfloat16, lambda: _onednn.pack(self.weight, rows))
+
+    def _inference_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The autocast dtype when a cached copy of the weight applies (inference under autocast,
+        float32 weight on x's device, not compiling), else None."""
         w, device = self.weight, x.device.type
         if torch.is_grad_enabled() or not torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
-            return w
+            return None
         dtype = torch.get_autocast_dtype(device)
         if w.dtype == dtype or w.dtype != torch.float32 or w.device != x.device:
-            return w
+            return None
+        return dtype
+
+    def _cached(self, name: str, dtype: torch.dtype, make) -> Tensor:
+        """``make()``, kept in ``self.__dict__[name]`` until the weight changes (version
+        counter or storage)."""
+        w = self.weight
         stamp = (w.data_ptr(), w._version, dtype)
-        hit = self.__dict__.get("_autocast_weight")
+        hit = self.__dict__.get(name)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        self.__dict__.pop("_autocast_weight", None)  # free the stale copy before making the new one
-        copy = w.detach().to(dtype)
-        self.__dict__["_autocast_weight"] = (stamp, copy)
-        return copy
+        self.__dict__.pop(name, None)  # free the stale copy before making the new one
+        value = make()
+        self.__dict__[name] = (stamp, value)
+        return value
