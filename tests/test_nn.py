@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastpt import nn as fnn
-from fastpt.nn import _onednn as fnn_onednn
+from fastpt.ops import _onednn as fnn_onednn
 from fastpt.nn import linear as fnn_linear
 
 
@@ -101,7 +101,7 @@ def test_linear_inference_under_autocast_reuses_the_cast_weight():
     assert "_autocast_weight" not in lin.__dict__ and lin.weight.grad is not None
 
 
-needs_onednn = pytest.mark.skipif(not fnn_onednn.available(), reason="oneDNN without native bf16 on this CPU")
+needs_onednn = pytest.mark.skipif(not fnn_onednn.bf16_available(), reason="oneDNN without native bf16 on this CPU")
 
 
 def _bf16_inference(f, *args):
@@ -143,10 +143,10 @@ def test_linear_packed_bf16_inference_matches_autocast_and_follows_the_weight():
 def test_linear_forward_activation_matches_float64(monkeypatch, activation, packed):
     """forward_activation(x, act) = act(x W^T + b): fused in the packed bf16 call, two steps
     elsewhere (no oneDNN, fp32, use_fused=False); bf16 within 2 bf16 roundings of float64."""
-    if packed and not fnn_onednn.available():
+    if packed and not fnn_onednn.bf16_available():
         pytest.skip("oneDNN without native bf16 on this CPU")
     if not packed:
-        monkeypatch.setattr(fnn_onednn, "available", lambda: False)
+        monkeypatch.setattr(fnn_onednn, "bf16_available", lambda: False)
     lin = fnn.Linear(64, 40)
     x = torch.randn(3, 7, 64)
     act = (lambda y: y) if activation is None else fnn_linear.ACTIVATIONS[activation]

@@ -12,7 +12,7 @@ that dtype (``del module._autocast_weight`` frees it).
 
 With bf16 autocast on a CPU whose oneDNN runs bf16 natively, products of more than 4 rows
 instead keep the weight packed in oneDNN's layout (``_packed_weight``, same bytes) and run one
-prepacked oneDNN call (``fastpt.nn._onednn``): the reorder ``F.linear`` does per call is gone,
+prepacked oneDNN call (``fastpt.ops._onednn``): the reorder ``F.linear`` does per call is gone,
 and ``forward_activation`` fuses a GELU / ReLU into the same call. Up to 4 rows (decoding)
 stay on fastpt's matrix-vector product with the plain bf16 copy."""
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastpt.nn import _onednn
-from fastpt.ops.gemm import _GEMV_ROWS, linear
+from fastpt.ops import _onednn
+from fastpt.ops.gemm import _GEMV_ROWS, linear, onednn_inference
 
 # Hugging Face ACT2FN names.
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -58,8 +58,8 @@ class Linear(nn.Linear):
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not self.use_fused:
             y = F.linear(x, self.weight, self.bias)
-        elif activation in _onednn.POST_OPS and (packed := self._packed_inference_weight(x)) is not None:
-            return _onednn.linear(x, packed, self.bias, activation)
+        elif activation in _onednn.POST_OPS and (w := self._onednn_weight(x)) is not None:
+            return _onednn.linear(x, w, self.bias, activation)
         else:
             y = linear(x, self._inference_weight(x), self.bias)
         return y if activation is None else ACTIVATIONS[activation](y)
@@ -72,10 +72,18 @@ class Linear(nn.Linear):
             return w
         return self._cached("_autocast_weight", dtype, lambda: w.detach().to(dtype))
 
+    def _onednn_weight(self, x: Tensor) -> Tensor | None:
+        """The weight for oneDNN's inference kernel (``fastpt.ops._onednn``) where it runs:
+        packed in bf16 under bf16 autocast, the float32 weight itself where ``linear`` would run
+        oneDNN's float32 kernel; else None."""
+        if onednn_inference(x, self.weight, self.bias):
+            return self.weight
+        return self._packed_inference_weight(x)
+
     def _packed_inference_weight(self, x: Tensor) -> Tensor | None:
         """In inference under bf16 autocast, for more than ``_GEMV_ROWS`` rows where oneDNN runs
         bf16 natively: the weight packed for oneDNN (cached), else None."""
-        if self._inference_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or not _onednn.available():
+        if self._inference_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or not _onednn.bf16_available():
             return None
         rows = x.numel() // max(x.shape[-1], 1)
         if rows <= _GEMV_ROWS or x.dim() < 2 or x.shape[-1] != self.in_features or x.dtype not in _AUTOCAST_CASTS:

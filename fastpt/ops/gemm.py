@@ -9,6 +9,8 @@ micro-kernel (``csrc/common/gemm_avx512.h``, blocked and threaded in
 matrix-vector products (decoding; MKL/oneDNN read the weights at about half the rate), and
 is ``F.linear`` everywhere else: CUDA (cuBLAS), other dtypes, larger products under autocast
 (oneDNN's bf16 kernels), and on Intel CPUs, where MKL runs its AVX-512 / AMX kernels.
+Without autograd (inference), a float32 product of more than 4 rows on such a CPU runs
+oneDNN's kernels instead (``fastpt.ops._onednn``: faster again, but no backward).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastpt._C as _C
+from fastpt.ops import _onednn
 from fastpt.ops._checks import check_same_device
 
 def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> Tensor:
@@ -82,6 +85,21 @@ def gemm_dtype(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.d
     return torch.bfloat16 if bf16_gemv and x.dtype == torch.bfloat16 else None
 
 
+def onednn_inference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether ``linear(x, weight, bias)`` runs oneDNN's float32 kernel: where it would run
+    fastpt's float32 product (``gemm_dtype``), for more than 4 rows, when nothing needs a
+    gradient and not while compiling (oneDNN's op has no backward)."""
+    if torch.compiler.is_compiling() or gemm_dtype(x, weight, bias) != torch.float32 or not _onednn.available():
+        return False
+    if x.dim() < 2 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device != x.device or bias.shape != weight.shape[:1]):
+        return False  # F.linear's promotion rules and errors
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    return x.numel() // x.shape[-1] > _GEMV_ROWS
+
+
 def uses_gemm(x: Tensor, weight: Tensor) -> bool:
     """Whether ``linear(x, weight)`` runs fastpt's kernel (else ``F.linear``)."""
     return gemm_dtype(x, weight) is not None
@@ -94,6 +112,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     dtype = gemm_dtype(x, weight, bias)
     if dtype is None or x.shape[-1] != weight.shape[1]:
         return F.linear(x, weight, bias)
+    if onednn_inference(x, weight, bias):
+        return _onednn.linear(x, weight, bias)
     y = gemm(x.reshape(-1, x.shape[-1]).to(dtype), weight, False, True).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
 
