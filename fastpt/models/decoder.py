@@ -23,10 +23,10 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.fc_in = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.fc_out = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-        self.act = c.hidden_act
+        self.activation = c.hidden_act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(linear_activation(self.fc_in, x, self.act))
+        return self.fc_out(linear_activation(self.fc_in, x, self.activation))
 
 
 class DecoderLayer(nn.Module):

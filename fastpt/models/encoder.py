@@ -43,13 +43,13 @@ class EncoderLayer(nn.Module):
         self.fc_in = Linear(c.hidden_size, c.intermediate_size)
         self.fc_out = Linear(c.intermediate_size, c.hidden_size)
         self.mlp_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.act = c.hidden_act
+        self.activation = c.hidden_act
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, attn_bias: Tensor | None) -> Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, key_padding_mask=key_padding_mask,
                                                       attn_bias=attn_bias)))
-        return self.mlp_norm(x + self.dropout(self.fc_out(linear_activation(self.fc_in, x, self.act))))
+        return self.mlp_norm(x + self.dropout(self.fc_out(linear_activation(self.fc_in, x, self.activation))))
 
 
 class MLMHead(nn.Module):
@@ -60,11 +60,11 @@ class MLMHead(nn.Module):
         self.dense = Linear(c.hidden_size, c.hidden_size)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
-        self.act = c.hidden_act
+        self.activation = c.hidden_act
 
     def forward(self, x: Tensor, embedding_weight: Tensor) -> Tensor:
-        return nn.functional.linear(self.norm(linear_activation(self.dense, x, self.act)), embedding_weight,
-                                    self.bias)
+        h = self.norm(linear_activation(self.dense, x, self.activation))
+        return nn.functional.linear(h, embedding_weight, self.bias)
 
 
 class Encoder(PreTrainedModel):

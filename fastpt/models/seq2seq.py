@@ -61,14 +61,14 @@ class FeedForward(nn.Module):
         self.wi = Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.wi_gate = Linear(c.hidden_size, c.intermediate_size, bias=False) if self.gated else None
         self.wo = Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.act = "gelu_new" if self.gated else "relu"
+        self.activation = "gelu_new" if self.gated else "relu"
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            h = linear_activation(self.wi_gate, x, self.act) * self.wi(x)
+            h = linear_activation(self.wi_gate, x, self.activation) * self.wi(x)
         else:
-            h = linear_activation(self.wi, x, self.act)
+            h = linear_activation(self.wi, x, self.activation)
         return self.wo(self.dropout(h))
 
 
