@@ -133,11 +133,11 @@ def test_linear_falls_back_where_torch_is_faster_or_casts():
     assert gemm_module.uses_gemm(x, w) == gemm_module.own_kernel_active()
 
 
-@pytest.mark.parametrize("shape", [(5, 64), (3, 17, 64), (2, 3, 4, 64)])
+@pytest.mark.parametrize("shape", [(1024, 64), (3, 350, 64), (2, 4, 130, 64)])
 def test_linear_inference_on_onednn(shape):
-    """Without autograd, float32 products of more than 4 rows on CPUs where fastpt's GEMM runs
+    """Without autograd, float32 products of 1024 rows or more on CPUs where fastpt's GEMM runs
     go to oneDNN's kernel: float64-close, bias or not, strided x; with a gradient to compute,
-    4 rows or float64, they do not."""
+    fewer rows or float64, they do not."""
     x, w, bias = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
     expected = gemm_module.own_kernel_active() and _onednn.available()
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_linear_inference_on_onednn(shape):
             ref = F.linear(x.double(), w.double(), None if b is None else b.double())
             assert_fp32_close(ops.linear(x, w, b), ref, 64)
             assert_fp32_close(ops.linear(x.transpose(0, -1).contiguous().transpose(0, -1), w, b), ref, 64)
-        assert not gemm_module.onednn_inference(x.reshape(-1, 64)[:4], w, bias)  # decoding: fastpt's gemv
+        assert not gemm_module.onednn_inference(x.reshape(-1, 64)[:1023], w, bias)  # fastpt's GEMM
         assert not gemm_module.onednn_inference(x.double(), w.double())
         assert not gemm_module.onednn_inference(x, w, bias.double())     # F.linear's promotion / errors
     assert gemm_module.onednn_inference(x, w, bias) == expected          # no tensor requires grad

@@ -8,11 +8,9 @@ saves both. NOTE: 2 threads, AMD EPYC (AVX512_BF16), BERT-base products with 102
 6.25 -> 5.12 ms.
 
 float32: on CPUs where fastpt's own GEMM replaces MKL (``gemm.own_kernel_active``), oneDNN's
-own AVX-512 kernels are faster still for x W^T, with the weight as it is (no copy).
-NOTE: same machine, rows x in x out: 64 x 768 x 3072 0.83 -> 0.71 ms, 4096 x 512 x 1408
-13.9 -> 12.5 ms, 1024 x 768 x 3072 11.4 -> 10.1 ms, the 1024 x 512 x 32000 vocabulary
-head 157 -> 109 ms; 8 rows about even (fastpt's matrix-vector path keeps up to 4).
-oneDNN has no backward for these ops: training keeps fastpt's GEMM.
+own AVX-512 kernel is faster for x W^T + b with 1024 rows or more, with the weight as it is
+(no copy); ``gemm._ONEDNN_ROWS`` has the numbers. oneDNN has no backward for these ops:
+training keeps fastpt's GEMM.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ micro-kernel (``csrc/common/gemm_avx512.h``, blocked and threaded in
 matrix-vector products (decoding; MKL/oneDNN read the weights at about half the rate), and
 is ``F.linear`` everywhere else: CUDA (cuBLAS), other dtypes, larger products under autocast
 (oneDNN's bf16 kernels), and on Intel CPUs, where MKL runs its AVX-512 / AMX kernels.
-Without autograd (inference), a float32 product of more than 4 rows on such a CPU runs
-oneDNN's kernels instead (``fastpt.ops._onednn``: faster again, but no backward).
+Without autograd (inference), a float32 product of 1024 rows or more on such a CPU runs
+oneDNN's kernel instead (``fastpt.ops._onednn``: faster there, but no backward).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def own_kernel_active() -> bool:
 # kGemvRows); larger bf16 products stay on oneDNN, which is as fast as fastpt's there.
 _GEMV_ROWS = 4
 
+# Rows from which an inference float32 product runs oneDNN's kernel instead of fastpt's.
+# NOTE: 2 threads, medians of alternated rounds, x W^T + b, fastpt / oneDNN time: 1024 rows
+# and more 1.02-1.14 with memory kept mapped (steady allocator), 1.14-1.35 with glibc's default
+# (fastpt's product and its bias add each page-fault a fresh output); 8-512 rows 0.75-0.97
+# steady, 1.01-1.07 default.
+_ONEDNN_ROWS = 1024
+
 
 def gemm_dtype(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.dtype | None:
     """The dtype ``linear(x, weight, bias)`` runs fastpt's product in, or None for ``F.linear``:
@@ -87,8 +94,8 @@ def gemm_dtype(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.d
 
 def onednn_inference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """Whether ``linear(x, weight, bias)`` runs oneDNN's float32 kernel: where it would run
-    fastpt's float32 product (``gemm_dtype``), for more than 4 rows, when nothing needs a
-    gradient and not while compiling (oneDNN's op has no backward)."""
+    fastpt's float32 product (``gemm_dtype``), for at least ``_ONEDNN_ROWS`` rows, when nothing
+    needs a gradient and not while compiling (oneDNN's op has no backward)."""
     if torch.compiler.is_compiling() or gemm_dtype(x, weight, bias) != torch.float32 or not _onednn.available():
         return False
     if x.dim() < 2 or x.shape[-1] != weight.shape[1]:
@@ -97,7 +104,7 @@ def onednn_inference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> b
         return False  # F.linear's promotion rules and errors
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    return x.numel() // x.shape[-1] > _GEMV_ROWS
+    return x.numel() // x.shape[-1] >= _ONEDNN_ROWS
 
 
 def uses_gemm(x: Tensor, weight: Tensor) -> bool:
@@ -115,7 +122,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if onednn_inference(x, weight, bias):
         return _onednn.linear(x, weight, bias)
     y = gemm(x.reshape(-1, x.shape[-1]).to(dtype), weight, False, True).view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    if bias is None:
+        return y
+    # In place where the dtypes allow (the product's backward does not read its output): one
+    # output allocated instead of two. (No time difference measured with warm heaps.)
+    return y.add_(bias) if bias.dtype == y.dtype else y + bias
 
 
 def _shape(a, b, trans_a, trans_b):
