@@ -1,7 +1,8 @@
 """``fastpt.nn.Linear``: ``torch.nn.Linear`` (same constructor, parameters and state-dict keys)
 whose forward is ``fastpt.ops.linear``: fastpt's GEMM where it beats torch's BLAS (float32 on
-non-Intel x86 CPUs with AVX-512), ``F.linear`` everywhere else. ``use_fused = False`` (set by
-the models' ``use_fused`` switch) runs ``F.linear`` always.
+non-Intel x86 CPUs with AVX-512; in inference from 1024 rows, oneDNN's float32 kernel there),
+``F.linear`` everywhere else. ``use_fused = False`` (set by the models' ``use_fused`` switch)
+runs ``F.linear`` always.
 
 Inference under autocast (grad mode off) keeps the weight's copy in the autocast dtype across
 calls instead of casting the weight on every call as autocast does: for a BERT-base forward
