@@ -224,3 +224,22 @@ def test_training_step_compiles_fullgraph(name):
         assert (g is None) == (w is None)
         if w is not None:
             assert max_err(g, w) <= 1e-5 * max(w.abs().max().item(), 1.0)
+
+
+def test_projection_input_cast_once_changes_nothing(monkeypatch):
+    """bf16 autocast inference: x cast to bf16 once for q, k and v (plain Linears) gives the
+    same output as each projection casting it; a hooked projection keeps fp32 x."""
+    attn = Attention(64, 4, 2, 16, bias=True).eval()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        once = attn(x)
+        shared = attn._projection_input(x)
+        monkeypatch.setattr(Attention, "_projection_input", lambda self, x: x)
+        each = attn(x)
+        monkeypatch.undo()
+        attn.k_proj.register_forward_pre_hook(lambda m, args: None)
+        hooked = attn._projection_input(x)
+    assert torch.equal(once, each)
+    from fastpt.ops import _onednn
+    assert shared.dtype == (torch.bfloat16 if _onednn.bf16_available() else torch.float32)
+    assert hooked is x

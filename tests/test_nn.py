@@ -111,9 +111,9 @@ def _bf16_inference(f, *args):
 
 @needs_onednn
 def test_linear_packed_bf16_inference_matches_autocast_and_follows_the_weight():
-    """More than 4 rows: the oneDNN-packed weight, kept across calls, gives what F.linear under
-    autocast gives (within one bf16 rounding), is remade when the weight changes, and is never
-    made with grad (training) or for few rows."""
+    """More than 4 rows: the oneDNN-packed weight (with a bf16 bias), kept across calls, gives
+    what F.linear under autocast gives (within one bf16 rounding), is remade when the weight or
+    the bias changes, and is never made with grad (training) or for few rows."""
     lin = fnn.Linear(96, 80)
     x = torch.randn(2, 9, 96)
     ref = lambda: _bf16_inference(torch.nn.functional.linear, x, lin.weight, lin.bias)  # noqa: E731
@@ -128,6 +128,11 @@ def test_linear_packed_bf16_inference_matches_autocast_and_follows_the_weight():
     assert "_packed_weight" not in twin.__dict__ and torch.equal(_bf16_inference(twin, x), got)
     with torch.no_grad():
         lin.weight.mul_(-2)                                      # in place: the version bumps
+    torch.testing.assert_close(_bf16_inference(lin, x).float(), ref().float(), rtol=1e-2, atol=1e-2)
+    assert lin._packed_weight[1] is not packed
+    packed = lin._packed_weight[1]
+    with torch.no_grad():
+        lin.bias.add_(3.0)
     torch.testing.assert_close(_bf16_inference(lin, x).float(), ref().float(), rtol=1e-2, atol=1e-2)
     assert lin._packed_weight[1] is not packed
     fresh = fnn.Linear(96, 80)

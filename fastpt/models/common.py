@@ -21,14 +21,19 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """A fastpt ``Linear`` whose forward is its own: not wrapped (LoRA), no hooks, forward not
+    replaced. Only for such layers may a model call ``Linear`` methods other than forward."""
+    return (type(layer) is Linear and "forward" not in layer.__dict__
+            and not (layer._forward_hooks or layer._forward_pre_hooks
+                     or nn.modules.module._global_forward_hooks
+                     or nn.modules.module._global_forward_pre_hooks))
+
+
 def linear_activation(layer: nn.Module, x: Tensor, name: str) -> Tensor:
-    """``activation(name)(layer(x))``; one fused call (``Linear.forward_activation``) when the
-    layer is a plain fastpt ``Linear``: not wrapped (LoRA), no hooks, forward not replaced."""
-    plain = (type(layer) is Linear and "forward" not in layer.__dict__
-             and not (layer._forward_hooks or layer._forward_pre_hooks
-                      or nn.modules.module._global_forward_hooks
-                      or nn.modules.module._global_forward_pre_hooks))
-    return layer.forward_activation(x, name) if plain else activation(name)(layer(x))
+    """``activation(name)(layer(x))``; one fused call (``Linear.forward_activation``) for a
+    ``plain_linear`` layer."""
+    return layer.forward_activation(x, name) if plain_linear(layer) else activation(name)(layer(x))
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,6 +68,15 @@ class Attention(nn.Module):
         # (weight, bias) of q/k/v stacked, set by generate for its call (generation._decode_weights).
         self.fused_qkv: tuple[Tensor, Tensor | None] | None = None
 
+    def _projection_input(self, x: Tensor) -> Tensor:
+        """x, or x cast to bf16 once where q, k and v would each cast it for oneDNN's packed
+        bf16 product (bf16 autocast inference, plain fastpt Linears): the same values."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if (x.dtype == torch.float32 and all(plain_linear(p) and p.use_fused for p in projections)
+                and self.q_proj._packed_inference_weight(x) is not None):
+            return x.to(torch.bfloat16)
+        return x
+
     def _heads(self, x: Tensor, n: int) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)
@@ -90,6 +104,7 @@ class Attention(nn.Module):
             q, k, v = project(x, *self.fused_qkv).split([H * D, Hkv * D, Hkv * D], -1)
             q, k, v = self._heads(q, H), self._heads(k, Hkv), self._heads(v, Hkv)
         else:
+            x = self._projection_input(x)
             q = self.project_q(x)
             k, v = self.project_kv(x)
         if rotary is not None:

@@ -59,8 +59,8 @@ class Linear(nn.Linear):
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not self.use_fused:
             y = F.linear(x, self.weight, self.bias)
-        elif activation in _onednn.POST_OPS and (w := self._onednn_weight(x)) is not None:
-            return _onednn.linear(x, w, self.bias, activation)
+        elif activation in _onednn.POST_OPS and (wb := self._onednn_operands(x)) is not None:
+            return _onednn.linear(x, *wb, activation)
         else:
             y = linear(x, self._inference_weight(x), self.bias)
         return y if activation is None else ACTIVATIONS[activation](y)
@@ -73,23 +73,25 @@ class Linear(nn.Linear):
             return w
         return self._cached("_autocast_weight", dtype, lambda: w.detach().to(dtype))
 
-    def _onednn_weight(self, x: Tensor) -> Tensor | None:
-        """The weight for oneDNN's inference kernel (``fastpt.ops._onednn``) where it runs:
-        packed in bf16 under bf16 autocast, the float32 weight itself where ``linear`` would run
-        oneDNN's float32 kernel; else None."""
+    def _onednn_operands(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """(weight, bias) for oneDNN's inference kernel (``fastpt.ops._onednn``) where it runs:
+        packed in bf16 with a bf16 bias under bf16 autocast, the float32 ones themselves where
+        ``linear`` would run oneDNN's float32 kernel; else None."""
         if onednn_inference(x, self.weight, self.bias):
-            return self.weight
+            return self.weight, self.bias
         return self._packed_inference_weight(x)
 
-    def _packed_inference_weight(self, x: Tensor) -> Tensor | None:
+    def _packed_inference_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
         """In inference under bf16 autocast, for more than ``_GEMV_ROWS`` rows where oneDNN runs
-        bf16 natively: the weight packed for oneDNN (cached), else None."""
+        bf16 natively: (the weight packed for oneDNN, the bias in bf16), cached; else None."""
         if self._inference_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or not _onednn.bf16_available():
             return None
         rows = x.numel() // max(x.shape[-1], 1)
         if rows <= _GEMV_ROWS or x.dim() < 2 or x.shape[-1] != self.in_features or x.dtype not in _AUTOCAST_CASTS:
             return None  # few rows: fastpt's matrix-vector product; bad input: F.linear's errors
-        return self._cached("_packed_weight", torch.bfloat16, lambda: _onednn.pack(self.weight, rows))
+        bias = self.bias
+        return self._cached("_packed_weight", torch.bfloat16, lambda: (
+            _onednn.pack(self.weight, rows), None if bias is None else bias.detach().to(torch.bfloat16)))
 
     def _inference_dtype(self, x: Tensor) -> torch.dtype | None:
         """The autocast dtype when a cached copy of the weight applies (inference under autocast,
@@ -102,11 +104,11 @@ class Linear(nn.Linear):
             return None
         return dtype
 
-    def _cached(self, name: str, dtype: torch.dtype, make) -> Tensor:
-        """``make()``, kept in ``self.__dict__[name]`` until the weight changes (version
-        counter or storage)."""
-        w = self.weight
-        stamp = (w.data_ptr(), w._version, dtype)
+    def _cached(self, name: str, dtype: torch.dtype, make):
+        """``make()``, kept in ``self.__dict__[name]`` until the weight or the bias changes
+        (version counter or storage)."""
+        w, b = self.weight, self.bias
+        stamp = (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version), dtype)
         hit = self.__dict__.get(name)
         if hit is not None and hit[0] == stamp:
             return hit[1]
