@@ -73,7 +73,7 @@ class Attention(nn.Module):
         bf16 product (bf16 autocast inference, plain fastpt Linears): the same values."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if (x.dtype == torch.float32 and all(plain_linear(p) and p.use_fused for p in projections)
-                and self.q_proj._packed_inference_weight(x) is not None):
+                and self.q_proj._packed_operands(x) is not None):
             return x.to(torch.bfloat16)
         return x
 

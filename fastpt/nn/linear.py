@@ -54,7 +54,9 @@ class Linear(nn.Linear):
 
     def forward_activation(self, x: Tensor, activation: str | None) -> Tensor:
         """``act(self(x))`` for a Hugging Face activation name (``ACTIVATIONS``) or None: one
-        fused call where the packed bf16 path runs (module docstring), else two steps."""
+        fused call where oneDNN's inference kernel runs (the packed bf16 path of the module
+        docstring, or float32 from 1024 rows: ``fastpt.ops.gemm.onednn_inference``), else two
+        steps."""
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not self.use_fused:
@@ -79,9 +81,9 @@ class Linear(nn.Linear):
         ``linear`` would run oneDNN's float32 kernel; else None."""
         if onednn_inference(x, self.weight, self.bias):
             return self.weight, self.bias
-        return self._packed_inference_weight(x)
+        return self._packed_operands(x)
 
-    def _packed_inference_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def _packed_operands(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
         """In inference under bf16 autocast, for more than ``_GEMV_ROWS`` rows where oneDNN runs
         bf16 natively: (the weight packed for oneDNN, the bias in bf16), cached; else None."""
         if self._inference_dtype(x) != torch.bfloat16 or x.device.type != "cpu" or not _onednn.bf16_available():
