@@ -185,6 +185,12 @@ def test_linear_activation_keeps_hooks_and_wrappers():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     handle.remove()
     assert torch.equal(_bf16_inference(linear_activation, lin, x, "gelu"), want) and len(seen) == 1
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(out))
+    try:                                                         # a global hook counts too
+        _bf16_inference(linear_activation, lin, x, "gelu")
+    finally:
+        handle.remove()
+    assert len(seen) == 2
     plain = torch.nn.Linear(32, 24)
     plain.load_state_dict(lin.state_dict())
     torch.testing.assert_close(_bf16_inference(linear_activation, plain, x, "relu"),

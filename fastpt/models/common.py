@@ -24,10 +24,11 @@ def activation(name: str):
 def plain_linear(layer: nn.Module) -> bool:
     """A fastpt ``Linear`` whose forward is its own: not wrapped (LoRA), no hooks, forward not
     replaced. Only for such layers may a model call ``Linear`` methods other than forward."""
+    module = nn.modules.module  # torch's global hooks (private names: absent means none)
     return (type(layer) is Linear and "forward" not in layer.__dict__
             and not (layer._forward_hooks or layer._forward_pre_hooks
-                     or nn.modules.module._global_forward_hooks
-                     or nn.modules.module._global_forward_pre_hooks))
+                     or getattr(module, "_global_forward_hooks", None)
+                     or getattr(module, "_global_forward_pre_hooks", None)))
 
 
 def linear_activation(layer: nn.Module, x: Tensor, name: str) -> Tensor:
