@@ -164,8 +164,11 @@ def test_linear_forward_activation_matches_float64(monkeypatch, activation, pack
     for bad in (x.double(), x.long(), x[..., :63]):              # F.linear's errors, packed or not
         with pytest.raises(RuntimeError):
             _bf16_inference(lin.forward_activation, bad, activation)
+    big = torch.randn(1024, 64)                                  # fp32 from 1024 rows: oneDNN, fused
+    big_want = act(torch.nn.functional.linear(big.double(), lin.weight.double(), lin.bias.double()))
     with torch.no_grad():                                        # fp32: fastpt's product, then F.linear
         torch.testing.assert_close(lin.forward_activation(x, activation).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin.forward_activation(big, activation).double(), big_want, rtol=1e-5, atol=1e-5)
         lin.use_fused = False
         torch.testing.assert_close(lin.forward_activation(x, activation).double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
