@@ -99,15 +99,19 @@ MODELS = {"bert": lambda: Encoder(from_name("bert-tiny")), "gpt2": lambda: Decod
           "llama": lambda: Decoder(from_name("llama-tiny")), "t5": lambda: Seq2Seq(from_name("t5-tiny"))}
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_fused_and_eager_paths_agree_with_gradients(name):
-    model = MODELS[name]()
-    model.train()
-    for m in model.modules():  # no dropout, so both runs see the same function
+def _without_dropout(model) -> None:
+    for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(m, Attention):
             m.dropout = 0.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fused_and_eager_paths_agree_with_gradients(name):
+    model = MODELS[name]()
+    model.train()
+    _without_dropout(model)  # so both runs see the same function
     ids = torch.randint(3, 1000, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 8:] = 0
@@ -208,11 +212,7 @@ def test_training_step_compiles_fullgraph(name):
     """The MLPs' linear_activation (fused in inference, two steps in training) and the
     inference routes' guards trace without a graph break; loss and gradients as eager."""
     model = MODELS[name]()
-    for m in model.modules():  # no dropout, so both runs see the same function
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(m, Attention):
-            m.dropout = 0.0
+    _without_dropout(model)  # so both runs see the same function
     ids = torch.randint(3, 1000, (2, 8))
     extra = dict(decoder_input_ids=ids[:, :4], labels=ids[:, :4]) if name == "t5" else dict(labels=ids)
     params = [p for p in model.parameters() if p.requires_grad]
