@@ -61,7 +61,7 @@ class Linear(nn.Linear):
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not self.use_fused:
             y = F.linear(x, self.weight, self.bias)
-        elif activation in _onednn.POST_OPS and (wb := self._onednn_operands(x)) is not None:
+        elif activation in _onednn.POST_OPS and (wb := self._onednn_operands(x, activation)) is not None:
             return _onednn.linear(x, *wb, activation)
         else:
             y = linear(x, self._inference_weight(x), self.bias)
@@ -75,11 +75,12 @@ class Linear(nn.Linear):
             return w
         return self._cached("_autocast_weight", dtype, lambda: w.detach().to(dtype))
 
-    def _onednn_operands(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    def _onednn_operands(self, x: Tensor, activation: str | None) -> tuple[Tensor, Tensor | None] | None:
         """(weight, bias) for oneDNN's inference kernel (``fastpt.ops._onednn``) where it runs:
         packed in bf16 with a bf16 bias under bf16 autocast, the float32 ones themselves where
-        ``linear`` would run oneDNN's float32 kernel; else None."""
-        if onednn_inference(x, self.weight, self.bias):
+        ``linear`` would run oneDNN's float32 kernel; else None. (Without an activation to fuse,
+        ``linear`` takes the float32 route itself: not asked twice.)"""
+        if activation is not None and onednn_inference(x, self.weight, self.bias):
             return self.weight, self.bias
         return self._packed_operands(x)
 

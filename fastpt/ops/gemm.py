@@ -96,7 +96,12 @@ def onednn_inference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> b
     """Whether ``linear(x, weight, bias)`` runs oneDNN's float32 kernel: where it would run
     fastpt's float32 product (``gemm_dtype``), for at least ``_ONEDNN_ROWS`` rows, when nothing
     needs a gradient and not while compiling (oneDNN's op has no backward)."""
-    if torch.compiler.is_compiling() or gemm_dtype(x, weight, bias) != torch.float32 or not _onednn.available():
+    return _onednn_route(x, weight, bias, gemm_dtype(x, weight, bias))
+
+
+def _onednn_route(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> bool:
+    # onednn_inference given gemm_dtype's answer (linear has it already).
+    if torch.compiler.is_compiling() or dtype != torch.float32 or not _onednn.available():
         return False
     if x.dim() < 2 or x.shape[-1] != weight.shape[1]:
         return False
@@ -119,7 +124,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     dtype = gemm_dtype(x, weight, bias)
     if dtype is None or x.shape[-1] != weight.shape[1]:
         return F.linear(x, weight, bias)
-    if onednn_inference(x, weight, bias):
+    if _onednn_route(x, weight, bias, dtype):
         return _onednn.linear(x, weight, bias)
     y = gemm(x.reshape(-1, x.shape[-1]).to(dtype), weight, False, True).view(*x.shape[:-1], weight.shape[0])
     if bias is None:
