@@ -10,6 +10,13 @@ Stopping rules (Puterman, Markov Decision Processes, 6.3 and 6.6):
   extrapolation V_{k+1} + gamma / (1 - gamma) * (max + min) / 2 of the last change removes.
 
 With gamma = 1 (terminal states) both rules stop at a change below eps, without that bound.
+
+Gauss-Seidel sweeps (``gauss_seidel=True``) keep the ``sup`` rule's two guarantees. The proof
+for Jacobi sweeps uses the sweep only through ||L V_{k+1} - V_{k+1}|| <= gamma ||V_{k+1} - V_k||
+(L: the Bellman operator), and that holds for a Gauss-Seidel sweep too: state s was updated
+from a vector that equals V_{k+1} or V_k in every component, so it differs from V_{k+1} by at
+most ||V_{k+1} - V_k||, and L is a gamma-contraction. The ``span`` rule's extrapolation has
+no such argument; it runs on Jacobi sweeps only.
 """
 
 from __future__ import annotations
@@ -103,12 +110,17 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
     """Value iteration to an epsilon-optimal policy (stopping rules: module docstring).
 
     Runs up to ``sweeps_per_call`` sweeps per kernel call; the kernel itself stops after the
-    sweep that meets the rule, so no sweep is wasted. ``gauss_seidel`` updates in place within
-    blocks of states (CPU). The returned policy is greedy with respect to the returned v (one
-    more sweep, not counted in ``iterations``).
+    sweep that meets the rule, so no sweep is wasted. ``gauss_seidel`` (CPU, ``stop="sup"``):
+    each sweep runs the states in 16 phases of consecutive states, a state reading the new
+    values of earlier phases; on a random sparse MDP at gamma 0.9 it needs ~0.55x the sweeps
+    of Jacobi, and the same bits whatever the thread count. The returned policy is greedy
+    with respect to the returned v (one more sweep, not counted in ``iterations``).
     """
     threshold = stop_threshold(epsilon, mdp.gamma, stop)
     _check_max_iter(max_iter)
+    if gauss_seidel and stop == "span":
+        raise ValueError("stop='span' needs Jacobi sweeps (its value extrapolation assumes them); "
+                         "use gauss_seidel=False or stop='sup'")
     span = stop == "span"
     v, history, converged = _initial_values(mdp, v0), [], False
     dv_last = None

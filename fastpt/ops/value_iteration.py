@@ -41,7 +41,9 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
             block of states [first_state, first_state + S) of a partitioned MDP.
         gamma: discount in (0, 1].
         sweeps: sweeps in this call (> 1 only for the whole MDP).
-        gauss_seidel: update in place within fixed blocks of 256 states (CPU only).
+        gauss_seidel: sweep the S states in min(S, 16) phases of consecutive states, one
+            after the other; a state reads this sweep's values of the states of earlier
+            phases (CPU only; the same bits whatever the thread count).
         return_q: also return Q of the last sweep.
         tol: stop after a sweep whose residual (max |dV|, or its span with ``span``) is < tol.
         check: verify the CSR (monotone indptr, indices in range): O(nnz); the solvers of

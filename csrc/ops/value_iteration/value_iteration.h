@@ -11,9 +11,15 @@
 // iteration gives each rank its own block of states. Several sweeps per call need the whole
 // MDP (first_state == 0, states == num_states).
 //
-// Gauss-Seidel: states are processed in fixed blocks of kGaussSeidelBlock; within a block the
-// update is in place (a successor s' < s of the same block is read with its value from this
-// sweep), across blocks it is Jacobi. The result does not depend on the thread count.
+// Gauss-Seidel: the states are split into min(states, kGaussSeidelPhases) phases of
+// consecutive states (phase j: local states [j*S/P, (j+1)*S/P)), run one after the other, the
+// blocks of kGaussSeidelBlock states of a phase in parallel. A state reads this sweep's value
+// of a successor in an earlier phase and the previous sweep's value of every other successor
+// (its own phase included). Phases and blocks depend on the number of states only, so the
+// result does not depend on the thread count.
+// NOTE: on the random S = 200k, A = 4, K = 16 MDP at gamma 0.9 (successors uniform over all
+// states), the earlier rule (in place within each block of 256 states, Jacobi across blocks)
+// needed Jacobi's 158 sweeps: a successor is almost never in the state's own block.
 #pragma once
 #include <cstdint>
 
@@ -22,6 +28,7 @@
 namespace fastpt {
 
 constexpr int64_t kGaussSeidelBlock = 256;
+constexpr int64_t kGaussSeidelPhases = 16;
 
 struct ValueIterationArgs {
   // Sparse (indptr != nullptr): CSR of states*actions rows.
@@ -35,7 +42,8 @@ struct ValueIterationArgs {
   const void* reward;   // (states, actions)
   const void* v_in;     // (num_states)
   void* v_out;          // (states)
-  void* v_work;         // (states) scratch for more than one sweep, else unused
+  void* v_work;         // Jacobi: (states) scratch for more than one sweep, else unused;
+                        // Gauss-Seidel: (num_states), always
   int64_t* policy;      // (states) argmax over actions (first one on ties)
   void* q;              // (states, actions) Q of the last sweep, or nullptr
   double* stats;        // (sweeps, 2): min and max over states of V' - V per sweep; NaN if not run

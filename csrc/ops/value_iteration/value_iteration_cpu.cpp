@@ -23,7 +23,9 @@ Outputs run(ValueIterationArgs& a, const at::Tensor& reward, const at::Tensor& v
   at::Tensor policy = at::empty({a.states}, v.options().dtype(at::kLong));
   at::Tensor stats = at::empty({a.sweeps, 2}, v.options().dtype(at::kDouble));
   at::Tensor q = return_q ? at::empty({a.states, a.actions}, v.options()) : at::empty({0}, v.options());
-  at::Tensor work = a.sweeps > 1 ? at::empty({a.states}, v.options()) : at::Tensor();
+  at::Tensor work = gauss_seidel  ? at::empty({a.num_states}, v.options())
+                    : a.sweeps > 1 ? at::empty({a.states}, v.options())
+                                   : at::Tensor();
   a.reward = reward.const_data_ptr();
   a.v_in = v.const_data_ptr();
   a.v_out = v_out.mutable_data_ptr();
