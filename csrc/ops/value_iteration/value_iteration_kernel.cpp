@@ -134,19 +134,21 @@ struct Sweep {
   // Updates local states [i0, i1): reads src (all num_states values), writes dst (local), and
   // records min/max of dV. row_dot(i, a) gives sum_s' P V for local state i.
   // NOTE: noinline: inlined into run_sweeps' phase loop, GCC kept the gathers' all-ones mask
-  // on the stack, and the S = 200k sparse sweep ran at 8.2 instead of 6.0 ms.
+  // on the stack, and the S = 200k sparse sweep ran at 8.2 instead of 6.0 ms. The local copy
+  // of row_dot (whose captures are values) saved reloading them on every row: 6.0 -> 5.5 ms.
   template <typename RowDot>
   __attribute__((noinline)) void states(int64_t i0, int64_t i1, const T* src, T* dst, T* q, RowDot&& row_dot,
                                        double* mm) const {
     const int64_t A = a.actions;
     const T gamma = static_cast<T>(a.gamma);
+    const auto dot = row_dot;  // a local copy: its captures stay in registers across rows
     T dmin = std::numeric_limits<T>::infinity(), dmax = -dmin;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = a.first_state + i;
       T best = -std::numeric_limits<T>::infinity();
       int64_t best_a = 0;
       for (int64_t act = 0; act < A; ++act) {
-        const T qa = reward[i * A + act] + gamma * row_dot(i, act);
+        const T qa = reward[i * A + act] + gamma * dot(i, act);
         if (q) q[i * A + act] = qa;
         if (qa > best) {
           best = qa;
@@ -192,6 +194,8 @@ void run_sweeps(const ValueIterationArgs& a, Block&& block) {
     T* dst = a.gauss_seidel || (a.sweeps - 1 - k) % 2 == 0 ? out : work;
     for (int64_t j = 0; j < phases; ++j) {
       const int64_t lo = phase_begin[j], hi = phase_begin[j + 1];
+      // NOTE: handing out blocks one at a time (an atomic counter) ran the sweep 15% slower
+      // than these contiguous shares per thread (6.4 vs 5.6 ms at S = 200k).
       at::parallel_for(first_block[j], first_block[j + 1], 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t i0 = lo + (b - first_block[j]) * kGaussSeidelBlock;
@@ -225,7 +229,7 @@ void sparse_sweeps(const ValueIterationArgs& a) {
   T* q = static_cast<T*>(a.q);
   const int64_t A = a.actions;
   run_sweeps<T>(a, [&](int64_t i0, int64_t i1, const T* src, T* dst, double* mm) {
-    sw.states(i0, i1, src, dst, q, [&](int64_t i, int64_t act) {
+    sw.states(i0, i1, src, dst, q, [=](int64_t i, int64_t act) {
       const int64_t r = i * A + act;
       return sparse_dot(w, idx, src, static_cast<int64_t>(indptr[r]), static_cast<int64_t>(indptr[r + 1]));
     }, mm);
