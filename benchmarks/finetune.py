@@ -8,7 +8,12 @@ most memory torch's CPU allocator holds, from the profiler's allocation records)
 ``icl``: zero/one/few-shot accuracy of the same pre-trained decoder on the pattern tasks.
 ``lora_speed``: a LoRA fine-tuning step of the F5 benchmark decoder (Llama, 6 layers,
 d 512, GQA 8/2, SwiGLU 1408) with fastpt's fused LoRA vs full fine-tuning vs the same LoRA
-built from eager ops, and the bytes of the frozen weights with an int8 base.
+built from eager ops, and the bytes of the frozen weights with an int8 base. Also a step of
+the frozen decoder with no adapter at all, only the first attention norm's weight trainable
+(``frozen``): the backward still runs through every layer, so it is what a LoRA step whose
+adapters cost nothing would take (plus the first layer's q/k/v input gradient, ~1% of the
+step, which LoRA skips), and ``full / frozen`` and ``eager LoRA / frozen`` bound the two
+speed-ups any LoRA implementation can reach at this shape.
 
 Run: ``python -m fastpt.benchmarks.finetune [--quick] [--only strategies,icl,lora_speed]
 [--json PATH]``.
@@ -92,9 +97,12 @@ def lora_speed(quick: bool) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, T))
     models = {}
-    for impl in ("full", "lora_fastpt", "lora_eager"):
+    for impl in ("full", "lora_fastpt", "lora_eager", "frozen"):
         m = Decoder(config)
-        if impl == "lora_fastpt":
+        if impl == "frozen":
+            m.requires_grad_(False)
+            m.layers[0].attn_norm.weight.requires_grad_(True)
+        elif impl == "lora_fastpt":
             add_lora(m, r=16, alpha=32, target_modules="all-linear")
         elif impl == "lora_eager":
             m.requires_grad_(False)
@@ -130,6 +138,8 @@ def lora_speed(quick: bool) -> dict:
             "step_s": med, "peak_mib": peaks,
             "lora_vs_full": med["full"] / med["lora_fastpt"],
             "lora_vs_eager_lora": med["lora_eager"] / med["lora_fastpt"],
+            "bound_full_vs_frozen": med["full"] / med["frozen"],
+            "bound_eager_lora_vs_frozen": med["lora_eager"] / med["frozen"],
             "int8_frozen_bytes_vs_fp32": int8_bytes / fp32_bytes}
 
 

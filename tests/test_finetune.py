@@ -232,3 +232,16 @@ def test_merged_checkpoint_refuses_unmergeable_strategies(tmp_path):
         model = prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy=strategy))
         with pytest.raises(ValueError, match="save_adapter"):
             save_merged(model, str(tmp_path / strategy))
+
+
+def test_lora_speed_benchmark_quick():
+    """The F7 speed benchmark's quick run: every step timed, the bounds from the frozen step
+    computed from the same medians, and an int8 base under 30% of the fp32 bytes."""
+    from fastpt.benchmarks.finetune import lora_speed
+    out = lora_speed(quick=True)
+    step = out["step_s"]
+    assert set(step) == {"full", "lora_fastpt", "lora_eager", "frozen"}
+    assert all(t > 0 for t in step.values()) and all(m > 0 for m in out["peak_mib"].values())
+    assert out["bound_full_vs_frozen"] == pytest.approx(step["full"] / step["frozen"])
+    assert out["bound_eager_lora_vs_frozen"] == pytest.approx(step["lora_eager"] / step["frozen"])
+    assert 0 < out["int8_frozen_bytes_vs_fp32"] <= 0.30
