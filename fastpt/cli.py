@@ -114,6 +114,8 @@ def _add_mdp(sub) -> None:
     p.add_argument("--gamma", type=float, default=0.9, help="discount (default: 0.9)")
     p.add_argument("--epsilon", type=float, default=1e-6, help="(default: 1e-6)")
     p.add_argument("--stop", choices=("sup", "span"), default="sup", help="stopping rule")
+    p.add_argument("--gauss-seidel", action="store_true",
+                   help="Gauss-Seidel sweeps (16 phases; fewer sweeps, same guarantee; sup rule only)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_mdp)
 
@@ -131,12 +133,13 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
         m = mdp.random_sparse_mdp(args.states, args.actions, args.successors, args.seed,
                                   gamma=args.gamma)
         t1 = time.perf_counter()
-        res = mdp.value_iteration(m, args.epsilon, stop=args.stop)
+        res = mdp.value_iteration(m, args.epsilon, stop=args.stop, gauss_seidel=args.gauss_seidel)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t2 = time.perf_counter()
-    print(f"\nrandom sparse MDP: {m}\n  built in {t1 - t0:.2f} s; value iteration ({args.stop} rule, "
+    sweeps = "Gauss-Seidel" if args.gauss_seidel else "Jacobi"
+    print(f"\nrandom sparse MDP: {m}\n  built in {t1 - t0:.2f} s; value iteration ({sweeps}, {args.stop} rule, "
           f"epsilon {args.epsilon:g}): {res.iterations} sweeps in {t2 - t1:.2f} s, residual "
           f"{res.residual:.2e}, converged {res.converged}; V in [{float(res.v.min()):.4f}, "
           f"{float(res.v.max()):.4f}]")

@@ -212,6 +212,15 @@ def test_gauss_seidel_value_iteration_is_epsilon_optimal():
     assert gs.history[-1] < thr and all(h >= thr for h in gs.history[:-1])
 
 
+def test_mdp_command_gauss_seidel(capsys):
+    from fastpt.cli import main
+    assert main(["mdp", "--states", "3000", "--gauss-seidel"]) == 0
+    out = capsys.readouterr().out
+    assert "value iteration (Gauss-Seidel, sup rule" in out and "converged True" in out
+    assert main(["mdp", "--states", "3000", "--gauss-seidel", "--stop", "span"]) == 2
+    assert "Jacobi" in capsys.readouterr().err
+
+
 def test_sweeps_stop_at_tolerance():
     m = small_random_mdp(50, 2, 4)
     out = vi_op(m.transitions(), m.reward, torch.zeros(50, dtype=torch.float64), m.gamma,
