@@ -255,6 +255,18 @@ def test_kernel_bad_input():
     d = as_dense_mdp(m)
     with pytest.raises(ValueError, match="p must have shape"):
         vi_op(d.p[:, :, :5], d.reward, v, 0.9)
+    # NaN / inf values: the max over actions would skip a NaN Q and report -inf, converged
+    v_nan, r_inf = v.clone(), m.reward.clone()
+    v_nan[4], r_inf[2, 1] = float("nan"), float("inf")
+    for trans in (t, d.p):
+        with pytest.raises(ValueError, match=r"v\[4\] is nan"):
+            vi_op(trans, m.reward, v_nan, 0.9)
+        with pytest.raises(ValueError, match=r"reward\[2, 1\] is inf"):
+            vi_op(trans, r_inf, v, 0.9)
+    with pytest.raises(ValueError, match=r"v0\[4\] is nan"):
+        M.value_iteration(m, v0=v_nan, gauss_seidel=True)
+    with pytest.raises(ValueError, match=r"v0\[4\] is nan"):
+        M.policy_evaluation(m, torch.zeros(10, dtype=torch.int64), v0=v_nan)
 
 
 def test_opcheck_and_compile():

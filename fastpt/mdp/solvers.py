@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fastpt.mdp.model import MDP
+from fastpt.ops.value_iteration import check_finite
 
 STOP_RULES = ("sup", "span")
 
@@ -96,6 +97,7 @@ def _initial_values(mdp: MDP, v0) -> Tensor:
     v0 = torch.as_tensor(v0, dtype=mdp.dtype).contiguous()
     if v0.shape != (mdp.num_states,):
         raise ValueError(f"v0 must have shape ({mdp.num_states},), got {tuple(v0.shape)}")
+    check_finite("v0", v0)
     return v0
 
 

@@ -46,12 +46,16 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
             phases (CPU only; the same bits whatever the thread count).
         return_q: also return Q of the last sweep.
         tol: stop after a sweep whose residual (max |dV|, or its span with ``span``) is < tol.
-        check: verify the CSR (monotone indptr, indices in range): O(nnz); the solvers of
-            :mod:`fastpt.mdp` validate once and pass ``check=False``.
+        check: verify that v and reward are finite (O(S*A)) and the CSR (monotone indptr,
+            indices in range): O(nnz); the solvers of :mod:`fastpt.mdp` validate once and pass
+            ``check=False``.
 
     Returns:
         :class:`Sweep` (v, policy, dv, q).
     """
+    if check:
+        check_finite("v", v)
+        check_finite("reward", reward)
     if isinstance(transitions, Tensor):
         if transitions.layout != torch.strided:
             raise TypeError("transitions must be a dense (A, S, S) tensor or an (indptr, indices, "
@@ -66,6 +70,15 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
                                                       sweeps, gauss_seidel, return_q, tol, span,
                                                       first_state)
     return Sweep(*out)
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """ValueError naming the first NaN or infinite entry of t. (A NaN value makes its Q NaN,
+    the kernel's max skips NaN: a sweep would return -inf values and report convergence.)"""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}{list(at)} is {float(t[at])}: values must be finite")
 
 
 def _check_csr(indptr: Tensor, indices: Tensor, num_states: int) -> None:
