@@ -42,15 +42,19 @@ def np_bellman(p: np.ndarray, r: np.ndarray, gamma: float, v: np.ndarray):
     return q.max(1), q.argmax(1), q
 
 
+def gs_phases(S, phases):
+    """The kernel's Gauss-Seidel phases: min(S, phases) runs [lo, hi) of consecutive states,
+    swept in order; a state reads the new values of the states of earlier phases and the
+    previous values of all others (its own phase's included). phases=1: Jacobi."""
+    n = min(S, phases)
+    return [(j * S // n, (j + 1) * S // n) for j in range(n)]
+
+
 def np_bellman_gs(p, r, gamma, v, phases=GS_PHASES):
-    """Gauss-Seidel by phases (the kernel's rule): the states split into min(S, phases) runs
-    of consecutive states, swept in order; a state reads the new values of the states of
-    earlier phases and the previous values of all others (its own phase's included)."""
+    """One Gauss-Seidel sweep by phases (gs_phases) of a dense MDP."""
     S = len(v)
     cur, new, pol = v.copy(), np.empty(S), np.empty(S, dtype=np.int64)
-    n = min(S, phases)
-    for j in range(n):
-        lo, hi = j * S // n, (j + 1) * S // n
+    for lo, hi in gs_phases(S, phases):
         q = r[lo:hi] + gamma * np.einsum("ast,t->sa", p[:, lo:hi, :], cur)
         new[lo:hi], pol[lo:hi] = q.max(1), q.argmax(1)
         cur[lo:hi] = new[lo:hi]
@@ -59,14 +63,12 @@ def np_bellman_gs(p, r, gamma, v, phases=GS_PHASES):
 
 def np_sweep_csr(indptr, idx, val, r, gamma, v, first=0, phases=1):
     """One sweep of the local states [first, first + S) of a CSR MDP (row s * A + a of local
-    state s; indptr may start past 0), in `phases` Gauss-Seidel phases (1: Jacobi)."""
+    state s; indptr may start past 0), in gs_phases(S, phases)."""
     S, A = r.shape
     used = slice(int(indptr[0]), int(indptr[-1]))
     rows = np.repeat(np.arange(S * A), np.diff(indptr))
     cur, new, pol = v.copy(), np.empty(S), np.empty(S, dtype=np.int64)
-    n = min(S, phases)
-    for j in range(n):
-        lo, hi = j * S // n, (j + 1) * S // n
+    for lo, hi in gs_phases(S, phases):
         sums = np.bincount(rows, weights=val[used] * cur[idx[used]], minlength=S * A)
         q = r[lo:hi] + gamma * sums.reshape(S, A)[lo:hi]
         new[lo:hi], pol[lo:hi] = q.max(1), q.argmax(1)
