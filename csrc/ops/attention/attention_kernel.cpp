@@ -40,6 +40,10 @@ constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 128;
+// Causal: query rows of a tile that crosses the diagonal (its rows see different numbers of the
+// tile's keys) run in sub-tiles of this many, each over the keys its last row sees, so the
+// products skip most of the masked triangle instead of computing it and masking it.
+constexpr int64_t kDiagBlockQ = 32;
 
 template <typename A>
 constexpr A kNegInf = -std::numeric_limits<A>::infinity();
@@ -97,6 +101,60 @@ inline A exp_sub_sum(A* x, int64_t n, A m) {
     sv = sv + V::set(V(0), e, r);
   }
   return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, sv);
+}
+
+// x = exp(x - m) in place (x <= m or -inf), and y = x rounded to the storage type when y is not
+// null: the backward's P in one pass (fp32 for dS, rounded for the dV product).
+template <typename T, typename A>
+inline void exp_sub_store(A* x, int64_t n, A m, T* y) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t K = kChunk<T>;
+  const V mv(m);
+  int64_t j = 0;
+  for (; j + K <= n; j += K) {
+    const V e0 = exp_nonpos(V::loadu(x + j) - mv), e1 = exp_nonpos(V::loadu(x + j + V::size()) - mv);
+    e0.store(x + j);
+    e1.store(x + j + V::size());
+    if (y) store2(y + j, e0, e1);
+  }
+  if (j < n) {
+    const int64_t r = n - j, ra = std::min<int64_t>(r, V::size());
+    const V e0 = exp_nonpos(V::loadu(x + j, ra) - mv);
+    const V e1 = r > ra ? exp_nonpos(V::loadu(x + j + ra, r - ra) - mv) : V(0);
+    e0.store(x + j, ra);
+    if (r > ra) e1.store(x + j + ra, r - ra);
+    if (y) store2(y + j, e0, e1, r);
+  }
+}
+
+// dS = P * dP - P * delta for one row without dropout: over dP in place when keep (the fp32
+// products, the bias gradient), and rounded into y when y is not null (the bf16/fp16 products).
+template <typename T, typename A>
+inline void grad_logits_row(const A* p, A* ds, int64_t n, A delta, T* y, bool keep) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t K = kChunk<T>;
+  const V dv(delta);
+  const auto f = [&](const V& pv, const V& dpv) { return pv * dpv - pv * dv; };
+  int64_t j = 0;
+  for (; j + K <= n; j += K) {
+    const V a = f(V::loadu(p + j), V::loadu(ds + j));
+    const V b = f(V::loadu(p + j + V::size()), V::loadu(ds + j + V::size()));
+    if (keep) {
+      a.store(ds + j);
+      b.store(ds + j + V::size());
+    }
+    if (y) store2(y + j, a, b);
+  }
+  if (j < n) {
+    const int64_t r = n - j, ra = std::min<int64_t>(r, V::size());
+    const V a = f(V::loadu(p + j, ra), V::loadu(ds + j, ra));
+    const V b = r > ra ? f(V::loadu(p + j + ra, r - ra), V::loadu(ds + j + ra, r - ra)) : V(0);
+    if (keep) {
+      a.store(ds + j, ra);
+      if (r > ra) b.store(ds + j + ra, r - ra);
+    }
+    if (y) store2(y + j, a, b, r);
+  }
 }
 
 // y = exp(scale * x - m) in the storage type (y may be x when T is the compute type); returns
@@ -435,29 +493,33 @@ void backward(const AttentionBwdArgs& args) {
         for (int64_t i = 0; i < s.T; ++i) delta[i] = dot_row(dout + i * D, o + i * D, D);
         std::fill(dq.begin(), dq.end(), A(0));
         for (int64_t j0 = 0; j0 < s.S; j0 += BK) {
-          const int64_t nk = std::min(BK, s.S - j0);
-          const bool any_masked = key_mask_tile(s, b, j0, nk, kmask.data());
-          // Causal: query tiles from the first whose last row sees key j0.
-          const int64_t i_first = s.causal ? std::max<int64_t>(j0 - off, 0) / BQ * BQ : 0;
-          for (int64_t i0 = i_first; i0 < s.T; i0 += BQ) {
-            const int64_t mq = std::min(BQ, s.T - i0);
+          const int64_t nk_tile = std::min(BK, s.S - j0);
+          const bool any_masked = key_mask_tile(s, b, j0, nk_tile, kmask.data());
+          // Causal: from the first sub-tile whose last row sees key j0.
+          const int64_t i_first = s.causal ? std::max<int64_t>(j0 - off, 0) / kDiagBlockQ * kDiagBlockQ : 0;
+          for (int64_t i0 = i_first, mq; i0 < s.T; i0 += mq) {
+            const bool crosses = s.causal && i0 + off < j0 + nk_tile - 1;  // row i0 misses a key of the tile
+            mq = std::min(crosses ? kDiagBlockQ : BQ, s.T - i0);
+            const int64_t nk = crosses ? std::clamp<int64_t>(i0 + mq + off - j0, 0, nk_tile) : nk_tile;
             gemm<T, A>(false, true, mq, nk, D, scale, hd.q + i0 * s.q_st, s.q_st, hd.k + j0 * s.k_st, s.k_st,
                        A(0), p.data(), BK);
             A* pdrop = dropout ? pd.data() : p.data();
             for (int64_t r = 0; r < mq; ++r) {
               A* row = p.data() + r * BK;
+              T* row_lowp = kLowp && !dropout ? lowp.data() + r * BK : nullptr;  // P rounded in the exp pass
               const A lse_r = lse[i0 + r];
               if (lse_r == kNegInf<A>) {  // a row without keys: no gradient
                 std::fill(row, row + nk, A(0));
+                if (row_lowp) std::fill(row_lowp, row_lowp + nk, T(0));
               } else {
                 hd.mask_row(row, i0 + r, j0, nk, any_masked ? kmask.data() : nullptr);
-                exp_sub_sum(row, nk, lse_r);
+                exp_sub_store(row, nk, lse_r, row_lowp);
               }
               if (dropout) {
                 std::copy(row, row + nk, pd.data() + r * BK);
                 hd.apply_dropout(pd.data() + r * BK, i0 + r, j0, nk, keep_scale);
+                if constexpr (kLowp) store_row(pd.data() + r * BK, lowp.data() + r * BK, nk, A(1));
               }
-              if constexpr (kLowp) store_row(pdrop + r * BK, lowp.data() + r * BK, nk, A(1));
             }
             const T* dO = dout + i0 * D;
             const T* q_i = hd.q + i0 * s.q_st;
@@ -465,17 +527,19 @@ void backward(const AttentionBwdArgs& args) {
             if constexpr (kLowp) gemm<T, A>(true, false, nk, D, mq, A(1), lowp.data(), BK, dO, D, A(1), dv.data() + j0 * D, D);
             else gemm<T, A>(true, false, nk, D, mq, A(1), pdrop, BK, dO, D, A(1), dv.data() + j0 * D, D);
             gemm<T, A>(false, true, mq, nk, D, A(1), dO, D, hd.v + j0 * s.v_st, s.v_st, A(0), dp.data(), BK);
-            for (int64_t r = 0; r < mq; ++r) {  // dS = Pd * dP - P * Delta, into dp
+            for (int64_t r = 0; r < mq; ++r) {  // dS = Pd * dP - P * Delta: into dp, or rounded into lowp
               A* dsr = dp.data() + r * BK;
               const A* pr = p.data() + r * BK;
-              const A* pdr = pdrop + r * BK;
               const A dl = delta[i0 + r];
-              for (int64_t j = 0; j < nk; ++j) dsr[j] = pdr[j] * dsr[j] - pr[j] * dl;
-              if (args.grad_bias) {
-                A* gb = static_cast<A*>(args.grad_bias) + (bh * s.T + i0 + r) * s.S + j0;
-                std::copy(dsr, dsr + nk, gb);
+              A* gb = args.grad_bias ? static_cast<A*>(args.grad_bias) + (bh * s.T + i0 + r) * s.S + j0 : nullptr;
+              if (dropout) {
+                const A* pdr = pd.data() + r * BK;
+                for (int64_t j = 0; j < nk; ++j) dsr[j] = pdr[j] * dsr[j] - pr[j] * dl;
+                if (kLowp) store_row(dsr, lowp.data() + r * BK, nk, A(1));
+              } else {
+                grad_logits_row(pr, dsr, nk, dl, kLowp ? lowp.data() + r * BK : nullptr, !kLowp || gb);
               }
-              if constexpr (kLowp) store_row(dsr, lowp.data() + r * BK, nk, A(1));
+              if (gb) std::copy(dsr, dsr + nk, gb);
             }
             if constexpr (kLowp) {
               gemm<T, A>(true, false, nk, D, mq, scale, lowp.data(), BK, q_i, s.q_st, A(1), dk.data() + j0 * D, D);
