@@ -285,6 +285,7 @@ def _bad(**overrides):
         (dict(q=torch.ones(2, 4, 5, 16, dtype=torch.int32)), TypeError, "q must be"),
         (dict(k=torch.randn(2, 2, 7, 16, dtype=torch.float16)), TypeError, "k must have the dtype"),
         (dict(q=torch.randn(4, 5, 16)), ValueError, r"\(B, H, T, D\)"),
+        (dict(q=torch.tensor(1.0)), ValueError, r"\(B, H, T, D\)"),
         (dict(v=torch.randn(2, 2, 8, 16)), ValueError, "same shape"),
         (dict(k=torch.randn(2, 3, 7, 16), v=torch.randn(2, 3, 7, 16)), ValueError, "multiple of the number"),
         (dict(k=torch.randn(3, 2, 7, 16), v=torch.randn(3, 2, 7, 16)), ValueError, "batch size"),

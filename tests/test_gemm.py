@@ -176,6 +176,23 @@ def test_bad_input_names_the_problem():
         ops.linear(torch.randn(3, 4), torch.randn(5, 6))   # F.linear's own message
 
 
+@pytest.mark.parametrize("bias", [torch.ones(5, dtype=torch.int32), torch.ones(5, dtype=torch.complex64),
+                                  torch.ones(5, device="meta"), torch.ones(5, dtype=torch.float64)])
+def test_linear_bias_of_another_dtype_or_device_fails_as_f_linear(bias):
+    """The fast path must not cast such a bias silently: F.linear refuses it."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError) as expected:
+        F.linear(x, w, bias)
+    with pytest.raises(RuntimeError) as ours:
+        ops.linear(x, w, bias)
+    assert str(ours.value) == str(expected.value)
+
+
+def test_linear_broadcast_bias_as_f_linear():
+    x, w, bias = torch.randn(3, 4), torch.randn(5, 4), torch.randn(1, 5)
+    torch.testing.assert_close(ops.linear(x, w, bias), F.linear(x, w, bias))
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("ta, tb", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("m, n, k", [(1, 37, 1000), (4, 5, 16), (300, 129, 257)])

@@ -345,8 +345,11 @@ def test_bad_threshold(threshold):
 
 def test_int8_linear_bad_input():
     layer = Int8Linear.from_linear(nn.Linear(8, 4))
-    with pytest.raises(ValueError, match="does x's last dim match"):
-        layer(torch.randn(2, 100))
+    for cols in (100, 16):  # 16: within the packing's 64-column block, so only the module can tell
+        with pytest.raises(ValueError, match="in_features = 8"):
+            layer(torch.randn(2, cols))
+    with pytest.raises(ValueError, match="does x's last dim match"):  # the op, past the block
+        ops.int8_linear(torch.randn(2, 100), layer.weight_packed, layer.weight_colsum, layer.weight_scale, 4)
     with pytest.raises(TypeError, match="x must be float32"):
         layer(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="from_linear needs an nn.Linear"):

@@ -69,6 +69,8 @@ def test_rotary_embedding_bad_arguments():
         fnn.RotaryEmbedding(7)
     with pytest.raises(ValueError, match="layout"):
         fnn.RotaryEmbedding(8, layout="neox")
+    with pytest.raises(ValueError, match=r"\(\.\.\., T, D\)"):  # a 1-D q: rope's message, not an IndexError
+        fnn.RotaryEmbedding(8)(torch.randn(8), torch.randn(1, 1, 3, 8))
 
 
 def test_linear_inference_under_autocast_reuses_the_cast_weight():

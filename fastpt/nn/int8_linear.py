@@ -74,6 +74,10 @@ class Int8Linear(nn.Module):
                                                  self.out_features, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The packed weight knows in_features only rounded up to its 64-column blocks.
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear: x's last dim must be in_features = {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
         return int8_ops.int8_linear(x, self.weight_packed, self.weight_colsum, self.weight_scale,
                                     self.out_features, self.bias, self.threshold)
 

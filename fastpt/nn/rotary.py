@@ -42,6 +42,8 @@ class RotaryEmbedding(nn.Module):
                 offset: int = 0) -> tuple[Tensor, Tensor]:
         """q: (B, H, T, D), k: (B, Hkv, T, D). Positions are ``position_ids`` if given, else
         ``offset + arange(T)`` (``offset`` = tokens already in the KV cache)."""
+        if q.dim() < 2:  # rope names the expected layout
+            return rope(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
         T = q.shape[-2]
         if position_ids is None and offset:
             position_ids = torch.arange(offset, offset + T, device=q.device)

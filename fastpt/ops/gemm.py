@@ -83,6 +83,8 @@ def gemm_dtype(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.d
     products (decoding: up to 4 rows) with bf16 weights, plain or under bf16 autocast, no bias."""
     if x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 1 or not own_kernel_active():
         return None
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or bias.shape != weight.shape[:1]):
+        return None  # F.linear's own promotion, broadcasting and errors
     rows = x.numel() // max(x.shape[-1], 1)
     bf16_gemv = weight.dtype == torch.bfloat16 and bias is None and rows <= _GEMV_ROWS
     if torch.is_autocast_enabled("cpu"):

@@ -108,6 +108,9 @@ def int8_linear(x: Tensor, weight_packed: Tensor, weight_colsum: Tensor, weight_
 
     Gradient: to x only (grad_x = grad @ dequantized weight, in grad's dtype), and to bias
     if it requires grad; the int8 weight is frozen.
+
+    The packed weight records in_features only rounded up to a multiple of 64, so this op
+    checks x's last dim to that precision; ``fastpt.nn.Int8Linear`` checks it exactly.
     """
     return torch.ops.fastpt.int8_linear(x, weight_packed, weight_colsum, weight_scale, out_features,
                                         bias, float(threshold))
