@@ -52,21 +52,52 @@ def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
         tensors = load_file(os.path.join(path, WEIGHTS_FILE))
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path!r} is not a readable fastpt adapter: {e}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("finetune"), dict) and isinstance(meta.get("base"), dict)):
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r} is not a fastpt adapter config: it needs the "
+                         f"objects 'finetune' and 'base' (what save_adapter writes)")
     base = _base_signature(model)
     if base != meta["base"]:
-        raise ValueError(f"adapter at {path!r} was trained on {meta['base']['class']} with config "
-                         f"{meta['base']['config']}, not on this {base['class']} ({base['config']})")
-    prepared = prepare(model, FinetuneConfig(**meta["finetune"]))
+        raise ValueError(f"adapter at {path!r} was trained on {meta['base'].get('class')} with config "
+                         f"{meta['base'].get('config')}, not on this {base['class']} ({base['config']})")
+    try:
+        config = FinetuneConfig(**meta["finetune"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r} has invalid fine-tuning settings: {e}") from None
+    prepared = prepare(model, config)
+    _freeze_saved_prefixes(prepared, tensors)
     params = dict(prepared.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    wrong = sorted(n for n in tensors if n in params and params[n].shape != tensors[n].shape)
-    if missing or wrong:
-        raise ValueError(f"adapter tensors do not fit this model: unknown {missing}, "
-                         f"mis-shaped {[(n, tuple(tensors[n].shape), tuple(params[n].shape)) for n in wrong]}")
+    _check_saved_tensors(os.path.join(path, WEIGHTS_FILE), tensors,
+                         {n: p for n, p in params.items() if p.requires_grad}, params)
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
     return prepared
+
+
+def _freeze_saved_prefixes(model: torch.nn.Module, tensors: dict) -> None:
+    # A prefix saved after PrefixTuning.freeze() (its MLP dropped after training, as the paper
+    # does) holds the computed prefix itself: load it into a frozen prefix module.
+    from fastpt.finetune.prefix import PrefixTuning
+    for name, module in model.named_modules():
+        if isinstance(module, PrefixTuning) and module.prefix is None and f"{name}.prefix" in tensors:
+            module.freeze()
+
+
+def _check_saved_tensors(file: str, tensors: dict, required: dict, params: dict) -> None:
+    # Every tensor must land on a parameter of the same shape, every required parameter (what
+    # the strategy trains) must be in the file (one left at its init would be a silently
+    # different model), and the values must be finite floats.
+    unknown = sorted(set(tensors) - set(params))
+    absent = sorted(set(required) - set(tensors))
+    wrong = sorted(n for n in tensors if n in params and params[n].shape != tensors[n].shape)
+    if unknown or absent or wrong:
+        raise ValueError(f"the tensors of {file!r} do not fit this model: unknown {unknown}, absent {absent}, "
+                         f"mis-shaped {[(n, tuple(tensors[n].shape), tuple(params[n].shape)) for n in wrong]}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"tensor {name!r} of {file!r} is {t.dtype}, not a floating-point tensor")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"tensor {name!r} of {file!r} has NaN or infinite values")
 
 
 _HEADS = {}
@@ -128,20 +159,25 @@ def load_merged(path: str) -> torch.nn.Module:
     meta_file = os.path.join(path, "head_config.json")
     if not os.path.isfile(meta_file):
         return backbone
-    with open(meta_file) as f:
-        meta = json.load(f)
-    cls = _head_classes().get(meta["class"])
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+        tensors = load_file(os.path.join(path, "head.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{path!r} has no readable task head: {e}") from None
+    cls = _head_classes().get(meta.get("class")) if isinstance(meta, dict) else None
     if cls is None:
-        raise ValueError(f"{path}: unknown head class {meta['class']!r}")
-    kwargs = {"layer": meta["layer"]}
-    if meta["class"] == "SequenceClassifier":
-        kwargs["pooling"] = meta["pooling"]
-    args = (backbone,) if meta["class"] == "QuestionAnswering" else (backbone, meta["num_labels"])
-    model = cls(*args, **kwargs)
-    tensors = load_file(os.path.join(path, "head.safetensors"))
+        raise ValueError(f"{meta_file}: unknown head class {meta.get('class') if isinstance(meta, dict) else meta!r}")
+    try:
+        kwargs = {"layer": meta["layer"]}
+        if meta["class"] == "SequenceClassifier":
+            kwargs["pooling"] = meta["pooling"]
+        args = (backbone,) if meta["class"] == "QuestionAnswering" else (backbone, meta["num_labels"])
+        model = cls(*args, **kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{meta_file} does not describe a {meta['class']} head: {e!r}") from None
     params = {n: p for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    if set(tensors) != set(params):
-        raise ValueError(f"{path}/head.safetensors holds {sorted(tensors)}, the head needs {sorted(params)}")
+    _check_saved_tensors(os.path.join(path, "head.safetensors"), tensors, params, params)
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
