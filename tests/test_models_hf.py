@@ -216,6 +216,20 @@ def test_checkpoint_errors_list_every_bad_tensor(tmp_path):
         assert text in msg
 
 
+def test_checkpoint_errors_name_integer_and_non_finite_tensors(tmp_path):
+    Decoder(from_name("llama-tiny")).save_pretrained(tmp_path)
+
+    def edit(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int32)
+        t["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    _edit_checkpoint(tmp_path, edit)
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "not floating-point (1): model.norm.weight (torch.int32)" in msg
+    assert "NaN or infinite values (1): model.layers.0.mlp.up_proj.weight" in msg
+
+
 def test_truncated_and_corrupt_files(tmp_path):
     Decoder(from_name("gpt2-tiny")).save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"

@@ -225,7 +225,11 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
             want = tuple(e.pack(*(current[n] for n in e.ours)).shape)
             if tuple(tensors[name].shape) != want:
                 shapes[name] = (tuple(tensors[name].shape), want)
-    if missing or unexpected or shapes:
+    # Weights are floats (an integer tensor would be cast into garbage) and finite (NaN or
+    # inf weights make every output NaN, far from the file that caused it).
+    not_float = [f"{n} ({t.dtype})" for n, t in tensors.items() if n in expected and not t.is_floating_point()]
+    not_finite = [n for n, t in tensors.items() if n in expected and t.is_floating_point() and not torch.isfinite(t).all()]
+    if missing or unexpected or shapes or not_float or not_finite:
         lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
@@ -233,6 +237,10 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
             lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
         for name, (got, want) in shapes.items():
             lines.append(f"  mis-shaped tensor {name}: file has {list(got)}, model expects {list(want)}")
+        if not_float:
+            lines.append(f"  not floating-point ({len(not_float)}): {', '.join(not_float)}")
+        if not_finite:
+            lines.append(f"  NaN or infinite values ({len(not_finite)}): {', '.join(not_finite)}")
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for name, e in expected.items():
