@@ -385,6 +385,8 @@ def test_value_iteration_max_iter_and_args():
         M.value_iteration(m, v0=torch.zeros(3))
     with pytest.raises(ValueError, match="policy"):
         M.policy_evaluation(m, torch.full((30,), 2))
+    with pytest.raises(TypeError, match="integer action indices"):  # 0.5 would truncate to 0
+        M.policy_evaluation(m, torch.full((30,), 0.5))
 
 
 # ---------------------------------------------------------------- MDP input formats

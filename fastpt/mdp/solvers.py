@@ -177,7 +177,10 @@ def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float 
 
 
 def _check_policy(mdp: MDP, policy) -> Tensor:
-    policy = torch.as_tensor(policy).to(torch.int64).contiguous()
+    policy = torch.as_tensor(policy)
+    if policy.is_floating_point() or policy.is_complex() or policy.dtype == torch.bool:
+        raise TypeError(f"policy must hold integer action indices, got {policy.dtype}")
+    policy = policy.to(torch.int64).contiguous()
     if policy.shape != (mdp.num_states,):
         raise ValueError(f"policy must have shape ({mdp.num_states},), got {tuple(policy.shape)}")
     if policy.numel() and (int(policy.min()) < 0 or int(policy.max()) >= mdp.num_actions):
