@@ -7,7 +7,7 @@ import torch
 from fastpt.data.tokenizer import special_ids, train_tokenizer
 from fastpt.data.world import World
 from fastpt.icl import (PromptFormat, build_prompt, evaluate_generation, evaluate_multiple_choice,
-                        loglikelihood, requests_for, sample_examples, split_request)
+                        generate_answer, loglikelihood, requests_for, sample_examples, split_request)
 from fastpt.models import Decoder, DecoderConfig
 
 
@@ -87,6 +87,18 @@ def test_multiple_choice_and_generation_run_without_gradients(model, tok, world)
     with pytest.raises(ValueError, match="not among the choices"):
         evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y", "choices": ["z"]}],
                                  k=0, pool=[])
+
+
+def test_malformed_items_and_empty_prompts_name_the_problem(model, tok):
+    with pytest.raises(ValueError, match=r"items\[0\] lacks \['choices'\]"):
+        evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y"}], k=0, pool=[])
+    with pytest.raises(ValueError, match=r"pool\[1\] lacks \['target'\]"):
+        evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y", "choices": ["y"]}], k=1,
+                                 pool=[{"input": "a", "target": "b"}, {"input": "c"}])
+    with pytest.raises(ValueError, match="no items"):
+        evaluate_generation(model, tok, [], k=0, pool=[])  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="bos_id"):
+        generate_answer(model, tok, "")  # was torch's error about a float index tensor
 
 
 def test_long_contexts_lose_their_oldest_tokens(model, tok):

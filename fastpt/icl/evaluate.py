@@ -20,12 +20,23 @@ class ICLResult:
     predictions: list = field(default_factory=list)
 
 
+def _check_items(items: list[dict], keys: tuple[str, ...], what: str) -> None:
+    # A clear message instead of a KeyError from deep inside prompt building.
+    if not items:
+        raise ValueError(f"no {what} to evaluate")
+    for i, item in enumerate(items):
+        missing = [key for key in keys if not isinstance(item, dict) or key not in item]
+        if missing:
+            raise ValueError(f"{what}[{i}] lacks {missing}: each needs the keys {list(keys)}")
+
+
 def evaluate_multiple_choice(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],
                              fmt: PromptFormat = PromptFormat(), seed: int = 0,
                              bos_id: int | None = None) -> ICLResult:
     """k-shot accuracy on ``items`` ({"input", "target", "choices"}), examples from ``pool``."""
-    if not items:
-        raise ValueError("no items to evaluate")
+    _check_items(items, ("input", "target", "choices"), "items")
+    if k and pool:  # an empty pool: sample_examples says how many examples it lacks
+        _check_items(pool, ("input", "target"), "pool")
     correct = correct_norm = 0
     predictions = []
     for item in items:
@@ -53,6 +64,8 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if bos_id is not None:
         ids = [bos_id] + ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens: pass bos_id to generate from nothing")
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens)
     text = tokenizer.decode(out[0, len(ids):].tolist())
     cut = min((text.find(s) for s in stop if s in text), default=len(text))
@@ -62,6 +75,9 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
 def evaluate_generation(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],
                         fmt: PromptFormat = PromptFormat(), seed: int = 0, **kw) -> float:
     """Exact-match accuracy of greedy answers (stripped) against the targets."""
+    _check_items(items, ("input", "target"), "items")
+    if k and pool:  # an empty pool: sample_examples says how many examples it lacks
+        _check_items(pool, ("input", "target"), "pool")
     hits = 0
     for item in items:
         prompt = build_prompt(item, sample_examples(pool, item, k, seed), fmt)
