@@ -79,6 +79,9 @@ def test_mlm_bad_arguments():
         MLMCollator(10, 40, 0, SPECIAL)
     with pytest.raises(ValueError, match="empty batch"):
         MLMCollator(VOCAB, 4, 0, SPECIAL)([])
+    for bad in (-2, VOCAB):  # a negative id was masked and labelled silently
+        with pytest.raises(ValueError, match="token ids must lie in"):
+            MLMCollator(VOCAB, 4, 0, SPECIAL)([{"input_ids": [5, bad]}])
 
 
 def test_span_corruption_lengths_and_sentinels():
@@ -102,6 +105,16 @@ def test_span_corruption_lengths_and_sentinels():
         assert torch.equal(rebuilt, run)
     with pytest.raises(ValueError, match="568 tokens"):
         collator([torch.arange(10)])
+    with pytest.raises(ValueError, match="empty batch"):
+        collator([])
+
+
+def test_span_corruption_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="no room for the sentinel ids"):  # ids would reach -18
+        SpanCorruptionCollator(10, eos_id=1, inputs_length=512)
+    with pytest.raises(ValueError, match="too short"):  # inputs would come out at 6 tokens
+        SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=5)
+    assert SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=10)([list(range(5, 15))])["input_ids"].shape == (1, 10)
 
 
 def test_noise_mask_statistics():

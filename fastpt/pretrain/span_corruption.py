@@ -63,6 +63,22 @@ class SpanCorruptionCollator:
         self.inputs_length, self.vocab_size, self.eos_id = inputs_length, vocab_size, eos_id
         self.noise_density, self.mean_span_length = noise_density, mean_span_length
         self.generator = torch.Generator().manual_seed(seed)
+        self._check_lengths_and_sentinels()
+
+    def _check_lengths_and_sentinels(self) -> None:
+        # The output lengths and the number of sentinels depend on the lengths only, not on
+        # where the spans fall: one trial run (the generator's state restored) checks them.
+        state = self.generator.get_state()
+        inputs, targets = self.corrupt(torch.zeros(max(self.raw_length, 1), dtype=torch.long))
+        self.generator.set_state(state)
+        if (len(inputs), len(targets)) != (self.inputs_length, self.targets_length):
+            raise ValueError(f"inputs_length {self.inputs_length} is too short for span corruption at noise "
+                             f"density {self.noise_density} (its inputs would come out at {len(inputs)} tokens)")
+        lowest = int(torch.cat([inputs, targets]).min())
+        if lowest < 0:
+            raise ValueError(f"vocab_size {self.vocab_size} leaves no room for the sentinel ids "
+                             f"(vocab_size - 1 downwards) that inputs of {self.inputs_length} tokens need: "
+                             f"they would reach {lowest}")
 
     def corrupt(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One raw run (L,) -> (inputs, targets), each ending in EOS."""
@@ -82,6 +98,8 @@ class SpanCorruptionCollator:
         return torch.cat([inputs, eos]), torch.cat([targets, eos])
 
     def __call__(self, runs: list) -> dict:
+        if not len(runs):
+            raise ValueError("cannot collate an empty batch")
         pairs = []
         for run in runs:
             run = torch.as_tensor(run, dtype=torch.long)
