@@ -138,6 +138,30 @@ def test_bad_arguments():
             generate(model, [[1, 2]], **bad)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []])
+    with pytest.raises(ValueError, match="at least one token"):  # was an IndexError
+        generate(model, torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_models_name_bad_token_ids():
+    """Ids outside an embedding table, float or 1-D ids, and labels of another shape: errors
+    that name them (torch's own: "index out of range in self", an unpacking error)."""
+    _, gpt2 = _pair("gpt2")
+    V, P = gpt2.config.vocab_size, gpt2.config.max_position_embeddings
+    ids = torch.randint(0, V, (2, 5))
+    with pytest.raises(ValueError, match=f"input_ids must lie in \\[0, vocab_size={V}\\)"):
+        gpt2(input_ids=ids - V)
+    with pytest.raises(TypeError, match="integer ids"):
+        gpt2(input_ids=ids.float())
+    with pytest.raises(ValueError, match=r"\(batch, length\)"):
+        gpt2(input_ids=ids[0])
+    with pytest.raises(ValueError, match="max_position_embeddings"):  # GPT-2's learned positions
+        gpt2(input_ids=torch.randint(0, V, (1, P + 1)))
+    with pytest.raises(ValueError, match=r"labels must be \(B, T\)"):
+        gpt2(input_ids=ids, labels=ids[:, :3])
+    from fastpt.models import Encoder, EncoderConfig
+    bert = Encoder(EncoderConfig.from_name("bert-tiny", vocab_size=V))
+    with pytest.raises(ValueError, match="type_vocab_size"):
+        bert(input_ids=ids, token_type_ids=torch.full_like(ids, 5))
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -14,6 +14,25 @@ from fastpt.ops.gemm import linear
 IGNORE_INDEX = -100
 
 
+def check_ids(name: str, ids: Tensor, limit: int, limit_name: str) -> None:
+    """Indices into an embedding (token, position or segment ids): integer and, on CPU, in
+    [0, limit), with a message naming them (torch's own is "index out of range in self"). The
+    range is not read on GPUs (a sync per call) nor while compiling (it reads the values)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got {ids.dtype}")
+    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{name} must lie in [0, {limit_name}={limit}), got values in [{lo}, {hi}]")
+
+
+def check_input_ids(name: str, ids: Tensor, vocab_size: int) -> None:
+    """Token ids: a (batch, length) integer tensor within the vocabulary."""
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, length), got shape {tuple(ids.shape)}")
+    check_ids(name, ids, vocab_size, "vocab_size")
+
+
 def activation(name: str):
     """HF ACT2FN names: gelu (erf), gelu_new (tanh approximation, GPT-2/T5), relu, silu."""
     if name not in ACTIVATIONS:

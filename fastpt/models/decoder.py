@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
-from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, init_normal_, key_padding,
-                                  linear_activation, positions_from_mask)
+from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, check_ids, check_input_ids,
+                                  init_normal_, key_padding, linear_activation, positions_from_mask)
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
@@ -158,15 +158,20 @@ class Decoder(PreTrainedModel):
                 logits_to_keep: int = 0, return_logits: bool = True) -> DecoderOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids("input_ids", input_ids, self.embed_tokens.num_embeddings)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
+        if labels is not None and tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must be (B, T) = ({B}, {T}) like the inputs, got {tuple(labels.shape)}")
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(B, T)
         past = cache.length if cache is not None else 0
         position_ids, attn = self._structure(B, T, past, attention_mask, position_ids,
                                              document_ids, prefix_lengths, x.device)
-        if self.embed_positions is not None:
+        if self.embed_positions is not None:  # learned positions (GPT-2): a fixed table
+            check_ids("position_ids", position_ids, self.embed_positions.num_embeddings, "max_position_embeddings")
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
         hidden = [x] if output_hidden_states else None

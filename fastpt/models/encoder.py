@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, cross_entropy, init_normal_,
-                                  key_padding, linear_activation)
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_ids, check_input_ids,
+                                  cross_entropy, init_normal_, key_padding, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
 from fastpt.nn.linear import Linear
@@ -22,12 +22,16 @@ class EncoderEmbeddings(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> Tensor:
+        if input_ids is not None:
+            check_input_ids("input_ids", input_ids, self.tokens.num_embeddings)
         x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).unsqueeze(0)
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        check_ids("position_ids", position_ids, self.positions.num_embeddings, "max_position_embeddings")
+        check_ids("token_type_ids", token_type_ids, self.segments.num_embeddings, "type_vocab_size")
         x = x + self.positions(position_ids) + self.segments(token_type_ids)
         return self.dropout(self.norm(x))
 

@@ -36,6 +36,8 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
         return ids, mask
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("every prompt needs at least one token (input_ids has length 0)")
     if attention_mask is None:
         return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:

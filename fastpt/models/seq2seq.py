@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache, Seq2SeqCache
-from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, cross_entropy, key_padding,
-                                  linear_activation)
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_input_ids, cross_entropy,
+                                  key_padding, linear_activation)
 from fastpt.models.config import Seq2SeqConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
@@ -201,6 +201,8 @@ class Seq2Seq(PreTrainedModel):
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=False):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids("input_ids", input_ids, self.shared.num_embeddings)
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds
         return self.encoder(x, attention_mask, output_hidden_states=output_hidden_states)
 
@@ -218,6 +220,8 @@ class Seq2Seq(PreTrainedModel):
             if labels is None:
                 raise ValueError("give decoder_input_ids (or labels to shift right)")
             decoder_input_ids = self.shift_right(labels)
+        if decoder_inputs_embeds is None:
+            check_input_ids("decoder_input_ids", decoder_input_ids, self.shared.num_embeddings)
         y = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds
         cache = past_key_values
         if cache is None and use_cache:
