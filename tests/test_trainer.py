@@ -1,6 +1,7 @@
 """Trainer: exact resume after SIGKILL, 2-process DDP == 1 process, gradient accumulation,
 schedules, checkpoint integrity."""
 
+import math
 import os
 import subprocess
 import sys
@@ -180,6 +181,10 @@ def test_config_validation():
         TrainerConfig(strategy="zero3")
     with pytest.raises(ValueError, match="unknown TrainerConfig options"):
         TrainerConfig.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
+    for bad in (dict(lr=math.inf), dict(weight_decay=math.nan), dict(weight_decay=-0.1),
+                dict(min_lr_ratio=1.5), dict(betas=(0.9, 1.0)), dict(betas=(0.9,))):
+        with pytest.raises(ValueError, match=next(iter(bad))):  # these trained on silently (NaN weights)
+            TrainerConfig(**bad)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):

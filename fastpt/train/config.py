@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from fastpt.train.schedules import SCHEDULES
@@ -42,8 +43,14 @@ class TrainerConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "label_shift", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainerConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainerConfig.lr must be a finite number > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):  # also rejects NaN
+            raise ValueError(f"TrainerConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainerConfig.betas must be two numbers in [0, 1), got {self.betas}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainerConfig.schedule {self.schedule!r} not in {SCHEDULES}")
         if self.strategy not in STRATEGIES:
