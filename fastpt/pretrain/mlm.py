@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastpt.data.datasets import pad_batch
+from fastpt.models.common import check_ids
 
 IGNORE_INDEX = -100
 
@@ -45,9 +46,7 @@ class MLMCollator:
     def __call__(self, examples: list[dict]) -> dict:
         ids, attention_mask = pad_batch([e["input_ids"] for e in examples], self.pad_id,
                                         self.pad_to_multiple_of)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        check_ids("token ids", ids, self.vocab_size, "vocab_size")
         batch = {"input_ids": ids, "attention_mask": attention_mask}
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0,
