@@ -238,18 +238,21 @@ def test_rejects_non_module():
         fastpt.patch("llama")
 
 
-def _bf16_check(name, grads_too: bool):
-    build, _ = FAMILIES[name]
-    model = build()
+def _bf16_runs(name):
+    """(float64, patched bf16, eager bf16) results of one random model of the family: each a
+    pair of (logits, parameter gradients), the bf16 ones under autocast."""
+    model = FAMILIES[name][0]()
     randomize_(model)
-    reference = copy.deepcopy(model)
-    ref64 = copy.deepcopy(model).double()
+    reference, ref64 = copy.deepcopy(model), copy.deepcopy(model).double()
     fastpt.patch(model)
     ids, mask = _padded_batch(left=name != "t5")
-    ref, ref_grads = _logits_and_grads(ref64, name, ids, mask)
+    exact = _logits_and_grads(ref64, name, ids, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, grads = _logits_and_grads(model, name, ids, mask)
-        eager, eager_grads = _logits_and_grads(reference, name, ids, mask)
+        return exact, _logits_and_grads(model, name, ids, mask), _logits_and_grads(reference, name, ids, mask)
+
+
+def _bf16_check(name, grads_too: bool):
+    (ref, ref_grads), (out, grads), (eager, eager_grads) = _bf16_runs(name)
     assert out.dtype == eager.dtype == torch.bfloat16
     assert_close(out, ref, torch.bfloat16, eager=eager, what=f"{name} bf16 logits")
     for n in ref_grads if grads_too else ():  # fp32 parameters: fp32 gradients through bf16 activations
@@ -283,15 +286,7 @@ def test_bf16_autocast_gradient_errors_match_eager(name):
     log_ratios = []
     for seed in range(3):
         torch.manual_seed(seed)
-        model = FAMILIES[name][0]()
-        randomize_(model)
-        reference, ref64 = copy.deepcopy(model), copy.deepcopy(model).double()
-        fastpt.patch(model)
-        ids, mask = _padded_batch(left=name != "t5")
-        _, ref_grads = _logits_and_grads(ref64, name, ids, mask)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, grads = _logits_and_grads(model, name, ids, mask)
-            _, eager_grads = _logits_and_grads(reference, name, ids, mask)
+        (_, ref_grads), (_, grads), (_, eager_grads) = _bf16_runs(name)
         assert grads.keys() == eager_grads.keys() == ref_grads.keys()
         for n, ref in ref_grads.items():
             err = (grads[n].bfloat16().double() - ref).abs().max()
