@@ -206,10 +206,18 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_gradient_as_torch():
     (torch.zeros(4, 10, dtype=torch.int64), torch.tensor([0, 1, 2, 3]), {}, TypeError, "logits must be a float"),
     (torch.randn(4, 10), torch.tensor([0.0, 1, 2, 3]), {}, TypeError, "labels must be an integer"),
     (torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), {"reduction": "none"}, ValueError, "reduction must be one of"),
+    (torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), {"num_items": 0}, ValueError, "num_items must be > 0"),
 ])
 def test_cross_entropy_bad_input(logits, labels, kw, error, match):
     with pytest.raises(error, match=match):
         ops.cross_entropy(logits.requires_grad_() if logits.is_floating_point() else logits, labels, **kw)
+
+
+def test_cross_entropy_without_autograd_reads_expanded_logits():
+    """Evaluation writes nothing, so rows that share memory are fine there, as in F."""
+    logits, labels = torch.randn(1, 11).expand(6, 11), torch.randint(0, 11, (6,))
+    with torch.no_grad():
+        torch.testing.assert_close(ops.cross_entropy(logits, labels), F.cross_entropy(logits, labels))
 
 
 def test_cross_entropy_large_grad_output_does_not_overflow_float16():

@@ -140,12 +140,15 @@ def test_linear_inference_on_onednn(shape):
     fewer rows or float64, they do not."""
     x, w, bias = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
     expected = gemm_module.own_kernel_active() and _onednn.available()
+    strided_bias = torch.stack([bias, torch.randn(48)], 1)[:, 0]  # oneDNN reads a bias densely
+    transposed_w = w.t().contiguous().t()
     with torch.no_grad():
         assert gemm_module.onednn_inference(x, w, bias) == expected
-        for b in (bias, None):
+        for b in (bias, None, strided_bias, bias[:1].expand(48)):
             ref = F.linear(x.double(), w.double(), None if b is None else b.double())
             assert_fp32_close(ops.linear(x, w, b), ref, 64)
             assert_fp32_close(ops.linear(x.transpose(0, -1).contiguous().transpose(0, -1), w, b), ref, 64)
+            assert_fp32_close(ops.linear(x, transposed_w, b), ref, 64)
         assert not gemm_module.onednn_inference(x.reshape(-1, 64)[:1023], w, bias)  # fastpt's GEMM
         assert not gemm_module.onednn_inference(x.double(), w.double())
         assert not gemm_module.onednn_inference(x, w, bias.double())     # F.linear's promotion / errors
@@ -155,6 +158,13 @@ def test_linear_inference_on_onednn(shape):
     assert y.requires_grad
     (grad_w,) = torch.autograd.grad(y.sum(), (w,))
     assert_fp32_close(grad_w, x.double().reshape(-1, 64).sum(0).expand(48, 64), x.numel() // 64)
+
+
+def test_linear_with_no_inner_dimension_is_the_bias():
+    """K = 0: x W^T is all zeros, as F.linear gives it, with and without autograd."""
+    for x in (torch.randn(4, 0), torch.randn(4, 0, requires_grad=True)):
+        assert torch.equal(ops.linear(x, torch.randn(3, 0)), torch.zeros(4, 3))
+        assert torch.equal(ops.linear(x, torch.randn(3, 0), torch.ones(3)), torch.ones(4, 3))
 
 
 def test_linear_under_compile_fullgraph():

@@ -150,6 +150,19 @@ def test_quantize_skip_columns_and_special_rows(cpu_capability):
     assert torch.equal(q[3:], q_ref) and torch.equal(scale[3:], s_ref)
 
 
+def test_quantize_tiny_rows(cpu_capability):
+    """Rows whose absmax is so small that 127 / absmax overflows float32 (< ~3.7e-37, subnormals
+    included) still quantize to round(x / scale) with the signs kept, as the reference does."""
+    x = torch.randn(6, 70).clamp(-3, 3) * torch.tensor([1e-37, 1e-39, 1e-41, 1e-20, 1.0, 3e-38])[:, None]
+    x[0, :2] = torch.tensor([4e-37, -4e-37])  # the row's absmax, once with each sign
+    q, scale = ops.quantize_rowwise(x)
+    q_ref, scale_ref = ref.quantize_rowwise(x)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert q[0, 0] == 127 and q[0, 1] == -127 and q.abs().max() <= 127
+    want = torch.round(x.double() / scale.double()[:, None]).clamp(-127, 127)
+    assert (q.double() - want).abs().max() <= 1  # a float32 rounding from the float64 quotient
+
+
 def test_quantize_weight_per_output_channel():
     w = torch.randn(8, 33) * torch.arange(1, 9)[:, None]
     q, scale = ops.quantize_weight(w)
@@ -261,6 +274,20 @@ def test_int8_linear_low_precision_input(dtype):
     out = layer(x.to(dtype))
     assert out.dtype == dtype and out.shape == (2, 20, 70)
     torch.testing.assert_close(out.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def test_int8_linear_rejects_a_non_contiguous_packed_weight():
+    """The GEMM reads the packed panels by pointer: another layout of the same values must be
+    refused, not read as if it were contiguous."""
+    w, x = torch.randn(20, 70), torch.randn(4, 70)
+    qw, sw = ops.quantize_weight(w)
+    packed, colsum = ops.pack_int8_weight(qw)
+    strided = packed.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(strided, packed)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ops.int8_linear(x, strided, colsum, sw, 20)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ops.int8_linear(x, packed, torch.stack([colsum, colsum], 1)[:, 0], sw, 20)
 
 
 def test_int8_linear_nan_row_is_nan():

@@ -42,6 +42,14 @@ def test_leading_dims():
           torch.float32, w, 2.0, torch.randn(24))
 
 
+def test_meta_tensors_give_the_output_shape():
+    """Shape inference (meta tensors) passes through the Python wrapper to the op."""
+    x, w = torch.empty(4, 6, 32, device="meta"), torch.empty(24, 32, device="meta")
+    a, b = torch.empty(8, 32, device="meta"), torch.empty(24, 8, device="meta")
+    out = ops.lora_linear(x, w, a, b, 2.0)
+    assert out.device.type == "meta" and out.shape == (4, 6, 24)
+
+
 def test_gradcheck_float64():
     x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 9, dtype=torch.float64)

@@ -4,10 +4,12 @@ bad input."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -248,7 +250,7 @@ def test_kernel_bad_input():
         vi_op(t, m.reward, v.float(), 0.9)
     with pytest.raises(ValueError, match="indptr"):
         vi_op((t[0][:-1], t[1], t[2]), m.reward, v, 0.9)
-    with pytest.raises(ValueError, match="indices must lie"):
+    with pytest.raises(ValueError, match=r"successor indices must be in \[0, 10\)"):
         vi_op((t[0], t[1] + 5, t[2]), m.reward, v, 0.9)
     with pytest.raises(ValueError, match="sweeps > 1"):
         vi_op(t, m.reward[:5], v, 0.9, sweeps=2)
@@ -265,10 +267,41 @@ def test_kernel_bad_input():
             vi_op(trans, m.reward, v_nan, 0.9)
         with pytest.raises(ValueError, match=r"reward\[2, 1\] is inf"):
             vi_op(trans, r_inf, v, 0.9)
+    p_nan, vals_nan = d.p.clone(), t[2].clone()
+    p_nan[1, 3, 2], vals_nan[7] = float("nan"), float("nan")
+    with pytest.raises(ValueError, match=r"transitions\[1, 3, 2\] is nan"):
+        vi_op(p_nan, m.reward, v, 0.9)
+    with pytest.raises(ValueError, match=r"values\[7\] is nan"):
+        vi_op((t[0], t[1], vals_nan), m.reward, v, 0.9)
     with pytest.raises(ValueError, match=r"v0\[4\] is nan"):
         M.value_iteration(m, v0=v_nan, gauss_seidel=True)
     with pytest.raises(ValueError, match=r"v0\[4\] is nan"):
         M.policy_evaluation(m, torch.zeros(10, dtype=torch.int64), v0=v_nan)
+
+
+def test_sparse_op_checks_the_csr_itself():
+    """The registered op reads V at the CSR's indices without bounds checks, so it checks the
+    arrays itself (once per set, remembered): bad arrays are a ValueError, never a crash."""
+    op = torch.ops.fastpt.value_iteration_sparse
+    r, v = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    vals = torch.full((2,), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"successor indices must be in \[0, 2\)"):
+        op(torch.tensor([0, 2]), torch.tensor([0, 10**9]), vals, r, v, 0.9)
+    with pytest.raises(ValueError, match="indptr must point within the 2 indices"):
+        op(torch.tensor([0, 10**9]), torch.tensor([0, 1]), vals, r, v, 0.9)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        op(torch.tensor([0, 2, 1]), torch.tensor([0, 1]), vals, torch.zeros(2, 1, dtype=torch.float64), v, 0.9)
+    # a checked set is remembered, and an in-place write to it is checked again
+    indptr, indices = torch.tensor([0, 2]), torch.tensor([0, 1])
+    assert op(indptr, indices, vals, r, v, 0.9)[0].tolist() == [0.0]
+    indices[1] = 7
+    with pytest.raises(ValueError, match="successor indices"):
+        op(indptr, indices, vals, r, v, 0.9)
+    # first_state near 2**63: the range check must not overflow
+    d = torch.full((1, 2, 4), 0.25, dtype=torch.float64)
+    with pytest.raises(ValueError, match="within"):
+        vi_op(d[:, :1], torch.zeros(1, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+              0.9, first_state=2**63 - 1)
 
 
 def test_opcheck_and_compile():
@@ -323,7 +356,7 @@ def test_gridworld_matches_numpy_and_discounted():
     g = M.gridworld_4x3(living_reward=-0.1, gamma=0.9, dtype=torch.float32)
     p, r = np_dense(g.mdp), g.mdp.reward.double().numpy()
     want_v, want_pol = np_value_iteration(p, r, 0.9)
-    res = M.value_iteration(g.mdp, 1e-6)
+    res = M.value_iteration(g.mdp, 1e-5)  # 1e-6 would ask for changes below float32's rounding
     np.testing.assert_allclose(res.v.numpy(), want_v, atol=1e-5)
     assert np.array_equal(res.policy.numpy(), want_pol)
 
@@ -515,6 +548,81 @@ def test_bad_mdp_input():
         M.MDP(torch.eye(5)[:4].to_sparse_csr(), torch.zeros(5), 0.9)
 
 
+def test_from_csr_reward_per_nonzero_must_be_explicit_when_ambiguous():
+    """4 states, 2 actions, 4 nonzeros: a 4-entry reward is R(s) or one R(s, a, s') per
+    nonzero; inferring either would silently read the other."""
+    args = ([0, 1, 2, 3, 4, 4, 4, 4, 4], [2, 3, 3, 2], [1.0] * 4, 4, 2)
+    r = torch.tensor([10.0, 20, 30, 40])
+    with pytest.raises(ValueError, match="ambiguous.*reward_per_nonzero"):
+        M.MDP.from_csr(*args, r, 0.9, terminal=[2, 3])
+    per_nonzero = M.MDP.from_csr(*args, r, 0.9, terminal=[2, 3], reward_per_nonzero=True)
+    assert per_nonzero.reward.tolist() == [[10, 20], [30, 40], [0, 0], [0, 0]]
+    per_state = M.MDP.from_csr(*args, r, 0.9, terminal=[2, 3], reward_per_nonzero=False)
+    assert per_state.reward.tolist() == [[10, 10], [20, 20], [30, 30], [40, 40]]
+    with pytest.raises(ValueError, match="one entry per nonzero"):
+        M.MDP.from_csr(*args, torch.zeros(4, 2), 0.9, terminal=[2, 3], reward_per_nonzero=True)
+
+
+def test_gamma_one_reachability_ignores_stored_zeros():
+    """State 0's only stored way to the terminal has probability 0: it cannot reach it."""
+    with pytest.raises(ValueError, match="state 0 cannot reach a terminal"):
+        M.MDP.from_csr([0, 2, 4], [0, 1, 1, 1], [1.0, 0.0, 0.0, 1.0], 2, 1, [[-1.0], [0.0]], 1.0,
+                       terminal=[1])
+
+
+def _stay_or_exit(stay_reward):
+    """State 0: action 0 stays (reward stay_reward), action 1 exits to terminal 1 (reward -1)."""
+    p = np.array([[[1.0, 0], [0, 1]], [[0, 1.0], [0, 1]]])
+    return M.MDP(p, np.array([[stay_reward, -1.0], [0, 0]]), 1.0, terminal=[1])
+
+
+def test_proper_policy_and_policy_iteration_at_gamma_one():
+    g = M.gridworld_4x3()
+    for m in (g.mdp, _stay_or_exit(-0.1)):
+        proper = m.proper_policy()
+        # a proper policy's chain is absorbed: I - P_pi is invertible, its values finite
+        assert np.isfinite(np_policy_value(np_dense(m), m.reward.numpy(), 1.0, proper.numpy())).all()
+        M.policy_evaluation(m, proper)
+    # greedy for V = 0 would stay in state 0 forever at -0.1 a step; from the proper policy
+    # policy iteration finds what value iteration finds
+    m = _stay_or_exit(-0.1)
+    assert M.policy_iteration(m).v.tolist() == M.value_iteration(m).v.tolist() == [-1.0, 0.0]
+    with pytest.raises(ValueError, match="cannot reach a terminal"):
+        M.MDP(_chain_with_trap(), torch.zeros(3, 1), 0.9, terminal=[0]).proper_policy()
+
+
+def test_direct_evaluation_of_an_improper_policy_is_a_value_error():
+    m = _stay_or_exit(0.0)
+    with pytest.raises(ValueError, match="singular.*never reaches a terminal"):
+        M.policy_evaluation(m, [0, 0])
+    assert M.policy_evaluation(m, [0, 0], method="iterative").v.tolist() == [0.0, 0.0]
+
+
+def test_stopping_threshold_below_float32_rounding_warns():
+    p = np.array([[[0.5, 0.5], [0, 1]], [[1.0, 0], [0, 1]]])
+    r = np.array([[1.0, 0], [0, 2]])
+    with pytest.warns(RuntimeWarning, match="below the torch.float32 resolution"):
+        M.value_iteration(M.MDP(p, r, 0.99, dtype=torch.float32), 1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = M.value_iteration(M.MDP(p, r, 0.99), 1e-6)  # float64: no warning, and eps/2 holds
+    assert abs(float(res.v[0]) - 198.01980198) < 5e-7
+
+
+def test_bad_solver_and_container_arguments():
+    m = small_random_mdp(6, 2, 2)
+    with pytest.raises(TypeError, match="max_iter must be an int"):
+        M.value_iteration(m, max_iter=10.0)
+    with pytest.raises(TypeError, match="horizon must be an int"):
+        M.backward_induction(m, 2.0)
+    with pytest.raises(ValueError, match="policy actions must be in"):
+        m.restricted(torch.full((6,), 5))
+    with pytest.raises(ValueError, match="transitions is empty"):
+        M.MDP([], torch.zeros(2, 1), 0.9)
+    with pytest.raises(ValueError, match=r"matrix 1 of the sequence has shape \(3, 3\)"):
+        M.MDP([np.eye(2), np.eye(3)], torch.zeros(2, 2), 0.9)
+
+
 def _chain_with_trap():
     """0 terminal; 1 -> 0; 2 -> 2 forever (cannot reach the terminal)."""
     p = torch.zeros(1, 3, 3, dtype=torch.float64)
@@ -549,6 +657,11 @@ def test_expectimax_and_minimax():
         M.Node("avg", [1])
     with pytest.raises(TypeError):
         M.expectimax(M.Node.max(["x"]))
+    # numpy scalars are numbers too; +inf and -inf both reachable have no expectation
+    assert M.expectimax(M.Node.max([np.float32(1.5), np.int64(2)])).value == 2
+    with pytest.raises(ValueError, match="both \\+inf and -inf"):
+        M.expectimax(M.Node.chance([math.inf, -math.inf]))
+    assert M.expectimax(M.Node.chance([math.inf, 3.0], probs=[0.0, 1.0])).value == 3.0
 
 
 # ---------------------------------------------------------------- distributed (2 x gloo)

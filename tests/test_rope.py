@@ -122,6 +122,25 @@ def test_inplace_on_strided_view_writes_through():
     torch.testing.assert_close(qkv[:, :, 0].transpose(1, 2), expected[0])
 
 
+def test_inplace_refuses_targets_that_share_memory():
+    """Each element of q and k is rotated once: an expanded q, q and k overlapping in one
+    buffer, or k aliasing q are refused (the packed-qkv views above are not)."""
+    cos, sin = torch.zeros(1, 1), torch.ones(1, 1)  # a quarter turn of the one pair (D = 2)
+    k = torch.zeros(1, 1, 1, 2)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.rope_(torch.tensor([1.0, 0.0]).expand(1, 4, 1, 2), k, cos, sin)
+    buf = torch.randn(1, 4, 1, 2)
+    for q, k2 in ((buf[:, 0:2], buf[:, 1:3]), (buf, buf.view(buf.shape)), (buf, buf)):
+        with pytest.raises(ValueError, match="share memory"):
+            ops.rope_(q, k2, cos, sin)
+    strided = torch.randn(1, 6, 1, 4)
+    with pytest.raises(ValueError, match="share memory"):  # ATen cannot decide: offsets compared
+        ops.rope_(strided[:, 0:4, :, ::2], strided[:, 2:6, :, ::2], cos, sin)
+    expected = ops.rope(strided[:, :, :, ::2], strided[:, :, :, 1::2], cos, sin)
+    ops.rope_(strided[:, :, :, ::2], strided[:, :, :, 1::2], cos, sin)  # interleaved, disjoint
+    torch.testing.assert_close((strided[:, :, :, ::2], strided[:, :, :, 1::2]), expected)
+
+
 def test_inplace_refuses_autograd():
     q = torch.randn(1, 1, 3, 8, requires_grad=True)
     cos, sin = _tables(3, 8)

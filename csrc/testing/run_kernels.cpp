@@ -781,6 +781,8 @@ template <typename T> void test_int8_quantize(int64_t rows, int64_t cols, bool s
     x[1 * cols + cols / 2] = fromd<T>(NAN);  // a NaN row
     for (int64_t c = 0; c < cols; ++c) x[2 * cols + c] = fromd<T>(0.0);  // a zero row
   }
+  if (rows > 3)  // a tiny row: 127 / amax would overflow without the prescale (int8.h)
+    for (int64_t c = 0; c < cols; ++c) x[3 * cols + c] = fromd<T>(tod(x[3 * cols + c]) * 1e-38);
   std::vector<uint8_t> mask(cols, 0);
   std::vector<int64_t> idx;
   if (skip)
@@ -807,8 +809,11 @@ template <typename T> void test_int8_quantize(int64_t rows, int64_t cols, bool s
     ok &= bad ? std::isnan(scale[r]) : scale[r] == want;
     for (int64_t c = 0; c < ldq; ++c) {
       int8_t e = 0;
-      if (!bad && amax > 0 && c < cols && !mask[c])
-        e = int8_t(std::clamp(std::nearbyint(float(tod(x[r * cols + c])) * (127.0f / amax)), -127.0f, 127.0f));
+      if (!bad && amax > 0 && c < cols && !mask[c]) {
+        const float pre = amax < kTinyRowAmax ? kTinyRowPrescale : 1.0f;
+        e = int8_t(std::clamp(std::nearbyint(float(tod(x[r * cols + c])) * pre * (127.0f / (amax * pre))),
+                              -127.0f, 127.0f));
+      }
       ok &= q[r * ldq + c] == e;
     }
   }

@@ -8,6 +8,7 @@ precomputed log-probs. Rewards beta * (log pi - log pi_ref) and their margin are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,22 @@ class DPOOutput:
     accuracy: Tensor      # fraction of pairs with chosen reward > rejected reward
 
 
+def _check_beta(beta) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) \
+            or not beta > 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
              ref_rejected: Tensor, beta: float = 0.1) -> DPOOutput:
     """The DPO loss from summed response log-probs (each (B,))."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_beta(beta)
+    shapes = [tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 1:
+        raise ValueError("policy_chosen, policy_rejected, ref_chosen and ref_rejected must each be "
+                         f"(B,) log-probs of the same B pairs, got shapes {shapes}")
+    if shapes[0][0] == 0:
+        raise ValueError("dpo_loss got an empty batch (B = 0): there is no pair to average over")
     chosen = beta * (policy_chosen - ref_chosen.detach())
     rejected = beta * (policy_rejected - ref_rejected.detach())
     loss = -nn.functional.logsigmoid(chosen - rejected).mean()
@@ -56,6 +68,7 @@ class DPO(nn.Module):
 
     def __init__(self, policy: nn.Module, reference: nn.Module | None = None, beta: float = 0.1):
         super().__init__()
+        _check_beta(beta)
         self.policy, self.beta = policy, beta
         self._reference = [reference]  # frozen, not a trainable submodule
         if reference is not None:

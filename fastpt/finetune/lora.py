@@ -44,8 +44,12 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         n_in, n_out = self.in_features, self.out_features
-        if not (isinstance(r, int) and 1 <= r <= min(n_in, n_out)):
-            raise ValueError(f"LoRA rank r={r} must be in [1, min(in, out) = {min(n_in, n_out)}]")
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"LoRA rank r must be an int, got {type(r).__name__} {r!r}")
+        if not 1 <= r <= min(n_in, n_out):
+            raise ValueError(f"LoRA rank r={r} must be in [1, min(in, out) = {min(n_in, n_out)}] "
+                             f"for a {n_in} -> {n_out} layer")
+        check_lora_hyperparameters(alpha, dropout)
         w = self._base_weight_ref()
         self.lora_A[name] = nn.Linear(n_in, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B[name] = nn.Linear(r, n_out, bias=False, device=w.device, dtype=w.dtype)
@@ -104,6 +108,15 @@ class LoraLayer(nn.Module):
         self.merged = []
 
 
+def check_lora_hyperparameters(alpha, dropout) -> None:
+    """alpha a finite number > 0 (the update's scale alpha / r), dropout in [0, 1)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or alpha <= 0:
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}")
+
+
 def _targets(model: nn.Module, target_modules) -> list[str]:
     """Paths of the linears (or already wrapped LoraLayers) matching ``target_modules``;
     the linears inside a LoraLayer (its base and factors) are never targets themselves."""
@@ -119,6 +132,11 @@ def _targets(model: nn.Module, target_modules) -> list[str]:
     if target_modules == ALL_LINEAR:
         return [n for n in linears if n.split(".")[-1] not in _HEAD_NAMES
                 and not n.startswith(_HEAD_NAMES) and "pooler" not in n]
+    if isinstance(target_modules, str):  # one module name, as PEFT takes it
+        target_modules = [target_modules]
+    if target_modules is not None and not target_modules:
+        raise ValueError("target_modules is empty: name the modules to adapt, pass None for "
+                         f"the defaults {list(DEFAULT_TARGETS)} or {ALL_LINEAR!r}")
     wanted = tuple(target_modules or DEFAULT_TARGETS)
     found = [n for n in linears if n.split(".")[-1] in wanted or n in wanted]
     missing = [w for w in wanted if not any(n.split(".")[-1] == w or n == w for n in found)]

@@ -56,6 +56,13 @@ class FinetuneConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         if self.adapter_kind not in ("houlsby", "pfeiffer"):
             raise ValueError(f"adapter_kind must be 'houlsby' or 'pfeiffer', got {self.adapter_kind!r}")
+        for name in ("lora_r", "adapter_reduction", "num_virtual_tokens", "prefix_length",
+                     "freeze_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"FinetuneConfig.{name} must be an int, got {type(value).__name__} "
+                                f"{value!r}")
+        lora_mod.check_lora_hyperparameters(self.lora_alpha, self.lora_dropout)
         for name in ("lora_r", "adapter_reduction", "num_virtual_tokens", "prefix_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")

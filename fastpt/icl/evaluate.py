@@ -15,7 +15,7 @@ from fastpt.icl.scoring import loglikelihood
 class ICLResult:
     k: int
     acc: float            # argmax of summed log-likelihood is the target
-    acc_norm: float       # argmax of log-likelihood per character of the continuation
+    acc_norm: float       # argmax of log-likelihood per character of the choice (as lm-eval)
     n: int
     predictions: list = field(default_factory=list)
 
@@ -40,13 +40,17 @@ def evaluate_multiple_choice(model, tokenizer, items: list[dict], *, k: int, poo
     correct = correct_norm = 0
     predictions = []
     for item in items:
+        if not isinstance(item["choices"], (list, tuple)) or \
+                not all(isinstance(c, str) for c in item["choices"]):
+            raise TypeError(f"choices must be a list of strings, got {item['choices']!r}")
         if item["target"] not in item["choices"]:
             raise ValueError(f"target {item['target']!r} is not among the choices {item['choices']}")
         examples = sample_examples(pool, item, k, seed)
         reqs = requests_for(item, examples, fmt)
         scores = loglikelihood(model, tokenizer, reqs, bos_id=bos_id)
         ll = torch.tensor([s.logprob for s in scores])
-        per_char = ll / torch.tensor([float(len(c)) for _, c in reqs])
+        # lm-eval's acc_norm: per character of the choice itself, target prefix not counted
+        per_char = ll / torch.tensor([float(len(c)) for c in item["choices"]])
         gold = item["choices"].index(item["target"])
         pred = int(ll.argmax())
         correct += pred == gold

@@ -30,11 +30,15 @@ class PromptFormat:
 
 
 def sample_examples(pool: list[dict], query: dict, k: int, seed: int) -> list[dict]:
-    """k examples drawn without replacement from ``pool``, never the query itself; the same
-    (seed, query) always gives the same examples."""
+    """k examples drawn without replacement from ``pool``, never the query itself (nor a pool
+    entry with its input and target, which would show the answer); the same (seed, query)
+    always gives the same examples."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    candidates = [ex for ex in pool if ex is not query and ex != query]
+    key = (query.get("input"), query.get("target"))
+    candidates = [ex for ex in pool if ex is not query and (ex.get("input"), ex.get("target")) != key]
     if k > len(candidates):
         raise ValueError(f"asked for {k} examples but the pool has only {len(candidates)} "
                          "besides the query")

@@ -27,11 +27,11 @@ class Score:
 
 
 def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) with lm-eval's whitespace and boundary rules."""
-    if context.endswith(" "):
-        stripped = context.rstrip(" ")
-        continuation = context[len(stripped):] + continuation
-        context = stripped
+    """(context ids, continuation ids) with lm-eval's whitespace and boundary rules: the
+    context's trailing whitespace (spaces, newlines) moves to the continuation."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    context = stripped
     whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
     ctx = tokenizer.encode(context, add_special_tokens=False).ids
     cont = whole[len(ctx):]

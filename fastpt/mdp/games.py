@@ -9,6 +9,7 @@ the lecture examples, not a game engine.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -77,9 +78,18 @@ class SearchResult:
 def _node(t: Tree) -> Node:
     if isinstance(t, Node):
         return t
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):  # numpy scalars too
         return Node.leaf(t)
     raise TypeError(f"a game tree node must be a Node or a number, got {type(t).__name__}")
+
+
+def _expectation(probs: list[float], values: list[float]) -> float:
+    """sum p v over the children with p > 0 (a child never reached adds nothing, even at
+    +-inf); +inf and -inf both reachable have no expectation: an error, not NaN."""
+    reached = [v for p, v in zip(probs, values) if p > 0]
+    if math.inf in reached and -math.inf in reached:
+        raise ValueError("a chance node can reach both +inf and -inf: its expectation is undefined")
+    return sum(p * v for p, v in zip(probs, values) if p > 0)
 
 
 def _best(kind: str, values: list[float]) -> tuple[float, int]:
@@ -99,7 +109,7 @@ def expectimax(tree: Tree) -> SearchResult:
             return n.value
         vals = [value(c) for c in n.children]
         if n.kind == "chance":
-            return sum(p * v for p, v in zip(n.probs, vals))
+            return _expectation(n.probs, vals)
         return _best(n.kind, vals)[0]
 
     root = _node(tree)

@@ -137,8 +137,17 @@ class MDP:
         if sparse is not None:
             self._setup(*sparse, None, reward, gamma, terminal, dtype)
             return
-        p = torch.stack([_as_tensor(t) for t in transitions]) \
-            if isinstance(transitions, (list, tuple)) else _as_tensor(transitions)
+        if isinstance(transitions, (list, tuple)):
+            mats = [_as_tensor(t) for t in transitions]
+            if not mats:
+                raise ValueError("transitions is empty: an MDP needs at least one action")
+            for a, t in enumerate(mats):
+                if t.shape != mats[0].shape:
+                    raise ValueError(f"matrix {a} of the sequence has shape {tuple(t.shape)}, matrix 0 "
+                                     f"{tuple(mats[0].shape)}: each must be (S, S)")
+            p = torch.stack(mats)
+        else:
+            p = _as_tensor(transitions)
         if p.dim() != 3 or p.shape[1] != p.shape[2] or p.shape[0] == 0 or p.shape[1] == 0:
             raise ValueError(f"dense transitions must have shape (A, S, S), got {tuple(p.shape)}")
         self._setup(None, None, None, p.shape[1], p.shape[0], p, reward, gamma, terminal, dtype)
@@ -146,10 +155,12 @@ class MDP:
     @classmethod
     def from_csr(cls, indptr, indices, values, num_states: int, num_actions: int, reward,
                  gamma: float, terminal=None, dtype: torch.dtype = torch.float64,
-                 order: str = "state") -> "MDP":
+                 order: str = "state", reward_per_nonzero: bool | None = None) -> "MDP":
         """An MDP from the arrays of one CSR of S*A rows: ``order="state"`` (row ``s*A + a``,
         the kernel's layout, taken without reordering) or ``"action"`` (row ``a*S + s``).
-        ``reward`` may also be a 1-D tensor with one R(s, a, s') per nonzero."""
+        ``reward`` may also be a 1-D tensor with one R(s, a, s') per nonzero: inferred from its
+        length (``reward_per_nonzero=None``), or said explicitly, which a CSR with exactly S
+        nonzeros needs (a length-S reward would also be R(s))."""
         if order not in ("state", "action"):
             raise ValueError(f"order must be 'state' or 'action', got {order!r}")
         S, A = int(num_states), int(num_actions)
@@ -166,10 +177,20 @@ class MDP:
                 int(indptr[-1]) > indices.numel():
             raise ValueError("indptr must be non-decreasing and within the indices/values arrays")
         lo, hi = int(indptr[0]), int(indptr[-1])
-        per_nonzero = None
-        if isinstance(reward, (Tensor, np.ndarray)) and np.ndim(reward) == 1 and \
-                len(reward) == indices.numel() and len(reward) != S:
-            per_nonzero = _as_tensor(reward, torch.float64)[lo:hi]
+        if reward_per_nonzero and isinstance(reward, (list, tuple)):
+            reward = _as_tensor(reward)
+        one_per_nonzero = isinstance(reward, (Tensor, np.ndarray)) and np.ndim(reward) == 1 and \
+            len(reward) == indices.numel()
+        if reward_per_nonzero is None:
+            if one_per_nonzero and len(reward) == S:
+                raise ValueError(f"a reward of {S} entries is ambiguous here: the CSR also holds {S} "
+                                 "nonzeros; pass reward_per_nonzero=True (one R(s, a, s') per "
+                                 "nonzero) or False (R(s) per state)")
+            reward_per_nonzero = one_per_nonzero
+        elif reward_per_nonzero and not one_per_nonzero:
+            raise ValueError(f"reward_per_nonzero=True needs a 1-D reward with one entry per nonzero "
+                             f"({indices.numel()}), got shape {tuple(np.shape(reward))}")
+        per_nonzero = _as_tensor(reward, torch.float64)[lo:hi] if reward_per_nonzero else None
         indptr, indices, values = indptr - lo, indices[lo:hi], values[lo:hi]
         if order == "action":
             indptr, take = _gather_rows(indptr, torch.arange(S * A).view(A, S).t().reshape(-1))
@@ -332,34 +353,48 @@ class MDP:
 
     def _check_terminals_reachable(self) -> None:
         """gamma = 1: values are finite only if every state can reach a terminal state (then a
-        proper policy exists). Reverse breadth-first search from the terminal states, O(nnz)."""
-        S, A = self.num_states, self.num_actions
+        proper policy exists). Necessary, not sufficient: a cycle of positive rewards that a
+        policy can stay in forever still has infinite value (value iteration then reports
+        ``converged=False``)."""
         if not bool(self.terminal.any()):
             raise ValueError("gamma = 1 needs terminal (absorbing) states: pass terminal=... or "
                              "use gamma < 1")
+        self.proper_policy()
+
+    def proper_policy(self) -> Tensor:
+        """A deterministic policy that reaches a terminal state from every state with
+        probability 1: each state takes an action with a positive probability of moving one
+        step closer (in transitions) to a terminal state. (S,) int64, 0 at terminal states.
+        Reverse breadth-first search from the terminal states, O(nnz); a ValueError names a
+        state that cannot reach any terminal state."""
+        S, A = self.num_states, self.num_actions
         if self.p is not None:
-            a, s, s2 = self.p.nonzero(as_tuple=True)
-            src, dst = s.numpy(), s2.numpy()
+            a, s, s2 = self.p.nonzero(as_tuple=True)  # stored probabilities are >= 0
+            rows, dst = (s * A + a).numpy(), s2.numpy()
         else:
             rows = torch.repeat_interleave(torch.arange(S * A), (self.indptr[1:] - self.indptr[:-1]).to(torch.int64),
                                            output_size=self.indices.numel())
-            src, dst = (rows // A).numpy(), self.indices.to(torch.int64).numpy()
+            positive = self.values > 0  # a stored zero is no way out
+            rows, dst = rows[positive].numpy(), self.indices[positive].to(torch.int64).numpy()
         order = np.argsort(dst, kind="stable")
-        pred = src[order]
+        pred = rows[order]  # (state, action) rows, grouped by the successor they lead to
         start = np.searchsorted(dst[order], np.arange(S + 1))
         reached = self.terminal.numpy().copy()
+        policy = np.zeros(S, dtype=np.int64)
         frontier = np.flatnonzero(reached)
         while frontier.size:
             lens = start[frontier + 1] - start[frontier]
             idx = np.repeat(start[frontier] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-            new = np.unique(pred[idx])
-            new = new[~reached[new]]
-            reached[new] = True
-            frontier = new
+            states, first = np.unique(pred[idx] // A, return_index=True)
+            new = ~reached[states]
+            policy[states[new]] = pred[idx][first[new]] % A
+            reached[states[new]] = True
+            frontier = states[new]
         if not reached.all():
             s = int(np.flatnonzero(~reached)[0])
-            raise ValueError(f"gamma = 1 but state {s} cannot reach a terminal state (values would "
-                             "diverge); use gamma < 1 or make a terminal state reachable")
+            raise ValueError(f"state {s} cannot reach a terminal state (with gamma = 1 its values "
+                             "would diverge); use gamma < 1 or make a terminal state reachable")
+        return torch.from_numpy(policy)
 
     # ------------------------------------------------------------------ views
     @property
@@ -377,7 +412,7 @@ class MDP:
     def restricted(self, policy: Tensor) -> "MDP":
         """The Markov chain of a deterministic policy as a one-action MDP (same terminals)."""
         S, A = self.num_states, self.num_actions
-        policy = policy.to(torch.int64)
+        policy = self.check_policy(policy)
         m = MDP.__new__(MDP)
         m.dtype, m.gamma, m.terminal = self.dtype, self.gamma, self.terminal
         m.num_states, m.num_actions = S, 1
@@ -398,6 +433,18 @@ class MDP:
                 m.indptr = indptr.to(self.indptr.dtype)
                 m.indices, m.values = self.indices[take], self.values[take]
         return m
+
+    def check_policy(self, policy) -> Tensor:
+        """policy as a contiguous (S,) int64 tensor of actions in [0, A), or a clear error."""
+        policy = torch.as_tensor(policy)
+        if policy.is_floating_point() or policy.is_complex() or policy.dtype == torch.bool:
+            raise TypeError(f"policy must hold integer action indices, got {policy.dtype}")
+        policy = policy.to(torch.int64).contiguous()
+        if policy.shape != (self.num_states,):
+            raise ValueError(f"policy must have shape ({self.num_states},), got {tuple(policy.shape)}")
+        if policy.numel() and (int(policy.min()) < 0 or int(policy.max()) >= self.num_actions):
+            raise ValueError(f"policy actions must be in [0, {self.num_actions})")
+        return policy
 
     def _row_length(self) -> int | None:
         """k when every (state, action) row of the sparse transitions has k nonzeros (as

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import warnings
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -102,8 +105,25 @@ def _initial_values(mdp: MDP, v0) -> Tensor:
 
 
 def _check_max_iter(max_iter: int) -> None:
+    _check_int("max_iter", max_iter)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _warn_below_resolution(v: Tensor, threshold: float) -> None:
+    """A stopping threshold under the rounding of V's dtype is met by rounding (the iterates
+    stop changing), not by convergence: the sup rule's eps guarantees do not follow."""
+    floor = torch.finfo(v.dtype).eps * float(v.abs().max()) if v.numel() else 0.0
+    if threshold < floor:
+        warnings.warn(f"the stopping threshold {threshold:.3g} is below the {v.dtype} resolution of "
+                      f"V ({floor:.3g}): the sweeps stopped changing by rounding, and V and the "
+                      "policy may be further than epsilon from optimal; use float64 or a larger "
+                      "epsilon", RuntimeWarning, stacklevel=3)
 
 
 def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, stop: str = "sup",
@@ -133,6 +153,8 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
         history += res
         dv_last = dv[len(res) - 1]
         converged = res[-1] < threshold
+    if converged:
+        _warn_below_resolution(v, threshold)
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * float(dv_last[0] + dv_last[1]) / 2
     _, policy, _, q = sweep(mdp, v, return_q=return_q)
@@ -151,7 +173,7 @@ def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float 
     """
     if method not in ("auto", "direct", "iterative"):
         raise ValueError(f"method must be 'auto', 'direct' or 'iterative', got {method!r}")
-    policy = _check_policy(mdp, policy)
+    policy = mdp.check_policy(policy)
     chain = mdp.restricted(policy)
     if method == "auto":
         method = "iterative" if mdp.is_sparse else "direct"
@@ -160,10 +182,16 @@ def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float 
             raise ValueError("direct policy evaluation needs a dense MDP; use method='iterative'")
         S = mdp.num_states
         a = torch.eye(S, dtype=torch.float64) - mdp.gamma * chain.p[0].to(torch.float64)
-        v = torch.linalg.solve(a, chain.reward[:, 0].to(torch.float64))
-        if not bool(torch.isfinite(v).all()) or float(torch.linalg.matrix_rank(a)) < S:
-            raise ValueError("the policy never reaches a terminal state from some state "
-                             "(I - gamma P_pi is singular): its values are not finite")
+        try:
+            v = torch.linalg.solve(a, chain.reward[:, 0].to(torch.float64))
+            singular = not bool(torch.isfinite(v).all()) or float(torch.linalg.matrix_rank(a)) < S
+        except torch.linalg.LinAlgError:
+            singular = True
+        if singular:
+            raise ValueError("I - gamma P_pi is singular: the policy never reaches a terminal state "
+                             "from some state, so the linear system does not determine its values "
+                             "(infinite, or any constant on a loop of zero rewards); "
+                             "method='iterative' evaluates the zero-reward case")
         return Result(v.to(mdp.dtype), policy, 1, 0.0, True, [0.0])
     _check_max_iter(max_iter)
     threshold = epsilon * (1 - mdp.gamma) / mdp.gamma if mdp.gamma < 1 else epsilon
@@ -174,18 +202,6 @@ def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float 
         if history[-1] < threshold:
             return Result(v, policy, len(history), history[-1], True, history)
     return Result(v, policy, len(history), history[-1], False, history)
-
-
-def _check_policy(mdp: MDP, policy) -> Tensor:
-    policy = torch.as_tensor(policy)
-    if policy.is_floating_point() or policy.is_complex() or policy.dtype == torch.bool:
-        raise TypeError(f"policy must hold integer action indices, got {policy.dtype}")
-    policy = policy.to(torch.int64).contiguous()
-    if policy.shape != (mdp.num_states,):
-        raise ValueError(f"policy must have shape ({mdp.num_states},), got {tuple(policy.shape)}")
-    if policy.numel() and (int(policy.min()) < 0 or int(policy.max()) >= mdp.num_actions):
-        raise ValueError(f"policy actions must be in [0, {mdp.num_actions})")
-    return policy
 
 
 def _improve(mdp: MDP, v: Tensor, policy: Tensor) -> Tensor:
@@ -201,11 +217,18 @@ def _improve(mdp: MDP, v: Tensor, policy: Tensor) -> Tensor:
 def policy_iteration(mdp: MDP, policy0=None, *, max_iter: int = 1000, method: str = "auto",
                      epsilon: float = 1e-10) -> Result:
     """Howard's policy iteration: evaluate (``policy_evaluation`` with ``method``/``epsilon``),
-    improve greedily, until the policy is stable. The initial policy is greedy for V = 0 unless
-    given. history: number of states whose action changed, per improvement."""
+    improve greedily, until the policy is stable. The initial policy, unless given, is greedy
+    for V = 0, or with gamma = 1 ``mdp.proper_policy()`` (one that reaches a terminal state,
+    so its values are finite). With gamma = 1 the result is optimal under the stochastic
+    shortest path assumption that a policy which never terminates has value -inf somewhere.
+    history: number of states whose action changed, per improvement."""
     _check_max_iter(max_iter)
-    policy = _check_policy(mdp, policy0) if policy0 is not None else \
-        sweep(mdp, torch.zeros(mdp.num_states, dtype=mdp.dtype))[1]
+    if policy0 is not None:
+        policy = mdp.check_policy(policy0)
+    elif mdp.gamma == 1.0:
+        policy = mdp.proper_policy()
+    else:
+        policy = sweep(mdp, torch.zeros(mdp.num_states, dtype=mdp.dtype))[1]
     history, v = [], None
     for _ in range(max_iter):
         ev = policy_evaluation(mdp, policy, method=method, epsilon=epsilon, v0=v)
@@ -227,6 +250,7 @@ def modified_policy_iteration(mdp: MDP, epsilon: float = 1e-6, *, m: int = 10,
     """Modified policy iteration (Puterman 6.5): a greedy sweep, then ``m`` sweeps of the
     greedy policy's chain (partial evaluation), until the greedy sweep changes V by less than
     epsilon (1 - gamma) / (2 gamma) (the sup rule). iterations: greedy sweeps."""
+    _check_int("m", m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     threshold = stop_threshold(epsilon, mdp.gamma, "sup")
@@ -238,6 +262,7 @@ def modified_policy_iteration(mdp: MDP, epsilon: float = 1e-6, *, m: int = 10,
         history += residuals(dv, False)
         if history[-1] < threshold:
             converged = True
+            _warn_below_resolution(v, threshold)
             break
         if m:
             v = sweep(mdp.restricted(policy), v, sweeps=m)[0]
@@ -252,6 +277,7 @@ def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
     v[horizon] = terminal_values (default 0), v[t] = max_a R + gamma P v[t+1]. ``gamma``
     overrides the MDP's (1 is fine here, terminal states or not).
     """
+    _check_int("horizon", horizon)
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     g = mdp.gamma if gamma is None else MDP._check_gamma(gamma)

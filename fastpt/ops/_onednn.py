@@ -56,6 +56,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | Non
     weight (x and bias cast to bf16) or a float32 one as it is. No autograd."""
     attr, algorithm = POST_OPS[activation]
     dtype = weight.dtype
-    b = None if bias is None else bias.detach().to(dtype)
+    b = None if bias is None else bias.detach().to(dtype).contiguous()  # oneDNN ignores strides
     return torch.ops.mkldnn._linear_pointwise(x.detach().to(dtype).contiguous(), weight.detach(), b, attr, [],
                                               algorithm)

@@ -89,7 +89,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
 
     Raises:
         ValueError: logits not (N, C), labels not (N,), a label outside [0, C) other than
-            ignore_index, unknown reduction, devices differ.
+            ignore_index, unknown reduction, num_items <= 0, devices differ.
         TypeError: logits not a float dtype, labels not an integer dtype.
     """
     if reduction not in _REDUCTIONS:
@@ -102,6 +102,10 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     labels = labels.long()
+    if num_items is not None and not (isinstance(num_items, Tensor) and num_items.device.type != "cpu"):
+        if not float(num_items) > 0:  # (a CUDA tensor is not read here: no host synchronisation)
+            raise ValueError(f"num_items must be > 0 (the count the summed loss is divided by), "
+                             f"got {float(num_items)}")
     if logits.device.type != "cpu":
         acc = logits if logits.dtype == torch.float64 else logits.float()
         loss = F.cross_entropy(acc, labels, ignore_index=ignore_index,

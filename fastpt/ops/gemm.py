@@ -124,7 +124,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     (module docstring, ``gemm_dtype``), else ``F.linear`` itself. Same shapes, dtypes, errors
     and gradients."""
     dtype = gemm_dtype(x, weight, bias)
-    if dtype is None or x.shape[-1] != weight.shape[1]:
+    if dtype is None or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:  # (K = 0: bias or 0)
         return F.linear(x, weight, bias)
     if _onednn_route(x, weight, bias, dtype):
         return _onednn.linear(x, weight, bias)

@@ -52,7 +52,8 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     autocast itself, and the kernel wants one dtype (frozen float32 weights, bf16 inputs).
     The casts of lora_a/lora_b are differentiable, so their gradients arrive in float32."""
     x = tensors[0]
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+    if x.dtype == torch.float64 or x.device.type == "meta" or \
+            not torch.is_autocast_enabled(x.device.type):  # (meta has no autocast state)
         return tensors
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if t is not None else None for t in tensors)

@@ -14,9 +14,11 @@ def quantize_rowwise(x: Tensor, skip_cols: Tensor | None = None) -> tuple[Tensor
     if skip_cols is not None:
         xf = xf.masked_fill(skip_cols, 0.0)
     amax = xf.abs().amax(-1, keepdim=True)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    # rows with amax < 2^-64 prescaled by 2^64 (exact), as the kernels do: 127 / amax would be inf
+    pre = torch.where(amax < 2.0**-64, 2.0**64, 1.0).to(torch.float32)
+    safe = torch.where(amax > 0, amax * pre, torch.ones_like(amax))
     inv = torch.full_like(safe, 127.0) / safe  # not 127.0 / safe: that is reciprocal(safe) * 127
-    q = torch.round(xf * inv).clamp(-127, 127).to(torch.int8)
+    q = torch.round(xf * pre * inv).clamp(-127, 127).to(torch.int8)
     return q, (amax / 127.0).squeeze(-1)
 
 

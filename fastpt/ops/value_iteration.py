@@ -46,9 +46,11 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
             phases (CPU only; the same bits whatever the thread count).
         return_q: also return Q of the last sweep.
         tol: stop after a sweep whose residual (max |dV|, or its span with ``span``) is < tol.
-        check: verify that v and reward are finite (O(S*A)) and the CSR (monotone indptr,
-            indices in range): O(nnz); the solvers of :mod:`fastpt.mdp` validate once and pass
-            ``check=False``.
+        check: verify that v, reward and the transition probabilities are finite (O(S*A) +
+            O(nnz), or O(A*S*S) dense: about one sweep); the solvers of :mod:`fastpt.mdp`
+            validate once and call the op directly. The CSR's structure (indptr monotone and
+            within the indices, successors in [0, S_total)) is checked by the op itself, once
+            per set of arrays, whatever ``check`` says.
 
     Returns:
         :class:`Sweep` (v, policy, dv, q).
@@ -56,6 +58,8 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
     if check:
         check_finite("v", v)
         check_finite("reward", reward)
+        probabilities = transitions if isinstance(transitions, Tensor) else transitions[2]
+        check_finite("transitions" if isinstance(transitions, Tensor) else "values", probabilities)
     if isinstance(transitions, Tensor):
         if transitions.layout != torch.strided:
             raise TypeError("transitions must be a dense (A, S, S) tensor or an (indptr, indices, "
@@ -64,8 +68,6 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
                                                      gauss_seidel, return_q, tol, span, first_state)
     else:
         indptr, indices, values = transitions
-        if check:
-            _check_csr(indptr, indices, v.shape[0])
         out = torch.ops.fastpt.value_iteration_sparse(indptr, indices, values, reward, v, gamma,
                                                       sweeps, gauss_seidel, return_q, tol, span,
                                                       first_state)
@@ -79,20 +81,6 @@ def check_finite(name: str, t: Tensor) -> None:
     if bool(bad.any()):
         at = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}{list(at)} is {float(t[at])}: values must be finite")
-
-
-def _check_csr(indptr: Tensor, indices: Tensor, num_states: int) -> None:
-    if indptr.dim() != 1 or indptr.numel() < 1:
-        raise ValueError(f"indptr must be 1-D and non-empty, got shape {tuple(indptr.shape)}")
-    if indptr.numel() > 1 and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError("indptr must be non-decreasing")
-    lo, hi = int(indptr[0]), int(indptr[-1])
-    if lo < 0 or hi > indices.numel():
-        raise ValueError(f"indptr spans [{lo}, {hi}), outside the {indices.numel()} indices")
-    used = indices[lo:hi]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_states):
-        raise ValueError(f"indices must lie in [0, {num_states}), got values in "
-                         f"[{int(used.min())}, {int(used.max())}]")
 
 
 def _fake_outputs(reward, v, sweeps, return_q):

@@ -22,9 +22,9 @@ at::Tensor softmax_cross_entropy_cpu(at::Tensor& logits, const at::Tensor& label
   TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) <= 1,
                     "softmax_cross_entropy_: logits must have unit stride along classes (it is written in "
                     "place), got strides ", logits.strides());
-  TORCH_CHECK_VALUE(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+  TORCH_CHECK_VALUE(!write_grad || logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
                     "softmax_cross_entropy_: logits rows overlap (row stride ", logits.stride(0), " < ",
-                    logits.size(1), " classes); it is written in place");
+                    logits.size(1), " classes); with write_grad it is written in place");
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "softmax_cross_entropy_: labels must be int64, got ",
                    labels.scalar_type());
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == logits.size(0),

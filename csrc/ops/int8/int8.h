@@ -67,6 +67,12 @@ struct Int8GemmArgs {
 // outlier columns). A row of zeros gets scale 0; a row with NaN or +-Inf (outside skipped
 // columns) gets scale NaN and q = 0, so the matmul's output row is NaN. Columns
 // [cols, ldq) of q are written as 0 (K padding).
+// Computed as q = round(x * (127 / amax)) in float32 on every device, except that a row with
+// amax < kTinyRowAmax is first multiplied by kTinyRowPrescale (exact: a power of two), as is
+// its amax: 127 / amax overflows to inf below ~3.7e-37, and inf * x would flip signs and
+// saturate. Above the threshold the prescale would change no bit, so rows are unaffected.
+constexpr float kTinyRowAmax = 5.42101086e-20f;      // 2^-64
+constexpr float kTinyRowPrescale = 1.84467441e+19f;  // 2^64
 struct Int8QuantArgs {
   const void* x;  // (rows, ldx)
   int64_t rows, cols, ldx;

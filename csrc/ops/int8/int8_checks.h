@@ -88,6 +88,10 @@ inline void check_packed(const at::Tensor& packed, const at::Tensor& colsum, con
   TORCH_CHECK_TYPE(colsum.scalar_type() == at::kInt, "weight_colsum must be int32, got ", colsum.scalar_type());
   TORCH_CHECK_VALUE(colsum.dim() == 1 && colsum.size(0) == n_pad, "weight_colsum must have shape (",
                     n_pad, "), got ", colsum.sizes());
+  // The GEMM streams the panels by pointer (a copy per call would hide a slow path).
+  TORCH_CHECK_VALUE(packed.is_contiguous() && colsum.is_contiguous(),
+                    "weight_packed and weight_colsum must be contiguous, as pack_int8_weight returns "
+                    "them (got strides ", packed.strides(), " and ", colsum.strides(), ")");
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "weight_scale must be float32, got ", scale.scalar_type());
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == n, "weight_scale must have shape (", n,
                     "), got ", scale.sizes());

@@ -369,7 +369,12 @@ void int8_quantize_rows(const Int8QuantArgs& a) {
           a.scale[r] = amax == 0.0f ? 0.0f : NAN;
           continue;
         }
-        quantize_floats(buf.data(), a.cols, 127.0f / amax, q);
+        float pre = 1.0f;
+        if (amax < kTinyRowAmax) {  // (int8.h)
+          pre = kTinyRowPrescale;
+          for (int64_t c = 0; c < a.cols; ++c) buf[c] *= pre;
+        }
+        quantize_floats(buf.data(), a.cols, 127.0f / (amax * pre), q);
         std::memset(q + a.cols, 0, a.ldq - a.cols);
         a.scale[r] = amax / 127.0f;
       }

@@ -121,11 +121,12 @@ __global__ void int8_quantize_kernel(Int8QuantArgs a) {
   }
   amax = block_max(amax, scratch);
   const bool bad = !(amax <= 3.402823466e+38f);
-  const float inv = 127.0f / amax;
+  const float pre = amax < kTinyRowAmax ? kTinyRowPrescale : 1.0f;  // (int8.h)
+  const float inv = 127.0f / (amax * pre);
   for (int64_t c = threadIdx.x; c < a.ldq; c += blockDim.x) {
     int8_t v = 0;
     if (!bad && amax > 0.0f && c < a.cols && !(a.skip_mask && a.skip_mask[c]))
-      v = static_cast<int8_t>(fminf(fmaxf(rintf(to_float(x[c]) * inv), -127.0f), 127.0f));
+      v = static_cast<int8_t>(fminf(fmaxf(rintf(to_float(x[c]) * pre * inv), -127.0f), 127.0f));
     q[c] = v;
   }
   if (threadIdx.x == 0) a.scale[r] = bad ? cuda::quiet_nan<float>() : amax / 127.0f;

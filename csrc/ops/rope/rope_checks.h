@@ -2,7 +2,10 @@
 // and the CUDA glue (rope_cuda.cpp) so both devices accept the same inputs.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/zeros.h>
 #include <optional>
 
 #include "common/glue.h"
@@ -92,6 +95,38 @@ inline Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 // Kernel arguments rotating src into dst (dst may be src: in place).
+// rope_ writes q and k in place: neither may have elements sharing memory (an expanded view)
+// and they may not share any element with each other (each would be rotated twice).
+// ATen's overlap test decides most layouts at once; two strided views of one storage (q and k
+// sliced from a packed qkv, say) it cannot decide, and then the element offsets are compared
+// exactly: O(numel + the storage span they cover), only in that case.
+inline void check_rope_inplace_targets(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(q) != at::MemOverlap::Yes &&
+                        at::has_internal_overlap(k) != at::MemOverlap::Yes,
+                    "rope_: q and k must not have elements that share memory (an expanded view?); "
+                    "use fastpt.ops.rope");
+  const at::MemOverlapStatus status = at::get_overlap_status(q, k);
+  bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  if (status == at::MemOverlapStatus::TooHard && q.numel() > 0 && k.numel() > 0) {
+    const int64_t base = std::min(q.storage_offset(), k.storage_offset());
+    auto offsets = [&](const at::Tensor& t) {  // storage offsets of t's elements, from base
+      int64_t span = 1;
+      for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+      const int64_t start = t.storage_offset() - base;
+      return at::arange(start + span, at::TensorOptions().dtype(at::kLong).device(t.device()))
+          .as_strided(t.sizes(), t.strides(), start)
+          .reshape({-1});
+    };
+    const at::Tensor oq = offsets(q), ok = offsets(k);
+    const int64_t size = std::max(oq.max().item<int64_t>(), ok.max().item<int64_t>()) + 1;
+    at::Tensor seen = at::zeros({size}, oq.options().dtype(at::kBool));
+    seen.index_fill_(0, oq, true);
+    overlap = seen.index_select(0, ok).any().item<bool>();
+  }
+  TORCH_CHECK_VALUE(!overlap, "rope_: q and k share memory (each element would be rotated twice); "
+                    "pass separate tensors or use fastpt.ops.rope");
+}
+
 inline RopeArgs make_args(const Rows& src, const Rows& dst, const Tables& tb, bool interleaved,
                           bool conjugate) {
   return {src.t.const_data_ptr(), dst.t.mutable_data_ptr(), src.B, src.M, src.T, src.D,

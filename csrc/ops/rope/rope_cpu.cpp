@@ -61,7 +61,7 @@ void rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
                       bool interleaved) {
   const Tables tb = check_inputs(q, k, cos, sin, position_ids);
-  TORCH_CHECK_VALUE(!q.is_same(k), "rope_: q and k must be different tensors");
+  rope_glue::check_rope_inplace_targets(q, k);
   rotate_inplace(q, tb, interleaved);
   rotate_inplace(k, tb, interleaved);
 }

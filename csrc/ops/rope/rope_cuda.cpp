@@ -81,7 +81,7 @@ void rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        bool interleaved) {
   const Tables tb = check_inputs_cuda(q, k, cos, sin, position_ids);
   const c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK_VALUE(!q.is_same(k), "rope_: q and k must be different tensors");
+  rope_glue::check_rope_inplace_targets(q, k);
   rotate_inplace(q, tb, interleaved);
   rotate_inplace(k, tb, interleaved);
 }

@@ -1,11 +1,13 @@
 // Value-iteration input checks, shared by the CPU glue and the CUDA glue so both devices
-// reject the same inputs with the same messages. O(S*A) at most: the transition data itself
-// (index ranges, row sums) is validated once by fastpt.mdp.MDP, not on every sweep.
+// reject the same inputs with the same messages. O(S*A) at most per call: the CSR arrays'
+// bounds are checked once per set of arrays (csr_check.h), and the probabilities themselves
+// (finite, rows summing to 1) by fastpt.mdp.MDP or fastpt.ops.value_iteration(check=True).
 #pragma once
 
 #include <cmath>
 
 #include "common/glue.h"
+#include "ops/value_iteration/csr_check.h"
 #include "ops/value_iteration/value_iteration.h"
 
 namespace fastpt {
@@ -43,9 +45,11 @@ inline ValueIterationArgs value_iteration_common(const at::Tensor& reward, const
   a.actions = reward.size(1);
   a.num_states = v.size(0);
   a.first_state = first_state;
-  TORCH_CHECK_VALUE(first_state >= 0 && first_state + a.states <= a.num_states,
-                    "states [first_state, first_state + reward.shape[0]) = [", first_state, ", ",
-                    first_state + a.states, ") must lie within the ", a.num_states, " states of v");
+  // (first_state + states could overflow: compare against num_states - states instead)
+  TORCH_CHECK_VALUE(first_state >= 0 && first_state <= a.num_states - a.states,
+                    "states [first_state, first_state + reward.shape[0]) with first_state = ",
+                    first_state, " and ", a.states, " states must lie within the ", a.num_states,
+                    " states of v");
   TORCH_CHECK_VALUE(sweeps == 1 || (first_state == 0 && a.states == a.num_states),
                     "sweeps > 1 needs the whole MDP (first_state 0 and reward.shape[0] == v.shape[0]); "
                     "a partition of the states runs one sweep per call");
@@ -70,6 +74,7 @@ inline void value_iteration_check_sparse(const at::Tensor& indptr, const at::Ten
   TORCH_CHECK_VALUE(indptr.size(0) == a.states * a.actions + 1,
                     "indptr must have states * actions + 1 = ", a.states * a.actions + 1,
                     " entries (rows in state-major order s * actions + a), got ", indptr.size(0));
+  check_csr_arrays(indptr, indices, a.num_states);
 }
 
 inline void value_iteration_check_dense(const at::Tensor& p, const at::Tensor& reward,
