@@ -51,6 +51,10 @@ def test_dpo_loss_equals_its_formula():
     assert float(out.accuracy) == 0.5
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(pc, pr, rc, rr, beta=0)
+    with pytest.raises(ValueError, match="same B pairs"):
+        dpo_loss(pc, pr[:1], rc, rr)
+    with pytest.raises(ValueError, match="empty batch"):
+        dpo_loss(*(torch.zeros(0),) * 4)
 
 
 def test_dpo_module_sums_response_tokens_only():
@@ -73,3 +77,5 @@ def test_dpo_module_sums_response_tokens_only():
     assert all(p.grad is None for p in ref.parameters())
     with pytest.raises(ValueError, match="reference"):
         DPO(policy)(chosen=batch, rejected=batch)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        DPO(policy, ref, beta=-1)  # at construction, not at the first forward

@@ -93,6 +93,36 @@ def test_strategy_errors_are_clear():
         prepare(SequenceClassifier(_backbone("bert"), 2), FinetuneConfig(strategy="partial", freeze_layers=5))
 
 
+@pytest.mark.parametrize("field,value,error,match", [
+    ("lora_alpha", -1.0, ValueError, "lora_alpha must be a finite number > 0"),
+    ("lora_alpha", float("nan"), ValueError, "lora_alpha must be a finite number > 0"),
+    ("lora_dropout", -0.5, ValueError, r"lora_dropout must be in \[0, 1\)"),
+    ("lora_dropout", 1.0, ValueError, r"lora_dropout must be in \[0, 1\)"),
+    ("lora_r", 2.0, TypeError, "lora_r must be an int"),
+    ("lora_r", "8", TypeError, "lora_r must be an int"),
+])
+def test_lora_hyperparameters_are_checked_when_configured(field, value, error, match):
+    with pytest.raises(error, match=match):
+        FinetuneConfig(strategy="lora", **{field: value})
+
+
+def test_add_lora_checks_its_arguments_and_takes_one_module_name():
+    model = _backbone("llama")
+    with pytest.raises(ValueError, match="lora_alpha"):
+        add_lora(model, alpha=-16)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        add_lora(model, dropout=1.5)
+    with pytest.raises(TypeError, match="rank r must be an int"):
+        add_lora(model, r=2.0)
+    with pytest.raises(ValueError, match=r"rank r=999 .* layer .*q_proj"):
+        add_lora(model, r=999)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())  # refused before wrapping
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        add_lora(model, target_modules=[])
+    one = add_lora(_backbone("llama"), target_modules="q_proj")  # as PEFT: one name, not letters
+    assert one and all(path.endswith("q_proj") for path in one)
+
+
 def test_lora_merge_unmerge_and_disable():
     model = _backbone("llama")
     ids = _batch()["input_ids"]

@@ -42,6 +42,16 @@ def test_prompts_are_deterministic_and_exclude_the_query(world):
     assert len(reqs) == len(q["choices"]) and all(c.startswith(" ") for _, c in reqs)
     with pytest.raises(ValueError, match="pool has only"):
         sample_examples(items[:3], q, 5, seed=0)
+    # a pool entry with the query's input and target (another dict, no choices) would show
+    # the answer: it is excluded like the query itself
+    pool = [{"input": "Ruza", "target": "Varna"}, {"input": "Bob", "target": "Sofia"},
+            {"input": "Ann", "target": "Rome"}]
+    query = {"input": "Ruza", "target": "Varna", "choices": ["Varna", "Sofia"]}
+    assert pool[0] not in sample_examples(pool, query, 2, seed=0)
+    with pytest.raises(ValueError, match="pool has only 2"):
+        sample_examples(pool, query, 3, seed=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        sample_examples(pool, query, 1.0, seed=0)
 
 
 def test_trailing_space_moves_to_the_continuation(tok):
@@ -50,6 +60,27 @@ def test_trailing_space_moves_to_the_continuation(tok):
     assert a == b
     with pytest.raises(ValueError, match="adds no token"):
         split_request(tok, "Ruza", "")
+
+
+def test_trailing_newline_moves_to_the_continuation_as_in_lm_eval(tok):
+    """lm-eval moves all trailing whitespace of the context (context.rstrip())."""
+    assert split_request(tok, "Q: x\nA:\n", "B") == split_request(tok, "Q: x\nA:", "\nB")
+    assert split_request(tok, "Q: x\nA: \n ", "B") == split_request(tok, "Q: x\nA:", " \n B")
+
+
+def test_acc_norm_divides_by_the_choice_length_as_lm_eval(monkeypatch, tok):
+    """lm-eval's acc_norm: log-likelihood / len(choice), the target prefix not counted. With
+    these scores lm-eval picks "Sofia" (-22.74 / 5 > -5.64 / 1); dividing by len(" " + choice)
+    would pick "a" (-5.64 / 2 > -22.74 / 6)."""
+    from fastpt.icl import evaluate as evaluate_module
+    from fastpt.icl.scoring import Score
+    monkeypatch.setattr(evaluate_module, "loglikelihood", lambda *a, **k: [
+        Score(-5.643, False, 1), Score(-22.740, False, 3)])
+    item = {"input": "Ruza", "target": "Sofia", "choices": ["a", "Sofia"]}
+    result = evaluate_multiple_choice(None, tok, [item], k=0, pool=[])
+    assert result.acc == 0.0 and result.acc_norm == 1.0
+    with pytest.raises(TypeError, match="choices must be a list of strings"):
+        evaluate_multiple_choice(None, tok, [dict(item, choices="Sofia")], k=0, pool=[])
 
 
 def test_scores_equal_a_direct_log_softmax(model, tok):

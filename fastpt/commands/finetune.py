@@ -127,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if v["base"] is None:
         raise ConfigError("model.base: required (a model folder, e.g. runs/pretrain/final)")
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
-    finetune_config = FinetuneConfig(**section_values(v, OPTIONS, "finetune"))
+    try:
+        finetune_config = FinetuneConfig(**section_values(v, OPTIONS, "finetune"))
+    except TypeError as e:  # e.g. a list item of the wrong type, which the TOML check lets by
+        raise ConfigError(f"finetune: {e}") from None
     save_mode = v["save"] if v["save"] != "auto" else (
         "merged" if finetune_config.strategy in MERGEABLE else "adapter")
     if save_mode == "merged" and finetune_config.strategy not in MERGEABLE:
@@ -191,12 +194,46 @@ def load_finetuned(path: str):
     from fastpt.data.tokenizer import load_tokenizer
     from fastpt.finetune import SequenceClassifier, load_adapter, load_merged
     from fastpt.models import from_pretrained
-    with open(os.path.join(path, INFO_FILE)) as f:
-        info = json.load(f)
+    info_file = os.path.join(path, INFO_FILE)
+    try:
+        with open(info_file, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a fastpt finetune result (no {INFO_FILE})") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{info_file}: not readable JSON ({e})") from None
+    _check_info(info, info_file)
     if info["saved_as"] == "merged":
         model = load_merged(path)
+        if getattr(model, "num_labels", None) != len(info["labels"]):
+            raise ValueError(f"{info_file}: 'labels' has {len(info['labels'])} labels, but the model in "
+                             f"{path} is a {type(model).__name__} with num_labels "
+                             f"{getattr(model, 'num_labels', None)}")
     else:
         head = SequenceClassifier(from_pretrained(info["base"]), len(info["labels"]),
                                   pooling=info["pooling"])
         model = load_adapter(head, path)
     return model.eval(), load_tokenizer(path), info
+
+
+def _check_info(info, file: str) -> None:
+    """What load_finetuned and fastpt eval read from finetune.json, as _save writes it."""
+    from fastpt.finetune.heads import POOLINGS
+    if not isinstance(info, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(info).__name__}")
+    labels = info.get("labels")
+    checks = {
+        "saved_as": (info.get("saved_as") in ("merged", "adapter"), "'merged' or 'adapter'"),
+        "labels": (isinstance(labels, list) and labels
+                   and all(isinstance(x, (str, int, float)) for x in labels)
+                   and len(set(labels)) == len(labels), "a non-empty list of distinct labels"),
+        "max_length": (isinstance(info.get("max_length"), int) and not isinstance(info.get("max_length"), bool)
+                       and info["max_length"] >= 1, "an integer >= 1"),
+        "pooling": (info.get("pooling") in POOLINGS, f"one of {POOLINGS}"),
+    }
+    if info.get("saved_as") == "adapter":
+        checks["base"] = (isinstance(info.get("base"), str), "the base model's folder")
+    for field, (ok, expected) in checks.items():
+        if not ok:
+            shown = repr(info[field]) if field in info else "missing"
+            raise ValueError(f"{file}: '{field}' must be {expected}, got {shown}")

@@ -42,13 +42,18 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.merged: list[str] = []
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        n_in, n_out = self.in_features, self.out_features
+    @staticmethod
+    def check_rank(r, n_in: int, n_out: int, path: str = "") -> None:
         if isinstance(r, bool) or not isinstance(r, int):
             raise TypeError(f"LoRA rank r must be an int, got {type(r).__name__} {r!r}")
         if not 1 <= r <= min(n_in, n_out):
+            where = f" {path}" if path else ""
             raise ValueError(f"LoRA rank r={r} must be in [1, min(in, out) = {min(n_in, n_out)}] "
-                             f"for a {n_in} -> {n_out} layer")
+                             f"for the {n_in} -> {n_out} layer{where}")
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        n_in, n_out = self.in_features, self.out_features
+        self.check_rank(r, n_in, n_out)
         check_lora_hyperparameters(alpha, dropout)
         w = self._base_weight_ref()
         self.lora_A[name] = nn.Linear(n_in, r, bias=False, device=w.device, dtype=w.dtype)
@@ -152,8 +157,15 @@ def add_lora(model: nn.Module, name: str = "default", *, r: int = 8, alpha: floa
     """Add adapter ``name`` to the target linears (wrapping them on first use); returns the
     module names it was added to. Like PEFT, everything else in ``model`` is frozen and only
     the newest adapter's factors train (``set_adapter`` switches)."""
+    check_lora_hyperparameters(alpha, dropout)
+    targets = _targets(model, target_modules)
+    for path in targets:  # every check before the first layer is wrapped: no half-adapted model
+        layer = model.get_submodule(path)
+        LoraLayer.check_rank(r, layer.in_features, layer.out_features, path)
+        if isinstance(layer, LoraLayer) and name in layer.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on {path}")
     wrapped = []
-    for path in _targets(model, target_modules):
+    for path in targets:
         parent, _, leaf = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         layer = getattr(owner, leaf)

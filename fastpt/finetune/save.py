@@ -7,21 +7,49 @@ biases and the new task head. ``load_adapter`` applies the same strategy to a fr
 loads them, checking that the base matches (architecture and shapes). Merged
 (``save_merged`` / ``load_merged``): LoRA and IA3 folded into the weights, a plain HF-layout
 model plus the task head's tensors, no adapter code needed to load it.
+
+Sha256 digests bind the files of one save together (the adapter weights carry their config's,
+a merged head's config carries the other files'), and the loaders check them: a save that fails
+half-way leaves a folder they refuse, never one they load mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastpt._atomic import atomic_write, atomic_write_json
 from fastpt.finetune.strategies import FinetuneConfig, backbone_of, prepare
+from fastpt.models.hf import CONFIG_NAME, WEIGHTS_NAME
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+HEAD_CONFIG, HEAD_WEIGHTS = "head_config.json", "head.safetensors"
+_MERGED_FILES = (CONFIG_NAME, WEIGHTS_NAME, HEAD_WEIGHTS)  # what a merged head's config vouches for
+# Safetensors metadata of the adapter weights: the digest of the adapter_config.json saved with
+# them (metadata, so that adapter_config.json keeps only what PEFT knows).
+CONFIG_DIGEST = "fastpt_adapter_config_sha256"
+# What the checks below can vet: isfinite is not implemented for float8, and ints are no weights.
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _config_digest(meta) -> str:
+    # Of the JSON content, not the file's bytes: re-indenting the file keeps it valid, changing
+    # a value does not. The round trip makes a tuple hash as the list it is saved as.
+    canonical = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _file_digest(file: str) -> str:
+    h = hashlib.sha256()  # in chunks (hashlib.file_digest needs Python 3.11)
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _base_signature(model) -> dict:
@@ -32,29 +60,49 @@ def _base_signature(model) -> dict:
 
 
 def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig) -> list[str]:
-    """Write the trainable tensors of ``model`` (as prepared by ``prepare``); returns their names."""
+    """Write the trainable tensors of ``model`` (as prepared by ``prepare``); returns their names.
+
+    The weights go first, carrying the digest of the config written second: a save that fails
+    between the two leaves new weights beside the old config, which ``load_adapter`` refuses
+    (it would load them with the old settings, e.g. another LoRA scaling)."""
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError("the model has no trainable parameters to save")
-    os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp))
     meta = {"finetune": config.to_dict(), "base": _base_signature(model), "tensors": sorted(tensors)}
+    digest = _config_digest(meta)  # before any write: a config JSON cannot hold fails here
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, WEIGHTS_FILE),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", CONFIG_DIGEST: digest}))
     atomic_write_json(os.path.join(path, CONFIG_FILE), meta)
     return sorted(tensors)
 
 
 def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
     """Apply the saved strategy to ``model`` (a fresh base with the same task head class)
-    and load the saved tensors; returns the prepared model."""
+    and load the saved tensors; returns the prepared model. The config must be the one saved
+    with the weights, and the file may hold only what the strategy trains (and the head)."""
+    config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     try:
-        with open(os.path.join(path, CONFIG_FILE)) as f:
+        with open(config_file) as f:
             meta = json.load(f)
-        tensors = load_file(os.path.join(path, WEIGHTS_FILE))
+        tensors, saved = _read_safetensors(weights_file)
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path!r} is not a readable fastpt adapter: {e}") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("finetune"), dict) and isinstance(meta.get("base"), dict)):
-        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r} is not a fastpt adapter config: it needs the "
+        raise ValueError(f"{config_file!r} is not a fastpt adapter config: it needs the "
                          f"objects 'finetune' and 'base' (what save_adapter writes)")
+    # No digest: weights saved before fastpt recorded one. Since the weights are written first,
+    # such weights never sit beside a newer config.
+    digest = saved.get(CONFIG_DIGEST)
+    if digest is not None and digest != _config_digest(meta):
+        raise ValueError(f"{config_file!r} is not the config saved with {weights_file!r} (a save that "
+                         f"failed between the two files, or an edited or copied file): save the adapter again")
+    listed = meta.get("tensors", sorted(tensors))
+    if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+        raise ValueError(f"{config_file!r}: 'tensors' must be a list of tensor names, got {listed!r}")
+    if set(listed) != set(tensors):
+        raise ValueError(f"{weights_file!r} does not hold the tensors that {config_file!r} lists: absent "
+                         f"{sorted(set(listed) - set(tensors))}, not listed {sorted(set(tensors) - set(listed))}")
     base = _base_signature(model)
     if base != meta["base"]:
         raise ValueError(f"adapter at {path!r} was trained on {meta['base'].get('class')} with config "
@@ -62,16 +110,45 @@ def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
     try:
         config = FinetuneConfig(**meta["finetune"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r} has invalid fine-tuning settings: {e}") from None
+        raise ValueError(f"{config_file!r} has invalid fine-tuning settings: {e}") from None
+    _check_sizes(model, config, tensors, config_file)
     prepared = prepare(model, config)
     _freeze_saved_prefixes(prepared, tensors)
-    params = dict(prepared.named_parameters())
-    _check_saved_tensors(os.path.join(path, WEIGHTS_FILE), tensors,
-                         {n: p for n, p in params.items() if p.requires_grad}, params)
+    # Only what the strategy trains: a frozen base weight in the file would silently replace
+    # the base's own (the head's new parameters are trainable under every strategy).
+    params = {n: p for n, p in prepared.named_parameters() if p.requires_grad}
+    _check_saved_tensors(weights_file, tensors, params)
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
     return prepared
+
+
+def _read_safetensors(file: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file."""
+    with safe_open(file, framework="pt") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}, f.metadata() or {}
+
+
+def _check_sizes(model: torch.nn.Module, config: FinetuneConfig, tensors: dict, file: str) -> None:
+    """Sizes that ``prepare`` allocates, checked before it runs against the saved tensors: a
+    config asking for 10**11 prompt tokens would otherwise try to allocate terabytes."""
+    from fastpt.finetune.strategies import token_embedding
+    suffixes = {"prompt": ("num_virtual_tokens", ("prompt.embeddings",)),
+                "prefix": ("prefix_length", ("prefix_tuning.embedding.weight", "prefix_tuning.prefix"))}
+    if config.strategy not in suffixes:
+        return
+    field, names = suffixes[config.strategy]
+    value = getattr(config, field)
+    saved = [tuple(t.shape[:1]) for n, t in tensors.items() if n.endswith(names)]
+    if saved != [(value,)]:
+        raise ValueError(f"{file!r}: finetune.{field} is {value}, but the saved tensors hold "
+                         f"{[s[0] for s in saved if s] or 'no'} {field.replace('_', ' ')}")
+    if config.strategy == "prompt" and config.prompt_init_text:
+        vocab = token_embedding(backbone_of(model)).num_embeddings
+        if max(config.prompt_init_text) >= vocab:
+            raise ValueError(f"{file!r}: finetune.prompt_init_text has token ids >= the vocabulary "
+                             f"size {vocab}: {max(config.prompt_init_text)}")
 
 
 def _freeze_saved_prefixes(model: torch.nn.Module, tensors: dict) -> None:
@@ -83,19 +160,22 @@ def _freeze_saved_prefixes(model: torch.nn.Module, tensors: dict) -> None:
             module.freeze()
 
 
-def _check_saved_tensors(file: str, tensors: dict, required: dict, params: dict) -> None:
-    # Every tensor must land on a parameter of the same shape, every required parameter (what
-    # the strategy trains) must be in the file (one left at its init would be a silently
-    # different model), and the values must be finite floats.
-    unknown = sorted(set(tensors) - set(params))
-    absent = sorted(set(required) - set(tensors))
-    wrong = sorted(n for n in tensors if n in params and params[n].shape != tensors[n].shape)
+def _check_saved_tensors(file: str, tensors: dict, expected: dict) -> None:
+    # The file must hold exactly the expected parameters, each with its shape: a missing one
+    # would stay at its init (a silently different model), an unexpected one would overwrite a
+    # weight that is not the file's to change. The values must be finite floats; the dtype
+    # check comes first, as isfinite is not implemented for every dtype (float8).
+    unknown = sorted(set(tensors) - set(expected))
+    absent = sorted(set(expected) - set(tensors))
+    wrong = sorted(n for n in tensors if n in expected and expected[n].shape != tensors[n].shape)
     if unknown or absent or wrong:
-        raise ValueError(f"the tensors of {file!r} do not fit this model: unknown {unknown}, absent {absent}, "
-                         f"mis-shaped {[(n, tuple(tensors[n].shape), tuple(params[n].shape)) for n in wrong]}")
+        raise ValueError(f"the tensors of {file!r} do not fit this model: unknown (or not trained by "
+                         f"the strategy) {unknown}, absent {absent}, mis-shaped "
+                         f"{[(n, tuple(tensors[n].shape), tuple(expected[n].shape)) for n in wrong]}")
     for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(f"tensor {name!r} of {file!r} is {t.dtype}, not a floating-point tensor")
+        if t.dtype not in LOADABLE_DTYPES:
+            raise ValueError(f"tensor {name!r} of {file!r} is {t.dtype}, not a floating-point tensor of "
+                             f"a loadable dtype ({', '.join(str(d) for d in LOADABLE_DTYPES)})")
         if not torch.isfinite(t).all():
             raise ValueError(f"tensor {name!r} of {file!r} has NaN or infinite values")
 
@@ -144,40 +224,71 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     _fold_ia3(backbone)
     backbone.save_pretrained(path)
     if backbone is model:
+        # A head left by an earlier save into this folder would be put back on this model by
+        # load_merged. If the removal never happens (a crash), the head's recorded digests no
+        # longer match the new weights, and load_merged refuses it.
+        for name in (HEAD_CONFIG, HEAD_WEIGHTS):  # the config first: it is what marks a head
+            if os.path.lexists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
         return
     head = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    atomic_write(os.path.join(path, "head.safetensors"), lambda tmp: save_file(head, tmp))
+    atomic_write(os.path.join(path, HEAD_WEIGHTS), lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
+    # Written last, with the digests of the files it goes with: a save that fails before this
+    # leaves the old head config, which no longer matches them (load_merged refuses the folder).
     meta = {"class": type(model).__name__, "num_labels": getattr(model, "num_labels", None),
-            "pooling": getattr(model, "pooling", None), "layer": model.layer}
-    atomic_write_json(os.path.join(path, "head_config.json"), meta)
+            "pooling": getattr(model, "pooling", None), "layer": model.layer,
+            "files": {n: _file_digest(os.path.join(path, n)) for n in _MERGED_FILES}}
+    atomic_write_json(os.path.join(path, HEAD_CONFIG), meta)
+
+
+def _check_merged_digests(path: str, files, meta_file: str) -> None:
+    # No 'files': a head saved before fastpt recorded digests, taken as it is.
+    if files is None:
+        return
+    if not (isinstance(files, dict) and set(files) == set(_MERGED_FILES)):
+        raise ValueError(f"{meta_file}: 'files' must give the sha256 of each of {list(_MERGED_FILES)}")
+    stale = [n for n in _MERGED_FILES if not os.path.isfile(os.path.join(path, n))
+             or _file_digest(os.path.join(path, n)) != files[n]]
+    if stale:
+        raise ValueError(f"{meta_file} was saved with other {', '.join(stale)} than the ones in {path!r} "
+                         f"(a save into this folder that failed half-way, or files copied from another "
+                         f"model): save the model again")
 
 
 def load_merged(path: str) -> torch.nn.Module:
     """A model written by ``save_merged``: the plain backbone, under its head if it had one."""
     from fastpt.models import from_pretrained
     backbone = from_pretrained(path)
-    meta_file = os.path.join(path, "head_config.json")
+    meta_file, head_file = os.path.join(path, HEAD_CONFIG), os.path.join(path, HEAD_WEIGHTS)
     if not os.path.isfile(meta_file):
         return backbone
     try:
         with open(meta_file) as f:
             meta = json.load(f)
-        tensors = load_file(os.path.join(path, "head.safetensors"))
+        tensors = load_file(head_file)
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path!r} has no readable task head: {e}") from None
     cls = _head_classes().get(meta.get("class")) if isinstance(meta, dict) else None
     if cls is None:
         raise ValueError(f"{meta_file}: unknown head class {meta.get('class') if isinstance(meta, dict) else meta!r}")
-    try:
-        kwargs = {"layer": meta["layer"]}
-        if meta["class"] == "SequenceClassifier":
-            kwargs["pooling"] = meta["pooling"]
-        args = (backbone,) if meta["class"] == "QuestionAnswering" else (backbone, meta["num_labels"])
-        model = cls(*args, **kwargs)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{meta_file} does not describe a {meta['class']} head: {e!r}") from None
+
+    def build():
+        try:
+            kwargs = {"layer": meta["layer"]}
+            if meta["class"] == "SequenceClassifier":
+                kwargs["pooling"] = meta["pooling"]
+            args = (backbone,) if meta["class"] == "QuestionAnswering" else (backbone, meta["num_labels"])
+            return cls(*args, **kwargs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{meta_file} does not describe a {meta['class']} head: {e!r}") from None
+    # First on the meta device (no memory), so that a num_labels of 10**10 meets the shape
+    # check before the head is allocated.
+    with torch.device("meta"):
+        shapes = {n: p for n, p in build().named_parameters() if not n.startswith("backbone.")}
+    _check_saved_tensors(head_file, tensors, shapes)
+    _check_merged_digests(path, meta.get("files"), meta_file)
+    model = build()
     params = {n: p for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    _check_saved_tensors(os.path.join(path, "head.safetensors"), tensors, params, params)
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)

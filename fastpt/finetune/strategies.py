@@ -62,6 +62,23 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"FinetuneConfig.{name} must be an int, got {type(value).__name__} "
                                 f"{value!r}")
+        for name in ("use_rslora", "prefix_projection"):  # a JSON "false" would count as true
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"FinetuneConfig.{name} must be true or false, got {type(value).__name__} "
+                                f"{value!r}")
+        tm = self.target_modules
+        if not (tm is None or isinstance(tm, str)
+                or isinstance(tm, (list, tuple)) and all(isinstance(t, str) for t in tm)):
+            raise TypeError(f"FinetuneConfig.target_modules must be None, 'all-linear', a module name "
+                            f"or a list of names, got {tm!r}")
+        ids = self.prompt_init_text
+        if not (isinstance(ids, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            raise TypeError(f"FinetuneConfig.prompt_init_text must be a list of token ids (ints >= 0), "
+                            f"got {ids!r}")
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)):
+            raise TypeError(f"FinetuneConfig.int8_threshold must be a number, got {self.int8_threshold!r}")
         lora_mod.check_lora_hyperparameters(self.lora_alpha, self.lora_dropout)
         for name in ("lora_r", "adapter_reduction", "num_virtual_tokens", "prefix_length"):
             if getattr(self, name) < 1:

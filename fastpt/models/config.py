@@ -42,6 +42,13 @@ def _positive_float(cfg, *names: str) -> None:
                f"{type(cfg).__name__}.{name} must be a positive finite number, got {value!r}")
 
 
+def _boolean(cfg, *names: str) -> None:
+    # bool("false") is True: a string from a hand-edited JSON file must not flip a flag.
+    for name in names:
+        value = getattr(cfg, name)
+        _check(isinstance(value, bool), f"{type(cfg).__name__}.{name} must be true or false, got {value!r}")
+
+
 def _token_id(cfg, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -156,6 +163,7 @@ class DecoderConfig(_Config):
     def __post_init__(self):
         _check(self.flavour in ("gpt2", "llama"), f"flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
         gpt2 = self.flavour == "gpt2"
+        _positive(self, "hidden_size")  # before the defaults below compute with it
         # Llama's MLP width: 8/3 d rounded up to a multiple of 256 (4096 -> 11008).
         ffn = 4 * self.hidden_size if gpt2 else 256 * -(-8 * self.hidden_size // (3 * 256))
         defaults = dict(num_kv_heads=self.num_heads, intermediate_size=ffn,
@@ -184,6 +192,7 @@ class DecoderConfig(_Config):
             _check(self.head_dim % 2 == 0, f"llama head_dim must be even for RoPE, got {self.head_dim}")
         _positive_float(self, "norm_eps", "rope_theta", "initializer_range")
         _probability(self, "dropout", "attention_dropout")
+        _boolean(self, "tie_word_embeddings", "attention_bias", "mlp_bias")
         _token_id(self, "bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -222,6 +231,7 @@ class Seq2SeqConfig(_Config):
                f"feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
         _positive_float(self, "layer_norm_eps", "initializer_factor")
         _probability(self, "dropout")
+        _boolean(self, "tie_word_embeddings")
         _token_id(self, "pad_token_id", "eos_token_id", "decoder_start_token_id")
 
 

@@ -10,6 +10,7 @@ unexpected and mis-shaped tensor. Only safetensors files are read (never pickle)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from fastpt.models.hf_config import from_hf_config, to_hf_config  # noqa: F401  
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_SHA256 = "fastpt_config_sha256"
+"""Key of model.safetensors' metadata holding :func:`_config_sha256` of the config saved
+with it (transformers ignores it; files written by transformers lack it)."""
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -205,15 +210,22 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
     """Copy HF-named ``tensors`` into ``model`` after checking names and shapes.
 
     Raises :class:`CheckpointError` listing every missing, unexpected and mis-shaped tensor
-    (tied copies under their alias names are accepted). ``allow_missing(name)`` marks
-    tensors that may be absent (they keep their initial values); returns those names."""
+    (tied copies under their alias names are accepted, if equal to the tensor they copy).
+    ``allow_missing(name)`` marks tensors that may be absent (they keep their initial
+    values); returns those names. Meta tensors (``model`` on the meta device too) check
+    names and shapes only, without reading or allocating any data."""
     entries = _entries(model.config)
     aliases = _aliases(model.config)
     tensors = dict(tensors)
+    untied = []  # the model has one tensor for both names: keeping either would drop the other
     for alias, canonical in aliases.items():
         if alias in tensors:
             value = tensors.pop(alias)
-            tensors.setdefault(canonical, value)
+            if canonical not in tensors:
+                tensors[canonical] = value
+            elif not _identical(value, tensors[canonical]):
+                untied.append(f"{alias} ({value.dtype}, {list(value.shape)}) differs from {canonical} "
+                              f"({tensors[canonical].dtype}, {list(tensors[canonical].shape)})")
     expected = {e.hf: e for e in entries}
     current = model.state_dict()
     missing = [n for n in expected if n not in tensors and not (allow_missing and allow_missing(n))]
@@ -226,10 +238,14 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
             if tuple(tensors[name].shape) != want:
                 shapes[name] = (tuple(tensors[name].shape), want)
     # Weights are floats (an integer tensor would be cast into garbage) and finite (NaN or
-    # inf weights make every output NaN, far from the file that caused it).
+    # inf weights make every output NaN, far from the file that caused it). float8 weights
+    # come with scale tensors fastpt does not read: copied as they are they would be wrong.
     not_float = [f"{n} ({t.dtype})" for n, t in tensors.items() if n in expected and not t.is_floating_point()]
-    not_finite = [n for n, t in tensors.items() if n in expected and t.is_floating_point() and not torch.isfinite(t).all()]
-    if missing or unexpected or shapes or not_float or not_finite:
+    float8 = [f"{n} ({t.dtype})" for n, t in tensors.items()
+              if n in expected and t.is_floating_point() and t.dtype not in _WEIGHT_DTYPES]
+    not_finite = [n for n, t in tensors.items() if n in expected and t.dtype in _WEIGHT_DTYPES
+                  and not t.is_meta and not torch.isfinite(t).all()]
+    if missing or unexpected or shapes or not_float or float8 or not_finite or untied:
         lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
@@ -239,8 +255,14 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
             lines.append(f"  mis-shaped tensor {name}: file has {list(got)}, model expects {list(want)}")
         if not_float:
             lines.append(f"  not floating-point ({len(not_float)}): {', '.join(not_float)}")
+        if float8:
+            lines.append(f"  unsupported floating-point dtype ({len(float8)}; fastpt reads float16, bfloat16, "
+                         f"float32 and float64): {', '.join(float8)}")
         if not_finite:
             lines.append(f"  NaN or infinite values ({len(not_finite)}): {', '.join(not_finite)}")
+        for text in untied:
+            lines.append(f"  tied tensors differ (the model shares one tensor for both; "
+                         f"tie_word_embeddings in the config?): {text}")
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for name, e in expected.items():
@@ -248,6 +270,22 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
                 for our, value in zip(e.ours, e.unpack(tensors[name])):
                     current[our].copy_(value)
     return skipped
+
+
+def _config_sha256(config) -> str:
+    """sha256 of the fastpt config, not of config.json's bytes: reformatting config.json, or
+    editing fields fastpt does not read, keeps the weights loadable."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()
+
+
+def _identical(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of a file are one tied tensor saved twice: same dtype, shape and
+    bytes (NaN-safe, and defined for every dtype). Meta tensors: same shape."""
+    if a.is_meta or b.is_meta:
+        return a.shape == b.shape
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 # ---------------------------------------------------------------- files
@@ -258,13 +296,21 @@ def save_pretrained(model, path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().clone() for k, v in hf_state_dict(model).items()}
     config = {**to_hf_config(model.config), "fastpt_version": _version()}
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # The config as from_pretrained will read it back (config.json omits some fields, e.g.
+    # Llama's dropout), so that the check there compares like with like.
+    metadata = {"format": "pt", CONFIG_SHA256: _config_sha256(from_hf_config(config))}
 
     def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / CONFIG_NAME, write_config)
+        Path(tmp).write_bytes(config_bytes)
+
+    def write_weights(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        # config.json is replaced only once the new weights are complete, and they follow
+        # right after: a failure before leaves the old pair. Between the two renames, the
+        # old weights' CONFIG_SHA256 no longer matches and from_pretrained says so.
+        atomic_write(path / CONFIG_NAME, write_config)
+    atomic_write(path / WEIGHTS_NAME, write_weights)
 
 
 def _version() -> str:
@@ -281,6 +327,44 @@ def read_safetensors(file: Path) -> dict[str, Tensor]:
         size = file.stat().st_size if file.exists() else 0
         raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
                               f"or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(shape of each tensor, metadata) of a safetensors file, from its header alone: no
+    tensor data is read."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}, f.metadata() or {}
+    except Exception as e:  # as in read_safetensors
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
+                              f"or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights: Path, use_fused: bool) -> None:
+    """Raise CheckpointError unless the model of ``config`` fits the file's tensor ``shapes``,
+    before any of it is allocated: a config.json asking for 10**12 embeddings or 10**6 layers
+    must fail as a mismatch, not in the allocator."""
+    layers = config.num_layers + getattr(config, "num_decoder_layers", 0)
+    if layers > len(shapes):  # every layer has tensors: no need to build a million of them
+        raise CheckpointError(f"{weights} does not fit {config_file}: the config has {layers} layers, "
+                              f"the file holds {len(shapes)} tensors in all")
+    with torch.device("meta"):
+        meta = model_for_config(config, use_fused=use_fused)
+    _load_tensors(meta, {n: torch.empty(s, device="meta") for n, s in shapes.items()}, source=str(weights))
+    # Buffers are not in the file (rotary tables: max_position_embeddings x head_dim).
+    # Beyond the weights' own size (and 256 MiB), they are the config's mistake.
+    big = {n: b for n, b in meta.named_buffers() if b.numel()}
+    size = sum(b.numel() * b.element_size() for b in big.values())
+    if size > max(_MAX_BUFFER_BYTES, weights.stat().st_size):
+        name, b = max(big.items(), key=lambda kv: kv[1].numel())
+        raise CheckpointError(f"{config_file}: the model would need {size / 2**30:.1f} GiB of buffers not stored "
+                              f"in {weights} (largest: {name} {list(b.shape)}; max_position_embeddings = "
+                              f"{getattr(config, 'max_position_embeddings', None)})")
+
+
+_MAX_BUFFER_BYTES = 256 * 2**20
 
 
 def _bert_base_layout(tensors: dict[str, Tensor]) -> bool:
@@ -307,11 +391,24 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool =
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" ({', '.join(pickles)} not read: fastpt loads safetensors only, never pickle)" if pickles else ""
         raise FileNotFoundError(f"{weights} not found{hint}")
+    config_bytes = config_file.read_bytes()
     try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+        hf_config = json.loads(config_bytes.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_file}: not UTF-8 text: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; also over-long ints, deep nesting
         raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
-    config = from_hf_config(hf_config)
+    try:
+        config = from_hf_config(hf_config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+    shapes, metadata = read_safetensors_header(weights)
+    saved_with = metadata.get(CONFIG_SHA256)
+    if saved_with is not None and saved_with != _config_sha256(config):
+        raise CheckpointError(f"{weights} was saved with another config than {config_file} describes "
+                              f"({CONFIG_SHA256} in its metadata differs): an interrupted save_pretrained, "
+                              f"or config.json edited since; save the model again")
+    _check_fits(config, shapes, config_file, weights, use_fused)
     model = model_for_config(config, use_fused=use_fused)
     _load_tensors(model, read_safetensors(weights), source=str(weights))
     if dtype is not None:

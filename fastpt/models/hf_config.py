@@ -53,13 +53,38 @@ def _token(d: dict, name: str):
     return v[0] if isinstance(v, list) and v else v
 
 
+def _required(d: dict, name: str):
+    # A KeyError would name neither the file nor what is wrong with it.
+    if name not in d:
+        raise ValueError(f"{d.get('model_type')} config has no {name!r} field")
+    return d[name]
+
+
+def _flag(d: dict, name: str, default: bool) -> bool:
+    """A true/false field (null: the default); any other value is refused, since
+    bool("false") is True."""
+    value = d.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def from_hf_config(d: dict):
-    """A fastpt config from config.json contents (HF field names)."""
+    """A fastpt config from config.json contents (HF field names); a field that is missing
+    or of the wrong type raises ValueError naming it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
     kind = d.get("model_type")
     if kind == "bert":
-        return EncoderConfig(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                             num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                             intermediate_size=d["intermediate_size"], hidden_act=d.get("hidden_act", "gelu"),
+        if not _flag(d, "tie_word_embeddings", True):
+            raise ValueError("BERT with an untied MLM decoder (tie_word_embeddings=false) is not supported")
+        return EncoderConfig(vocab_size=_required(d, "vocab_size"), hidden_size=_required(d, "hidden_size"),
+                             num_layers=_required(d, "num_hidden_layers"),
+                             num_heads=_required(d, "num_attention_heads"),
+                             intermediate_size=_required(d, "intermediate_size"),
+                             hidden_act=d.get("hidden_act", "gelu"),
                              dropout=d.get("hidden_dropout_prob", 0.1),
                              attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
                              max_position_embeddings=d.get("max_position_embeddings", 512),
@@ -68,51 +93,60 @@ def from_hf_config(d: dict):
                              layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_token_id=d.get("pad_token_id", 0))
     if kind == "gpt2":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-            if d.get(flag):
+            if _flag(d, flag, False):
                 raise ValueError(f"GPT-2 config with {flag}=True is not supported")
-        if d.get("scale_attn_weights", True) is False:
+        if not _flag(d, "scale_attn_weights", True):
             raise ValueError("GPT-2 config with scale_attn_weights=False is not supported")
-        return DecoderConfig(flavour="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"],
-                             num_layers=d["n_layer"], num_heads=d["n_head"],
-                             intermediate_size=d.get("n_inner") or 4 * d["n_embd"],
+        return DecoderConfig(flavour="gpt2", vocab_size=_required(d, "vocab_size"),
+                             hidden_size=_required(d, "n_embd"), num_layers=_required(d, "n_layer"),
+                             num_heads=_required(d, "n_head"),
+                             intermediate_size=d.get("n_inner") or None,  # None: 4 * n_embd
                              max_position_embeddings=d.get("n_positions", 1024),
                              hidden_act=d.get("activation_function", "gelu_new"),
                              norm_eps=d.get("layer_norm_epsilon", 1e-5), dropout=d.get("resid_pdrop", 0.1),
                              attention_dropout=d.get("attn_pdrop", 0.1),
                              initializer_range=d.get("initializer_range", 0.02),
-                             tie_word_embeddings=d.get("tie_word_embeddings", True),
+                             tie_word_embeddings=_flag(d, "tie_word_embeddings", True),
                              bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
                              pad_token_id=_token(d, "pad_token_id"))
     if kind == "llama":
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = d.get(field) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{field} must be a JSON object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"Llama RoPE scaling {rope} is not supported (only the default RoPE)")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        return DecoderConfig(flavour="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                             num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                             num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                             head_dim=d.get("head_dim"), intermediate_size=d["intermediate_size"],
+        return DecoderConfig(flavour="llama", vocab_size=_required(d, "vocab_size"),
+                             hidden_size=_required(d, "hidden_size"),
+                             num_layers=_required(d, "num_hidden_layers"),
+                             num_heads=_required(d, "num_attention_heads"),
+                             num_kv_heads=d.get("num_key_value_heads") or None,  # None: num_heads
+                             head_dim=d.get("head_dim"), intermediate_size=_required(d, "intermediate_size"),
                              hidden_act=d.get("hidden_act", "silu"),
                              max_position_embeddings=d.get("max_position_embeddings", 2048),
                              norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                             attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+                             attention_bias=_flag(d, "attention_bias", False),
+                             mlp_bias=_flag(d, "mlp_bias", False),
                              attention_dropout=d.get("attention_dropout", 0.0),
                              initializer_range=d.get("initializer_range", 0.02),
-                             tie_word_embeddings=d.get("tie_word_embeddings", False),
+                             tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
                              bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
                              pad_token_id=_token(d, "pad_token_id"))
     if kind == "t5":
         # transformers >= 5 always ties T5's embeddings and keeps the old meaning of
         # tie_word_embeddings (scale the decoder output) in scale_decoder_outputs.
-        tied = d.get("scale_decoder_outputs", d.get("tie_word_embeddings", True))
-        return Seq2SeqConfig(vocab_size=d["vocab_size"], hidden_size=d["d_model"], head_dim=d["d_kv"],
-                             intermediate_size=d["d_ff"], num_layers=d["num_layers"],
-                             num_decoder_layers=d.get("num_decoder_layers"), num_heads=d["num_heads"],
+        name = "scale_decoder_outputs" if d.get("scale_decoder_outputs") is not None else "tie_word_embeddings"
+        tied = _flag(d, name, True)
+        return Seq2SeqConfig(vocab_size=_required(d, "vocab_size"), hidden_size=_required(d, "d_model"),
+                             head_dim=_required(d, "d_kv"), intermediate_size=_required(d, "d_ff"),
+                             num_layers=_required(d, "num_layers"),
+                             num_decoder_layers=d.get("num_decoder_layers"), num_heads=_required(d, "num_heads"),
                              relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
                              relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
                              feed_forward_proj=d.get("feed_forward_proj", "relu"),
                              layer_norm_eps=d.get("layer_norm_epsilon", 1e-6), dropout=d.get("dropout_rate", 0.1),
-                             tie_word_embeddings=bool(tied), initializer_factor=d.get("initializer_factor", 1.0),
+                             tie_word_embeddings=tied, initializer_factor=d.get("initializer_factor", 1.0),
                              pad_token_id=d.get("pad_token_id", 0), eos_token_id=_token(d, "eos_token_id") or 1,
                              decoder_start_token_id=d.get("decoder_start_token_id") or 0)
     raise ValueError(f"unsupported model_type {kind!r} (fastpt reads bert, gpt2, llama and t5)")

@@ -6,7 +6,10 @@ their other names recorded as aliases), ``optimizer.safetensors`` (every tensor 
 and the size + SHA-256 of both tensor files). A checkpoint is written into a temporary folder
 and renamed into place, then ``<dir>/latest`` is replaced, so a crash mid-save leaves the
 previous checkpoint as the latest. Loading verifies sizes and hashes first: a truncated or
-corrupted file raises ``CheckpointError`` naming it. No pickle anywhere.
+corrupted file raises ``CheckpointError`` naming it. ``trainer_state.json`` carries the SHA-256
+of its own canonical JSON (``state_sha256``), so an edited number is caught too; a state file
+without it (written before fastpt checked it) is refused. These hashes catch corruption and
+accidental edits, not a deliberate forgery (anyone can recompute them). No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -29,6 +33,8 @@ from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
     "model.safetensors", "optimizer.safetensors", "trainer_state.json", "latest")
+DIGEST = "state_sha256"
+_TMP = re.compile(r"\.step-\d+\.tmp-(\d+)$")  # a save in progress (or killed): .step-<N>.tmp-<pid>
 
 
 def _sha256(path: str) -> str:
@@ -57,6 +63,21 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
 
 
+def _check_rng(tensors: dict, meta: dict, file: str) -> None:
+    """Raise CheckpointError unless the saved RNG states can be restored. They are tried on
+    private generators, so a bad state leaves the process's own generators untouched."""
+    try:
+        version, state, gauss = meta["python"]
+        random.Random().setstate((version, tuple(state), gauss))
+        np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+        np.random.RandomState().set_state((np_name, tensors["rng.numpy"].numpy().astype(np.uint32),
+                                           np_pos, np_has_gauss, np_gauss))
+        torch.Generator().set_state(tensors["rng.torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: the RNG state (field 'rng' and the rng.* tensors of {OPTIM_FILE}) "
+                              f"cannot be restored ({type(e).__name__}: {e})") from None
+
+
 def _optimizer_split(sd: dict) -> tuple[dict, dict]:
     """Optimizer state (keyed by parameter name) -> (tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
@@ -69,14 +90,19 @@ def _optimizer_split(sd: dict) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_join(tensors: dict, meta: dict) -> dict:
+def _optimizer_join(tensors: dict, meta: dict, folder: str) -> dict:
     state: dict = {}
     for key, value in tensors.items():
-        _, param, name = key.split("/")
-        state.setdefault(param, {})[name] = value
+        parts = key.split("/")
+        if len(parts) != 3 or not all(parts):
+            raise CheckpointError(f"{folder}/{OPTIM_FILE}: tensor {key!r} is not 'state/<parameter>/<name>'")
+        state.setdefault(parts[1], {})[parts[2]] = value
     for key, value in meta["scalars"].items():
-        param, name = key.split("/")
-        state.setdefault(param, {})[name] = value
+        parts = key.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise CheckpointError(f"{folder}/{STATE_FILE}: field 'optimizer.scalars' has key {key!r}, "
+                                  "not '<parameter>/<name>'")
+        state.setdefault(parts[0], {})[parts[1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -102,6 +128,7 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     keyed by parameter name (``torch.distributed.checkpoint.state_dict`` gives both for plain,
     DDP and FSDP models alike)."""
     os.makedirs(root, exist_ok=True)
+    _remove_stale_temps(root)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,25 +139,71 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     rng_tensors, rng_meta = rng_state()
     extra_tensors = {f"extra/{k}": v for k, v in (tensors or {}).items()}
     save_file({**opt_tensors, **rng_tensors, **extra_tensors}, os.path.join(tmp, OPTIM_FILE))
+    for name in (MODEL_FILE, OPTIM_FILE):  # on disk before the rename publishes them (and pruning follows)
+        _fsync(os.path.join(tmp, name))
     files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                     "sha256": _sha256(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
     state = {"step": step, "data": data_state, "optimizer": opt_meta, "rng": rng_meta,
              "scheduler": scheduler_state, "aliases": aliases, "extra": extra or {}, "files": files}
+    # Hashed as it will read back (tuples become lists, keys strings), so load sees the same digest.
+    state = json.loads(json.dumps(state))
+    state[DIGEST] = _state_digest(state)
     atomic_write_json(os.path.join(tmp, STATE_FILE), state)
+    _fsync(tmp)
     if os.path.exists(final):  # re-saving a step: move the old one aside, never half-replace
         shutil.rmtree(final + ".old", ignore_errors=True)
         os.replace(final, final + ".old")
     os.replace(tmp, final)
     shutil.rmtree(final + ".old", ignore_errors=True)
+    _fsync(root)
     atomic_write_json(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
-    _prune(root, keep_last)
+    _prune(root, keep_last, step)
     return final
 
 
-def _prune(root: str, keep_last: int) -> None:
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of the state's canonical JSON (sorted keys, no spaces), without the digest itself."""
+    body = {k: v for k, v in state.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _prune(root: str, keep_last: int, written: int) -> None:
+    """Keep the checkpoint just written (``latest`` points at it) and the ``keep_last - 1``
+    highest other steps. The one just written may not be the highest: a run resumed from an
+    older step writes below the ones it abandoned."""
+    if keep_last <= 0:
+        return
     steps = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("step-") and d[5:].isdigit())
-    for s in steps[:-keep_last] if keep_last > 0 else []:
+    others = [s for s in steps if s != written]
+    for s in others[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(os.path.join(root, f"step-{s}"), ignore_errors=True)
+
+
+def _remove_stale_temps(root: str) -> None:
+    """Remove ``.step-N.tmp-<pid>`` folders of saves killed mid-way: those whose process is
+    gone. A folder whose pid is alive (another process saving, or a reused pid) is left alone."""
+    for name in os.listdir(root):
+        match = _TMP.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process; an absurd pid is not ours to judge
+        return True
+    return True
 
 
 def resolve(path: str) -> str:
@@ -139,26 +212,80 @@ def resolve(path: str) -> str:
     if os.path.isfile(latest):
         try:
             with open(latest) as f:
-                return os.path.join(path, json.load(f)["path"])
-        except (ValueError, KeyError) as e:
+                target = json.load(f)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{latest} is corrupted ({e})") from None
+        step_dir = target.get("path") if isinstance(target, dict) else None
+        if not isinstance(step_dir, str) or not step_dir:
+            raise CheckpointError(f"{latest} is corrupted: field 'path' must name a step folder, got {target!r}")
+        # latest names a folder inside the root; an absolute path or '..' would resume some other run.
+        norm = os.path.normpath(step_dir)
+        if os.path.isabs(step_dir) or norm in (".", os.pardir) or norm.startswith(os.pardir + os.sep):
+            raise CheckpointError(f"{latest}: field 'path' {step_dir!r} leaves the checkpoint folder {path}")
+        return os.path.join(path, norm)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
     raise CheckpointError(f"no checkpoint at {path!r} (neither a 'latest' file nor {STATE_FILE})")
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_state(state, file: str) -> None:
+    """Raise CheckpointError naming the field unless ``state`` (read from ``file``) is unaltered
+    and has the structure save_checkpoint writes, so that nothing later fails on it bare."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(state).__name__}, not an object")
+    if DIGEST not in state:
+        raise CheckpointError(f"{file} has no {DIGEST!r} (written by an older fastpt, or edited): "
+                              "its step, data position and optimizer settings cannot be verified")
+    if state[DIGEST] != _state_digest(state):
+        raise CheckpointError(f"{file} was altered: its content does not match its {DIGEST}")
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{file}: field {field!r} {what}")
+
+    need(_count(state.get("step")), "step", "must be an integer >= 0")
+    data = state.get("data")
+    need(isinstance(data, dict) and _count(data.get("epoch")) and _count(data.get("batches_in_epoch")),
+         "data", "must hold integers 'epoch' and 'batches_in_epoch' >= 0")
+    opt = state.get("optimizer")
+    need(isinstance(opt, dict) and isinstance(opt.get("scalars"), dict), "optimizer", "must hold 'scalars'")
+    groups = opt.get("param_groups")
+    need(isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                          for g in groups),
+         "optimizer.param_groups", "must be a list of groups, each with its 'params'")
+    need(isinstance(state.get("rng"), dict), "rng", "must be an object")
+    need(state.get("scheduler") is None or isinstance(state["scheduler"], dict), "scheduler",
+         "must be an object or null")
+    aliases = state.get("aliases")
+    need(isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values()),
+         "aliases", "must map names to names")
+    need(isinstance(state.get("extra"), dict), "extra", "must be an object")
+    files = state.get("files")
+    need(isinstance(files, dict) and set(files) == {MODEL_FILE, OPTIM_FILE}
+         and all(isinstance(e, dict) and _count(e.get("bytes")) and isinstance(e.get("sha256"), str)
+                 for e in files.values()),
+         "files", f"must give 'bytes' and 'sha256' of exactly {MODEL_FILE} and {OPTIM_FILE}")
 
 
 def load_checkpoint(path: str) -> dict:
     """Verify a checkpoint (sizes, SHA-256) and read it: returns the trainer state with
     ``model`` (full state dict, tied names restored), ``optimizer`` (full, keyed by parameter
     name), ``scheduler``, ``step``, ``data``, ``extra`` and extra ``tensors``. Restores the
-    Python/NumPy/torch RNGs only through ``restore_rng(state)``."""
+    Python/NumPy/torch RNGs only through ``restore_rng(state)``. Whether the tensors fit a
+    given model is checked by :func:`check_against`."""
     folder = resolve(path)
+    state_file = os.path.join(folder, STATE_FILE)
     try:
-        with open(os.path.join(folder, STATE_FILE)) as f:
+        with open(state_file) as f:
             state = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}/{STATE_FILE} is missing or corrupted ({e})") from None
-    for name, expect in state.get("files", {}).items():
+        raise CheckpointError(f"{state_file} is missing or corrupted ({e})") from None
+    _check_state(state, state_file)
+    for name, expect in state["files"].items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file} is missing")
@@ -173,14 +300,61 @@ def load_checkpoint(path: str) -> dict:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {folder}: {e}") from None
     for name, target in state["aliases"].items():
+        if target not in weights:
+            raise CheckpointError(f"{state_file}: field 'aliases' maps {name!r} to {target!r}, "
+                                  f"which {MODEL_FILE} does not hold")
+        if name in weights:
+            raise CheckpointError(f"{state_file}: field 'aliases' maps {name!r}, which {MODEL_FILE} "
+                                  "also stores: one of the two would be dropped")
         weights[name] = weights[target]
     state["model"] = weights
     state["optimizer"] = _optimizer_join(
-        {k: v for k, v in tensors.items() if k.startswith("state/")}, state["optimizer"])
+        {k: v for k, v in tensors.items() if k.startswith("state/")}, state["optimizer"], folder)
     state["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    _check_rng(state["rng_tensors"], state["rng"], state_file)
     state["tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
     state["folder"] = folder
     return state
+
+
+def _few(names: list) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
+
+
+def check_against(state: dict, model: torch.nn.Module) -> None:
+    """Raise CheckpointError unless a loaded checkpoint fits ``model``: the same tensor names
+    (tied names included), shapes and dtypes; finite parameters; optimizer state only for the
+    model's parameters, with their shapes and dtypes and finite values. torch's loader alone
+    checks less: it fills names missing from the checkpoint with the model's current tensors,
+    casts dtypes silently, and takes optimizer state of any shape (failing later, at step)."""
+    model_file, optim_file = os.path.join(state["folder"], MODEL_FILE), os.path.join(state["folder"], OPTIM_FILE)
+    reference, weights = model.state_dict(), state["model"]
+    missing, unexpected = sorted(reference.keys() - weights.keys()), sorted(weights.keys() - reference.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{model_file} does not match this model: missing {_few(missing)}; "
+                              f"unexpected {_few(unexpected)}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, want in reference.items():
+        got = weights[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(f"{model_file} does not match this model: {name} is {got.dtype} "
+                                  f"{tuple(got.shape)}, the model's is {want.dtype} {tuple(want.shape)}")
+        # Only parameters: a buffer may hold infinities on purpose (an attention mask, say).
+        if name in params and got.is_floating_point() and not torch.isfinite(got).all():
+            raise CheckpointError(f"{model_file}: {name} holds NaN or infinite values")
+    for param, entries in state["optimizer"]["state"].items():
+        if param not in params:
+            raise CheckpointError(f"{optim_file} holds optimizer state for {param!r}, no parameter of this model")
+        p = params[param]
+        for key, value in entries.items():
+            if not torch.is_tensor(value):
+                continue
+            # Per-element state (Adam's moments) has the parameter's shape; 0-d entries are counters.
+            if value.dim() and (value.shape != p.shape or value.dtype != p.dtype):
+                raise CheckpointError(f"{optim_file}: state/{param}/{key} is {value.dtype} {tuple(value.shape)}, "
+                                      f"the parameter is {p.dtype} {tuple(p.shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(f"{optim_file}: state/{param}/{key} holds NaN or infinite values")
 
 
 def restore_rng(state: dict) -> None:

@@ -269,16 +269,52 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_optimizer_state_dict)
         state = ckpt.load_checkpoint(path)
+        # Every check comes before the first change, so a refused checkpoint leaves this
+        # trainer as it was (a caller may then fall back to an older checkpoint).
+        self._check_same_run(state)
+        ckpt.check_against(state, self.model)
+        self._check_scheduler_state(state)
+        g = _collate_generator(self.collate_fn)
+        g_state = state["tensors"].get("collate.generator") if g is not None else None
+        if g_state is not None:
+            try:
+                torch.Generator(device=g.device).set_state(g_state)
+            except (TypeError, RuntimeError) as e:
+                raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.OPTIM_FILE}: extra/collate.generator "
+                                           f"is no generator state ({e})") from None
         options = self._state_options()
         try:
             set_model_state_dict(self.wrapped, state["model"], options=options)
             set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
-        except (RuntimeError, KeyError, ValueError) as e:
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
-        self.scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state)
-        g = _collate_generator(self.collate_fn)
-        if g is not None and "collate.generator" in state["tensors"]:
-            g.set_state(state["tensors"]["collate.generator"])
+        if g_state is not None:
+            g.set_state(g_state)
         self.step = state["step"]
         self.epoch, self.batches_in_epoch = state["data"]["epoch"], state["data"]["batches_in_epoch"]
+
+    def _check_same_run(self, state: dict) -> None:
+        """The saved data position counts batches of batch_size on each of world_size
+        processes: with other values it would point at other examples (skipped or repeated)."""
+        extra = state["extra"]
+        config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
+        saved = {"batch_size": config.get("batch_size"), "processes": extra.get("world_size")}
+        now = {"batch_size": self.config.batch_size, "processes": self.world}
+        differ = [f"{k}={saved[k]} (now {now[k]})" for k in now if saved[k] is not None and saved[k] != now[k]]
+        if differ:
+            raise ckpt.CheckpointError(
+                f"{state['folder']} was written with {', '.join(differ)}: its data position "
+                f"(epoch {state['data']['epoch']}, batch {state['data']['batches_in_epoch']}) would not "
+                "resume the same data; resume with the same batch_size and number of processes")
+
+    def _check_scheduler_state(self, state: dict) -> None:
+        """A scheduler state with other fields or value types than this scheduler's own would
+        load silently and fail (or mislead) later, at ``scheduler.step()``."""
+        saved, own = state["scheduler"], self.scheduler.state_dict()
+        bad = sorted(saved.keys() ^ own.keys()) if isinstance(saved, dict) else ["(not an object)"]
+        bad += [k for k in own if isinstance(saved, dict) and k in saved and type(saved[k]) is not type(own[k])]
+        if bad:
+            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'scheduler' is no state of "
+                                       f"{type(self.scheduler).__name__} (check {', '.join(bad)})")
