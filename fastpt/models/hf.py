@@ -324,9 +324,13 @@ def read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file))
     except Exception as e:  # safetensors raises its own SafetensorError and OSError/ValueError
-        size = file.stat().st_size if file.exists() else 0
-        raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
-                              f"or corrupt?): {type(e).__name__}: {e}") from e
+        raise _unreadable(file, e) from e
+
+
+def _unreadable(file: Path, e: Exception) -> CheckpointError:
+    size = file.stat().st_size if file.exists() else 0
+    return CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
+                           f"or corrupt?): {type(e).__name__}: {e}")
 
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -337,9 +341,12 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, list[int]], dict[str,
         with safe_open(str(file), framework="pt") as f:
             return {name: f.get_slice(name).get_shape() for name in f.keys()}, f.metadata() or {}
     except Exception as e:  # as in read_safetensors
-        size = file.stat().st_size if file.exists() else 0
-        raise CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
-                              f"or corrupt?): {type(e).__name__}: {e}") from e
+        raise _unreadable(file, e) from e
+
+
+_MAX_BUFFER_BYTES = 256 * 2**20
+"""Buffers (not in the file) a config may ask for beyond the size of its weights file:
+Llama 3's 131072 x 128 rotary tables take 64 MiB."""
 
 
 def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights: Path, use_fused: bool) -> None:
@@ -353,8 +360,8 @@ def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights
     with torch.device("meta"):
         meta = model_for_config(config, use_fused=use_fused)
     _load_tensors(meta, {n: torch.empty(s, device="meta") for n, s in shapes.items()}, source=str(weights))
-    # Buffers are not in the file (rotary tables: max_position_embeddings x head_dim).
-    # Beyond the weights' own size (and 256 MiB), they are the config's mistake.
+    # Buffers are not in the file (rotary tables: max_position_embeddings x head_dim): the
+    # file cannot vouch for their size, but beyond its own size they are the config's mistake.
     big = {n: b for n, b in meta.named_buffers() if b.numel()}
     size = sum(b.numel() * b.element_size() for b in big.values())
     if size > max(_MAX_BUFFER_BYTES, weights.stat().st_size):
@@ -362,9 +369,6 @@ def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights
         raise CheckpointError(f"{config_file}: the model would need {size / 2**30:.1f} GiB of buffers not stored "
                               f"in {weights} (largest: {name} {list(b.shape)}; max_position_embeddings = "
                               f"{getattr(config, 'max_position_embeddings', None)})")
-
-
-_MAX_BUFFER_BYTES = 256 * 2**20
 
 
 def _bert_base_layout(tensors: dict[str, Tensor]) -> bool:
@@ -381,8 +385,12 @@ def _load_tensors(model, tensors: dict[str, Tensor], source: str) -> None:
     load_hf_state_dict(model, tensors, allow_missing=allow, source=source)
 
 
-def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool = True):
-    """The fastpt model of a HF-layout folder: config.json + model.safetensors."""
+def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool = True,
+                    accept_edited_config: bool = False):
+    """The fastpt model of a HF-layout folder: config.json + model.safetensors.
+
+    A weights file fastpt saved records the config saved with it; a config.json that differs
+    (an interrupted save, or an edit since) is refused unless ``accept_edited_config``."""
     path = Path(path)
     config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.is_file():
@@ -391,9 +399,8 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool =
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" ({', '.join(pickles)} not read: fastpt loads safetensors only, never pickle)" if pickles else ""
         raise FileNotFoundError(f"{weights} not found{hint}")
-    config_bytes = config_file.read_bytes()
     try:
-        hf_config = json.loads(config_bytes.decode("utf-8"))
+        hf_config = json.loads(config_file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{config_file}: not UTF-8 text: {e}") from e
     except (ValueError, RecursionError) as e:  # JSONDecodeError; also over-long ints, deep nesting
@@ -403,12 +410,15 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool =
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_file}: {e}") from e
     shapes, metadata = read_safetensors_header(weights)
+    _check_fits(config, shapes, config_file, weights, use_fused)
+    # Shapes can fit and values still not (rope_theta, norm eps): the config saved with the
+    # weights tells, in files fastpt wrote.
     saved_with = metadata.get(CONFIG_SHA256)
-    if saved_with is not None and saved_with != _config_sha256(config):
+    if saved_with is not None and saved_with != _config_sha256(config) and not accept_edited_config:
         raise CheckpointError(f"{weights} was saved with another config than {config_file} describes "
                               f"({CONFIG_SHA256} in its metadata differs): an interrupted save_pretrained, "
-                              f"or config.json edited since; save the model again")
-    _check_fits(config, shapes, config_file, weights, use_fused)
+                              f"or config.json edited since (to load an edit you made on purpose, pass "
+                              f"accept_edited_config=True)")
     model = model_for_config(config, use_fused=use_fused)
     _load_tensors(model, read_safetensors(weights), source=str(weights))
     if dtype is not None:
