@@ -162,9 +162,14 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
 
 
 def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries (its renames), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+        # Some filesystems cannot fsync a folder; the renames are then as durable as they make them.
     finally:
         os.close(fd)
 

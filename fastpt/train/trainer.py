@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import random
 import time
@@ -312,7 +313,8 @@ class Trainer:
     def _check_scheduler_state(self, state: dict) -> None:
         """A scheduler state with other fields or value types than this scheduler's own would
         load silently and fail (or mislead) later, at ``scheduler.step()``."""
-        saved, own = state["scheduler"], self.scheduler.state_dict()
+        # This scheduler's own state as it reads back from JSON (tuples become lists).
+        saved, own = state["scheduler"], json.loads(json.dumps(self.scheduler.state_dict()))
         bad = sorted(saved.keys() ^ own.keys()) if isinstance(saved, dict) else ["(not an object)"]
         bad += [k for k in own if isinstance(saved, dict) and k in saved and type(saved[k]) is not type(own[k])]
         if bad:
