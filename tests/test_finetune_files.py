@@ -1,0 +1,249 @@
+"""Fine-tuning files: a save that fails half-way is never loaded mixed, an adapter file changes
+only what its strategy trains, sizes are checked before anything is allocated, and bad
+settings or result files raise errors that name the file and field."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fastpt.finetune.save as save_mod
+from fastpt.commands.finetune import load_finetuned
+from fastpt.finetune import (FinetuneConfig, SequenceClassifier, load_adapter, load_merged, prepare,
+                             save_adapter, save_merged)
+from fastpt.models import Decoder, DecoderConfig
+
+V = 120
+HUGE = 10 ** 11  # tokens or labels: terabytes, were they allocated
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig.from_name("gpt2-tiny", vocab_size=V))
+
+
+def _ids():
+    return torch.randint(5, V, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _adapter(path, seed=0, **settings):
+    """A prepared classifier with trained-looking (random) tensors, saved to ``path``."""
+    cfg = FinetuneConfig(**{"strategy": "lora", "lora_r": 2, **settings})
+    model = prepare(SequenceClassifier(_backbone(), 2), cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(model, str(path), cfg)
+    return model.eval()
+
+
+def _edit(path, tensors=None, finetune=None):
+    """Change the saved tensors or settings, rewriting the weights without the config digest
+    (as an older fastpt wrote them): each check below must also hold without it."""
+    weights, config = path / save_mod.WEIGHTS_FILE, path / save_mod.CONFIG_FILE
+    t, meta = load_file(str(weights)), json.loads(config.read_text())
+    t.update(tensors or {})
+    meta["finetune"].update(finetune or {})
+    save_file(t, str(weights))
+    config.write_text(json.dumps(meta))
+
+
+def _load(path):
+    return load_adapter(SequenceClassifier(_backbone(), 2), str(path)).eval()
+
+
+def _fail_writing(monkeypatch, name):
+    """Make the atomic write of the file ``name`` fail, as a full disk would."""
+    real = save_mod.atomic_write
+
+    def write(path, fn):
+        if str(path).endswith(name):
+            raise OSError(28, "No space left on device (simulated)")
+        return real(path, fn)
+    monkeypatch.setattr(save_mod, "atomic_write", write)
+
+
+# -- D6: an adapter's config and weights are one save ------------------------------------------
+
+def test_adapter_save_that_fails_half_way_is_refused_not_loaded_mixed(tmp_path, monkeypatch):
+    old = _adapter(tmp_path, seed=1, lora_alpha=16.0)
+    _fail_writing(monkeypatch, save_mod.WEIGHTS_FILE)  # the first file: the old pair stays
+    with pytest.raises(OSError):
+        _adapter(tmp_path, seed=2, lora_alpha=64.0)
+    torch.testing.assert_close(_load(tmp_path)(input_ids=_ids()).logits, old(input_ids=_ids()).logits)
+    monkeypatch.undo()
+    monkeypatch.setattr(save_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):  # the second file: new weights beside the old config
+        _adapter(tmp_path, seed=2, lora_alpha=64.0)
+    with pytest.raises(ValueError, match="adapter_config.json' is not the config saved with"):
+        _load(tmp_path)
+
+
+def test_adapter_config_edited_after_saving_is_refused_but_reformatting_is_not(tmp_path):
+    model = _adapter(tmp_path)
+    config = tmp_path / save_mod.CONFIG_FILE
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps(meta, indent=4))  # same content, other layout: still this adapter
+    torch.testing.assert_close(_load(tmp_path)(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+    meta["finetune"]["lora_alpha"] = 32.0  # shapes unchanged: only the digest can tell
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not the config saved with"):
+        _load(tmp_path)
+
+
+def test_adapter_config_digest_is_in_the_weights_metadata_not_the_config(tmp_path):
+    """adapter_config.json gains no key PEFT does not know; the weights say "pt" as PEFT's do."""
+    _adapter(tmp_path)
+    assert set(json.loads((tmp_path / save_mod.CONFIG_FILE).read_text())) == {"finetune", "base", "tensors"}
+    with safe_open(str(tmp_path / save_mod.WEIGHTS_FILE), framework="pt") as f:
+        assert set(f.metadata() or {}) == {"format", "fastpt_adapter_config_sha256"}
+
+
+# -- D8: a merged save replaces the whole set of files -----------------------------------------
+
+def test_merged_model_without_head_replaces_an_older_one_with_a_head(tmp_path):
+    save_merged(SequenceClassifier(_backbone(), 3), str(tmp_path))
+    save_merged(_backbone(), str(tmp_path))
+    assert type(load_merged(str(tmp_path))) is Decoder
+
+
+def test_merged_save_that_fails_half_way_is_refused(tmp_path, monkeypatch):
+    save_merged(SequenceClassifier(_backbone(), 3), str(tmp_path))
+    old_head = {n: (tmp_path / n).read_bytes() for n in ("head_config.json", "head.safetensors")}
+    plain = _backbone()
+    with torch.no_grad():
+        plain.final_norm.weight.mul_(2)
+    save_merged(plain, str(tmp_path))
+    for name, data in old_head.items():  # as if the process died before removing the old head
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match="was saved with other model.safetensors"):
+        load_merged(str(tmp_path))
+    _fail_writing(monkeypatch, "head.safetensors")  # a new head model, its head never written
+    with torch.no_grad():
+        plain.final_norm.weight.mul_(2)
+    with pytest.raises(OSError):
+        save_merged(SequenceClassifier(plain, 3), str(tmp_path))
+    with pytest.raises(ValueError, match="was saved with other"):
+        load_merged(str(tmp_path))
+
+
+# -- D9: an adapter file changes only what the strategy trains ---------------------------------
+
+def test_adapter_file_cannot_overwrite_frozen_base_weights(tmp_path):
+    model = _adapter(tmp_path)
+    frozen = next(n for n, p in model.named_parameters() if n.startswith("backbone.") and not p.requires_grad)
+    _edit(tmp_path, tensors={frozen: torch.full_like(dict(model.named_parameters())[frozen], 9.0)})
+    (tmp_path / save_mod.CONFIG_FILE).write_text(json.dumps({  # listed too: still not the file's to set
+        **json.loads((tmp_path / save_mod.CONFIG_FILE).read_text()),
+        "tensors": sorted(load_file(str(tmp_path / save_mod.WEIGHTS_FILE)))}))
+    with pytest.raises(ValueError, match=rf"not trained by the strategy\) \['{frozen}'\]"):
+        _load(tmp_path)
+
+
+def test_adapter_tensors_must_be_the_ones_its_config_lists(tmp_path):
+    _adapter(tmp_path)
+    config = tmp_path / save_mod.CONFIG_FILE
+    meta = json.loads(config.read_text())
+    meta["tensors"] = meta["tensors"][1:]
+    config.write_text(json.dumps(meta))
+    save_file(load_file(str(tmp_path / save_mod.WEIGHTS_FILE)), str(tmp_path / save_mod.WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="does not hold the tensors that .* lists: absent \\[\\], not listed"):
+        _load(tmp_path)
+
+
+# -- D10: sizes are checked before they are allocated ------------------------------------------
+
+@pytest.mark.parametrize("strategy, field", [("prompt", "num_virtual_tokens"), ("prefix", "prefix_length")])
+def test_adapter_sizes_are_checked_against_the_file_before_allocating(tmp_path, strategy, field):
+    _adapter(tmp_path, strategy=strategy, num_virtual_tokens=2, prefix_length=2)
+    _edit(tmp_path, finetune={field: HUGE})
+    with pytest.raises(ValueError, match=rf"finetune.{field} is {HUGE}, but the saved tensors hold \[2\]"):
+        _load(tmp_path)
+
+
+def test_prompt_init_text_outside_the_vocabulary_is_refused(tmp_path):
+    _adapter(tmp_path, strategy="prompt", num_virtual_tokens=2)
+    _edit(tmp_path, finetune={"prompt_init_text": [3, 10 ** 6]})
+    with pytest.raises(ValueError, match=f"prompt_init_text has token ids >= the vocabulary size {V}"):
+        _load(tmp_path)
+
+
+def test_merged_head_sizes_are_checked_before_allocating(tmp_path):
+    save_merged(SequenceClassifier(_backbone(), 3), str(tmp_path))
+    meta_file = tmp_path / "head_config.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "num_labels": HUGE}))
+    with pytest.raises(ValueError, match=rf"mis-shaped \[\('classifier.bias', \(3,\), \({HUGE},\)\)"):
+        load_merged(str(tmp_path))
+
+
+# -- D11: FinetuneConfig types -----------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, match", [
+    ({"use_rslora": "false"}, "use_rslora must be true or false, got str"),
+    ({"prefix_projection": 1}, "prefix_projection must be true or false, got int"),
+    ({"target_modules": 5}, "target_modules must be None, 'all-linear', a module name or a list"),
+    ({"target_modules": ["q_proj", 5]}, "target_modules must be"),
+    ({"prompt_init_text": "hello"}, "prompt_init_text must be a list of token ids"),
+    ({"prompt_init_text": [1, -2]}, "prompt_init_text must be a list of token ids"),
+    ({"prompt_init_text": [True]}, "prompt_init_text must be a list of token ids"),
+    ({"int8_threshold": "6"}, "int8_threshold must be a number")])
+def test_finetune_config_checks_types(settings, match):
+    with pytest.raises(TypeError, match=match):
+        FinetuneConfig(**settings)
+
+
+def test_finetune_config_accepts_every_documented_form():
+    for target in (None, "all-linear", "q_proj", ["q_proj", "v_proj"], ("q_proj",)):
+        FinetuneConfig(target_modules=target)
+    FinetuneConfig(use_rslora=True, prefix_projection=False, prompt_init_text=[0, 5], int8_threshold=6)
+
+
+def test_adapter_with_a_string_bool_setting_is_refused_naming_the_file(tmp_path):
+    _adapter(tmp_path)
+    _edit(tmp_path, finetune={"use_rslora": "false"})  # would have loaded with rsLoRA's scaling
+    with pytest.raises(ValueError, match="adapter_config.json' has invalid fine-tuning settings: "
+                                         "FinetuneConfig.use_rslora"):
+        _load(tmp_path)
+
+
+# -- D12: result files and dtypes --------------------------------------------------------------
+
+def test_adapter_float8_tensor_is_refused_with_its_name(tmp_path):
+    model = _adapter(tmp_path)
+    name = next(n for n, p in model.named_parameters() if "lora_A" in n)
+    _edit(tmp_path, tensors={name: load_file(str(tmp_path / save_mod.WEIGHTS_FILE))[name].to(torch.float8_e4m3fn)})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' .* is torch.float8_e4m3fn, not a floating-point"):
+        _load(tmp_path)
+
+
+GOOD_INFO = {"base": "/nowhere", "saved_as": "adapter", "labels": ["neg", "pos"], "pooling": "last",
+             "max_length": 128}
+
+
+@pytest.mark.parametrize("text, match", [
+    (None, "not a fastpt finetune result \\(no finetune.json\\)"),
+    ("{'saved_as': 1", "finetune.json: not readable JSON"),
+    ("[]", "finetune.json: expected a JSON object, got list"),
+    ("{}", "finetune.json: 'saved_as' must be 'merged' or 'adapter', got missing"),
+    (json.dumps({**GOOD_INFO, "saved_as": "zip"}), "'saved_as' must be 'merged' or 'adapter', got 'zip'"),
+    (json.dumps({**GOOD_INFO, "labels": []}), "'labels' must be a non-empty list of distinct labels"),
+    (json.dumps({**GOOD_INFO, "labels": [["a"]]}), "'labels' must be a non-empty list"),
+    (json.dumps({**GOOD_INFO, "max_length": "128"}), "'max_length' must be an integer >= 1, got '128'"),
+    (json.dumps({**GOOD_INFO, "pooling": "max"}), "'pooling' must be one of"),
+    (json.dumps({k: v for k, v in GOOD_INFO.items() if k != "base"}), "'base' must be the base model's folder")])
+def test_load_finetuned_names_the_file_and_field(tmp_path, text, match):
+    if text is not None:
+        (tmp_path / "finetune.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_finetuned(str(tmp_path))
+
+
+def test_load_finetuned_refuses_labels_that_do_not_fit_the_merged_model(tmp_path):
+    save_merged(SequenceClassifier(_backbone(), 3), str(tmp_path))
+    (tmp_path / "finetune.json").write_text(json.dumps({**GOOD_INFO, "saved_as": "merged"}))
+    with pytest.raises(ValueError, match="'labels' has 2 labels, but the model .* num_labels 3"):
+        load_finetuned(str(tmp_path))
