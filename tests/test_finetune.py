@@ -89,6 +89,9 @@ def test_strategy_errors_are_clear():
         prepare(SequenceClassifier(_backbone("llama"), 2), FinetuneConfig(strategy="lora", lora_r=999))
     with pytest.raises(ValueError, match="unknown strategy"):
         FinetuneConfig(strategy="qlora")
+    with pytest.raises(ValueError, match=r"token ids \[10000\] outside this model's vocabulary"):
+        prepare(SequenceClassifier(_backbone("llama"), 2),
+                FinetuneConfig(strategy="prompt", prompt_init_text=[1, 10000]))
     with pytest.raises(ValueError, match="freeze_layers=5"):
         prepare(SequenceClassifier(_backbone("bert"), 2), FinetuneConfig(strategy="partial", freeze_layers=5))
 

@@ -212,6 +212,10 @@ class PromptTuned(nn.Module):
         embed = token_embedding(backbone_of(model))
         n = c.num_virtual_tokens
         if c.prompt_init_text:
+            too_big = [i for i in c.prompt_init_text if i >= embed.num_embeddings]
+            if too_big:
+                raise ValueError(f"prompt_init_text holds token ids {too_big[:5]} outside this model's "
+                                 f"vocabulary of {embed.num_embeddings}")
             ids = torch.tensor(c.prompt_init_text).repeat(-(-n // len(c.prompt_init_text)))[:n]
         else:
             ids = torch.randint(0, embed.num_embeddings, (n,), generator=torch.Generator().manual_seed(0))
