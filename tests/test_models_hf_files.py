@@ -48,6 +48,16 @@ def _as_transformers_writes(path, edit=lambda t: None):
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _failing_for(suffix: str, real, error: OSError, target: int = 0):
+    """``real``, raising ``error`` when its argument ``target`` (the path written) ends in
+    ``suffix``: one file of a save fails, the others go through."""
+    def call(*args):
+        if str(args[target]).endswith(suffix):
+            raise error
+        return real(*args)
+    return call
+
+
 # ---------------------------------------------------------------- D7: the pair stays consistent
 
 def test_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
@@ -56,13 +66,8 @@ def test_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
     new = _llama(rope_theta=500000.0)
     with torch.no_grad():
         new.final_norm.weight.mul_(1.5)
-    real = hf.atomic_write
-
-    def failing(path, write):
-        if str(path).endswith("config.json"):
-            raise OSError(28, "No space left on device (simulated)")
-        real(path, write)
-    monkeypatch.setattr(hf, "atomic_write", failing)
+    monkeypatch.setattr(hf, "atomic_write", _failing_for("config.json", hf.atomic_write,
+                                                         OSError(28, "No space left on device (simulated)")))
     with pytest.raises(OSError, match="simulated"):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -75,13 +80,8 @@ def test_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
 def test_weights_older_than_config_are_detected(tmp_path, monkeypatch):
     # A crash between the two renames: the new config.json is in, the weights are still the old ones.
     _llama(rope_theta=10000.0).save_pretrained(tmp_path)
-    real = os.replace
-
-    def failing(src, dst):
-        if str(dst).endswith("model.safetensors"):
-            raise OSError(5, "I/O error (simulated)")
-        real(src, dst)
-    monkeypatch.setattr(os, "replace", failing)
+    monkeypatch.setattr(os, "replace", _failing_for("model.safetensors", os.replace,
+                                                    OSError(5, "I/O error (simulated)"), target=1))
     with pytest.raises(OSError, match="simulated"):
         _llama(rope_theta=500000.0).save_pretrained(tmp_path)
     monkeypatch.undo()
