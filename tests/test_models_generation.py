@@ -132,10 +132,30 @@ def test_filters():
 
 def test_bad_arguments():
     _, model = _pair("gpt2")
-    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(num_beams=0),
-                dict(num_beams=2, do_sample=True)):
-        with pytest.raises(ValueError):
+    for bad, match in ((dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+                       (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+                       (dict(do_sample=True, temperature=float("nan")), "temperature"),
+                       (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(num_beams=0), "num_beams"),
+                       (dict(length_penalty=float("nan")), "length_penalty must be finite"),
+                       (dict(num_beams=2, do_sample=True), "does not sample"),
+                       (dict(pad_token_id=-1), r"pad_token_id must be a token id in \[0, 97\)"),
+                       (dict(eos_token_id=5000), "eos_token_id must be a token id"),
+                       (dict(eos_token_id=[3, -1]), "eos_token_id must be a token id")):
+        with pytest.raises(ValueError, match=match):
             generate(model, [[1, 2]], **bad)
+    assert generate(model, [[1, 2]], max_new_tokens=2, temperature=0.0).shape == (1, 4)  # greedy: unused
+    assert generate(model, [[1, 2]], max_new_tokens=2, eos_token_id=torch.tensor(3)).shape[0] == 1
+    for bad, match in ((dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+                       (dict(top_k=True), "top_k must be an int"),
+                       (dict(cache_dtype=torch.int64), "cache_dtype must be a floating-point dtype")):
+        with pytest.raises(TypeError, match=match):
+            generate(model, [[1, 2]], **bad)
+    with pytest.raises(TypeError, match="list of prompts"):
+        generate(model, [1, 2, 3])
+    with pytest.raises(TypeError, match=r"prompt 0 holds \[1.7\]"):
+        generate(model, [[1.7, 2]])
+    with pytest.raises(ValueError, match="a list of prompts of any lengths needs none"):
+        generate(model, [[1, 2, 3], [4, 5, 6]], attention_mask=torch.tensor([[0, 0, 1], [1, 1, 1]]))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []])
     with pytest.raises(ValueError, match="at least one token"):  # was an IndexError
@@ -224,6 +244,33 @@ def test_decode_weights_cache_follows_weight_changes():
         ref = model.generate(ids, max_new_tokens=4, eos_token_id=[])  # < 8 tokens: no copies
     assert torch.equal(got[:, :10], ref)
     assert not hasattr(model, "_decode_weights_cache") or not model._decode_weights_cache
+
+
+def test_clear_weight_caches_after_a_write_through_data():
+    """A write through ``.data`` does not bump the version counter (as it escapes autograd's
+    checks), so the decode copies cannot see it; fastpt.nn.clear_weight_caches drops them."""
+    from fastpt.nn import clear_weight_caches
+    _, model = _pair("llama")
+    ids = torch.randint(3, 97, (1, 6))
+    model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.mul_(-1.5)
+    clear_weight_caches(model)
+    assert "_decode_weights_cache" not in model.__dict__
+    got = model.generate(ids, max_new_tokens=8, eos_token_id=[])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0, -1].argmax()
+    assert int(got[0, 6]) == int(want)
+
+
+def test_beam_search_with_more_stop_tokens_than_beams():
+    """When fewer than num_beams of the 2 * num_beams candidates go on, the others are dead
+    beams (score -inf), not a shape error."""
+    _, model = _pair("llama")
+    out = model.generate([[5, 17, 30, 41, 9]], num_beams=2, max_new_tokens=4,
+                         eos_token_id=list(range(model.config.vocab_size - 1)))
+    assert out.shape[0] == 1 and out.shape[1] >= 6
 
 
 def test_decode_weights_of_a_large_model_are_freed_after_the_call(monkeypatch):

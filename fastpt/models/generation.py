@@ -13,6 +13,7 @@ depend on the other rows.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -24,7 +25,10 @@ from fastpt.models._decode_weights import decode_weights as _decode_weights
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
     """(ids, mask) left-padded: every row's real tokens at its right end, in order."""
     if not isinstance(input_ids, Tensor):
-        rows = [list(map(int, r)) for r in input_ids]
+        if attention_mask is not None:  # a list is padded here: there is nothing for a mask to mark
+            raise ValueError("attention_mask goes with a padded (B, T) tensor of input_ids; a list of "
+                             "prompts of any lengths needs none")
+        rows = [_token_list(r, i) for i, r in enumerate(input_ids)]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
         T = max(map(len, rows))
@@ -51,6 +55,24 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
     ids = input_ids.gather(1, order).masked_fill(~mask, pad_id)
     first = mask.shape[1] - int(mask.sum(1).max())  # drop columns that are padding in every row
     return ids[:, first:], mask[:, first:]
+
+
+def _token_list(row, i: int) -> list[int]:
+    """Prompt ``i`` of a list as ints: a list of integers, not a number or floats (which
+    int() would truncate silently)."""
+    if isinstance(row, (int, float, Tensor)) and not (isinstance(row, Tensor) and row.dim() == 1):
+        raise TypeError("input_ids as a list must be a list of prompts, each a list of token ids "
+                        f"(got {type(row).__name__} {row!r} as prompt {i}; one prompt: [[...]])")
+    values = row.tolist() if isinstance(row, Tensor) else list(row)
+    bad = [t for t in values if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise TypeError(f"prompt {i} holds {bad[:3]}: token ids must be integers")
+    return values
+
+
+def _check_token(name: str, token, vocab_size: int) -> None:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+        raise ValueError(f"generate: {name} must be a token id in [0, {vocab_size}), got {token!r}")
 
 
 def _apply_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -138,7 +160,31 @@ def _stop_ids(eos_token_id, config) -> list[int]:
         eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
         return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.tolist()
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for t in stops:  # one outside the vocabulary would never stop anything
+        _check_token("eos_token_id", t, config.vocab_size)
+    return stops
+
+
+def _check_arguments(max_new_tokens, num_beams, top_k, do_sample, temperature, top_p,
+                     repetition_penalty, length_penalty) -> None:
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"generate: {name} must be an int, got {type(value).__name__} {value!r}")
+    checks = [("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1"),
+              ("num_beams", num_beams, num_beams >= 1, ">= 1"),
+              ("top_k", top_k, top_k >= 0, ">= 0 (0: off)"),
+              ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+              ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0"),
+              ("length_penalty", length_penalty, math.isfinite(length_penalty), "finite")]
+    if do_sample:  # greedy and beam search do not use the temperature
+        checks.append(("temperature", temperature, temperature > 0 and math.isfinite(temperature),
+                       "> 0 and finite"))
+    for name, value, ok, want in checks:
+        if not ok:  # (NaN fails every comparison)
+            raise ValueError(f"generate: {name} must be {want}, got {value!r}")
 
 
 @torch.no_grad()
@@ -174,15 +220,19 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
         pad_token_id = getattr(config, "pad_token_id", None)
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
-    for name, ok in (("max_new_tokens", max_new_tokens >= 1), ("num_beams", num_beams >= 1),
-                     ("temperature", temperature > 0), ("top_k", top_k >= 0), ("top_p", 0 < top_p <= 1),
-                     ("repetition_penalty", repetition_penalty > 0)):
-        if not ok:
-            raise ValueError(f"generate: invalid {name}")
+    _check_token("pad_token_id", pad_token_id, config.vocab_size)  # it is fed back to the model
+    _check_arguments(max_new_tokens, num_beams, top_k, do_sample, temperature, top_p,
+                     repetition_penalty, length_penalty)
     if num_beams > 1 and do_sample:
         raise ValueError("beam search does not sample: use num_beams=1 with do_sample=True")
+    if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+        raise TypeError(f"generate: cache_dtype must be a floating-point dtype, got {cache_dtype!r} "
+                        "(keys and values would be truncated)")
     if decoder_start_token_id is None:
         decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
+    from fastpt.models.seq2seq import Seq2Seq
+    if isinstance(model, Seq2Seq):
+        _check_token("decoder_start_token_id", decoder_start_token_id, config.vocab_size)
     device = next(model.parameters()).device
     if cache_dtype is None and torch.is_autocast_enabled(device.type):
         cache_dtype = torch.get_autocast_dtype(device.type)
@@ -273,6 +323,10 @@ def _beam_search(step, prefix, seen, max_new_tokens, stops, pad_id, num_beams, l
                 scores.append(score)
                 if len(rows) == K:
                     break
+            while len(rows) < K:  # more than K of the 2K candidates were stop tokens: dead beams
+                rows.append(b * K)
+                toks.append(pad_id)
+                scores.append(float("-inf"))
             if len(finished[b]) >= K:
                 batch_done[b] = True
             next_rows += rows

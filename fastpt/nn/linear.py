@@ -36,6 +36,21 @@ _AUTOCAST_CASTS = (torch.float32, torch.bfloat16, torch.float16)
 
 # Inference caches in a Linear's __dict__, made from the weight by ``Linear._cached``.
 _CACHES = ("_autocast_weight", "_packed_weight")
+# The models' decode copies (fastpt.models._decode_weights), on the model's __dict__.
+_MODEL_CACHES = ("_decode_weights_cache",)
+
+
+def clear_weight_caches(model: nn.Module) -> None:
+    """Drop every weight copy fastpt keeps for inference in ``model`` (autocast and oneDNN
+    copies of ``Linear`` weights, generation's decode copies); they are remade on next use.
+
+    Each copy is remade by itself when its weight changes through torch: the weight's
+    version counter (an optimizer step, ``load_state_dict``, an in-place op under
+    ``torch.no_grad()``) or its storage (``.to()``). A write through ``param.data`` bypasses the
+    version counter, as it bypasses autograd's checks: call this after one."""
+    for module in model.modules():
+        for name in _CACHES + _MODEL_CACHES:
+            module.__dict__.pop(name, None)
 
 
 class Linear(nn.Linear):
