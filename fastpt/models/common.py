@@ -151,12 +151,34 @@ def init_normal_(module: nn.Module, std: float) -> None:
             nn.init.ones_(m.weight)
 
 
-def key_padding(attention_mask: Tensor | None) -> Tensor | None:
-    """(B, S) bool of the keys to attend, or None when every key may be attended."""
+def key_padding(attention_mask: Tensor | None, shape: tuple[int, int] | None = None,
+                name: str = "attention_mask") -> Tensor | None:
+    """(B, S) bool of the keys to attend, or None when every key may be attended. ``shape``:
+    the (B, S) that ``name`` must have, checked first: an all-ones mask of any shape would
+    otherwise pass as None."""
     if attention_mask is None:
         return None
+    if shape is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must be (batch, keys) = {tuple(shape)}, got {tuple(attention_mask.shape)}")
     mask = attention_mask.to(torch.bool)
     return None if bool(mask.all()) else mask
+
+
+def check_labels(labels: Tensor, shape: tuple[int, int] | None, vocab_size: int) -> None:
+    """Token labels: (B, T) like the logits (``shape``; None: any (batch, length)), integer,
+    and (on CPU, see ``check_ids``) each in [0, vocab_size) or IGNORE_INDEX; torch's own
+    errors name neither."""
+    if shape is None and labels.dim() != 2:
+        raise ValueError(f"labels must be (batch, length), got shape {tuple(labels.shape)}")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must be (B, T) = {tuple(shape)} like the inputs, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}")
+    if labels.numel() and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be {IGNORE_INDEX} "
+                             f"(ignored), got {int(labels[bad][0])}")
 
 
 def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:
@@ -203,5 +225,8 @@ class PreTrainedModel(nn.Module):
 
     def generate(self, *args, **kwargs) -> Tensor:
         """See :func:`fastpt.models.generation.generate`."""
+        if not hasattr(self, "new_cache"):  # generation runs the model step by step on a KV cache
+            raise TypeError(f"{type(self).__name__} is not generative: generate needs a Decoder or "
+                            f"Seq2Seq model")
         from fastpt.models.generation import generate
         return generate(self, *args, **kwargs)

@@ -52,7 +52,9 @@ def _boolean(cfg, *names: str) -> None:
 def _token_id(cfg, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        _check(value is None or (isinstance(value, int) and 0 <= value < cfg.vocab_size),
+        # bool is an int subclass: True would silently mean token 1.
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                 and 0 <= value < cfg.vocab_size),
                f"{type(cfg).__name__}.{name} must be None or a token id in [0, vocab_size), "
                f"got {value!r}")
 
@@ -85,9 +87,17 @@ class _Config:
     def from_json(cls, text: str):
         return cls.from_dict(json.loads(text))
 
+    def _note_derived(self) -> None:
+        """Remember the fields given as None, which ``__post_init__`` then fills with defaults
+        derived from other fields (head_dim from hidden_size...): ``replace`` must derive
+        them again rather than copy values that no longer fit the changed fields."""
+        self._derived = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None)
+
     def replace(self, **changes):
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again). Fields that were left to their
+        derived default are derived again from the new values unless given in ``changes``."""
+        rederive = {name: None for name in getattr(self, "_derived", ()) if name not in changes}
+        return dataclasses.replace(self, **{**rederive, **changes})
 
     @classmethod
     def from_name(cls, name: str, **overrides):
@@ -161,6 +171,7 @@ class DecoderConfig(_Config):
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        self._note_derived()
         _check(self.flavour in ("gpt2", "llama"), f"flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
         gpt2 = self.flavour == "gpt2"
         _positive(self, "hidden_size")  # before the defaults below compute with it
@@ -182,7 +193,9 @@ class DecoderConfig(_Config):
         _check(self.num_heads % self.num_kv_heads == 0,
                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if gpt2:
-            _check(self.num_kv_heads == self.num_heads, "gpt2 has no grouped-query attention")
+            _check(self.num_kv_heads == self.num_heads,
+                   f"gpt2 has no grouped-query attention: num_kv_heads ({self.num_kv_heads}) "
+                   f"must equal num_heads ({self.num_heads})")
             _check(self.head_dim * self.num_heads == self.hidden_size,
                    "gpt2 needs head_dim * num_heads == hidden_size")
             _check(self.hidden_act in ("gelu_new", "gelu", "relu"),
@@ -222,11 +235,23 @@ class Seq2SeqConfig(_Config):
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
+        self._note_derived()
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         _positive(self, "vocab_size", "hidden_size", "head_dim", "intermediate_size", "num_layers",
                   "num_decoder_layers", "num_heads", "relative_attention_num_buckets",
                   "relative_attention_max_distance")
+        # seq2seq.relative_position_bucket divides by max_exact (num_buckets // 4 in the
+        # bidirectional encoder, num_buckets // 2 in the decoder) and by log(max_distance /
+        # max_exact): max_exact must be >= 1 and max_distance > max_exact, or the buckets are
+        # NaN, out of range or decrease with distance. Within these bounds they are in range
+        # and monotone at any length (tests/test_models_validation.py checks both edges).
+        _check(self.relative_attention_num_buckets >= 4,
+               f"Seq2SeqConfig.relative_attention_num_buckets must be >= 4, "
+               f"got {self.relative_attention_num_buckets}")
+        _check(self.relative_attention_max_distance > self.relative_attention_num_buckets // 2,
+               f"Seq2SeqConfig.relative_attention_max_distance must be > relative_attention_num_buckets // 2 "
+               f"= {self.relative_attention_num_buckets // 2}, got {self.relative_attention_max_distance}")
         _check(self.feed_forward_proj in ("relu", "gated-gelu"),
                f"feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
         _positive_float(self, "layer_norm_eps", "initializer_factor")

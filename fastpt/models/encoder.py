@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_ids, check_input_ids,
-                                  cross_entropy, init_normal_, key_padding, linear_activation)
+                                  check_labels, cross_entropy, init_normal_, key_padding, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
 from fastpt.nn.linear import Linear
@@ -99,7 +99,10 @@ class Encoder(PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        mask = key_padding(attention_mask)
+        B, T = x.shape[:2]
+        if T == 0:  # the pooler reads the first ([CLS]) token
+            raise ValueError("the input must hold at least one token, got length 0")
+        mask = key_padding(attention_mask, (B, T))
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, mask, attn_bias)
@@ -112,6 +115,8 @@ class Encoder(PreTrainedModel):
                 output_hidden_states=False, return_logits=True) -> EncoderOutput:
         x, hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
                                 inputs_embeds, attn_bias, output_hidden_states)
+        if labels is not None:
+            check_labels(labels, x.shape[:2], self.config.vocab_size)
         pooled = torch.tanh(self.pooler(x[:, 0]))
         nsp_logits = self.nsp_head(pooled)
         out = EncoderOutput(nsp_logits=nsp_logits, last_hidden_state=x, pooler_output=pooled,

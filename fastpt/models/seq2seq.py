@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache, Seq2SeqCache
-from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_input_ids, cross_entropy,
-                                  key_padding, linear_activation)
+from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_input_ids, check_labels,
+                                  cross_entropy, key_padding, linear_activation)
 from fastpt.models.config import Seq2SeqConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
@@ -123,11 +123,13 @@ class Stack(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None, *, cache: Seq2SeqCache | None = None,
                 memory=None, memory_mask=None, output_hidden_states=False):
         past = cache.length if cache is not None else 0
-        T = x.shape[1]
+        B, T = x.shape[:2]
         bias = self.relative_bias(T, past + T, past)
         x = self.dropout(x)
         hidden = [x] if output_hidden_states else None
-        mask, memory_mask = key_padding(mask), key_padding(memory_mask)
+        mask = key_padding(mask, (B, past + T), "decoder_attention_mask" if self.is_decoder else "attention_mask")
+        if memory is not None:  # the decoder's cross-attention: attention_mask masks the encoder's keys
+            memory_mask = key_padding(memory_mask, (B, memory.shape[1]), "attention_mask")
         for i, layer in enumerate(self.layers):
             x = layer(x, bias=bias, key_padding_mask=mask, causal=self.is_decoder,
                       cache=cache, layer_idx=i, memory=memory, memory_mask=memory_mask)
@@ -213,16 +215,29 @@ class Seq2Seq(PreTrainedModel):
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
                 return_logits: bool = True) -> Seq2SeqOutput:
         enc_hidden = None
+        if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:  # HF's (last hidden state, ...)
+            encoder_outputs = encoder_outputs[0]
         if encoder_outputs is None:
             encoder_outputs, enc_hidden = self.encode(input_ids, attention_mask, inputs_embeds,
                                                       output_hidden_states)
-        if decoder_input_ids is None and decoder_inputs_embeds is None:
+        elif not isinstance(encoder_outputs, Tensor):
+            raise TypeError(f"encoder_outputs must be a (B, S, hidden_size) tensor or a tuple starting "
+                            f"with one, got {type(encoder_outputs).__name__}")
+        elif encoder_outputs.dim() != 3 or encoder_outputs.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"encoder_outputs must be (B, S, hidden_size={self.config.hidden_size}), "
+                             f"got {tuple(encoder_outputs.shape)}")
+        shifted = decoder_input_ids is None and decoder_inputs_embeds is None
+        if shifted:
             if labels is None:
                 raise ValueError("give decoder_input_ids (or labels to shift right)")
+            # Checked before shift_right, which would blame decoder_input_ids for bad labels.
+            check_labels(labels, None, self.config.vocab_size)
             decoder_input_ids = self.shift_right(labels)
         if decoder_inputs_embeds is None:
             check_input_ids("decoder_input_ids", decoder_input_ids, self.shared.num_embeddings)
         y = self.shared(decoder_input_ids) if decoder_inputs_embeds is None else decoder_inputs_embeds
+        if labels is not None and not shifted:
+            check_labels(labels, y.shape[:2], self.config.vocab_size)
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(y.shape[0], y.shape[1])
