@@ -112,8 +112,8 @@ def test_span_corruption_lengths_and_sentinels():
 def test_span_corruption_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="no room for the sentinel ids"):  # ids would reach -18
         SpanCorruptionCollator(10, eos_id=1, inputs_length=512)
-    with pytest.raises(ValueError, match="too short"):  # inputs would come out at 6 tokens
-        SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=5)
+    with pytest.raises(ValueError, match="too short"):  # below 3: no room for a kept token, a sentinel and EOS
+        SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=2)
     assert SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=10)([list(range(5, 15))])["input_ids"].shape == (1, 10)
 
 

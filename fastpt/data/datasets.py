@@ -34,18 +34,23 @@ def read_documents(path: str, fmt: str | None = None, field: str = "text") -> It
     ``text``: documents separated by blank lines. ``jsonl``: one JSON object per line, the
     document in ``field``. ``csv``: a header row, the document in column ``field``. The format
     follows the extension unless ``fmt`` is given. Raises ``FileNotFoundError``, or
-    ``ValueError`` naming the line of a malformed record.
+    ``ValueError`` naming the line of a malformed record (or the file, if not UTF-8).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such corpus file: {path!r}")
     fmt = _format_of(path, fmt)
-    with open(path, encoding="utf-8", newline="" if fmt == "csv" else None) as f:
-        if fmt == "text":
-            yield from _paragraphs(f)
-        elif fmt == "jsonl":
-            yield from _jsonl_field(f, path, field)
-        else:
-            yield from _csv_field(f, path, field)
+    # utf-8-sig: a leading byte-order mark (Excel's CSV export) would otherwise become part of
+    # the first header name or the first document.
+    with open(path, encoding="utf-8-sig", newline="" if fmt == "csv" else None) as f:
+        try:
+            if fmt == "text":
+                yield from _paragraphs(f)
+            elif fmt == "jsonl":
+                yield from _jsonl_field(f, path, field)
+            else:
+                yield from _csv_field(f, path, field)
+        except UnicodeDecodeError as e:  # its own message names no file
+            raise ValueError(f"{path}: not valid UTF-8 ({e.reason})") from None
 
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
@@ -194,3 +199,21 @@ def _share() -> tuple[int, int]:
     if info is None:
         return rank, world
     return rank * info.num_workers + info.id, world * info.num_workers
+
+
+def reseed_in_worker(collator, seed: int) -> None:
+    """Reseed ``collator.generator`` from the DataLoader worker's seed, inside a worker.
+
+    Each worker gets a copy of the collator with the main process's generator state, and the
+    main process's generator never advances: without this, every worker and every epoch
+    would draw the same masks. ``worker_info.seed`` differs per worker and per epoch (new
+    workers each epoch) and follows the loader's own generator, so runs stay reproducible.
+    It is mixed with the collator's ``seed`` so that two seeds still give two mask streams.
+    A persistent worker keeps its seed, and its generator simply goes on drawing.
+    In the main process (``num_workers=0``) nothing changes.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is None or getattr(collator, "_worker_seed", None) == info.seed:
+        return
+    collator._worker_seed = info.seed
+    collator.generator.manual_seed((info.seed * 1_000_003 + seed) % (1 << 64))

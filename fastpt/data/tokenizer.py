@@ -45,6 +45,13 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
     if vocab_size < 64:
         raise ValueError(f"vocab_size={vocab_size} is too small (need at least 64)")
+    if not isinstance(n_sentinels, int) or n_sentinels < 0:
+        raise ValueError(f"n_sentinels must be a non-negative integer, got {n_sentinels!r}")
+    # The sentinels come out of the unigram vocabulary: what is left must still be a vocabulary
+    # (a negative size reached the trainer as an OverflowError).
+    if kind == "unigram" and vocab_size - n_sentinels < 64:
+        raise ValueError(f"vocab_size={vocab_size} leaves {vocab_size - n_sentinels} pieces after "
+                         f"n_sentinels={n_sentinels} sentinels (need at least 64)")
     if kind == "wordpiece":
         return _train_wordpiece(texts, vocab_size, min_frequency)
     if kind == "bpe":

@@ -82,13 +82,28 @@ class Restaurant:
     good: bool
 
 
-def _invent_names(rng: random.Random, n: int, syllables: tuple[int, int], taken: set) -> list[str]:
+# Distinct syllables: an onset is consonants and a vowel is vowels, so a name splits into
+# syllables one way only, and k syllables give exactly _SYLLABLES ** k names.
+_SYLLABLES = len(_ONSETS) * len(_VOWELS)
+_DIRECTORY_ROWS = 8  # people listed by each directory document
+
+
+def _invent_names(rng: random.Random, n: int, syllables: tuple[int, int], taken: dict[int, set],
+                  what: str) -> list[str]:
+    """``n`` new names of ``syllables`` (min, max) syllables; ``taken`` holds the names already
+    used, by syllable count. Raises (naming ``what``) rather than looping forever when fewer
+    than ``n`` names of those lengths are left."""
+    lo, hi = syllables
+    free = sum(_SYLLABLES ** k - len(taken.setdefault(k, set())) for k in range(lo, hi + 1))
+    if n > free:
+        raise ValueError(f"{what}={n} is more than the {free} names of {lo}-{hi} syllables left "
+                         f"({_SYLLABLES} syllables; earlier entities took the rest)")
     names = []
     while len(names) < n:
         k = rng.randint(*syllables)
         name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(k)).capitalize()
-        if name not in taken:
-            taken.add(name)
+        if name not in taken[k]:
+            taken[k].add(name)
             names.append(name)
     return names
 
@@ -98,17 +113,28 @@ class World:
 
     def __init__(self, seed: int = 0, n_people: int = 300, n_cities: int = 30,
                  n_restaurants: int = 120):
-        if min(n_people, n_cities, n_restaurants) < 1:
-            raise ValueError("World needs at least one person, city and restaurant")
+        if min(n_cities, n_restaurants) < 1:
+            raise ValueError(f"World needs at least one city and restaurant, got n_cities={n_cities}, "
+                             f"n_restaurants={n_restaurants}")
+        if n_people < _DIRECTORY_ROWS:
+            raise ValueError(f"n_people must be at least {_DIRECTORY_ROWS} (a directory document lists "
+                             f"{_DIRECTORY_ROWS} different people), got {n_people}")
+        # Up front, before any drawing; _invent_names also checks what is left at each step.
+        if n_restaurants > _SYLLABLES ** 2:
+            raise ValueError(f"n_restaurants={n_restaurants} is more than the {_SYLLABLES ** 2} "
+                             f"two-syllable names there are")
+        if n_cities + n_people > _SYLLABLES ** 2 + _SYLLABLES ** 3:
+            raise ValueError(f"n_cities + n_people = {n_cities + n_people} is more than the "
+                             f"{_SYLLABLES ** 2 + _SYLLABLES ** 3} names of 2-3 syllables there are")
         rng = random.Random(seed)
-        taken: set = set()
+        taken: dict[int, set] = {}
         self.seed = seed
-        self.cities = _invent_names(rng, n_cities, (2, 3), taken)
+        self.cities = _invent_names(rng, n_cities, (2, 3), taken, "n_cities")
         self.people = [Person(name, rng.choice(self.cities), rng.choice(JOBS), rng.choice(FOODS))
-                       for name in _invent_names(rng, n_people, (2, 3), taken)]
+                       for name in _invent_names(rng, n_people, (2, 3), taken, "n_people")]
         self.restaurants = [Restaurant("Chez " + name, rng.choice(self.cities), rng.choice(FOODS),
                                        rng.random() < 0.5)
-                            for name in _invent_names(rng, n_restaurants, (2, 2), taken)]
+                            for name in _invent_names(rng, n_restaurants, (2, 2), taken, "n_restaurants")]
 
     # -- unlabeled text ---------------------------------------------------------------------
 
@@ -134,7 +160,7 @@ class World:
 
     def _directory(self, rng: random.Random) -> str:
         field = rng.choice(("city", "job"))
-        rows = [f"{p.name} -> {getattr(p, field)}" for p in rng.sample(self.people, 8)]
+        rows = [f"{p.name} -> {getattr(p, field)}" for p in rng.sample(self.people, _DIRECTORY_ROWS)]
         return f"Directory of {'homes' if field == 'city' else 'jobs'}:\n" + "\n".join(rows)
 
     def _encounter(self, rng: random.Random) -> str:

@@ -49,6 +49,23 @@ def _eager_softmax_xent_(logits: Tensor, labels: Tensor, valid: Tensor, acc: tor
     return loss, torch.mul(g, valid.unsqueeze(1), out=torch.empty(g.shape, dtype=logits.dtype, device=g.device))
 
 
+def _check_labels(labels: Tensor, n_rows: int, n_classes: int) -> None:
+    """The fused kernel's label checks, over all rows at once, for every path: the eager path's
+    clamp read a negative label other than ignore_index as class 0 silently, and its gather
+    failed on a label >= V without naming it. One pass over N labels, next to N x V logits."""
+    if labels.shape != (n_rows,):
+        raise ValueError(f"linear_cross_entropy: labels must have shape ({n_rows}), got {list(labels.shape)}")
+    # Values on the CPU only: reading the check's answer back from an accelerator would
+    # synchronise every loss call (there, gather's device-side assert still catches >= V).
+    if not labels.numel() or torch.compiler.is_compiling() or labels.device.type != "cpu":
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"linear_cross_entropy: label {int(labels[row])} in row {row} is outside "
+                         f"[0, {n_classes}) and is not ignore_index ({IGNORE_INDEX})")
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, fused: bool) -> Tensor:
@@ -121,4 +138,6 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, *, fused: bo
     ``fastpt.ops.linear`` would, and on CPU each chunk's softmax and gradient through
     ``fastpt.ops.softmax_cross_entropy_`` (False: torch's matmul and eager ops, for the
     models' eager A/B path)."""
-    return _LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), fused)
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
+    _check_labels(labels, x.shape[0], weight.shape[0])
+    return _LinearCrossEntropy.apply(x, weight, labels, fused)

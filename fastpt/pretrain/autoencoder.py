@@ -48,6 +48,10 @@ class StackedAutoencoder(nn.Module):
 def greedy_pretrain(model: StackedAutoencoder, x: torch.Tensor, epochs: int = 200,
                     lr: float = 1e-2, batch_size: int = 128, seed: int = 0) -> list[list[float]]:
     """Train each layer in turn on the frozen codes below it; returns each layer's loss curve."""
+    if x.dim() != 2 or len(x) == 0:  # a per-example mean over no example is undefined
+        raise ValueError(f"x must be a non-empty (N, features) tensor, got shape {tuple(x.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     g = torch.Generator().manual_seed(seed)
     curves = []
     for layer in range(len(model.encoders)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastpt.data.datasets import pad_batch
+from fastpt.data.datasets import pad_batch, reseed_in_worker
 from fastpt.pretrain.mlm import IGNORE_INDEX
 
 
@@ -36,10 +36,11 @@ class PrefixLMCollator:
     """Split each sequence at a random point in [1, len-1] (or at a given ``split`` per example)."""
 
     def __init__(self, pad_id: int, seed: int = 0):
-        self.pad_id = pad_id
+        self.pad_id, self.seed = pad_id, seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
+        reseed_in_worker(self, self.seed)  # else every DataLoader worker draws the same splits
         seqs = [e["input_ids"] for e in examples]
         if any(len(s) < 2 for s in seqs):
             raise ValueError("prefix LM needs sequences of at least 2 tokens")

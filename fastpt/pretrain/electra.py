@@ -92,7 +92,13 @@ class Electra(nn.Module):
         selected = labels != IGNORE_INDEX
         gen_logits = self.generator_head(gen_hidden[selected],
                                          self.discriminator.embeddings.tokens.weight)
-        mlm_loss = nn.functional.cross_entropy(gen_logits.float(), labels[selected])
+        # Summed, then divided by max(1, count): labels can select nothing (no maskable token in
+        # the batch, or labels from another collator), and a plain mean over zero tokens is NaN,
+        # which training then spreads into every weight. With none selected the generator's loss
+        # is 0 with a zero gradient and the discriminator still learns (it sees only originals).
+        # MLMCollator also selects at least one token per sequence that has a maskable one.
+        mlm_loss = nn.functional.cross_entropy(gen_logits.float(), labels[selected],
+                                               reduction="sum") / selected.sum().clamp(min=1)
         with torch.no_grad():  # sampling is not differentiated (the paper's choice)
             probs = torch.softmax(gen_logits.float(), -1)
             sampled = torch.multinomial(probs.cpu(), 1, generator=self.sampler).squeeze(1)

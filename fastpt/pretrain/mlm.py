@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastpt.data.datasets import pad_batch
+from fastpt.data.datasets import pad_batch, reseed_in_worker
 from fastpt.models.common import check_ids
 
 IGNORE_INDEX = -100
@@ -23,7 +23,15 @@ class MLMCollator:
     ``special_ids``: every id that must never be masked or drawn as a random replacement.
     ``whole_word=True`` needs ``word_ids`` per example (the tokenizer's ``Encoding.word_ids``,
     None for special tokens): words are selected with ``mlm_probability`` and all their pieces
-    are masked together, each piece replaced 80/10/10 independently as in HF's collator.
+    are masked together, each piece replaced 80/10/10 independently as in HF's collator. A
+    word is keyed by (segment, word id), since tokenizers number the words of a pair's second
+    segment from 0 again.
+    Positions (words) are selected independently, as in HF's collator; a sequence left with
+    none gets one chosen uniformly among its maskable ones, as BERT's and ELECTRA's data code
+    predict max(1, round(n * p)) tokens (so a sequence of n maskable tokens has
+    n * p + (1 - p)^n selected on average: 15% up to 1e-4 from n = 40).
+    Inside a DataLoader worker the generator is reseeded from the worker's seed
+    (``reseed_in_worker``), so workers and epochs draw different masks.
     """
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, special_ids, *,
@@ -41,9 +49,11 @@ class MLMCollator:
         is_special[special] = True
         self.is_special = is_special
         self.replacement_ids = (~is_special).nonzero().squeeze(1)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
+        reseed_in_worker(self, self.seed)
         ids, attention_mask = pad_batch([e["input_ids"] for e in examples], self.pad_id,
                                         self.pad_to_multiple_of)
         check_ids("token ids", ids, self.vocab_size, "vocab_size")
@@ -60,17 +70,47 @@ class MLMCollator:
     def _select(self, examples, ids, attention_mask) -> torch.Tensor:
         maskable = attention_mask & ~self.is_special[ids]
         if not self.whole_word:
-            return maskable & (torch.rand(ids.shape, generator=self.generator) < self.mlm_probability)
+            drawn = maskable & (torch.rand(ids.shape, generator=self.generator) < self.mlm_probability)
+            return self._at_least_one(drawn, maskable)
         word_ids = torch.full(ids.shape, -1, dtype=torch.long)
         for i, e in enumerate(examples):
             if "word_ids" not in e:
                 raise ValueError("whole_word=True needs 'word_ids' in every example")
-            w = [-1 if x is None else x for x in e["word_ids"]]
-            word_ids[i, :len(w)] = torch.as_tensor(w, dtype=torch.long)
+            w = torch.as_tensor([-1 if x is None else x for x in e["word_ids"]], dtype=torch.long)
+            if len(w) != len(e["input_ids"]) or bool((w < -1).any()):
+                raise ValueError(f"word_ids of example {i} must give one non-negative word id (or None) "
+                                 f"per token: {len(w)} word ids for {len(e['input_ids'])} tokens")
+            if "token_type_ids" in e and len(w):
+                # Pair encodings number B's words from 0 again: without the segment in the key,
+                # word k of A and word k of B would always be selected together.
+                types = torch.as_tensor(e["token_type_ids"], dtype=torch.long)
+                if types.shape != w.shape or bool((types < 0).any()):
+                    raise ValueError(f"token_type_ids of example {i} must give one segment id >= 0 "
+                                     f"per token: {len(types)} ids for {len(w)} tokens")
+                w = torch.where(w >= 0, w + types * (int(w.max()) + 1), w)
+            word_ids[i, :len(w)] = w
         n_words = int(word_ids.max()) + 1 if word_ids.numel() else 0
         pick = torch.rand(ids.shape[0], max(n_words, 1), generator=self.generator) < self.mlm_probability
+        # words with at least one maskable piece (column 0 collects the non-words, id -1)
+        pieces = torch.zeros(ids.shape[0], max(n_words, 1) + 1, dtype=torch.long)
+        pieces.scatter_add_(1, word_ids + 1, maskable.long())
+        word_maskable = pieces[:, 1:] > 0
+        pick = self._at_least_one(pick & word_maskable, word_maskable)
         chosen = pick.gather(1, word_ids.clamp(min=0)) & (word_ids >= 0)
         return maskable & chosen
+
+    def _at_least_one(self, selected: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``selected`` with one uniform candidate added to each row that has candidates but
+        no selection. With independent draws a short sequence often gets no label, and a batch
+        with no label at all has no MLM loss (a mean over zero tokens: NaN in training)."""
+        empty = ~selected.any(1) & candidates.any(1)
+        if not bool(empty.any()):  # the usual case draws nothing more: masks stay as they were
+            return selected
+        score = torch.rand(selected.shape, generator=self.generator).masked_fill(~candidates, -1.0)
+        rows = empty.nonzero().squeeze(1)
+        selected = selected.clone()
+        selected[rows, score[rows].argmax(1)] = True
+        return selected
 
     def apply_mask(self, ids: torch.Tensor, selected: torch.Tensor) -> tuple:
         """80/10/10 on the ``selected`` positions: returns (corrupted ids, labels)."""

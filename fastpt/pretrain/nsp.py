@@ -1,12 +1,15 @@
 """Next-sentence prediction pairs (BERT): 50% IsNext (label 0), 50% NotNext (label 1).
 
 Segment A is a run of sentences from a document; B is the sentence run that follows it
-(IsNext) or one taken from a different document (NotNext). Labels follow HF's
-``BertForPreTraining`` (0 = B continues A). RoBERTa drops this objective; so can you.
+(IsNext) or the run at the same place in a different document (NotNext), so that B alone
+(its length, or the kind of sentence that ends a document) does not give the label away.
+Labels follow HF's ``BertForPreTraining`` (0 = B continues A). RoBERTa drops this
+objective; so can you.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 
 IS_NEXT, NOT_NEXT = 0, 1
@@ -25,32 +28,62 @@ def split_sentences(document: str) -> list[str]:
     return out + [tail] if tail else out
 
 
-def make_nsp_pairs(documents: list[list[str]], seed: int = 0) -> list[dict]:
+def make_nsp_pairs(documents: list[list[str]], seed: int = 0, max_sentences: int = 8) -> list[dict]:
     """Build ``{"a", "b", "next_sentence_label"}`` from documents given as sentence lists.
 
-    Every split point of every document with at least two sentences gives one pair; NotNext
-    pairs draw B from a different document, so at least two documents are needed.
+    Every split point of every document with at least two sentences gives one pair: A is up to
+    ``max_sentences`` sentences before it, and the IsNext B up to ``max_sentences`` after it.
+    A NotNext B has as many sentences as the IsNext B would have had, at the same distance
+    from the end of a random other document that has a sentence before them (the longest
+    other document, clipped, where none is long enough). Given (B's size, its distance from
+    the end), an IsNext B is such a run of a uniform document, and so is a NotNext B: B alone
+    tells nothing about the label. At least two documents are needed.
     """
+    if not isinstance(max_sentences, int) or max_sentences < 1:
+        raise ValueError(f"max_sentences must be a positive integer, got {max_sentences!r}")
     docs = [d for d in documents if d]
     if len(docs) < 2:
         raise ValueError("NSP needs at least two non-empty documents")
+    # Documents by length, so "a random other document with at least k sentences" is a draw
+    # from a suffix of this order.
+    by_length = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+    lengths = [len(docs[i]) for i in by_length]
+    rank = {d: r for r, d in enumerate(by_length)}
     rng = random.Random(seed)
     pairs = []
     for di, sentences in enumerate(docs):
         for cut in range(1, len(sentences)):
-            a = " ".join(sentences[:cut])
+            # Bounded segments: joining whole prefixes and suffixes held O(sentences^2)
+            # characters per document (359 M for a 119 KB one); this holds O(sentences).
+            a = " ".join(sentences[max(0, cut - max_sentences):cut])
+            n_b = min(max_sentences, len(sentences) - cut)
             if rng.random() < 0.5:
-                b, label = " ".join(sentences[cut:]), IS_NEXT
+                b, label = " ".join(sentences[cut:cut + n_b]), IS_NEXT
             else:
-                other = rng.randrange(len(docs) - 1)
-                other += other >= di
-                b, label = rng.choice(docs[other]), NOT_NEXT
+                # Other documents with >= len - cut + 1 sentences; this one is among them
+                # (cut >= 1), hence the skip over its rank. Where it is the only one, the
+                # longest other document (rank len - 2) is taken.
+                to_end = len(sentences) - cut
+                first = min(bisect.bisect_left(lengths, to_end + 1), len(docs) - 2)
+                r = rng.randrange(first, len(docs) - 1)
+                other = docs[by_length[r + (r >= rank[di])]]
+                start = max(len(other) - to_end, 0)
+                b, label = " ".join(other[start:start + n_b]), NOT_NEXT
             pairs.append({"a": a, "b": b, "next_sentence_label": label})
     return pairs
 
 
 def encode_nsp_pairs(pairs: list[dict], tokenizer, max_length: int = 128) -> list[dict]:
-    """Tokenize pairs as ``[CLS] A [SEP] B [SEP]`` with segment ids, truncated to max_length."""
+    """Tokenize pairs as ``[CLS] A [SEP] B [SEP]`` with segment ids, truncated to max_length.
+
+    ``word_ids`` are the tokenizer's: B's words are numbered from 0 again (``MLMCollator``
+    keys whole words on the segment too)."""
+    # tokenizers silently leaves a pair untruncated when max_length cannot hold its special
+    # tokens; we also want at least one token of each segment.
+    shortest = tokenizer.num_special_tokens_to_add(True) + 2
+    if not isinstance(max_length, int) or max_length < shortest:
+        raise ValueError(f"max_length must be at least {shortest} (the pair's special tokens and one "
+                         f"token of each segment), got {max_length!r}")
     previous = tokenizer.truncation
     tokenizer.enable_truncation(max_length)  # longest-first over the pair, as BERT does
     try:

@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import torch
 
+from fastpt.data.datasets import reseed_in_worker
+
+
+def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a run of ``length`` >= 2 tokens: at least one noise and
+    one non-noise token, at least one span (T5's random_spans_noise_mask clamps the same way)."""
+    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    return noise, max(int(round(noise / mean_span_length)), 1)
+
 
 def _lengths(raw_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
-    noise = int(round(raw_length * noise_density))
-    spans = int(round(noise / mean_span_length))
+    # The counts noise_mask uses: without its clamps, short runs or long mean spans (0 spans
+    # by rounding) gave lengths the collator could not produce, and feasible sizes were refused.
+    noise, spans = _noise_counts(max(raw_length, 2), noise_density, mean_span_length)
     return raw_length - noise + spans + 1, noise + spans + 1
 
 
 def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
                             mean_span_length: float = 3.0) -> tuple[int, int]:
     """(raw tokens to take, target length) so inputs come out at exactly ``inputs_length``."""
+    if inputs_length < 3:  # the shortest corruption: one kept token, one sentinel, EOS
+        raise ValueError(f"inputs_length {inputs_length} is too short for span corruption (need at least 3)")
     raw = inputs_length - 1
     while _lengths(raw + 1, noise_density, mean_span_length)[0] <= inputs_length:
         raw += 1
@@ -42,8 +54,7 @@ def noise_mask(length: int, noise_density: float, mean_span_length: float,
                g: torch.Generator) -> torch.Tensor:
     """Bool (length,) mask of noise positions, in spans, starting with non-noise."""
     n = max(length, 2)
-    noise = min(max(int(round(n * noise_density)), 1), n - 1)
-    spans = max(int(round(noise / mean_span_length)), 1)
+    noise, spans = _noise_counts(n, noise_density, mean_span_length)
     lengths = torch.stack([_segment(n - noise, spans, g), _segment(noise, spans, g)], 1).flatten()
     span_index = torch.repeat_interleave(torch.arange(2 * spans), lengths)
     return (span_index % 2 == 1)[:length]
@@ -62,6 +73,7 @@ class SpanCorruptionCollator:
             inputs_length, noise_density, mean_span_length)
         self.inputs_length, self.vocab_size, self.eos_id = inputs_length, vocab_size, eos_id
         self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._check_lengths_and_sentinels()
 
@@ -100,6 +112,7 @@ class SpanCorruptionCollator:
     def __call__(self, runs: list) -> dict:
         if not len(runs):
             raise ValueError("cannot collate an empty batch")
+        reseed_in_worker(self, self.seed)  # else every DataLoader worker draws the same spans
         pairs = []
         for run in runs:
             run = torch.as_tensor(run, dtype=torch.long)
