@@ -264,6 +264,17 @@ def test_clear_weight_caches_after_a_write_through_data():
     assert int(got[0, 6]) == int(want)
 
 
+def test_learned_positions_are_checked_before_generating():
+    """GPT-2 has max_position_embeddings positions: a prompt + max_new_tokens that needs more
+    is refused up front, and one that fits exactly runs."""
+    _, model = _pair("gpt2")
+    P = model.config.max_position_embeddings
+    prompt = [[5] * 10]
+    with pytest.raises(ValueError, match=f"needs {P + 1} positions.*at most {P - 9} new tokens"):
+        model.generate(prompt, max_new_tokens=P - 8, eos_token_id=[])
+    assert model.generate(prompt, max_new_tokens=P - 9, eos_token_id=[]).shape == (1, P + 1)
+
+
 def test_beam_search_with_more_stop_tokens_than_beams():
     """When fewer than num_beams of the 2 * num_beams candidates go on, the others are dead
     beams (score -inf), not a shape error."""

@@ -168,6 +168,20 @@ def _stop_ids(eos_token_id, config) -> list[int]:
     return stops
 
 
+def _check_positions(model, mask: Tensor, max_new_tokens: int) -> None:
+    """A model with a table of learned positions (GPT-2) cannot go past it: say so before
+    generating, not when the position runs out mid-way. The last new token is not fed back,
+    so a prompt of L tokens needs positions up to L + max_new_tokens - 2."""
+    config = model.config
+    if getattr(config, "flavour", None) != "gpt2":
+        return
+    longest, limit = int(mask.sum(1).max()), config.max_position_embeddings
+    if longest + max_new_tokens - 1 > limit:
+        raise ValueError(f"generate: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                         f"needs {longest + max_new_tokens - 1} positions, and this model has "
+                         f"{limit} (learned positions): at most {max(limit - longest + 1, 0)} new tokens")
+
+
 def _check_arguments(max_new_tokens, num_beams, top_k, do_sample, temperature, top_p,
                      repetition_penalty, length_penalty) -> None:
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("top_k", top_k)):
@@ -240,6 +254,7 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
     model.eval()
     try:
         ids, mask = _as_batch(input_ids, attention_mask, pad_token_id)
+        _check_positions(model, mask, max_new_tokens)
         ids, mask = ids.to(device), mask.to(device)
         step = _Stepper(model, ids, mask, num_beams, max_new_tokens, decoder_start_token_id, cache_dtype)
         B = ids.shape[0]
