@@ -63,13 +63,25 @@ def evaluate_multiple_choice(model, tokenizer, items: list[dict], *, k: int, poo
 @torch.no_grad()
 def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("\n",),
                     max_new_tokens: int = 16, bos_id: int | None = None) -> str:
-    """Greedy continuation of ``prompt``, cut at the first stop string."""
+    """Greedy continuation of ``prompt``, cut at the first stop string.
+
+    A model with learned positions (GPT-2 flavour) sees the last tokens of a prompt too long
+    for prompt + ``max_new_tokens`` to fit its ``max_position_embeddings`` (left truncation,
+    as lm-eval; the BOS goes first); ``max_new_tokens`` beyond the table is cut to it."""
     from fastpt.models import generate
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if bos_id is not None:
         ids = [bos_id] + ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens: pass bos_id to generate from nothing")
+    config = getattr(model, "config", None)
+    if getattr(config, "flavour", None) == "gpt2" and isinstance(max_new_tokens, int) and max_new_tokens >= 1:
+        # generate feeds back all but the last new token: L + max_new_tokens - 1 positions
+        limit = config.max_position_embeddings
+        max_new_tokens = min(max_new_tokens, limit)
+        keep = limit - max_new_tokens + 1
+        if len(ids) > keep:
+            ids = ids[len(ids) - keep:]
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens)
     text = tokenizer.decode(out[0, len(ids):].tolist())
     cut = min((text.find(s) for s in stop if s in text), default=len(text))

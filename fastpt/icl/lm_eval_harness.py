@@ -31,6 +31,19 @@ from fastpt.icl.evaluate import generate_answer
 from fastpt.icl.scoring import loglikelihood, score_tokens
 
 
+def _positive_int(name: str, value) -> int:
+    # model_args / gen_kwargs arrive as strings or numbers: say which one is wrong.
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fastpt lm-eval model: {name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"fastpt lm-eval model: {name} must be a positive integer, got {value!r}")
+    return number
+
+
 @register_model("fastpt")
 class FastptLM(LM):
     """lm-eval's ``LM`` over a fastpt decoder. ``model_args``: ``pretrained=PATH`` (required),
@@ -60,7 +73,7 @@ class FastptLM(LM):
         self.model = model.to(device).eval() if device else model.eval()
         self.tokenizer = load_tokenizer(pretrained)
         self.bos_id = model.config.bos_token_id
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.max_length = model.config.max_position_embeddings
 
     @property
@@ -104,7 +117,8 @@ class FastptLM(LM):
             if kwargs.get("do_sample"):
                 raise ValueError("fastpt lm-eval model generates greedily; do_sample=True is not supported")
             text = generate_answer(self.model, self.tokenizer, context, stop=tuple(until),
-                                   max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                                   max_new_tokens=_positive_int("max_gen_toks",
+                                                                kwargs.get("max_gen_toks", self.max_gen_toks)),
                                    bos_id=self.bos_id)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)

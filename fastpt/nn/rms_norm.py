@@ -14,13 +14,23 @@ from fastpt.ops import reference
 from fastpt.ops.rms_norm import rms_norm
 
 
+# Marks "eps not given": None is torch's default (finfo eps), 1e-6 LlamaRMSNorm's.
+class _DefaultEps:
+    def __repr__(self) -> str:
+        return "default"
+
+
+_DEFAULT_EPS = _DefaultEps()
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x**2) + eps) * weight over the trailing ``normalized_shape`` dims.
 
     Constructor arguments of both originals: ``RMSNorm(normalized_shape, eps, elementwise_affine,
     device, dtype)`` as torch.nn.RMSNorm, ``RMSNorm(hidden_size, eps)`` or
-    ``RMSNorm(hidden_size=..., eps=...)`` as LlamaRMSNorm. The default eps is 1e-6 (HF's);
-    torch's is None.
+    ``RMSNorm(hidden_size=..., eps=...)`` as LlamaRMSNorm. The default eps is torch's, None
+    (``torch.finfo(x.dtype).eps``), so ``RMSNorm(16)`` matches ``torch.nn.RMSNorm(16)``; with
+    the HF keyword ``hidden_size=`` it is HF's, 1e-6 (pass eps to be explicit).
 
     Args:
         normalized_shape: int or tuple, the trailing dims to normalise over (alias ``hidden_size``).
@@ -33,11 +43,13 @@ class RMSNorm(nn.Module):
         ValueError: eps not positive and finite.
     """
 
-    def __init__(self, normalized_shape=None, eps: float | None = 1e-6, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape=None, eps: float | None = _DEFAULT_EPS, elementwise_affine: bool = True,
                  device=None, dtype=None, use_fused: bool = True, *, hidden_size=None):
         super().__init__()
         if (normalized_shape is None) == (hidden_size is None):
             raise TypeError("RMSNorm takes normalized_shape (torch) or hidden_size (HF), exactly one of them")
+        if eps is _DEFAULT_EPS:  # torch.nn.RMSNorm's default, or LlamaRMSNorm's with hidden_size=
+            eps = None if hidden_size is None else 1e-6
         if normalized_shape is None:
             normalized_shape = hidden_size
         if isinstance(normalized_shape, numbers.Integral):
@@ -49,9 +61,15 @@ class RMSNorm(nn.Module):
         self.elementwise_affine = elementwise_affine
         self.use_fused = use_fused
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The weight back to ones (as torch.nn.RMSNorm.reset_parameters)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
 
     @property
     def variance_epsilon(self) -> float | None:  # HF LlamaRMSNorm's name for eps

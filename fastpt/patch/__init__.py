@@ -53,7 +53,7 @@ _INTERFACE_ATTENTIONS = _ROPE_ATTENTIONS | {"GPT2Attention", "BertSelfAttention"
 # Modules of the supported families that fastpt leaves alone, and why.
 _KEPT = {"GPT2MLP": "GELU MLP (no fused GELU kernel)", "BertIntermediate": "GELU MLP (no fused GELU kernel)",
          "T5DenseActDense": "ReLU/GELU MLP (no fused kernel)",
-         "T5DenseGatedActDense": "gated GELU MLP (fastpt's SwiGLU kernel is silu only)",
+         "T5DenseGatedActDense": "gated SiLU MLP (fastpt's SwiGLU is patched into Llama/Mistral/Qwen2 MLPs only)",
          "LayerNorm": "LayerNorm has a mean and a bias (fastpt has RMSNorm only)"}
 _CONTAINERS = {"BertAttention", "T5LayerSelfAttention", "T5LayerCrossAttention", "T5LayerFF"}
 _CANDIDATE = re.compile(r"(RMSNorm|LayerNorm|Norm|Attention|MLP|Intermediate)$")
@@ -152,6 +152,10 @@ def _plan(model, fused_cross_entropy: bool = False) -> tuple[list[tuple[nn.Modul
                 counts["swiglu"] += 1
             else:
                 report.kept[name] = f"activation {act!r} (fastpt's SwiGLU kernel is silu only)"
+        elif name == "T5DenseGatedActDense":
+            act = type(getattr(module, "act", None)).__name__  # SiLU(Activation), NewGELUActivation, ...
+            report.kept[name] = (_KEPT[name] if "SiLU" in act
+                                 else f"gated MLP with {act} (fastpt's SwiGLU kernel is silu only)")
         elif name in _KEPT:
             report.kept[name] = _KEPT[name]
         elif _CANDIDATE.search(name) and name not in _INTERFACE_ATTENTIONS and name not in _CONTAINERS:
@@ -207,19 +211,34 @@ def patch(model: nn.Module, *, strict: bool = True, fused_cross_entropy: bool = 
             _m.swap(module, kind, forward, _m.CAUSAL_LM_LOSS if kind in ("loss", "cross_entropy") else None)
     if report.patched.get("attention"):
         register()
-        restore = getattr(model, "_fastpt_attn_restore", None)
+        restore = next((m.__dict__["_fastpt_attn_restore"] for m in _attn_holders(model)
+                        if "_fastpt_attn_restore" in m.__dict__), None)
         if restore is None:
             restore = [(c, c._attn_implementation) for c in _configs(model) if c._attn_implementation != NAME]
-            object.__setattr__(model, "_fastpt_attn_restore", restore)
+        # On the wrapper and on every HF model inside it (a peft model's base model), so that
+        # unpatching any of them restores the attention implementation.
+        for holder in _attn_holders(model):
+            object.__setattr__(holder, "_fastpt_attn_restore", restore)
         for config in _configs(model):
             config._attn_implementation = NAME
     return report
 
 
+def _attn_holders(model: nn.Module) -> list[nn.Module]:
+    # the model passed to patch() and the transformers models (PreTrainedModel) within it
+    return [model] + [m for m in model.modules() if m is not model and _is_hf(m)
+                      and callable(getattr(m, "save_pretrained", None)) and hasattr(m, "config")]
+
+
 def unpatch(model: nn.Module) -> int:
     """Restore every module :func:`patch` swapped and the attention implementations it replaced.
 
-    Returns the number of modules restored (0 when the model was not patched)."""
+    Returns the number of modules restored (0 when the model was not patched).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpt.unpatch expects a torch.nn.Module, got {type(model).__name__}")
     restored = 0
     for module in model.modules():
         if _m.is_patched(module):

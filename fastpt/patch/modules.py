@@ -113,8 +113,34 @@ def patched_class(original: type, kind: str, forward, extra: dict | None = None)
         body = {"_fastpt_original": original, "_fastpt_kind": kind, "__module__": __name__, **(extra or {})}
         if forward is not None:
             body["forward"] = forward
-        _SUBCLASSES[key] = type(f"Fastpt{original.__name__}", (original,), body)
+        # The original's name: HF writes type(model).__name__ into config.json's "architectures"
+        # (and matches _no_split_modules etc. by class name), so a patched model saves as the
+        # original. The class lives in _SUBCLASSES only, so pickling goes through __reduce_ex__.
+        body.update(__qualname__=original.__qualname__, __reduce_ex__=_reduce_ex)
+        _SUBCLASSES[key] = type(original.__name__, (original,), body)
     return _SUBCLASSES[key]
+
+
+def _reduce_ex(self, protocol):
+    # pickle / torch.save / deepcopy of a patched module: the original class's reduction
+    # (the dynamic subclass is not importable by name), rebuilt as patched by _rebuild_patched.
+    cls = type(self)
+    original = cls._fastpt_original
+    reduced = super(cls, self).__reduce_ex__(protocol)
+    if not (isinstance(reduced, tuple) and len(reduced) >= 2):
+        return reduced
+    args = tuple(original if a is cls else a for a in reduced[1])
+    return (_rebuild_patched, (original, cls._fastpt_kind, reduced[0], args), *reduced[2:])
+
+
+def _rebuild_patched(original: type, kind: str, constructor, args):
+    obj = constructor(*args)
+    forward, extra = _KINDS[kind]
+    obj.__class__ = patched_class(original, kind, forward, extra)
+    # unpickled in a fresh process: the model's config may name the "fastpt" attention
+    from fastpt.patch.attention import register
+    register()
+    return obj
 
 
 def is_patched(module) -> bool:
@@ -150,3 +176,10 @@ def causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# kind -> (forward, extra class attributes) of the patched class, as fastpt.patch swaps them
+# (for unpickling, which knows only the kind).
+_KINDS = {"rms_norm": (rms_norm_forward, None), "swiglu": (swiglu_mlp_forward, None),
+          "rope": (llama_attention_forward, None), "linear": (linear_forward, None),
+          "loss": (None, CAUSAL_LM_LOSS), "cross_entropy": (causal_lm_forward, CAUSAL_LM_LOSS)}
