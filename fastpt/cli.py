@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -39,8 +41,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds >= 0")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number of seconds >= 0")
     return value
 
 
@@ -92,6 +94,10 @@ def _add_bench(sub) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastpt.benchmarks import run
+    from fastpt.commands.common import check_output_file
+    for key in ("json", "markdown"):  # before the suite runs, not after
+        if getattr(args, key):
+            check_output_file(getattr(args, key), f"--{key}")
     config = run.BenchConfig(ops=args.ops, dtypes=args.dtypes, modes=args.modes,
                              allocs=args.alloc, quick=args.quick, threads=args.threads,
                              compile=not args.no_compile, budget_s=args.budget)
@@ -124,6 +130,21 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
     import time
 
     from fastpt import mdp
+    if not 0 < args.gamma < 1:
+        print(f"fastpt mdp: error: --gamma: expected a discount in (0, 1) (the random MDP has no "
+              f"terminal states), got {args.gamma}", file=sys.stderr)
+        return 2
+    if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+        print(f"fastpt mdp: error: --epsilon: expected a finite tolerance > 0, got {args.epsilon}",
+              file=sys.stderr)
+        return 2
+    nonzeros = args.states * args.actions * args.successors
+    need, have = _MDP_BYTES_PER_NONZERO * nonzeros, _physical_memory()
+    if have and need > have:
+        print(f"fastpt mdp: error: --states {args.states} x --actions {args.actions} x --successors "
+              f"{args.successors} = {nonzeros:,} transitions need about {need / 2**30:,.0f} GiB; this "
+              f"machine has {have / 2**30:,.0f} GiB", file=sys.stderr)
+        return 2
     grid = mdp.gridworld_4x3()
     res = mdp.value_iteration(grid.mdp, 1e-6)
     print(f"4x3 gridworld: {res.iterations} sweeps, residual {res.residual:.2e}")
@@ -144,6 +165,16 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
           f"{res.residual:.2e}, converged {res.converged}; V in [{float(res.v.min()):.4f}, "
           f"{float(res.v.max()):.4f}]")
     return 0
+
+
+_MDP_BYTES_PER_NONZERO = 48   # random_sparse_mdp's peak (int64 draws, sort, float64 weights)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _benchmark_script(name: str, module: str, help: str) -> Callable:
@@ -196,11 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command not in PASS_THROUGH:
-        build_parser().parse_args(argv)
-    args.rest = rest
-    return _run(args)
+    try:
+        args, rest = build_parser().parse_known_args(argv)
+        if rest and args.command not in PASS_THROUGH:
+            build_parser().parse_args(argv)
+        args.rest = rest
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C while parsing or importing, or a second one in _run
+        print("fastpt: interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -216,8 +251,15 @@ def _run(args: argparse.Namespace) -> int:
         where = f"; checkpoint in {e.checkpoint}: run again with --resume" if e.checkpoint else ""
         print(f"fastpt {args.command}: interrupted after step {e.step}{where}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (generate, eval, data prep, ...)
+        print(f"fastpt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, CheckpointError, ModelCheckpointError, FileNotFoundError, ValueError) as e:
         print(f"fastpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as e:
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"fastpt {args.command}: error: {what}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from fastpt.commands.common import load_model_and_tokenizer, read_jsonl
+from fastpt.commands.common import (check_label, check_output_file, check_text,
+                                    load_model_and_tokenizer, read_jsonl, where)
 from fastpt.commands.options import ConfigError, Option, add_options, resolve
 
 TASKS = ("icl", "classify", "perplexity")
@@ -49,20 +50,29 @@ def _limited(rows: list, limit: int) -> list:
     return rows[:limit] if limit > 0 else rows
 
 
-def _icl_items(spec: str, n: int, seed: int) -> list[dict]:
+def _icl_items(spec: str, n: int, seed: int, key: str = "data") -> list[dict]:
     if spec.startswith("world:"):
         from fastpt.data.world import ICL_TASKS, World
         task = spec[len("world:"):]
         if task not in ICL_TASKS:
-            raise ConfigError(f"data: unknown world task {task!r}; known: {', '.join(ICL_TASKS)}")
+            raise ConfigError(f"{key}: unknown world task {task!r}; known: {', '.join(ICL_TASKS)}")
         return World(0).icl(task, n, seed=seed)
     if not os.path.isfile(spec):
-        raise ConfigError(f"data: no such file: {spec}")
+        raise ConfigError(f"{key}: {spec} is not a file" if os.path.exists(spec) else f"{key}: no such file: {spec}")
     rows = read_jsonl(spec)
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(rows):
+        at = where(spec, rows, i)
         missing = [k for k in ("input", "target", "choices") if k not in row]
         if missing:
-            raise ValueError(f"{spec}: record {i} has no {', '.join(missing)}")
+            raise ValueError(f"{at}: the record has no {', '.join(missing)}")
+        choices = row["choices"]
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+            raise ValueError(f"{at}: 'choices' must be a non-empty list of non-empty strings, got {choices!r}")
+        for k in ("input", "target"):
+            if not isinstance(row[k], str):
+                raise ValueError(f"{at}: {k!r} must be a string, got {row[k]!r}")
+        if row["target"] not in choices:
+            raise ValueError(f"{at}: 'target' {row['target']!r} is not among the choices {choices}")
     return rows
 
 
@@ -72,7 +82,7 @@ def icl(model, tok, v: dict) -> list[dict]:
     if not isinstance(model, Decoder):
         raise ConfigError(f"task icl needs a decoder model, got {type(model).__name__}")
     items = _limited(_icl_items(v["data"], v["limit"] or 100, seed=5), v["limit"])
-    pool = _icl_items(v["pool"], 200, seed=6) if v["pool"] else (
+    pool = _icl_items(v["pool"], 200, seed=6, key="icl.pool") if v["pool"] else (
         _icl_items(v["data"], 200, seed=6) if v["data"].startswith("world:") else items)
     fmt = PromptFormat(description=v["description"], answer_separator=v["answer_separator"])
     rows = []
@@ -93,12 +103,25 @@ def classify(path: str, v: dict) -> list[dict]:
     model, tok, info = load_finetuned(path)
     if not os.path.isfile(v["data"]):
         raise ConfigError(f"data: no such file: {v['data']}")
-    rows = _limited(read_jsonl(v["data"]), v["limit"])
+    all_rows = read_jsonl(v["data"])
+    rows = _limited(all_rows, v["limit"])
+    text_field, label_field = info.get("text_field", "text"), info.get("label_field", "label")
+    records = []
+    for i, r in enumerate(rows):
+        at = where(v["data"], all_rows, i)
+        missing = [f for f in (text_field, label_field) if f not in r]
+        if missing:
+            raise ValueError(f"{at}: the record has no {' or '.join(map(repr, missing))} (the "
+                             f"fields {path} was fine-tuned on)")
+        records.append((check_text(r[text_field], at, text_field),
+                        check_label(r[label_field], at, label_field)))
+    # Keyed by (type, label): JSON's 1 and 1.0 and true must not match the same class.
     label_ids = {label: i for i, label in enumerate(info["labels"])}
-    bad = sorted({str(r.get("label")) for r in rows if r.get("label") not in label_ids})
+    known = {(type(label), label) for label in info["labels"]}
+    bad = sorted({repr(label) for _, label in records if (type(label), label) not in known})
     if bad:
-        raise ValueError(f"{v['data']}: labels {bad} are not among the model's {info['labels']}")
-    examples = _encode(tok, [(str(r["text"]), r["label"]) for r in rows], label_ids, info["max_length"])
+        raise ValueError(f"{v['data']}: labels {', '.join(bad)} are not among the model's {info['labels']}")
+    examples = _encode(tok, records, label_ids, info["max_length"])
     pad = model.backbone.config.pad_token_id or 0
     acc = accuracy(model, examples, _Collate(pad))
     print(f"accuracy {100 * acc:.1f}% on {len(rows)} examples")
@@ -139,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     v = resolve(args, OPTIONS)
     if v["model"] is None:
         raise ConfigError("model: required (a model folder)")
+    if v["output"]:
+        check_output_file(v["output"], "output")
     if v["task"] == "classify":
         rows = classify(v["model"], v)
     else:

@@ -10,8 +10,9 @@ import os
 
 import torch
 
-from fastpt.commands.common import (checkpoint_root, is_main_process, read_jsonl, save_options,
-                                    say)
+from fastpt.commands.common import (check_label, check_output_dir, check_resume_step, check_text,
+                                    checkpoint_root, is_main_process, read_jsonl, save_options,
+                                    say, trainer_config, where)
 from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
                                      section_values)
 from fastpt.finetune.strategies import STRATEGIES, FinetuneConfig
@@ -77,11 +78,13 @@ def _examples(v: dict) -> tuple[list[dict], list[dict] | None]:
 
 def _records(rows: list[dict], v: dict, path: str) -> list[tuple[str, object]]:
     out = []
-    for i, row in enumerate(rows, 1):
+    for i, row in enumerate(rows):
+        at = where(path, rows, i)
         missing = [f for f in (v["text_field"], v["label_field"]) if f not in row]
         if missing:
-            raise ValueError(f"{path}: record {i} has no {' or '.join(map(repr, missing))}")
-        out.append((str(row[v["text_field"]]), row[v["label_field"]]))
+            raise ValueError(f"{at}: the record has no {' or '.join(map(repr, missing))}")
+        out.append((check_text(row[v["text_field"]], at, v["text_field"]),
+                    check_label(row[v["label_field"]], at, v["label_field"])))
     return out
 
 
@@ -104,6 +107,9 @@ def _encode(tok, records, label_ids: dict, max_length: int) -> list[dict]:
         encodings = tok.encode_batch([text for text, _ in records])
     finally:
         tok.no_truncation()
+    for i, (e, (text, _)) in enumerate(zip(encodings, records)):
+        if not e.ids:  # the classifier pools a token: it needs one
+            raise ValueError(f"example {i + 1}: text {text[:40]!r} encodes to no tokens")
     return [{"input_ids": e.ids, "label": label_ids[label]} for e, (_, label) in zip(encodings, records)]
 
 
@@ -126,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     v = resolve(args, OPTIONS)
     if v["base"] is None:
         raise ConfigError("model.base: required (a model folder, e.g. runs/pretrain/final)")
+    check_output_dir(v["output_dir"])
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
+    trainer_config_ = trainer_config(v["output_dir"], section_values(v, OPTIONS, "train"))
     try:
         finetune_config = FinetuneConfig(**section_values(v, OPTIONS, "finetune"))
     except TypeError as e:  # e.g. a list item of the wrong type, which the TOML check lets by
@@ -141,10 +149,14 @@ def run(args: argparse.Namespace) -> int:
     train = _records(train_rows, v, v["train"])
     test = _records(test_rows, v, v["test"] or WORLD_TASK) if test_rows else []
     labels = sorted({label for _, label in train}, key=lambda x: (str(type(x)), x))
+    if len(labels) < 2:
+        raise ValueError(f"{v['train']}: classification needs at least 2 distinct labels in "
+                         f"{v['label_field']!r}, got {labels}")
     unknown = sorted({str(label) for _, label in test if label not in labels})
     if unknown:
         raise ValueError(f"data.test has labels never seen in training: {unknown}")
     label_ids = {label: i for i, label in enumerate(labels)}
+    check_resume_step(resume_from, trainer_config_.max_steps)
     save_options(v["output_dir"], "finetune", v)
 
     tok = load_tokenizer(v["base"])
@@ -154,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
     model = prepare(model, finetune_config)
     say(print_trainable_parameters(model))
     collate = _Collate(pad)
-    trainer_config = TrainerConfig(output_dir=v["output_dir"], **section_values(v, OPTIONS, "train"))
-    trainer = Trainer(model, trainer_config, _encode(tok, train, label_ids, v["max_length"]),
+    trainer = Trainer(model, trainer_config_, _encode(tok, train, label_ids, v["max_length"]),
                       collate_fn=collate)
     say(f"fine-tuning {v['base']} with {finetune_config.strategy} on {len(train)} examples, "
         f"{len(labels)} labels -> {v['output_dir']}")
@@ -184,7 +195,8 @@ def _save(model, tok, config, mode, v, labels, result) -> None:
     head = getattr(model, "model", model)
     atomic_write_json(os.path.join(final, INFO_FILE), {
         "base": os.path.abspath(v["base"]), "saved_as": mode, "labels": labels,
-        "pooling": head.pooling, "max_length": v["max_length"]})
+        "pooling": head.pooling, "max_length": v["max_length"],
+        "text_field": v["text_field"], "label_field": v["label_field"]})
     atomic_write_json(os.path.join(v["output_dir"], "result.json"), result)
     say(f"saved ({mode}) in {final}")
 

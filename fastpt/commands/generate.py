@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -41,6 +42,8 @@ def register(sub) -> None:
 def _prompts(v: dict) -> list[str]:
     prompts = [v["prompt"]] if isinstance(v["prompt"], str) else list(v["prompt"] or [])
     if v["prompts_file"]:
+        if not os.path.isfile(v["prompts_file"]):
+            raise ConfigError(f"prompts_file: {v['prompts_file']} is not a file")
         with open(v["prompts_file"], encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:

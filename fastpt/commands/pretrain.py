@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastpt.commands.common import checkpoint_root, is_main_process, save_options, say
+from fastpt.commands.common import (check_output_dir, check_resume_step, checkpoint_root,
+                                    is_main_process, save_options, say, trainer_config)
 from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
                                      section_values)
 from fastpt.train.config import TrainerConfig
@@ -84,12 +85,17 @@ def run(args: argparse.Namespace) -> int:
     from fastpt.train import recipes
     from fastpt.models import Encoder
     v = resolve(args, OPTIONS)
+    check_output_dir(v["output_dir"])
+    # Check the [train] options now: the recipes build their TrainerConfig only after the
+    # options are saved and the tokenizer trained.
+    trainer_config(v["output_dir"], section_values(v, OPTIONS, "train"))
     model, tokenizer = _initial_model(v["init_from"])
     encoder = isinstance(model, Encoder) if model is not None else v["preset"] in ENCODER_PRESETS
     objective = _objective(encoder, v["objective"], v["init_from"] or v["preset"])
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
     if v["corpus"] != "world" and not os.path.isfile(v["corpus"]):
         raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
+    check_resume_step(resume_from, v["max_steps"])
     save_options(v["output_dir"], "pretrain", v)
     docs = None
     if v["corpus"] != "world":

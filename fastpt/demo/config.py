@@ -9,6 +9,7 @@ puts them in the tables named by :data:`TABLE_OF`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 SECTIONS = ("kernels", "pretrain", "finetune", "icl", "mdp")
@@ -155,6 +156,12 @@ class DemoConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not all(isinstance(k, int) and k >= 0 for k in self.icl_shots):
             raise ValueError(f"icl_shots: expected integers >= 0, got {list(self.icl_shots)}")
+        for name in ("kernel_budget_s", "pretrain_lr", "mdp_gamma", "mdp_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if not self.pretrain_lr > 0:
+            raise ValueError(f"pretrain_lr: expected a learning rate > 0, got {self.pretrain_lr}")
         if not self.kernel_budget_s >= 0:
             raise ValueError(f"kernel_budget_s: expected seconds >= 0, got {self.kernel_budget_s}")
         if not 0 < self.mdp_gamma < 1:

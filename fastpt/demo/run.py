@@ -33,7 +33,10 @@ def new_output_dir(out: str | None, root: str = "runs") -> str:
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise ValueError(f"out: {out} already exists and is not an empty folder; "
                              "choose another (the demo never overwrites a run)")
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out: cannot create {out} ({e.strerror or e})") from None
         return out
     base = os.path.join(root, time.strftime("demo-%Y%m%d-%H%M%S"))
     path, n = base, 1
@@ -42,8 +45,12 @@ def new_output_dir(out: str | None, root: str = "runs") -> str:
             os.makedirs(path)
             return path
         except FileExistsError:
+            if not os.path.isdir(path):
+                raise ValueError(f"out: cannot create {path}: {path} is a file") from None
             n += 1
             path = f"{base}-{n}"
+        except OSError as e:
+            raise ValueError(f"out: cannot create {path} ({e.strerror or e})") from None
 
 
 def describe(config: DemoConfig) -> str:

@@ -1,0 +1,272 @@
+"""User errors of the CLI end in one line on stderr and a non-zero exit status, never a
+traceback, and before any long work or any file is written: bad option types, output paths
+that are not writable folders/files, bad labels and texts in JSONL data, bad ICL records,
+non-finite budgets, an MDP too big for memory, a resume with no steps left, Ctrl-C."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from fastpt import cli
+from fastpt.cli import main
+
+TINY = ["--preset", "gpt2-tiny", "--n-docs", "60", "--vocab-size", "200", "--seq-len", "32",
+        "--batch-size", "2", "--no-progress", "--log-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+AWAY = tempfile.gettempdir()   # children run away from the source tree (no compiled _C there)
+
+
+def _error(capsys, args, status=2) -> str:
+    """Runs ``fastpt ARGS`` in-process; asserts the exit status and a single stderr line."""
+    assert main(args) == status
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _writes(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    assert main(["pretrain", "--output-dir", str(out), "--max-steps", "2", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(pretrained, tmp_path_factory):
+    """A fine-tuned classifier whose data fields are 'review' and 'stars'."""
+    tmp = tmp_path_factory.mktemp("ft")
+    data = _writes(tmp / "train.jsonl", [{"review": "good film", "stars": "pos"},
+                                         {"review": "bad film", "stars": "neg"}] * 2)
+    out = tmp / "out"
+    assert main(["finetune", "--base", str(pretrained / "final"), "--train", data,
+                 "--text-field", "review", "--label-field", "stars", "--output-dir", str(out),
+                 "--strategy", "probe", "--max-steps", "1", "--batch-size", "2", "--no-progress"]) == 0
+    info = json.load(open(out / "final" / "finetune.json"))
+    assert (info["text_field"], info["label_field"]) == ("review", "stars")
+    return out / "final"
+
+
+# -- 1, 11: option types, checked before anything is written ---------------------------------
+
+def test_betas_of_the_wrong_type_are_refused_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = _error(capsys, ["pretrain", "--output-dir", str(out), "--max-steps", "1", "--betas", "a,b"])
+    assert "betas" in err
+    config = tmp_path / "c.toml"
+    config.write_text('[train]\nbetas = ["a", "b"]\n')
+    assert "betas" in _error(capsys, ["pretrain", "--config", str(config), "--output-dir", str(out)])
+    assert not out.exists()  # no partial output folder
+
+
+def test_finetune_checks_train_options_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = _error(capsys, ["finetune", "--base", str(tmp_path), "--output-dir", str(out),
+                          "--betas", "0.9,x"])
+    assert "betas" in err and not out.exists()
+
+
+# -- 2: output paths --------------------------------------------------------------------------
+
+def _unwritable() -> str:
+    probe = "/sys/fastpt-test/x"
+    if not os.path.isdir("/sys"):
+        pytest.skip("no /sys")
+    try:
+        with tempfile.TemporaryFile(dir="/sys"):
+            pytest.skip("/sys is writable here")
+    except OSError:
+        return probe
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_output_dir_must_be_a_writable_folder(tmp_path, capsys, command):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    extra = ["--base", str(tmp_path)] if command == "finetune" else []
+    base = [command, *extra, "--max-steps", "1", "--output-dir"]
+    assert "not a folder" in _error(capsys, [*base, str(afile)])
+    assert "is a file, not a folder" in _error(capsys, [*base, str(afile / "sub")])
+    assert "not writable" in _error(capsys, [*base, _unwritable()])
+
+
+def test_demo_out_that_cannot_be_created(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "cannot create" in _error(capsys, ["demo", "--quick", "--sections", "mdp",
+                                              "--out", str(afile / "x")])
+    assert "cannot create" in _error(capsys, ["demo", "--quick", "--sections", "mdp",
+                                              "--out", _unwritable()])
+
+
+def test_eval_output_is_checked_before_evaluating(tmp_path, capsys, monkeypatch):
+    from fastpt.commands import evaluate
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a: pytest.fail("evaluated first"))
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
+    base = ["eval", "--model", str(tmp_path), "--task", "perplexity", "--output"]
+    assert "is a folder" in _error(capsys, [*base, str(tmp_path)])
+    assert "not writable" in _error(capsys, [*base, _unwritable() + ".json"])
+
+
+def test_bench_json_is_checked_before_the_suite(tmp_path, capsys, monkeypatch):
+    from fastpt.benchmarks import run
+    monkeypatch.setattr(run, "run_suite", lambda *a, **k: pytest.fail("ran the suite first"))
+    assert "is a folder" in _error(capsys, ["bench", "--quick", "--json", str(tmp_path)])
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, not a folder" in _error(capsys, ["bench", "--quick", "--markdown",
+                                                        str(tmp_path / "afile" / "x.md")])
+
+
+@pytest.mark.parametrize("exc", [IsADirectoryError(21, "Is a directory", "adir"),
+                                 NotADirectoryError(20, "Not a directory", "f/x"),
+                                 PermissionError(13, "Permission denied", "/sys/x"),
+                                 FileExistsError(17, "File exists", "f")])
+def test_os_errors_of_a_command_are_one_line(capsys, monkeypatch, exc):
+    from fastpt.commands import generate
+
+    def boom(args):
+        raise exc
+    monkeypatch.setattr(generate, "run", boom)
+    err = _error(capsys, ["generate"])
+    assert err == f"fastpt generate: error: {exc.filename}: {exc.strerror}"
+
+
+# -- 3, 4: labels and texts of classification data -----------------------------------------
+
+@pytest.mark.parametrize("label,message", [
+    ([1], "got list [1]"), ({"a": 1}, "got dict"), (None, "got null"), (True, "got bool True"),
+    (1.0, "got float 1.0")])
+def test_finetune_refuses_labels_that_are_not_str_or_int(tmp_path, capsys, label, message):
+    data = _writes(tmp_path / "d.jsonl", [{"text": "a b", "label": "x"}, {"text": "a b", "label": label}])
+    err = _error(capsys, ["finetune", "--base", str(tmp_path), "--train", data,
+                          "--output-dir", str(tmp_path / "o")])
+    assert f"d.jsonl:2: 'label' must be a string or an integer, {message}" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_needs_two_labels_and_nonempty_texts(tmp_path, capsys):
+    base = ["finetune", "--base", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--train"]
+    one = _writes(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3)
+    assert "at least 2 distinct labels" in _error(capsys, [*base, one])
+    # Blank lines do not shift the line numbers in messages.
+    (tmp_path / "empty.jsonl").write_text('{"text": "a", "label": 0}\n\n{"text": "", "label": 1}\n')
+    assert "empty.jsonl:3: 'text' is empty" in _error(capsys, [*base, str(tmp_path / "empty.jsonl")])
+    assert "'text' must be a string" in _error(
+        capsys, [*base, _writes(tmp_path / "n.jsonl", [{"text": None, "label": 0}])])
+
+
+def test_eval_classify_uses_the_finetuned_fields_and_checks_records(classifier, tmp_path, capsys):
+    ok = _writes(tmp_path / "ok.jsonl", [{"review": "good film", "stars": "pos"}])
+    assert main(["eval", "--model", str(classifier), "--task", "classify", "--data", ok]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    base = ["eval", "--model", str(classifier), "--task", "classify", "--data"]
+    cases = [
+        ({"stars": "pos"}, "no 'review'"),
+        ({"review": "good"}, "no 'stars'"),
+        ({"review": "", "stars": "pos"}, "'review' is empty"),
+        ({"review": "x", "stars": [1]}, "must be a string or an integer"),
+        ({"review": "x", "stars": "meh"}, "not among the model's"),
+    ]
+    for i, (row, message) in enumerate(cases):
+        data = _writes(tmp_path / f"c{i}.jsonl", [row])
+        assert message in _error(capsys, [*base, data]), row
+
+
+# -- 6, 7: ICL records, input paths ----------------------------------------------------------
+
+@pytest.mark.parametrize("row,message", [
+    ({"input": "a", "target": "Varna", "choices": "Varna"}, "'choices' must be a non-empty list"),
+    ({"input": 1, "target": 2, "choices": [2, 3]}, "'choices' must be a non-empty list"),
+    ({"input": 1, "target": "b", "choices": ["b"]}, "'input' must be a string"),
+    ({"input": "a", "target": "X", "choices": ["b", "c"]}, "'target' 'X' is not among"),
+])
+def test_icl_records_are_checked(pretrained, tmp_path, capsys, row, message):
+    data = _writes(tmp_path / "icl.jsonl", [row])
+    err = _error(capsys, ["eval", "--model", str(pretrained / "final"), "--data", data, "--shots", "0"])
+    assert f"icl.jsonl:1: {message}" in err
+
+
+def test_folders_given_for_files(pretrained, tmp_path, capsys):
+    assert "prompts_file: " in _error(capsys, ["generate", "--model", str(tmp_path),
+                                               "--prompts-file", str(tmp_path)])
+    assert "icl.pool: " in _error(capsys, ["eval", "--model", str(pretrained / "final"),
+                                           "--pool", str(tmp_path), "--limit", "2"])
+
+
+# -- 8: Ctrl-C --------------------------------------------------------------------------------
+
+def test_ctrl_c_outside_training_exits_130_with_one_line(capsys, monkeypatch):
+    from fastpt.commands import generate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate, "run", interrupted)
+    assert _error(capsys, ["generate"], status=130) == "fastpt generate: interrupted"
+
+
+def test_ctrl_c_while_generating_in_a_child(pretrained, tmp_path):
+    """A real SIGINT during generation: status 130, no traceback."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import sys, fastpt.commands.generate as g\n"
+        "def slow(*a):\n"
+        "    print('ready', flush=True)\n"
+        "    import time; time.sleep(60)\n"
+        "g.continuations = slow\n"
+        "from fastpt.cli import main\n"
+        f"sys.exit(main(['generate', '--model', {str(pretrained / 'final')!r}, '--prompt', 'a']))\n")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=AWAY)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "fastpt generate: interrupted", err
+
+
+# -- 9, 13, 14: numbers -----------------------------------------------------------------------
+
+def test_non_finite_budgets_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "--budget", "inf"])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+    assert "kernel_budget_s: expected a finite number" in _error(
+        capsys, ["demo", "--quick", "--kernel-budget-s", "inf"])
+    assert "mdp_epsilon" in _error(capsys, ["demo", "--quick", "--mdp-epsilon", "inf"])
+
+
+def test_mdp_options(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_physical_memory", lambda: 64 * 2**30)
+    assert "transitions need about" in _error(capsys, ["mdp", "--states", "100000000000"])
+    err = _error(capsys, ["mdp", "--gamma", "1", "--states", "10"])
+    assert "--gamma" in err and "terminal=" not in err
+    assert "--epsilon" in _error(capsys, ["mdp", "--epsilon", "inf", "--states", "10"])
+
+
+# -- 10: resume with no steps left ----------------------------------------------------------
+
+def test_resume_at_max_steps_does_nothing(pretrained, capsys):
+    final = pretrained / "final" / "model.safetensors"
+    before = os.stat(final).st_mtime_ns
+    err = _error(capsys, ["pretrain", "--output-dir", str(pretrained), "--resume",
+                          "--max-steps", "1", *TINY])
+    assert "already at step 2 >= train.max_steps 1" in err
+    assert os.stat(final).st_mtime_ns == before
+
+
+# -- one subprocess: the whole path from the console entry point ---------------------------
+
+def test_no_traceback_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastpt", "pretrain", "--max-steps", "1",
+                           "--betas", "a,b", "--output-dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, env=ENV, cwd=AWAY)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
