@@ -145,6 +145,17 @@ def test_encoder_empty_input_raises(encoder):
         encoder(torch.zeros(2, 0, dtype=torch.long))
 
 
+def test_encoder_next_sentence_labels_checked(encoder):
+    ids = _ids()
+    for bad, match in ((torch.tensor([0, 2]), r"0 \(IsNext\), 1 \(NotNext\) or -100, got 2"),
+                       (torch.tensor([0, -5]), "got -5"),
+                       (torch.tensor([0, 1, 1]), r"must be \(2,\) integers"),
+                       (torch.tensor([0.0, 1.0]), r"must be \(2,\) integers")):
+        with pytest.raises(ValueError, match=match):
+            encoder(ids, next_sentence_label=bad)
+    assert torch.isfinite(encoder(ids, next_sentence_label=torch.tensor([0, -100])).loss)
+
+
 @pytest.mark.parametrize("return_logits", [True, False])
 def test_encoder_labels_checked(encoder, return_logits):
     ids = _ids()

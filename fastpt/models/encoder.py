@@ -71,6 +71,18 @@ class MLMHead(nn.Module):
         return nn.functional.linear(h, embedding_weight, self.bias)
 
 
+def _check_nsp_labels(labels: Tensor, batch: int) -> None:
+    """(B,) integers, 0 (IsNext), 1 (NotNext) or IGNORE_INDEX; torch's own errors name none."""
+    if labels.shape != (batch,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"next_sentence_label must be ({batch},) integers, got {labels.dtype} "
+                         f"of shape {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels > 1))
+        if bool(bad.any()):
+            raise ValueError(f"next_sentence_label must be 0 (IsNext), 1 (NotNext) or {IGNORE_INDEX}, "
+                             f"got {int(labels[bad][0])}")
+
+
 class Encoder(PreTrainedModel):
     """BERT. ``model(input_ids, attention_mask, token_type_ids, labels=..., next_sentence_label=...)``.
 
@@ -131,6 +143,7 @@ class Encoder(PreTrainedModel):
             if labels is not None:
                 out.mlm_loss = cross_entropy(out.logits, labels)
         if next_sentence_label is not None:
+            _check_nsp_labels(next_sentence_label, nsp_logits.shape[0])
             out.nsp_loss = cross_entropy(nsp_logits, next_sentence_label)
         losses = [l for l in (out.mlm_loss, out.nsp_loss) if l is not None]
         if losses:
