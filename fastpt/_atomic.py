@@ -1,9 +1,11 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it, so a
 crash leaves either the old file or the new one, never half of one. Used by every file fastpt
-writes (model checkpoints, training checkpoints, adapters, tokenizers)."""
+writes (model checkpoints, training checkpoints, adapters, tokenizers). Also the SHA-256
+digests that bind the files of one save together."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,3 +34,18 @@ def atomic_write_json(path, obj) -> None:
             f.flush()
             os.fsync(f.fileno())
     atomic_write(path, write)
+
+
+def sha256_file(path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """SHA-256 of ``obj``'s canonical JSON (sorted keys, no spaces): the same digest however
+    the file holding it is indented."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

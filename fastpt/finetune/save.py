@@ -15,7 +15,6 @@ half-way leaves a folder they refuse, never one they load mixed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fastpt._atomic import atomic_write, atomic_write_json
+from fastpt._atomic import atomic_write, atomic_write_json, sha256_file, sha256_json
 from fastpt.finetune.strategies import FinetuneConfig, backbone_of, prepare
 from fastpt.models.hf import CONFIG_NAME, WEIGHTS_NAME
 
@@ -40,16 +39,7 @@ LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _config_digest(meta) -> str:
     # Of the JSON content, not the file's bytes: re-indenting the file keeps it valid, changing
     # a value does not. The round trip makes a tuple hash as the list it is saved as.
-    canonical = json.dumps(json.loads(json.dumps(meta)), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _file_digest(file: str) -> str:
-    h = hashlib.sha256()  # in chunks (hashlib.file_digest needs Python 3.11)
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_json(json.loads(json.dumps(meta)))
 
 
 def _base_signature(model) -> dict:
@@ -237,7 +227,7 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     # leaves the old head config, which no longer matches them (load_merged refuses the folder).
     meta = {"class": type(model).__name__, "num_labels": getattr(model, "num_labels", None),
             "pooling": getattr(model, "pooling", None), "layer": model.layer,
-            "files": {n: _file_digest(os.path.join(path, n)) for n in _MERGED_FILES}}
+            "files": {n: sha256_file(os.path.join(path, n)) for n in _MERGED_FILES}}
     atomic_write_json(os.path.join(path, HEAD_CONFIG), meta)
 
 
@@ -248,7 +238,7 @@ def _check_merged_digests(path: str, files, meta_file: str) -> None:
     if not (isinstance(files, dict) and set(files) == set(_MERGED_FILES)):
         raise ValueError(f"{meta_file}: 'files' must give the sha256 of each of {list(_MERGED_FILES)}")
     stale = [n for n in _MERGED_FILES if not os.path.isfile(os.path.join(path, n))
-             or _file_digest(os.path.join(path, n)) != files[n]]
+             or sha256_file(os.path.join(path, n)) != files[n]]
     if stale:
         raise ValueError(f"{meta_file} was saved with other {', '.join(stale)} than the ones in {path!r} "
                          f"(a save into this folder that failed half-way, or files copied from another "

@@ -164,6 +164,16 @@ def key_padding(attention_mask: Tensor | None, shape: tuple[int, int] | None = N
     return None if bool(mask.all()) else mask
 
 
+def first_label_outside(labels: Tensor, n_classes: int) -> int | None:
+    """Flat index of the first label outside [0, n_classes) that is not IGNORE_INDEX, else None.
+    Like ``check_ids``, values are read on the CPU only (on a GPU the answer would cost a sync
+    per call) and not while compiling."""
+    if not labels.numel() or labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    bad = ((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_classes))).reshape(-1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 def check_labels(labels: Tensor, shape: tuple[int, int] | None, vocab_size: int) -> None:
     """Token labels: (B, T) like the logits (``shape``; None: any (batch, length)), integer,
     and (on CPU, see ``check_ids``) each in [0, vocab_size) or IGNORE_INDEX; torch's own
@@ -174,11 +184,10 @@ def check_labels(labels: Tensor, shape: tuple[int, int] | None, vocab_size: int)
         raise ValueError(f"labels must be (B, T) = {tuple(shape)} like the inputs, got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must hold integer token ids, got {labels.dtype}")
-    if labels.numel() and labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be {IGNORE_INDEX} "
-                             f"(ignored), got {int(labels[bad][0])}")
+    at = first_label_outside(labels, vocab_size)
+    if at is not None:
+        raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be {IGNORE_INDEX} "
+                         f"(ignored), got {int(labels.reshape(-1)[at])}")
 
 
 def positions_from_mask(attention_mask: Tensor, T: int) -> Tensor:

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_ids, check_input_ids,
-                                  check_labels, cross_entropy, init_normal_, key_padding, linear_activation)
+                                  check_labels, cross_entropy, first_label_outside, init_normal_,
+                                  key_padding, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
 from fastpt.nn.linear import Linear
@@ -76,11 +77,10 @@ def _check_nsp_labels(labels: Tensor, batch: int) -> None:
     if labels.shape != (batch,) or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"next_sentence_label must be ({batch},) integers, got {labels.dtype} "
                          f"of shape {tuple(labels.shape)}")
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels > 1))
-        if bool(bad.any()):
-            raise ValueError(f"next_sentence_label must be 0 (IsNext), 1 (NotNext) or {IGNORE_INDEX}, "
-                             f"got {int(labels[bad][0])}")
+    at = first_label_outside(labels, 2)
+    if at is not None:
+        raise ValueError(f"next_sentence_label must be 0 (IsNext), 1 (NotNext) or {IGNORE_INDEX}, "
+                         f"got {int(labels[at])}")
 
 
 class Encoder(PreTrainedModel):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastpt.models.common import IGNORE_INDEX
+from fastpt.models.common import IGNORE_INDEX, first_label_outside
 from fastpt.ops.cross_entropy import softmax_cross_entropy_
 from fastpt.ops.gemm import gemm, gemm_into_, uses_gemm
 
@@ -55,13 +55,9 @@ def _check_labels(labels: Tensor, n_rows: int, n_classes: int) -> None:
     failed on a label >= V without naming it. One pass over N labels, next to N x V logits."""
     if labels.shape != (n_rows,):
         raise ValueError(f"linear_cross_entropy: labels must have shape ({n_rows}), got {list(labels.shape)}")
-    # Values on the CPU only: reading the check's answer back from an accelerator would
-    # synchronise every loss call (there, gather's device-side assert still catches >= V).
-    if not labels.numel() or torch.compiler.is_compiling() or labels.device.type != "cpu":
-        return
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_classes))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
+    # (On an accelerator, not read: gather's device-side assert still catches >= V.)
+    row = first_label_outside(labels, n_classes)
+    if row is not None:
         raise ValueError(f"linear_cross_entropy: label {int(labels[row])} in row {row} is outside "
                          f"[0, {n_classes}) and is not ignore_index ({IGNORE_INDEX})")
 

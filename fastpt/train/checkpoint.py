@@ -14,7 +14,6 @@ accidental edits, not a deliberate forgery (anyone can recompute them). No pickl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastpt._atomic import atomic_write_json
+from fastpt._atomic import atomic_write_json, sha256_file, sha256_json
 
 # One exception for every bad checkpoint, model files (fastpt.models) and training state alike.
 from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
@@ -35,14 +34,6 @@ MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
     "model.safetensors", "optimizer.safetensors", "trainer_state.json", "latest")
 DIGEST = "state_sha256"
 _TMP = re.compile(r"\.step-\d+\.tmp-(\d+)$")  # a save in progress (or killed): .step-<N>.tmp-<pid>
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -142,7 +133,7 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     for name in (MODEL_FILE, OPTIM_FILE):  # on disk before the rename publishes them (and pruning follows)
         _fsync(os.path.join(tmp, name))
     files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
-                    "sha256": _sha256(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
+                    "sha256": sha256_file(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
     state = {"step": step, "data": data_state, "optimizer": opt_meta, "rng": rng_meta,
              "scheduler": scheduler_state, "aliases": aliases, "extra": extra or {}, "files": files}
     # Hashed as it will read back (tuples become lists, keys strings), so load sees the same digest.
@@ -176,8 +167,7 @@ def _fsync(path: str) -> None:
 
 def _state_digest(state: dict) -> str:
     """SHA-256 of the state's canonical JSON (sorted keys, no spaces), without the digest itself."""
-    body = {k: v for k, v in state.items() if k != DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json({k: v for k, v in state.items() if k != DIGEST})
 
 
 def _prune(root: str, keep_last: int, written: int) -> None:
@@ -297,7 +287,7 @@ def load_checkpoint(path: str) -> dict:
         size = os.path.getsize(file)
         if size != expect["bytes"]:
             raise CheckpointError(f"{file} is truncated or altered: {size} bytes, expected {expect['bytes']}")
-        if _sha256(file) != expect["sha256"]:
+        if sha256_file(file) != expect["sha256"]:
             raise CheckpointError(f"{file} is corrupted: SHA-256 does not match the one recorded")
     try:
         weights = load_file(os.path.join(folder, MODEL_FILE))
