@@ -244,6 +244,19 @@ def test_temp_folders_of_dead_saves_are_removed_live_ones_kept(tmp_path):
     assert f".step-9.tmp-{live.pid}" in names  # maybe another process saving right now
 
 
+def test_resave_killed_between_its_renames_loses_nothing(tmp_path):
+    """A re-save of step N moves step-N aside as step-N.old before renaming the new one in; a
+    save killed between the two leaves only step-N.old, which 'latest' still names as step-N."""
+    root = tmp_path / "checkpoints"
+    _save(root, 2, keep_last=2)
+    os.replace(root / "step-2", root / "step-2.old")
+    assert load_checkpoint(str(root))["step"] == 2
+    assert sorted(os.listdir(root)) == ["latest", "step-2"]
+    shutil.copytree(root / "step-2", root / "step-2.old")  # killed after the second rename instead
+    _save(root, 3, keep_last=2)
+    assert sorted(os.listdir(root)) == ["latest", "step-2", "step-3"]
+
+
 # -- resuming with another batch size or number of processes ---------------------------------------
 
 def test_resume_with_another_batch_size_is_refused(root, tmp_path):

@@ -120,6 +120,7 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     DDP and FSDP models alike)."""
     os.makedirs(root, exist_ok=True)
     _remove_stale_temps(root)
+    _recover_interrupted_resaves(root)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -191,6 +192,20 @@ def _remove_stale_temps(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _recover_interrupted_resaves(root: str) -> None:
+    """A re-save of step N moves ``step-N`` to ``step-N.old`` just before renaming the new one
+    into place; a save killed between the two renames leaves only ``step-N.old``, which
+    ``latest`` may still name (as ``step-N``). Move it back; drop it where ``step-N`` exists."""
+    for name in os.listdir(root):
+        if not (name.startswith("step-") and name.endswith(".old") and name[5:-4].isdigit()):
+            continue
+        old, final = os.path.join(root, name), os.path.join(root, name[:-4])
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -217,6 +232,8 @@ def resolve(path: str) -> str:
         norm = os.path.normpath(step_dir)
         if os.path.isabs(step_dir) or norm in (".", os.pardir) or norm.startswith(os.pardir + os.sep):
             raise CheckpointError(f"{latest}: field 'path' {step_dir!r} leaves the checkpoint folder {path}")
+        if not os.path.exists(os.path.join(path, norm)):
+            _recover_interrupted_resaves(path)
         return os.path.join(path, norm)
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
