@@ -277,6 +277,26 @@ def test_prefix_tuning_generates_with_a_kv_cache():
     torch.testing.assert_close(step, full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", ["lora", "int8_lora", "adapters", "prefix", "ia3"])
+def test_every_decoder_strategy_generates_as_it_scores(kind, strategy):
+    """generate() with 8 or more new tokens decodes with stacked copies of q/k/v and gate/up;
+    a layer a strategy wraps must be left to its own forward, and the tokens must be those
+    of greedy decoding by full recomputation."""
+    model = prepare(_backbone(kind), FinetuneConfig(strategy=strategy, prefix_length=3, lora_r=2)).eval()
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point():
+            torch.nn.init.normal_(p, std=0.3)  # an adaptation that changes the tokens
+    prompt, steps = [1, 5, 9], 10
+    generated = model.generate([prompt], max_new_tokens=steps, eos_token_id=[])[0, len(prompt):].tolist()
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    assert generated == seq[len(prompt):]
+
+
 def test_layer_mix_features_train_in_a_probe():
     head = SequenceClassifier(_backbone("bert"), 2, layer="mix", dropout=0.0)
     model = prepare(head, FinetuneConfig(strategy="probe"))

@@ -127,7 +127,9 @@ def test_filters():
     assert torch.isinf(_filter(logits, 1.0, 2, 1.0)).tolist() == [[False, False, True, True]]
     assert torch.isinf(_filter(logits, 1.0, 0, 0.8)).tolist() == [[False, False, True, True]]
     assert torch.isinf(_filter(logits, 1.0, 0, 0.81)).tolist() == [[False, False, False, True]]
-    assert torch.allclose(_filter(logits, 2.0, 0, 1.0), logits / 2)
+    assert torch.allclose(_filter(logits, 2.0, 0, 1.0).softmax(-1), (logits / 2).softmax(-1))
+    # A tiny temperature is greedy, not NaN (logits / 1e-40 overflows float32).
+    assert _filter(logits, 1e-40, 0, 1.0).softmax(-1).tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
 def test_bad_arguments():
@@ -154,6 +156,10 @@ def test_bad_arguments():
         generate(model, [1, 2, 3])
     with pytest.raises(TypeError, match=r"prompt 0 holds \[1.7\]"):
         generate(model, [[1.7, 2]])
+    for empty in ([], torch.zeros(0, 3, dtype=torch.long)):  # no prompt at all, for greedy and beams
+        for beams in (1, 2):
+            with pytest.raises(ValueError, match="input_ids holds no prompts"):
+                generate(model, empty, max_new_tokens=4, num_beams=beams)
     with pytest.raises(ValueError, match="a list of prompts of any lengths needs none"):
         generate(model, [[1, 2, 3], [4, 5, 6]], attention_mask=torch.tensor([[0, 0, 1], [1, 1, 1]]))
     with pytest.raises(ValueError, match="at least one token"):
@@ -282,6 +288,27 @@ def test_beam_search_with_more_stop_tokens_than_beams():
     out = model.generate([[5, 17, 30, 41, 9]], num_beams=2, max_new_tokens=4,
                          eos_token_id=list(range(model.config.vocab_size - 1)))
     assert out.shape[0] == 1 and out.shape[1] >= 6
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_beam_search_with_a_stop_token_matches_transformers(name):
+    """With a 4-token vocabulary the stop token ends many hypotheses; when the num_beams-th
+    ends on the last step, the beams running at max length still compete (transformers'
+    early_stopping=True), and the best of all is returned."""
+    from fastpt.models import to_hf
+    torch.manual_seed(0)
+    model = Decoder(from_name(f"{name}-tiny", vocab_size=4)).eval()
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    hf = to_hf(model).eval()
+    for prompt in ([1, 2, 3], [2]):
+        for length_penalty in (1.0, 0.0, -1.0):
+            for K in (2, 3):
+                kw = dict(max_new_tokens=3, num_beams=K, eos_token_id=0, length_penalty=length_penalty)
+                ours = model.generate([prompt], **kw)
+                ref = hf.generate(torch.tensor([prompt]), pad_token_id=0, early_stopping=True, do_sample=False, **kw)
+                assert ours.tolist() == ref.tolist(), (prompt, length_penalty, K)
 
 
 def test_decode_weights_of_a_large_model_are_freed_after_the_call(monkeypatch):

@@ -35,10 +35,11 @@ def _decode_copy(model, key, parts: list[Tensor], dtype: torch.dtype, col: bool)
 def _stackable(linears) -> bool:
     """Plain nn.Linears (not LoRA-wrapped, no hooks or patched forward: stacking would skip
     them) of one dtype, device and input width, all with or all without bias."""
+    if not all(type(m) in (nn.Linear, Linear) and not m._forward_hooks and not m._forward_pre_hooks
+               and "forward" not in m.__dict__ for m in linears):
+        return False  # before reading .weight: a LoRA or IA3 wrapper has none of its own
     ws = [m.weight for m in linears]
-    return (all(type(m) in (nn.Linear, Linear) and not m._forward_hooks and not m._forward_pre_hooks
-                and "forward" not in m.__dict__ for m in linears)
-            and len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
+    return (len({(w.dtype, w.device, w.shape[1]) for w in ws}) == 1
             and len({m.bias is None for m in linears}) == 1)
 
 
@@ -46,12 +47,14 @@ def _stacks(model):
     """(module, attribute, linears) whose products generate computes as one: the q/k/v of
     each decoder layer's self-attention, the gate/up of its SwiGLU."""
     from fastpt.models.decoder import DecoderLayer
+    from fastpt.models.common import Attention
     from fastpt.nn import SwiGLU
     for layer in model.modules():
         if not isinstance(layer, DecoderLayer):
             continue
         a = layer.attn
-        yield a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]
+        if isinstance(a, Attention):  # not a fine-tuning wrapper (prefix tuning, adapters)
+            yield a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]
         if isinstance(layer.mlp, SwiGLU):
             yield layer, "fused_gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj]
 

@@ -29,7 +29,9 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
             raise ValueError("attention_mask goes with a padded (B, T) tensor of input_ids; a list of "
                              "prompts of any lengths needs none")
         rows = [_token_list(r, i) for i, r in enumerate(input_ids)]
-        if not rows or any(len(r) == 0 for r in rows):
+        if not rows:
+            raise ValueError("input_ids holds no prompts (an empty list)")
+        if any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
         T = max(map(len, rows))
         ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -40,6 +42,8 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[Tensor, Tensor]:
         return ids, mask
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids holds no prompts (shape {tuple(input_ids.shape)})")
     if input_ids.shape[1] == 0:
         raise ValueError("every prompt needs at least one token (input_ids has length 0)")
     if attention_mask is None:
@@ -84,9 +88,11 @@ def _apply_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
 
 def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus: the smallest set of tokens whose
-    probability reaches top_p, at least one); removed tokens get -inf."""
+    probability reaches top_p, at least one); removed tokens get -inf. The temperature divides
+    the logits less their row max (same softmax): a tiny temperature then sends the others to
+    -inf instead of overflowing to +inf, which would make the softmax NaN."""
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -315,6 +321,7 @@ def _beam_search(step, prefix, seen, max_new_tokens, stops, pad_id, num_beams, l
     running[:, 0] = 0.0                                         # identical beams: start from one
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(B)]
     batch_done = [False] * B
+    done_at = [None] * B  # the step at which a prompt's K-th hypothesis finished
     logits = step(None)
     for i in range(max_new_tokens):
         if seen is not None:
@@ -342,12 +349,12 @@ def _beam_search(step, prefix, seen, max_new_tokens, stops, pad_id, num_beams, l
                 rows.append(b * K)
                 toks.append(pad_id)
                 scores.append(float("-inf"))
-            if len(finished[b]) >= K:
-                batch_done[b] = True
+            if len(finished[b]) >= K and not batch_done[b]:
+                batch_done[b], done_at[b] = True, i
             next_rows += rows
             next_tok += toks
             next_score += scores
-        rows_t = torch.tensor(next_rows, device=device)
+        rows_t = torch.tensor(next_rows, dtype=torch.long, device=device)
         tok_t = torch.tensor(next_tok, device=device)
         running = torch.tensor(next_score, device=device).view(B, K)
         seqs = torch.cat([seqs.index_select(0, rows_t), tok_t.unsqueeze(1)], dim=1)
@@ -360,7 +367,9 @@ def _beam_search(step, prefix, seen, max_new_tokens, stops, pad_id, num_beams, l
         logits = step(tok_t)
     results = []
     for b in range(B):
-        if not batch_done[b]:  # unfinished beams compete at their current length
+        # Beams still running at the end compete at their current length, also where the K-th
+        # hypothesis finished on the last step (as in transformers: beams at max length finish).
+        if not batch_done[b] or done_at[b] == max_new_tokens - 1:
             n = seqs.shape[1] - prefix.shape[1]
             finished[b] += [(float(running[b, k]) / n ** length_penalty, seqs[b * K + k]) for k in range(K)]
         results.append(max(finished[b], key=lambda h: h[0])[1])
