@@ -29,7 +29,9 @@ def fastpt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
 
     ``attention_mask``: None, a (B, S) key padding mask from :func:`fastpt_mask`, or a 4-D
     bool (True = attend) / additive float mask. ``position_bias`` (T5) is added to the logits.
-    Attention weights are never materialised, so the second output is None (as HF's sdpa).
+    The second output is None (the weights are never materialised), except where the caller
+    asked for them (``output_attentions=True``): then this call runs the eager formula and
+    returns its (B, H, T, S) probabilities, as HF's eager attention does.
     """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # Biases stay in float32 under bf16/fp16 (as HF adds them to float32 scores): T5's learned
@@ -41,6 +43,9 @@ def fastpt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
             key_padding_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
         elif attention_mask.dim() == 4:
             causal = False  # a materialised mask already holds the causal part
+            if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+                raise TypeError(f"a 4-D attention_mask must be bool (True = attend) or an additive float "
+                                f"mask, got {attention_mask.dtype}")
             if attention_mask.dtype == torch.bool:
                 mask_bias = torch.zeros(attention_mask.shape, dtype=bias_dtype, device=query.device)
                 mask_bias = mask_bias.masked_fill(~attention_mask, float("-inf"))
@@ -51,9 +56,47 @@ def fastpt_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
             raise ValueError(f"attention_mask must be (B, S) or 4-D, got shape {tuple(attention_mask.shape)}")
     if bias is not None:
         bias = bias.to(bias_dtype)
+    if _weights_requested():
+        return _eager_with_weights(module, query, key, value, bool(causal) and query.shape[2] > 1,
+                                   key_padding_mask, bias, scaling, float(dropout) if module.training else 0.0)
     out = attention(query, key, value, causal=bool(causal) and query.shape[2] > 1, key_padding_mask=key_padding_mask,
                     attn_bias=bias, scale=scaling, dropout_p=float(dropout) if module.training else 0.0)
     return out.transpose(1, 2), None
+
+
+def _weights_requested() -> bool:
+    """Whether the running HF forward collects attention weights (``output_attentions``): its
+    output-capturing context then holds an "attentions" (or "cross_attentions") list."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+        collected = _active_collector.get()
+    except (ImportError, LookupError):
+        return False
+    return bool(collected) and any(name.endswith("attentions") for name in collected)
+
+
+def _eager_with_weights(module, query, key, value, causal, key_padding_mask, bias, scaling, dropout):
+    """The reference formula (GQA, bottom-right causal, padding, bias; rows without keys give 0)
+    returning the probabilities too, with dropout applied to them as HF's eager attention does."""
+    H, Hkv, T, S = query.shape[1], key.shape[1], query.shape[2], key.shape[2]
+    if H != Hkv:
+        key, value = key.repeat_interleave(H // Hkv, 1), value.repeat_interleave(H // Hkv, 1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = (query @ key.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias  # float32 (float64) bias: the softmax below runs in that type
+    visible = torch.ones(T, S, dtype=torch.bool, device=query.device)
+    if causal:
+        visible = visible.tril(S - T)
+    visible = visible.expand(query.shape[0], 1, T, S)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    empty = ~visible.any(-1, keepdim=True)
+    logits = logits.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0)
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probs = logits.softmax(-1, dtype=softmax_dtype).masked_fill(empty, 0.0).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+    return (probs @ value).transpose(1, 2), probs
 
 
 def fastpt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
@@ -71,10 +114,10 @@ def fastpt_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     if local_size is None and (plain_bidirectional or plain_causal):
         if attention_mask is None:
             return None
-        padding = attention_mask[:, :kv_length]
-        if padding.shape[-1] < kv_length:  # mask shorter than the cache: the rest is visible
-            padding = torch.nn.functional.pad(padding, (0, kv_length - padding.shape[-1]), value=True)
-        return padding.to(torch.bool)
+        if attention_mask.shape[-1] >= kv_length:
+            return attention_mask[:, :kv_length].to(torch.bool)
+        # A mask shorter than the cache + new tokens: HF pads it with False (masked), which sdpa_mask
+        # below reproduces exactly.
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

@@ -159,13 +159,16 @@ def causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
     # LlamaForCausalLM.forward (also Mistral, Qwen2) while training with labels: the loss of
     # the shifted tokens straight from the hidden states with fastpt.models.loss's chunked
     # linear cross-entropy, so the (B, T, V) logits and their gradient never exist; the output
-    # has loss and no logits (as Liger-Kernel's fused loss). Anything else is HF's forward.
+    # has loss and no logits (as Liger-Kernel's fused loss). Anything else is HF's forward:
+    # also a loss the user assigned (model.loss_function = f) and labels already shifted by
+    # the caller (shift_labels), which the fused path would not honour.
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from fastpt.models.loss import linear_cross_entropy
 
     original = type(self)._fastpt_original.forward
     fusable = (self.training and labels is not None and kwargs.get("num_items_in_batch") is None
+               and kwargs.get("shift_labels") is None and "_loss_function" not in self.__dict__
                and isinstance(self.lm_head, torch.nn.Linear) and self.lm_head.bias is None)
     if not fusable:
         return original(self, input_ids=input_ids, labels=labels, **kwargs)
