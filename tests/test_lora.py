@@ -161,6 +161,40 @@ def test_merge_onto_dequantized_copy_for_int8_base():
     torch.testing.assert_close(layer(x), before)
 
 
+def test_merged_int8_base_follows_the_factors():
+    """Int8Linear base, merged: the float32 merged copy is remade when the factors change
+    (load_state_dict, an optimizer step, reset_lora_parameters), so forward always equals the
+    dequantized base plus the current delta; kept while nothing changes."""
+    torch.manual_seed(0)
+    base = Int8Linear.from_linear(nn.Linear(64, 32))
+    layer = LoRALinear(base, r=4, lora_alpha=8).eval()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 64)
+    merged = lambda: F.linear(x, base.dequantized_weight() + layer.delta_weight(), base.bias)  # noqa: E731
+    layer.merge()
+    torch.testing.assert_close(layer(x), merged())
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_B.weight"].normal_()                              # another adapter
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), merged())
+    layer.lora_A.weight.grad = torch.randn_like(layer.lora_A.weight)
+    torch.optim.SGD([layer.lora_A.weight], lr=1.0).step()
+    torch.testing.assert_close(layer(x), merged())
+    layer.reset_lora_parameters()                                # B = 0: the base alone
+    torch.testing.assert_close(layer(x), F.linear(x, base.dequantized_weight(), base.bias))
+    kept = layer._merged_weight[1]
+    layer(x)
+    assert layer._merged_weight[1] is kept
+
+
+def test_compile_fullgraph_merged_int8_base():
+    layer = LoRALinear(Int8Linear.from_linear(nn.Linear(64, 32)), r=4).eval()
+    nn.init.normal_(layer.lora_B.weight)
+    layer.merge()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
 def test_compile_fullgraph():
     layer = LoRALinear(nn.Linear(40, 24), r=4)
     nn.init.normal_(layer.lora_B.weight)

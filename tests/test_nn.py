@@ -11,6 +11,7 @@ import torch
 from fastpt import nn as fnn
 from fastpt.ops import _onednn as fnn_onednn
 from fastpt.nn import linear as fnn_linear
+from fastpt.ops import reference
 
 
 @pytest.mark.parametrize("shape, eps, affine", [(64, 1e-6, True), ((4, 16), None, True), (32, 1e-5, False)])
@@ -62,6 +63,29 @@ def test_rotary_embedding_offset_and_cache_growth():
     torch.testing.assert_close(step[0], full[0][:, :, 7:])
     rope.use_fused = False
     torch.testing.assert_close(rope(q, k), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_tables_survive_a_dtype_round_trip(dtype):
+    """.bfloat16()/.half() keep the cos/sin tables float32 (rope takes them with q of any
+    dtype), so a later .float() finds them unrounded; .double() recomputes them in float64."""
+    fresh = fnn.RotaryEmbedding(32, max_position_embeddings=64)
+    rope = fnn.RotaryEmbedding(32, max_position_embeddings=64).to(dtype)
+    for got, want in ((rope.cos_cached, fresh.cos_cached), (rope.sin_cached, fresh.sin_cached)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    q, k = torch.randn(2, 4, 64, 32), torch.randn(2, 2, 64, 32)
+    want = reference.rope(q.double(), k.double(), *reference.rope_tables(64, 32, dtype=torch.float64))
+    bound = 2 * torch.finfo(dtype).eps * max(q.abs().max(), k.abs().max())  # inputs and output rounded
+    for got, exact in zip(rope(q.to(dtype), k.to(dtype)), want):
+        assert got.dtype == dtype and (got.double() - exact).abs().max() <= bound
+    rope.float()
+    assert torch.equal(rope(q, k)[0], fresh(q, k)[0])
+    rope.double()
+    assert rope.cos_cached.dtype == torch.float64
+    torch.testing.assert_close(rope(q.double(), k.double()), want, rtol=0, atol=1e-12)
+    with torch.device("meta"):                                   # recomputed on the meta device: no memory
+        big = fnn.RotaryEmbedding(4, max_position_embeddings=10**11)
+    assert big.double().cos_cached.is_meta and big.cos_cached.dtype == torch.float64
 
 
 def test_rotary_embedding_bad_arguments():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -81,3 +83,37 @@ def test_bad_configuration():
     cache = KVCache(1, 4, 2, 8)
     with pytest.raises(ValueError, match="KVCache full"):
         Attention(32, 4, causal=True)(torch.randn(1, 3, 32), cache=cache)
+
+
+def test_kv_cache_checks_keys_before_writing():
+    """append checks batch, kv heads, head dim, dtype and device against the buffers first (the
+    slice assignment would broadcast or cast silently); a failed call leaves the cache as it was."""
+    cache = KVCache(2, 2, 8, 8)
+    good = torch.randn(2, 2, 3, 8)
+    cache.append(good, good)
+    expect = re.escape("(batch_size, kv_heads, T, head_dim) = (2, 2, T, 8), got ")
+    for shape in [(1, 1, 3, 8), (2, 1, 3, 8), (2, 2, 3, 4), (2, 2, 3)]:
+        with pytest.raises(ValueError, match="k must be " + expect + re.escape(str(shape))):
+            cache.append(torch.randn(shape), good)
+    with pytest.raises(ValueError, match="v must be " + expect):
+        cache.append(good, torch.randn(1, 2, 3, 8))
+    with pytest.raises(TypeError, match="v must have the cache's dtype torch.float32, got torch.float64"):
+        cache.append(good, good.double())
+    with pytest.raises(ValueError, match="k must be on the cache's device cpu, got meta"):
+        cache.append(good.to("meta"), good)
+    with pytest.raises(ValueError, match="k and v must have the same T, got 3 and 2"):
+        cache.append(good, good[:, :, :2])
+    assert cache.length == 3 and torch.equal(cache.k[:, :, :3], good)
+    torch.testing.assert_close(cache.append(good, good)[0], torch.cat([good, good], 2))
+
+    attn = Attention(32, 4, 2, causal=True).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    cache = KVCache(2, 2, 8, 8)                                  # float32: the module is float64
+    with pytest.raises(TypeError, match="cache's dtype torch.float32, got torch.float64"):
+        attn(x, cache=cache)
+    assert cache.length == 0
+    cache = KVCache(2, 2, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="key_padding_mask"):    # fails after the append: rolled back
+        attn(x, cache=cache, key_padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    assert cache.length == 0
+    torch.testing.assert_close(attn(x, cache=cache), attn(x))

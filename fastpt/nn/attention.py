@@ -24,7 +24,9 @@ class KVCache:
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Adds (B, Hkv, T, D) keys/values; returns all cached ones, (B, Hkv, length, D) views."""
+        """Adds (B, Hkv, T, D) keys/values; returns all cached ones, (B, Hkv, length, D) views.
+        Raises ValueError (shape, device, full) or TypeError (dtype) before writing anything."""
+        self._check(k, v)
         end = self.length + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KVCache full: {self.length} + {k.shape[2]} tokens > max_len {self.k.shape[2]}")
@@ -35,6 +37,23 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def _check(self, k: Tensor, v: Tensor) -> None:
+        # Before anything is written: the slice assignment would broadcast another batch or
+        # head count and cast another dtype silently, and a failed call must leave the cache
+        # as it was.
+        B, Hkv, _, D = self.k.shape
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, Hkv, D):
+                raise ValueError(f"KVCache.append: {name} must be (batch_size, kv_heads, T, head_dim) = "
+                                 f"({B}, {Hkv}, T, {D}), got {tuple(t.shape)}")
+            if t.dtype != self.k.dtype:
+                raise TypeError(f"KVCache.append: {name} must have the cache's dtype {self.k.dtype}, got {t.dtype}")
+            if t.device != self.k.device:
+                raise ValueError(f"KVCache.append: {name} must be on the cache's device {self.k.device}, "
+                                 f"got {t.device}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"KVCache.append: k and v must have the same T, got {k.shape[2]} and {v.shape[2]}")
 
 
 class Attention(nn.Module):
@@ -145,6 +164,11 @@ class Attention(nn.Module):
             v = torch.cat([past_key_value[1], v], dim=2)
         elif cache is not None:
             k, v = cache.append(k, v)
-        out = self._attend(q, k, v, key_padding_mask, attn_bias)
+        try:
+            out = self._attend(q, k, v, key_padding_mask, attn_bias)
+        except Exception:
+            if cache is not None:  # e.g. a bad mask: a retry must not find these keys cached already
+                cache.length = past
+            raise
         out = self.o_proj(out.transpose(1, 2).flatten(2))  # (B, T, H * D)
         return (out, (k, v)) if use_cache else out

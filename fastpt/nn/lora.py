@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(n_in, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, n_out, bias=False, device=device, dtype=dtype)
         self.merged = False
-        self._merged_weight: Tensor | None = None  # Int8Linear base: the merged float32 copy
+        self._merged_weight: tuple | None = None  # Int8Linear base: (stamp, merged float32 copy)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             if isinstance(base, Int8Linear):
                 bias = base.bias.to(x.dtype) if base.bias is not None else None
-                return F.linear(x, self._merged_weight.to(x.dtype), bias)
+                return F.linear(x, self._merged_int8_weight().to(x.dtype), bias)
             return base(x)
         p = self.lora_dropout if self.training else 0.0
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -85,10 +85,28 @@ class LoRALinear(nn.Module):
             return
         base = self.base_layer
         if isinstance(base, Int8Linear):
-            self._merged_weight = base.dequantized_weight(torch.float32) + self.delta_weight()
+            self._merged_int8_weight()
         else:
             base.weight.copy_((base.weight.float() + self.delta_weight()).to(base.weight.dtype))
         self.merged = True
+
+    def _merged_int8_weight(self) -> Tensor:
+        """Int8Linear base: dequantized weight + delta_weight(), float32, kept until the factors,
+        the base weight or the scaling change (version counter or storage, as fastpt.nn.Linear
+        keeps its copies). The copy is no state of its own (state_dict holds the int8 weight
+        and the factors), so load_state_dict, reset_lora_parameters, an optimizer step or .to()
+        while merged must reach forward."""
+        base = self.base_layer
+        if torch.compiler.is_compiling():  # dynamo cannot compare data pointers: no copy kept
+            with torch.no_grad():
+                return base.dequantized_weight(torch.float32) + self.delta_weight()
+        parts = (self.lora_A.weight, self.lora_B.weight, base.weight_packed, base.weight_scale)
+        stamp = (tuple((t.data_ptr(), t._version) for t in parts), self.scaling)
+        if self._merged_weight is None or self._merged_weight[0] != stamp:
+            self._merged_weight = None  # free the stale copy before making the new one
+            with torch.no_grad():
+                self._merged_weight = (stamp, base.dequantized_weight(torch.float32) + self.delta_weight())
+        return self._merged_weight[1]
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -19,6 +19,9 @@ class RotaryEmbedding(nn.Module):
         layout: "half" (Llama/NeoX) or "interleaved" (GPT-J).
         use_fused: False runs the pure-PyTorch reference instead (for A/B checks).
 
+    The cos/sin tables stay float32 whatever dtype the module is moved to (float64 in a
+    float64 module); the fused rope rotates bf16/fp16 q and k with them in float32.
+
     Context-length scaling (NTK, YaRN, Llama 3) is not implemented yet.
     """
 
@@ -30,13 +33,29 @@ class RotaryEmbedding(nn.Module):
         if layout not in ("half", "interleaved"):
             raise ValueError(f"layout must be 'half' or 'interleaved', got {layout!r}")
         self.dim, self.base, self.layout, self.use_fused = dim, base, layout, use_fused
-        self._build(max_position_embeddings, device)
+        self._build(max_position_embeddings, device, torch.float32)
 
-    def _build(self, positions: int, device) -> None:
-        cos, sin = reference.rope_tables(positions, self.dim, self.base)
+    def _build(self, positions: int, device, dtype: torch.dtype) -> None:
+        cos, sin = reference.rope_tables(positions, self.dim, self.base, dtype=dtype)
         # Buffers, not parameters: moved by .to(), never saved (they are recomputed).
         self.register_buffer("cos_cached", cos.to(device), persistent=False)
         self.register_buffer("sin_cached", sin.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        tables = self.cos_cached, self.sin_cached
+        out = super()._apply(fn, recurse)
+        dtype, device = self.cos_cached.dtype, self.cos_cached.device
+        if dtype == torch.float64 and tables[0].dtype != torch.float64:
+            # Upcast float32 tables hold float32's precision only: recompute them (on the
+            # device, so a meta module allocates nothing).
+            with torch.device(device):
+                self._build(self.cos_cached.shape[0], device, torch.float64)
+        elif dtype not in (torch.float32, torch.float64):
+            # .half()/.bfloat16() would round the tables for good (a later .float() or
+            # load_state_dict does not recompute them): keep them float32, which rope takes
+            # with q of any dtype.
+            self.cos_cached, self.sin_cached = (t.to(device, torch.float32) for t in tables)
+        return out
 
     def forward(self, q: Tensor, k: Tensor, position_ids: Tensor | None = None,
                 offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -49,6 +68,7 @@ class RotaryEmbedding(nn.Module):
             position_ids = torch.arange(offset, offset + T, device=q.device)
         needed = int(position_ids.max()) + 1 if position_ids is not None and position_ids.numel() else T
         if needed > self.cos_cached.shape[0]:
-            self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device)
+            self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device,
+                        self.cos_cached.dtype)
         apply = rope if self.use_fused else reference.rope
         return apply(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
