@@ -21,17 +21,24 @@ def embed(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
 @torch.no_grad()
 def encode(backbone: nn.Module, tokenizer, texts: list[str], *, pooling: str = "mean",
            normalize: bool = True, batch_size: int = 64) -> Tensor:
-    """Embeddings of ``texts`` (N, d), in eval mode, in batches."""
+    """Embeddings of ``texts`` (N, d), in eval mode, in batches. A text with no token (an
+    empty text, with a tokenizer that adds none) is refused: it would pool to nothing."""
     if not texts:
         raise ValueError("no texts to encode")
     was_training = backbone.training
     backbone.eval()
     pad = getattr(backbone.config, "pad_token_id", None) or 0
     out = []
-    for i in range(0, len(texts), batch_size):
-        ids, mask = encode_padded(tokenizer, texts[i:i + batch_size], pad)
-        out.append(embed(backbone, ids, mask, pooling=pooling, normalize=normalize))
-    backbone.train(was_training)
+    try:
+        for i in range(0, len(texts), batch_size):
+            ids, mask = encode_padded(tokenizer, texts[i:i + batch_size], pad)
+            empty = (~mask.bool().any(1)).nonzero()
+            if len(empty):  # named here by its index in texts, not by its row in this batch
+                j = i + int(empty[0, 0])
+                raise ValueError(f"texts[{j}] = {texts[j]!r} has no tokens: there is nothing to embed")
+            out.append(embed(backbone, ids, mask, pooling=pooling, normalize=normalize))
+    finally:
+        backbone.train(was_training)
     return torch.cat(out)
 
 

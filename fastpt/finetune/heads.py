@@ -8,6 +8,10 @@ a learned mix of layers; the heads pool or project them:
 - ``TokenClassifier``: a label per token (NER), -100 ignored;
 - ``QuestionAnswering``: start/end logits per token, loss = mean of the two cross-entropies.
 
+Labels and answer positions are checked against the logits (shape, integers, range) with
+messages that name them; values are read on the CPU only, as in ``fastpt.models.common``
+(on a GPU each check would cost a sync per call).
+
 Text-to-text needs no head: ``prompt_masked_labels`` builds decoder labels that score only
 the answer.
 """
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models import Decoder, Encoder
+from fastpt.models.common import first_label_outside
 
 IGNORE_INDEX = -100
 POOLINGS = ("cls", "mean", "last")
@@ -78,20 +83,52 @@ class _Head(nn.Module):
         return self.mix(hidden)
 
 
+def _reads_values(t: Tensor) -> bool:
+    """Whether checks may read ``t``'s values: on the CPU and not while compiling, as
+    ``fastpt.models.common.check_ids`` (on a GPU each check would cost a sync per call)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def pool(h: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
     """(B, T, d) -> (B, d) by the first token, the mean of real tokens, or the last real one
-    (right padding)."""
+    (right padding). A row with no real token is refused: its mean would be a zero vector and
+    its "last real token" a pad."""
     if how not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
-    if how == "cls":
-        return h[:, 0]
     mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if attention_mask is None \
         else attention_mask.bool()
+    if _reads_values(mask):
+        empty = (~mask.any(1)).nonzero()
+        if len(empty):
+            raise ValueError(f"attention_mask row {int(empty[0, 0])} is all padding: there is no "
+                             "token to pool")
+    if how == "cls":
+        return h[:, 0]
     if how == "mean":
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
     last = mask.long().cumsum(1).argmax(1)  # index of the last real token
     return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def _check_loss_batch(head: str, B: int) -> None:
+    """A loss over no example is NaN, which would poison a running mean without a word."""
+    if B == 0:
+        raise ValueError(f"{head} got an empty batch (B = 0): there is no example to average the "
+                         "loss over")
+
+
+def _check_class_labels(labels: Tensor, shape: tuple, what: str, num_labels: int) -> None:
+    """Class ids of ``shape`` (``what`` says which), each in [0, num_labels) or IGNORE_INDEX;
+    torch's own errors name neither the argument nor the expected shape."""
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must be {what} = {tuple(shape)}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer class ids, got {labels.dtype}")
+    at = first_label_outside(labels, num_labels)
+    if at is not None:
+        raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} "
+                         f"(ignored), got {int(labels.reshape(-1)[at])}")
 
 
 class SequenceClassifier(_Head):
@@ -117,9 +154,17 @@ class SequenceClassifier(_Head):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
+            B = logits.shape[0]
+            _check_loss_batch(type(self).__name__, B)
             if self.num_labels == 1:
-                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+                # (B, 1) targets are common; left as they are, they would broadcast against the
+                # (B,) predictions into a (B, B) mean, a wrong loss with only a warning.
+                if tuple(labels.shape) not in ((B,), (B, 1)):
+                    raise ValueError(f"regression labels must be (B,) or (B, 1) with B = {B}, got "
+                                     f"{tuple(labels.shape)}")
+                loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.reshape(B).float())
             else:
+                _check_class_labels(labels, (B,), "(B,)", self.num_labels)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
         return HeadOutput(loss, logits)
 
@@ -136,6 +181,10 @@ class TokenClassifier(_Head):
         logits = self.classifier(self.dropout(h))
         loss = None
         if labels is not None:
+            _check_loss_batch(type(self).__name__, logits.shape[0])
+            # flatten() would also accept labels of another (B, T) with the same size, misaligned
+            _check_class_labels(labels, logits.shape[:2], "(B, T) like the input",
+                                self.classifier.out_features)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                ignore_index=IGNORE_INDEX)
         return HeadOutput(loss, logits)
@@ -155,11 +204,38 @@ class QuestionAnswering(_Head):
         logits = self.qa_outputs(h)
         if attention_mask is not None:  # never predict a padding position
             logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(logits.dtype).min)
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = (nn.functional.cross_entropy(logits[..., 0].float(), start_positions)
-                    + nn.functional.cross_entropy(logits[..., 1].float(), end_positions)) / 2
-        return HeadOutput(loss, logits)
+        return HeadOutput(qa_loss(logits, attention_mask, start_positions, end_positions), logits)
+
+
+def qa_loss(logits: Tensor, attention_mask: Tensor | None, start_positions: Tensor | None,
+            end_positions: Tensor | None) -> Tensor | None:
+    """Mean of the start and end cross-entropies over (B, T, 2) ``logits``; None without
+    positions. Each position must be a real token of its row: one outside [0, T) or on
+    padding (whose logit is the dtype's minimum: a loss near 1e38) is refused, naming it."""
+    if start_positions is None and end_positions is None:
+        return None
+    if start_positions is None or end_positions is None:
+        raise ValueError("give both start_positions and end_positions, or neither")
+    B, T = logits.shape[:2]
+    _check_loss_batch("QuestionAnswering", B)
+    real = torch.ones(B, T, dtype=torch.bool, device=logits.device) if attention_mask is None \
+        else attention_mask.bool()
+    for name, pos in (("start_positions", start_positions), ("end_positions", end_positions)):
+        if tuple(pos.shape) != (B,):
+            raise ValueError(f"{name} must be (B,) = ({B},) token positions, got shape {tuple(pos.shape)}")
+        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token positions, got {pos.dtype}")
+        if _reads_values(pos):
+            # positions outside [0, T) read an extra all-padding column
+            inside = torch.where((pos >= 0) & (pos < T), pos, T).long().unsqueeze(1)
+            on_real = torch.cat([real, real.new_zeros(B, 1)], 1).gather(1, inside).squeeze(1)
+            bad = (~on_real).nonzero()
+            if len(bad):
+                b = int(bad[0, 0])
+                raise ValueError(f"{name}[{b}] = {int(pos[b])} is not a real token of row {b} "
+                                 f"(positions 0..{T - 1}; padding cannot be an answer)")
+    return (nn.functional.cross_entropy(logits[..., 0].float(), start_positions.long())
+            + nn.functional.cross_entropy(logits[..., 1].float(), end_positions.long())) / 2
 
 
 def prompt_masked_labels(prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
@@ -167,6 +243,10 @@ def prompt_masked_labels(prompt_ids: list[list[int]], answer_ids: list[list[int]
     """Decoder text-to-text batch: ``prompt + answer (+ EOS)``, labels -100 on the prompt and
     on padding only. The real EOS keeps its label even when pad == EOS (padding is found by
     position, not by id)."""
+    # zip would drop the prompts (or answers) that have no partner, and max() fail on none
+    if not prompt_ids or len(prompt_ids) != len(answer_ids):
+        raise ValueError(f"prompt_ids and answer_ids must be non-empty lists of the same length (one "
+                         f"answer per prompt), got {len(prompt_ids)} prompts and {len(answer_ids)} answers")
     rows, labels = [], []
     for p, a in zip(prompt_ids, answer_ids):
         answer = list(a) + ([eos_id] if eos_id is not None else [])

@@ -64,13 +64,11 @@ class SoftPrompt(nn.Module):
         super().__init__()
         self.embeddings = nn.Parameter(init.detach().clone())
 
-    def insert(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor | None, at: int):
+    def insert(self, embeds: Tensor, attention_mask: Tensor, at: int) -> tuple[Tensor, Tensor]:
         """Insert the prompt at position ``at`` of (B, T, d) embeddings; the mask marks the
-        virtual tokens real and 2-D (token) labels give them -100."""
+        virtual tokens real. (Other per-token inputs: ``PromptTuned``.)"""
         B, n = embeds.shape[0], self.embeddings.shape[0]
         prompt = self.embeddings.to(embeds.dtype).expand(B, -1, -1)
         x = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], 1)
         mask = torch.cat([attention_mask[:, :at], attention_mask.new_ones(B, n), attention_mask[:, at:]], 1)
-        if labels is not None and labels.dim() == 2:
-            labels = torch.cat([labels[:, :at], labels.new_full((B, n), -100), labels[:, at:]], 1)
-        return x, mask, labels
+        return x, mask
