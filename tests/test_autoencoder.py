@@ -57,3 +57,18 @@ def test_pretraining_lowers_test_error_with_100_labels():
     result = digits_experiment(seeds=range(5))
     print(result)
     assert result["mean"]["pretrained"] < result["mean"]["random_init"]
+
+
+@pytest.mark.parametrize("x, kwargs, message", [
+    (torch.rand(20, 5), {}, r"5 features per example.*sizes\[0\] is 6"),   # was torch's "mat1 and mat2 shapes"
+    (torch.randint(0, 2, (20, 6)), {}, "x is torch.int64.*torch.float32"),  # was "must have the same dtype"
+    (torch.rand(20, 6, dtype=torch.float64), {}, "x is torch.float64"),
+    (torch.full((20, 6), float("nan")), {}, "NaN or infinite"),           # trained to NaN curves silently
+    (torch.rand(20, 6), {"batch_size": 2.5}, "batch_size.*2.5"),           # was a bare TypeError in range()
+    (torch.rand(20, 6), {"batch_size": True}, "batch_size.*True"),
+    (torch.rand(20, 6), {"epochs": -1}, "epochs.*-1"),
+    ([[0.5] * 6] * 20, {}, "x must be a .*tensor, got list"),
+])
+def test_greedy_pretrain_names_bad_input(x, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        greedy_pretrain(StackedAutoencoder([6, 4]), x, **{"epochs": 1, **kwargs})

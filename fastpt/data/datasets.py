@@ -174,7 +174,8 @@ class PackedDataset(torch.utils.data.IterableDataset):
     ``documents`` is a zero-argument callable returning an iterable of strings (e.g.
     ``lambda: read_documents(path)``), so each epoch streams the corpus again. Under
     ``torch.distributed`` and DataLoader workers, blocks are dealt round-robin so every
-    rank/worker sees a disjoint share.
+    rank/worker sees a disjoint share (shares differ by up to one block, so ranks can finish
+    an epoch at different steps: the Trainer saves and restores each rank's own data position).
     """
 
     def __init__(self, documents, tokenizer, seq_len: int, eos_id: int):
@@ -204,16 +205,32 @@ def _share() -> tuple[int, int]:
 def reseed_in_worker(collator, seed: int) -> None:
     """Reseed ``collator.generator`` from the DataLoader worker's seed, inside a worker.
 
-    Each worker gets a copy of the collator with the main process's generator state, and the
-    main process's generator never advances: without this, every worker and every epoch
-    would draw the same masks. ``worker_info.seed`` differs per worker and per epoch (new
-    workers each epoch) and follows the loader's own generator, so runs stay reproducible.
-    It is mixed with the collator's ``seed`` so that two seeds still give two mask streams.
-    A persistent worker keeps its seed, and its generator simply goes on drawing.
-    In the main process (``num_workers=0``) nothing changes.
+    For a collator used in a plain DataLoader: each worker gets a copy of the collator with the
+    main process's generator state, and the main process's generator never advances; without
+    this, every worker and every epoch would draw the same masks. ``worker_info.seed`` differs
+    per worker and per epoch (new workers each epoch) and follows the loader's own generator,
+    so runs stay reproducible. It is mixed with the collator's ``seed`` so that two seeds still
+    give two mask streams. A persistent worker keeps its seed, and its generator simply goes on
+    drawing. In the main process (``num_workers=0``) nothing changes. Under the ``Trainer``,
+    :func:`seed_collator` sets the generator for every batch instead, and this leaves it alone.
     """
     info = torch.utils.data.get_worker_info()
     if info is None or getattr(collator, "_worker_seed", None) == info.seed:
         return
     collator._worker_seed = info.seed
     collator.generator.manual_seed((info.seed * 1_000_003 + seed) % (1 << 64))
+
+
+def seed_collator(collator, seed: int) -> None:
+    """Restart ``collator.generator`` from ``seed`` for the next batch.
+
+    The ``Trainer`` calls this before collating each batch, with a seed made from (its seed, the
+    collator's seed, rank, epoch, batch index): a batch's masks then depend neither on the
+    DataLoader worker that collates it nor on what was collated before, ranks draw different
+    masks, and a resumed run draws the ones the uninterrupted run drew. No generator state needs
+    saving. Inside a worker, ``reseed_in_worker`` then leaves the generator as set here.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        collator._worker_seed = info.seed  # reseed_in_worker's mark that this worker's generator is set
+    collator.generator.manual_seed(seed)

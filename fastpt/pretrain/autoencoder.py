@@ -48,10 +48,21 @@ class StackedAutoencoder(nn.Module):
 def greedy_pretrain(model: StackedAutoencoder, x: torch.Tensor, epochs: int = 200,
                     lr: float = 1e-2, batch_size: int = 128, seed: int = 0) -> list[list[float]]:
     """Train each layer in turn on the frozen codes below it; returns each layer's loss curve."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a (N, features) tensor, got {type(x).__name__}")
     if x.dim() != 2 or len(x) == 0:  # a per-example mean over no example is undefined
         raise ValueError(f"x must be a non-empty (N, features) tensor, got shape {tuple(x.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if x.shape[1] != model.sizes[0]:
+        raise ValueError(f"x has {x.shape[1]} features per example, the model's input size "
+                         f"sizes[0] is {model.sizes[0]}")
+    dtype = model.encoders[0].weight.dtype
+    if x.dtype != dtype:
+        raise ValueError(f"x is {x.dtype}, the model's weights are {dtype}: convert x (x.to({dtype}))")
+    if not bool(torch.isfinite(x).all()):  # it would train every weight to NaN without a word
+        raise ValueError("x holds NaN or infinite values")
+    for name, value, low in (("batch_size", batch_size, 1), ("epochs", epochs, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     g = torch.Generator().manual_seed(seed)
     curves = []
     for layer in range(len(model.encoders)):

@@ -33,7 +33,10 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 class PrefixLMCollator:
-    """Split each sequence at a random point in [1, len-1] (or at a given ``split`` per example)."""
+    """Split each sequence at a random point in [1, len-1] (or at a given ``split`` per example).
+
+    The splits come from ``generator``: reseeded per DataLoader worker (``reseed_in_worker``),
+    or per batch under the ``Trainer`` (``seed_collator``), as ``MLMCollator``'s masks."""
 
     def __init__(self, pad_id: int, seed: int = 0):
         self.pad_id, self.seed = pad_id, seed

@@ -31,7 +31,9 @@ class MLMCollator:
     predict max(1, round(n * p)) tokens (so a sequence of n maskable tokens has
     n * p + (1 - p)^n selected on average: 15% up to 1e-4 from n = 40).
     Inside a DataLoader worker the generator is reseeded from the worker's seed
-    (``reseed_in_worker``), so workers and epochs draw different masks.
+    (``reseed_in_worker``), so workers and epochs draw different masks. Under the ``Trainer``
+    it is restarted for every batch from (seed, rank, epoch, batch index) instead
+    (``seed_collator``): ranks draw different masks, and a resumed run the same ones.
     """
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, special_ids, *,

@@ -61,7 +61,10 @@ def noise_mask(length: int, noise_density: float, mean_span_length: float,
 
 
 class SpanCorruptionCollator:
-    """Turn raw token runs of ``raw_length`` into fixed-size T5 (input_ids, labels) batches."""
+    """Turn raw token runs of ``raw_length`` into fixed-size T5 (input_ids, labels) batches.
+
+    The spans come from ``generator``: reseeded per DataLoader worker (``reseed_in_worker``),
+    or per batch under the ``Trainer`` (``seed_collator``), as ``MLMCollator``'s masks."""
 
     def __init__(self, vocab_size: int, eos_id: int, inputs_length: int = 512,
                  noise_density: float = 0.15, mean_span_length: float = 3.0, seed: int = 0):

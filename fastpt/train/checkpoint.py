@@ -2,10 +2,10 @@
 
 Layout of ``<dir>/step-<N>/``: ``model.safetensors`` (full weights; tied weights stored once,
 their other names recorded as aliases), ``optimizer.safetensors`` (every tensor of the optimizer state),
-``trainer_state.json`` (step, data position, scheduler, RNG states, optimizer hyper-parameters,
-and the size + SHA-256 of both tensor files). A checkpoint is written into a temporary folder
-and renamed into place, then ``<dir>/latest`` is replaced, so a crash mid-save leaves the
-previous checkpoint as the latest. Loading verifies sizes and hashes first: a truncated or
+``trainer_state.json`` (step, each process's data position, scheduler, RNG states, optimizer
+hyper-parameters, and the size + SHA-256 of both tensor files). A checkpoint is written into a
+temporary folder and renamed into place, then ``<dir>/latest`` is replaced, so a crash
+mid-save leaves the previous checkpoint as the latest. Loading verifies sizes and hashes first: a truncated or
 corrupted file raises ``CheckpointError`` naming it. ``trainer_state.json`` carries the SHA-256
 of its own canonical JSON (``state_sha256``), so an edited number is caught too; a state file
 without it (written before fastpt checked it) is refused. These hashes catch corruption and
@@ -263,6 +263,10 @@ def _check_state(state, file: str) -> None:
     data = state.get("data")
     need(isinstance(data, dict) and _count(data.get("epoch")) and _count(data.get("batches_in_epoch")),
          "data", "must hold integers 'epoch' and 'batches_in_epoch' >= 0")
+    ranks = data.get("ranks")  # every process's own position (absent in older checkpoints)
+    need(ranks is None or (isinstance(ranks, list) and len(ranks) > 0
+                           and all(isinstance(r, list) and len(r) == 2 and all(map(_count, r)) for r in ranks)),
+         "data.ranks", "must list one [epoch, batches_in_epoch] pair of integers >= 0 per process")
     opt = state.get("optimizer")
     need(isinstance(opt, dict) and isinstance(opt.get("scalars"), dict), "optimizer", "must hold 'scalars'")
     groups = opt.get("param_groups")

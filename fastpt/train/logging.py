@@ -6,9 +6,12 @@ import csv
 import json
 import os
 
+from fastpt._atomic import atomic_write
+
 
 class MetricsLog:
-    """Append-only metrics: one JSON object per line, plus a CSV with a fixed header."""
+    """Append-only metrics: one JSON object per line, plus a CSV with a fixed header (rewritten
+    only when a resumed run drops the rows after its checkpoint)."""
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "eval_loss")
 
@@ -32,6 +35,38 @@ class MetricsLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+    def resume(self, step: int) -> None:
+        """Continue the log of a run resumed from its checkpoint at ``step``. Rows after it were
+        written by the run that died after that checkpoint, and the resumed run writes them
+        again: they are dropped from both files. The earlier rows are read back, so the loss
+        curve covers the whole run."""
+        if not self.enabled:
+            self.rows = [r for r in self.rows if r["step"] <= step]
+            return
+        rows = []
+        if os.path.exists(self.jsonl):
+            with open(self.jsonl) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # the last line of a process killed while writing it
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                        rows.append(row)
+        self.rows = rows
+
+        def write_jsonl(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.jsonl, write_jsonl)
+        atomic_write(self.csv, write_csv)
 
     def plot(self, path: str | None = None) -> str | None:
         """Write the training (and evaluation) loss curve as a PNG; returns its path."""

@@ -1,18 +1,24 @@
 """``Trainer``: the pre-training / fine-tuning loop, from one CPU process to torchrun + DDP/FSDP.
 
 The model is any ``nn.Module`` whose ``forward(**batch)`` returns an object (or dict) with a
-``loss`` that is the mean over the batch's label tokens. One optimizer step gathers
-``grad_accum`` micro-batches, counts their label tokens on every rank, and back-propagates
-``loss_i * n_i / N`` (N = tokens over all micro-batches and ranks, times the world size that
-DDP averages over), so the update equals the one of a single large batch whatever the split.
+``loss`` that is the mean over the batch's label tokens (or a ``loss_fn`` returns that mean and
+the count). One optimizer step back-propagates ``loss_i * n_i`` for each of its ``grad_accum``
+micro-batches, then scales the gradients by ``world / N`` (N = label tokens over all
+micro-batches and ranks, known only after the forwards when a ``loss_fn`` counts them; the
+world size undoes DDP's average), so the update equals the one of a single large batch
+whatever the split.
 
 Data order is a pure function of (seed, epoch) through ``DistributedSampler`` (also with one
-process), which is what makes 1-process and 2-process runs and resumed runs agree.
+process), which is what makes 1-process and 2-process runs and resumed runs agree. A
+collator's randomness (its ``generator``: MLM masks, prefix splits, spans) is restarted for
+every batch from (seed, rank, epoch, batch index): ranks draw different masks, DataLoader
+workers change nothing, and a resumed run draws the masks the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -22,8 +28,9 @@ import time
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
 
+from fastpt.data.datasets import seed_collator
 from fastpt.pretrain.mlm import IGNORE_INDEX
 from fastpt.train import checkpoint as ckpt
 from fastpt.train import distributed as fdist
@@ -61,31 +68,90 @@ def _loss_of(output) -> torch.Tensor:
     return loss
 
 
-class _Skip(IterableDataset):
-    """An iterable dataset without its first ``n`` items."""
-
-    def __init__(self, data, n: int):
-        self.data, self.n = data, n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.data), self.n, None)
-
-
 def _collate_generator(collate_fn) -> torch.Generator | None:
     """The torch.Generator an objective's collator draws its masks from, if it has one."""
     g = getattr(collate_fn, "generator", None)
     return g if isinstance(g, torch.Generator) else None
 
 
+def _seed_of(*key) -> int:
+    """A 64-bit seed from a tuple of ints and strings; nearby keys give unrelated seeds."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+
+
+class _Collate:
+    """``collate_fn`` with its randomness a pure function of ``key`` and the batch index, so a
+    batch gets the same masks whichever process collates it and whatever was collated before."""
+
+    def __init__(self, collate_fn, key: tuple):
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        own_seed = getattr(collate_fn, "seed", None)  # two collator seeds still give two mask streams
+        self.key = (*key, own_seed if isinstance(own_seed, int) else None)
+
+    def __call__(self, index: int, examples: list):
+        if _collate_generator(self.collate_fn) is not None:
+            seed_collator(self.collate_fn, _seed_of(*self.key, index))
+        return self.collate_fn(examples)
+
+
+def _as_is(batch):
+    """The loaders below yield batches already collated (where they were read)."""
+    return batch
+
+
+class _MapBatches(Dataset):
+    """Item ``t``: batch ``t`` (a list of indices into ``data``), collated."""
+
+    def __init__(self, data, batches: list, collate: _Collate):
+        self.data, self.batches, self.collate = data, batches, collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, t: int):
+        fetch = getattr(self.data, "__getitems__", None)  # a batched read, as DataLoader itself uses
+        return self.collate(t, fetch(self.batches[t]) if fetch else [self.data[i] for i in self.batches[t]])
+
+
+class _IterableBatches(IterableDataset):
+    """Batches of an iterable dataset, collated where they are read (in a DataLoader worker, if
+    any). Batch j of worker k of n is indexed j * n + k: its place in the loader's round-robin
+    order while every worker has data, and never before it. Batches indexed below ``skip`` thus
+    come before the resume point and are not collated; the loader's consumer drops the first
+    ``skip`` items (these placeholders, and batches that a worker running dry moved forward)."""
+
+    def __init__(self, data, batch_size: int, drop_last: bool, skip: int, collate: _Collate):
+        self.data, self.batch_size, self.drop_last = data, batch_size, drop_last
+        self.skip, self.collate = skip, collate
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        examples = iter(self.data)
+        for j in itertools.count():
+            batch = list(itertools.islice(examples, self.batch_size))
+            if not batch or (self.drop_last and len(batch) < self.batch_size):
+                return
+            index = j * workers + worker
+            yield None if index < self.skip else self.collate(index, batch)
+
+
 class Trainer:
     """Train ``model`` on ``train_data`` (a map-style or iterable ``Dataset``).
 
     ``collate_fn`` builds batches (an objective's collator). ``loss_fn(model, batch)`` may
-    replace the default ``model(**batch).loss`` and must then return ``(mean_loss, count)``.
+    replace the default ``model(**batch).loss`` and must then return ``(mean_loss, count)``:
+    the mean over the batch's ``count`` label tokens (the update weights it by ``count``).
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_data, *,
                  eval_data=None, collate_fn=None, loss_fn=None):
+        if eval_data is not None and not isinstance(eval_data, IterableDataset):
+            if not hasattr(eval_data, "__len__") or not hasattr(eval_data, "__getitem__"):
+                raise ValueError("eval_data must be a map-style dataset (indexable, with a length) or an "
+                                 f"IterableDataset, got {type(eval_data).__name__}")
+            if len(eval_data) == 0:
+                raise ValueError("eval_data is empty: pass eval_data=None to train without evaluation")
         self.config = config
         self.rank, self.world = fdist.init_from_env()
         seed_everything(config.seed)
@@ -103,24 +169,32 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
 
-    def _loader(self, data, epoch: int, shuffle: bool, skip: int = 0) -> DataLoader:
-        """Batches of ``data`` for ``epoch``, starting after ``skip`` batches. Skipped batches
-        are never collated, so a collator's own RNG (restored from the checkpoint) is not
-        advanced twice."""
+    def _loader(self, data, epoch: int, train: bool, skip: int = 0):
+        """Collated batches of this rank's share of ``data``: for training, of ``epoch``
+        (shuffled, incomplete batches dropped) from batch ``skip`` on; for evaluation, every
+        example once. Skipped batches are never collated."""
         bs = self.config.batch_size
+        collate = _Collate(self.collate_fn, (self.config.seed, "train" if train else "eval", self.rank, epoch))
         # A loader's own generator: creating a loader draws a seed from it, and drawing from the
         # global RNG instead would shift dropout after a resume (which creates a new loader).
-        common = {"collate_fn": self.collate_fn, "num_workers": self.config.num_workers,
+        common = {"batch_size": None, "collate_fn": _as_is, "num_workers": self.config.num_workers,
                   "generator": torch.Generator().manual_seed(self.config.seed * 1000 + epoch)}
         if isinstance(data, IterableDataset):
-            return DataLoader(_Skip(data, skip * bs), batch_size=bs, drop_last=shuffle, **common)
-        sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank,
-                                     shuffle=shuffle, seed=self.config.seed, drop_last=shuffle)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)
-        n_batches = len(indices) // bs if shuffle else -(-len(indices) // bs)
-        batches = [indices[i * bs:(i + 1) * bs] for i in range(skip, n_batches)]
-        return DataLoader(data, batch_sampler=batches, **common)
+            loader = DataLoader(_IterableBatches(data, bs, train, skip, collate), **common)
+            return itertools.islice(loader, skip, None)
+        if train:
+            sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=self.config.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            indices = list(sampler)
+            n_batches = len(indices) // bs
+        else:
+            # Not DistributedSampler: it pads the shares to equal length by repeating examples,
+            # which the evaluation would count twice.
+            indices = list(range(self.rank, len(data), self.world))
+            n_batches = -(-len(indices) // bs)
+        batches = [indices[i * bs:(i + 1) * bs] for i in range(n_batches)]
+        return DataLoader(_MapBatches(data, batches, collate), sampler=range(skip, n_batches), **common)
 
     def _micro_batches(self):
         """Endless micro-batches from the saved data position; tracks epoch and offset."""
@@ -148,16 +222,21 @@ class Trainer:
         with autocast:
             if self.loss_fn is not None:
                 loss, count = self.loss_fn(self.wrapped, batch)
-                return loss.float(), torch.as_tensor(count, dtype=torch.float32)
+                count = torch.as_tensor(count, dtype=torch.float32)
+                if count.dim() != 0 or not bool(count >= 0) or not bool(torch.isfinite(count)):
+                    raise ValueError(f"loss_fn must return (mean_loss, count) with count a number >= 0 "
+                                     f"(the label tokens the mean is over), got count {count}")
+                return loss.float(), count
             return _loss_of(self.wrapped(**batch)).float(), self._count(batch)
 
     # -- training ---------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list) -> dict:
-        """One optimizer step over the given micro-batches; returns loss, grad norm, tokens."""
+        """One optimizer step over the given micro-batches; returns the loss, gradient norm
+        and label tokens (over all ranks) and the learning rate the step applied. Raises
+        FloatingPointError, before the optimizer changes any weight, when the loss or the
+        gradient norm is not finite."""
         self.wrapped.train()
-        counts = [self._count(b) for b in micro_batches] if self.loss_fn is None else None
-        total = fdist.all_reduce_sum(torch.stack(counts).sum()) if counts is not None else None
         loss_sum = torch.zeros(())
         n_seen = torch.zeros(())
         for i, batch in enumerate(micro_batches):
@@ -167,19 +246,37 @@ class Trainer:
                 sync = self.wrapped.no_sync()
             with sync:
                 loss, count = self._forward(batch)
-                denom = total if total is not None else count * len(micro_batches)
-                (loss * count * self.world / denom).backward()
-            loss_sum += loss.detach() * count
+                # The sum over the micro-batch's tokens: the mean over all of the step's tokens
+                # needs their total, which a loss_fn gives only with its forward.
+                (loss * count).backward()
+            # A micro-batch without label tokens has a NaN mean (0 / 0) and adds nothing.
+            loss_sum += torch.where(count > 0, loss.detach() * count, 0.0)
             n_seen += count
-        grad_norm = None
-        if self.config.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        loss_sum, total = (float(x) for x in fdist.all_reduce_sum(torch.stack([loss_sum, n_seen])))
+        if total == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ValueError(f"step {self.step + 1}: its {len(micro_batches)} micro-batches hold no label token "
+                             f"on any of the {self.world} processes (every label is {IGNORE_INDEX}): "
+                             "the mean loss is undefined")
+        for p in self.model.parameters():
+            if p.grad is not None:  # DDP averaged the sums over ranks: world / total makes the mean
+                p.grad.mul_(self.world / total)
+        # The norm is taken without clipping too: it tells whether the step is finite.
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        loss = loss_sum / total
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Before optimizer.step and any save: the weights and the checkpoints on disk (which
+            # keep_last would prune for NaN ones) stay as they were after the last good step.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"step {self.step + 1}: the loss ({loss}) or gradient norm ({grad_norm}) "
+                                     "is not finite; the step was not applied and nothing was saved")
+        lr = self.optimizer.param_groups[0]["lr"]  # the one this step applies, before the scheduler moves it
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        stats = fdist.all_reduce_sum(torch.stack([loss_sum, n_seen]))
-        return {"loss": float(stats[0] / stats[1]), "grad_norm": grad_norm, "tokens": float(stats[1])}
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": total, "lr": lr}
 
     def train(self, resume_from: str | None = None) -> dict:
         """Run to ``max_steps`` (resuming from a checkpoint folder when given); returns the
@@ -201,7 +298,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 done = self.step == cfg.max_steps
-                row = {"step": self.step, "loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0],
+                row = {"step": self.step, "loss": stats["loss"], "lr": stats["lr"],
                        "grad_norm": stats["grad_norm"], "tokens": stats["tokens"]}
                 if self.eval_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
                     row["eval_loss"] = self.evaluate()
@@ -210,10 +307,12 @@ class Trainer:
                     row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else None
                     window_tokens, window_start = 0.0, time.perf_counter()
                     self.metrics.write(row)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                    self.save()
-                elif self._stop_agreed(stop):
-                    raise TrainingInterrupted(self.step, self.save())
+                # A stop request is honoured on save steps too: it saves once, not a step later.
+                save_now = (cfg.save_every and self.step % cfg.save_every == 0) or done
+                path = self.save() if save_now else None
+                if not done and self._stop_agreed(stop):
+                    # Not `path or self.save()`: ranks other than 0 get None from save() too.
+                    raise TrainingInterrupted(self.step, path if save_now else self.save())
         self.metrics.plot()
         return row
 
@@ -225,15 +324,53 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean loss over the evaluation data (all ranks)."""
+        """Token-weighted mean loss over the evaluation data, each example counted once (all
+        ranks). A collator draws the same masks at every evaluation, from a stream of its own:
+        neither the training masks, nor the global RNG, nor the module's train/eval mode change."""
+        if self.eval_data is None:
+            raise ValueError("Trainer.evaluate() needs eval_data: none was given to the Trainer")
+        was_training = self.wrapped.training
         self.wrapped.eval()
-        total = torch.zeros(2)
-        for batch in self._loader(self.eval_data, 0, shuffle=False):
+        try:
+            # A model may draw from the global RNG in eval mode too (sampling): what it draws
+            # must not move the training run's dropout.
+            with torch.random.fork_rng(devices=[]):
+                loss_sum, count, batches = (float(x) for x in self._eval_sums())
+        finally:
+            self.wrapped.train(was_training)
+        if batches == 0:
+            raise ValueError("eval_data yields no example: there is nothing to evaluate")
+        if count == 0:
+            raise ValueError(f"eval_data holds no label token (every label is {IGNORE_INDEX}): "
+                             "its mean loss is undefined")
+        return loss_sum / count
+
+    def _eval_sums(self) -> torch.Tensor:
+        """(sum of loss x tokens, tokens, batches) over every rank's share of the evaluation data.
+        Every rank runs as many forwards as the rank with the most batches (FSDP gathers the
+        weights in each forward, DDP may sync buffers): a rank out of batches repeats its last
+        one, or a batch of example 0, without counting it."""
+        sums = torch.zeros(3)
+        batches = iter(self._loader(self.eval_data, 0, train=False))
+        filler = None
+        while True:
+            batch = next(batches, None)
+            real = batch is not None
+            more = real if self.world == 1 else bool(fdist.all_reduce_sum(torch.tensor(float(real))) > 0)
+            if not more:
+                return fdist.all_reduce_sum(sums)
+            if not real:
+                batch = filler if filler is not None else self._eval_filler()
             loss, count = self._forward(batch)
-            total += torch.stack([loss * count, count])
-        total = fdist.all_reduce_sum(total)
-        self.wrapped.train()
-        return float(total[0] / total[1]) if total[1] > 0 else math.nan
+            if real:
+                sums += torch.stack([torch.where(count > 0, loss * count, 0.0), count, torch.tensor(1.0)])
+                filler = batch
+
+    def _eval_filler(self):
+        if isinstance(self.eval_data, IterableDataset):
+            raise ValueError(f"eval_data gives process {self.rank} of {self.world} no example while others "
+                             "have some: an iterable evaluation set must give every process one")
+        return _Collate(self.collate_fn, (self.config.seed, "eval-filler"))(0, [self.eval_data[0]])
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -242,31 +379,32 @@ class Trainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def save(self) -> str | None:
-        """Checkpoint model, optimizer, scheduler, RNG and data position. Every rank takes
-        part in gathering full state dicts (needed under FSDP); rank 0 writes."""
+        """Checkpoint model, optimizer, scheduler, RNG and every rank's data position. Every
+        rank takes part in gathering full state dicts (needed under FSDP); rank 0 writes."""
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                              get_optimizer_state_dict)
         options = self._state_options()
         model_state = get_model_state_dict(self.wrapped, options=options)
         optim_state = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
+        # Ranks can be at different places in their data (an iterable dataset's shares differ
+        # in length): each resumes from its own.
+        positions = torch.zeros(self.world, 2, dtype=torch.long)
+        positions[self.rank] = torch.tensor([self.epoch, self.batches_in_epoch])
+        positions = fdist.all_reduce_sum(positions).tolist()
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(
                 self.config.output_dir + "/checkpoints", self.step, model_state, optim_state,
                 self.scheduler.state_dict(),
-                {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch},
+                {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "ranks": positions},
                 extra={"config": self.config.to_dict(), "world_size": self.world},
-                keep_last=self.config.keep_last, tensors=self._extra_tensors())
+                keep_last=self.config.keep_last)
         fdist.barrier()
         return path
 
-    def _extra_tensors(self) -> dict:
-        g = _collate_generator(self.collate_fn)
-        return {"collate.generator": g.get_state()} if g is not None else {}
-
     def load(self, path: str) -> None:
         """Resume from a checkpoint folder (or a root with ``latest``): weights, optimizer,
-        scheduler, data position, RNGs."""
+        scheduler, data position, RNGs; metrics rows after its step are dropped."""
         from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_optimizer_state_dict)
         state = ckpt.load_checkpoint(path)
@@ -275,14 +413,7 @@ class Trainer:
         self._check_same_run(state)
         ckpt.check_against(state, self.model)
         self._check_scheduler_state(state)
-        g = _collate_generator(self.collate_fn)
-        g_state = state["tensors"].get("collate.generator") if g is not None else None
-        if g_state is not None:
-            try:
-                torch.Generator(device=g.device).set_state(g_state)
-            except (TypeError, RuntimeError) as e:
-                raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.OPTIM_FILE}: extra/collate.generator "
-                                           f"is no generator state ({e})") from None
+        position = self._data_position(state)
         options = self._state_options()
         try:
             set_model_state_dict(self.wrapped, state["model"], options=options)
@@ -291,24 +422,41 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
         ckpt.restore_rng(state)
-        if g_state is not None:
-            g.set_state(g_state)
+        # A collator generator state in checkpoints of older versions is not needed: every
+        # batch's masks now follow from (seed, rank, epoch, batch index).
         self.step = state["step"]
-        self.epoch, self.batches_in_epoch = state["data"]["epoch"], state["data"]["batches_in_epoch"]
+        self.epoch, self.batches_in_epoch = position
+        self.metrics.resume(self.step)
+
+    def _data_position(self, state: dict) -> tuple[int, int]:
+        """This rank's (epoch, batches_in_epoch). Checkpoints of older versions hold rank 0's
+        only, which is every rank's when the shares have equal lengths (map-style data)."""
+        data = state["data"]
+        ranks = data.get("ranks")
+        if ranks is None:
+            return data["epoch"], data["batches_in_epoch"]
+        if len(ranks) != self.world:
+            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'data.ranks' holds "
+                                       f"{len(ranks)} data positions for {self.world} processes")
+        return tuple(ranks[self.rank])
 
     def _check_same_run(self, state: dict) -> None:
         """The saved data position counts batches of batch_size on each of world_size
-        processes: with other values it would point at other examples (skipped or repeated)."""
+        processes (and, for an iterable dataset, DataLoader workers, which deal its examples):
+        with other values it would point at other examples (skipped or repeated)."""
         extra = state["extra"]
         config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
         saved = {"batch_size": config.get("batch_size"), "processes": extra.get("world_size")}
         now = {"batch_size": self.config.batch_size, "processes": self.world}
+        if isinstance(self.train_data, IterableDataset):
+            saved["num_workers"], now["num_workers"] = config.get("num_workers"), self.config.num_workers
         differ = [f"{k}={saved[k]} (now {now[k]})" for k in now if saved[k] is not None and saved[k] != now[k]]
         if differ:
             raise ckpt.CheckpointError(
                 f"{state['folder']} was written with {', '.join(differ)}: its data position "
                 f"(epoch {state['data']['epoch']}, batch {state['data']['batches_in_epoch']}) would not "
-                "resume the same data; resume with the same batch_size and number of processes")
+                "resume the same data; resume with the same batch_size, number of processes"
+                + (" and num_workers" if "num_workers" in now else ""))
 
     def _check_scheduler_state(self, state: dict) -> None:
         """A scheduler state with other fields or value types than this scheduler's own would
