@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models import Decoder, Encoder
-from fastpt.models.common import first_label_outside
+from fastpt.models.common import check_labels
 
 IGNORE_INDEX = -100
 POOLINGS = ("cls", "mean", "last")
@@ -119,16 +119,8 @@ def _check_loss_batch(head: str, B: int) -> None:
 
 
 def _check_class_labels(labels: Tensor, shape: tuple, what: str, num_labels: int) -> None:
-    """Class ids of ``shape`` (``what`` says which), each in [0, num_labels) or IGNORE_INDEX;
-    torch's own errors name neither the argument nor the expected shape."""
-    if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"labels must be {what} = {tuple(shape)}, got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer class ids, got {labels.dtype}")
-    at = first_label_outside(labels, num_labels)
-    if at is not None:
-        raise ValueError(f"labels must lie in [0, num_labels={num_labels}) or be {IGNORE_INDEX} "
-                         f"(ignored), got {int(labels.reshape(-1)[at])}")
+    """Class ids of ``shape`` (``what`` says which), each in [0, num_labels) or IGNORE_INDEX."""
+    check_labels(labels, shape, num_labels, what=what, like="", classes="num_labels", kind="class ids")
 
 
 class SequenceClassifier(_Head):

@@ -174,19 +174,21 @@ def first_label_outside(labels: Tensor, n_classes: int) -> int | None:
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
-def check_labels(labels: Tensor, shape: tuple[int, int] | None, vocab_size: int) -> None:
-    """Token labels: (B, T) like the logits (``shape``; None: any (batch, length)), integer,
-    and (on CPU, see ``check_ids``) each in [0, vocab_size) or IGNORE_INDEX; torch's own
-    errors name neither."""
+def check_labels(labels: Tensor, shape: tuple | None, vocab_size: int, *, what: str = "(B, T)",
+                 like: str = " like the inputs", classes: str = "vocab_size", kind: str = "token ids") -> None:
+    """Labels: of ``shape`` (``what``; None: any (batch, length)), integer, and (on CPU, see
+    ``check_ids``) each in [0, vocab_size) or IGNORE_INDEX; torch's own errors name neither.
+    Token labels by default; ``classes`` and ``kind`` name the limit and the ids otherwise
+    (a classifier's num_labels and class ids)."""
     if shape is None and labels.dim() != 2:
         raise ValueError(f"labels must be (batch, length), got shape {tuple(labels.shape)}")
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"labels must be (B, T) = {tuple(shape)} like the inputs, got {tuple(labels.shape)}")
+        raise ValueError(f"labels must be {what} = {tuple(shape)}{like}, got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}")
+        raise TypeError(f"labels must hold integer {kind}, got {labels.dtype}")
     at = first_label_outside(labels, vocab_size)
     if at is not None:
-        raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be {IGNORE_INDEX} "
+        raise ValueError(f"labels must lie in [0, {classes}={vocab_size}) or be {IGNORE_INDEX} "
                          f"(ignored), got {int(labels.reshape(-1)[at])}")
 
 
