@@ -304,3 +304,13 @@ def _bad(**overrides):
 def test_bad_input(overrides, error, match):
     with pytest.raises(error, match=match):
         ops.attention(**_bad(**overrides))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backward_refuses_out_of_another_dtype(dtype):
+    # The kernels read out as q's dtype: float64 was read as garbage, bfloat16 past its end.
+    q, k, v = qkv(1, 2, 1, 5, 7, 16)
+    out, lse = torch.ops.fastpt.attention(q, k, v, None, None, False, 0.25, 0.0, None)
+    with pytest.raises(TypeError, match="out must have the dtype of q"):
+        torch.ops.fastpt.attention_backward(torch.randn(q.shape), q, k, v, out.to(dtype), lse, None, None, False,
+                                            0.25, 0.0, None, False)

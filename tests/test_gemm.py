@@ -253,3 +253,15 @@ def test_gemm_into_bad_output():
         ops.gemm_into_(square, square, torch.randn(4, 4))
     with pytest.raises(RuntimeError, match="no autograd"):
         ops.gemm_into_(torch.zeros(3, 2), a.requires_grad_(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("tb", [False, True])
+def test_row_stride_past_int32(cpu_capability, dtype, tb):
+    # BLAS takes int leading dims; a one-row view may have any row stride (it is never
+    # stepped), so 2**31 needs no memory. It used to wrap to -2**31: MKL refused the product
+    # ("Parameter 10 was incorrect") and left the output unwritten.
+    a = torch.randn(64, dtype=dtype).as_strided((1, 64), (2**31, 1))
+    b = torch.randn(64, dtype=dtype).as_strided((1, 64), (2**32 + 3, 1)) if tb else torch.randn(64, 8, dtype=dtype)
+    out = ops.gemm(a, b, trans_b=tb)
+    torch.testing.assert_close(out.double(), product(a, b, False, tb).to(dtype).double(), rtol=1e-2, atol=1e-2)

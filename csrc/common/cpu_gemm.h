@@ -16,6 +16,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -53,6 +54,13 @@ void gemm_loop(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const
   }
 }
 
+// Whether BLAS, which takes int sizes and leading dims, can take these.
+inline bool fits_blas_int(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  for (const int64_t v : {m, n, k, lda, ldb, ldc})
+    if (v > INT_MAX) return false;
+  return true;
+}
+
 // Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C; op(X) = X^T when its flag
 // is set. Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B goes first.
 template <typename T, typename A>
@@ -64,31 +72,36 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, con
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == A(0) ? A(0) : beta * c[i * ldc + j];
     return;
   }
+  // The blocks are small, but a leading dim is an operand's own row stride, which a strided view
+  // can make >= 2^31 (BLAS would reject it and leave C unwritten): such products take fastpt's
+  // own kernels (int64 sizes) where this build has them, else the loop.
+  const bool blas = fits_blas_int(m, n, k, lda, ldb, ldc);
   const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
   const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (own_gemm_active()) return avx512_gemm::gemm_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (own_gemm_active() || !blas)
+      return avx512_gemm::gemm_f32(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
-    if (sgemm_) return sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    if (sgemm_ && blas) return sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, double>) {
-    if (dgemm_) return dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    if (dgemm_ && blas) return dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__AVX512BF16__)
-    if (!cpu_features().amx_bf16)  // with AMX, MKL is the faster one
+    if (!cpu_features().amx_bf16 || !blas)  // with AMX, MKL is the faster one
       return avx512_gemm::gemm_bf16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
                                     reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 #endif
-    if (gemm_bf16bf16f32_)
+    if (gemm_bf16bf16f32_ && blas)
       return gemm_bf16bf16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
                                reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (own_gemm_active())
+    if (own_gemm_active() || !blas)
       return avx512_gemm::gemm_f16(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
                                    reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
 #endif
-    if (gemm_f16f16f32_)
+    if (gemm_f16f16f32_ && blas)
       return gemm_f16f16f32_(&tA, &tB, &M, &N, &K, &alpha, reinterpret_cast<const uint16_t*>(b), &LDA,
                              reinterpret_cast<const uint16_t*>(a), &LDB, &beta, c, &LDC);
   }

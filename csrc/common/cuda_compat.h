@@ -9,8 +9,8 @@
 //     __int_as_float, __longlong_as_double;
 //   - __nv_bfloat16 / __half with __bfloat162float, __float2bfloat16_rn, __half2float,
 //     __float2half_rn;
-//   - cudaError_t, cudaSuccess, cudaErrorInvalidValue, cudaStream_t, cudaGetLastError and
-//     cudaGetErrorString;
+//   - cudaError_t, cudaSuccess, cudaErrorInvalidValue, cudaStream_t, cudaGetLastError,
+//     cudaPeekAtLastError and cudaGetErrorString;
 //   - FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, args...), which runs
 //     every block's threads with real barriers and returns a cudaError_t, and
 //     fastpt_simt_dynamic_smem(), the running block's dynamic shared memory (a void*
@@ -48,21 +48,38 @@
 // are torch-free, so the glue turns the code into a c10 error. Template kernels with
 // several arguments go through a function pointer (`auto k = &f<T, V>;`) because the
 // preprocessor splits macro arguments at the comma inside <...>.
+// cudaGetLastError after a launch also returns (and clears) an error left by earlier work on
+// this thread: another library's unchecked launch, or an earlier kernel's fault (CUDA reports
+// those asynchronously). So an error already pending is returned as it is, not consumed and
+// with nothing launched, and the glue says whose it is (error_predates_launch below).
 #if defined(FASTPT_SIMT_EMULATOR)
-#define FASTPT_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                          \
-  do {                                                                                      \
-    const cudaError_t fastpt_launch_err_ =                                                  \
-        FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, __VA_ARGS__);           \
-    if (fastpt_launch_err_ != cudaSuccess) return fastpt_launch_err_;                       \
-  } while (0)
+#define FASTPT_LAUNCH_UNCHECKED(kernel, grid, block, smem_bytes, stream, ...) \
+  (void)FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, __VA_ARGS__)
 #elif defined(__CUDACC__)
+#define FASTPT_LAUNCH_UNCHECKED(kernel, grid, block, smem_bytes, stream, ...) \
+  kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__)
+#endif
+#if FASTPT_KERNEL_COMPILE
 #define FASTPT_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                          \
   do {                                                                                      \
-    kernel<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);                       \
+    const cudaError_t fastpt_pending_err_ = cudaPeekAtLastError();                          \
+    if (fastpt_pending_err_ != cudaSuccess) return fastpt_pending_err_;                     \
+    FASTPT_LAUNCH_UNCHECKED(kernel, grid, block, smem_bytes, stream, __VA_ARGS__);          \
     const cudaError_t fastpt_launch_err_ = cudaGetLastError();                              \
     if (fastpt_launch_err_ != cudaSuccess) return fastpt_launch_err_;                       \
   } while (0)
 #endif
+
+namespace fastpt::cuda {
+
+// Whether `err`, returned by a launcher, is an error that was pending before its launch
+// (FASTPT_LAUNCH left it in place) rather than the launch's own (which it consumed). Sticky
+// errors (a kernel's fault) stay pending too: they come from kernels queued earlier.
+inline bool error_predates_launch(cudaError_t err) {
+  return err != cudaSuccess && cudaPeekAtLastError() == err;
+}
+
+}  // namespace fastpt::cuda
 
 #if FASTPT_KERNEL_COMPILE
 
@@ -190,6 +207,23 @@ template <typename A>
 FASTPT_DEVICE A quiet_nan() {
   if constexpr (std::is_same_v<A, double>) return __longlong_as_double(0x7ff8000000000000LL);
   else return __int_as_float(0x7fc00000);
+}
+
+// gridDim.y and gridDim.z are at most 65535 (gridDim.x: 2^31 - 1). Launchers put counts that
+// can exceed that on y in chunks of max_grid_y() rows of blocks; the emulator lets tests lower
+// the limit (fastpt_simt::settings().max_grid_yz) to cover the chunking on small shapes.
+inline int64_t max_grid_y() {
+#if defined(FASTPT_SIMT_EMULATOR)
+  return fastpt_simt::settings().max_grid_yz;
+#else
+  return 65535;
+#endif
+}
+
+// gridDim.y of the launch whose first row of blocks is y0 of `rows`.
+inline unsigned grid_rows(int64_t rows, int64_t y0) {
+  const int64_t n = rows - y0;
+  return static_cast<unsigned>(n < max_grid_y() ? n : max_grid_y());
 }
 
 // ---- dtype dispatch for launchers: f(T{}) with T the storage type of `dtype`.

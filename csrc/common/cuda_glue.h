@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_compat.h"
+
 namespace fastpt {
 
 // ValueError naming `name` unless t lives on a CUDA device. The other tensors of an op are
@@ -14,10 +16,16 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
 }
 
-// Launchers return cudaError_t (kernel files cannot throw c10 errors); this raises it.
+// Launchers return cudaError_t (kernel files cannot throw c10 errors); this raises it. An
+// error that was pending before fastpt's launch is earlier work's, and is named as such.
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "fastpt::", op, ": CUDA kernel launch failed: ",
+  if (err == cudaSuccess) return;
+  TORCH_CHECK(!cuda::error_predates_launch(err), "fastpt::", op,
+              ": a CUDA error from earlier work is pending, not caused by this launch (CUDA reports "
+              "errors asynchronously: an earlier kernel's fault, or another library's unchecked launch): ",
               cudaGetErrorName(err), ": ", cudaGetErrorString(err));
+  TORCH_CHECK(false, "fastpt::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), ": ",
+              cudaGetErrorString(err));
 }
 
 // Streaming multiprocessors of `device` (a cheap driver attribute query, no sync).

@@ -153,6 +153,22 @@ template <typename T> void fill(Buf<T>& b, size_t n, double lo = -2, double hi =
   for (size_t i = 0; i < n; ++i) b[i] = fromd<T>(d(rng));
 }
 
+// Integer results (GEMM sums, quantized values, masks, bounds) must equal the expected ones.
+void exact(const std::string& kernel, const std::string& tag, bool ok) {
+  Stats& s = stats[kernel];
+  ++s.checks;
+  if (!ok) ++s.failures;
+  if (!ok || verbose) std::printf("%s %s %s: exact comparison\n", ok ? "ok" : "FAIL", kernel.c_str(), tag.c_str());
+}
+
+// Lowers gridDim.y's limit (65535 on a GPU) for one test, so launchers that split a large count
+// of rows of blocks into several launches do so on small shapes.
+struct GridYLimit {
+  unsigned saved = fastpt_simt::settings().max_grid_yz;
+  explicit GridYLimit(unsigned limit) { fastpt_simt::settings().max_grid_yz = limit; }
+  ~GridYLimit() { fastpt_simt::settings().max_grid_yz = saved; }
+};
+
 // ---------------------------------------------------------------- RMSNorm
 template <typename T> void test_rms(int64_t rows, int64_t n, int off, int64_t num_partials) {
   using A = cuda::acc_t<T>;
@@ -653,6 +669,70 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
     compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias);
 }
 
+// A NaN in one row of q, or of dO, makes its head's gradients NaN and nothing else: the other
+// head's dK, dV (stored right after) stay finite and nothing is written past grad_k, grad_v (a
+// canary of 64 rows). S = 37 is not a multiple of the key tile (32; 8 for fp64): the SIMT
+// backward used to add the NaN row's gradient to the keys past S of its last tile.
+template <typename T>
+void test_attention_nan_row(bool wmma, bool in_dout) {
+  using A = cuda::acc_t<T>;
+  const int64_t B = 1, H = 2, T_ = 3, S = 37, D = 8, nq = B * H * T_ * D, nk = B * H * S * D, canary = 64 * D;
+  Buf<T> q(nq, 0), k(nk, 0), v(nk, 0), dout(nq, 0), out(nq, 0), dq(nq, 0);
+  fill(q, nq); fill(k, nk); fill(v, nk); fill(dout, nq);
+  // In q: head 0, whose keys are followed by head 1's; in dO: head 1, the last, followed by the canary.
+  const int64_t bad = in_dout ? 1 : 0;
+  (in_dout ? dout : q)[(bad * T_ + 1) * D] = fromd<T>(NAN);
+  std::vector<A> lse(B * H * T_), gk(nk + canary, A(0)), gv(nk + canary, A(0));
+  const AttentionShape sh{B, H, H, T_, S, D, H * T_ * D, T_ * D, D, H * S * D, S * D, D, H * S * D, S * D, D,
+                          0, 0, 0, 0, nullptr, nullptr, false, 1.0 / std::sqrt(double(D)), 0.0, 0, dt<T>()};
+  const std::string tag = std::string(name<T>()) + " S 37 NaN in " + (in_dout ? "dO" : "q");
+  const std::string fwd = wmma ? "attention_wmma_fwd" : "attention_fwd";
+  const std::string bwd = wmma ? "attention_wmma_bwd" : "attention_bwd";
+  const AttentionFwdArgs fa{sh, q.p(), k.p(), v.p(), out.p(), lse.data()};
+  launched(fwd, wmma ? attention_wmma_fwd_cuda(fa, nullptr) : attention_fwd_cuda(fa, nullptr), tag);
+  const AttentionBwdArgs ba{sh, q.p(), k.p(), v.p(), out.p(), dout.p(), lse.data(), dq.p(), gk.data(), gv.data(),
+                            nullptr};
+  launched(bwd, wmma ? attention_wmma_bwd_cuda(ba, nullptr) : attention_bwd_cuda(ba, nullptr), tag);
+  bool nan_reached = false, others_finite = true, canary_zero = true;
+  for (int64_t e = 0; e < nk; ++e) {
+    if (e / (S * D) == bad) nan_reached |= std::isnan(double(gk[e]));
+    else others_finite &= std::isfinite(double(gk[e])) && std::isfinite(double(gv[e]));
+  }
+  for (int64_t e = 0; e < nq; ++e)
+    if (e / (T_ * D) != bad) others_finite &= std::isfinite(tod(dq[e]));
+  for (int64_t e = nk; e < nk + canary; ++e) canary_zero &= gk[e] == A(0) && gv[e] == A(0);
+  exact(bwd, tag + ": the NaN reaches its head's dK", nan_reached);
+  exact(bwd, tag + ": the other head's dQ, dK, dV are finite", others_finite);
+  exact(bwd, tag + ": nothing written past grad_k, grad_v", canary_zero);
+}
+
+// Launch errors (common/cuda_compat.h): an error left pending by earlier work (here a launch
+// outside fastpt with a bad grid) is returned as it is, left pending, and nothing is launched,
+// so the glue reports it as earlier work's; a launch's own error is consumed and reported as its.
+void test_launch_errors() {
+  const int64_t n = 4 * 3 * 8;
+  Buf<float> q(n, 0), k(n, 0), v(n, 0), out(n, 0);
+  fill(q, n); fill(k, n); fill(v, n);
+  std::vector<float> lse(4 * 3, -7.0f);
+  const AttentionShape sh{1, 4, 4, 3, 3, 8, 4 * 3 * 8, 3 * 8, 8, 4 * 3 * 8, 3 * 8, 8, 4 * 3 * 8, 3 * 8, 8,
+                          0, 0, 0, 0, nullptr, nullptr, false, 0.3, 0.0, 0, DType::kFloat32};
+  const AttentionFwdArgs fa{sh, q.p(), k.p(), v.p(), out.p(), lse.data()};
+  auto noop = +[](int) {};
+  const cudaError_t earlier = FASTPT_SIMT_LAUNCH(noop, dim3(1, 70000), dim3(32), 0, nullptr, 0);
+  cudaError_t e = attention_fwd_cuda(fa, nullptr);
+  bool ok = earlier == cudaErrorInvalidConfiguration && e == earlier && cuda::error_predates_launch(e) &&
+            std::all_of(lse.begin(), lse.end(), [](float x) { return x == -7.0f; });
+  exact("attention_fwd", "error pending before the launch: returned, left pending, not launched", ok);
+  (void)cudaGetLastError();  // its owner takes it
+  launched("attention_fwd", attention_fwd_cuda(fa, nullptr), "after the earlier error was taken");
+  const size_t smem = fastpt_simt::settings().max_dynamic_smem;
+  fastpt_simt::settings().max_dynamic_smem = 1024;  // the launch asks for more
+  e = attention_fwd_cuda(fa, nullptr);
+  fastpt_simt::settings().max_dynamic_smem = smem;
+  ok = e == cudaErrorInvalidConfiguration && !cuda::error_predates_launch(e) && cudaPeekAtLastError() == cudaSuccess;
+  exact("attention_fwd", "the launch's own error: returned and consumed", ok);
+}
+
 template <typename T> void attention_all() {
   test_attention<T>(2, 4, 2, 19, 37, 40, false, false, false, 0.0);   // GQA, cross lengths, 2 query blocks
   test_attention<T>(2, 4, 2, 19, 37, 40, true, true, false, 0.0);     // causal + padding, an empty batch row
@@ -662,6 +742,12 @@ template <typename T> void attention_all() {
   test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
   // (B, T, H, D) strides, bias over (H, T, S)
   test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);
+  {  // B H = 12 heads with gridDim.y limited to 3 (65535 on a GPU): 4 launches
+    const GridYLimit limit(3);
+    test_attention<T>(3, 4, 2, 7, 11, 16, true, false, false, 0.0);
+  }
+  test_attention_nan_row<T>(false, false);
+  test_attention_nan_row<T>(false, true);
 }
 
 // The tensor-core kernels: bf16 / fp16, D padded to a multiple of 16 (40 -> 48), 32 x 32 tiles.
@@ -675,6 +761,12 @@ template <typename T> void attention_wmma_all() {
   test_attention<T>(1, 1, 1, 7, 5, 8, false, false, false, 0.0, true);     // D = 8 padded to 16
   // (B, T, H, D) strides, bias over (H, T, S)
   test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);
+  {  // B H = 12 heads, B Hkv = 6 kv heads (dK dV kernel) with gridDim.y limited to 3: 4 and 2 launches
+    const GridYLimit limit(3);
+    test_attention<T>(3, 4, 2, 7, 11, 16, true, false, false, 0.0, true);
+  }
+  test_attention_nan_row<T>(true, false);
+  test_attention_nan_row<T>(true, true);
 }
 
 template <typename T> void rms_all() {
@@ -704,13 +796,7 @@ template <typename T, typename C> void rope_all() {
 
 // ---------------------------------------------------------------- int8 (LLM.int8, LoRA dropout)
 // Integer results (GEMM sums, quantized values, masks) must equal the host reference and the
-// CPU kernel exactly; the float epilogue follows the tolerance rule.
-void exact(const std::string& kernel, const std::string& tag, bool ok) {
-  Stats& s = stats[kernel];
-  ++s.checks;
-  if (!ok) ++s.failures;
-  if (!ok || verbose) std::printf("%s %s %s: exact comparison\n", ok ? "ok" : "FAIL", kernel.c_str(), tag.c_str());
-}
+// CPU kernel exactly (exact()); the float epilogue follows the tolerance rule.
 
 std::vector<int8_t> rand_int8(size_t n) {
   std::uniform_int_distribution<int> d(-128, 127);
@@ -877,6 +963,10 @@ template <typename T> void test_int8_dropout(int64_t numel, float p) {
 template <typename T> void int8_all() {
   for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 13, 5}, {33, 70, 65}, {40, 64, 200}})
     for (bool bias : {false, true}) test_int8_gemm<T>(m, n, k, bias);
+  {  // gridDim.y limited to 2 (65535 on a GPU): 4 row tiles (on x, unlimited), 5 column tiles in 3 launches
+    const GridYLimit limit(2);
+    test_int8_gemm<T>(100, 150, 65, true);
+  }
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {5, 13}, {9, 300}, {3, 1025}})
     for (bool skip : {false, true}) test_int8_quantize<T>(rows, cols, skip);
   test_int8_outliers<T>(37, 300);
@@ -907,6 +997,7 @@ int main(int argc, char** argv) {
   }
   if (only.empty() || only == "attention") {
     attention_all<float>(); attention_all<double>(); attention_all<__nv_bfloat16>(); attention_all<__half>();
+    test_launch_errors();
   }
   if (only.empty() || only == "attention" || only == "attention_wmma") {
     attention_wmma_all<__nv_bfloat16>(); attention_wmma_all<__half>();

@@ -16,7 +16,8 @@
 //
 // Errors (a thread exits while others wait at a barrier, a warp primitive called by a
 // partial warp, a non-full mask, divergent barriers, a bad launch configuration) end the
-// launch and come back as its cudaError_t; last_error_message() says what happened.
+// launch and come back as its cudaError_t, also pending for cudaGetLastError as on CUDA;
+// last_error_message() says what happened.
 #pragma once
 
 #include <math.h>
@@ -150,6 +151,7 @@ struct Settings {
   Order order = Order::kForward;
   uint64_t seed = 0;
   size_t max_dynamic_smem = 48 * 1024;
+  unsigned max_grid_yz = 65535;  // gridDim.y, z limit; tests lower it to cover chunked launches
   size_t stack_bytes = 128 * 1024;
   bool warp_serial = false;  // run one warp at a time between block barriers
   bool from_env = false;
@@ -371,8 +373,8 @@ inline cudaError_t launch_erased(dim3 grid, dim3 block, size_t smem, void (*body
   const uint64_t nt = uint64_t(block.x) * block.y * block.z;
   if (nt == 0 || nt > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
     return fail(cudaErrorInvalidConfiguration, "bad block size");
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
-      grid.z > 65535)
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
+      grid.y > settings().max_grid_yz || grid.z > settings().max_grid_yz)
     return fail(cudaErrorInvalidConfiguration, "bad grid size");
   if (smem > settings().max_dynamic_smem)
     return fail(cudaErrorInvalidConfiguration,
@@ -425,8 +427,7 @@ inline cudaError_t launch_erased(dim3 grid, dim3 block, size_t smem, void (*body
                       "block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
                           std::to_string(bz) + "): " + b.error);
       }
-  g_last_error = cudaSuccess;
-  return cudaSuccess;
+  return cudaSuccess;  // as on CUDA, an error left pending before stays pending
 }
 
 template <typename... P, typename... A>

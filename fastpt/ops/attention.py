@@ -73,7 +73,7 @@ def _attention_fake(q, k, v, key_padding_mask, attn_bias, causal, scale, dropout
 @torch.library.register_fake("fastpt::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, causal, scale,
                              dropout_p, dropout_seed, bias_grad):
-    check_same_device("q", q, grad_out=grad_out, k=k, v=v)
+    check_same_device("q", q, grad_out=grad_out, k=k, v=v, out=out, lse=lse)
     gb = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gb
 

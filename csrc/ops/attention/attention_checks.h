@@ -112,6 +112,10 @@ inline void check_backward(const Inputs& in, const at::Tensor& grad_out, const a
   const auto& s = in.shape;
   check_same_dtype(grad_out, in.q, "grad_out", "q");
   check_same_device(grad_out, in.q, "grad_out", "q");
+  // The kernels read out as q's dtype and both out and lse on q's device.
+  check_same_dtype(out, in.q, "out", "q");
+  check_same_device(out, in.q, "out", "q");
+  check_same_device(lse, in.q, "lse", "q");
   TORCH_CHECK_VALUE(grad_out.sizes() == in.q.sizes() && out.sizes() == in.q.sizes(),
                     "grad_out and out must have the shape of q ", in.q.sizes(), ", got ", grad_out.sizes(),
                     " and ", out.sizes());

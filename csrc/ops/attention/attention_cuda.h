@@ -20,6 +20,8 @@ cudaError_t attention_bwd_cuda(const AttentionBwdArgs& args, cudaStream_t stream
 // Tensor-core (WMMA) kernels, attention_wmma_kernels.cu: bf16 / fp16, D <= 128 (padded to a
 // multiple of 16 in shared memory). Same contracts as the two above; the backward writes every
 // element of grad_k and grad_v (no atomics: deterministic).
+// Whether they take s on the current device: fp16 always; bf16 where the GPU runs code built
+// for sm_80 or newer (bf16 WMMA does not exist before; older GPUs take the SIMT kernels).
 bool attention_wmma_supported(const AttentionShape& s);
 cudaError_t attention_wmma_fwd_cuda(const AttentionFwdArgs& args, cudaStream_t stream);
 cudaError_t attention_wmma_bwd_cuda(const AttentionBwdArgs& args, cudaStream_t stream);

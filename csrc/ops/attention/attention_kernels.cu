@@ -56,9 +56,9 @@ struct Tile {
   const T *q, *k, *v;
   A *ks, *vs, *rows;  // kBlockK x D, kBlockK x D, kBlockQ x D (queries)
 
-  FASTPT_DEVICE Tile(const AttentionShape& s_, const void* q_, const void* k_, const void* v_, A* smem)
+  // bh: the block's (b, h) as b H + h.
+  FASTPT_DEVICE Tile(const AttentionShape& s_, int64_t bh, const void* q_, const void* k_, const void* v_, A* smem)
       : s(s_) {
-    const int64_t bh = blockIdx.y;
     b = bh / s.H;
     h = bh % s.H;
     hk = h / (s.H / s.Hkv);
@@ -117,12 +117,13 @@ struct Tile {
   }
 };
 
+// bh0: the (b, h) of the launch's first row of blocks (launches take at most 65535 rows).
 template <typename T>
-__global__ void attention_fwd_kernel(AttentionFwdArgs a) {
+__global__ void attention_fwd_kernel(AttentionFwdArgs a, int64_t bh0) {
   using A = acc_t<T>;
   constexpr int BK = kBlockK<A>;
   const AttentionShape& s = a.s;
-  const Tile<T> t(s, a.q, a.k, a.v, cuda::dynamic_smem<A>());
+  const Tile<T> t(s, bh0 + blockIdx.y, a.q, a.k, a.v, cuda::dynamic_smem<A>());
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   t.stage_rows(t.q, s.q_st, t.rows);
   A m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kChunks];
@@ -177,12 +178,12 @@ __global__ void attention_fwd_kernel(AttentionFwdArgs a) {
 }
 
 template <typename T>
-__global__ void attention_bwd_kernel(AttentionBwdArgs a) {
+__global__ void attention_bwd_kernel(AttentionBwdArgs a, int64_t bh0) {
   using A = acc_t<T>;
   constexpr int BK = kBlockK<A>;
   const AttentionShape& s = a.s;
   A* smem = cuda::dynamic_smem<A>();
-  const Tile<T> t(s, a.q, a.k, a.v, smem);
+  const Tile<T> t(s, bh0 + blockIdx.y, a.q, a.k, a.v, smem);
   A* dos = t.rows + kBlockQ * s.D;  // the block's rows of dO
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t bh = t.b * s.H + t.h;
@@ -213,15 +214,18 @@ __global__ void attention_bwd_kernel(AttentionBwdArgs a) {
       const int64_t i = t.i0 + r, j = j0 + lane;
       if (i >= s.T || lse[rr] == neg_inf<A>()) continue;  // uniform; a row without keys: no gradient
       const A x = t.logit(r, i, j, lane);
-      const A p = exp(x - lse[rr]);  // 0 where masked
-      const A pd = s.dropout_p > 0 ? (j < s.S && t.kept(i, j) ? p * keep_scale : A(0)) : p;
+      // A lane without a key (masked, past S, lane >= BK: x = -inf) has p = pd = dS = 0, set
+      // rather than computed: with a NaN lse or Delta (a NaN in q, k, v or dO), exp(-inf - NaN)
+      // and 0 * NaN are NaN, and the NaN would reach keys past S (the next head's dK, dV).
+      const bool seen = x != neg_inf<A>();
+      const A p = seen ? exp(x - lse[rr]) : A(0);
+      const A pd = !seen ? A(0) : s.dropout_p > 0 ? (t.kept(i, j) ? p * keep_scale : A(0)) : p;
       A dp = 0;
-      if (lane < BK && p != A(0))
+      if (seen && p != A(0))
         for (int64_t d = 0; d < s.D; ++d) dp += dos[r * s.D + d] * t.vs[lane * s.D + d];
-      const A ds = pd * dp - p * delta[rr];
-      if (a.grad_bias && lane < BK && j < s.S && p != A(0))
-        static_cast<A*>(a.grad_bias)[(bh * s.T + i) * s.S + j] = ds;
-      for (int jj = 0; jj < BK; ++jj) {
+      const A ds = seen ? pd * dp - p * delta[rr] : A(0);
+      if (a.grad_bias && seen && p != A(0)) static_cast<A*>(a.grad_bias)[(bh * s.T + i) * s.S + j] = ds;
+      for (int jj = 0; jj < BK && j0 + jj < s.S; ++jj) {  // dK, dV have S rows
         const A dsj = __shfl_sync(kFullMask, ds, jj), pdj = __shfl_sync(kFullMask, pd, jj);
         if (dsj == A(0) && pdj == A(0)) continue;  // uniform
         for (int c = 0; c < kChunks; ++c) {
@@ -245,13 +249,12 @@ __global__ void attention_bwd_kernel(AttentionBwdArgs a) {
   }
 }
 
-dim3 grid_of(const AttentionShape& s) {
-  return dim3(unsigned((s.T + kBlockQ - 1) / kBlockQ), unsigned(s.B * s.H));
+// x: query blocks; y: (b, h) from bh0, at most max_grid_y() of them per launch.
+dim3 grid_of(const AttentionShape& s, int64_t bh0) {
+  return dim3(unsigned((s.T + kBlockQ - 1) / kBlockQ), cuda::grid_rows(s.B * s.H, bh0));
 }
 
-bool supported(const AttentionShape& s) {
-  return s.D >= 1 && s.D <= kAttentionCudaMaxHeadDim && s.B * s.H < 65536;
-}
+bool supported(const AttentionShape& s) { return s.D >= 1 && s.D <= kAttentionCudaMaxHeadDim; }
 
 }  // namespace
 
@@ -263,7 +266,8 @@ cudaError_t attention_fwd_cuda(const AttentionFwdArgs& a, cudaStream_t stream) {
     using A = acc_t<T>;
     const size_t smem = size_t(2 * kBlockK<A> + kBlockQ) * a.s.D * sizeof(A);
     auto kernel = &attention_fwd_kernel<T>;
-    FASTPT_LAUNCH(kernel, grid_of(a.s), dim3(kWarps * kWarp), smem, stream, a);
+    for (int64_t bh0 = 0; bh0 < a.s.B * a.s.H; bh0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(kernel, grid_of(a.s, bh0), dim3(kWarps * kWarp), smem, stream, a, bh0);
     return cudaSuccess;
   });
 }
@@ -276,7 +280,8 @@ cudaError_t attention_bwd_cuda(const AttentionBwdArgs& a, cudaStream_t stream) {
     using A = acc_t<T>;
     const size_t smem = size_t(2 * kBlockK<A> + 2 * kBlockQ) * a.s.D * sizeof(A);
     auto kernel = &attention_bwd_kernel<T>;
-    FASTPT_LAUNCH(kernel, grid_of(a.s), dim3(kWarps * kWarp), smem, stream, a);
+    for (int64_t bh0 = 0; bh0 < a.s.B * a.s.H; bh0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(kernel, grid_of(a.s, bh0), dim3(kWarps * kWarp), smem, stream, a, bh0);
     return cudaSuccess;
   });
 }

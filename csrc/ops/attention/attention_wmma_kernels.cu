@@ -59,6 +59,16 @@ template <typename T>
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
+// bf16 WMMA exists from sm_80 (fp16 from sm_70): compiled for an older arch, the bf16 kernels
+// are empty, and attention_wmma_supported sends bf16 to the SIMT kernels on such a GPU.
+template <typename T>
+constexpr bool kWmmaCompiled =
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    !std::is_same_v<T, cuda::bf16>;
+#else
+    true;
+#endif
+
 // Padded head dim and the row stride of the 32 x Dp tiles (in elements).
 struct Dims {
   int dp, ld;
@@ -181,14 +191,15 @@ FASTPT_DEVICE void mma_tile(FragC& acc, const T* a, int lda, const T* b, int ldb
   }
 }
 
+// The forward of the 32 queries from blockIdx.x * 32 of head bh = b H + h.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionFwdArgs a) {
+FASTPT_DEVICE void wmma_fwd(const AttentionFwdArgs& a, int64_t bh) {
   const AttentionShape& s = a.s;
   const Dims dm(s.D);
   Carver carver{aligned_smem()};
   const FwdSmem<T> sm(carver, dm);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t b = blockIdx.y / s.H, h = blockIdx.y % s.H, hk = h / (s.H / s.Hkv);
+  const int64_t b = bh / s.H, h = bh % s.H, hk = h / (s.H / s.Hkv);
   const int64_t i0 = int64_t(blockIdx.x) * kTile;
   const Logits lg{s, b, h};
   const T* k = static_cast<const T*>(a.k) + b * s.k_sb + hk * s.k_sh;
@@ -254,7 +265,6 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionF
     }
   }
   // The softmax warps own l and m; the output tiles are spread over all warps.
-  const int64_t bh = b * s.H + h;
   const float keep_scale = 1.0f / float(1.0 - s.dropout_p);
   for (int rr = 0; rr < kRowsPerWarp && lane == 0; ++rr) {
     const int r = warp * kRowsPerWarp + rr;
@@ -342,14 +352,15 @@ FASTPT_DEVICE void store_tile(O* dst, const FragC& acc, float* scratch, int64_t 
   __syncwarp();
 }
 
+// dQ (and dBias) of the 32 queries from blockIdx.x * 32 of head bh = b H + h.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dq_kernel(AttentionBwdArgs a) {
+FASTPT_DEVICE void wmma_bwd_dq(const AttentionBwdArgs& a, int64_t bh) {
   const AttentionShape& s = a.s;
   const Dims dm(s.D);
   Carver carver{aligned_smem()};
   const BwdSmem<T> sm(carver, dm, false);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t b = blockIdx.y / s.H, h = blockIdx.y % s.H, hk = h / (s.H / s.Hkv), bh = blockIdx.y;
+  const int64_t b = bh / s.H, h = bh % s.H, hk = h / (s.H / s.Hkv);
   const int64_t i0 = int64_t(blockIdx.x) * kTile;
   const Logits lg{s, b, h};
   const T* k = static_cast<const T*>(a.k) + b * s.k_sb + hk * s.k_sh;
@@ -393,14 +404,15 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dq_kernel(Attenti
   }
 }
 
+// dK, dV of the 32 keys from blockIdx.x * 32 of kv head bkv = b Hkv + hk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dkv_kernel(AttentionBwdArgs a) {
+FASTPT_DEVICE void wmma_bwd_dkv(const AttentionBwdArgs& a, int64_t bkv) {
   const AttentionShape& s = a.s;
   const Dims dm(s.D);
   Carver carver{aligned_smem()};
   const BwdSmem<T> sm(carver, dm, true);  // g1 = Pd^T, g2 = dS^T (keys x queries)
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t b = blockIdx.y / s.Hkv, hk = blockIdx.y % s.Hkv, group = s.H / s.Hkv;
+  const int64_t b = bkv / s.Hkv, hk = bkv % s.Hkv, group = s.H / s.Hkv;
   const int64_t j0 = int64_t(blockIdx.x) * kTile;
   stage(sm.k, static_cast<const T*>(a.k) + b * s.k_sb + hk * s.k_sh, s.k_st, j0, s.S, s.D, dm);
   stage(sm.v, static_cast<const T*>(a.v) + b * s.v_sb + hk * s.v_sh, s.v_st, j0, s.S, s.D, dm);
@@ -449,6 +461,21 @@ __global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dkv_kernel(Attent
   }
 }
 
+// The kernels: blockIdx.y is the head (kv head for dK dV) from bh0, the launch's first
+// (launches take at most 65535 rows of blocks).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_wmma_fwd_kernel(AttentionFwdArgs a, int64_t bh0) {
+  if constexpr (kWmmaCompiled<T>) wmma_fwd<T>(a, bh0 + blockIdx.y);
+}
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dq_kernel(AttentionBwdArgs a, int64_t bh0) {
+  if constexpr (kWmmaCompiled<T>) wmma_bwd_dq<T>(a, bh0 + blockIdx.y);
+}
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_wmma_bwd_dkv_kernel(AttentionBwdArgs a, int64_t bkv0) {
+  if constexpr (kWmmaCompiled<T>) wmma_bwd_dkv<T>(a, bkv0 + blockIdx.y);
+}
+
 template <typename T>
 size_t fwd_smem(const Dims& d) {
   Carver c{nullptr};
@@ -475,13 +502,34 @@ cudaError_t dispatch_wmma_types(DType dtype, F&& f) {
   }
 }
 
-unsigned blocks(int64_t n) { return unsigned((n + kTile - 1) / kTile); }
+// x: 32-row tiles of n; y: heads from y0 (of `heads`), at most max_grid_y() per launch.
+dim3 grid_of(int64_t n, int64_t heads, int64_t y0) {
+  return dim3(unsigned((n + kTile - 1) / kTile), cuda::grid_rows(heads, y0));
+}
+
+// Whether the current GPU runs the bf16 kernels with their bodies (kWmmaCompiled): the code
+// it loads (its arch's cubin, or PTX JIT-compiled for it) was compiled with __CUDA_ARCH__ =
+// 10 x the kernel's ptxVersion (CUB's PtxVersion reads it the same way). So TORCH_CUDA_ARCH_LIST
+// = 7.5 on a T4, and 7.5+PTX on an A100, both take the SIMT kernels for bf16.
+bool bf16_wmma_compiled_here() {
+#if defined(FASTPT_SIMT_EMULATOR)
+  return true;
+#else
+  const bool nothing_pending = cudaPeekAtLastError() == cudaSuccess;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, attention_wmma_fwd_kernel<cuda::bf16>) == cudaSuccess) return attr.ptxVersion >= 80;
+  // No code for this GPU: the SIMT kernels' launch reports that as its own error, so clear
+  // this query's (not an earlier error: FASTPT_LAUNCH reports that one as earlier).
+  if (nothing_pending) (void)cudaGetLastError();
+  return false;
+#endif
+}
 
 }  // namespace
 
 bool attention_wmma_supported(const AttentionShape& s) {
-  return (s.dtype == DType::kBFloat16 || s.dtype == DType::kFloat16) && s.D >= 1 &&
-         s.D <= kAttentionCudaMaxHeadDim && s.B * s.H < 65536;
+  if (s.D < 1 || s.D > kAttentionCudaMaxHeadDim) return false;
+  return s.dtype == DType::kFloat16 || (s.dtype == DType::kBFloat16 && bf16_wmma_compiled_here());
 }
 
 cudaError_t attention_wmma_fwd_cuda(const AttentionFwdArgs& a, cudaStream_t stream) {
@@ -490,8 +538,9 @@ cudaError_t attention_wmma_fwd_cuda(const AttentionFwdArgs& a, cudaStream_t stre
   return dispatch_wmma_types(a.s.dtype, [&](auto tag) {
     using T = decltype(tag);
     auto kernel = &attention_wmma_fwd_kernel<T>;
-    FASTPT_LAUNCH(kernel, dim3(blocks(a.s.T), unsigned(a.s.B * a.s.H)), dim3(kThreads), fwd_smem<T>(Dims(a.s.D)),
-                  stream, a);
+    for (int64_t bh0 = 0; bh0 < a.s.B * a.s.H; bh0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(kernel, grid_of(a.s.T, a.s.B * a.s.H, bh0), dim3(kThreads), fwd_smem<T>(Dims(a.s.D)), stream, a,
+                    bh0);
     return cudaSuccess;
   });
 }
@@ -503,12 +552,14 @@ cudaError_t attention_wmma_bwd_cuda(const AttentionBwdArgs& a, cudaStream_t stre
     using T = decltype(tag);
     const Dims d(a.s.D);
     auto dq_kernel = &attention_wmma_bwd_dq_kernel<T>;
-    FASTPT_LAUNCH(dq_kernel, dim3(blocks(a.s.T), unsigned(a.s.B * a.s.H)), dim3(kThreads), bwd_smem<T>(d, false),
-                  stream, a);
+    for (int64_t bh0 = 0; bh0 < a.s.B * a.s.H; bh0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(dq_kernel, grid_of(a.s.T, a.s.B * a.s.H, bh0), dim3(kThreads), bwd_smem<T>(d, false), stream, a,
+                    bh0);
     if (a.s.S == 0) return cudaSuccess;
     auto dkv_kernel = &attention_wmma_bwd_dkv_kernel<T>;
-    FASTPT_LAUNCH(dkv_kernel, dim3(blocks(a.s.S), unsigned(a.s.B * a.s.Hkv)), dim3(kThreads),
-                  bwd_smem<T>(d, true), stream, a);
+    for (int64_t bkv0 = 0; bkv0 < a.s.B * a.s.Hkv; bkv0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(dkv_kernel, grid_of(a.s.S, a.s.B * a.s.Hkv, bkv0), dim3(kThreads), bwd_smem<T>(d, true), stream,
+                    a, bkv0);
     return cudaSuccess;
   });
 }

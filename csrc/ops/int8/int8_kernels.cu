@@ -38,14 +38,16 @@ struct alignas(32) GemmSmem {
   int c[kTile * kTile];
 };
 
+// blockIdx.x: the row tile (m can be any token count: x goes to 2^31 - 1); blockIdx.y: the
+// column tile from n_tile0, the launch's first (launches take at most 65535 rows of blocks).
 template <typename T>
-__global__ void int8_gemm_kernel(Int8GemmArgs g) {
+__global__ void int8_gemm_kernel(Int8GemmArgs g, int64_t n_tile0) {
   __shared__ GemmSmem smem;
   signed char* a_s = smem.a;
   signed char* b_s = smem.b;
   int* c_s = smem.c;
   const int tid = threadIdx.x, warp = tid / cuda::kWarp;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, n0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile, n0 = (n_tile0 + blockIdx.y) * kTile;
   const int64_t groups = g.k_pad / 4;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, int> acc;
   nvcuda::wmma::fill_fragment(acc, 0);
@@ -168,11 +170,13 @@ cudaError_t dispatch_int8_float_types(DType dtype, F&& f) {
 
 cudaError_t int8_gemm_cuda(const Int8GemmArgs& g, cudaStream_t stream) {
   if (g.m <= 0 || g.n <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>((g.n + kTile - 1) / kTile), static_cast<unsigned>((g.m + kTile - 1) / kTile));
-  if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
+  const int64_t m_tiles = (g.m + kTile - 1) / kTile, n_tiles = (g.n + kTile - 1) / kTile;
+  if (m_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   auto launch = [&](auto tag) {
     auto kernel = &int8_gemm_kernel<decltype(tag)>;
-    FASTPT_LAUNCH(kernel, grid, kGemmThreads, 0, stream, g);
+    for (int64_t n_tile0 = 0; n_tile0 < n_tiles; n_tile0 += cuda::max_grid_y())
+      FASTPT_LAUNCH(kernel, dim3(static_cast<unsigned>(m_tiles), cuda::grid_rows(n_tiles, n_tile0)), kGemmThreads, 0,
+                    stream, g, n_tile0);
     return cudaSuccess;
   };
   if (g.out_int32) return launch(float{});
