@@ -14,7 +14,7 @@ import pytest
 from fastpt import cli
 from fastpt.cli import main
 
-TINY = ["--preset", "gpt2-tiny", "--n-docs", "60", "--vocab-size", "200", "--seq-len", "32",
+TINY = ["--preset", "gpt2-tiny", "--n-docs", "60", "--vocab-size", "300", "--seq-len", "32",
         "--batch-size", "2", "--no-progress", "--log-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 AWAY = tempfile.gettempdir()   # children run away from the source tree (no compiled _C there)

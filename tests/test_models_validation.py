@@ -197,3 +197,30 @@ def test_decoder_unchanged_by_shared_mask_check():
     m = Decoder(from_name("llama-tiny")).eval()
     ids = _ids()
     torch.testing.assert_close(m(ids, attention_mask=torch.ones(2, 6)).logits, m(ids).logits)
+
+
+@pytest.mark.parametrize("flavour", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"document_ids": torch.zeros(6, dtype=torch.long)}, ValueError, r"document_ids must be \(B, T\) = \(2, 6\)"),
+    ({"document_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError, r"document_ids .* got \(2, 8\)"),
+    ({"document_ids": torch.zeros(1, 6, dtype=torch.long)}, ValueError, r"document_ids .* got \(1, 6\)"),
+    ({"document_ids": torch.zeros(2, 6)}, TypeError, "document_ids must hold integer ids"),
+    ({"prefix_lengths": torch.tensor([2])}, ValueError, r"prefix_lengths must be \(B,\) = \(2,\)"),
+    ({"prefix_lengths": torch.tensor([2, 3, 4])}, ValueError, r"prefix_lengths .* got \(3,\)"),
+    ({"prefix_lengths": torch.tensor(2)}, ValueError, r"prefix_lengths .* got \(\)"),
+    ({"prefix_lengths": torch.tensor([2.5, 3.0])}, TypeError, "prefix_lengths must hold integer lengths"),
+    ({"prefix_lengths": torch.tensor([-1, 3])}, ValueError, r"prefix_lengths must lie in \[0, T=6\], got values in \[-1, 3\]"),
+    ({"prefix_lengths": torch.tensor([100, 3])}, ValueError, r"prefix_lengths must lie in \[0, T=6\].*\[3, 100\]"),
+])
+def test_decoder_checks_document_ids_and_prefix_lengths(flavour, kwargs, error, match):
+    m = Decoder(from_name(flavour)).eval()
+    with pytest.raises(error, match=match):
+        m(_ids(), **kwargs)
+
+
+def test_decoder_accepts_prefix_lengths_at_both_ends():
+    m = Decoder(from_name("llama-tiny")).eval()
+    ids = _ids()
+    # The range check is inclusive: 0 is plain causal attention, T a wholly bidirectional row.
+    torch.testing.assert_close(m(ids, prefix_lengths=torch.tensor([0, 0])).logits, m(ids).logits)
+    assert m(ids, prefix_lengths=torch.tensor([6, 6])).logits.shape == (2, 6, m.config.vocab_size)

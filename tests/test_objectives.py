@@ -4,13 +4,16 @@ corruption lengths and sentinel order, prefix-LM masks, NSP balance."""
 import pytest
 import torch
 
+from fastpt.data.datasets import pack_documents
 from fastpt.data.tokenizer import special_ids, train_tokenizer
 from fastpt.data.world import World
+from fastpt.models import Decoder, DecoderConfig
 from fastpt.pretrain.clm import PrefixLMCollator, collate_packed, prefix_lm_mask
 from fastpt.pretrain.mlm import IGNORE_INDEX, MLMCollator
 from fastpt.pretrain.nsp import IS_NEXT, encode_nsp_pairs, make_nsp_pairs, split_sentences
 from fastpt.pretrain.span_corruption import (SpanCorruptionCollator, noise_mask,
                                              span_corruption_lengths)
+from fastpt.train import Trainer, TrainerConfig
 
 VOCAB = 1000
 SPECIAL = [0, 1, 2, 3, 4]  # pad, unk, cls, sep, mask
@@ -145,6 +148,31 @@ def test_causal_packed_batch():
                "document_ids": torch.zeros(6, dtype=torch.long)} for _ in range(3)]
     batch = collate_packed(blocks)
     assert batch["labels"].shape == (3, 6) and torch.equal(batch["labels"], batch["input_ids"])
+
+
+def test_packed_labels_stay_inside_documents(tmp_path):
+    # One block: 5 6 7 EOS | 8 9 10 11 (the second document goes on in a block dropped here).
+    blocks = list(pack_documents([[5, 6, 7], [8, 9, 10, 11, 12]], seq_len=8, eos_id=1))
+    batch = collate_packed(blocks)
+    # The models shift labels by one: the -100 stops document A's EOS from predicting 8.
+    assert batch["labels"].tolist() == [[5, 6, 7, 1, IGNORE_INDEX, 9, 10, 11]]
+    model = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=16)).double().eval()
+    with torch.no_grad():
+        alone = [model(torch.tensor([d]), labels=torch.tensor([d])).loss for d in ([5, 6, 7, 1], [8, 9, 10, 11])]
+        # Three targets each: the packed mean is the mean of the documents run alone.
+        torch.testing.assert_close(model(**batch).loss, (alone[0] + alone[1]) / 2)
+    cfg = TrainerConfig(output_dir=str(tmp_path), max_steps=1, batch_size=1, label_shift=1,
+                        log_every=1, progress=False)
+    trainer = Trainer(model.float().train(), cfg, blocks, collate_fn=collate_packed)
+    trainer.train()
+    assert trainer.metrics.rows[0]["tokens"] == 6  # the Trainer counts the same targets
+
+
+def test_collate_packed_refuses_blocks_of_different_lengths():
+    blocks = list(pack_documents([[5, 6, 7, 8, 9]], seq_len=4, eos_id=1, drop_last=False))
+    assert [len(b["input_ids"]) for b in blocks] == [4, 2]
+    with pytest.raises(ValueError, match=r"same length.*drop_last=True.*\[2, 4\]"):
+        collate_packed(blocks)
 
 
 def test_nsp_balance_and_encoding():

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from fastpt.data.tokenizer import train_tokenizer
+from fastpt.data.world import World
 from fastpt.models import EncoderConfig
 from fastpt.pretrain.electra import DISC_WEIGHT, Electra
 from fastpt.pretrain.mlm import MLMCollator
@@ -64,6 +66,14 @@ def test_tiny_decoder_and_electra_runs(tmp_path):
     assert el.model is not None and el.metrics[-1]["loss"] > 0
     with pytest.raises(ValueError, match="objective"):
         pretrain_encoder(str(tmp_path / "x"), objective="clm")
+
+
+def test_decoder_pretraining_needs_a_tokenizer_with_eos(tmp_path):
+    docs = list(World(seed=0).documents(100))
+    wordpiece = train_tokenizer(docs, "wordpiece", vocab_size=300)  # [PAD] [UNK] [CLS] [SEP] [MASK]
+    with pytest.raises(ValueError, match=r"the tokenizer has no EOS token \(</s> or <\|endoftext\|>\)"):
+        pretrain_decoder(str(tmp_path), docs=docs, tokenizer=wordpiece, max_steps=1, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 @pytest.mark.slow

@@ -102,11 +102,8 @@ class _Collate:
 
 
 def _encode(tok, records, label_ids: dict, max_length: int) -> list[dict]:
-    tok.enable_truncation(max_length)
-    try:
-        encodings = tok.encode_batch([text for text, _ in records])
-    finally:
-        tok.no_truncation()
+    from fastpt.data.datasets import encode_as_text
+    encodings = encode_as_text(tok, [text for text, _ in records], max_length=max_length)
     for i, (e, (text, _)) in enumerate(zip(encodings, records)):
         if not e.ids:  # the classifier pools a token: it needs one
             raise ValueError(f"example {i + 1}: text {text[:40]!r} encodes to no tokens")

@@ -30,7 +30,7 @@ OPTIONS = [
            ("auto", "text", "jsonl", "csv")),
     Option("field", "str", "text", "JSONL key / CSV column holding the text", "data"),
     Option("n_docs", "int", 20000, "documents drawn from the world corpus", "data"),
-    Option("vocab_size", "int", 2000, "size of the tokenizer trained on the corpus", "data"),
+    Option("vocab_size", "int", 2000, "size of the tokenizer trained on the corpus (at most; BPE needs >= 257)", "data"),
     Option("seq_len", "int", 128, "tokens per training example", "data"),
     Option("tokenizer", "str", None, "a folder with tokenizer.json to use instead of training one",
            "data", input_path=True, optional=True),

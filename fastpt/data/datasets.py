@@ -15,8 +15,12 @@ import os
 from typing import Iterable, Iterator
 
 import torch
+from tokenizers import Tokenizer
 
 FORMATS = ("text", "jsonl", "csv")
+# The csv module refuses fields over 131072 characters by default, and a document is one
+# field: this cap (2 GiB - 1, a C long on every platform) admits any document that fits memory.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 def _format_of(path: str, fmt: str | None) -> str:
@@ -79,25 +83,69 @@ def _jsonl_field(lines, path, field) -> Iterator[str]:
 
 
 def _csv_field(f, path, field) -> Iterator[str]:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None or field not in reader.fieldnames:
-        raise ValueError(f"{path}: CSV header {reader.fieldnames} has no column {field!r}")
-    for n, row in enumerate(reader, 2):
-        if row[field] is None:
-            raise ValueError(f"{path}:{n}: row has no value for column {field!r}")
-        yield row[field]
+    # strict: a stray quote raises instead of opening a quoted field that swallows every
+    # following row into one document.
+    reader = csv.DictReader(f, strict=True)
+    # The limit is the csv module's global; it is only ever raised here, never lowered.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    try:
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise ValueError(f"{path}: CSV header {reader.fieldnames} has no column {field!r}")
+        for row in reader:
+            if row[field] is None:
+                raise ValueError(f"{path}:{reader.line_num}: row has no value for column {field!r}")
+            yield row[field]
+    except csv.Error as e:  # its own message names neither the file nor the line
+        # line_num is the last line of the last good record: the bad one starts on the next.
+        raise ValueError(f"{path}:{reader.line_num + 1}: malformed CSV record ({e})") from None
+
+
+def encode_as_text(tokenizer, texts: list, *, add_special_tokens: bool = True,
+                   max_length: int | None = None) -> list:
+    """``tokenizer.encode_batch(texts)`` with ``texts`` read as plain text, whatever settings
+    the tokenizer carries (``save_tokenizer`` keeps them, and HF ``tokenizer.json`` files often
+    have them): no stored truncation or padding, which would cut or pad documents silently
+    (truncation to ``max_length`` if given), and a special token's text inside a document
+    (``"[MASK]"``, ``"<|endoftext|>"``) encoded as text, not as the control id. Special tokens
+    that the post-processor adds (``add_special_tokens``) are still added. The tokenizer's own
+    settings are back when this returns. A stand-in that is not a ``tokenizers.Tokenizer`` is
+    called as it is."""
+    if not isinstance(tokenizer, Tokenizer):  # a stand-in has none of these settings
+        if add_special_tokens:
+            return tokenizer.encode_batch(texts)
+        return tokenizer.encode_batch(texts, add_special_tokens=False)
+    truncation, padding = tokenizer.truncation, tokenizer.padding
+    special_as_text = tokenizer.encode_special_tokens
+    tokenizer.no_padding()
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length)
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.encode_special_tokens = special_as_text
+        if truncation is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(**truncation)
+        if padding is not None:
+            tokenizer.enable_padding(**padding)
 
 
 def tokenize_stream(documents: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
-    """Token ids per document, without special tokens, tokenized in batches (Rust threads)."""
+    """Token ids per document, without special tokens (special-token text in a document is
+    encoded as text, and the tokenizer's stored truncation and padding are not applied: see
+    ``encode_as_text``), tokenized in batches (Rust threads)."""
     batch: list[str] = []
     for doc in documents:
         batch.append(doc)
         if len(batch) == batch_size:
-            yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+            yield from (e.ids for e in encode_as_text(tokenizer, batch, add_special_tokens=False))
             batch = []
     if batch:
-        yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+        yield from (e.ids for e in encode_as_text(tokenizer, batch, add_special_tokens=False))
 
 
 def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
@@ -111,6 +159,9 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    # None (a tokenizer without EOS) failed later inside torch.tensor, a float was packed as is.
+    if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
+        raise ValueError(f"eos_id must be a non-negative integer token id, got {eos_id!r}")
     ids: list[int] = []
     pos: list[int] = []
     doc: list[int] = []
@@ -152,9 +203,10 @@ def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None) ->
 
 
 def encode_padded(tokenizer, texts: list[str], pad_id: int) -> tuple:
-    """Tokenize ``texts`` (with the tokenizer's special tokens) into right-padded (B, T) ids
-    and a (B, T) bool attention mask."""
-    return pad_batch([e.ids for e in tokenizer.encode_batch(texts)], pad_id)
+    """Tokenize ``texts`` (with the tokenizer's special tokens, as plain text: see
+    ``encode_as_text``) into right-padded (B, T) ids and a (B, T) bool attention mask, False
+    on the padding."""
+    return pad_batch([e.ids for e in encode_as_text(tokenizer, texts)], pad_id)
 
 
 def document_attention_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:

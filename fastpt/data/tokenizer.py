@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from fastpt._atomic import atomic_write
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 KINDS = ("wordpiece", "bpe", "unigram")
 
@@ -40,11 +41,23 @@ class SpecialIds:
 
 def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
                     n_sentinels: int = 100, min_frequency: int = 2) -> Tokenizer:
-    """Train a tokenizer of ``kind`` (one of ``KINDS``) on an iterable of strings."""
+    """Train a tokenizer of ``kind`` (one of ``KINDS``) on an iterable of strings.
+
+    The vocabulary has at most ``vocab_size`` tokens (fewer when the corpus runs out of pieces
+    to merge), so a model sized from ``vocab_size`` takes every id. It must hold every
+    character: byte-level BPE needs at least 257 (256 bytes and ``<|endoftext|>``), and where
+    the corpus has more distinct characters than ``vocab_size`` (less ``n_sentinels`` for
+    unigram) can hold, a ``ValueError`` names ``vocab_size`` and the character count (the
+    tokenizers library would otherwise exceed the size silently, or raise a bare Exception).
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
     if vocab_size < 64:
         raise ValueError(f"vocab_size={vocab_size} is too small (need at least 64)")
+    # Below this, the BPE trainer returned its byte alphabet and EOS: 257 tokens, whatever was asked.
+    if kind == "bpe" and vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE (need at least 257: "
+                         f"256 bytes and <|endoftext|>)")
     if not isinstance(n_sentinels, int) or n_sentinels < 0:
         raise ValueError(f"n_sentinels must be a non-negative integer, got {n_sentinels!r}")
     # The sentinels come out of the unigram vocabulary: what is left must still be a vocabulary
@@ -52,11 +65,30 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
     if kind == "unigram" and vocab_size - n_sentinels < 64:
         raise ValueError(f"vocab_size={vocab_size} leaves {vocab_size - n_sentinels} pieces after "
                          f"n_sentinels={n_sentinels} sentinels (need at least 64)")
-    if kind == "wordpiece":
-        return _train_wordpiece(texts, vocab_size, min_frequency)
-    if kind == "bpe":
-        return _train_bpe(texts, vocab_size, min_frequency)
-    return _train_unigram(texts, vocab_size, n_sentinels)
+    chars: set = set()  # the corpus's distinct characters, for the messages below
+
+    def counted():
+        for text in texts:
+            chars.update(text)
+            yield text
+    asked = f"vocab_size={vocab_size}" + (f" with n_sentinels={n_sentinels}" if kind == "unigram" else "")
+    try:
+        if kind == "wordpiece":
+            tok = _train_wordpiece(counted(), vocab_size, min_frequency)
+        elif kind == "bpe":
+            tok = _train_bpe(counted(), vocab_size, min_frequency)
+        else:
+            tok = _train_unigram(counted(), vocab_size, n_sentinels)
+    except Exception as e:
+        if type(e) is not Exception:  # the corpus's own errors (a reader's ValueError) as they are
+            raise
+        # tokenizers' bare Exception ("The vocabulary is not large enough to contain all chars")
+        raise ValueError(f"cannot train a {kind} tokenizer with {asked} on a corpus of "
+                         f"{len(chars)} distinct characters: {e}") from None
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{asked} is too small for this corpus: its {len(chars)} distinct characters "
+                         f"make a {kind} vocabulary of {tok.get_vocab_size()} tokens; ask for at least that")
+    return tok
 
 
 def _train_wordpiece(texts, vocab_size, min_frequency) -> Tokenizer:
@@ -88,7 +120,12 @@ def _train_bpe(texts, vocab_size, min_frequency) -> Tokenizer:
 def _train_unigram(texts, vocab_size, n_sentinels) -> Tokenizer:
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # The trainer puts <pad> </s> <unk> into the model's pieces with the best score, so the text
+    # "</s>" would be segmented into the EOS piece even with encode_special_tokens. With "<" a
+    # pre-token of its own no piece can start with it: text never becomes those ids. (After
+    # Metaspace, which would otherwise prepend its "▁" to every split.)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(),
+                                                 pre_tokenizers.Split(Regex("<"), "isolated")])
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts, trainers.UnigramTrainer(
         vocab_size=vocab_size - n_sentinels, special_tokens=["<pad>", "</s>", "<unk>"],

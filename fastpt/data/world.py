@@ -139,7 +139,7 @@ class World:
     # -- unlabeled text ---------------------------------------------------------------------
 
     def documents(self, n_docs: int, seed: int = 0) -> Iterator[str]:
-        """Yield ``n_docs`` pre-training documents (a few sentences each, ~60 words on average)."""
+        """Yield ``n_docs`` pre-training documents (a few sentences each, ~22 words on average)."""
         rng = random.Random(f"{self.seed}/docs/{seed}")
         kinds = (self._biography, self._directory, self._encounter, self._review, self._review)
         for _ in range(n_docs):

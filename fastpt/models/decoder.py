@@ -71,6 +71,31 @@ def _document_positions(document_ids: Tensor) -> Tensor:
     return idx - start
 
 
+def _check_packing(B: int, T: int, document_ids: Tensor | None, prefix_lengths: Tensor | None) -> None:
+    """document_ids: (B, T) integer; prefix_lengths: (B,) integer, each in [0, T] (read on the
+    CPU only, as ``check_ids``). Unchecked, a (1, T) or (B,) tensor broadcast into the mask,
+    other shapes failed with errors naming position_ids or attn_bias, and a length outside
+    [0, T] or a fractional one ran as a different prefix."""
+    def integer(t: Tensor) -> bool:
+        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    if document_ids is not None:
+        if tuple(document_ids.shape) != (B, T):
+            raise ValueError(f"document_ids must be (B, T) = {(B, T)} like the inputs, "
+                             f"got {tuple(document_ids.shape)}")
+        if not integer(document_ids):
+            raise TypeError(f"document_ids must hold integer ids, got {document_ids.dtype}")
+    if prefix_lengths is not None:
+        if tuple(prefix_lengths.shape) != (B,):
+            raise ValueError(f"prefix_lengths must be (B,) = ({B},), one length per row, "
+                             f"got {tuple(prefix_lengths.shape)}")
+        if not integer(prefix_lengths):
+            raise TypeError(f"prefix_lengths must hold integer lengths, got {prefix_lengths.dtype}")
+        if prefix_lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.aminmax(prefix_lengths))
+            if lo < 0 or hi > T:
+                raise ValueError(f"prefix_lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
+
+
 def _bias_from_allowed(allowed: Tensor) -> Tensor:
     """(B, T, T) bool -> (B, 1, T, T) additive bias (0 or -inf)."""
     zero = torch.zeros((), device=allowed.device)
@@ -136,6 +161,7 @@ class Decoder(PreTrainedModel):
             raise ValueError("document_ids and prefix_lengths are for training (no KV cache)")
         if document_ids is not None and prefix_lengths is not None:
             raise ValueError("give document_ids or prefix_lengths, not both")
+        _check_packing(B, T, document_ids, prefix_lengths)
         if document_ids is not None:
             same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
             attn["attn_bias"] = _bias_from_allowed(same)

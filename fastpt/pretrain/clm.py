@@ -1,9 +1,10 @@
 """Causal LM and prefix LM batches.
 
 Causal LM: packed blocks (``fastpt.data.pack_documents``) stacked as they are; labels are the
-inputs (models shift internally), and ``document_ids`` let the model keep attention inside a
-document. Prefix LM (Raffel et al. 2020; UniLM): a prefix of each sequence is attended
-bidirectionally and the rest causally; the loss covers the rest only.
+inputs (models shift internally) except across a document boundary, and ``document_ids`` let
+the model keep attention inside a document. Prefix LM (Raffel et al. 2020; UniLM): a prefix
+of each sequence is attended bidirectionally and the rest causally; the loss covers the rest
+only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,25 @@ from fastpt.pretrain.mlm import IGNORE_INDEX
 
 
 def collate_packed(blocks: list[dict]) -> dict:
-    """Stack packed blocks into ``input_ids, position_ids, document_ids, labels`` (B, T)."""
+    """Stack packed blocks into ``input_ids, position_ids, document_ids, labels`` (B, T).
+
+    The labels are the inputs, except ``IGNORE_INDEX`` where a new document starts inside a
+    block: the models shift labels by one, so that label would train the previous document's
+    EOS (masked to its own document) to predict a token it cannot see coming. Every target left
+    is predicted from its own document, and these are what the Trainer counts (``label_shift=1``).
+    Blocks must all have the same length (``pack_documents`` with ``drop_last=True``)."""
     if not blocks:
         raise ValueError("cannot collate an empty batch")
+    lengths = sorted({len(b["input_ids"]) for b in blocks})
+    if len(lengths) > 1:
+        raise ValueError(f"packed blocks must all have the same length (pack_documents with "
+                         f"drop_last=True), got lengths {lengths}")
     batch = {k: torch.stack([b[k] for b in blocks]) for k in blocks[0]}
-    batch["labels"] = batch["input_ids"].clone()
+    labels = batch["input_ids"].clone()
+    if "document_ids" in batch:  # without them a block is one stream: attention crosses documents too
+        d = batch["document_ids"]
+        labels[:, 1:][d[:, 1:] != d[:, :-1]] = IGNORE_INDEX
+    batch["labels"] = labels
     return batch
 
 

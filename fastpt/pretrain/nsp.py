@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import random
 
+from fastpt.data.datasets import encode_as_text
+
 IS_NEXT, NOT_NEXT = 0, 1
 
 
@@ -84,14 +86,8 @@ def encode_nsp_pairs(pairs: list[dict], tokenizer, max_length: int = 128) -> lis
     if not isinstance(max_length, int) or max_length < shortest:
         raise ValueError(f"max_length must be at least {shortest} (the pair's special tokens and one "
                          f"token of each segment), got {max_length!r}")
-    previous = tokenizer.truncation
-    tokenizer.enable_truncation(max_length)  # longest-first over the pair, as BERT does
-    try:
-        enc = tokenizer.encode_batch([(p["a"], p["b"]) for p in pairs])
-    finally:
-        if previous is None:
-            tokenizer.no_truncation()
-        else:
-            tokenizer.enable_truncation(**previous)
+    # Longest-first truncation over the pair, as BERT does; the sentences are plain text
+    # (encode_as_text), and the tokenizer's own settings are restored.
+    enc = encode_as_text(tokenizer, [(p["a"], p["b"]) for p in pairs], max_length=max_length)
     return [{"input_ids": e.ids, "token_type_ids": e.type_ids, "word_ids": e.word_ids,
              "next_sentence_label": p["next_sentence_label"]} for e, p in zip(enc, pairs)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpt.data.datasets import pack_documents, tokenize_stream
+from fastpt.data.datasets import encode_as_text, pack_documents, tokenize_stream
 from fastpt.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from fastpt.data.world import World
 from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
@@ -29,12 +29,9 @@ class PretrainResult:
 
 def encoder_examples(docs, tokenizer, max_len: int) -> list[dict]:
     """``[CLS] doc [SEP]`` per document, truncated to ``max_len``, with word ids (for
-    whole-word masking)."""
-    tokenizer.enable_truncation(max_len)
-    try:
-        encodings = tokenizer.encode_batch(list(docs))
-    finally:
-        tokenizer.no_truncation()
+    whole-word masking). The documents are plain text (``encode_as_text``): a literal
+    ``[MASK]`` in one is not the mask token."""
+    encodings = encode_as_text(tokenizer, list(docs), max_length=max_len)
     return [{"input_ids": e.ids, "word_ids": e.word_ids} for e in encodings]
 
 
@@ -115,6 +112,9 @@ def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int
     them unless one is given. With ``model`` (and its ``tokenizer``), training continues
     from its weights and ``preset`` is unused."""
     _check_continued(model, tokenizer, Decoder, True, seq_len)
+    if tokenizer is not None and special_ids(tokenizer).eos is None:  # ours (bpe) has one
+        raise ValueError("the tokenizer has no EOS token (</s> or <|endoftext|>) to end each packed "
+                         "document; decoder pre-training needs one (a bpe or unigram tokenizer)")
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "bpe", vocab_size)
     eos = special_ids(tok).eos
