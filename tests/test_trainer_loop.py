@@ -115,8 +115,20 @@ def _packed_trainer(out, **overrides):
                    PackedDataset(lambda: docs, WordTokenizer(), seq_len=8, eos_id=1), collate_fn=collate_packed)
 
 
-@pytest.mark.parametrize("make, workers", [(_mlm_trainer, 0), (_mlm_trainer, 2), (_packed_trainer, 2)],
-                         ids=["mlm-0", "mlm-2", "packed-2"])
+def _electra_trainer(out, **overrides):
+    """ELECTRA samples its replacements from torch's global RNG, which checkpoints restore
+    (its own generator, not saved, made the resumed run sample other tokens)."""
+    from fastpt.models import EncoderConfig
+    from fastpt.pretrain.electra import Electra
+    torch.manual_seed(0)
+    cfg = _config(out, label_shift=0, batch_size=4, **{"max_steps": 6, **overrides})
+    model = Electra(EncoderConfig.from_name("bert-tiny", vocab_size=40, pad_token_id=0))
+    return Trainer(model, cfg, _mlm_data(40), collate_fn=MLMCollator(40, 3, 0, [0, 1, 2, 3], seed=0))
+
+
+@pytest.mark.parametrize("make, workers", [(_mlm_trainer, 0), (_mlm_trainer, 2), (_packed_trainer, 2),
+                                           (_electra_trainer, 0)],
+                         ids=["mlm-0", "mlm-2", "packed-2", "electra-0"])
 def test_resume_with_workers_is_exact(tmp_path, make, workers):
     # grad_accum 3 crosses epoch boundaries; an MLM collator draws masks in the workers; the
     # packed blocks are dealt to the workers. Both resumed differently with 2 workers (2.6e-2

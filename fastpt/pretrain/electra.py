@@ -64,11 +64,12 @@ class Electra(nn.Module):
 
     ``model(input_ids, attention_mask, labels, token_type_ids=None)``: ``input_ids`` carry the
     MLM corruption and ``labels`` the original ids at the selected positions (-100 elsewhere).
-    After pre-training, ``model.discriminator`` is the encoder to fine-tune.
+    After pre-training, ``model.discriminator`` is the encoder to fine-tune. The replacements
+    are sampled from torch's global generator (seeded by ``torch.manual_seed``), whose state
+    the Trainer's checkpoints hold, so a resumed run samples what the uninterrupted one did.
     """
 
-    def __init__(self, config: EncoderConfig, generator_scale: int = 4, seed: int = 0,
-                 use_fused: bool = True):
+    def __init__(self, config: EncoderConfig, generator_scale: int = 4, use_fused: bool = True):
         super().__init__()
         if generator_scale < 1 or config.hidden_size % generator_scale:
             raise ValueError(f"generator_scale={generator_scale} must divide hidden_size={config.hidden_size}")
@@ -84,7 +85,6 @@ class Electra(nn.Module):
                                              config.layer_norm_eps)
         self.disc_head = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.GELU(),
                                        nn.Linear(config.hidden_size, 1))
-        self.sampler = torch.Generator().manual_seed(seed)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 token_type_ids: Tensor | None = None) -> ElectraOutput:
@@ -101,7 +101,7 @@ class Electra(nn.Module):
                                                reduction="sum") / selected.sum().clamp(min=1)
         with torch.no_grad():  # sampling is not differentiated (the paper's choice)
             probs = torch.softmax(gen_logits.float(), -1)
-            sampled = torch.multinomial(probs.cpu(), 1, generator=self.sampler).squeeze(1)
+            sampled = torch.multinomial(probs.cpu(), 1).squeeze(1)
             corrupted = input_ids.clone()
             corrupted[selected] = sampled.to(input_ids.device)
             original = torch.where(selected, labels, input_ids)

@@ -87,7 +87,7 @@ def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "
                                          max_position_embeddings=max(seq_len, 64), pad_token_id=ids.pad)
         if objective == "electra":
             from fastpt.pretrain.electra import Electra
-            model = Electra(config, seed=seed)
+            model = Electra(config)
         else:
             model = Encoder(config)
     collator = MLMCollator(tok.get_vocab_size(), ids.mask, ids.pad, ids.all, seed=seed)

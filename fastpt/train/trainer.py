@@ -374,9 +374,9 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _state_options(self):
+    def _state_options(self, strict: bool = True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
 
     def save(self) -> str | None:
         """Checkpoint model, optimizer, scheduler, RNG and every rank's data position. Every
@@ -417,7 +417,11 @@ class Trainer:
         options = self._state_options()
         try:
             set_model_state_dict(self.wrapped, state["model"], options=options)
-            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+            # Not strict: a parameter that never had a gradient (ELECTRA's unused pooler) has no
+            # AdamW state to save, and gets it at its first gradient as in the uninterrupted run.
+            # check_against has already matched every saved state with a parameter.
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"],
+                                     options=self._state_options(strict=False))
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
