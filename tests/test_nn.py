@@ -224,3 +224,11 @@ def test_linear_activation_keeps_hooks_and_wrappers():
     plain.load_state_dict(lin.state_dict())
     torch.testing.assert_close(_bf16_inference(linear_activation, plain, x, "relu"),
                                _bf16_inference(lambda: torch.relu(plain(x))))
+
+
+def test_rms_norm_and_lora_argument_types():
+    from fastpt.nn import LoRALinear, RMSNorm
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        RMSNorm(8)(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="r must be an int.*got True"):
+        LoRALinear(torch.nn.Linear(8, 8), r=True)

@@ -117,3 +117,9 @@ def test_kv_cache_checks_keys_before_writing():
         attn(x, cache=cache, key_padding_mask=torch.ones(2, 3, dtype=torch.bool))
     assert cache.length == 0
     torch.testing.assert_close(attn(x, cache=cache), attn(x))
+
+
+def test_unbatched_input_names_x():
+    attn = Attention(32, 4)
+    with pytest.raises(ValueError, match=r"x must be \(batch, length, hidden\), got shape \(5, 32\)"):
+        attn(torch.randn(5, 32))

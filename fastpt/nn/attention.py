@@ -155,6 +155,9 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, position_ids: Tensor | None = None, use_cache: bool = False):
         if past_key_value is not None and cache is not None:
             raise ValueError("pass either past_key_value or cache, not both")
+        for name, t in (("x", x), ("kv", kv)):
+            if t is not None and t.dim() != 3:  # else the head split below fails with a q/k shape error
+                raise ValueError(f"Attention: {name} must be (batch, length, hidden), got shape {tuple(t.shape)}")
         q, k, v = self._project(x, kv)
         past = past_key_value[0].shape[2] if past_key_value is not None else (cache.length if cache else 0)
         if self.rotary is not None:

@@ -35,7 +35,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base_layer, (nn.Linear, Int8Linear)):
             raise TypeError(f"base_layer must be nn.Linear or Int8Linear, got {type(base_layer).__name__}")
         n_in, n_out = base_layer.in_features, base_layer.out_features
-        if not (isinstance(r, int) and 1 <= r <= min(n_in, n_out)):
+        if not (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= min(n_in, n_out)):
             raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {min(n_in, n_out)}], got {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")

@@ -109,6 +109,8 @@ class RMSNorm(nn.Module):
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != self.normalized_shape:
             raise ValueError(f"RMSNorm over {self.normalized_shape} got input of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"RMSNorm needs a floating-point input, got {x.dtype}")
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         n = math.prod(self.normalized_shape)
         weight = self.weight.reshape(n) if self.weight is not None else x.new_ones(n)
