@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from fastpt._atomic import atomic_write_json
 from fastpt.benchmarks.harness import peak_memory_bytes
 from fastpt.benchmarks.models import _autocast, alternate_rounds, check_subsets
 
@@ -191,10 +191,6 @@ def _int8_layers(m: int, k: int, n: int):
 def measure_int8(size: str, budget_s: float) -> list[Result]:
     m, k, n = INT8[size]
     x, lin, layers = _int8_layers(m, k, n)
-    with torch.no_grad():
-        ref = lin(x)
-        errors = {name: float((layer(x).float() - ref).abs().max() / ref.abs().max())
-                  for name, layer in layers.items()}
 
     def call(layer):
         def run():
@@ -204,12 +200,29 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
 
     calls = {name: call(layer) for name, layer in layers.items()}
     calls["fp32"] = call(lin)
-    _warm_up(calls)
+    names = list(calls)
+    # An implementation that fails (e.g. a bitsandbytes build without a CPU path) gets a
+    # "failed" row; the others are still measured.
+    failed = _warm_up(calls)
+    with torch.no_grad():
+        ref = lin(x)
+    errors = {"fp32": 0.0}
+    for name in [n for n in layers if n in calls]:
+        try:
+            with torch.no_grad():
+                errors[name] = float((layers[name](x).float() - ref).abs().max() / ref.abs().max())
+        except Exception as e:  # noqa: BLE001  (reported in the table)
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            del calls[name]
     samples = alternate_rounds(calls, budget_s, min_rounds=5, max_rounds=200)
     ms, cpu = _medians_ms(samples)
+    base, cpu_base = ms.get("bnb"), cpu.get("bnb")  # speedups vs bitsandbytes, when it ran
     shape = f"x={m}x{k} w={n}x{k}"
-    return [Result("int8", "fp32", name, shape, ms[name], ms["bnb"] / ms[name], cpu[name], cpu["bnb"] / cpu[name],
-                   rel_error=errors.get(name, 0.0), rounds=len(samples[name])) for name in calls]
+    return [Result("int8", "fp32", name, shape, float("nan"), failed=failed[name]) if name in failed
+            else Result("int8", "fp32", name, shape, ms[name], base / ms[name] if base else None,
+                        cpu[name], cpu_base / cpu[name] if cpu_base else None,
+                        rel_error=errors[name], rounds=len(samples[name]))
+            for name in names]
 
 
 def _row(r: Result) -> str:
@@ -249,8 +262,7 @@ def main(argv=None) -> int:
                 print(_row(r), flush=True)
             results += rows
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        atomic_write_json(args.json, [asdict(r) for r in results])
     return 0
 
 

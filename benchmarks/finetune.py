@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from fastpt._atomic import atomic_write_json
 from fastpt.alloc import peak_memory_bytes
 
 
@@ -158,8 +159,7 @@ def main(argv=None) -> int:
         print(f"== {name} ({time.perf_counter() - start:.0f} s)")
         print(json.dumps(results[name], indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_json(args.json, results)
     return 0
 
 

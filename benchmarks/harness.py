@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -36,11 +37,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from fastpt._atomic import atomic_write
 from fastpt.alloc import peak_memory_bytes  # noqa: F401  (part of the harness API)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 MODES = ("fwd", "fwdbwd")
-# Loose agreement check of fastpt against eager before timing (tests hold the real bar).
+# Default agreement tolerance of every impl against eager, relative to max |eager| (the
+# tests hold the real bar for fastpt; this catches a wrong kernel before it can win a table).
 _AGREE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 
 
@@ -64,6 +67,16 @@ class OpSpec:
     ``*Inputs.args`` and return a tensor or a tuple of tensors. ``nbytes(inputs, outputs,
     mode)`` overrides the default byte count (:func:`minimal_bytes`). ``compile=False``: no
     torch.compile impl (ops whose eager path is not torch code, e.g. scipy).
+
+    Agreement (checked before timing, for every impl but eager and those in ``raw``): each
+    output (in fwdbwd the forward outputs and the gradients) must be within ``tol`` x
+    max |eager| of eager's. ``tol`` is ``agree_tol`` (one float for every impl, or a mapping
+    impl -> tolerance; impls it does not name get the dtype's default), never below the
+    output dtype's rounding (2 x its machine epsilon). ``agree_also`` maps an impl to
+    ``(other impl, tolerance)``: it must also agree with that impl's output (e.g. a kernel
+    against the eager version of the same computation, with a tight tolerance). ``raw``:
+    impls whose output differs from eager's by design (e.g. ``int_mm``: the int32 product
+    before scaling); they are timed but not checked.
     """
 
     name: str
@@ -78,13 +91,20 @@ class OpSpec:
     compile: bool = True
     peak_memory: bool = False          # also record each impl's peak memory per call
     flops: Callable | None = None      # compute-bound ops: FLOPs of one call -> a GFLOP/s column
-    agree_tol: float | None = None     # relative fastpt-vs-eager tolerance (e.g. int8 vs float)
+    agree_tol: float | Mapping[str, float] | None = None  # relative tolerance vs eager (see above)
+    agree_also: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    raw: tuple[str, ...] = ()          # impls not checked against eager (output raw by design)
 
 
 @dataclass
 class Record:
     """One (op, dtype, mode, alloc, impl) result. Ratios are baseline time / this impl's
-    time, filled on fastpt records only (> 1: fastpt is faster)."""
+    time, filled on fastpt records only (> 1: fastpt is faster).
+
+    ``agrees``: whether this impl's outputs matched the reference within the spec's tolerance
+    before timing (None: eager itself, or an impl declared raw). A disagreeing impl is still
+    timed, and its ratio cells print as ``FAIL``. ``max_rel_error``: its largest error against
+    eager relative to max |eager| (None when not checked or when the shapes differ)."""
 
     op: str
     dtype: str
@@ -103,6 +123,8 @@ class Record:
     first_call_s: float = 0.0  # first call (for compile: compilation time)
     peak_mib: float | None = None  # peak memory of one call (specs with peak_memory)
     gflops: float | None = None    # FLOP rate (specs with flops)
+    agrees: bool | None = None     # outputs matched the reference before timing (see above)
+    max_rel_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,21 @@ def _bind(fn: Callable, inputs: Inputs, mode: str, grad_outputs: tuple) -> Calla
         return lambda: _tuple(fn(*args))
     wrt = [args[i] for i in inputs.grad]
     return lambda: torch.autograd.grad(_tuple(fn(*args)), wrt, grad_outputs)
+
+
+def _bind_checked(fn: Callable, inputs: Inputs, mode: str, grad_outputs: tuple) -> Callable[[], tuple]:
+    """Like :func:`_bind`, but the call returns what the agreement check compares: the
+    outputs (fwd), or the detached forward outputs followed by the gradients (fwdbwd)."""
+    args = inputs.args
+    if mode == "fwd":
+        return lambda: _tuple(fn(*args))
+    wrt = [args[i] for i in inputs.grad]
+
+    def call():
+        out = _tuple(fn(*args))
+        grads = torch.autograd.grad(out, wrt, grad_outputs)
+        return tuple(o.detach() for o in out) + tuple(grads)
+    return call
 
 
 # Copy buffers stop growing here: far past the caches, bandwidth no longer depends on size.
@@ -200,15 +237,65 @@ def _median_ms(ns: list[int]) -> float:
     return (s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2) / 1e6
 
 
-def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, got: tuple, ref: tuple) -> None:
-    for g, r in zip(got, ref):
-        g, r = g.detach(), r.detach()
-        scale = float(r.abs().max()) if r.numel() else 0.0
-        err = float((g.float() - r.float()).abs().max()) if r.numel() else 0.0
-        if not err <= (spec.agree_tol or _AGREE_TOL[dtype]) * max(scale, 1e-30):
-            warnings.warn(f"{spec.name} {dtype} {mode}: fastpt differs from eager "
-                          f"(max error {err:.3g}, max |eager| {scale:.3g}); timing it anyway",
-                          stacklevel=2)
+def agree_tolerance(spec: OpSpec, impl: str, dtype: torch.dtype) -> float:
+    """The relative tolerance of ``impl`` against eager (see :class:`OpSpec`)."""
+    tol = spec.agree_tol
+    if isinstance(tol, Mapping):
+        tol = tol.get(impl)
+    if tol is None:
+        tol = _AGREE_TOL[dtype]
+    return _rounding_floor(tol, dtype)
+
+
+def _rounding_floor(tol: float, dtype: torch.dtype) -> float:
+    # Two results rounded to the output dtype independently differ by up to one ulp (eps x |y|)
+    # even when their exact values agree; 2 x eps leaves room for the rest (bf16: ~1.6e-2).
+    return max(tol, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else tol
+
+
+def max_rel_error(got: tuple, ref: tuple) -> float | None:
+    """Largest |got - ref| over every output, each relative to its max |ref|; None when
+    the outputs differ in number or shape, or the error is not finite (a nan or inf)."""
+    if len(got) != len(ref):
+        return None
+    worst = 0.0
+    for g, r in zip(got, ref, strict=True):
+        if not (isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor)) or g.shape != r.shape:
+            return None
+        if not r.numel():
+            continue
+        g, r = g.detach().double(), r.detach().double()
+        scale = max(float(r.abs().max()), 1e-30)
+        err = float((g - r).abs().max()) / scale
+        if not math.isfinite(err):
+            return None
+        worst = max(worst, err)
+    return worst
+
+
+def _agrees(err: float | None, tol: float) -> bool:
+    return err is not None and err <= tol
+
+
+def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, impl: str, got: tuple,
+                     refs: Mapping[str, tuple]) -> tuple[bool, float | None]:
+    """``impl``'s outputs against eager (and its ``agree_also`` impl): (agrees, error vs
+    eager). A disagreement also warns; the case is timed anyway."""
+    err = max_rel_error(got, refs["eager"])
+    tol = agree_tolerance(spec, impl, dtype)
+    ok = _agrees(err, tol)
+    problems = [] if ok else [f"eager (max relative error {err}, tolerance {tol:.3g})"]
+    if impl in spec.agree_also:
+        other, other_tol = spec.agree_also[impl]
+        other_tol = _rounding_floor(other_tol, dtype)
+        other_err = max_rel_error(got, refs[other])
+        if not _agrees(other_err, other_tol):
+            ok = False
+            problems.append(f"{other} (max relative error {other_err}, tolerance {other_tol:.3g})")
+    if not ok:
+        warnings.warn(f"{spec.name} {dtype} {mode}: {impl} differs from " + " and ".join(problems)
+                      + "; timing it anyway, its ratios print as FAIL", stacklevel=3)
+    return ok, err
 
 
 def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str, mode: str, *,
@@ -233,17 +320,32 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
     calls = {name: _bind(fn, inputs, mode, grad_outputs) for name, fn in impls.items()}
     calls["copy"], copy_bytes = _copy_call(nbytes)
 
-    first_s, results = {}, {}
-    for name, call in calls.items():
+    # First call of each impl (for compile: the compilation), which also gives the outputs the
+    # agreement check compares; the references (eager, agree_also targets) go first and are
+    # kept, the others are checked at once and dropped.
+    refs_needed = ["eager"] + [o for o, _ in spec.agree_also.values() if o != "eager"]
+    missing = [n for n in refs_needed if n not in impls]
+    if missing:
+        raise ValueError(f"{spec.name}: agree_also names unknown impls {missing}")
+    order = [n for n in dict.fromkeys(refs_needed)] + [n for n in calls if n not in refs_needed]
+    first_s, refs, agreement = {}, {}, {}
+    for name in order:
+        call = calls[name]
+        first = _bind_checked(impls[name], inputs, mode, grad_outputs) if name in impls else call
         t0 = time.perf_counter()
-        result = call()
+        result = first()
         first_s[name] = time.perf_counter() - t0
-        if name in ("fastpt", "eager"):
-            results[name] = result
+        if name in refs_needed:
+            refs[name] = result
+        elif name in impls and name not in spec.raw:
+            agreement[name] = _check_agreement(spec, tdtype, mode, name, result, refs)
+        del result
         for _ in range(timing.warmup - 1):
             call()
-    _check_agreement(spec, tdtype, mode, results["fastpt"], results["eager"])
-    del results
+    for name in refs_needed:  # a reference other than eager is checked too
+        if name != "eager" and name not in spec.raw:
+            agreement[name] = _check_agreement(spec, tdtype, mode, name, refs[name], refs)
+    del refs
     peak = {name: peak_memory_bytes(call) / 2**20 for name, call in calls.items() if name != "copy"} \
         if spec.peak_memory else {}
 
@@ -263,7 +365,9 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
             alloc=alloc, bytes=nbytes, copy_gbps=copy_gbps,
             threads=threads or torch.get_num_threads(), rounds=len(samples[name]),
             first_call_s=first_s[name], peak_mib=peak.get(name),
-            gflops=flops / (ms[name] * 1e6) if flops else None))
+            gflops=flops / (ms[name] * 1e6) if flops else None,
+            agrees=agreement[name][0] if name in agreement else None,
+            max_rel_error=agreement[name][1] if name in agreement else None))
     return records
 
 
@@ -279,16 +383,34 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+FAIL = "FAIL"  # the ratio cells of an impl that failed the agreement check
+
+
+def _failed(r: Record | None) -> bool:
+    return r is not None and r.agrees is False
+
+
 def case_row(records: Iterable[Record]) -> list[str]:
-    """One table row per case from its records (any order)."""
+    """One table row per case from its records (any order). The ratio cells (x eager,
+    x compile, %bw, GFLOP/s) of an impl that disagreed with eager read ``FAIL``."""
     by = {r.impl: r for r in records}
     f, c = by["fastpt"], by.get("compile")
+    f_bad, c_bad = _failed(f), _failed(c)
     return [f.alloc, f.op, f.dtype, f.mode, f.shape, _fmt(f.median_ms, ".3f"),
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
-            _fmt(f.ratio_vs_eager, ".2f"), _fmt(f.ratio_vs_compile, ".2f"),
-            _fmt(f.pct_copy_bandwidth, ".0f"), _fmt(c and c.pct_copy_bandwidth, ".0f"),
+            FAIL if f_bad else _fmt(f.ratio_vs_eager, ".2f"),
+            FAIL if f_bad or c_bad else _fmt(f.ratio_vs_compile, ".2f"),
+            FAIL if f_bad else _fmt(f.pct_copy_bandwidth, ".0f"),
+            FAIL if c_bad else _fmt(c and c.pct_copy_bandwidth, ".0f"),
             _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f"),
-            _fmt(f.gflops, ".0f")]
+            FAIL if f_bad and f.gflops is not None else _fmt(f.gflops, ".0f")]
+
+
+def disagreements(records: Iterable[Record]) -> list[str]:
+    """One line per record that failed the agreement check (baselines included)."""
+    return [f"{r.impl} disagrees with eager in {r.alloc} {r.op} {r.dtype} {r.mode} {r.shape} "
+            f"(max relative error: {_fmt(r.max_rel_error, '.3g')}); its ratios are not valid"
+            for r in records if r.agrees is False]
 
 
 def text_header() -> str:
@@ -309,11 +431,20 @@ def group_cases(records: Iterable[Record]) -> list[list[Record]]:
     return list(groups.values())
 
 
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
 def write_json(records: Sequence[Record], path: str) -> None:
-    """A JSON list of record objects, one record per line."""
+    """A JSON list of record objects, one record per line (written atomically). A record
+    with ``"agrees": false`` failed the agreement check: its ratios are not valid."""
     lines = [json.dumps(asdict(r)) for r in records]
-    with open(path, "w") as f:
-        f.write("[\n" + ",\n".join(lines) + "\n]\n")
+    _write_text(path, "[\n" + ",\n".join(lines) + "\n]\n")
 
 
 def read_json(path: str) -> list[Record]:
@@ -325,11 +456,14 @@ def markdown_table(records: Sequence[Record]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |"
     align = "|" + "|".join("---" if i <= 4 else "---:" for i in range(len(COLUMNS))) + "|"
     rows = ["| " + " | ".join(case_row(g)) + " |" for g in group_cases(records)]
-    return "\n".join([head, align, *rows]) + "\n"
+    table = "\n".join([head, align, *rows]) + "\n"
+    failed = disagreements(records)
+    if failed:
+        table += ("\nFAIL: the outputs differ from eager beyond the spec's tolerance "
+                  "(checked before timing):\n\n" + "".join(f"- {line}\n" for line in failed))
+    return table
 
 
 def write_markdown(records: Sequence[Record], path: str, preamble: str = "") -> None:
-    with open(path, "w") as f:
-        if preamble:
-            f.write(preamble.rstrip() + "\n\n")
-        f.write(markdown_table(records))
+    """The preamble and :func:`markdown_table` (written atomically)."""
+    _write_text(path, (preamble.rstrip() + "\n\n" if preamble else "") + markdown_table(records))

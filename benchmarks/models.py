@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from fastpt._atomic import atomic_write_json
 
 CASES = ("train", "decode", "encoder")
 IMPLS = ("fastpt", "eager", "transformers")
@@ -273,8 +274,7 @@ def main(argv=None) -> int:
                 print(_row(r), flush=True)
             results += rows
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
+        atomic_write_json(args.json, [asdict(r) for r in results])
     return 0
 
 

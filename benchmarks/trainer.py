@@ -11,12 +11,13 @@ Run: ``python -m fastpt.benchmarks.trainer [--quick] [--steps N] [--json PATH]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
+
+from fastpt._atomic import atomic_write_json
 
 
 def _setup(quick: bool):
@@ -74,8 +75,7 @@ def main(argv=None) -> int:
     print(f"{result['shape']}: bare {result['bare_tokens_per_s']:.0f} tok/s, Trainer "
           f"{result['trainer_tokens_per_s']:.0f} tok/s, Trainer/bare = {result['trainer_vs_bare']:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(args.json, result)
     return 0
 
 

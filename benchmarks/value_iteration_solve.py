@@ -6,7 +6,8 @@ Implementations: ``fastpt``: fastpt.mdp.value_iteration with Gauss-Seidel sweeps
 sweeps in 16 phases, the residual computed in the sweep, up to 64 sweeps per kernel call,
 plus one sweep for the greedy policy); ``fastpt_jacobi``: the same with Jacobi sweeps, the
 textbook iteration that scipy runs; ``eager`` is the vectorised scipy implementation
-(scipy.sparse CSR matvec per sweep, then max, argmax and the residual in numpy). A
+(scipy.sparse CSR matvec per sweep, then max, argmax and the residual in numpy; scipy's
+sparse product runs on one thread whatever the thread count, fastpt on all of them). A
 vectorised implementation cannot sweep in Gauss-Seidel order: each phase would be one more
 matvec over the rows of that phase.
 

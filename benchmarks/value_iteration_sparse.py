@@ -3,7 +3,8 @@ S states, A actions, K successors per (state, action), float64.
 
 Implementations: ``fastpt`` (the fused kernel: one pass over the CSR, max over actions,
 greedy policy and the change of V in the same pass); ``eager`` = ``torch_csr``: torch's CSR
-matrix-vector product (int64 indices), then R + gamma * Q.view(S, A) and max over actions;
+matrix-vector product (int32 indices, as fastpt reads them: torch's product is ~1.3-2x faster
+with them than with int64), then R + gamma * Q.view(S, A) and max over actions;
 ``scipy``: the same with scipy.sparse (int32 indices, one thread).
 
 Minimal bytes: the CSR as fastpt stores it (int32 column indices and row pointers, float64
@@ -34,7 +35,7 @@ def make_case(shapes, dtype) -> Case:
     S, A, K = shapes["P"]
     m = random_sparse_mdp(S, A, K, seed=0, gamma=GAMMA, dtype=dtype)
     v = torch.rand(S, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    csr = torch.sparse_csr_tensor(m.indptr.long(), m.indices.long(), m.values, (S * A, S),
+    csr = torch.sparse_csr_tensor(m.indptr.int(), m.indices.int(), m.values, (S * A, S),
                                   check_invariants=False)
     try:
         import scipy.sparse

@@ -84,6 +84,84 @@ def test_no_compile_has_no_compile_record():
     assert records[0].ratio_vs_compile is None and records[0].ratio_vs_eager > 0
 
 
+def _swiglu_with(fastpt=None, baselines=None, **kw):
+    import dataclasses
+    spec = run.load_spec("swiglu")
+    return dataclasses.replace(spec, fastpt=fastpt or spec.fastpt, baselines=baselines or {}, **kw)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_wrong_kernel_is_recorded_and_fails_the_table(mode, tmp_path):
+    """A fastpt impl returning wrong values is still timed, but its record says it disagrees
+    and its ratio cells print as FAIL (in fwdbwd, a wrong forward with right gradients too)."""
+    if mode == "fwd":
+        wrong = lambda gate, up: torch.zeros_like(gate)  # noqa: E731
+    else:  # right gradients, forward output off by 1
+        eager = run.load_spec("swiglu").eager
+        wrong = lambda gate, up: eager(gate, up) + 1.0  # noqa: E731
+    spec = _swiglu_with(fastpt=wrong)
+    with pytest.warns(UserWarning, match="fastpt differs from eager"):
+        records = harness.measure_case(spec, TINY["swiglu"], "fp32", mode, compile=False, timing=FAST)
+    by = _by_impl(records)
+    assert by["fastpt"].agrees is False and by["fastpt"].max_rel_error > 1e-2
+    assert by["fastpt"].median_ms > 0 and by["eager"].agrees is None
+    row = harness.case_row(records)
+    assert row[harness.COLUMNS.index("x eager")] == "FAIL"
+    assert row[harness.COLUMNS.index("fastpt %bw")] == "FAIL"
+    table = harness.markdown_table(records)
+    assert "| FAIL |" in table and "fastpt disagrees with eager" in table
+    harness.write_json(records, str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())[0]["agrees"] is False
+
+
+def test_right_kernel_agrees():
+    records = harness.measure_case(_swiglu_with(), TINY["swiglu"], "fp32", "fwdbwd",
+                                   compile=False, timing=FAST)
+    by = _by_impl(records)
+    assert by["fastpt"].agrees is True and 0 <= by["fastpt"].max_rel_error < 1e-5
+    assert "FAIL" not in harness.markdown_table(records)
+
+
+def test_every_impl_is_checked_and_raw_ones_skipped():
+    eager = run.load_spec("swiglu").eager
+    baselines = {"good": eager, "short": lambda gate, up: eager(gate, up)[:1, :1],
+                 "int": lambda gate, up: eager(gate, up).to(torch.int32) * 1000}
+    with pytest.warns(UserWarning, match="short differs from eager"):
+        records = harness.measure_case(_swiglu_with(baselines=baselines, raw=("int",)),
+                                       TINY["swiglu"], "fp32", "fwd", compile=False, timing=FAST)
+    by = _by_impl(records)
+    assert by["good"].agrees is True
+    assert by["short"].agrees is False and by["short"].max_rel_error is None  # wrong shape
+    assert by["int"].agrees is None and by["int"].max_rel_error is None       # raw by design
+    assert "short disagrees with eager" in harness.markdown_table(records)
+    # a missing output is a disagreement, not silently ignored
+    assert harness.max_rel_error((torch.ones(2),), (torch.ones(2), torch.ones(2))) is None
+
+
+def test_int8_tolerances():
+    i8mm, i8lin = run.load_spec("int8_matmul"), run.load_spec("int8_linear")
+    assert harness.agree_tolerance(i8mm, "fastpt", torch.float32) <= 1e-5
+    assert harness.agree_tolerance(i8mm, "fastpt", torch.bfloat16) <= 2e-2
+    assert i8mm.raw == ("int_mm",)
+    other, tol = i8lin.agree_also["fastpt"]
+    assert other == "llm_int8_eager" and tol <= 1e-5
+    # both pass on the real kernels (fp32 and bf16; forward only)
+    for spec, shapes in ((i8mm, TINY["int8_matmul"]), (i8lin, TINY["int8_linear"])):
+        for dtype in spec.dtypes:
+            records = harness.measure_case(spec, shapes, dtype, "fwd", compile=False, timing=FAST)
+            assert all(r.agrees is not False for r in records), records
+
+
+def test_int8_linear_counts_only_the_int8_path():
+    spec = run.load_spec("int8_linear")
+    inputs = spec.make_inputs(TINY["int8_linear"], torch.float32, False)
+    x, w, b, packed, colsum, scale, w_int8 = inputs.args
+    out = spec.eager(*inputs.args)
+    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+    assert spec.nbytes(inputs, (out,), "fwd") == sum(map(nb, (x, packed, colsum, scale, b, out)))
+    assert spec.nbytes(inputs, (out,), "fwd") < harness.minimal_bytes(inputs, (out,), "fwd") - nb(w)
+
+
 def test_minimal_bytes():
     x, w = torch.empty(8, 32), torch.empty(32)
     inputs = harness.Inputs(args=(x, w, 1e-6), grad=(0, 1), bwd_reads=(0, 1))

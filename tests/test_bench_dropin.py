@@ -39,6 +39,29 @@ def test_int8_rows_have_errors(tiny):
     assert 1e-5 < rows["bnb"].rel_error < 0.05 and 1e-5 < rows["fastpt"].rel_error < 0.05
 
 
+def test_int8_failing_bitsandbytes_gives_a_failed_row(tiny, monkeypatch):
+    """A bitsandbytes layer that raises becomes a "failed" row; the others are still measured."""
+    import torch
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no CPU kernel")
+
+    def layers(m, k, n):
+        from fastpt.nn import Int8Linear
+        torch.manual_seed(0)
+        lin, x = torch.nn.Linear(k, n), torch.randn(m, k)
+        return x, lin, {"bnb": Broken(), "bnb-dequant": Broken(), "fastpt": Int8Linear.from_linear(lin).eval()}
+    monkeypatch.setattr(bench, "_int8_layers", layers)
+    rows = {r.impl: r for r in bench.measure_int8("quick", budget_s=0.0)}
+    assert list(rows) == ["bnb", "bnb-dequant", "fastpt", "fp32"]
+    assert "RuntimeError: no CPU kernel" in rows["bnb"].failed and rows["bnb-dequant"].failed
+    assert rows["fastpt"].failed is None and rows["fastpt"].median_ms > 0
+    assert 1e-5 < rows["fastpt"].rel_error < 0.05 and rows["fp32"].rel_error == 0.0
+    assert rows["fastpt"].speedup is None  # no bitsandbytes time to compare with
+    assert "failed: RuntimeError" in bench._row(rows["bnb"])
+
+
 def test_cli_rejects_bad_lists():
     with pytest.raises(SystemExit) as e:
         bench.main(["--cases", "nope"])

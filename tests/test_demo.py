@@ -92,6 +92,24 @@ def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path, monkey
     assert "| 2. Value iteration | ok |" in report and "| total | 1 failed |" in report
 
 
+def test_an_interrupted_section_is_marked_interrupted(tmp_path, monkeypatch):
+    from fastpt.demo import kernels
+
+    def interrupted(ctx, sec):
+        sec.text("partial table")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kernels, "run", interrupted)
+    status, _, stderr = _run(["demo", "--quick", "--sections", "kernels,mdp",
+                              "--out", str(tmp_path / "d")])
+    assert status == 130 and "interrupted" in stderr  # re-raised up to the CLI
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "| 1. Fused kernels | interrupted |" in report.replace(TITLES["kernels"], "Fused kernels")
+    assert "| total | interrupted |" in report and "| ok |" not in report
+    assert "This section was interrupted** (KeyboardInterrupt)" in report and "partial table" in report
+    assert "Value iteration" not in report  # the demo stopped there
+    assert not [f for f in os.listdir(tmp_path / "d") if f.endswith(".tmp")]
+
+
 def test_never_writes_into_an_existing_run(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "report.md").write_text("earlier run")

@@ -8,11 +8,14 @@ import math
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fastpt._atomic import atomic_write
+
 
 def _save(fig: Figure, path: str) -> str:
+    """Saves the PNG atomically (a temporary beside ``path``, then renamed over it)."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return path
 
 

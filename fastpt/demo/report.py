@@ -7,6 +7,8 @@ import os
 import traceback
 from dataclasses import dataclass, field
 
+from fastpt._atomic import atomic_write
+
 
 def _cell(value) -> str:
     return str(value).replace("|", "\\|")
@@ -46,7 +48,8 @@ def row_printer(headers, widths, write=None):
 
 @dataclass
 class Section:
-    """One section of the report: Markdown blocks, its time and, if it failed, the error."""
+    """One section of the report: Markdown blocks, its time and, if it failed, the error;
+    ``interrupted``: what stopped it (KeyboardInterrupt, SystemExit, ...), if something did."""
 
     key: str
     title: str
@@ -55,6 +58,11 @@ class Section:
     seconds: float = 0.0
     error: str | None = None
     trace: str | None = None
+    interrupted: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "interrupted" if self.interrupted else "failed" if self.error else "ok"
 
     def text(self, markdown: str, echo: bool = True) -> None:
         self.blocks.append(markdown.strip())
@@ -81,8 +89,15 @@ class Section:
         self.error = f"{type(error).__name__}: {error}"
         self.trace = "".join(traceback.format_exception(error))
 
+    def interrupt(self, error: BaseException) -> None:
+        """Marks the section as stopped part-way (its tables so far are kept)."""
+        self.interrupted = type(error).__name__
+
     def markdown(self) -> str:
         parts = [f"## {self.number}. {self.title}", *self.blocks]
+        if self.interrupted:
+            parts.append(f"**This section was interrupted** ({self.interrupted}) after "
+                         f"{self.seconds:.1f} s; what it shows above is partial, and the demo stopped here.")
         if self.error:
             parts.append(f"**This section failed** after {self.seconds:.1f} s: `{self.error}`")
             parts.append("<details><summary>traceback</summary>\n\n```\n" + self.trace.rstrip()
@@ -108,10 +123,10 @@ class Report:
         return [s for s in self.sections if s.error]
 
     def summary_rows(self) -> list[list[str]]:
-        rows = [[f"{s.number}. {s.title}", "failed" if s.error else "ok", f"{s.seconds:.1f}"]
-                for s in self.sections]
-        rows.append(["total", f"{len(self.failed)} failed" if self.failed else "ok",
-                     f"{sum(s.seconds for s in self.sections):.1f}"])
+        rows = [[f"{s.number}. {s.title}", s.status, f"{s.seconds:.1f}"] for s in self.sections]
+        status = ", ".join(([f"{len(self.failed)} failed"] if self.failed else [])
+                           + (["interrupted"] if any(s.interrupted for s in self.sections) else []))
+        rows.append(["total", status or "ok", f"{sum(s.seconds for s in self.sections):.1f}"])
         return rows
 
     def markdown(self) -> str:
@@ -122,6 +137,12 @@ class Report:
 
     def write(self) -> str:
         path = os.path.join(self.out_dir, "report.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.markdown())
+        text = self.markdown()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        atomic_write(path, write)
         return path

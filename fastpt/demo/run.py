@@ -1,6 +1,8 @@
 """``run_demo(config)``: runs the selected sections in order, each timed and isolated (a
 failing section is reported in report.md and on stderr, and the others still run), then
-writes the report and returns the exit status (0: every section ran; 1: some failed)."""
+writes the report and returns the exit status (0: every section ran; 1: some failed). A
+section stopped by KeyboardInterrupt (or any other BaseException) is marked "interrupted" in
+the report, which is still written, and the exception goes on up."""
 
 from __future__ import annotations
 
@@ -84,6 +86,10 @@ def run_demo(config: DemoConfig) -> int:
             except Exception as e:  # noqa: BLE001  (reported, the demo goes on)
                 sec.fail(e)
                 print(f"fastpt demo: section {key} failed: {sec.error}", file=sys.stderr, flush=True)
+            except BaseException as e:  # Ctrl-C, SystemExit: marked in the report, then stop
+                sec.interrupt(e)
+                sec.seconds = time.perf_counter() - start
+                raise
             sec.seconds = time.perf_counter() - start
             print(f"({key}: {sec.seconds:.1f} s)", flush=True)
     finally:
