@@ -327,7 +327,7 @@ def measure_case(spec: OpSpec, shapes: Mapping[str, tuple[int, ...]], dtype: str
     missing = [n for n in refs_needed if n not in impls]
     if missing:
         raise ValueError(f"{spec.name}: agree_also names unknown impls {missing}")
-    order = [n for n in dict.fromkeys(refs_needed)] + [n for n in calls if n not in refs_needed]
+    order = list(dict.fromkeys(refs_needed)) + [n for n in calls if n not in refs_needed]
     first_s, refs, agreement = {}, {}, {}
     for name in order:
         call = calls[name]
