@@ -124,6 +124,30 @@ def test_sweep_matches_numpy(cpu_capability, dtype, sparse):
         np.testing.assert_allclose(out.dv[0].numpy(), [d.min(), d.max()], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_sweep_rows_of_every_length(cpu_capability, dtype):
+    # Row lengths 1..40 in random order: every split of the vectorised rows into full
+    # groups (16 and 4 successors) and a masked tail, in both index widths.
+    S, A = 120, 3
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 41, (S * A,), generator=gen)
+    lengths[:40] = torch.arange(1, 41)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    idx = torch.cat([torch.randperm(S, generator=gen)[:n].sort().values for n in lengths.tolist()])
+    w = torch.rand(int(indptr[-1]), generator=gen, dtype=torch.float64) + 1e-3
+    rows = torch.repeat_interleave(torch.arange(S * A), lengths)
+    w = w / torch.zeros(S * A, dtype=torch.float64).index_add_(0, rows, w)[rows]
+    reward = torch.rand(S, A, generator=gen, dtype=torch.float64)
+    v = torch.randn(S, generator=gen, dtype=torch.float64)
+    for index_dtype in (torch.int32, torch.int64):
+        m = M.MDP.from_csr(indptr, idx.to(index_dtype), w.to(dtype), S, A, reward, 0.9, dtype=dtype)
+        want_v, want_pol, want_q = np_bellman(np_dense(m), reward.numpy(), m.gamma, v.numpy())
+        out = vi_op(m.transitions(), m.reward, v.to(dtype), m.gamma, return_q=True)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        np.testing.assert_allclose(out.q.double().numpy(), want_q, rtol=tol, atol=tol)
+        np.testing.assert_allclose(out.v.double().numpy(), want_v, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_several_sweeps_gauss_seidel_and_partitions(cpu_capability, sparse):
     m = small_random_mdp(700, 3, 9, seed=3)  # 16 Gauss-Seidel phases of 43-44 states
