@@ -22,6 +22,17 @@ shared host hits them alike; ratios are the steadier numbers. Peak memory: the m
 torch's CPU allocator holds during one training step beyond what existed before it (the
 profiler's allocation records, :func:`fastpt.benchmarks.harness.peak_memory_bytes`).
 
+Agreement (as ``fastpt bench`` and ``fastpt bench-models``): before timing, each
+implementation's first call runs on the same inputs from the same weights and is compared
+with the case's reference (:data:`REFERENCE`): ``llama`` and ``lora`` the loss and every
+trainable parameter's gradient of the first training step against the unpatched model's
+(``hf``, ``peft``; fastpt's LoRA model gets PEFT's LoRA factors, so all start equal), at
+the tolerances of :mod:`fastpt.benchmarks.models`; ``int8`` the output against the fp32
+``F.linear`` (the error column), which must stay within the int8 quantization error
+bound of ``fastpt bench``'s int8_linear (5e-2 of max |y|; measured 4e-3 to 1.1e-2). One that
+disagrees is still timed, but its Result has ``agrees=False`` and ``max_rel_error``, and its
+speedup cells (and those compared with it, when it is the speedup baseline) print ``FAIL``.
+
 Run: ``python -m fastpt.benchmarks.dropin [--quick] [--cases llama,lora,int8]
 [--dtypes fp32,bf16] [--json PATH]`` or ``fastpt bench-dropin ...``.
 """
@@ -36,13 +47,20 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastpt._atomic import atomic_write_json
-from fastpt.benchmarks.harness import peak_memory_bytes
-from fastpt.benchmarks.models import _autocast, alternate_rounds, check_subsets
+from fastpt.benchmarks import int8_linear
+from fastpt.benchmarks.harness import (agree_tolerance, disagreement_line, fail_or, failure_note, max_rel_error,
+                                       peak_memory_bytes)
+from fastpt.benchmarks.models import (FP32_TOL, _autocast, _hf_to_ours, _param_grads, _tensor_compare,
+                                      alternate_rounds, bf16_tolerance, check_first_calls, check_json_path,
+                                      check_subsets)
 
 CASES = ("llama", "lora", "int8")
+REFERENCE = {"llama": "hf", "lora": "peft", "int8": "fp32"}  # what each case's impls are compared with
+# int8 against the fp32 product: the int8 quantization error bound of benchmarks/int8_linear.py
+# (the harness's int8_linear spec: 5e-2 of max |y|, ~5x the error LLM.int8 layers show here).
+INT8_TOL = agree_tolerance(int8_linear.SPEC, "fastpt", torch.float32)
 DTYPES = ("fp32", "bf16")
 TRAIN = {"full": dict(B=8, T=512, layers=6), "quick": dict(B=2, T=128, layers=2)}
 INT8 = {"full": (4096, 4096, 4096), "quick": (1024, 1024, 1024)}  # M, K, N as benchmarks/int8_linear.py
@@ -65,6 +83,10 @@ class Result:
     rel_error: float | None = None   # int8: max |y - y_fp32| / max |y_fp32|
     rounds: int = 0
     failed: str | None = None        # the error of an implementation that could not run
+    # Whether the outputs matched the case's REFERENCE before timing (None: the reference, or
+    # an implementation that failed to run); a disagreeing one is timed, its speedups print FAIL.
+    agrees: bool | None = None
+    max_rel_error: float | None = None  # its largest error against the reference (int8: = rel_error)
 
 
 def hf_llama(layers: int):
@@ -89,29 +111,57 @@ def _fastpt_lora(hf_model):
     return model
 
 
+def _peft_names(fastpt_model) -> dict[str, str]:
+    """fastpt LoRA model's factor names -> the PEFT model's names of the same factors."""
+    modules = {ours[:-len(".weight")]: hf[:-len(".weight")]
+               for hf, ours in _hf_to_ours(fastpt_model.config).items() if ours.endswith(".weight")}
+    out = {}
+    for name, _ in fastpt_model.named_parameters():
+        module, lora, rest = name.partition(".lora_")
+        if lora and module in modules:
+            out[name] = f"base_model.model.{modules[module]}.lora_{rest}"
+    return out
+
+
+def _copy_lora_factors(fastpt_model, peft_model) -> None:
+    """Give fastpt's LoRA model the PEFT model's (randomly initialised) LoRA factors."""
+    theirs = dict(peft_model.named_parameters())
+    ours = dict(fastpt_model.named_parameters())
+    with torch.no_grad():
+        for name, peft_name in _peft_names(fastpt_model).items():
+            ours[name].copy_(theirs[peft_name])
+
+
+def _loss(model, ids, dtype: str, fastpt_model: bool = False):
+    with _autocast(dtype):
+        if fastpt_model:
+            return model(input_ids=ids, labels=ids, return_logits=False).loss
+        return model(input_ids=ids, labels=ids).loss
+
+
 def _train_step(model, ids, dtype: str, fastpt_model: bool = False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(dtype):
-            if fastpt_model:
-                loss = model(input_ids=ids, labels=ids, return_logits=False).loss
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
+        loss = _loss(model, ids, dtype, fastpt_model)
         loss.backward()
         opt.step()
+        return loss.detach()
     # Peak memory is measured from the same state for every implementation: no gradients held.
     step.release_grads = lambda: opt.zero_grad(set_to_none=True)
     return step
 
 
 def _train_calls(case: str, dtype: str, size: str):
+    """(timed calls, first calls returning (loss, *gradients in the reference's parameter
+    order), compare, shape label) of one training case."""
     import fastpt
     s = TRAIN[size]
     base = hf_llama(s["layers"])
     ids = torch.randint(0, base.config.vocab_size, (s["B"], s["T"]))
+    renames = {}
     if case == "llama":
         patched, patched_ce = copy.deepcopy(base), copy.deepcopy(base)
         fastpt.patch(patched)
@@ -119,28 +169,30 @@ def _train_calls(case: str, dtype: str, size: str):
         models = {"hf": (base, False), "hf+patch": (patched, False), "hf+patch+ce": (patched_ce, False)}
     else:
         fastpt_lora = _fastpt_lora(base)
-        patched = _peft(copy.deepcopy(base))  # get_peft_model wraps in place: copy first
-        patched_ce = _peft(copy.deepcopy(base))
+        unpatched = _peft(base)  # get_peft_model wraps in place; fastpt's model was built first
+        # copies of one PEFT model: the same (random) LoRA factors everywhere
+        patched, patched_ce = copy.deepcopy(unpatched), copy.deepcopy(unpatched)
         fastpt.patch(patched)
         fastpt.patch(patched_ce, fused_cross_entropy=True)
-        unpatched = _peft(base)
+        _copy_lora_factors(fastpt_lora, unpatched)
+        renames["fastpt-lora"] = _peft_names(fastpt_lora)
         models = {"peft": (unpatched, False), "peft+patch": (patched, False), "peft+patch+ce": (patched_ce, False),
                   "fastpt-lora": (fastpt_lora, True)}
+    ref_model = models[REFERENCE[case]][0].train()
+    names = [n for n, p in ref_model.named_parameters() if p.requires_grad]
+    tol = FP32_TOL["bwd"]
+    if dtype != "fp32":  # the reference once in fp32 from the same weights (models.bf16_tolerance)
+        exact_loss = _loss(ref_model, ids, "fp32")
+        exact_loss.backward()
+        exact = (exact_loss.detach(), *_param_grads(ref_model, names))
+        ref_model.zero_grad(set_to_none=True)
+        tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
+    calls = {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}
+
+    def first(name):
+        return lambda: (calls[name](), *_param_grads(models[name][0], names, renames.get(name)))
     shape = f"L={s['layers']} B={s['B']} T={s['T']}"
-    return {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}, shape
-
-
-def _warm_up(calls: dict) -> dict[str, str]:
-    """Run each call once (the first AdamW step allocates its state); drop the ones that
-    fail and return their errors, so one broken implementation does not end the run."""
-    failed = {}
-    for name, call in list(calls.items()):
-        try:
-            call()
-        except Exception as e:  # noqa: BLE001  (reported in the table)
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            del calls[name]
-    return failed
+    return calls, {name: first(name) for name in calls}, _tensor_compare(tol), shape
 
 
 def _medians_ms(samples: dict) -> tuple[dict, dict]:
@@ -149,10 +201,21 @@ def _medians_ms(samples: dict) -> tuple[dict, dict]:
     return wall, cpu
 
 
+def _check(first: dict, calls: dict, case: str, compare, label: str):
+    """The agreement check, which is also each call's warm-up (the first AdamW step allocates
+    its state): ({impl: (agrees, error)}, {impl: error message}); an implementation that
+    raises is dropped from ``calls``, so one broken implementation does not end the run."""
+    agreement, failed = check_first_calls(first, REFERENCE[case], compare, f"bench-dropin {label}", catch=True)
+    for name in failed:
+        calls.pop(name, None)
+    return agreement, failed
+
+
 def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Result]:
-    calls, shape = _train_calls(case, dtype, size)
+    calls, first, compare, shape = _train_calls(case, dtype, size)
     names = list(calls)
-    failed = _warm_up(calls)
+    agreement, failed = _check(first, calls, case, compare, f"{case} {dtype} {shape}")
+    del first, compare
     samples = alternate_rounds(calls, budget_s, min_rounds=3, max_rounds=50)
     ms, cpu = _medians_ms(samples)
     baseline, cpu_baseline = ms.get(names[0]), cpu.get(names[0])
@@ -164,9 +227,10 @@ def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Res
         calls[name].release_grads()
         gc.collect()
         peak = peak_memory_bytes(calls[name]) / 2**20
+        agrees, err = agreement.get(name, (None, None))
         out.append(Result(case, dtype, name, shape, ms[name], baseline / ms[name] if baseline else None,
                           cpu[name], cpu_baseline / cpu[name] if cpu_baseline else None, peak,
-                          rounds=len(samples[name])))
+                          rounds=len(samples[name]), agrees=agrees, max_rel_error=err))
     return out
 
 
@@ -201,37 +265,52 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
     calls = {name: call(layer) for name, layer in layers.items()}
     calls["fp32"] = call(lin)
     names = list(calls)
+    shape = f"x={m}x{k} w={n}x{k}"
+
+    def compare(got, ref):  # max |y - y_fp32| / max |y_fp32| within the int8 error bound
+        return max_rel_error(tuple(t.float() for t in got), ref), INT8_TOL
     # An implementation that fails (e.g. a bitsandbytes build without a CPU path) gets a
     # "failed" row; the others are still measured.
-    failed = _warm_up(calls)
-    with torch.no_grad():
-        ref = lin(x)
-    errors = {"fp32": 0.0}
-    for name in [n for n in layers if n in calls]:
-        try:
-            with torch.no_grad():
-                errors[name] = float((layers[name](x).float() - ref).abs().max() / ref.abs().max())
-        except Exception as e:  # noqa: BLE001  (reported in the table)
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            del calls[name]
+    agreement, failed = _check({name: (lambda c=c: (c(),)) for name, c in calls.items()}, calls, "int8",
+                               compare, f"int8 fp32 {shape}")
     samples = alternate_rounds(calls, budget_s, min_rounds=5, max_rounds=200)
     ms, cpu = _medians_ms(samples)
     base, cpu_base = ms.get("bnb"), cpu.get("bnb")  # speedups vs bitsandbytes, when it ran
-    shape = f"x={m}x{k} w={n}x{k}"
-    return [Result("int8", "fp32", name, shape, float("nan"), failed=failed[name]) if name in failed
-            else Result("int8", "fp32", name, shape, ms[name], base / ms[name] if base else None,
-                        cpu[name], cpu_base / cpu[name] if cpu_base else None,
-                        rel_error=errors[name], rounds=len(samples[name]))
-            for name in names]
+    out = []
+    for name in names:
+        if name in failed:
+            out.append(Result("int8", "fp32", name, shape, float("nan"), failed=failed[name]))
+            continue
+        agrees, err = agreement.get(name, (None, 0.0 if name == REFERENCE["int8"] else None))
+        out.append(Result("int8", "fp32", name, shape, ms[name], base / ms[name] if base else None,
+                          cpu[name], cpu_base / cpu[name] if cpu_base else None, rel_error=err,
+                          rounds=len(samples[name]), agrees=agrees, max_rel_error=err))
+    return out
 
 
-def _row(r: Result) -> str:
+def _row(r: Result, baseline_failed: bool = False) -> str:
+    """One table row. The speedup cells read FAIL where this implementation, or the one the
+    speedups are against (``baseline_failed``), disagreed with the reference."""
     def f(v, spec):
         return "-" if v is None else format(v, spec)
-    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {f(r.speedup, '.2f')} | "
-            f"{f(r.cpu_ms, '.1f')} | {f(r.cpu_speedup, '.2f')} | "
+    bad = r.agrees is False or (baseline_failed and r.speedup is not None)
+    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {fail_or(bad, r.speedup, '.2f')} | "
+            f"{f(r.cpu_ms, '.1f')} | {fail_or(bad, r.cpu_speedup, '.2f')} | "
             f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |"
             + (f" failed: {r.failed} |" if r.failed else ""))
+
+
+def case_rows(results: list[Result]) -> list[str]:
+    """The table rows of one case's results (one measure_train / measure_int8 call), whose
+    speedups are against its first implementation."""
+    baseline_failed = bool(results) and results[0].agrees is False
+    return [_row(r, baseline_failed) for r in results]
+
+
+def disagreements(results: list[Result]) -> list[str]:
+    """One line per result that failed the agreement check."""
+    return [disagreement_line(r.impl, REFERENCE[r.case], f"{r.case} {r.dtype} {r.shape}", r.max_rel_error)
+            for r in results if r.agrees is False]
 
 
 HEADER = ("| case | dtype | shape | impl | wall ms | speedup vs first | CPU ms | CPU-time speedup | peak MiB "
@@ -249,6 +328,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cases, dtypes = tuple(args.cases.split(",")), tuple(args.dtypes.split(","))
     check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES))
+    check_json_path(p, args.json)
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (5.0 if args.quick else 60.0)
@@ -258,9 +338,12 @@ def main(argv=None) -> int:
         rows_per_dtype = [measure_int8(size, budget)] if case == "int8" else \
             (measure_train(case, d, size, budget) for d in dtypes)
         for rows in rows_per_dtype:
-            for r in rows:
-                print(_row(r), flush=True)
+            for line in case_rows(rows):
+                print(line, flush=True)
             results += rows
+    print(failure_note(disagreements(results), "the reference (" + ", ".join(
+        f"{case}: {ref}" for case, ref in REFERENCE.items() if case in cases) + ")", "the tolerance"),
+          end="", flush=True)
     if args.json:
         atomic_write_json(args.json, [asdict(r) for r in results])
     return 0

@@ -244,10 +244,11 @@ def agree_tolerance(spec: OpSpec, impl: str, dtype: torch.dtype) -> float:
         tol = tol.get(impl)
     if tol is None:
         tol = _AGREE_TOL[dtype]
-    return _rounding_floor(tol, dtype)
+    return rounding_floor(tol, dtype)
 
 
-def _rounding_floor(tol: float, dtype: torch.dtype) -> float:
+def rounding_floor(tol: float, dtype: torch.dtype) -> float:
+    """``tol``, raised to the rounding of ``dtype`` (2 x its machine epsilon) where it is lower."""
     # Two results rounded to the output dtype independently differ by up to one ulp (eps x |y|)
     # even when their exact values agree; 2 x eps leaves room for the rest (bf16: ~1.6e-2).
     return max(tol, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else tol
@@ -287,7 +288,7 @@ def _check_agreement(spec: OpSpec, dtype: torch.dtype, mode: str, impl: str, got
     problems = [] if ok else [f"eager (max relative error {err}, tolerance {tol:.3g})"]
     if impl in spec.agree_also:
         other, other_tol = spec.agree_also[impl]
-        other_tol = _rounding_floor(other_tol, dtype)
+        other_tol = rounding_floor(other_tol, dtype)
         other_err = max_rel_error(got, refs[other])
         if not _agrees(other_err, other_tol):
             ok = False
@@ -390,6 +391,12 @@ def _failed(r: Record | None) -> bool:
     return r is not None and r.agrees is False
 
 
+def fail_or(failed: bool, value, spec: str) -> str:
+    """A ratio cell: ``FAIL`` where the impl (or the one it is compared with) disagreed with
+    the reference before timing, else ``value`` formatted (``-`` for None or nan)."""
+    return FAIL if failed else _fmt(value, spec)
+
+
 def case_row(records: Iterable[Record]) -> list[str]:
     """One table row per case from its records (any order). The ratio cells (x eager,
     x compile, %bw, GFLOP/s) of an impl that disagreed with eager read ``FAIL``."""
@@ -398,19 +405,33 @@ def case_row(records: Iterable[Record]) -> list[str]:
     f_bad, c_bad = _failed(f), _failed(c)
     return [f.alloc, f.op, f.dtype, f.mode, f.shape, _fmt(f.median_ms, ".3f"),
             _fmt(by["eager"].median_ms, ".3f"), _fmt(c and c.median_ms, ".3f"),
-            FAIL if f_bad else _fmt(f.ratio_vs_eager, ".2f"),
-            FAIL if f_bad or c_bad else _fmt(f.ratio_vs_compile, ".2f"),
-            FAIL if f_bad else _fmt(f.pct_copy_bandwidth, ".0f"),
-            FAIL if c_bad else _fmt(c and c.pct_copy_bandwidth, ".0f"),
+            fail_or(f_bad, f.ratio_vs_eager, ".2f"),
+            fail_or(f_bad or c_bad, f.ratio_vs_compile, ".2f"),
+            fail_or(f_bad, f.pct_copy_bandwidth, ".0f"),
+            fail_or(c_bad, c and c.pct_copy_bandwidth, ".0f"),
             _fmt(f.copy_gbps, ".1f"), _fmt(f.peak_mib, ".0f"), _fmt(by["eager"].peak_mib, ".0f"),
-            FAIL if f_bad and f.gflops is not None else _fmt(f.gflops, ".0f")]
+            fail_or(f_bad and f.gflops is not None, f.gflops, ".0f")]
+
+
+def disagreement_line(impl: str, reference: str, case: str, error: float | None) -> str:
+    """The line that lists an impl that failed the agreement check in ``case``."""
+    return (f"{impl} disagrees with {reference} in {case} (max relative error: {_fmt(error, '.3g')}); "
+            "its ratios are not valid")
 
 
 def disagreements(records: Iterable[Record]) -> list[str]:
     """One line per record that failed the agreement check (baselines included)."""
-    return [f"{r.impl} disagrees with eager in {r.alloc} {r.op} {r.dtype} {r.mode} {r.shape} "
-            f"(max relative error: {_fmt(r.max_rel_error, '.3g')}); its ratios are not valid"
+    return [disagreement_line(r.impl, "eager", f"{r.alloc} {r.op} {r.dtype} {r.mode} {r.shape}", r.max_rel_error)
             for r in records if r.agrees is False]
+
+
+def failure_note(lines: Sequence[str], reference: str = "eager", tolerance: str = "the spec's tolerance") -> str:
+    """The note under a table that lists the impls that failed the agreement check (``lines``,
+    e.g. :func:`disagreements`); "" when there are none."""
+    if not lines:
+        return ""
+    return (f"\n{FAIL}: the outputs differ from {reference} beyond {tolerance} (checked before timing):\n\n"
+            + "".join(f"- {line}\n" for line in lines))
 
 
 def text_header() -> str:
@@ -456,12 +477,7 @@ def markdown_table(records: Sequence[Record]) -> str:
     head = "| " + " | ".join(COLUMNS) + " |"
     align = "|" + "|".join("---" if i <= 4 else "---:" for i in range(len(COLUMNS))) + "|"
     rows = ["| " + " | ".join(case_row(g)) + " |" for g in group_cases(records)]
-    table = "\n".join([head, align, *rows]) + "\n"
-    failed = disagreements(records)
-    if failed:
-        table += ("\nFAIL: the outputs differ from eager beyond the spec's tolerance "
-                  "(checked before timing):\n\n" + "".join(f"- {line}\n" for line in failed))
-    return table
+    return "\n".join([head, align, *rows]) + "\n" + failure_note(disagreements(records))
 
 
 def write_markdown(records: Sequence[Record], path: str, preamble: str = "") -> None:

@@ -14,6 +14,16 @@ host hits them alike; ratios (baseline time / fastpt time) are the steadier numb
 ``--memory`` adds the peak training memory of each implementation, each in a fresh child
 process (peak RSS, VmHWM, over two steps minus the RSS before the first).
 
+Agreement (as ``fastpt bench``, :mod:`fastpt.benchmarks.harness`): before timing, each
+implementation's first call (the first training step, one ``generate``, one forward) runs
+on the same inputs from the same weights and is compared with the reference implementation,
+``eager`` (``use_fused=False``; built for the check even when ``--impls`` leaves it out):
+``train`` the loss and every parameter gradient of that step, ``decode`` the generated
+tokens, ``encoder`` the last hidden state (tolerances: :data:`FP32_TOL`, :func:`bf16_tolerance`
+and :func:`_decode_compare`). One that disagrees is still timed, but its Result has
+``agrees=False`` and the error, its ratio cells (and tokens/s) print as ``FAIL``, and the
+table is followed by a list of the disagreements.
+
 Run: ``python -m fastpt.benchmarks.models [--quick] [--cases train,decode,encoder]
 [--dtypes fp32,bf16] [--memory] [--json PATH]`` or ``fastpt bench-models ...``.
 """
@@ -28,15 +38,31 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
 
 import torch
 
 from fastpt._atomic import atomic_write_json
+from fastpt.benchmarks.harness import disagreement_line, fail_or, failure_note, max_rel_error, rounding_floor
 
 CASES = ("train", "decode", "encoder")
 IMPLS = ("fastpt", "eager", "transformers")
 DTYPES = ("fp32", "bf16")
+REFERENCE = "eager"  # every other implementation is compared with it before timing
+
+# Agreement tolerances, relative to max |reference| of each output (harness.max_rel_error).
+# fp32: tests/tolerances.py holds each fp32 op to 1e-5 (forward) and 1e-4 (backward) of the
+# float64 result; two fp32 implementations that each meet that differ by at most twice as
+# much. "bwd" covers the training step's loss and gradients, "fwd" the encoder's output and
+# decode's logits. (Measured on the full shapes: gradients 2-4e-6 apart, the loss 1e-7.)
+FP32_TOL = {"fwd": 2e-5, "bwd": 2e-4}
+# bf16 autocast: tests/tolerances.py's rule (FlashAttention's): an implementation's error
+# against the exact result may be at most 2x eager PyTorch's at the same precision. The
+# reference run once more in fp32 stands in for the exact result (its own error is ~1000x
+# smaller than bf16's); see :func:`bf16_tolerance`.
+LOW_PRECISION_FACTOR = 2.0
 
 # (full, quick) shapes.
 TRAIN = {"full": dict(B=8, T=512), "quick": dict(B=2, T=128)}
@@ -56,6 +82,13 @@ class Result:
     tokens_per_s: float | None = None
     peak_mem_mb: float | None = None
     rounds: int = 0
+    # Whether this implementation's outputs matched the reference's before timing (None: the
+    # reference itself). A disagreeing one is still timed; its ratios print as FAIL.
+    agrees: bool | None = None
+    # Its largest error against the reference relative to max |reference| over the outputs
+    # (train: loss and gradients; encoder: hidden state; decode: 0.0 for identical tokens, else
+    # see _decode_compare). None when not checked or the outputs differ in shape or are not finite.
+    max_rel_error: float | None = None
 
 
 def llama_config(quick: bool):
@@ -91,19 +124,23 @@ def _models(config, impls):
     return out
 
 
+def _loss(impl, model, ids, dtype):
+    with _autocast(dtype):  # the forward and the loss only, as in a training loop
+        if impl == "transformers":
+            return model(input_ids=ids, labels=ids).loss
+        return model(input_ids=ids, labels=ids, return_logits=False).loss
+
+
 def _train_step_fn(impl, model, ids, dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the fastest for every impl
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(dtype):  # the forward and the loss only, as in a training loop
-            if impl == "transformers":
-                loss = model(input_ids=ids, labels=ids).loss
-            else:
-                loss = model(input_ids=ids, labels=ids, return_logits=False).loss
+        loss = _loss(impl, model, ids, dtype)
         loss.backward()
         opt.step()
+        return loss.detach()
     return step
 
 
@@ -130,30 +167,185 @@ def _encoder_fn(impl, model, ids, dtype):
     return run
 
 
-def _calls(case, dtype, impls, size):
-    """One callable per implementation (each enters its own autocast), the shape label, and
-    the number of new tokens (decode)."""
+# ---------------------------------------------------------------- agreement
+
+def bf16_tolerance(reference, exact) -> float:
+    """The tolerance of a bf16-autocast implementation's outputs against the reference's,
+    from the reference's bf16 outputs and its fp32 ones (``exact``).
+
+    With e = the reference's own bf16 error (max_rel_error against its fp32 run), an
+    implementation within LOW_PRECISION_FACTOR x e of the exact result is within
+    (LOW_PRECISION_FACTOR + 1) x e of the reference's bf16 outputs (triangle inequality): the
+    tolerance, never below bf16's rounding (2 x eps, harness.rounding_floor). Measured on the
+    full training step: e = 0.017, fastpt and transformers 0.016 from the reference.
+    """
+    e = max_rel_error(reference, exact)
+    return rounding_floor((LOW_PRECISION_FACTOR + 1) * e if e is not None else 0.0, torch.bfloat16)
+
+
+def _tensor_compare(tol: float | Callable[[tuple], float]):
+    """compare(got, ref) -> (max_rel_error, tolerance); ``tol``: a number or ref -> number."""
+    def compare(got, ref):
+        return max_rel_error(got, ref), tol(ref) if callable(tol) else tol
+    return compare
+
+
+def check_first_calls(first: Mapping[str, Callable[[], tuple]], reference: str,
+                      compare: Callable[[tuple, tuple], tuple], label: str, catch: bool = False
+                      ) -> tuple[dict[str, tuple[bool, float | None]], dict[str, str]]:
+    """Run each implementation's first call (the reference's first) and compare what it returns
+    with the reference's: ``compare(got, ref) -> (error, tolerance)``; agreement is
+    ``error <= tolerance`` (None, a missing or misshapen output, disagrees).
+
+    Returns ({impl: (agrees, error)} for every impl but the reference, {impl: error message}
+    for the calls that raised, with ``catch``; without it an exception propagates). A
+    disagreement also warns; the caller times the impl anyway and prints its ratios as FAIL.
+    """
+    agreement, failed = {}, {}
+
+    def run(name):
+        if not catch:
+            return first[name]()
+        try:
+            return first[name]()
+        except Exception as e:  # noqa: BLE001  (reported in the table)
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            return None
+
+    ref = run(reference)
+    for name in first:
+        if name == reference:
+            continue
+        got = run(name)
+        if name in failed or reference in failed:
+            continue
+        err, tol = compare(got, ref)
+        ok = err is not None and err <= tol
+        if not ok:
+            warnings.warn(f"{label}: {name} differs from {reference} (max relative error {err}, tolerance "
+                          f"{tol:.3g}); timing it anyway, its ratios print as FAIL", stacklevel=2)
+        agreement[name] = (ok, err)
+        del got
+    return agreement, failed
+
+
+def _param_grads(model, names, rename: Mapping[str, str] | None = None) -> tuple:
+    """The gradients of ``model``'s parameters in the order of ``names`` (None where it has
+    none); ``rename`` maps the model's parameter names to those of ``names``."""
+    grads = {(rename or {}).get(n, n): p.grad for n, p in model.named_parameters()}
+    return tuple(grads.get(n) for n in names)
+
+
+def _hf_to_ours(config) -> dict[str, str]:
+    """transformers parameter name -> fastpt's, for the families whose tensors map one to one."""
+    from fastpt.models.hf import _entries
+    return {e.hf: e.ours[0] for e in _entries(config) if len(e.ours) == 1}
+
+
+def _decode_compare(ref_model, prompt: int, dtype: str):
+    """compare(got, ref) for decode's tokens ((1, prompt + new) tensors).
+
+    Identical tokens agree (error 0.0). Greedy decoding cannot demand more than that the
+    tokens agree up to ties: where the best two logits are closer than the implementations'
+    rounding differences (likely somewhere in 128 bf16 steps, and then every later token
+    follows a different context), either token is right. So where the tokens differ, the
+    reference model is run (teacher-forced, in fp32: the exact stand-in) on the
+    implementation's own tokens, and each token it chose from the first difference on must be
+    within the tolerance of the best logit at its position: error = the largest gap
+    (best logit - chosen token's logit) / max |logit|. An implementation whose logits are
+    within t (relative) of the exact ones picks tokens at most 2t below the best: fp32
+    t = FP32_TOL["fwd"]; bf16 t = 2 x the reference's own bf16 logits error on those tokens
+    (the FlashAttention rule), never below bf16's rounding. Measured on the full shapes in
+    bf16: fastpt's and transformers' tokens part from eager's, each token they chose being the
+    fp32 argmax (error 0, tolerance 0.035-0.038); in fp32 all three are identical.
+    """
+    def logits(seq, dt):
+        with torch.no_grad(), _autocast(dt):
+            out = ref_model(input_ids=seq).logits
+        return out[0, prompt - 1:-1].float()  # the positions that predict the new tokens
+
+    def compare(got, ref):
+        (seq,), (ref_seq,) = got, ref
+        if not isinstance(seq, torch.Tensor) or seq.shape != ref_seq.shape or seq.shape[1] <= prompt \
+                or not torch.equal(seq[:, :prompt], ref_seq[:, :prompt]):
+            return None, 0.0
+        if torch.equal(seq, ref_seq):
+            return 0.0, 0.0
+        try:
+            exact = logits(seq, "fp32")
+            chosen = exact.gather(1, seq[0, prompt:, None]).squeeze(1)
+        except (ValueError, IndexError, RuntimeError):  # e.g. a token id outside the vocabulary
+            return None, 0.0
+        first = int((seq[0, prompt:] != ref_seq[0, prompt:]).nonzero()[0, 0])
+        gaps = (exact.max(dim=1).values - chosen)[first:]
+        err = float(gaps.max()) / max(float(exact.abs().max()), 1e-30)
+        if dtype == "fp32":
+            t = FP32_TOL["fwd"]
+        else:
+            e = max_rel_error((logits(seq, dtype),), (exact,))
+            t = LOW_PRECISION_FACTOR * e if e is not None else 0.0
+        return err, rounding_floor(2 * t, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return compare
+
+
+@dataclass
+class _Case:
+    calls: dict                 # impl -> the timed call (the implementations asked for)
+    first: dict                 # impl -> its first call, returning the outputs compared (reference included)
+    compare: Callable           # (got, ref) -> (error, tolerance)
+    shape: str
+    new_tokens: int | None = None
+
+
+def _calls(case, dtype, impls, size) -> _Case:
+    """Per implementation: the timed call (each enters its own autocast) and its first call,
+    which returns what the agreement check compares; how to compare; the shape label; the
+    number of new tokens (decode). The reference is built even when ``impls`` leaves it out."""
     quick = size == "quick"
+    built = tuple(impls) + ((REFERENCE,) if REFERENCE not in impls else ())
     if case == "train":
         s = TRAIN[size]
         cfg = llama_config(quick)
         ids = torch.randint(0, cfg.vocab_size, (s["B"], s["T"]))
-        models = _models(cfg, impls)
-        return ({i: _train_step_fn(i, m, ids, dtype) for i, m in models.items()},
-                f"B={s['B']} T={s['T']}", None)
+        models = _models(cfg, built)
+        ref_model = models[REFERENCE]
+        names = [n for n, p in ref_model.named_parameters() if p.requires_grad]
+        hf_names = _hf_to_ours(cfg)
+        tol = FP32_TOL["bwd"]
+        if dtype != "fp32":  # the reference once in fp32 from the same weights, before any step
+            ref_model.train()
+            exact_loss = _loss(REFERENCE, ref_model, ids, "fp32")
+            exact_loss.backward()
+            exact = (exact_loss.detach(), *_param_grads(ref_model, names))
+            ref_model.zero_grad(set_to_none=True)
+            tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
+        steps = {i: _train_step_fn(i, m, ids, dtype) for i, m in models.items()}
+
+        def first_step(i):
+            rename = hf_names if i == "transformers" else None
+            return lambda: (steps[i](), *_param_grads(models[i], names, rename))
+        return _Case({i: steps[i] for i in impls}, {i: first_step(i) for i in built},
+                     _tensor_compare(tol), f"B={s['B']} T={s['T']}")
     if case == "decode":
         s = DECODE[size]
         cfg = llama_config(quick)
         ids = torch.randint(0, cfg.vocab_size, (1, s["prompt"]))
-        models = _models(cfg, impls)
-        return ({i: _decode_fn(i, m, ids, s["new"], dtype) for i, m in models.items()},
-                f"prompt={s['prompt']} new={s['new']}", s["new"])
+        models = _models(cfg, built)
+        runs = {i: _decode_fn(i, m, ids, s["new"], dtype) for i, m in models.items()}
+        return _Case({i: runs[i] for i in impls}, {i: (lambda r=r: (r(),)) for i, r in runs.items()},
+                     _decode_compare(models[REFERENCE], s["prompt"], dtype),
+                     f"prompt={s['prompt']} new={s['new']}", s["new"])
     s = ENCODER[size]
     cfg = bert_config(quick)
     ids = torch.randint(0, cfg.vocab_size, (s["B"], s["T"]))
-    models = _models(cfg, impls)
-    return ({i: _encoder_fn(i, m, ids, dtype) for i, m in models.items()},
-            f"L={cfg.num_layers} B={s['B']} T={s['T']}", None)
+    models = _models(cfg, built)
+    runs = {i: _encoder_fn(i, m, ids, dtype) for i, m in models.items()}
+    tol = FP32_TOL["fwd"]
+    if dtype != "fp32":
+        exact = (_encoder_fn(REFERENCE, models[REFERENCE], ids, "fp32")(),)
+        tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
+    return _Case({i: runs[i] for i in impls}, {i: (lambda r=r: (r(),)) for i, r in runs.items()},
+                 _tensor_compare(tol), f"L={cfg.num_layers} B={s['B']} T={s['T']}")
 
 
 def alternate_rounds(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[tuple]]:
@@ -180,11 +372,26 @@ def check_subsets(parser: argparse.ArgumentParser, **options: tuple[tuple, tuple
             parser.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
 
 
+def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """A parser error, before any timing, unless ``path`` (--json) can be written: a missing
+    folder would only fail at the end, with the results lost."""
+    from fastpt.commands.common import check_output_file
+    from fastpt.commands.options import ConfigError
+    if path is not None:
+        try:
+            check_output_file(path, "--json")
+        except ConfigError as e:
+            parser.error(str(e))
+
+
 def measure(case: str, dtype: str, impls=IMPLS, size: str = "full", budget_s: float = 30.0,
             min_rounds: int = 3, max_rounds: int = 50) -> list[Result]:
-    calls, shape, new_tokens = _calls(case, dtype, impls, size)
-    for call in calls.values():  # warm-up (the first AdamW step allocates its state)
-        call()
+    c = _calls(case, dtype, impls, size)
+    # The first call of each implementation is the agreement check and the warm-up (the first
+    # AdamW step allocates its state).
+    agreement, _ = check_first_calls(c.first, REFERENCE, c.compare, f"bench-models {case} {dtype} {c.shape}")
+    shape, new_tokens, calls = c.shape, c.new_tokens, c.calls
+    del c  # frees what only the check needed: an untimed reference, the fp32 outputs
     samples = alternate_rounds(calls, budget_s, min_rounds, max_rounds)
     ms = {i: 1e3 * statistics.median(wall for wall, _ in v) for i, v in samples.items()}
     out = []
@@ -195,6 +402,7 @@ def measure(case: str, dtype: str, impls=IMPLS, size: str = "full", budget_s: fl
             res.ratio_vs_transformers = ms["transformers"] / ms[impl] if "transformers" in ms else None
         if new_tokens:
             res.tokens_per_s = new_tokens / (ms[impl] / 1e3)
+        res.agrees, res.max_rel_error = agreement.get(impl, (None, None))
         out.append(res)
     return out
 
@@ -235,11 +443,29 @@ def peak_memory(impl: str, dtype: str, size: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _row(r: Result) -> str:
+def _row(r: Result, transformers_failed: bool = False) -> str:
+    """One table row. The ratio cells of an implementation that disagreed with the reference
+    read FAIL (its tokens/s too), and so does fastpt's x transformers when transformers did."""
     def f(v, spec):
         return "-" if v is None else format(v, spec)
-    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {f(r.ratio_vs_eager, '.2f')} | "
-            f"{f(r.ratio_vs_transformers, '.2f')} | {f(r.tokens_per_s, '.1f')} | {f(r.peak_mem_mb, '.0f')} |")
+    bad = r.agrees is False
+    bad_vs_transformers = bad or (transformers_failed and r.ratio_vs_transformers is not None)
+    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | "
+            f"{fail_or(bad, r.ratio_vs_eager, '.2f')} | "
+            f"{fail_or(bad_vs_transformers, r.ratio_vs_transformers, '.2f')} | "
+            f"{fail_or(bad and r.tokens_per_s is not None, r.tokens_per_s, '.1f')} | {f(r.peak_mem_mb, '.0f')} |")
+
+
+def case_rows(results: list[Result]) -> list[str]:
+    """The table rows of one case's results (one ``measure`` call)."""
+    transformers_failed = any(r.impl == "transformers" and r.agrees is False for r in results)
+    return [_row(r, transformers_failed) for r in results]
+
+
+def disagreements(results: list[Result]) -> list[str]:
+    """One line per result that failed the agreement check."""
+    return [disagreement_line(r.impl, REFERENCE, f"{r.case} {r.dtype} {r.shape}", r.max_rel_error)
+            for r in results if r.agrees is False]
 
 
 HEADER = ("| case | dtype | shape | impl | median ms | x eager | x transformers | tokens/s | peak MB |\n"
@@ -259,6 +485,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cases, dtypes, impls = (tuple(s.split(",")) for s in (args.cases, args.dtypes, args.impls))
     check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES), impls=(impls, IMPLS))
+    check_json_path(p, args.json)
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 30.0)
@@ -270,9 +497,10 @@ def main(argv=None) -> int:
             if case == "train" and args.memory:
                 for r in rows:
                     r.peak_mem_mb = peak_memory(r.impl, dtype, size)
-            for r in rows:
-                print(_row(r), flush=True)
+            for line in case_rows(rows):
+                print(line, flush=True)
             results += rows
+    print(failure_note(disagreements(results), REFERENCE, "the tolerance"), end="", flush=True)
     if args.json:
         atomic_write_json(args.json, [asdict(r) for r in results])
     return 0
