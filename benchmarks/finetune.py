@@ -13,7 +13,9 @@ the frozen decoder with no adapter at all, only the first attention norm's weigh
 (``frozen``): the backward still runs through every layer, so it is what a LoRA step whose
 adapters cost nothing would take (plus the first layer's q/k/v input gradient, ~1% of the
 step, which LoRA skips), and ``full / frozen`` and ``eager LoRA / frozen`` bound the two
-speed-ups any LoRA implementation can reach at this shape.
+speed-ups any LoRA implementation can reach at this shape. The four steps are timed round
+by round, the order rotating each round (``models.alternate_rounds``), so warm-up or a
+frequency drift within a round does not always favour the same one.
 
 Run: ``python -m fastpt.benchmarks.finetune [--quick] [--only strategies,icl,lora_speed]
 [--json PATH]``.
@@ -31,6 +33,7 @@ import torch
 
 from fastpt._atomic import atomic_write_json
 from fastpt.alloc import peak_memory_bytes
+from fastpt.benchmarks.models import alternate_rounds
 
 
 def pretrained_decoder(out_dir: str, quick: bool):
@@ -121,15 +124,11 @@ def lora_speed(quick: bool) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps[impl] = step
-    times = {k: [] for k in steps}
     for fn in steps.values():
         fn()
-    for _ in range(2 if quick else 4):
-        for impl, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[impl].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    rounds = 2 if quick else 4
+    samples = alternate_rounds(steps, budget_s=0.0, min_rounds=rounds, max_rounds=rounds)
+    med = {k: statistics.median(wall for wall, _ in v) for k, v in samples.items()}
     peaks = {k: peak_memory_bytes(fn) / 2**20 for k, fn in steps.items()}
     linears = [mod for mod in models["full"].modules() if isinstance(mod, torch.nn.Linear) and mod is not models["full"].lm_head]
     fp32_bytes = sum(l.weight.numel() * 4 for l in linears[:8])

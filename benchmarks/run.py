@@ -2,9 +2,18 @@
 
 glibc reads its malloc settings once, at process start, so each allocator mode runs in a
 child started with its environment: ``python -m fastpt.benchmarks.run CONFIG_JSON OUT``
-(CONFIG_JSON: a :class:`BenchConfig` as JSON, with one alloc; OUT: a JSON-lines file the
-child appends one record per line to, case by case). The child prints its table rows as
-it goes. ``fastpt bench`` (fastpt/cli.py) calls :func:`run_suite`.
+(CONFIG_JSON: a :class:`BenchConfig` as JSON, with one alloc; OUT: a file the child appends
+one line per case to, as it finishes the case: a JSON list of the case's records, so a line
+cut short by a crash does not parse and its case counts as missing). The child prints its
+table rows as it goes. ``fastpt bench`` (fastpt/cli.py) calls :func:`run_suite`.
+
+A child that exits with a non-zero status (an exception, a signal, ``os._exit``), or leaves
+a requested case without records, makes the suite's output visibly incomplete
+(:class:`ChildRun`): the console and the Markdown say which alloc run crashed, with its
+exit status, and list the requested (op, dtype, mode, shape) cases with no record; the JSON
+holds, for each such case, a placeholder record with ``impl`` = ``"missing"`` (``MISSING``)
+and null times and ratios, so the file still reads as one record object per line
+(:func:`harness.read_json`); and ``run_suite`` returns status 1.
 
 Adding an op: a module ``benchmarks/<op>.py`` defining ``SPEC`` (a harness.OpSpec), and its
 name in ``OPS``.
@@ -16,6 +25,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +44,8 @@ ALLOCS = ("steady", "default")
 # Per-case measuring time (alternating rounds) by suite size.
 BUDGET_S = {"full": 8.0, "quick": 0.5}
 QUICK_DTYPES = ("fp32",)
+# ``impl`` of the JSON placeholder for a requested case that a crashed child left without records.
+MISSING = "missing"
 
 
 def load_spec(op: str) -> harness.OpSpec:
@@ -86,33 +98,99 @@ def child_env(alloc: str, threads: int) -> dict[str, str]:
     return env
 
 
-def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> list[harness.Record]:
-    """Measures every case of ``config`` in this process, printing a row per case."""
-    torch.set_num_threads(config.threads)
-    timing = harness.Timing(budget_s=config.budget_s)
-    records = []
-    print(harness.text_header(), flush=True)
+def requested_cases(config: BenchConfig) -> list[tuple[harness.OpSpec, dict, str, str]]:
+    """Every case ``config`` asks for, in the order they run: (spec, shapes, dtype, mode)."""
+    cases = []
     for op in config.ops:
         spec = load_spec(op)
         # An op with none of the selected dtypes (the MDP ops are fp64/fp32) runs in its first.
         dtypes = [d for d in config.dtypes if d in spec.dtypes] or [spec.dtypes[0]]
         for shapes in harness.shape_cases(spec.shapes[config.size]):
             for dtype in dtypes:
-                for mode in (m for m in config.modes if m in spec.modes):
-                    case = harness.measure_case(spec, shapes, dtype, mode, alloc=alloc,
-                                                compile=config.compile, timing=timing,
-                                                threads=config.threads)
-                    print(harness.text_row(case), flush=True)
-                    records += case
-                    if out_path:
-                        with open(out_path, "a") as f:
-                            f.writelines(json.dumps(asdict(r)) + "\n" for r in case)
+                cases += [(spec, shapes, dtype, m) for m in config.modes if m in spec.modes]
+    return cases
+
+
+def run_cases(config: BenchConfig, alloc: str, out_path: str | None = None) -> list[harness.Record]:
+    """Measures every case of ``config`` in this process, printing a row per case (and, with
+    ``out_path``, appending the case's records to it as one JSON line)."""
+    torch.set_num_threads(config.threads)
+    timing = harness.Timing(budget_s=config.budget_s)
+    records = []
+    print(harness.text_header(), flush=True)
+    for spec, shapes, dtype, mode in requested_cases(config):
+        case = harness.measure_case(spec, shapes, dtype, mode, alloc=alloc,
+                                    compile=config.compile, timing=timing,
+                                    threads=config.threads)
+        print(harness.text_row(case), flush=True)
+        records += case
+        if out_path:
+            with open(out_path, "a") as f:
+                f.write(json.dumps([asdict(r) for r in case]) + "\n")
     if not records:
         print("no case matches the selected ops, dtypes and modes", flush=True)
     return records
 
 
-def _run_child(config: BenchConfig, alloc: str, workdir: str) -> tuple[int, list[harness.Record]]:
+def read_child_records(path: str) -> list[harness.Record]:
+    """The records of a child's output file (see the module docstring); a line that does not
+    parse (cut short by a crash) is skipped, and its case counts as missing."""
+    records = []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                case = [harness.Record(**d) for d in json.loads(line)]
+            except (ValueError, TypeError):
+                continue
+            records += case
+    return records
+
+
+@dataclass
+class ChildRun:
+    """One allocator mode's child: its exit status, its records, and the requested cases
+    (op, dtype, mode, shape) it left without a record."""
+
+    alloc: str
+    returncode: int
+    records: list[harness.Record]
+    missing: list[tuple[str, str, str, str]]
+    requested: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.returncode == 0 and not self.missing
+
+    def status_text(self) -> str:
+        rc = self.returncode
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return f"exit status {rc}, killed by {name}"
+        return f"exit status {rc}"
+
+    def problem(self) -> str:
+        """One line: what went wrong (empty when complete)."""
+        if self.complete:
+            return ""
+        what = "crashed" if self.returncode != 0 else "ended"
+        cases = (f"{len(self.missing)} of {self.requested} requested cases have no record"
+                 if self.missing else "every requested case has a record")
+        return f"the {self.alloc} run {what} ({self.status_text()}); {cases}"
+
+    def placeholders(self) -> list[harness.Record]:
+        """A JSON placeholder record (impl ``MISSING``, null times and ratios) per missing case."""
+        return [harness.Record(op=op, dtype=dtype, mode=mode, shape=shape, impl=MISSING,
+                               median_ms=None, ratio_vs_eager=None, ratio_vs_compile=None,
+                               pct_copy_bandwidth=None, alloc=self.alloc)
+                for op, dtype, mode, shape in self.missing]
+
+
+def _run_child(config: BenchConfig, alloc: str, workdir: str) -> ChildRun:
     out = os.path.join(workdir, f"records-{alloc}.jsonl")
     child = BenchConfig(**{**asdict(config), "allocs": (alloc,)})
     # cwd = workdir: `python -m` puts the cwd on sys.path, and the repository root holds a
@@ -120,11 +198,26 @@ def _run_child(config: BenchConfig, alloc: str, workdir: str) -> tuple[int, list
     rc = subprocess.call([sys.executable, "-m", "fastpt.benchmarks.run",
                           json.dumps(asdict(child)), out],
                          env=child_env(alloc, config.threads), cwd=workdir)
-    records = []
-    if os.path.exists(out):
-        with open(out) as f:
-            records = [harness.Record(**json.loads(line)) for line in f if line.strip()]
-    return rc, records
+    records = read_child_records(out)
+    done = {(r.op, r.dtype, r.mode, r.shape) for r in records}
+    requested = [(spec.name, dtype, mode, harness.shape_str(shapes))
+                 for spec, shapes, dtype, mode in requested_cases(config)]
+    return ChildRun(alloc, rc, records, [c for c in requested if c not in done], len(requested))
+
+
+def incomplete_text(runs: list[ChildRun], markdown: bool = False) -> str:
+    """What the incomplete runs among ``runs`` lack ("" if none): a headline per run and
+    its missing cases, for the console or (``markdown``) the Markdown file."""
+    blocks = []
+    for child in (r for r in runs if not r.complete):
+        head = f"INCOMPLETE: {child.problem()}" + (":" if child.missing else ".")
+        cases = [f"{child.alloc} {' '.join(c)}" for c in child.missing]
+        if markdown:
+            lines = [f"**{head}**", *([""] if cases else []), *(f"- {c}" for c in cases)]
+        else:
+            lines = [head, *(f"  {c}" for c in cases)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def describe_machine(config: BenchConfig) -> str:
@@ -138,24 +231,33 @@ def describe_machine(config: BenchConfig) -> str:
 def run_suite(config: BenchConfig, json_path: str | None = None,
               markdown_path: str | None = None) -> tuple[int, list[harness.Record]]:
     """Runs each allocator mode in its own child process; writes JSON and Markdown of the
-    merged records. Returns (exit code: 0 if every child succeeded, records)."""
+    merged records. Returns (exit code: 0 if every child succeeded and left a record for
+    every requested case, else 1; the records measured). An incomplete child run is
+    reported on the console, atop the Markdown table, and in the JSON (see the module
+    docstring)."""
     start = time.perf_counter()
-    records, status = [], 0
+    runs = []
     with tempfile.TemporaryDirectory(prefix="fastpt-bench-") as workdir:
         for alloc in config.allocs:
             print(f"\n== alloc {alloc} ==", flush=True)
-            rc, recs = _run_child(config, alloc, workdir)
-            if rc != 0:
-                print(f"error: the {alloc} run exited with status {rc}", file=sys.stderr)
-                status = 1
-            records += recs
+            child = _run_child(config, alloc, workdir)
+            if not child.complete:
+                print(f"error: {child.problem()}", file=sys.stderr, flush=True)
+            runs.append(child)
+    records = [r for child in runs for r in child.records]
+    status = 0 if all(child.complete for child in runs) else 1
     wall = time.perf_counter() - start
     preamble = f"{describe_machine(config)}; suite wall time {wall:.0f} s"
     if json_path:
-        harness.write_json(records, json_path)
+        harness.write_json([r for child in runs for r in child.records + child.placeholders()],
+                           json_path)
     if markdown_path:
-        harness.write_markdown(records, markdown_path, preamble=preamble)
+        notice = incomplete_text(runs, markdown=True)
+        harness.write_markdown(records, markdown_path,
+                               preamble=preamble + (f"\n\n{notice}" if notice else ""))
     print(f"\n{preamble}", flush=True)
+    if status:
+        print(f"\n{incomplete_text(runs)}", flush=True)
     return status, records
 
 

@@ -1,9 +1,11 @@
 """Trainer overhead: tokens/s of the F5 benchmark decoder under ``fastpt.train.Trainer``
 vs the bare training step (forward + backward + AdamW) on the same model and batches.
 
-The two alternate step by step in one process (the host is shared and drifts). The Trainer
-adds token counting, gradient clipping, the LR schedule and metrics bookkeeping; the target
-(issue F6) is a throughput within 10% of the bare step.
+The two alternate step by step in one process (the host is shared and drifts), the one that
+goes first swapping each round (``models.alternate_rounds``), so warm-up or a frequency
+drift within a round does not always favour the same one. The Trainer adds token counting,
+gradient clipping, the LR schedule and metrics bookkeeping; the target (issue F6) is a
+throughput within 10% of the bare step.
 
 Run: ``python -m fastpt.benchmarks.trainer [--quick] [--steps N] [--json PATH]``.
 """
@@ -13,11 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 
 from fastpt._atomic import atomic_write_json
+from fastpt.benchmarks.models import alternate_rounds
 
 
 def _setup(quick: bool):
@@ -51,15 +53,11 @@ def measure(quick: bool = False, steps: int = 6) -> dict:
         def trainer_step():
             trainer.train_step([batch])
 
-        times = {"bare": [], "trainer": []}
-        for fn in (bare_step, trainer_step):  # warm-up
+        calls = {"bare": bare_step, "trainer": trainer_step}
+        for fn in calls.values():  # warm-up
             fn()
-        for _ in range(steps):
-            for name, fn in (("bare", bare_step), ("trainer", trainer_step)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        samples = alternate_rounds(calls, budget_s=0.0, min_rounds=steps, max_rounds=steps)
+    med = {k: statistics.median(wall for wall, _ in v) for k, v in samples.items()}
     return {"shape": "B=2,T=128,2 layers" if quick else "B=8,T=512,6 layers",
             "bare_tokens_per_s": tokens / med["bare"], "trainer_tokens_per_s": tokens / med["trainer"],
             "trainer_vs_bare": med["bare"] / med["trainer"], "steps": steps}

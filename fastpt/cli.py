@@ -65,7 +65,10 @@ def _add_bench(sub) -> None:
             "shape, impl (fastpt | eager | compile | a named baseline), median_ms, ratio_vs_eager,\n"
             "ratio_vs_compile (on fastpt records, else null), pct_copy_bandwidth, alloc, and bytes,\n"
             "copy_gbps, threads, rounds, first_call_s (for compile: the compilation time), peak_mib\n"
-            "(peak memory of one call, for ops that record it, else null)."))
+            "(peak memory of one call, for ops that record it, else null), gflops, agrees (outputs\n"
+            "matched eager before timing; false: ratios print FAIL) and max_rel_error. A requested\n"
+            "case that a crashed child left unmeasured has one record with impl \"missing\" and null\n"
+            "median_ms, ratios and pct_copy_bandwidth; the exit status is then 1."))
     p.add_argument("--quick", action="store_true",
                    help="smaller shapes, fp32 only (unless --dtypes), 0.5 s per case")
     p.add_argument("--ops", type=_csv(run.OPS), default=run.OPS, metavar="LIST",

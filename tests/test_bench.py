@@ -3,6 +3,7 @@ files, allocator modes, argument errors. No timing assertions (the machine is no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -268,3 +269,121 @@ def test_cli_end_to_end(tmp_path):
     assert sorted((r.alloc, r.impl) for r in records) == [
         ("default", "eager"), ("default", "fastpt"), ("steady", "eager"), ("steady", "fastpt")]
     assert "swiglu" in out.stdout and "swiglu" in md.read_text()
+
+
+# Installed in the children of `fastpt bench` through PYTHONPATH: the steady child measures
+# its first case, then dies at the start of the second (the default child runs them all).
+_CRASHING_SITECUSTOMIZE = """
+import os, signal
+from fastpt.benchmarks import harness
+_measure, _done = harness.measure_case, []
+def measure_case(*args, **kwargs):
+    if kwargs.get("alloc") == "steady" and _done:
+        {crash}
+    _done.append(1)
+    return _measure(*args, **kwargs)
+harness.measure_case = measure_case
+"""
+
+
+@pytest.mark.parametrize("crash,status", [
+    ("os._exit(3)", "exit status 3"),
+    ("os.kill(os.getpid(), signal.SIGSEGV)", "exit status -11, killed by SIGSEGV")])
+def test_cli_marks_a_crashed_child(crash, status, tmp_path, monkeypatch, capsys):
+    """A child that dies part-way: exit status 1, and the console, the Markdown and the JSON
+    say which run crashed, how, and which requested cases have no record."""
+    import os
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_CRASHING_SITECUSTOMIZE.format(crash=crash))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["bench", "--quick", "--ops", "swiglu", "--modes", "fwd,fwdbwd", "--no-compile",
+            "--budget", "0", "--json", str(js), "--markdown", str(md)]
+    assert cli.main(argv) == 1
+    shape = harness.shape_str(run.load_spec("swiglu").shapes["quick"])
+    headline = (f"INCOMPLETE: the steady run crashed ({status}); "
+                "1 of 2 requested cases have no record")
+    missing = f"steady swiglu fp32 fwdbwd {shape}"
+    out, err = capsys.readouterr()
+    assert f"{headline}:\n  {missing}" in out
+    assert f"error: the steady run crashed ({status})" in err
+    assert "default" not in out.split("INCOMPLETE")[1]  # the default run is complete
+    text = md.read_text()
+    assert f"**{headline}:**\n\n- {missing}\n" in text
+    assert text.index("INCOMPLETE") < text.index("| alloc |")  # above the table
+    table = [ln for ln in text.splitlines() if ln.startswith(("| steady", "| default"))]
+    assert len(table) == 3  # steady fwd, default fwd and fwdbwd
+    records = harness.read_json(str(js))  # still one Record per line
+    placeholders = [r for r in records if r.impl == run.MISSING]
+    assert [(r.alloc, r.op, r.dtype, r.mode, r.shape) for r in placeholders] == [
+        ("steady", "swiglu", "fp32", "fwdbwd", shape)]
+    p = placeholders[0]
+    assert p.median_ms is None and p.ratio_vs_eager is None and p.pct_copy_bandwidth is None
+    assert sorted((r.alloc, r.mode) for r in records if r.impl == "fastpt") == [
+        ("default", "fwd"), ("default", "fwdbwd"), ("steady", "fwd")]
+
+
+def test_child_output_lines_cut_short_are_missing_cases(tmp_path):
+    """One JSON line per case: a line a crash cut short does not parse, so its case is
+    reported missing instead of half its records showing up (or the parse failing)."""
+    records = _records()
+    path = tmp_path / "records.jsonl"
+    whole = json.dumps([dataclasses.asdict(r) for r in records[:2]])
+    cut = json.dumps([dataclasses.asdict(r) for r in records[2:]])
+    path.write_text(whole + "\n" + cut[: len(cut) // 2])
+    assert run.read_child_records(str(path)) == records[:2]
+    assert run.read_child_records(str(tmp_path / "none.jsonl")) == []
+
+
+def test_incomplete_text():
+    ok = run.ChildRun("default", 0, [], [])
+    killed = run.ChildRun("steady", -9, [], [("rope", "bf16", "fwd", "q=1x2")], requested=4)
+    silent = run.ChildRun("steady", 0, [], [("rope", "fp32", "fwd", "q=1x2")], requested=1)
+    assert ok.complete and not killed.complete and not silent.complete
+    assert run.incomplete_text([ok]) == ""
+    assert run.incomplete_text([ok, killed]) == (
+        "INCOMPLETE: the steady run crashed (exit status -9, killed by SIGKILL); "
+        "1 of 4 requested cases have no record:\n  steady rope bf16 fwd q=1x2")
+    assert run.incomplete_text([silent], markdown=True) == (
+        "**INCOMPLETE: the steady run ended (exit status 0); 1 of 1 requested cases have no "
+        "record:**\n\n- steady rope fp32 fwd q=1x2")
+    crashed_late = run.ChildRun("default", 1, [], [])
+    assert run.incomplete_text([crashed_late]) == (
+        "INCOMPLETE: the default run crashed (exit status 1); every requested case has a record.")
+
+
+@pytest.fixture
+def order_spy(monkeypatch):
+    """Tiny decoders for the trainer and fine-tuning benchmarks, and the order in which their
+    timed rounds call each implementation (recorded around models.alternate_rounds)."""
+    import fastpt.models
+    from fastpt.benchmarks import finetune, models, trainer
+    real_from_name = fastpt.models.from_name
+    monkeypatch.setattr(fastpt.models, "from_name",
+                        lambda name, **kw: real_from_name("llama-tiny", num_layers=1))
+    order = []
+
+    def spy(calls, *args, **kwargs):
+        logged = {name: (lambda name=name, fn=fn: (order.append(name), fn()))
+                  for name, fn in calls.items()}
+        return models.alternate_rounds(logged, *args, **kwargs)
+    for module in (trainer, finetune):
+        monkeypatch.setattr(module, "alternate_rounds", spy)
+    return order
+
+
+def test_trainer_benchmark_alternates_which_step_goes_first(order_spy):
+    from fastpt.benchmarks import trainer
+    result = trainer.measure(quick=True, steps=3)
+    assert order_spy == ["bare", "trainer", "trainer", "bare", "bare", "trainer"]
+    assert result["steps"] == 3 and result["trainer_vs_bare"] > 0
+
+
+def test_lora_speed_rotates_the_order_of_its_steps(order_spy):
+    from fastpt.benchmarks import finetune
+    result = finetune.lora_speed(quick=True)
+    impls = ["full", "lora_fastpt", "lora_eager", "frozen"]
+    assert order_spy == impls + impls[1:] + impls[:1]  # 2 rounds, each starting one later
+    assert set(result["step_s"]) == set(impls) and all(t > 0 for t in result["step_s"].values())

@@ -180,3 +180,55 @@ def test_shared_comparison_helpers_reject_bad_input():
         finetune_strategy(None, None, "lora", [], [{"text": "x", "label": 0}], epochs=1)
     with pytest.raises(ValueError, match="shots must be >= 0"):
         few_shot_table(None, None, {"t": ([], [])}, (0, -1))
+
+
+def _fake_case(spec, shapes, dtype, mode, fail=(), **kwargs):
+    """Records as harness.measure_case returns them, without timing: fastpt 3x eager and 2x
+    compile; fastpt disagrees with eager for the ops in ``fail``."""
+    from fastpt.benchmarks import harness
+
+    def record(impl, ms, **fields):
+        return harness.Record(**{"ratio_vs_eager": None, "ratio_vs_compile": None, **fields},
+                              op=spec.name, dtype=dtype, mode=mode, impl=impl, median_ms=ms,
+                              shape=harness.shape_str(shapes), pct_copy_bandwidth=50.0,
+                              alloc="default")
+    bad = spec.name in fail
+    return [record("fastpt", 1.0, ratio_vs_eager=3.0, ratio_vs_compile=2.0, agrees=not bad,
+                   max_rel_error=0.5 if bad else 0.0),
+            record("eager", 3.0), record("compile", 2.0, agrees=True, max_rel_error=0.0)]
+
+
+def test_kernel_rows_show_fail_like_fastpt_bench():
+    from fastpt.benchmarks import harness, run
+    from fastpt.demo import kernels
+    spec = run.load_spec("swiglu")
+    shapes = harness.shape_cases(spec.shapes["quick"])[0]
+    good = kernels._row(_fake_case(spec, shapes, "fp32", "fwd"))
+    bad_records = _fake_case(spec, shapes, "fp32", "fwd", fail=("swiglu",))
+    bad = kernels._row(bad_records)
+    assert good[-2:] == ["3.00", "2.00"] and bad[-2:] == ["FAIL", "FAIL"]
+    assert bad[:-2] == good[:-2]  # the times are still shown
+    full = harness.case_row(bad_records)  # the cells of fastpt bench's row
+    assert bad == [full[harness.COLUMNS.index(h)] for h in kernels.HEADERS]
+    # a failing compile baseline fails "x compile" only
+    bad_records[0].agrees, bad_records[2].agrees = True, False
+    assert kernels._row(bad_records)[-2:] == ["3.00", "FAIL"]
+
+
+def test_kernel_section_marks_disagreeing_rows(tmp_path, monkeypatch):
+    from fastpt.benchmarks import harness
+    monkeypatch.setattr(harness, "measure_case",
+                        lambda *a, **k: _fake_case(*a, fail=("swiglu",), **k))
+    status, stdout, _ = _run(["demo", "--quick", "--sections", "kernels",
+                              "--out", str(tmp_path / "d")])
+    assert status == 0
+    report = (tmp_path / "d" / "report.md").read_text()
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in report.splitlines() if " | fwd | " in ln}
+    assert set(rows) == {"rms_norm", "swiglu", "rope"}
+    assert rows["swiglu"].endswith("| FAIL | FAIL |")
+    assert rows["rms_norm"].endswith("| 3.00 | 2.00 |") and "FAIL" not in rows["rope"]
+    for text in (report, stdout):
+        assert "fastpt disagrees with eager in default swiglu fp32 fwd" in text
+        assert "rms_norm disagrees" not in text
+    assert "FAIL" in [ln for ln in stdout.splitlines() if ln.startswith("swiglu")][0]
+    _assert_valid_png(tmp_path / "d" / "kernels.png")

@@ -1,6 +1,10 @@
 """Section "kernels": fastpt's fused ops against eager PyTorch (the references of
 fastpt.ops.reference) and torch.compile of the same eager code, on small fp32 shapes, with
-the harness of ``fastpt bench`` (timed in this process, alternating round by round)."""
+the harness of ``fastpt bench`` (timed in this process, alternating round by round).
+
+The rows are the harness's (:func:`harness.case_row`): an impl whose outputs disagreed with
+eager before timing has ``FAIL`` in its ratio cells, the section lists the disagreements
+under the table, and the plot leaves out its bars (its label says FAIL)."""
 
 from __future__ import annotations
 
@@ -10,16 +14,20 @@ from fastpt.demo.report import row_printer
 HEADERS = ["op", "mode", "shape", "fastpt ms", "eager ms", "compile ms", "x eager", "x compile"]
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def _row(records) -> list[str]:
-    by = {r.impl: r for r in records}
-    f, compiled = by["fastpt"], by.get("compile")
-    return [f.op, f.mode, f.shape, _fmt(f.median_ms, ".3f"), _fmt(by["eager"].median_ms, ".3f"),
-            _fmt(compiled and compiled.median_ms, ".3f"), _fmt(f.ratio_vs_eager, ".2f"),
-            _fmt(f.ratio_vs_compile, ".2f")]
+    """The ``HEADERS`` cells of ``fastpt bench``'s row for this case (``FAIL`` included)."""
+    from fastpt.benchmarks import harness
+    row = harness.case_row(records)
+    return [row[harness.COLUMNS.index(h)] for h in HEADERS]
+
+
+def _plotted(row: list[str], header: str) -> float | None:
+    """A ratio cell as a bar height: None (no bar) when it is no number (``-``, ``FAIL``)."""
+    cell = row[HEADERS.index(header)]
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 def run(ctx, sec) -> None:
@@ -45,10 +53,14 @@ def run(ctx, sec) -> None:
         f"fp32, {cfg.threads} threads, median of alternating rounds ({cfg.kernel_budget_s:g} s "
         "per case). `x eager` / `x compile` = baseline time / fastpt time (> 1: fastpt is "
         "faster). Full suite: `fastpt bench`."))
-    fastpt_records = [next(r for r in c if r.impl == "fastpt") for c in cases]
-    ratios = {"eager": [r.ratio_vs_eager for r in fastpt_records]}
+    failed = harness.disagreements(r for c in cases for r in c)
+    if failed:
+        sec.text(f"**{harness.FAIL}**: the outputs differ from eager beyond the op's tolerance "
+                 "(checked before timing):\n\n" + "\n".join(f"- {line}" for line in failed))
+    ratios = {"eager": [_plotted(row, "x eager") for row in rows]}
     if cfg.kernel_compile:
-        ratios["torch.compile"] = [r.ratio_vs_compile for r in fastpt_records]
-    labels = [f"{r.op} {r.mode}" for r in fastpt_records]
+        ratios["torch.compile"] = [_plotted(row, "x compile") for row in rows]
+    labels = [f"{row[0]} {row[1]}" + (f" {harness.FAIL}" if harness.FAIL in row else "")
+              for row in rows]
     plots.speedup_bars(ctx.path("kernels.png"), labels, ratios)
     sec.image("kernels.png", "fastpt speed-up over eager PyTorch and torch.compile")
