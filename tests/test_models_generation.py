@@ -354,3 +354,26 @@ def test_hooked_projection_is_not_stacked():
     model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=8, eos_token_id=[])
     h.remove()
     assert len(calls) == 8  # the prompt, then 7 single-token steps
+
+
+def test_eos_list_of_the_config_stops_at_any_id_as_transformers():
+    hf, _ = _pair("llama")
+    ids = torch.randint(3, 97, (1, 5))
+    free = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    second = int(free[0, 5 + 3])  # the 4th new token becomes the second stop id
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = [2, second]
+    model = from_hf(hf).eval()
+    assert model.config.eos_token_id == [2, second]
+    ref = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ours = model.generate(ids, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(ours, ref)
+    assert ours.shape[1] <= 5 + 4  # stopped at the second id at the latest
+
+
+def test_no_valid_eos_runs_to_max_new_tokens():
+    import transformers
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4,
+                                                              n_positions=64)).eval()  # eos 50256
+    with pytest.warns(UserWarning, match="eos_token_id 50256"):
+        model = from_hf(hf).eval()
+    assert model.generate([[5, 6, 7]], max_new_tokens=9).shape == (1, 3 + 9)

@@ -263,3 +263,71 @@ def test_unsupported_configs_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="holds a Decoder, not a Encoder"):
         Encoder.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- audit 3
+
+def test_t5_v11_saved_by_transformers_5_loads(tmp_path):
+    # transformers 5 writes tie_word_embeddings=true, scale_decoder_outputs=false and no
+    # lm_head.weight for a T5 v1.1 (untied, unscaled): its head is shared.weight.
+    hf = hf_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path)
+    ids, dec = _ids(), _ids(shape=(B, 5))
+    with torch.no_grad():
+        ours = model(input_ids=ids, decoder_input_ids=dec).logits
+        ref = hf(input_ids=ids, decoder_input_ids=dec).logits
+        # fp32 rounding on logits of magnitude ~30 (an unscaled head); a wrong or scaled head is off by ~10
+        assert max_err(ours, ref) < 1e-6 * ref.abs().max()
+        assert torch.equal(ours, from_hf(hf)(input_ids=ids, decoder_input_ids=dec).logits)
+
+
+@pytest.mark.parametrize("base, full", [
+    (lambda: transformers.GPT2Model(hf_gpt2().config), transformers.GPT2LMHeadModel),
+    (lambda: transformers.LlamaModel(hf_llama(tie_word_embeddings=True).config), transformers.LlamaForCausalLM),
+], ids=["GPT2Model", "LlamaModel-tied"])
+def test_base_decoder_layouts_with_tied_heads_load(tmp_path, base, full):
+    hf = base().eval()
+    randomize_(hf, 0.2)
+    hf.save_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        ref = full.from_pretrained(tmp_path).eval()(ids).logits
+        assert max_err(from_pretrained(tmp_path)(ids).logits, ref) < TOL
+        assert max_err(from_hf(hf)(ids).logits, ref) < TOL
+
+
+def test_base_llama_without_a_head_is_refused_briefly(tmp_path):
+    hf = transformers.LlamaModel(hf_llama().config)  # untied: the head is not in the file
+    hf.save_pretrained(tmp_path)
+    for load in (lambda: from_pretrained(tmp_path), lambda: from_hf(hf)):
+        with pytest.raises(CheckpointError, match=r"base model \(LlamaModel: no 'model.' prefix\) without an "
+                                                  r"LM head") as e:
+            load()
+        assert len(str(e.value)) < 400  # not every tensor name
+
+
+@pytest.mark.parametrize("rope", [dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                                  dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}),
+                                  dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})],
+                         ids=["linear", "default-with-factor", "llama3"])
+def test_rope_scaling_in_config_objects_is_refused(rope):
+    with pytest.raises(ValueError, match="RoPE scaling is not supported"):
+        from_hf(hf_llama(**rope))
+
+
+def test_bert_decoder_is_refused():
+    hf = transformers.BertModel(hf_bert(is_decoder=True).config)  # causal self-attention in transformers
+    with pytest.raises(ValueError, match="is_decoder=true is not supported"):
+        from_hf(hf)
+
+
+def test_default_token_ids_outside_a_small_vocabulary_are_dropped():
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4,
+                                                              n_positions=64))  # bos/eos: 50256
+    with pytest.warns(UserWarning, match="bos_token_id 50256, eos_token_id 50256"):
+        model = from_hf(hf)
+    assert model.config.bos_token_id is None and model.config.eos_token_id is None

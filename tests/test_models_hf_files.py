@@ -239,3 +239,170 @@ def test_float8_tensor_is_named(tmp_path):
                                               r"model\.norm\.weight \(torch\.float8_e4m3fn\)") as e:
         from_pretrained(tmp_path)
     assert str(tmp_path / "model.safetensors") in str(e.value)
+
+
+# ---------------------------------------------------------------- audit 3: configs transformers writes
+
+@pytest.mark.parametrize("changes", [
+    # transformers 5 writes rope_parameters; a legacy rope_scaling added to it wins there.
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "factor": 4.0}),
+    dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}),
+    dict(rope_parameters={"rope_type": "default", "type": "yarn", "rope_theta": 1e4}),
+], ids=["scaling-beside-default-parameters", "default-with-factor", "legacy-type", "type-and-rope_type"])
+def test_rope_scaling_in_config_json_is_refused(tmp_path, changes):
+    _llama().save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(CheckpointError, match="RoPE scaling is not supported") as e:
+        from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_default_rope_scaling_field_is_read_as_transformers_reads_it(tmp_path):
+    _llama(rope_theta=10000.0).save_pretrained(tmp_path)
+    _as_transformers_writes(tmp_path)
+    # transformers 5: rope_scaling, when set, replaces rope_parameters (theta included).
+    _edit_config(tmp_path, rope_scaling={"rope_type": "default", "rope_theta": 500.0})
+    assert from_pretrained(tmp_path).config.rope_theta == 500.0
+
+
+@pytest.mark.parametrize("flag", ["is_decoder", "add_cross_attention"])
+def test_bert_decoder_configs_are_refused(tmp_path, flag):
+    _bert().save_pretrained(tmp_path)
+    _edit_config(tmp_path, **{flag: True})
+    with pytest.raises(CheckpointError, match=f"BERT config with {flag}=true is not supported"):
+        from_pretrained(tmp_path)
+
+
+def test_eos_token_id_lists_are_kept_and_written_back(tmp_path):
+    model = _llama(eos_token_id=[2, 7])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == [2, 7]
+    assert from_pretrained(tmp_path).config.eos_token_id == [2, 7]
+    _as_transformers_writes(tmp_path)
+    _edit_config(tmp_path, eos_token_id=[2, 7, 9])
+    assert from_pretrained(tmp_path).config.eos_token_id == [2, 7, 9]
+
+
+@pytest.mark.parametrize("cls", [DecoderConfig, Seq2SeqConfig])
+def test_config_classes_take_eos_lists(cls):
+    assert cls(vocab_size=64, eos_token_id=(1, 5)).eos_token_id == [1, 5]  # as JSON gives it back
+    for bad in ([], [1, 64], [True], ["1"]):
+        with pytest.raises(ValueError, match=f"{cls.__name__}.eos_token_id must"):
+            cls(vocab_size=64, eos_token_id=bad)
+
+
+def test_falsy_ids_and_sizes_are_not_replaced_by_defaults(tmp_path):
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=64, hidden_size=32, head_dim=8, intermediate_size=64, num_layers=1,
+                                  num_heads=4, eos_token_id=0, pad_token_id=3, decoder_start_token_id=3))
+    model.save_pretrained(tmp_path / "t5")
+    assert from_pretrained(tmp_path / "t5").config.eos_token_id == 0  # was 1 (`eos or 1`)
+    _llama().save_pretrained(tmp_path / "llama")
+    _edit_config(tmp_path / "llama", num_key_value_heads=0)  # was read as "no GQA"
+    with pytest.raises(CheckpointError, match="num_kv_heads must be a positive int, got 0"):
+        from_pretrained(tmp_path / "llama")
+
+
+def test_token_ids_outside_the_vocabulary_are_dropped_with_a_warning(tmp_path):
+    _llama(eos_token_id=2).save_pretrained(tmp_path)
+    _as_transformers_writes(tmp_path)
+    # Old LLaMA conversions: pad_token_id -1; GPT2Config's default bos 50256 with a small vocab.
+    _edit_config(tmp_path, pad_token_id=-1, bos_token_id=50256, eos_token_id=[2, 64])
+    with pytest.warns(UserWarning, match=r"outside the vocabulary \[0, 64\) ignored \(set to None\): "
+                                         r"bos_token_id 50256, eos_token_id 64, pad_token_id -1"):
+        config = from_pretrained(tmp_path).config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (None, [2], None)
+
+
+def test_t5_ids_fed_to_the_decoder_stay_strict(tmp_path):
+    _t5().save_pretrained(tmp_path)
+    _as_transformers_writes(tmp_path)
+    _edit_config(tmp_path, pad_token_id=-1)  # shift_right feeds the pad id to the decoder
+    with pytest.raises(CheckpointError, match="pad_token_id must be None or a token id"):
+        from_pretrained(tmp_path)
+
+
+def test_edited_config_error_names_the_argument_every_loader_accepts(tmp_path):
+    _llama().save_pretrained(tmp_path)
+    _edit_config(tmp_path, rms_norm_eps=1e-5)
+    with pytest.raises(CheckpointError, match="pass accept_edited_config=True to from_pretrained"):
+        Decoder.from_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, accept_edited_config=True).config.norm_eps == 1e-5
+    assert Decoder.from_pretrained(tmp_path, accept_edited_config=True).config.norm_eps == 1e-5
+
+
+# ---------------------------------------------------------------- audit 3: sharded checkpoints, dtype
+
+_FIRST, _SECOND = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def _shard(path, weight_map_edit=lambda m: None, shard_edit=lambda shards: None):
+    """Split model.safetensors into two shards (embeddings and final norm in the first) +
+    model.safetensors.index.json, as transformers writes large models; ``weight_map_edit`` /
+    ``shard_edit`` spoil the index / the shards."""
+    tensors = load_file(str(path / "model.safetensors"))
+    os.remove(path / "model.safetensors")
+    first = {n for n in tensors if n in ("model.embed_tokens.weight", "model.norm.weight")}
+    shards = {_FIRST: {n: t for n, t in tensors.items() if n in first},
+              _SECOND: {n: t for n, t in tensors.items() if n not in first}}
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    weight_map_edit(weight_map)
+    shard_edit(shards)
+    for file, part in shards.items():
+        save_file(part, str(path / file), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    model = _llama()
+    model.save_pretrained(tmp_path)
+    _shard(tmp_path)
+    loaded = Decoder.from_pretrained(tmp_path)
+    sd, ld = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == ld.keys() and all(torch.equal(sd[k], ld[k]) for k in sd)
+
+
+def model_norm_weight(shard):
+    return {"model.norm.weight": shard["model.norm.weight"]}
+
+
+def _remove(path, name):
+    _shard(path)
+    os.remove(path / name)
+
+
+def _write_index(path, text):
+    _shard(path)
+    (path / "model.safetensors.index.json").write_text(text)
+
+
+@pytest.mark.parametrize("spoil, expect", [
+    (lambda p: _remove(p, _SECOND), f"shard files not found (1): {_SECOND}"),
+    (lambda p: _shard(p, shard_edit=lambda s: s[_FIRST].pop("model.norm.weight")),
+     f"listed in the index but not in their shard (1): model.norm.weight (listed in {_FIRST}, absent)"),
+    (lambda p: _shard(p, shard_edit=lambda s: s[_SECOND].update(model_norm_weight(s[_FIRST]))),
+     f"tensors in more than one shard (1): model.norm.weight ({_FIRST}, {_SECOND})"),
+    (lambda p: _shard(p, weight_map_edit=lambda m: m.pop("model.norm.weight")),
+     f"tensors in a shard but not in the index (1): model.norm.weight ({_FIRST})"),
+    (lambda p: _write_index(p, "{"), "not valid JSON"),
+    (lambda p: _write_index(p, '{"metadata": {}}'), 'non-empty "weight_map"'),
+    (lambda p: _shard(p, weight_map_edit=lambda m: m.update({"model.norm.weight": "../model.safetensors"})),
+     "shard names must be file names in its folder, got ['../model.safetensors']"),
+], ids=["missing-shard", "listed-but-absent", "duplicate", "unlisted", "bad-json", "no-weight-map", "outside"])
+def test_sharded_checkpoint_errors(tmp_path, spoil, expect):
+    _llama().save_pretrained(tmp_path)
+    spoil(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    assert expect in str(e.value)
+    assert str(tmp_path / "model.safetensors.index.json") in str(e.value)
+
+
+def test_dtype_by_name_and_bad_dtypes(tmp_path):
+    _llama().save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, dtype="bfloat16").embed_tokens.weight.dtype == torch.bfloat16
+    assert from_pretrained(tmp_path, dtype="torch.float64").embed_tokens.weight.dtype == torch.float64
+    for bad in ("bf17", torch.int8, "int8", 16):
+        # checked before anything is read: the folder need not exist
+        with pytest.raises(TypeError, match="dtype must be None or one of float16, bfloat16, float32, float64"):
+            from_pretrained(tmp_path / "absent", dtype=bad)

@@ -226,10 +226,11 @@ class PreTrainedModel(nn.Module):
         save_pretrained(self, path)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, use_fused: bool = True):
-        """Load a HF-layout folder (``config.json`` + ``model.safetensors``)."""
+    def from_pretrained(cls, path, *, dtype: torch.dtype | str | None = None, use_fused: bool = True,
+                        accept_edited_config: bool = False):
+        """Load a HF-layout folder; see :func:`fastpt.models.hf.from_pretrained`."""
         from fastpt.models.hf import from_pretrained
-        model = from_pretrained(path, dtype=dtype, use_fused=use_fused)
+        model = from_pretrained(path, dtype=dtype, use_fused=use_fused, accept_edited_config=accept_edited_config)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

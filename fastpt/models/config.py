@@ -59,6 +59,23 @@ def _token_id(cfg, *names: str) -> None:
                f"got {value!r}")
 
 
+def _stop_token_ids(cfg, name: str) -> None:
+    """An end-of-sequence field: None, a token id, or a non-empty list of them (tuples become
+    lists, as JSON gives them back). Generation stops at any of them, as transformers does."""
+    value = getattr(cfg, name)
+    if isinstance(value, tuple):
+        value = list(value)
+        setattr(cfg, name, value)
+    if not isinstance(value, list):
+        _token_id(cfg, name)
+        return
+    _check(len(value) > 0, f"{type(cfg).__name__}.{name} must be None, a token id or a non-empty list of "
+                           f"token ids, got []")
+    for token in value:
+        _check(isinstance(token, int) and not isinstance(token, bool) and 0 <= token < cfg.vocab_size,
+               f"{type(cfg).__name__}.{name} must hold token ids in [0, vocab_size), got {value!r}")
+
+
 class _Config:
     """JSON round-trip and the preset registry, shared by the config classes."""
 
@@ -167,7 +184,7 @@ class DecoderConfig(_Config):
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: generation stops at any of them
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -206,7 +223,8 @@ class DecoderConfig(_Config):
         _positive_float(self, "norm_eps", "rope_theta", "initializer_range")
         _probability(self, "dropout", "attention_dropout")
         _boolean(self, "tie_word_embeddings", "attention_bias", "mlp_bias")
-        _token_id(self, "bos_token_id", "eos_token_id", "pad_token_id")
+        _token_id(self, "bos_token_id", "pad_token_id")
+        _stop_token_ids(self, "eos_token_id")
 
 
 @dataclass
@@ -231,7 +249,7 @@ class Seq2SeqConfig(_Config):
     tie_word_embeddings: bool = True
     initializer_factor: float = 1.0
     pad_token_id: int = 0
-    eos_token_id: int = 1
+    eos_token_id: int | list[int] | None = 1  # a list: generation stops at any of them
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
@@ -257,7 +275,8 @@ class Seq2SeqConfig(_Config):
         _positive_float(self, "layer_norm_eps", "initializer_factor")
         _probability(self, "dropout")
         _boolean(self, "tie_word_embeddings")
-        _token_id(self, "pad_token_id", "eos_token_id", "decoder_start_token_id")
+        _token_id(self, "pad_token_id", "decoder_start_token_id")
+        _stop_token_ids(self, "eos_token_id")
 
 
 EncoderConfig.PRESETS = {

@@ -161,7 +161,10 @@ class _Stepper:
         return out.logits[:, -1].float()
 
 
-def _stop_ids(eos_token_id, config) -> list[int]:
+def stop_token_ids(config, eos_token_id=None) -> list[int]:
+    """The ids generation stops at: ``eos_token_id`` (an id, a list or tensor of ids), else
+    the config's (an id or a list, as config.json gives it); [] for none: generation then
+    runs to max_new_tokens. Ids outside the vocabulary raise ValueError."""
     if eos_token_id is None:
         eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
@@ -224,8 +227,9 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
         num_beams: > 1 runs beam search (no sampling); a beam ends at a stop token; the search
             of a prompt ends when ``num_beams`` beams have ended (or at max_new_tokens); the
             best by sum of log-probs / generated length ** ``length_penalty`` is returned.
-        eos_token_id: stop token id(s); default the config's ``eos_token_id``. A row stops at
-            its first stop token; later columns hold ``pad_token_id`` (default: the stop token).
+        eos_token_id: stop token id(s); default the config's ``eos_token_id`` (an id or a list
+            of ids; none: run to max_new_tokens). A row stops at its first stop token (any of
+            them); later columns hold ``pad_token_id`` (default: the first stop id).
         generator: the random generator for sampling.
         cache_dtype: KV cache dtype; default the autocast dtype when autocast is on, else the
             model's.
@@ -235,7 +239,7 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
         starting with the decoder start token. n <= max_new_tokens (all rows stopped early).
     """
     config = model.config
-    stops = _stop_ids(eos_token_id, config)
+    stops = stop_token_ids(config, eos_token_id)
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
     if pad_token_id is None:

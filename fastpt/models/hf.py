@@ -5,7 +5,8 @@ The mapping between fastpt's parameter names and HF's is one list of :class:`_En
 model, built from the config: an HF tensor is made from one or more fastpt tensors
 (``pack``) and split back (``unpack``); GPT-2's fused, transposed ``c_attn`` is the only
 non-trivial one. Loading checks the file against that list and names every missing,
-unexpected and mis-shaped tensor. Only safetensors files are read (never pickle).
+unexpected and mis-shaped tensor. Only safetensors files are read (never pickle): one
+model.safetensors, or the shards a model.safetensors.index.json lists.
 """
 
 from __future__ import annotations
@@ -23,17 +24,13 @@ from torch import Tensor
 from fastpt._atomic import atomic_write
 from fastpt.models.config import DecoderConfig, EncoderConfig, Seq2SeqConfig
 from fastpt.models.hf_config import from_hf_config, to_hf_config  # noqa: F401  (re-exported)
+from fastpt.models.hf_files import (  # noqa: F401  (CheckpointError and the readers re-exported)
+    CONFIG_NAME, INDEX_NAME, WEIGHT_DTYPES, WEIGHTS_NAME, CheckpointError, as_weight_dtype, read_config,
+    read_safetensors, read_safetensors_header, weight_files)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_SHA256 = "fastpt_config_sha256"
 """Key of model.safetensors' metadata holding :func:`_config_sha256` of the config saved
 with it (transformers ignores it; files written by transformers lack it)."""
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the offending tensors or the file."""
 
 
 @dataclass
@@ -242,8 +239,8 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
     # come with scale tensors fastpt does not read: copied as they are they would be wrong.
     not_float = [f"{n} ({t.dtype})" for n, t in tensors.items() if n in expected and not t.is_floating_point()]
     float8 = [f"{n} ({t.dtype})" for n, t in tensors.items()
-              if n in expected and t.is_floating_point() and t.dtype not in _WEIGHT_DTYPES]
-    not_finite = [n for n, t in tensors.items() if n in expected and t.dtype in _WEIGHT_DTYPES
+              if n in expected and t.is_floating_point() and t.dtype not in WEIGHT_DTYPES]
+    not_finite = [n for n, t in tensors.items() if n in expected and t.dtype in WEIGHT_DTYPES
                   and not t.is_meta and not torch.isfinite(t).all()]
     if missing or unexpected or shapes or not_float or float8 or not_finite or untied:
         lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
@@ -318,38 +315,13 @@ def _version() -> str:
     return fastpt.__version__
 
 
-def read_safetensors(file: Path) -> dict[str, Tensor]:
-    """All tensors of a safetensors file; a truncated or corrupt file raises CheckpointError."""
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(file))
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError/ValueError
-        raise _unreadable(file, e) from e
-
-
-def _unreadable(file: Path, e: Exception) -> CheckpointError:
-    size = file.stat().st_size if file.exists() else 0
-    return CheckpointError(f"{file}: not a readable safetensors file ({size} bytes; truncated "
-                           f"or corrupt?): {type(e).__name__}: {e}")
-
-
-def read_safetensors_header(file: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """(shape of each tensor, metadata) of a safetensors file, from its header alone: no
-    tensor data is read."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {name: f.get_slice(name).get_shape() for name in f.keys()}, f.metadata() or {}
-    except Exception as e:  # as in read_safetensors
-        raise _unreadable(file, e) from e
-
-
 _MAX_BUFFER_BYTES = 256 * 2**20
 """Buffers (not in the file) a config may ask for beyond the size of its weights file:
 Llama 3's 131072 x 128 rotary tables take 64 MiB."""
 
 
-def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights: Path, use_fused: bool) -> None:
+def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights: Path, weights_bytes: int,
+                use_fused: bool) -> None:
     """Raise CheckpointError unless the model of ``config`` fits the file's tensor ``shapes``,
     before any of it is allocated: a config.json asking for 10**12 embeddings or 10**6 layers
     must fail as a mismatch, not in the allocator."""
@@ -364,63 +336,96 @@ def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights
     # file cannot vouch for their size, but beyond its own size they are the config's mistake.
     big = {n: b for n, b in meta.named_buffers() if b.numel()}
     size = sum(b.numel() * b.element_size() for b in big.values())
-    if size > max(_MAX_BUFFER_BYTES, weights.stat().st_size):
+    if size > max(_MAX_BUFFER_BYTES, weights_bytes):
         name, b = max(big.items(), key=lambda kv: kv[1].numel())
         raise CheckpointError(f"{config_file}: the model would need {size / 2**30:.1f} GiB of buffers not stored "
                               f"in {weights} (largest: {name} {list(b.shape)}; max_position_embeddings = "
                               f"{getattr(config, 'max_position_embeddings', None)})")
 
 
-def _bert_base_layout(tensors: dict[str, Tensor]) -> bool:
-    """A BertModel checkpoint: no 'bert.' prefix and no heads."""
-    return any(k.startswith("embeddings.") for k in tensors) and not any(k.startswith("bert.") for k in tensors)
+_BASE_LAYOUTS = {"bert": ("bert.", "embeddings.", "BertModel"), "gpt2": ("transformer.", "wte.", "GPT2Model"),
+                 "llama": ("model.", "embed_tokens.", "LlamaModel")}
+"""family: (prefix of the full model's names, first name of the base model, base class)."""
+
+
+def _family(config) -> str:
+    return config.flavour if isinstance(config, DecoderConfig) else config.model_type
+
+
+def _base_layout(config, tensors: dict[str, Tensor]) -> tuple[str, str] | None:
+    """(prefix, class) of a base-model checkpoint (BertModel, GPT2Model, LlamaModel): its names
+    lack the full model's prefix and it has no heads. None for the full model's layout."""
+    layout = _BASE_LAYOUTS.get(_family(config))
+    if layout is None:
+        return None
+    prefix, first, cls = layout
+    if any(k.startswith(first) for k in tensors) and not any(k.startswith(prefix) for k in tensors):
+        return prefix, cls
+    return None
+
+
+def _from_base_layout(model, tensors: dict[str, Tensor], source: str):
+    """(tensors under the full model's names, allow_missing) for a base-model checkpoint, or
+    the arguments unchanged. A decoder needs its LM head: only a tied one (GPT-2's usual, or
+    Llama with tie_word_embeddings) is in such a file."""
+    layout = _base_layout(model.config, tensors)
+    if layout is None:
+        return tensors, None
+    prefix, cls = layout
+    tensors = {prefix + k: v for k, v in tensors.items()}
+    if isinstance(model.config, EncoderConfig):  # the pre-training heads keep their initialisation
+        return tensors, lambda name: name.startswith("cls.")
+    if not model.config.tie_word_embeddings:
+        raise CheckpointError(f"{source} holds a base model ({cls}: no '{prefix}' prefix) without an LM head, "
+                              f"and its config does not tie the head to the embeddings "
+                              f"(tie_word_embeddings=false): there is no lm_head.weight to load")
+    return tensors, None
+
+
+def _fill_untied_t5_head(config, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers >= 5 always ties T5's lm_head to shared.weight and saves no lm_head.weight
+    (a T5 v1.1 says so by scale_decoder_outputs=false): fastpt's unscaled T5, whose head is its
+    own tensor, starts from a copy of the embeddings then, as transformers computes."""
+    if (isinstance(config, Seq2SeqConfig) and not config.tie_word_embeddings
+            and "lm_head.weight" not in tensors and "shared.weight" in tensors):
+        return {**tensors, "lm_head.weight": tensors["shared.weight"]}
+    return tensors
 
 
 def _load_tensors(model, tensors: dict[str, Tensor], source: str) -> None:
-    allow = None
-    if isinstance(model.config, EncoderConfig) and _bert_base_layout(tensors):
-        # BertModel: the pre-training heads keep their initialisation.
-        tensors = {("bert." + k): v for k, v in tensors.items()}
-        allow = lambda name: name.startswith("cls.")  # noqa: E731
+    tensors, allow = _from_base_layout(model, tensors, source)
+    tensors = _fill_untied_t5_head(model.config, tensors)
     load_hf_state_dict(model, tensors, allow_missing=allow, source=source)
 
 
-def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool = True,
+def from_pretrained(path, *, dtype: torch.dtype | str | None = None, use_fused: bool = True,
                     accept_edited_config: bool = False):
-    """The fastpt model of a HF-layout folder: config.json + model.safetensors.
+    """The fastpt model of a HF-layout folder: config.json + model.safetensors (or shards
+    listed by model.safetensors.index.json).
 
-    A weights file fastpt saved records the config saved with it; a config.json that differs
-    (an interrupted save, or an edit since) is refused unless ``accept_edited_config``."""
+    ``dtype``: a floating-point torch.dtype or its name ("bfloat16"); anything else raises
+    TypeError before reading. A weights file fastpt saved records the config saved with it;
+    a config.json that differs (an interrupted save, or an edit since) is refused unless
+    ``accept_edited_config``."""
+    dtype = as_weight_dtype(dtype)
     path = Path(path)
-    config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found")
-    if not weights.is_file():
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" ({', '.join(pickles)} not read: fastpt loads safetensors only, never pickle)" if pickles else ""
-        raise FileNotFoundError(f"{weights} not found{hint}")
-    try:
-        hf_config = json.loads(config_file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{config_file}: not UTF-8 text: {e}") from e
-    except (ValueError, RecursionError) as e:  # JSONDecodeError; also over-long ints, deep nesting
-        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from e
-    try:
-        config = from_hf_config(hf_config)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{config_file}: {e}") from e
-    shapes, metadata = read_safetensors_header(weights)
-    _check_fits(config, shapes, config_file, weights, use_fused)
+    weights = weight_files(path)
+    config = read_config(config_file)
+    shapes, metadata = weights.headers()
+    _check_fits(config, shapes, config_file, weights.source, weights.size, use_fused)
     # Shapes can fit and values still not (rope_theta, norm eps): the config saved with the
     # weights tells, in files fastpt wrote.
     saved_with = metadata.get(CONFIG_SHA256)
     if saved_with is not None and saved_with != _config_sha256(config) and not accept_edited_config:
-        raise CheckpointError(f"{weights} was saved with another config than {config_file} describes "
+        raise CheckpointError(f"{weights.source} was saved with another config than {config_file} describes "
                               f"({CONFIG_SHA256} in its metadata differs): an interrupted save_pretrained, "
                               f"or config.json edited since (to load an edit you made on purpose, pass "
-                              f"accept_edited_config=True)")
+                              f"accept_edited_config=True to from_pretrained)")
     model = model_for_config(config, use_fused=use_fused)
-    _load_tensors(model, read_safetensors(weights), source=str(weights))
+    _load_tensors(model, weights.tensors(), source=str(weights.source))
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -430,7 +435,8 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, use_fused: bool =
 
 def from_hf(hf_model, *, use_fused: bool = True):
     """A fastpt model with the weights of a ``transformers`` BertForPreTraining / BertModel,
-    GPT2LMHeadModel, LlamaForCausalLM or T5ForConditionalGeneration."""
+    GPT2LMHeadModel / GPT2Model, LlamaForCausalLM (LlamaModel if its head is tied) or
+    T5ForConditionalGeneration."""
     config = from_hf_config(hf_model.config.to_dict())
     model = model_for_config(config, use_fused=use_fused)
     _load_tensors(model, hf_model.state_dict(), source=type(hf_model).__name__)

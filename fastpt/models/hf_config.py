@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from fastpt.models.config import DecoderConfig, EncoderConfig, Seq2SeqConfig
 
 
@@ -48,9 +50,39 @@ def to_hf_config(config) -> dict:
                 is_encoder_decoder=True)
 
 
-def _token(d: dict, name: str):
-    v = d.get(name)
-    return v[0] if isinstance(v, list) and v else v
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _special_ids(d: dict, names: tuple[str, ...]) -> dict:
+    """The token-id fields ``names`` of a config (``eos_token_id`` may be a list of ids), less
+    the ids outside [0, vocab_size), dropped with a warning naming them.
+
+    transformers loads such configs (GPT2Config(vocab_size=97) keeps bos/eos 50256, old LLaMA
+    conversions have pad_token_id -1), and so does fastpt; but an id outside the vocabulary
+    can never be generated nor fed to the model, so it is not kept to be used by mistake.
+    Values of the wrong type are left for the config class to refuse."""
+    vocab_size = d.get("vocab_size")
+    if not _is_int(vocab_size):
+        return {name: d.get(name) for name in names}  # the config class names the bad vocab_size
+
+    def inside(token) -> bool:
+        return not _is_int(token) or 0 <= token < vocab_size
+    out, dropped = {}, []
+    for name in names:
+        value = d.get(name)
+        if isinstance(value, list):
+            kept = [t for t in value if inside(t)]
+            dropped += [f"{name} {t}" for t in value if not inside(t)]
+            value = kept or None  # no valid stop id left: no stop id
+        elif value is not None and not inside(value):
+            dropped.append(f"{name} {value}")
+            value = None
+        out[name] = value
+    if dropped:
+        warnings.warn(f"{d.get('model_type')} config: token ids outside the vocabulary [0, {vocab_size}) "
+                      f"ignored (set to None): {', '.join(dropped)}", stacklevel=3)
+    return out
 
 
 def _required(d: dict, name: str):
@@ -71,6 +103,36 @@ def _flag(d: dict, name: str, default: bool) -> bool:
     return value
 
 
+def _default_if_none(value, default):
+    # not `value or default`: 0 is a valid token id
+    return default if value is None else value
+
+
+_DEFAULT_ROPE_KEYS = {"rope_type", "type", "rope_theta"}
+
+
+def _rope_theta(d: dict) -> float:
+    """rope_theta of a Llama config, read as transformers 5 reads it: the legacy ``rope_scaling``,
+    when set, replaces ``rope_parameters``; then the top-level ``rope_theta``.
+
+    fastpt computes the default RoPE only. Any other type, in either field (whichever one
+    transformers would use), or extra parameters (factor...) raise ValueError rather than
+    load as a model that differs from transformers' at long (or any) lengths."""
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = d.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{field} must be a JSON object, got {rope!r}")
+        kinds = [t for t in (rope.get("rope_type"), rope.get("type")) if t not in (None, "default")]
+        extra = sorted(k for k, v in rope.items() if k not in _DEFAULT_ROPE_KEYS and v is not None)
+        if kinds or extra:
+            raise ValueError(f"Llama RoPE scaling is not supported: {field} = {rope} (fastpt reads the default "
+                             f"RoPE only: rope_type 'default' with rope_theta and no other parameter)")
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    return rope.get("rope_theta", d.get("rope_theta", 10000.0))
+
+
 def from_hf_config(d: dict):
     """A fastpt config from config.json contents (HF field names); a field that is missing
     or of the wrong type raises ValueError naming it."""
@@ -80,6 +142,12 @@ def from_hf_config(d: dict):
     if kind == "bert":
         if not _flag(d, "tie_word_embeddings", True):
             raise ValueError("BERT with an untied MLM decoder (tie_word_embeddings=false) is not supported")
+        # transformers' BERT then masks attention causally / adds cross-attention layers;
+        # fastpt's Encoder is bidirectional self-attention only, so it would compute another model.
+        for flag in ("is_decoder", "add_cross_attention"):
+            if _flag(d, flag, False):
+                raise ValueError(f"BERT config with {flag}=true is not supported (fastpt's Encoder is "
+                                 f"bidirectional, without cross-attention; expected {flag}=false)")
         return EncoderConfig(vocab_size=_required(d, "vocab_size"), hidden_size=_required(d, "hidden_size"),
                              num_layers=_required(d, "num_hidden_layers"),
                              num_heads=_required(d, "num_attention_heads"),
@@ -100,42 +168,35 @@ def from_hf_config(d: dict):
         return DecoderConfig(flavour="gpt2", vocab_size=_required(d, "vocab_size"),
                              hidden_size=_required(d, "n_embd"), num_layers=_required(d, "n_layer"),
                              num_heads=_required(d, "n_head"),
-                             intermediate_size=d.get("n_inner") or None,  # None: 4 * n_embd
+                             intermediate_size=d.get("n_inner"),  # None: 4 * n_embd
                              max_position_embeddings=d.get("n_positions", 1024),
                              hidden_act=d.get("activation_function", "gelu_new"),
                              norm_eps=d.get("layer_norm_epsilon", 1e-5), dropout=d.get("resid_pdrop", 0.1),
                              attention_dropout=d.get("attn_pdrop", 0.1),
                              initializer_range=d.get("initializer_range", 0.02),
                              tie_word_embeddings=_flag(d, "tie_word_embeddings", True),
-                             bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
-                             pad_token_id=_token(d, "pad_token_id"))
+                             **_special_ids(d, ("bos_token_id", "eos_token_id", "pad_token_id")))
     if kind == "llama":
-        field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-        rope = d.get(field) or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"{field} must be a JSON object, got {rope!r}")
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"Llama RoPE scaling {rope} is not supported (only the default RoPE)")
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         return DecoderConfig(flavour="llama", vocab_size=_required(d, "vocab_size"),
                              hidden_size=_required(d, "hidden_size"),
                              num_layers=_required(d, "num_hidden_layers"),
                              num_heads=_required(d, "num_attention_heads"),
-                             num_kv_heads=d.get("num_key_value_heads") or None,  # None: num_heads
+                             num_kv_heads=d.get("num_key_value_heads"),  # None: num_heads
                              head_dim=d.get("head_dim"), intermediate_size=_required(d, "intermediate_size"),
                              hidden_act=d.get("hidden_act", "silu"),
                              max_position_embeddings=d.get("max_position_embeddings", 2048),
-                             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(d),
                              attention_bias=_flag(d, "attention_bias", False),
                              mlp_bias=_flag(d, "mlp_bias", False),
                              attention_dropout=d.get("attention_dropout", 0.0),
                              initializer_range=d.get("initializer_range", 0.02),
                              tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
-                             bos_token_id=_token(d, "bos_token_id"), eos_token_id=_token(d, "eos_token_id"),
-                             pad_token_id=_token(d, "pad_token_id"))
+                             **_special_ids(d, ("bos_token_id", "eos_token_id", "pad_token_id")))
     if kind == "t5":
         # transformers >= 5 always ties T5's embeddings and keeps the old meaning of
-        # tie_word_embeddings (scale the decoder output) in scale_decoder_outputs.
+        # tie_word_embeddings (scale the decoder output) in scale_decoder_outputs. fastpt's
+        # unscaled T5 has its own lm_head: hf._load_tensors fills it from shared.weight where
+        # the file has none (transformers 5 ties it then).
         name = "scale_decoder_outputs" if d.get("scale_decoder_outputs") is not None else "tie_word_embeddings"
         tied = _flag(d, name, True)
         return Seq2SeqConfig(vocab_size=_required(d, "vocab_size"), hidden_size=_required(d, "d_model"),
@@ -147,6 +208,10 @@ def from_hf_config(d: dict):
                              feed_forward_proj=d.get("feed_forward_proj", "relu"),
                              layer_norm_eps=d.get("layer_norm_epsilon", 1e-6), dropout=d.get("dropout_rate", 0.1),
                              tie_word_embeddings=tied, initializer_factor=d.get("initializer_factor", 1.0),
-                             pad_token_id=d.get("pad_token_id", 0), eos_token_id=_token(d, "eos_token_id") or 1,
-                             decoder_start_token_id=d.get("decoder_start_token_id") or 0)
+                             # pad and start ids are fed to the decoder (shift right): an
+                             # invalid one is refused, not dropped. T5 starts decoding from
+                             # its pad id 0 where the config names no start id.
+                             pad_token_id=d.get("pad_token_id", 0),
+                             **_special_ids({"eos_token_id": 1, **d}, ("eos_token_id",)),
+                             decoder_start_token_id=_default_if_none(d.get("decoder_start_token_id"), 0))
     raise ValueError(f"unsupported model_type {kind!r} (fastpt reads bert, gpt2, llama and t5)")
