@@ -175,8 +175,9 @@ def test_lm_eval_generate_long_context_is_left_truncated(gpt2_folder):
     out = generate(lm.model, torch.tensor([kept]), max_new_tokens=5)
     expected = lm.tokenizer.decode(out[0, len(kept):].tolist())
     assert text == (expected[:expected.find("\n")] if "\n" in expected else expected)
-    # max_gen_toks beyond the position table: cut to it, no error
-    lm.generate_until([_Request("Ruza", {"until": ["\n"], "max_gen_toks": 100})])
+    # max_gen_toks that leaves no room for the context is refused, as lm-eval's HF model asserts
+    with pytest.raises(ValueError, match="max_gen_toks=100 leaves no room"):
+        lm.generate_until([_Request("Ruza", {"until": ["\n"], "max_gen_toks": 100})])
 
 
 @pytest.mark.parametrize("bad", ["abc", -1, 0, 2.5, True])

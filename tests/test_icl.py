@@ -138,3 +138,123 @@ def test_long_contexts_lose_their_oldest_tokens(model, tok):
     assert s.n_tokens >= 1 and s.logprob < 0
     with pytest.raises(ValueError, match="does not fit"):
         loglikelihood(model, tok, [("x", " " + " ".join(["Varna"] * 400))])
+
+
+# --- lm-eval HFLM fidelity: token split, truncation, generation (audit 3, F1, F2, F5) ---
+
+def _boundary_requests():
+    """Mid-word cuts: the continuation starts inside a word, where BPE merges cross the cut."""
+    words = "Ruza lives in Varna and works as a baker in the old town by the river".split()
+    return [(f"She said {w[:cut]}", w[cut:] + " today") for w in words for cut in range(1, len(w))]
+
+
+def _encode(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def test_context_tokens_are_the_context_encoded_alone(tok):
+    """lm-eval's _encode_pair: ctx = encode(context), cont = encode(context + cont)[len(ctx):].
+    The first len(ctx) tokens of the whole differ from encode(context) when a merge crosses
+    the boundary; fastpt used to return those."""
+    crossing = 0
+    for context, continuation in _boundary_requests():
+        ctx, cont = split_request(tok, context, continuation)
+        whole = _encode(tok, context + continuation)
+        assert ctx == _encode(tok, context)
+        assert cont == whole[len(ctx):]
+        crossing += whole[:len(ctx)] != ctx
+    assert crossing > 0, "no request with a merge across the boundary: the test checks nothing"
+
+
+@torch.no_grad()
+def _hflm_reference(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """lm-eval HFLM's _loglikelihood_tokens in float64: the model reads
+    (ctx + cont)[-(max_length + 1):][:-1] in one plain forward pass."""
+    import copy
+    M = model.config.max_position_embeddings
+    inp = (ctx + cont)[-(M + 1):][:-1]
+    ref = copy.deepcopy(model).double()
+    logp = torch.log_softmax(ref(input_ids=torch.tensor([inp])).logits[0].double(), -1)
+    rows, target = logp[len(inp) - len(cont):], torch.tensor(cont)
+    return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+
+
+def test_boundary_requests_score_as_lm_eval(model, tok):
+    bos = special_ids(tok).bos
+    reqs = [r for r in _boundary_requests()
+            if _encode(tok, (r[0] + r[1]))[:len(_encode(tok, r[0]))] != _encode(tok, r[0])][:4]
+    for (context, continuation), s in zip(reqs, loglikelihood(model, tok, reqs, bos_id=bos)):
+        ctx = [bos] + _encode(tok, context)
+        cont = _encode(tok, context + continuation)[len(ctx) - 1:]
+        expected, greedy = _hflm_reference(model, ctx, cont)
+        assert s.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert s.is_greedy == greedy
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def short_model(request, tok):
+    """A model of 32 positions, so requests overflow it."""
+    torch.manual_seed(0)
+    config = DecoderConfig.from_name(f"{request.param}-tiny", vocab_size=tok.get_vocab_size(),
+                                     max_position_embeddings=32)
+    return Decoder(config).eval()
+
+
+def test_truncation_and_prefix_cache_match_lm_eval(short_model):
+    """HFLM reads max_length context + continuation tokens (the last continuation token is
+    predicted, never read) and scores a continuation of exactly max_length tokens. fastpt
+    used to read one token less and to refuse that continuation. Choices sharing a context
+    go through the KV cache together and must score as if alone."""
+    from fastpt.icl.scoring import score_tokens
+    M = short_model.config.max_position_embeddings
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(3, 300, (n,), generator=gen).tolist()
+
+    ctx_short, ctx_long = ids(5), ids(50)
+    pairs = [(ids(2), ids(M - 1)),                  # M + 1 tokens: HFLM reads all but the last
+             (ids(1), ids(M)),                      # a continuation of exactly max_length tokens
+             (ctx_long, ids(3)), (ctx_long, ids(7)),
+             (ctx_short, ids(1)), (ctx_short, ids(4)), (ctx_short, ids(1)), (ctx_short, ids(9))]
+    for (ctx, cont), s in zip(pairs, score_tokens(short_model, pairs)):
+        expected, greedy = _hflm_reference(short_model, ctx, cont)
+        assert s.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert s.is_greedy == greedy and s.n_tokens == len(cont)
+    with pytest.raises(ValueError, match=f"continuation of {M + 1} tokens.*at most {M}"):
+        score_tokens(short_model, [(ids(1), ids(M + 1))])
+
+
+@torch.no_grad()
+def _greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by plain forward passes over the whole sequence (no cache)."""
+    eos, out = model.config.eos_token_id, []
+    for _ in range(n):
+        token = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+    return out
+
+
+def test_generation_keeps_the_last_max_length_minus_new_tokens(short_model, tok):
+    """lm-eval HFLM keeps the last max_length - max_gen_toks prompt tokens, for every model
+    family (fastpt used to truncate only GPT-2, and kept one token more)."""
+    M, bos = short_model.config.max_position_embeddings, special_ids(tok).bos
+    for prompt, n in [(" ".join(["Ruza lives in Varna."] * 3), 6), ("Ruza lives in Varna.", 20)]:
+        ids = [bos] + _encode(tok, prompt)
+        assert len(ids) + n > M  # the case under test
+        expected = tok.decode(_greedy_reference(short_model, ids[-(M - n):], n))
+        assert generate_answer(short_model, tok, prompt, stop=(), max_new_tokens=n, bos_id=bos) == expected
+    with pytest.raises(ValueError, match=f"max_new_tokens={M} leaves no room.*expected max_new_tokens < {M}"):
+        generate_answer(short_model, tok, "Ruza", max_new_tokens=M, bos_id=bos)
+
+
+def test_stop_strings_cut_as_lm_eval_and_empty_ones_are_ignored():
+    """lm-eval's postprocess_generated_text: each non-empty stop string in turn keeps the text
+    before its first occurrence; "" would cut everything and is skipped."""
+    from fastpt.icl.evaluate import cut_at_stop
+    assert cut_at_stop("Varna\nSofia", ["", "\n"]) == "Varna"
+    assert cut_at_stop("Varna", [""]) == "Varna"
+    assert cut_at_stop("Varna\nSofia", "\n") == "Varna"
+    assert cut_at_stop("xabc", ["bc", "ab"]) == "xa"  # in turn, not at the earliest start

@@ -129,8 +129,6 @@ def test_generate_until_cuts_at_stop_and_respects_max_tokens(fastpt_lm):
                                     _Request("Ruza ->", {"until": "zzz", "max_gen_toks": 3})], disable_tqdm=True)
     assert out[0] == full[:full.index(stop)] if stop in full else out[0] == full
     assert out[1] == _greedy_text(fastpt_lm, "Ruza ->", 3)
-    with pytest.raises(ValueError, match="greedily"):
-        fastpt_lm.generate_until([_Request("Ruza ->", {"do_sample": True})], disable_tqdm=True)
 
 
 def test_bad_model_args(tmp_path):
@@ -152,3 +150,125 @@ def test_fastpt_lm_eval_command(folder, task_dir, tmp_path, capsys):
     written = list((tmp_path / "out").rglob("results*.json"))
     assert written, "lm-eval wrote no results file"
     assert "acc,none" in json.loads(written[0].read_text())["results"][TASK]
+
+
+# --- HFLM fidelity: token split, rolling windows, gen_kwargs, truncation (audit 3, F1-F5) ---
+
+def _hf_score(model, ctx, cont):
+    """HFLM's _loglikelihood_tokens in float64: (ctx + cont)[-(max_length + 1):][:-1] read."""
+    import copy
+    M = model.config.max_position_embeddings
+    inp = (ctx + cont)[-(M + 1):][:-1]
+    with torch.no_grad():
+        logp = torch.log_softmax(copy.deepcopy(model).double()(input_ids=torch.tensor([inp])).logits[0], -1)
+    return float(logp[len(inp) - len(cont):].gather(1, torch.tensor(cont)[:, None]).sum())
+
+
+def test_split_is_lm_eval_encode_pair(fastpt_lm):
+    """fastpt's split equals lm-eval's own TemplateLM._encode_pair (HFLM's) on the same
+    tokenizer, also where a BPE merge crosses the context/continuation boundary."""
+    from lm_eval.api.model import TemplateLM
+    from fastpt.icl import split_request
+
+    class Causal:  # what _encode_pair reads of an LM
+        backend = "causal"
+
+        def tok_encode(self, text, add_special_tokens=None):
+            return fastpt_lm.tokenizer.encode(text, add_special_tokens=False).ids
+
+    words = "Ruza lives in Varna and works as a baker in the old town".split()
+    for context, continuation in [(f"She said {w[:cut]}", w[cut:] + " today") for w in words
+                                  for cut in range(1, len(w))] + [("Q: x\nA: \n", "B")]:
+        ctx, cont = TemplateLM._encode_pair(Causal(), context, continuation)
+        assert split_request(fastpt_lm.tokenizer, context, continuation) == (ctx, cont)
+
+
+def test_rolling_windows_use_the_model_length(fastpt_lm):
+    """HFLM: get_rolling_token_windows(max_seq_len=max_length, context_len=1), each window
+    scored with its last token never read; fastpt used max_length - 1."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    M, tok = fastpt_lm.max_length, fastpt_lm.tokenizer
+    long_text = " ".join(["Ruza lives in Varna and works as a baker."] * 12)
+    exact = tok.decode(tok.encode(long_text, add_special_tokens=False).ids[:M])
+    for text in [exact, long_text]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert len(ids) >= M
+        expected = sum(_hf_score(fastpt_lm.model, *make_disjoint_window(w))
+                       for w in get_rolling_token_windows(ids, fastpt_lm.bos_id, M, 1))
+        (rolled,) = fastpt_lm.loglikelihood_rolling([_Request(text)], disable_tqdm=True)
+        assert rolled == pytest.approx(expected, rel=1e-5)
+
+
+def test_gen_kwargs_token_aliases_follow_lm_eval(fastpt_lm):
+    """lm-eval's normalize_gen_kwargs: max_gen_toks > max_new_tokens > max_tokens >
+    max_completion_tokens; fastpt read only max_gen_toks (256 tokens for the others)."""
+    from lm_eval.models.utils import normalize_gen_kwargs
+    from fastpt.icl.lm_eval_harness import generation_options
+    cases = [{"until": ["zzz"], "max_new_tokens": 3}, {"until": ["zzz"], "max_tokens": 3},
+             {"until": ["zzz"], "max_completion_tokens": 2}, {"max_gen_toks": 2, "max_new_tokens": 5},
+             {"max_new_tokens": 4, "max_tokens": 1}, {"until": "zzz"}]
+    for gen_kwargs in cases:
+        expected = normalize_gen_kwargs(gen_kwargs, fastpt_lm.max_gen_toks)["max_gen_toks"]
+        assert generation_options(gen_kwargs, fastpt_lm.max_gen_toks)[1] == expected
+    (out,) = fastpt_lm.generate_until([_Request("Ruza ->", cases[0])], disable_tqdm=True)
+    assert out == _greedy_text(fastpt_lm, "Ruza ->", 3)
+
+
+def test_empty_stop_string_is_ignored_as_lm_eval(fastpt_lm):
+    from lm_eval.models.utils import postprocess_generated_text
+    full = _greedy_text(fastpt_lm, "Ruza ->", 8)
+    (out,) = fastpt_lm.generate_until([_Request("Ruza ->", {"until": ["zzz", ""], "max_gen_toks": 8})],
+                                      disable_tqdm=True)
+    assert full and out == postprocess_generated_text(full, ["zzz", ""], None) == full
+    from fastpt.icl.evaluate import cut_at_stop
+    for text, stop in [("xabc", ["bc", "ab"]), ("Varna\nSofia", ["", "\n"]), ("a b", " ")]:
+        assert cut_at_stop(text, stop) == postprocess_generated_text(text, stop, None)
+
+
+def test_sampling_follows_lm_eval_do_sample_and_temperature(fastpt_lm, monkeypatch):
+    """lm-eval samples when do_sample is True, or unset with temperature > 0, with
+    transformers' top_k 50 / top_p 1.0 unless given; fastpt decoded those greedily."""
+    import fastpt.models
+    real, seen = fastpt.models.generate, []
+
+    def spy(*args, **kwargs):
+        seen.append({k: v for k, v in kwargs.items() if k != "max_new_tokens"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastpt.models, "generate", spy)
+    cases = [({"temperature": 0.7}, dict(do_sample=True, temperature=0.7, top_k=50, top_p=1.0)),
+             ({"temperature": 0.7, "do_sample": False}, {}),
+             ({"do_sample": False, "temperature": 0.0, "until": ["\n"]}, {}),
+             ({"do_sample": True, "temperature": 0.5, "top_p": 0.9, "top_k": 5},
+              dict(do_sample=True, temperature=0.5, top_k=5, top_p=0.9)),
+             ({"num_beams": 2}, dict(num_beams=2))]
+    for gen_kwargs, expected in cases:
+        seen.clear()
+        fastpt_lm.generate_until([_Request("Ruza ->", dict(gen_kwargs, max_gen_toks=3))], disable_tqdm=True)
+        assert seen == [expected], gen_kwargs
+    with pytest.raises(ValueError, match="temperature must be > 0"):  # as transformers refuses it
+        fastpt_lm.generate_until([_Request("Ruza ->", {"do_sample": True, "max_gen_toks": 3})],
+                                 disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"gen_kwargs \['typical_p'\] are not supported"):
+        fastpt_lm.generate_until([_Request("Ruza ->", {"typical_p": 0.5})], disable_tqdm=True)
+
+
+def test_generate_until_left_truncates_as_hflm(fastpt_lm):
+    """HFLM keeps the last max_length - max_gen_toks context tokens (a RoPE model too;
+    fastpt used to generate from the whole context)."""
+    from fastpt.models import generate
+    M, lm, n = fastpt_lm.max_length, fastpt_lm, 10
+    context = " ".join(["Ruza lives in Varna."] * 4)
+    ids = [lm.bos_id] + lm.tokenizer.encode(context, add_special_tokens=False).ids
+
+    def greedy(prompt_ids):
+        return lm.tokenizer.decode(generate(lm.model, torch.tensor([prompt_ids]),
+                                            max_new_tokens=n)[0, len(prompt_ids):].tolist())
+
+    expected = greedy(ids[-(M - n):])
+    assert len(ids) + n > M and expected != greedy(ids)  # truncation changes the output here
+    request = _Request(context, {"until": ["zzz"], "max_gen_toks": n})
+    (out,) = lm.generate_until([request], disable_tqdm=True)
+    assert out == expected
+    with pytest.raises(ValueError, match=f"max_gen_toks={M} leaves no room.*fewer than {M}"):
+        lm.generate_until([_Request(context, {"max_gen_toks": M})], disable_tqdm=True)

@@ -62,30 +62,53 @@ def evaluate_multiple_choice(model, tokenizer, items: list[dict], *, k: int, poo
 
 @torch.no_grad()
 def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("\n",),
-                    max_new_tokens: int = 16, bos_id: int | None = None) -> str:
-    """Greedy continuation of ``prompt``, cut at the first stop string.
+                    max_new_tokens: int = 16, bos_id: int | None = None, **generate_options) -> str:
+    """Greedy continuation of ``prompt`` (BOS first when ``bos_id`` is given), cut at the stop
+    strings as lm-eval cuts (:func:`cut_at_stop`).
 
-    A model with learned positions (GPT-2 flavour) sees the last tokens of a prompt too long
-    for prompt + ``max_new_tokens`` to fit its ``max_position_embeddings`` (left truncation,
-    as lm-eval; the BOS goes first); ``max_new_tokens`` beyond the table is cut to it."""
+    A prompt too long for prompt + ``max_new_tokens`` to fit the model's
+    ``max_position_embeddings`` keeps its last ``max_position_embeddings - max_new_tokens``
+    tokens (lm-eval's left truncation, every model family; the BOS may go with it).
+    ``generate_options`` (``do_sample``, ``temperature``, ``top_k``, ...) go to
+    :func:`fastpt.models.generate`.
+
+    Raises:
+        ValueError: the prompt encodes to no tokens and there is no ``bos_id``, or
+            ``max_new_tokens`` leaves no room for the prompt.
+    """
     from fastpt.models import generate
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if bos_id is not None:
         ids = [bos_id] + ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens: pass bos_id to generate from nothing")
-    config = getattr(model, "config", None)
-    if getattr(config, "flavour", None) == "gpt2" and isinstance(max_new_tokens, int) and max_new_tokens >= 1:
-        # generate feeds back all but the last new token: L + max_new_tokens - 1 positions
-        limit = config.max_position_embeddings
-        max_new_tokens = min(max_new_tokens, limit)
-        keep = limit - max_new_tokens + 1
-        if len(ids) > keep:
-            ids = ids[len(ids) - keep:]
-    out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens)
-    text = tokenizer.decode(out[0, len(ids):].tolist())
-    cut = min((text.find(s) for s in stop if s in text), default=len(text))
-    return text[:cut]
+    max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    ids = _left_truncate(ids, max_new_tokens, max_length)
+    out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, **generate_options)
+    return cut_at_stop(tokenizer.decode(out[0, len(ids):].tolist()), stop)
+
+
+def _left_truncate(ids: list[int], max_new_tokens, max_length: int | None) -> list[int]:
+    """The last ``max_length - max_new_tokens`` prompt tokens, as lm-eval's HF model keeps
+    them, so the prompt and every new token fit the model's positions."""
+    if max_length is None or isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        return ids  # generate() names a bad max_new_tokens
+    room = max_length - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                         f"{max_length} positions: expected max_new_tokens < {max_length}")
+    return ids[-room:]
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` up to its stop strings, as lm-eval's ``postprocess_generated_text``: each
+    non-empty stop string in turn cuts the text at its first occurrence (an empty one would
+    cut everything, so it is skipped). ``stop``: a string or a sequence of strings."""
+    for term in ([stop] if isinstance(stop, str) else stop):
+        if term:
+            text = text.split(term)[0]
+    return text
 
 
 def evaluate_generation(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],

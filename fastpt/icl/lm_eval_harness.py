@@ -13,7 +13,10 @@ or, from Python, ``import fastpt.icl.lm_eval_harness`` and then
 ``PATH`` is a model folder in HF layout (config.json, model.safetensors, tokenizer.json) as
 written by ``fastpt pretrain`` / ``fastpt.models.save_pretrained``; decoders only. The
 context is prefixed with the model's ``bos_token_id`` as ``fastpt eval --task icl`` does, so
-the scores equal fastpt's own evaluation. Generation is greedy.
+the scores equal fastpt's own evaluation. Everything else follows lm-eval's HF model
+(``HFLM``) on the same model and tokenizer: the token split of a request, the left
+truncation to the model's ``max_position_embeddings`` (``max_length``), rolling windows of
+``max_length`` tokens, and the generation options (:func:`generation_options`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ from tqdm import tqdm
 
 from fastpt.icl.evaluate import generate_answer
 from fastpt.icl.scoring import loglikelihood, score_tokens
+
+
+# lm-eval's aliases for the number of new tokens, highest precedence first
+# (lm_eval.models.utils.normalize_gen_kwargs, lm-eval 0.4.13).
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+# What transformers' generate() samples with when a task does not say (HFLM calls it).
+HF_SAMPLING_DEFAULTS = {"top_k": 50, "top_p": 1.0}
+# gen_kwargs handed on to fastpt.models.generate whatever the decoding.
+DECODING_KEYS = ("num_beams", "repetition_penalty", "length_penalty")
 
 
 def _positive_int(name: str, value) -> int:
@@ -91,35 +103,93 @@ class FastptLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document scored in windows of the model's length, every token predicted once
-        (lm-eval's ``get_rolling_token_windows``), conditioned on the BOS token."""
+        (lm-eval's ``get_rolling_token_windows`` with ``max_seq_len=max_length``, as HFLM),
+        conditioned on the BOS token."""
         if self.bos_id is None:
             raise ValueError("loglikelihood_rolling needs the model's bos_token_id (config.json)")
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="fastpt rolling"):
             (text,) = req.args
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            # fastpt's scorer also feeds the last predicted token (its KV cache holds context +
-            # continuation), so a window predicts max_length - 1 tokens, one less than HF's.
+            # score_tokens reads all but the last token of a window, as HFLM, so a window of
+            # max_length + 1 tokens fits the model's max_length positions.
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=self.bos_id, max_seq_len=self.max_length - 1, context_len=1)]
+                token_list=ids, prefix_token=self.bos_id, max_seq_len=self.max_length, context_len=1)]
             total = sum(s.logprob for s in score_tokens(self.model, windows)) if windows else 0.0
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Generate for each (context, gen_kwargs) until a stop string, HFLM's way: the context
+        keeps its last ``max_length - max_gen_toks`` tokens; see :func:`generation_options`."""
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="fastpt generate"):
             context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            if kwargs.get("do_sample"):
-                raise ValueError("fastpt lm-eval model generates greedily; do_sample=True is not supported")
-            text = generate_answer(self.model, self.tokenizer, context, stop=tuple(until),
-                                   max_new_tokens=_positive_int("max_gen_toks",
-                                                                kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                   bos_id=self.bos_id)
+            until, max_new_tokens, options = generation_options(gen_kwargs, self.max_gen_toks)
+            if max_new_tokens >= self.max_length:  # HFLM asserts the same
+                raise ValueError(f"fastpt lm-eval model: max_gen_toks={max_new_tokens} leaves no room for "
+                                 f"the context in the model's {self.max_length} positions: expected fewer "
+                                 f"than {self.max_length} (set max_gen_toks in model_args or the task's "
+                                 "gen_kwargs)")
+            text = generate_answer(self.model, self.tokenizer, context, stop=until,
+                                   max_new_tokens=max_new_tokens, bos_id=self.bos_id, **options)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
+
+
+def generation_options(gen_kwargs: dict | None, default_max_gen_toks: int) -> tuple[list[str], int, dict]:
+    """(stop strings, new tokens, options for :func:`fastpt.models.generate`) from lm-eval's
+    ``gen_kwargs``, read as lm-eval 0.4.13's HFLM reads them:
+
+    - ``until``: a string or a list; empty strings are ignored when cutting.
+    - new tokens: the first of ``max_gen_toks``, ``max_new_tokens``, ``max_tokens``,
+      ``max_completion_tokens`` given, else ``default_max_gen_toks``.
+    - decoding: ``do_sample`` if given, else sampling when ``temperature`` > 0. Sampling uses
+      ``temperature`` (which must then be > 0, as transformers requires), ``top_k`` and
+      ``top_p``, by default transformers' 50 and 1.0, which HFLM's ``generate()`` call falls
+      back on. ``num_beams``, ``repetition_penalty`` and ``length_penalty`` are passed on.
+
+    Raises:
+        ValueError: a bad number of tokens, or a key fastpt's generate cannot honour.
+    """
+    kwargs = dict(gen_kwargs or {})
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new_tokens = _max_new_tokens(kwargs, default_max_gen_toks)
+    options = _decoding_options(kwargs)
+    return until, max_new_tokens, options
+
+
+def _max_new_tokens(kwargs: dict, default: int) -> int:
+    given = [key for key in MAX_TOKEN_KEYS if kwargs.get(key) is not None]
+    value = kwargs[given[0]] if given else default
+    for key in MAX_TOKEN_KEYS:
+        kwargs.pop(key, None)
+    return _positive_int(given[0] if given else "max_gen_toks", value)
+
+
+def _decoding_options(kwargs: dict) -> dict:
+    """fastpt generate() options for the rest of gen_kwargs (consumed from ``kwargs``)."""
+    temperature = kwargs.pop("temperature", 0.0)
+    try:
+        temperature = float(temperature or 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"fastpt lm-eval model: temperature must be a number, got {temperature!r}") from None
+    do_sample = kwargs.pop("do_sample", None)
+    sampling = {"top_k": kwargs.pop("top_k", None), "top_p": kwargs.pop("top_p", None)}
+    options = {key: kwargs.pop(key) for key in DECODING_KEYS if key in kwargs}
+    if kwargs:
+        # HFLM hands such keys to transformers' generate(); fastpt's cannot honour them, and
+        # ignoring them would silently change the output.
+        raise ValueError(f"fastpt lm-eval model: gen_kwargs {sorted(kwargs)} are not supported; expected "
+                         f"only until, {', '.join(MAX_TOKEN_KEYS)}, do_sample, temperature, top_k, top_p, "
+                         f"{', '.join(DECODING_KEYS)}")
+    if do_sample is None:  # lm-eval: a positive temperature asks for sampling
+        do_sample = temperature > 0.0
+    if do_sample:
+        options.update(do_sample=True, temperature=temperature)
+        options.update({key: default if sampling[key] is None else sampling[key]
+                        for key, default in HF_SAMPLING_DEFAULTS.items()})
+    return options
