@@ -246,3 +246,22 @@ def test_pretrain_continues_from_a_model_folder(pretrained, tmp_path):
     before = [json.loads(line)["loss"] for line in open(pretrained / "metrics.jsonl")]
     assert abs(first - before[-1]) < 0.3 and first < before[0] - 1.0  # ~4.2 against ~5.7
     assert (out / "tokenizer.json").read_text() == (pretrained / "final" / "tokenizer.json").read_text()
+
+
+def test_generate_stops_at_every_eos_id_and_skips_empty_stop_strings(pretrained):
+    # A config's eos_token_id may be a list (as in HF files); an empty --stop cuts nothing,
+    # as lm-eval skips empty stop terms.
+    from fastpt.commands.generate import continuations
+    from fastpt.data.tokenizer import load_tokenizer
+    from fastpt.models import from_pretrained
+    model, tok = from_pretrained(pretrained / "final").eval(), load_tokenizer(pretrained / "final")
+    ids = tok.encode("Ruza lives in", add_special_tokens=False).ids
+    v = dict(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+             repetition_penalty=1.0, seed=0, stop=["", "\x00never"])
+    # sampled (greedy repeats one token here), with the generator continuations() seeds
+    free = model.generate([ids], max_new_tokens=12, do_sample=True,
+                          generator=torch.Generator().manual_seed(0))[0, len(ids):].tolist()
+    first_new = next(j for j, t in enumerate(free) if j > 0 and t not in free[:j])
+    model.config.eos_token_id = [model.config.eos_token_id, free[first_new]]
+    (text,) = continuations(model, tok, ["Ruza lives in"], v)
+    assert text == tok.decode(free[:first_new]) and text != ""

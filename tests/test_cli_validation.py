@@ -270,3 +270,148 @@ def test_no_traceback_from_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120, env=ENV, cwd=AWAY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+# -- audit 3, F6 + F8: every argument error before the first file is written ----------------
+
+@pytest.fixture(scope="module")
+def folders(pretrained, tmp_path_factory):
+    """Model and tokenizer folders built without training: a BERT encoder, a Llama decoder (no
+    biases), a model folder without tokenizer.json, an 800-token tokenizer, and small corpora."""
+    import shutil
+
+    from fastpt.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from fastpt.data.world import World
+    from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+    root = tmp_path_factory.mktemp("folders")
+    docs = list(World(0).documents(200, seed=0))
+    wordpiece = train_tokenizer(docs, "wordpiece", vocab_size=300)
+    encoder = Encoder(EncoderConfig.from_name("bert-tiny", vocab_size=wordpiece.get_vocab_size()))
+    bpe = load_tokenizer(str(pretrained / "final"))
+    llama = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=bpe.get_vocab_size()))
+    for name, model, tok in (("encoder", encoder, wordpiece), ("llama", llama, bpe)):
+        model.save_pretrained(str(root / name))
+        save_tokenizer(tok, str(root / name))
+    save_tokenizer(train_tokenizer(docs, "bpe", vocab_size=800), str(root / "tok800"))
+    shutil.copytree(pretrained / "final", root / "notok")
+    (root / "notok" / "tokenizer.json").unlink()
+    (root / "empty.txt").write_text("")
+    _writes(root / "docs.jsonl", [{"text": "Ann ate at Bo."}] * 3)
+    _writes(root / "train.jsonl", [{"text": "good film", "label": "pos"},
+                                   {"text": "bad film", "label": "neg"}] * 2)
+    return root
+
+
+_PRETRAIN = ["pretrain", "--max-steps", "1", *TINY]
+_FINETUNE = ["finetune", "--train", "{f}/train.jsonl", "--max-steps", "1", "--batch-size", "2",
+             "--no-progress"]
+# The failing argument sets of audit 3 (F6, F8) and the text each error line must hold;
+# {dec} is a pre-trained gpt2 decoder folder (128 positions), {f} the `folders` fixture.
+AUDIT_CASES = {
+    "vocab 10": ([*_PRETRAIN, "--vocab-size", "10"], "data.vocab_size: expected an integer >= 257"),
+    "seq_len 0": ([*_PRETRAIN, "--seq-len", "0"], "data.seq_len: expected an integer >= 2"),
+    "seq_len -5": ([*_PRETRAIN, "--seq-len", "-5"], "data.seq_len: expected an integer >= 2"),
+    "encoder seq_len 2": ([*_PRETRAIN, "--preset", "bert-tiny", "--seq-len", "2"],
+                          "data.seq_len: expected an integer >= 3"),
+    "n_docs 0": ([*_PRETRAIN, "--n-docs", "0"], "data.n_docs: expected an integer >= 1, got 0"),
+    "n_docs -1": ([*_PRETRAIN, "--n-docs", "-1"], "data.n_docs: expected an integer >= 1, got -1"),
+    "empty corpus": ([*_PRETRAIN, "--corpus", "{f}/empty.txt"], "holds no documents"),
+    "field missing": ([*_PRETRAIN, "--corpus", "{f}/docs.jsonl", "--field", "nofield"], "'nofield'"),
+    "tokenizer folder without tokenizer.json": ([*_PRETRAIN, "--tokenizer", "{f}"],
+                                                "data.tokenizer: no tokenizer.json"),
+    "tokenizer without eos": ([*_PRETRAIN, "--tokenizer", "{f}/encoder"],
+                              "data.tokenizer: the tokenizer has no EOS token"),
+    "tokenizer larger than init_from": ([*_PRETRAIN, "--init-from", "{dec}", "--tokenizer", "{f}/tok800"],
+                                        "do not fit model.init_from's vocab_size"),
+    "seq_len beyond init_from": ([*_PRETRAIN, "--init-from", "{dec}", "--seq-len", "129"],
+                                 "data.seq_len: 129 > model.init_from's max_position_embeddings 128"),
+    "electra from init_from": ([*_PRETRAIN, "--init-from", "{f}/encoder", "--objective", "electra"],
+                               "'electra' cannot continue"),
+    "base without tokenizer.json": ([*_FINETUNE, "--base", "{f}/notok"], "model.base: no tokenizer.json"),
+    "max_length 0": ([*_FINETUNE, "--base", "{dec}", "--max-length", "0"],
+                     "data.max_length: expected an integer >= 1, got 0"),
+    "max_length -1": ([*_FINETUNE, "--base", "{dec}", "--max-length", "-1"],
+                      "data.max_length: expected an integer >= 1, got -1"),
+    "n_train -3": (["finetune", "--base", "{dec}", "--n-train", "-3", "--max-steps", "1", "--no-progress"],
+                   "data.n_train: expected an integer >= 1, got -3"),
+    "bitfit on llama": ([*_FINETUNE, "--base", "{f}/llama", "--strategy", "bitfit"],
+                        "finetune.strategy: 'bitfit' does not apply"),
+    "prefix on encoder": ([*_FINETUNE, "--base", "{f}/encoder", "--strategy", "prefix"],
+                          "finetune.strategy: 'prefix' does not apply"),
+}
+
+
+@pytest.mark.parametrize("case", AUDIT_CASES)
+def test_argument_errors_leave_the_output_folder_untouched(pretrained, folders, tmp_path, capsys, case):
+    """Each fails with one line naming the option, and writes neither *_options.json nor
+    tokenizer.json: the output folder is still absent, and an existing one still empty."""
+    args, message = AUDIT_CASES[case]
+    args = [a.format(dec=pretrained / "final", f=folders) for a in args]
+    absent, empty = tmp_path / "absent", tmp_path / "empty"
+    empty.mkdir()
+    errors = [_error(capsys, [*args, "--output-dir", str(out)]) for out in (absent, empty)]
+    assert not absent.exists(), sorted(os.listdir(absent))
+    assert not any(empty.iterdir()), sorted(os.listdir(empty))
+    assert all(message in err for err in errors), errors
+
+
+# -- audit 3, F7: an output file in a folder that does not exist ----------------------------
+
+def test_eval_output_in_a_missing_folder_is_refused_before_evaluating(tmp_path, capsys, monkeypatch):
+    from fastpt.commands import evaluate
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a: pytest.fail("evaluated first"))
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: (None, None))
+    err = _error(capsys, ["eval", "--model", str(tmp_path), "--task", "perplexity",
+                          "--output", str(tmp_path / "new" / "sub" / "r.json")])
+    target = tmp_path / "new" / "sub"
+    assert f"output: cannot write {target}/r.json: the folder {target} does not exist" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown"])
+def test_bench_output_in_a_missing_folder_is_refused_before_the_suite(tmp_path, capsys, monkeypatch, flag):
+    from fastpt.benchmarks import run
+    monkeypatch.setattr(run, "run_suite", lambda *a, **k: pytest.fail("ran the suite first"))
+    err = _error(capsys, ["bench", "--quick", flag, str(tmp_path / "new" / "r.out")])
+    assert f"{flag}: cannot write" in err and "does not exist" in err
+
+
+# -- audit 3, F9: messages that name the option ---------------------------------------------
+
+@pytest.mark.parametrize("data", ["world:city_of", "jsonl"])
+def test_eval_refuses_a_negative_limit(tmp_path, capsys, data):
+    if data == "jsonl":
+        data = _writes(tmp_path / "icl.jsonl", [{"input": "a", "target": "b", "choices": ["b", "c"]}])
+    err = _error(capsys, ["eval", "--model", str(tmp_path), "--data", data, "--limit", "-1"])
+    assert err == "fastpt eval: error: limit: expected an integer >= 0, got -1"
+
+
+@pytest.mark.parametrize("shots,message", [(",", "icl.shots: no numbers of examples given"),
+                                           ("0,-1", "icl.shots: -1 is not a number of examples")])
+def test_eval_checks_every_shot_count_before_loading_the_model(tmp_path, capsys, monkeypatch,
+                                                               shots, message):
+    from fastpt.commands import evaluate
+    monkeypatch.setattr(evaluate, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded first"))
+    out = tmp_path / "r.json"
+    err = _error(capsys, ["eval", "--model", str(tmp_path), "--shots", shots, "--output", str(out)])
+    assert message in err and not out.exists()
+
+
+def test_generate_names_a_prompts_file_that_is_not_text(tmp_path, capsys):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"a prompt\n\xf0\x28\x8c\xbc\xff\n")
+    err = _error(capsys, ["generate", "--model", str(tmp_path), "--prompts-file", str(binary)])
+    assert f"{binary}: not valid UTF-8" in err
+
+
+def test_a_jsonl_file_that_is_not_text_is_named(pretrained, tmp_path, capsys):
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(b'{"input": "a"}\n\xff\xfe\n')
+    err = _error(capsys, ["eval", "--model", str(pretrained / "final"), "--data", str(binary)])
+    assert f"{binary}: not valid UTF-8" in err
+
+
+def test_generate_names_a_prompt_longer_than_learned_positions(pretrained, capsys):
+    long_prompt = "Ann ate at Bo. " * 100   # far more than the gpt2 model's 128 positions
+    err = _error(capsys, ["generate", "--model", str(pretrained / "final"), "--prompt", long_prompt])
+    assert "prompt 1: " in err and "more than the model's 128 learned positions" in err

@@ -75,10 +75,16 @@ def check_output_dir(path: str, key: str = "output_dir") -> None:
 
 
 def check_output_file(path: str, key: str = "output") -> None:
-    """Before any work: ``path`` must be a file name (not a folder) in a writable folder."""
+    """Before any work: ``path`` must be a file name (not a folder) in an existing, writable
+    folder. Nothing creates that folder, so a missing one would only fail at the write, after
+    the work (and its results) were done."""
     if os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder; give a file name")
-    _check_writable_folder(os.path.dirname(os.path.abspath(path)), key, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    _check_writable_folder(folder, key, path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{key}: cannot write {path}: the folder {folder} does not exist "
+                          "(create it first)")
 
 
 def trainer_config(output_dir: str, values: dict, section: str = "train", **extra):
@@ -145,7 +151,7 @@ def read_jsonl(path: str) -> list[dict]:
     """The records of a JSON-lines file, with the line number of a malformed one."""
     rows = Records()
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
@@ -159,3 +165,12 @@ def read_jsonl(path: str) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no records")
     return rows
+
+
+def utf8_lines(f, path: str):
+    """The lines of the text file ``f``; bytes that are not UTF-8 raise a ValueError naming
+    ``path`` (Python's own message names no file)."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason}); expected a text file") from None

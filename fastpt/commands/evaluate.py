@@ -23,7 +23,7 @@ OPTIONS = [
     Option("data", "str", "world:city_of", "icl: JSONL of {input, target, choices} or "
            "world:city_of|job_of|sentiment; classify: JSONL of {text, label}; perplexity: "
            ".txt/.jsonl/.csv corpus or 'world'"),
-    Option("limit", "int", 0, "evaluate the first N items only (0: all)"),
+    Option("limit", "int", 0, "evaluate the first N items only (0: all)", minimum=0),
     Option("output", "str", None, "also write the results as JSON to this file", optional=True),
     Option("shots", "list", [0, 1, 4], "numbers of in-context examples", "icl"),
     Option("pool", "str", None, "JSONL to draw examples from (default: the data itself, never "
@@ -76,6 +76,16 @@ def _icl_items(spec: str, n: int, seed: int, key: str = "data") -> list[dict]:
     return rows
 
 
+def check_shots(shots: list) -> None:
+    """Every shot count before the first evaluation: a bad one late in the list would
+    otherwise end the run after the earlier ones, and an empty list would evaluate nothing."""
+    if not shots:
+        raise ConfigError("icl.shots: no numbers of examples given; expected e.g. 0,1,4")
+    for k in shots:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"icl.shots: {k!r} is not a number of examples >= 0")
+
+
 def icl(model, tok, v: dict) -> list[dict]:
     from fastpt.icl import PromptFormat, evaluate_multiple_choice
     from fastpt.models import Decoder
@@ -87,8 +97,6 @@ def icl(model, tok, v: dict) -> list[dict]:
     fmt = PromptFormat(description=v["description"], answer_separator=v["answer_separator"])
     rows = []
     for k in v["shots"]:
-        if not isinstance(k, int) or k < 0:
-            raise ConfigError(f"icl.shots: {k!r} is not a number of examples >= 0")
         r = evaluate_multiple_choice(model, tok, items, k=k, pool=pool, fmt=fmt, seed=v["seed"],
                                      bos_id=model.config.bos_token_id)
         rows.append({"k": k, "acc": r.acc, "acc_norm": r.acc_norm, "n": r.n})
@@ -164,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("model: required (a model folder)")
     if v["output"]:
         check_output_file(v["output"], "output")
+    if v["task"] == "icl":
+        check_shots(v["shots"])
     if v["task"] == "classify":
         rows = classify(v["model"], v)
     else:

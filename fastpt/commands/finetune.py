@@ -37,8 +37,9 @@ OPTIONS = [
            "world's held-out reviews)", "data", optional=True),
     Option("text_field", "str", "text", "", "data"),
     Option("label_field", "str", "label", "", "data"),
-    Option("max_length", "int", 128, "tokens per example (longer ones are truncated)", "data"),
-    Option("n_train", "int", 200, f"examples of {WORLD_TASK!r}", "data"),
+    Option("max_length", "int", 128, "tokens per example (longer ones are truncated)", "data",
+           minimum=1),
+    Option("n_train", "int", 200, f"examples of {WORLD_TASK!r}", "data", minimum=1),
     *options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)}),
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"),
                             rename={"strategy": "distributed"},
@@ -121,10 +122,29 @@ def accuracy(model, examples: list[dict], collate, batch_size: int = 64) -> floa
     return hits / len(examples)
 
 
-def run(args: argparse.Namespace) -> int:
+def _classifier(v: dict, config: FinetuneConfig, n_labels: int):
+    """(tokenizer, model to train, pad id) for model.base, built before anything is written:
+    a base without tokenizer.json, or a strategy the base does not support, is an option error."""
     from fastpt.data.tokenizer import load_tokenizer, special_ids
-    from fastpt.finetune import SequenceClassifier, prepare, print_trainable_parameters
+    from fastpt.finetune import SequenceClassifier, prepare
     from fastpt.models import from_pretrained
+    try:
+        tok = load_tokenizer(v["base"])
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"model.base: {e}") from None
+    backbone = from_pretrained(v["base"])
+    pad = backbone.config.pad_token_id if backbone.config.pad_token_id is not None else special_ids(tok).pad
+    model = SequenceClassifier(backbone, n_labels, pooling=v["pooling"])
+    try:
+        model = prepare(model, config)
+    except (TypeError, ValueError) as e:  # e.g. prefix tuning of an encoder, BitFit without biases
+        raise ConfigError(f"finetune.strategy: {config.strategy!r} does not apply to model.base "
+                          f"{v['base']}: {e}") from None
+    return tok, model, pad
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastpt.finetune import print_trainable_parameters
     from fastpt.train import Trainer
     v = resolve(args, OPTIONS)
     if v["base"] is None:
@@ -154,24 +174,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"data.test has labels never seen in training: {unknown}")
     label_ids = {label: i for i, label in enumerate(labels)}
     check_resume_step(resume_from, trainer_config_.max_steps)
+    tok, model, pad = _classifier(v, finetune_config, len(labels))
+    train_examples = _encode(tok, train, label_ids, v["max_length"])
+    test_examples = _encode(tok, test, label_ids, v["max_length"]) if test else []
+    # Every option has been checked: only now is anything written into output_dir.
     save_options(v["output_dir"], "finetune", v)
 
-    tok = load_tokenizer(v["base"])
-    backbone = from_pretrained(v["base"])
-    pad = backbone.config.pad_token_id if backbone.config.pad_token_id is not None else special_ids(tok).pad
-    model = SequenceClassifier(backbone, len(labels), pooling=v["pooling"])
-    model = prepare(model, finetune_config)
     say(print_trainable_parameters(model))
     collate = _Collate(pad)
-    trainer = Trainer(model, trainer_config_, _encode(tok, train, label_ids, v["max_length"]),
-                      collate_fn=collate)
+    trainer = Trainer(model, trainer_config_, train_examples, collate_fn=collate)
     say(f"fine-tuning {v['base']} with {finetune_config.strategy} on {len(train)} examples, "
         f"{len(labels)} labels -> {v['output_dir']}")
     trainer.train(resume_from)
     result = {"strategy": finetune_config.strategy, "labels": labels,
               "final_loss": trainer.metrics.rows[-1]["loss"] if trainer.metrics.rows else None}
     if test:
-        result["test_accuracy"] = accuracy(model, _encode(tok, test, label_ids, v["max_length"]), collate)
+        result["test_accuracy"] = accuracy(model, test_examples, collate)
         result["n_test"] = len(test)
         say(f"test accuracy: {100 * result['test_accuracy']:.1f}% on {len(test)} examples")
     if is_main_process():

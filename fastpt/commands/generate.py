@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fastpt.commands.common import load_model_and_tokenizer
+from fastpt.commands.common import load_model_and_tokenizer, utf8_lines
 from fastpt.commands.options import ConfigError, Option, add_options, resolve
 
 OPTIONS = [
@@ -45,17 +45,33 @@ def _prompts(v: dict) -> list[str]:
         if not os.path.isfile(v["prompts_file"]):
             raise ConfigError(f"prompts_file: {v['prompts_file']} is not a file")
         with open(v["prompts_file"], encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+            lines = list(utf8_lines(f, v["prompts_file"]))
+        prompts += [line.rstrip("\n") for line in lines if line.strip()]
     if not prompts:
         raise ConfigError("prompt: give --prompt TEXT or --prompts-file FILE")
     return prompts
 
 
+def _check_prompt_lengths(model, ids: list[list[int]]) -> None:
+    """A model with learned positions (GPT-2) cannot read a prompt longer than its table;
+    generate() would only say how many new tokens fit (none), not which prompt is too long."""
+    if getattr(model.config, "flavour", None) != "gpt2":
+        return
+    limit = model.config.max_position_embeddings
+    for n, prompt in enumerate(ids, 1):
+        if len(prompt) > limit:
+            raise ConfigError(f"prompt {n}: {len(prompt)} tokens, more than the model's {limit} "
+                              "learned positions; expected a shorter prompt")
+
+
 def continuations(model, tok, prompts: list[str], v: dict) -> list[str]:
+    from fastpt.icl.evaluate import cut_at_stop
     from fastpt.models import Decoder, Seq2Seq
+    from fastpt.models.generation import stop_token_ids
     if not isinstance(model, (Decoder, Seq2Seq)):
         raise ConfigError(f"model: a {type(model).__name__} cannot generate text (need a decoder or seq2seq model)")
     ids = [tok.encode(p, add_special_tokens=False).ids or [model.config.bos_token_id or 0] for p in prompts]
+    _check_prompt_lengths(model, ids)
     out = model.generate(ids, max_new_tokens=v["max_new_tokens"], do_sample=v["do_sample"],
                          temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"],
                          num_beams=v["num_beams"], repetition_penalty=v["repetition_penalty"],
@@ -63,12 +79,11 @@ def continuations(model, tok, prompts: list[str], v: dict) -> list[str]:
     start = 1 if isinstance(model, Seq2Seq) else max(map(len, ids))
     stops = [v["stop"]] if isinstance(v["stop"], str) else list(v["stop"] or [])
     # generate() fills a row after its stop token with padding: neither is text.
-    stop_ids = {model.config.eos_token_id, model.config.pad_token_id} - {None}
+    stop_ids = set(stop_token_ids(model.config)) | ({model.config.pad_token_id} - {None})
     texts = []
     for row in out[:, start:].tolist():
         text = tok.decode([t for t in row if t not in stop_ids])
-        cut = min((text.find(s) for s in stops if s in text), default=len(text))
-        texts.append(text[:cut])
+        texts.append(cut_at_stop(text, stops))  # an empty stop string is skipped, as in lm-eval
     return texts
 
 

@@ -41,10 +41,13 @@ class Option:
     input_path: bool = False        # a file or folder that must exist
     optional: bool = False          # None is allowed (and is the "unset" value)
     field: str = ""                 # the config dataclass field it sets (default: name)
+    minimum: int | float | None = None  # smallest allowed value of an int or float option
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"option {self.name}: kind {self.kind!r} not in {KINDS}")
+        if self.minimum is not None and self.kind not in ("int", "float"):
+            raise ValueError(f"option {self.name}: a minimum needs kind int or float, not {self.kind!r}")
 
     @property
     def flag(self) -> str:
@@ -192,7 +195,7 @@ def _where_is(key: str, options: list[Option]) -> str:
 # -- merging -------------------------------------------------------------------------------
 
 def resolve(args: argparse.Namespace, options: list[Option]) -> dict:
-    """Defaults, then ``--config``, then flags; checks choices and input paths."""
+    """Defaults, then ``--config``, then flags; checks choices, minimums and input paths."""
     values = {o.name: o.default for o in options}
     if getattr(args, "config", None):
         values.update(load_toml(args.config, options))
@@ -205,6 +208,8 @@ def resolve(args: argparse.Namespace, options: list[Option]) -> dict:
             continue
         if o.choices is not None and v not in o.choices:
             raise ConfigError(f"{o.key}: {v!r} is not one of {', '.join(map(str, o.choices))}")
+        if o.minimum is not None and not v >= o.minimum:  # `not >=` also refuses nan
+            raise ConfigError(f"{o.key}: expected {_TYPE_NAMES[o.kind]} >= {o.minimum}, got {v!r}")
         if o.input_path and not os.path.exists(v):
             raise ConfigError(f"{o.key}: no such file or folder: {v}")
     return values

@@ -14,6 +14,12 @@ from fastpt.train.config import TrainerConfig
 
 ENCODER_PRESETS = ("bert-tiny", "bert-small", "bert-base")
 DECODER_PRESETS = ("gpt2-tiny", "gpt2-small", "gpt2-base", "llama-tiny", "llama-small", "llama-base")
+# Tokens per example: an encoder needs [CLS], a token to mask and [SEP]; a decoder one input
+# and one target token.
+MIN_SEQ_LEN = {"encoder": (3, "[CLS], a token and [SEP]"), "decoder": (2, "an input and a target token")}
+# The smallest tokenizers train_tokenizer builds (wordpiece for encoders, byte-level BPE for
+# decoders), checked here so that a run is refused before anything is written.
+MIN_VOCAB = {"encoder": (64, "wordpiece"), "decoder": (257, "byte-level BPE: 256 bytes and <|endoftext|>")}
 
 OPTIONS = [
     Option("output_dir", "str", "runs/pretrain", "folder for checkpoints, metrics, the final model"),
@@ -29,7 +35,7 @@ OPTIONS = [
     Option("format", "str", "auto", "corpus format (auto: from the extension)", "data",
            ("auto", "text", "jsonl", "csv")),
     Option("field", "str", "text", "JSONL key / CSV column holding the text", "data"),
-    Option("n_docs", "int", 20000, "documents drawn from the world corpus", "data"),
+    Option("n_docs", "int", 20000, "documents drawn from the world corpus", "data", minimum=1),
     Option("vocab_size", "int", 2000, "size of the tokenizer trained on the corpus (at most; BPE needs >= 257)", "data"),
     Option("seq_len", "int", 128, "tokens per training example", "data"),
     Option("tokenizer", "str", None, "a folder with tokenizer.json to use instead of training one",
@@ -79,9 +85,76 @@ def _initial_model(path: str | None):
     return model, load_tokenizer(path)
 
 
-def run(args: argparse.Namespace) -> int:
+def _corpus(v: dict) -> list[str] | None:
+    """The documents of data.corpus (None: the world corpus), read before anything is
+    written so that an empty or malformed corpus leaves output_dir as it was."""
     from fastpt.data.datasets import read_documents
+    if v["corpus"] == "world":
+        return None
+    if not os.path.isfile(v["corpus"]):
+        raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
+    docs = list(read_documents(v["corpus"], None if v["format"] == "auto" else v["format"], v["field"]))
+    if not docs:
+        raise ConfigError(f"data.corpus: {v['corpus']} holds no documents")
+    return docs
+
+
+def _given_tokenizer(v: dict, resume_from: str | None, init_tokenizer):
+    """The tokenizer to train with: a resumed run's own, else data.tokenizer, else model.init_from's;
+    None when one is to be trained on the corpus."""
     from fastpt.data.tokenizer import load_tokenizer
+    folder, key = (v["output_dir"], "output_dir") if resume_from else (v["tokenizer"], "data.tokenizer")
+    if folder is None:
+        return init_tokenizer
+    try:
+        return load_tokenizer(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind == "encoder" else f"a {kind}"
+
+
+def _check_sizes(v: dict, kind: str, tokenizer) -> None:
+    """data.seq_len and data.vocab_size against what the objective and tokenizer need."""
+    least, why = MIN_SEQ_LEN[kind]
+    if v["seq_len"] < least:
+        raise ConfigError(f"data.seq_len: expected an integer >= {least} for {_a(kind)} ({why}), "
+                          f"got {v['seq_len']}")
+    least, what = MIN_VOCAB[kind]
+    if tokenizer is None and v["vocab_size"] < least:
+        raise ConfigError(f"data.vocab_size: expected an integer >= {least} for the {kind}'s "
+                          f"tokenizer ({what}), got {v['vocab_size']}")
+
+
+def _check_tokenizer(tokenizer, objective: str, key: str) -> None:
+    """A given tokenizer must have the special token the objective needs."""
+    from fastpt.data.tokenizer import special_ids
+    if tokenizer is None:
+        return
+    field, token = (("eos", "EOS token (</s> or <|endoftext|>)") if objective == "clm" else
+                    ("mask", "mask token ([MASK])"))
+    if getattr(special_ids(tokenizer), field) is None:
+        raise ConfigError(f"{key}: the tokenizer has no {token}, which objective {objective!r} needs")
+
+
+def _check_continued(v: dict, model, tokenizer, objective: str, key: str) -> None:
+    """A model to continue from must take the tokenizer's ids and data.seq_len positions."""
+    if model is None:
+        return
+    if objective == "electra":
+        raise ConfigError("model.objective: 'electra' cannot continue model.init_from (it trains a new "
+                          "generator); use mlm")
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ConfigError(f"{key}: the tokenizer's {tokenizer.get_vocab_size()} tokens do not fit "
+                          f"model.init_from's vocab_size {model.config.vocab_size}")
+    if v["seq_len"] > model.config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len: {v['seq_len']} > model.init_from's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}")
+
+
+def run(args: argparse.Namespace) -> int:
     from fastpt.train import recipes
     from fastpt.models import Encoder
     v = resolve(args, OPTIONS)
@@ -93,16 +166,16 @@ def run(args: argparse.Namespace) -> int:
     encoder = isinstance(model, Encoder) if model is not None else v["preset"] in ENCODER_PRESETS
     objective = _objective(encoder, v["objective"], v["init_from"] or v["preset"])
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
-    if v["corpus"] != "world" and not os.path.isfile(v["corpus"]):
-        raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
     check_resume_step(resume_from, v["max_steps"])
+    docs = _corpus(v)
+    tokenizer = _given_tokenizer(v, resume_from, tokenizer)
+    tokenizer_from = ("output_dir" if resume_from else "data.tokenizer" if v["tokenizer"] else
+                      "model.init_from")
+    _check_sizes(v, "encoder" if encoder else "decoder", tokenizer)
+    _check_tokenizer(tokenizer, objective, tokenizer_from)
+    _check_continued(v, model, tokenizer, objective, tokenizer_from)
+    # Every option has been checked: only now is anything written into output_dir.
     save_options(v["output_dir"], "pretrain", v)
-    docs = None
-    if v["corpus"] != "world":
-        docs = read_documents(v["corpus"], None if v["format"] == "auto" else v["format"], v["field"])
-    tokenizer_dir = v["output_dir"] if resume_from else v["tokenizer"]
-    if tokenizer_dir:
-        tokenizer = load_tokenizer(tokenizer_dir)
     trainer = section_values(v, OPTIONS, "train")
     common = dict(preset=v["preset"], n_docs=v["n_docs"], vocab_size=v["vocab_size"],
                   seq_len=v["seq_len"], docs=docs, tokenizer=tokenizer, model=model,
