@@ -87,6 +87,54 @@ def test_mlm_bad_arguments():
             MLMCollator(VOCAB, 4, 0, SPECIAL)([{"input_ids": [5, bad]}])
 
 
+def test_mlm_refuses_a_missing_mask_token_clearly():
+    # was "TypeError: '<' not supported between instances of 'NoneType' and 'int'"
+    with pytest.raises(ValueError, match=r"mask_id must be an int.*got None.*no mask token"):
+        MLMCollator(VOCAB, None, 0, SPECIAL)
+    with pytest.raises(ValueError, match=r"pad_id must be an int.*got None"):
+        MLMCollator(VOCAB, 4, None, SPECIAL)
+    # was "random_ expects 'from' to be less than 'to'" at the first batch
+    with pytest.raises(ValueError, match="no id left to draw as a random replacement"):
+        MLMCollator(5, 4, 0, SPECIAL)
+
+
+def test_span_corruption_lengths_at_density_one_half_follow_t5():
+    # T5's random_spans_helper trims one raw token at density 0.5 when the targets would be
+    # one longer than the inputs: 767 -> 766 raw, 513 -> 512 targets.
+    assert span_corruption_lengths(512, 0.5) == (766, 512)
+    assert span_corruption_lengths(128, 0.5) == (190, 128)
+    assert span_corruption_lengths(512, 0.3) == (639, 257)  # other densities: no trim
+    collator = SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=512, noise_density=0.5)
+    batch = collator([torch.randint(5, VOCAB - 200, (766,)) for _ in range(4)])
+    assert batch["input_ids"].shape == (4, 512) and batch["labels"].shape == (4, 512)
+    # Where the trim would also shorten the inputs (the span count rounds down: T5 then pads
+    # both to length), the untrimmed lengths are kept, so inputs still fill inputs_length.
+    assert span_corruption_lengths(11, 0.5) == (15, 12)
+    assert SpanCorruptionCollator(VOCAB, 1, 11, noise_density=0.5)([list(range(5, 20))])["labels"].shape == (1, 12)
+    for mean_span in (2.0, 3.0, 8.0):
+        for inputs_length in range(30, 700):  # above 30, T5's helper needs none of noise_mask's clamps
+            raw, targets = _t5_random_spans_helper(inputs_length, 0.5, mean_span)
+            if _t5_lengths(raw, 0.5, mean_span) == (inputs_length, targets):  # T5 fills inputs_length
+                assert span_corruption_lengths(inputs_length, 0.5, mean_span) == (raw, targets)
+
+
+def _t5_lengths(raw: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    noise = int(round(raw * noise_density))
+    spans = int(round(noise / mean_span))
+    return raw - noise + spans + 1, noise + spans + 1
+
+
+def _t5_random_spans_helper(inputs_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """A port of T5's random_spans_helper: (raw tokens, targets length)."""
+    raw = inputs_length - 1
+    while _t5_lengths(raw + 1, noise_density, mean_span)[0] <= inputs_length:
+        raw += 1
+    targets = _t5_lengths(raw, noise_density, mean_span)[1]
+    if noise_density == 0.5 and targets > _t5_lengths(raw, noise_density, mean_span)[0]:
+        raw, targets = raw - 1, targets - 1
+    return raw, targets
+
+
 def test_span_corruption_lengths_and_sentinels():
     assert span_corruption_lengths(512) == (568, 114)
     assert span_corruption_lengths(128) == (141, 29)

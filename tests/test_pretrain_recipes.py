@@ -76,6 +76,16 @@ def test_decoder_pretraining_needs_a_tokenizer_with_eos(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
+def test_encoder_pretraining_needs_a_tokenizer_with_a_mask_token(tmp_path):
+    docs = list(World(seed=0).documents(100))
+    bpe = train_tokenizer(docs, "bpe", vocab_size=300)  # <|endoftext|> only
+    for objective in ("mlm", "electra"):  # was a TypeError after tokenizer.json was written
+        with pytest.raises(ValueError, match=r"the tokenizer has no mask token \(\[MASK\]\)"):
+            pretrain_encoder(str(tmp_path), objective=objective, docs=docs, tokenizer=bpe,
+                             max_steps=1, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
 @pytest.mark.slow
 def test_pretraining_beats_scratch_on_unseen_adjectives(tmp_path):
     """Learning outcome (README records the numbers): >= 10 points with 200 labels."""

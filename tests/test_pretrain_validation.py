@@ -231,6 +231,52 @@ def test_span_corruption_accepts_every_feasible_length():
             SpanCorruptionCollator(1000, 1, inputs_length=k)
 
 
+def test_span_corruption_names_a_density_no_length_can_build():
+    # 0.8 noise in spans of 3 makes more spans than non-noise tokens to separate them: was
+    # "inputs_length 200 is too short ... (its inputs would come out at 171 tokens)"
+    for build in (lambda: span_corruption_lengths(200, 0.8),
+                  lambda: SpanCorruptionCollator(1000, 1, 200, noise_density=0.8)):
+        with pytest.raises(ValueError, match=r"noise_density 0\.8 with mean_span_length 3\.0 .* more noise "
+                                             r"spans \(\d+\) than non-noise tokens \(\d+\).*no inputs_length"):
+            build()
+
+
+# -- span corruption ids ---------------------------------------------------------------------
+
+def _span_collator(**kw):
+    return SpanCorruptionCollator(**{"vocab_size": 100, "eos_id": 1, "inputs_length": 20, **kw})
+
+
+def test_span_corruption_checks_eos_and_sentinel_room():
+    with pytest.raises(ValueError, match="eos_id must be an int.*got None"):  # was "Could not infer dtype"
+        _span_collator(eos_id=None)
+    with pytest.raises(ValueError, match=r"eos_id 100 must lie in \[0, vocab_size=100\)"):
+        _span_collator(eos_id=100)
+    assert _span_collator().lowest_sentinel == 99  # inputs of 20 tokens use one span
+    # eos_id 99 = <extra_id_0> gave labels [99, 5, 5, 5, 99]
+    with pytest.raises(ValueError, match=r"eos_id=99 collides with the sentinel ids .* \(1, "):
+        _span_collator(eos_id=99)
+    with pytest.raises(ValueError, match="pad_id=99 collides with the sentinel ids"):
+        _span_collator(pad_id=99)
+    with pytest.raises(ValueError, match=r"eos_id=1 collides with the sentinel ids .* \(28, .*ids 1\.\.28"):
+        _span_collator(vocab_size=29, inputs_length=512)
+    # 512 inputs in a vocabulary of 30: the 28 sentinels take ids 2..29, every real token, so
+    # any real run is refused (it was corrupted silently)
+    collator = _span_collator(vocab_size=30, inputs_length=512)
+    assert collator.lowest_sentinel == 2
+    with pytest.raises(ValueError, match=r"run token ids must lie in \[0, 2\)"):
+        collator([[5] * collator.raw_length])
+
+
+def test_span_corruption_refuses_run_tokens_that_are_sentinels_or_outside_the_vocabulary():
+    collator = _span_collator()
+    run = [5] * collator.raw_length
+    for bad in (99, 500, -7):  # 99 = <extra_id_0> came out as [5, 5, 5, 99, 5, ..., 99, 1]
+        with pytest.raises(ValueError, match=r"run token ids must lie in \[0, 99\)"):
+            collator([run, run[:3] + [bad] + run[4:]])
+    assert collator([run[:3] + [98] + run[4:]])["input_ids"].shape == (1, 20)
+
+
 # -- World -----------------------------------------------------------------------------------
 
 def _error_within(seconds: float, fn) -> BaseException | None:

@@ -9,12 +9,22 @@ and -100 elsewhere. Masks are drawn when a batch is collated, from the collator'
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastpt.data.datasets import pad_batch, reseed_in_worker
 from fastpt.models.common import check_ids
 
 IGNORE_INDEX = -100
+
+
+def _check_token_id(name: str, value, missing_hint: str) -> None:
+    """A special-token id must be an int: ``special_ids(tok).mask`` is None for a tokenizer
+    without [MASK], which otherwise failed as a TypeError while sorting the special ids."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = f": {missing_hint}" if value is None else ""
+        raise ValueError(f"{name} must be an int token id, got {value!r}{hint}")
 
 
 class MLMCollator:
@@ -34,6 +44,8 @@ class MLMCollator:
     (``reseed_in_worker``), so workers and epochs draw different masks. Under the ``Trainer``
     it is restarted for every batch from (seed, rank, epoch, batch index) instead
     (``seed_collator``): ranks draw different masks, and a resumed run the same ones.
+    Raises ValueError for a ``mask_id`` or ``pad_id`` that is not an int (None: the tokenizer
+    lacks the token), special ids outside the vocabulary, or a vocabulary of special ids only.
     """
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, special_ids, *,
@@ -41,6 +53,9 @@ class MLMCollator:
                  pad_to_multiple_of: int | None = None):
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        _check_token_id("mask_id", mask_id, "the tokenizer has no mask token such as [MASK]; MLM and "
+                        "ELECTRA need one (a wordpiece tokenizer has it)")
+        _check_token_id("pad_id", pad_id, "the tokenizer has no padding token such as [PAD]")
         special = sorted(set(special_ids) | {mask_id, pad_id})
         if any(not 0 <= i < vocab_size for i in special):
             raise ValueError(f"special ids {special} must lie in [0, vocab_size={vocab_size})")
@@ -51,6 +66,9 @@ class MLMCollator:
         is_special[special] = True
         self.is_special = is_special
         self.replacement_ids = (~is_special).nonzero().squeeze(1)
+        if not len(self.replacement_ids):  # else torch.randint fails at the first batch
+            raise ValueError(f"all {vocab_size} ids are special: no id left to draw as a random replacement "
+                             f"(MLM needs a vocabulary with at least one ordinary token)")
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -125,3 +143,14 @@ class MLMCollator:
         out = torch.where(to_mask, torch.full_like(ids, self.mask_id), ids)
         out = torch.where(to_random, random_ids, out)
         return out, labels
+
+
+def mlm_nsp_loss_terms(batch: dict) -> dict:
+    """BERT's loss term by term, for ``Trainer(..., loss_terms=mlm_nsp_loss_terms)``: the
+    Encoder's ``mlm_loss`` is a mean over the masked tokens, its ``nsp_loss`` over the
+    sequences, so weighting micro-batches by either count alone would not give the update of one
+    large batch. A batch without ``next_sentence_label`` has the MLM term alone."""
+    terms = {"mlm_loss": (1.0, (batch["labels"] != IGNORE_INDEX).sum())}
+    if "next_sentence_label" in batch:
+        terms["nsp_loss"] = (1.0, (batch["next_sentence_label"] != IGNORE_INDEX).sum())
+    return terms

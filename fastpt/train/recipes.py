@@ -66,6 +66,13 @@ def _check_continued(model, tokenizer, cls, objective_ok: bool, seq_len: int) ->
                          f"{model.config.max_position_embeddings}")
 
 
+def _check_special_token(tokenizer, field: str, message: str) -> None:
+    """Refuse a given tokenizer that lacks the special token an objective needs (``field`` of
+    ``special_ids``) before anything is written to output_dir; the ones trained here have it."""
+    if tokenizer is not None and getattr(special_ids(tokenizer), field) is None:
+        raise ValueError(message)
+
+
 def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "bert-tiny",
                      n_docs: int = 20000, vocab_size: int = 2000, seq_len: int = 64,
                      max_steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
@@ -78,6 +85,8 @@ def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "
     if objective not in ("mlm", "electra"):
         raise ValueError(f"encoder objective must be 'mlm' or 'electra', got {objective!r}")
     _check_continued(model, tokenizer, Encoder, objective == "mlm", seq_len)
+    _check_special_token(tokenizer, "mask", "the tokenizer has no mask token ([MASK]) to hide the "
+                         "selected tokens; MLM and ELECTRA pre-training need one (a wordpiece tokenizer)")
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "wordpiece", vocab_size)
     ids = special_ids(tok)
@@ -112,9 +121,8 @@ def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int
     them unless one is given. With ``model`` (and its ``tokenizer``), training continues
     from its weights and ``preset`` is unused."""
     _check_continued(model, tokenizer, Decoder, True, seq_len)
-    if tokenizer is not None and special_ids(tokenizer).eos is None:  # ours (bpe) has one
-        raise ValueError("the tokenizer has no EOS token (</s> or <|endoftext|>) to end each packed "
-                         "document; decoder pre-training needs one (a bpe or unigram tokenizer)")
+    _check_special_token(tokenizer, "eos", "the tokenizer has no EOS token (</s> or <|endoftext|>) to end "
+                         "each packed document; decoder pre-training needs one (a bpe or unigram tokenizer)")
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "bpe", vocab_size)
     eos = special_ids(tok).eos
