@@ -1,7 +1,8 @@
 """Trainer loop in one process: a loss_fn's gradient accumulation, exact resume with
 DataLoader workers, stop requests on save steps, evaluation that changes nothing, non-finite
 steps refused before they are applied or saved, micro-batches without labels, the logged
-learning rate, and the metrics files of a resumed run."""
+learning rate, the metrics files of a resumed run, and composite losses (ELECTRA, MLM + NSP)
+whose accumulated micro-batches give the update of one large batch."""
 
 import json
 import math
@@ -16,11 +17,12 @@ from fastpt.data.datasets import PackedDataset
 from fastpt.pretrain.clm import collate_packed
 from fastpt.pretrain.mlm import MLMCollator
 from fastpt.train import CheckpointError, Trainer, TrainerConfig, load_checkpoint, save_checkpoint
+from fastpt.train.checkpoint import rng_state
 from fastpt.train.interrupt import TrainingInterrupted
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 from train_tiny import TinyLM, make_data  # noqa: E402
-from trainer_ddp_checks import PackedLM, WordTokenizer  # noqa: E402
+from trainer_ddp_checks import PackedLM, WordTokenizer, argmax_sampling, encoder_model, pad_collate  # noqa: E402
 
 
 def _config(out, **overrides):
@@ -163,6 +165,31 @@ def test_malformed_per_rank_positions_are_refused(tmp_path):
     save_checkpoint(str(tmp_path / "bad"), 1, t.model.state_dict(), {"state": {}, "param_groups": []},
                     t.scheduler.state_dict(), state)
     with pytest.raises(CheckpointError, match="data.ranks"):
+        load_checkpoint(str(tmp_path / "bad"))
+
+
+def _two_process_rng_checkpoint(t, root, second=None):
+    """A checkpoint of ``t`` that holds the RNG states of 2 processes (and no world_size, which
+    would refuse it first), the second one ``second`` if given."""
+    second = second or rng_state()
+    save_checkpoint(str(root), 1, t.model.state_dict(), {"state": {}, "param_groups": []},
+                    t.scheduler.state_dict(), {"epoch": 0, "batches_in_epoch": 1}, rng_states=[rng_state(), second])
+
+
+def test_rng_states_of_another_number_of_processes_are_refused(tmp_path):
+    t = _mlm_trainer(tmp_path)
+    _two_process_rng_checkpoint(t, tmp_path / "two")
+    before, draw = _weights(t), torch.get_rng_state()
+    with pytest.raises(CheckpointError, match="field 'rng' holds the RNG states of 2 processes, not 1"):
+        t.load(str(tmp_path / "two"))
+    assert torch.equal(_weights(t), before) and torch.equal(torch.get_rng_state(), draw)  # nothing changed
+
+
+def test_damaged_rng_state_of_another_process_is_refused(tmp_path):
+    tensors, meta = rng_state()
+    _two_process_rng_checkpoint(_mlm_trainer(tmp_path), tmp_path / "bad",
+                                second=({**tensors, "rng.torch": tensors["rng.torch"][:10]}, meta))
+    with pytest.raises(CheckpointError, match=r"RNG state of process 1 \(field 'rng.other_ranks\[0\]' and the tensors rng.1.torch"):
         load_checkpoint(str(tmp_path / "bad"))
 
 
@@ -325,3 +352,56 @@ def test_resumed_run_rewrites_metrics_from_its_checkpoint(tmp_path):
     assert csv_steps == steps
     assert [r["step"] for r in resumed.metrics.rows] == steps  # the loss curve covers the whole run
     assert [r["loss"] for r in resumed.metrics.rows[:6]] == [r["loss"] for r in crashed.metrics.rows[:6]]
+
+
+# -- composite losses: each term weighted by its own count ------------------------------------
+
+def _long_and_short():
+    """A 102-token and a 6-token example (MLM masks drawn, 14 and 2 of them), with NSP labels."""
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for length, picked, nsp in ((102, 14, 0), (6, 2, 1)):
+        ids = torch.randint(4, 40, (length,), generator=g)
+        labels = torch.full_like(ids, -100)
+        at = torch.randperm(length, generator=g)[:picked]
+        labels[at] = ids[at]
+        ids[at] = 3
+        examples.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "next_sentence_label": nsp})
+    return examples
+
+
+def _collate_with_nsp(examples):
+    return {**pad_collate(examples), "next_sentence_label": torch.tensor([e["next_sentence_label"]
+                                                                           for e in examples])}
+
+
+@pytest.mark.parametrize("kind", ["electra", "mlm+nsp"])
+def test_composite_loss_accumulation_equals_one_large_batch(tmp_path, monkeypatch, kind):
+    # ELECTRA's discriminator loss is a mean over real tokens, NSP's over sequences: weighting each
+    # micro-batch by its MLM label count (14 : 2) gave the short one too little weight (disc loss
+    # 0.61648 vs 0.61397 in the audit) the loss of the step was 48.56 for 48.88 (ELECTRA), 4.3834 for 4.3896 (MLM + NSP).
+    monkeypatch.setattr(torch, "multinomial", argmax_sampling)  # the same replacements both ways
+    examples = _long_and_short()
+    # Both models state their terms themselves (Electra.loss_terms, Encoder.loss_terms).
+    collate = pad_collate if kind == "electra" else _collate_with_nsp
+
+    def run(micro_batches, name):
+        t = Trainer(encoder_model("electra" if kind == "electra" else "mlm"),
+                    _config(tmp_path / name, label_shift=0), examples, collate_fn=collate,
+                    eval_data=examples)
+        grads = {}  # ELECTRA's unused heads have none
+        t.optimizer.register_step_pre_hook(lambda *_: grads.update(
+            {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}))
+        t.config.batch_size = len(micro_batches[0])  # evaluate() in batches of the micro-batches' size
+        eval_loss = t.evaluate()
+        stats = t.train_step([collate(m) for m in micro_batches])
+        return stats["loss"], eval_loss, grads
+
+    loss_one, eval_one, grads_one = run([examples], "one")
+    loss_split, eval_split, grads_split = run([examples[:1], examples[1:]], "split")
+    assert loss_split == pytest.approx(loss_one, rel=1e-5)
+    assert eval_split == pytest.approx(eval_one, rel=1e-5) and eval_one == pytest.approx(loss_one, rel=1e-5)
+    scale = max(float(g.abs().max()) for g in grads_one.values())
+    assert grads_split.keys() == grads_one.keys()
+    worst = max(float((grads_split[k] - grads_one[k]).abs().max()) for k in grads_one) / scale
+    assert worst < 1e-5, worst

@@ -70,6 +70,10 @@ class ScalarMix(nn.Module):
 class _Head(nn.Module):
     """Shared by the heads: features from ``layer`` (an index, -1 = last, or "mix")."""
 
+    # The backbone's own heads (a decoder's LM head, BERT's MLM and NSP heads; the layers above
+    # ``layer``) get no gradient here: the Trainer's DDP must skip them.
+    ddp_find_unused_parameters = True
+
     def _init_features(self, backbone: nn.Module, layer) -> None:
         if not (layer == "mix" or isinstance(layer, int)):
             raise ValueError(f"layer must be an int or 'mix', got {layer!r}")

@@ -83,6 +83,14 @@ def _check_nsp_labels(labels: Tensor, batch: int) -> None:
                          f"got {int(labels[at])}")
 
 
+def _needs_nsp_head(labels: Tensor | None, next_sentence_label: Tensor | None) -> bool:
+    """Whether the pooler and NSP head run: for their outputs (no labels: inference, feature
+    extraction) or for the NSP loss, not in MLM-only training. There, DDP would wait forever for
+    their gradients: it waits for every parameter an output depends on, even with
+    find_unused_parameters=True, and the MLM loss depends on neither."""
+    return labels is None or next_sentence_label is not None
+
+
 class Encoder(PreTrainedModel):
     """BERT. ``model(input_ids, attention_mask, token_type_ids, labels=..., next_sentence_label=...)``.
 
@@ -90,9 +98,21 @@ class Encoder(PreTrainedModel):
     ``pooler``, ``mlm_head``, ``nsp_head``. ``inputs_embeds`` replaces the token embeddings
     (prompt tuning); ``attn_bias`` (additive, (B, 1 or H, T, T)) is passed to every layer.
     ``return_logits=False`` with ``labels``: the MLM head runs on the labelled positions only
-    (``.logits`` is None)."""
+    (``.logits`` is None). With ``labels`` and no ``next_sentence_label`` (MLM pre-training)
+    the pooler and NSP head do not run (``.pooler_output`` and ``.nsp_logits`` are None): their
+    outputs would not reach the loss, and DDP needs every output to (see ``_needs_nsp_head``)."""
 
     config_class = EncoderConfig
+    # MLM alone leaves the pooler and NSP head without gradient (and fine-tuning heads leave the
+    # MLM and NSP heads): the Trainer's DDP must then skip them.
+    ddp_find_unused_parameters = True
+
+    @staticmethod
+    def loss_terms(batch: dict) -> dict:
+        """The loss term by term for the Trainer (MLM over masked tokens, NSP over sequences):
+        see :func:`fastpt.pretrain.mlm.mlm_nsp_loss_terms`."""
+        from fastpt.pretrain.mlm import mlm_nsp_loss_terms  # pretrain builds on models: import late
+        return mlm_nsp_loss_terms(batch)
 
     def __init__(self, config: EncoderConfig, *, use_fused: bool = True):
         super().__init__()
@@ -129,10 +149,10 @@ class Encoder(PreTrainedModel):
                                 inputs_embeds, attn_bias, output_hidden_states)
         if labels is not None:
             check_labels(labels, x.shape[:2], self.config.vocab_size)
-        pooled = torch.tanh(self.pooler(x[:, 0]))
-        nsp_logits = self.nsp_head(pooled)
-        out = EncoderOutput(nsp_logits=nsp_logits, last_hidden_state=x, pooler_output=pooled,
-                            hidden_states=hidden)
+        out = EncoderOutput(last_hidden_state=x, hidden_states=hidden)
+        if _needs_nsp_head(labels, next_sentence_label):
+            out.pooler_output = torch.tanh(self.pooler(x[:, 0]))
+            out.nsp_logits = self.nsp_head(out.pooler_output)
         if labels is not None and not return_logits:
             # MLM training: the head runs on the labelled (~15%) positions only.
             picked = labels != IGNORE_INDEX
@@ -143,8 +163,8 @@ class Encoder(PreTrainedModel):
             if labels is not None:
                 out.mlm_loss = cross_entropy(out.logits, labels)
         if next_sentence_label is not None:
-            _check_nsp_labels(next_sentence_label, nsp_logits.shape[0])
-            out.nsp_loss = cross_entropy(nsp_logits, next_sentence_label)
+            _check_nsp_labels(next_sentence_label, out.nsp_logits.shape[0])
+            out.nsp_loss = cross_entropy(out.nsp_logits, next_sentence_label)
         losses = [l for l in (out.mlm_loss, out.nsp_loss) if l is not None]
         if losses:
             out.loss = sum(losses)

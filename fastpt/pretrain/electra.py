@@ -69,6 +69,19 @@ class Electra(nn.Module):
     the Trainer's checkpoints hold, so a resumed run samples what the uninterrupted one did.
     """
 
+    # The pooler, MLM and NSP heads of both encoders get no gradient (the generator scores with
+    # ``generator_head``, the discriminator with ``disc_head``). They stay: ``discriminator`` is a
+    # whole ``Encoder`` to fine-tune, and checkpoints keep their layout. DDP must skip them.
+    ddp_find_unused_parameters = True
+
+    @staticmethod
+    def loss_terms(batch: dict) -> dict[str, tuple[float, Tensor]]:
+        """``loss`` term by term for the Trainer: ``mlm_loss`` is a mean over the masked tokens,
+        ``disc_loss`` (weight 50) over the real (non-padding) tokens. Weighting micro-batches by
+        either count alone would not give the update of one large batch."""
+        return {"mlm_loss": (1.0, (batch["labels"] != IGNORE_INDEX).sum()),
+                "disc_loss": (DISC_WEIGHT, batch["attention_mask"].bool().sum())}
+
     def __init__(self, config: EncoderConfig, generator_scale: int = 4, use_fused: bool = True):
         super().__init__()
         if generator_scale < 1 or config.hidden_size % generator_scale:

@@ -2,8 +2,12 @@
 
 Layout of ``<dir>/step-<N>/``: ``model.safetensors`` (full weights; tied weights stored once,
 their other names recorded as aliases), ``optimizer.safetensors`` (every tensor of the optimizer state),
-``trainer_state.json`` (step, each process's data position, scheduler, RNG states, optimizer
-hyper-parameters, and the size + SHA-256 of both tensor files). A checkpoint is written into a
+``trainer_state.json`` (step, each process's data position, scheduler, each process's RNG
+states, optimizer hyper-parameters, and the size + SHA-256 of both tensor files). The RNG states
+(Python, NumPy, torch CPU) of process 0 are field ``rng``'s ``python`` and ``numpy`` with the
+tensors ``rng.torch`` and ``rng.numpy``; those of process r >= 1 are ``rng.other_ranks[r - 1]``
+with ``rng.<r>.torch`` and ``rng.<r>.numpy`` (a checkpoint without ``other_ranks``, written
+before fastpt saved every process's, holds process 0's alone). A checkpoint is written into a
 temporary folder and renamed into place, then ``<dir>/latest`` is replaced, so a crash
 mid-save leaves the previous checkpoint as the latest. Loading verifies sizes and hashes first: a truncated or
 corrupted file raises ``CheckpointError`` naming it. ``trainer_state.json`` carries the SHA-256
@@ -54,7 +58,13 @@ def set_rng_state(tensors: dict, meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
 
 
-def _check_rng(tensors: dict, meta: dict, file: str) -> None:
+def _rng_names(rank: int) -> tuple[str, str]:
+    """The names of process ``rank``'s torch and NumPy RNG tensors in the optimizer file."""
+    prefix = "rng." if rank == 0 else f"rng.{rank}."
+    return prefix + "torch", prefix + "numpy"
+
+
+def _check_rng(tensors: dict, meta: dict, file: str, rank: int = 0) -> None:
     """Raise CheckpointError unless the saved RNG states can be restored. They are tried on
     private generators, so a bad state leaves the process's own generators untouched."""
     try:
@@ -65,8 +75,30 @@ def _check_rng(tensors: dict, meta: dict, file: str) -> None:
                                            np_pos, np_has_gauss, np_gauss))
         torch.Generator().set_state(tensors["rng.torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: the RNG state (field 'rng' and the rng.* tensors of {OPTIM_FILE}) "
+        torch_name, numpy_name = _rng_names(rank)
+        field = "rng" if rank == 0 else f"rng.other_ranks[{rank - 1}]"
+        where = f"field {field!r} and the tensors {torch_name}, {numpy_name}"
+        raise CheckpointError(f"{file}: the RNG state of process {rank} ({where} of {OPTIM_FILE}) "
                               f"cannot be restored ({type(e).__name__}: {e})") from None
+
+
+def _rng_ranks(tensors: dict, meta: dict, file: str) -> list[tuple[dict, dict]]:
+    """Every saved process's RNG state, in rank order, as ``rng_state()`` gave it; each one
+    checked to be restorable."""
+    metas = [meta, *meta.get("other_ranks", [])]
+    expected = [name for rank in range(len(metas)) for name in _rng_names(rank)]
+    if sorted(tensors) != sorted(expected):
+        raise CheckpointError(f"{file}: the RNG state (field 'rng' and the rng.* tensors of {OPTIM_FILE}) "
+                              f"cannot be restored: field 'rng' holds the states of {len(metas)} processes, "
+                              f"whose tensors are {_few(expected)}, and {OPTIM_FILE} holds "
+                              f"{_few(sorted(tensors))}")
+    ranks = []
+    for rank, own in enumerate(metas):
+        torch_name, numpy_name = _rng_names(rank)
+        own_tensors = {"rng.torch": tensors[torch_name], "rng.numpy": tensors[numpy_name]}
+        _check_rng(own_tensors, own, file, rank)
+        ranks.append((own_tensors, {"python": own["python"], "numpy": own["numpy"]}))
+    return ranks
 
 
 def _optimizer_split(sd: dict) -> tuple[dict, dict]:
@@ -112,12 +144,14 @@ def _dedup(model_state: dict) -> tuple[dict, dict]:
 
 def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: dict,
                     scheduler_state: dict | None, data_state: dict, extra: dict | None = None,
-                    keep_last: int = 2, tensors: dict | None = None) -> str:
+                    keep_last: int = 2, tensors: dict | None = None,
+                    rng_states: list | None = None) -> str:
     """Write ``root/step-<step>`` atomically and point ``root/latest`` at it; returns the path.
 
     ``model_state`` / ``optimizer_state`` are full (unsharded) state dicts, the optimizer's
     keyed by parameter name (``torch.distributed.checkpoint.state_dict`` gives both for plain,
-    DDP and FSDP models alike)."""
+    DDP and FSDP models alike). ``rng_states``: every process's :func:`rng_state`, in rank
+    order (the Trainer gathers them); by default this process's alone."""
     os.makedirs(root, exist_ok=True)
     _remove_stale_temps(root)
     _recover_interrupted_resaves(root)
@@ -128,7 +162,15 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     weights, aliases = _dedup(model_state)
     save_file(weights, os.path.join(tmp, MODEL_FILE))
     opt_tensors, opt_meta = _optimizer_split(optimizer_state)
-    rng_tensors, rng_meta = rng_state()
+    rng_states = list(rng_states) if rng_states is not None else [rng_state()]
+    if not rng_states:
+        raise ValueError("rng_states must hold one process's RNG state at least")
+    rng_tensors = {}
+    for rank, (own, _) in enumerate(rng_states):
+        torch_name, numpy_name = _rng_names(rank)
+        # Copies: safetensors refuses tensors sharing memory (one state given for two ranks).
+        rng_tensors[torch_name], rng_tensors[numpy_name] = own["rng.torch"].clone(), own["rng.numpy"].clone()
+    rng_meta = {**rng_states[0][1], "other_ranks": [meta for _, meta in rng_states[1:]]}
     extra_tensors = {f"extra/{k}": v for k, v in (tensors or {}).items()}
     save_file({**opt_tensors, **rng_tensors, **extra_tensors}, os.path.join(tmp, OPTIM_FILE))
     for name in (MODEL_FILE, OPTIM_FILE):  # on disk before the rename publishes them (and pruning follows)
@@ -274,6 +316,9 @@ def _check_state(state, file: str) -> None:
                                           for g in groups),
          "optimizer.param_groups", "must be a list of groups, each with its 'params'")
     need(isinstance(state.get("rng"), dict), "rng", "must be an object")
+    others = state["rng"].get("other_ranks", [])  # absent in older checkpoints
+    need(isinstance(others, list) and all(isinstance(o, dict) for o in others), "rng.other_ranks",
+         "must list one object per process after the first")
     need(state.get("scheduler") is None or isinstance(state["scheduler"], dict), "scheduler",
          "must be an object or null")
     aliases = state.get("aliases")
@@ -290,9 +335,10 @@ def _check_state(state, file: str) -> None:
 def load_checkpoint(path: str) -> dict:
     """Verify a checkpoint (sizes, SHA-256) and read it: returns the trainer state with
     ``model`` (full state dict, tied names restored), ``optimizer`` (full, keyed by parameter
-    name), ``scheduler``, ``step``, ``data``, ``extra`` and extra ``tensors``. Restores the
-    Python/NumPy/torch RNGs only through ``restore_rng(state)``. Whether the tensors fit a
-    given model is checked by :func:`check_against`."""
+    name), ``scheduler``, ``step``, ``data``, ``extra``, extra ``tensors`` and ``rng_ranks``
+    (every saved process's RNG state). Restores the Python/NumPy/torch RNGs only through
+    ``restore_rng(state, rank)``. Whether the tensors fit a given model is checked by
+    :func:`check_against`."""
     folder = resolve(path)
     state_file = os.path.join(folder, STATE_FILE)
     try:
@@ -326,8 +372,8 @@ def load_checkpoint(path: str) -> dict:
     state["model"] = weights
     state["optimizer"] = _optimizer_join(
         {k: v for k, v in tensors.items() if k.startswith("state/")}, state["optimizer"], folder)
-    state["rng_tensors"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    _check_rng(state["rng_tensors"], state["rng"], state_file)
+    state["rng_ranks"] = _rng_ranks({k: v for k, v in tensors.items() if k.startswith("rng.")},
+                                    state["rng"], state_file)
     state["tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
     state["folder"] = folder
     return state
@@ -373,5 +419,13 @@ def check_against(state: dict, model: torch.nn.Module) -> None:
                 raise CheckpointError(f"{optim_file}: state/{param}/{key} holds NaN or infinite values")
 
 
-def restore_rng(state: dict) -> None:
-    set_rng_state(state["rng_tensors"], state["rng"])
+def rng_processes(state: dict) -> int | None:
+    """How many processes' RNG states a loaded checkpoint holds; None for one written before
+    fastpt saved every process's (it holds process 0's alone, whatever the number of processes)."""
+    return len(state["rng_ranks"]) if "other_ranks" in state["rng"] else None
+
+
+def restore_rng(state: dict, rank: int = 0) -> None:
+    """Set this process's Python, NumPy and torch generators to the states process ``rank``
+    of the saved run had."""
+    set_rng_state(*state["rng_ranks"][rank])

@@ -30,19 +30,33 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def gather_to_rank0(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (pickled through the process group, so for
+    small objects only), None on the other ranks; ``[obj]`` without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, everyone, dst=0)
+    return everyone
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def wrap_model(model: torch.nn.Module, strategy: str, world: int) -> torch.nn.Module:
-    """DDP or FSDP (per-layer ``fully_shard``) for ``world > 1``; the model itself otherwise."""
+def wrap_model(model: torch.nn.Module, strategy: str, world: int, *,
+               find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DDP or FSDP (per-layer ``fully_shard``) for ``world > 1``; the model itself otherwise.
+
+    ``find_unused_parameters`` is DDP's: needed when some parameters get no gradient (ELECTRA's
+    unused heads). FSDP needs no such flag: it reduces only the gradients that exist."""
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "single"
     if strategy == "single" or world == 1:
         return model
     if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
     from torch.distributed.fsdp import fully_shard
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):

@@ -31,10 +31,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         new = not os.path.exists(self.csv)
         with open(self.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            self._csv_rows(f, [row], header=new)
 
     def resume(self, step: int) -> None:
         """Continue the log of a run resumed from its checkpoint at ``step``. Rows after it were
@@ -62,11 +59,17 @@ class MetricsLog:
 
         def write_csv(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+                self._csv_rows(f, rows, header=True)
         atomic_write(self.jsonl, write_jsonl)
         atomic_write(self.csv, write_csv)
+
+    def _csv_rows(self, f, rows: list, header: bool) -> None:
+        """Write ``rows`` to the open CSV file ``f`` in the fixed columns (keys outside them are
+        left out, missing ones left empty), after the header line when ``header``."""
+        writer = csv.DictWriter(f, fieldnames=self.COLUMNS, extrasaction="ignore")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
 
     def plot(self, path: str | None = None) -> str | None:
         """Write the training (and evaluation) loss curve as a PNG; returns its path."""

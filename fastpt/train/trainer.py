@@ -8,17 +8,39 @@ micro-batches and ranks, known only after the forwards when a ``loss_fn`` counts
 world size undoes DDP's average), so the update equals the one of a single large batch
 whatever the split.
 
+A loss made of terms averaged over different things (ELECTRA: generator MLM loss over masked
+tokens + 50 x discriminator loss over all real tokens; BERT: MLM + NSP over sequences) states
+them with ``loss_terms(batch) -> {name: (weight, count)}`` (a method of the model, or a Trainer
+argument): ``loss = sum(weight * output.<name>)``, each ``output.<name>`` the mean over ``count``
+items of the batch. The counts come from the batch alone, so the Trainer sums them over the
+step's micro-batches and ranks before the forwards and back-propagates each term with the weight
+``count / total count`` of its own term: the update of one large batch again, term by term.
+
+Under DDP every parameter must get a gradient in every step, unless the model (or a module in
+it) sets ``ddp_find_unused_parameters = True`` (BERT's heads in MLM-only training or fine-tuning,
+ELECTRA's unused pooler and heads): the Trainer then passes
+DDP's ``find_unused_parameters``, and otherwise refuses a step that left a parameter without a
+gradient, naming it, before the update (DDP would have reduced only part of the gradient and
+failed at the next forward). FSDP reduces the gradients that exist and needs neither.
+
 Data order is a pure function of (seed, epoch) through ``DistributedSampler`` (also with one
 process), which is what makes 1-process and 2-process runs and resumed runs agree. A
 collator's randomness (its ``generator``: MLM masks, prefix splits, spans) is restarted for
 every batch from (seed, rank, epoch, batch index): ranks draw different masks, DataLoader
 workers change nothing, and a resumed run draws the masks the uninterrupted one drew.
+
+The global RNGs (Python, NumPy, torch: dropout, a model's own sampling such as ELECTRA's) are
+seeded per rank once the model is built and wrapped, with :func:`rank_seed`: rank 0 (and a
+single process) with ``seed`` itself, the other ranks with seeds of their own, so ranks draw
+independent dropout masks. The weights stay the same on every rank: the model is built before
+the Trainer seeds anything (identically on every rank when the caller seeds before building it,
+and DDP broadcasts rank 0's weights anyway), and every update applies the all-reduced gradient.
+A checkpoint holds every rank's RNG states, and each rank resumes from its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -28,11 +50,11 @@ import time
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from fastpt.data.datasets import seed_collator
 from fastpt.pretrain.mlm import IGNORE_INDEX
 from fastpt.train import checkpoint as ckpt
+from fastpt.train.batches import IterableBatches, KeyedCollate, MapBatches, as_is, seed_of
 from fastpt.train import distributed as fdist
 from fastpt.train.config import TrainerConfig
 from fastpt.train.interrupt import StopRequest, TrainingInterrupted
@@ -44,6 +66,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s global RNGs during training: ``seed`` on rank 0, as in one
+    process; a 64-bit hash of (seed, rank) on the others. Not ``seed + rank``: rank 1 of the run
+    with seed 0 would draw the dropout masks of rank 0 with seed 1."""
+    return seed if rank == 0 else seed_of(seed, "global-rng", rank)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
@@ -68,84 +97,20 @@ def _loss_of(output) -> torch.Tensor:
     return loss
 
 
-def _collate_generator(collate_fn) -> torch.Generator | None:
-    """The torch.Generator an objective's collator draws its masks from, if it has one."""
-    g = getattr(collate_fn, "generator", None)
-    return g if isinstance(g, torch.Generator) else None
-
-
-def _seed_of(*key) -> int:
-    """A 64-bit seed from a tuple of ints and strings; nearby keys give unrelated seeds."""
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
-
-
-class _Collate:
-    """``collate_fn`` with its randomness a pure function of ``key`` and the batch index, so a
-    batch gets the same masks whichever process collates it and whatever was collated before."""
-
-    def __init__(self, collate_fn, key: tuple):
-        self.collate_fn = collate_fn if collate_fn is not None else default_collate
-        own_seed = getattr(collate_fn, "seed", None)  # two collator seeds still give two mask streams
-        self.key = (*key, own_seed if isinstance(own_seed, int) else None)
-
-    def __call__(self, index: int, examples: list):
-        if _collate_generator(self.collate_fn) is not None:
-            seed_collator(self.collate_fn, _seed_of(*self.key, index))
-        return self.collate_fn(examples)
-
-
-def _as_is(batch):
-    """The loaders below yield batches already collated (where they were read)."""
-    return batch
-
-
-class _MapBatches(Dataset):
-    """Item ``t``: batch ``t`` (a list of indices into ``data``), collated."""
-
-    def __init__(self, data, batches: list, collate: _Collate):
-        self.data, self.batches, self.collate = data, batches, collate
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, t: int):
-        fetch = getattr(self.data, "__getitems__", None)  # a batched read, as DataLoader itself uses
-        return self.collate(t, fetch(self.batches[t]) if fetch else [self.data[i] for i in self.batches[t]])
-
-
-class _IterableBatches(IterableDataset):
-    """Batches of an iterable dataset, collated where they are read (in a DataLoader worker, if
-    any). Batch j of worker k of n is indexed j * n + k: its place in the loader's round-robin
-    order while every worker has data, and never before it. Batches indexed below ``skip`` thus
-    come before the resume point and are not collated; the loader's consumer drops the first
-    ``skip`` items (these placeholders, and batches that a worker running dry moved forward)."""
-
-    def __init__(self, data, batch_size: int, drop_last: bool, skip: int, collate: _Collate):
-        self.data, self.batch_size, self.drop_last = data, batch_size, drop_last
-        self.skip, self.collate = skip, collate
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        examples = iter(self.data)
-        for j in itertools.count():
-            batch = list(itertools.islice(examples, self.batch_size))
-            if not batch or (self.drop_last and len(batch) < self.batch_size):
-                return
-            index = j * workers + worker
-            yield None if index < self.skip else self.collate(index, batch)
-
-
 class Trainer:
     """Train ``model`` on ``train_data`` (a map-style or iterable ``Dataset``).
 
     ``collate_fn`` builds batches (an objective's collator). ``loss_fn(model, batch)`` may
     replace the default ``model(**batch).loss`` and must then return ``(mean_loss, count)``:
     the mean over the batch's ``count`` label tokens (the update weights it by ``count``).
+    ``loss_terms(batch)`` (default: the model's own ``loss_terms`` method, if any) states a
+    composite loss term by term, see the module docstring; it is not used with a ``loss_fn``.
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_data, *,
-                 eval_data=None, collate_fn=None, loss_fn=None):
+                 eval_data=None, collate_fn=None, loss_fn=None, loss_terms=None):
+        if loss_fn is not None and loss_terms is not None:
+            raise ValueError("give loss_fn or loss_terms, not both: a loss_fn returns one mean and its count")
         if eval_data is not None and not isinstance(eval_data, IterableDataset):
             if not hasattr(eval_data, "__len__") or not hasattr(eval_data, "__getitem__"):
                 raise ValueError("eval_data must be a map-style dataset (indexable, with a length) or an "
@@ -154,16 +119,24 @@ class Trainer:
                 raise ValueError("eval_data is empty: pass eval_data=None to train without evaluation")
         self.config = config
         self.rank, self.world = fdist.init_from_env()
-        seed_everything(config.seed)
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = model
-        self.wrapped = fdist.wrap_model(model, config.strategy, self.world)
+        # A classifier around an Encoder inherits the Encoder's unused heads with it.
+        find_unused = any(getattr(m, "ddp_find_unused_parameters", False) for m in model.modules())
+        self.wrapped = fdist.wrap_model(model, config.strategy, self.world, find_unused_parameters=find_unused)
+        self._every_parameter_needs_a_gradient = (
+            isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not find_unused)
+        # After the weights exist (and DDP has broadcast rank 0's): the streams differ per rank
+        # from here on, the weights never do.
+        seed_everything(rank_seed(config.seed, self.rank))
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             config.schedule, config.warmup_steps, config.max_steps, config.min_lr_ratio))
         self.train_data, self.eval_data = train_data, eval_data
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
+        self.loss_terms = loss_terms if loss_terms is not None or loss_fn is not None \
+            else getattr(model, "loss_terms", None)
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.metrics = MetricsLog(config.output_dir, enabled=self.rank == 0)
 
@@ -174,13 +147,13 @@ class Trainer:
         (shuffled, incomplete batches dropped) from batch ``skip`` on; for evaluation, every
         example once. Skipped batches are never collated."""
         bs = self.config.batch_size
-        collate = _Collate(self.collate_fn, (self.config.seed, "train" if train else "eval", self.rank, epoch))
+        collate = KeyedCollate(self.collate_fn, (self.config.seed, "train" if train else "eval", self.rank, epoch))
         # A loader's own generator: creating a loader draws a seed from it, and drawing from the
         # global RNG instead would shift dropout after a resume (which creates a new loader).
-        common = {"batch_size": None, "collate_fn": _as_is, "num_workers": self.config.num_workers,
+        common = {"batch_size": None, "collate_fn": as_is, "num_workers": self.config.num_workers,
                   "generator": torch.Generator().manual_seed(self.config.seed * 1000 + epoch)}
         if isinstance(data, IterableDataset):
-            loader = DataLoader(_IterableBatches(data, bs, train, skip, collate), **common)
+            loader = DataLoader(IterableBatches(data, bs, train, skip, collate), **common)
             return itertools.islice(loader, skip, None)
         if train:
             sampler = DistributedSampler(data, num_replicas=self.world, rank=self.rank,
@@ -194,7 +167,7 @@ class Trainer:
             indices = list(range(self.rank, len(data), self.world))
             n_batches = -(-len(indices) // bs)
         batches = [indices[i * bs:(i + 1) * bs] for i in range(n_batches)]
-        return DataLoader(_MapBatches(data, batches, collate), sampler=range(skip, n_batches), **common)
+        return DataLoader(MapBatches(data, batches, collate), sampler=range(skip, n_batches), **common)
 
     def _micro_batches(self):
         """Endless micro-batches from the saved data position; tracks epoch and offset."""
@@ -216,10 +189,35 @@ class Trainer:
             return torch.tensor(float(first.shape[0]))
         return (labels[..., self.config.label_shift:] != IGNORE_INDEX).sum().float()
 
+    def _autocast(self):
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu",
+                              dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _terms_of(self, batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """``loss_terms(batch)`` checked: (names, weights (K,), counts (K,))."""
+        terms = self.loss_terms(batch)
+        if not isinstance(terms, dict) or not terms:
+            raise ValueError(f"loss_terms must return a non-empty dict {{name: (weight, count)}}, got {terms!r}")
+        names = list(terms)
+        weights = torch.tensor([float(terms[n][0]) for n in names])
+        counts = torch.stack([torch.as_tensor(terms[n][1], dtype=torch.float32).detach().cpu() for n in names])
+        if counts.dim() != 1 or not bool((counts >= 0).all()) or not bool(torch.isfinite(counts).all()):
+            raise ValueError(f"loss_terms must give each term a count that is a number >= 0 (the items its mean "
+                             f"is over), got {dict(zip(names, counts.tolist()))}")
+        return names, weights, counts
+
+    @staticmethod
+    def _term_means(output, names: list[str]) -> torch.Tensor:
+        """(K,) float32: each named term of the model's output, a mean."""
+        values = [output.get(n) if isinstance(output, dict) else getattr(output, n, None) for n in names]
+        missing = [n for n, v in zip(names, values) if v is None]
+        if missing:
+            raise ValueError(f"loss_terms names {missing}, which the model's output ({type(output).__name__}) "
+                             "lacks: each term must be an output field holding that term's mean")
+        return torch.stack([v.float().reshape(()) for v in values])
+
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu",
-                                  dtype=torch.bfloat16, enabled=self.config.bf16)
-        with autocast:
+        with self._autocast():
             if self.loss_fn is not None:
                 loss, count = self.loss_fn(self.wrapped, batch)
                 count = torch.as_tensor(count, dtype=torch.float32)
@@ -233,38 +231,18 @@ class Trainer:
 
     def train_step(self, micro_batches: list) -> dict:
         """One optimizer step over the given micro-batches; returns the loss, gradient norm
-        and label tokens (over all ranks) and the learning rate the step applied. Raises
+        and label tokens (over all ranks; with ``loss_terms``, the first term's count) and the
+        learning rate the step applied. Raises
         FloatingPointError, before the optimizer changes any weight, when the loss or the
         gradient norm is not finite."""
         self.wrapped.train()
-        loss_sum = torch.zeros(())
-        n_seen = torch.zeros(())
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext()
-            if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
-                sync = self.wrapped.no_sync()
-            with sync:
-                loss, count = self._forward(batch)
-                # The sum over the micro-batch's tokens: the mean over all of the step's tokens
-                # needs their total, which a loss_fn gives only with its forward.
-                (loss * count).backward()
-            # A micro-batch without label tokens has a NaN mean (0 / 0) and adds nothing.
-            loss_sum += torch.where(count > 0, loss.detach() * count, 0.0)
-            n_seen += count
-        loss_sum, total = (float(x) for x in fdist.all_reduce_sum(torch.stack([loss_sum, n_seen])))
-        if total == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise ValueError(f"step {self.step + 1}: its {len(micro_batches)} micro-batches hold no label token "
-                             f"on any of the {self.world} processes (every label is {IGNORE_INDEX}): "
-                             "the mean loss is undefined")
-        for p in self.model.parameters():
-            if p.grad is not None:  # DDP averaged the sums over ranks: world / total makes the mean
-                p.grad.mul_(self.world / total)
+        if self.loss_terms is not None:
+            loss, total = self._backward_terms(micro_batches)
+        else:
+            loss, total = self._backward_weighted(micro_batches)
         # The norm is taken without clipping too: it tells whether the step is finite.
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        loss = loss_sum / total
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Before optimizer.step and any save: the weights and the checkpoints on disk (which
             # keep_last would prune for NaN ones) stay as they were after the last good step.
@@ -277,6 +255,85 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": loss, "grad_norm": grad_norm, "tokens": total, "lr": lr}
+
+    def _sync_context(self, last: bool):
+        """DDP all-reduces the gradients in the last micro-batch's backward only."""
+        if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward_weighted(self, micro_batches: list) -> tuple[float, float]:
+        """Back-propagates the mean loss over all label tokens of the step (the default loss or
+        a ``loss_fn``, whose counts are known only after their forwards); returns (loss, tokens)."""
+        loss_sum = torch.zeros(())
+        n_seen = torch.zeros(())
+        for i, batch in enumerate(micro_batches):
+            with self._sync_context(last=i == len(micro_batches) - 1):
+                loss, count = self._forward(batch)
+                # The sum over the micro-batch's tokens: the mean over all of the step's tokens
+                # needs their total, which a loss_fn gives only with its forward.
+                (loss * count).backward()
+            # A micro-batch without label tokens has a NaN mean (0 / 0) and adds nothing.
+            loss_sum += torch.where(count > 0, loss.detach() * count, 0.0)
+            n_seen += count
+        self._check_every_parameter_got_a_gradient()
+        loss_sum, total = (float(x) for x in fdist.all_reduce_sum(torch.stack([loss_sum, n_seen])))
+        self._refuse_a_step_without_labels(total, len(micro_batches))
+        for p in self.model.parameters():
+            if p.grad is not None:  # DDP averaged the sums over ranks: world / total makes the mean
+                p.grad.mul_(self.world / total)
+        return loss_sum / total, total
+
+    def _backward_terms(self, micro_batches: list) -> tuple[float, float]:
+        """Back-propagates sum(weight * mean of the term over the step's items) for a loss
+        stated by ``loss_terms``; returns (loss, the first term's count over the step)."""
+        terms = [self._terms_of(batch) for batch in micro_batches]
+        names, weights = terms[0][0], terms[0][1]
+        if any(t[0] != names for t in terms):
+            raise ValueError(f"loss_terms must name the same terms in every micro-batch, got "
+                             f"{sorted({tuple(t[0]) for t in terms})}")
+        counts = torch.stack([t[2] for t in terms])  # (micro-batches, K)
+        # Before any forward: each term's share of the step, and DDP averages over ranks.
+        totals = fdist.all_reduce_sum(counts.sum(0))
+        self._refuse_a_step_without_labels(float(totals.sum()), len(micro_batches))
+        scale = weights * self.world / totals.clamp(min=1)
+        sums = torch.zeros(len(names))
+        for i, batch in enumerate(micro_batches):
+            with self._sync_context(last=i == len(micro_batches) - 1):
+                with self._autocast():
+                    means = self._term_means(self.wrapped(**batch), names)
+                # A term with nothing to average over here has a NaN mean (0 / 0) and adds nothing.
+                term_sums = torch.where(counts[i] > 0, means * counts[i], 0.0)
+                (term_sums * scale).sum().backward()
+            sums += term_sums.detach()
+        self._check_every_parameter_got_a_gradient()
+        sums = fdist.all_reduce_sum(sums)
+        loss = float((weights * torch.where(totals > 0, sums / totals.clamp(min=1), 0.0)).sum())
+        return loss, float(totals[0])
+
+    def _refuse_a_step_without_labels(self, total: float, n_micro: int) -> None:
+        if total == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ValueError(f"step {self.step + 1}: its {n_micro} micro-batches hold no label token "
+                             f"on any of the {self.world} processes (every label is {IGNORE_INDEX}): "
+                             "the mean loss is undefined")
+
+    def _check_every_parameter_got_a_gradient(self) -> None:
+        """Under DDP without find_unused_parameters, a parameter without a gradient leaves its
+        bucket un-reduced (the ranks' gradients differ) and DDP fails at the next forward."""
+        if not self._every_parameter_needs_a_gradient:
+            return
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if not fdist.all_reduce_sum(torch.tensor(float(len(missing)))) > 0:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise RuntimeError(
+            f"step {self.step + 1}: under DDP, {len(missing)} parameters got no gradient on process "
+            f"{self.rank}{': ' + shown if missing else ' (but some did on another process)'}. DDP needs every "
+            "parameter to reach the loss: leave unused parameters out of the model, or set "
+            "`ddp_find_unused_parameters = True` on it (then no output may depend on them "
+            "either). The step was not applied")
 
     def train(self, resume_from: str | None = None) -> dict:
         """Run to ``max_steps`` (resuming from a checkpoint folder when given); returns the
@@ -325,7 +382,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted mean loss over the evaluation data, each example counted once (all
-        ranks). A collator draws the same masks at every evaluation, from a stream of its own:
+        ranks); with ``loss_terms``, the weighted sum of each term's mean over the data. A collator draws the same masks at every evaluation, from a stream of its own:
         neither the training masks, nor the global RNG, nor the module's train/eval mode change."""
         if self.eval_data is None:
             raise ValueError("Trainer.evaluate() needs eval_data: none was given to the Trainer")
@@ -335,42 +392,57 @@ class Trainer:
             # A model may draw from the global RNG in eval mode too (sampling): what it draws
             # must not move the training run's dropout.
             with torch.random.fork_rng(devices=[]):
-                loss_sum, count, batches = (float(x) for x in self._eval_sums())
+                weights, sums = self._eval_sums()
         finally:
             self.wrapped.train(was_training)
-        if batches == 0:
+        if sums is None:
             raise ValueError("eval_data yields no example: there is nothing to evaluate")
-        if count == 0:
+        k = len(weights)
+        term_sums, counts = sums[:k].double(), sums[k:2 * k].double()
+        if counts.sum() == 0:
             raise ValueError(f"eval_data holds no label token (every label is {IGNORE_INDEX}): "
                              "its mean loss is undefined")
-        return loss_sum / count
+        return float((weights.double() * torch.where(counts > 0, term_sums / counts.clamp(min=1), 0.0)).sum())
 
-    def _eval_sums(self) -> torch.Tensor:
-        """(sum of loss x tokens, tokens, batches) over every rank's share of the evaluation data.
+    def _eval_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights, mean x count, count) of each loss term of one batch (one term without
+        ``loss_terms``: the loss and its label tokens)."""
+        if self.loss_terms is None:
+            loss, count = self._forward(batch)
+            return torch.ones(1), torch.where(count > 0, loss * count, 0.0).reshape(1), count.reshape(1)
+        names, weights, counts = self._terms_of(batch)
+        with self._autocast():
+            means = self._term_means(self.wrapped(**batch), names)
+        return weights, torch.where(counts > 0, means * counts, 0.0), counts
+
+    def _eval_sums(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(term weights (K,), [term sums (K), counts (K), batches]) over every rank's share of
+        the evaluation data; (None, None) when no rank has a batch.
         Every rank runs as many forwards as the rank with the most batches (FSDP gathers the
         weights in each forward, DDP may sync buffers): a rank out of batches repeats its last
         one, or a batch of example 0, without counting it."""
-        sums = torch.zeros(3)
+        weights = sums = None
         batches = iter(self._loader(self.eval_data, 0, train=False))
         filler = None
         while True:
             batch = next(batches, None)
             real = batch is not None
             more = real if self.world == 1 else bool(fdist.all_reduce_sum(torch.tensor(float(real))) > 0)
-            if not more:
-                return fdist.all_reduce_sum(sums)
+            if not more:  # every rank has run a forward by now, or none has
+                return (weights, fdist.all_reduce_sum(sums)) if sums is not None else (None, None)
             if not real:
                 batch = filler if filler is not None else self._eval_filler()
-            loss, count = self._forward(batch)
+            weights, term_sums, counts = self._eval_terms(batch)
+            row = torch.cat([term_sums, counts, torch.ones(1)]).detach().float()
+            sums = (sums if sums is not None else torch.zeros_like(row)) + (row if real else 0.0)
             if real:
-                sums += torch.stack([torch.where(count > 0, loss * count, 0.0), count, torch.tensor(1.0)])
                 filler = batch
 
     def _eval_filler(self):
         if isinstance(self.eval_data, IterableDataset):
             raise ValueError(f"eval_data gives process {self.rank} of {self.world} no example while others "
                              "have some: an iterable evaluation set must give every process one")
-        return _Collate(self.collate_fn, (self.config.seed, "eval-filler"))(0, [self.eval_data[0]])
+        return KeyedCollate(self.collate_fn, (self.config.seed, "eval-filler"))(0, [self.eval_data[0]])
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -379,8 +451,9 @@ class Trainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
 
     def save(self) -> str | None:
-        """Checkpoint model, optimizer, scheduler, RNG and every rank's data position. Every
-        rank takes part in gathering full state dicts (needed under FSDP); rank 0 writes."""
+        """Checkpoint model, optimizer, scheduler, and every rank's RNG states and data
+        position. Every rank takes part in gathering full state dicts (needed under FSDP) and
+        the RNG states; rank 0 writes."""
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                              get_optimizer_state_dict)
         options = self._state_options()
@@ -391,6 +464,7 @@ class Trainer:
         positions = torch.zeros(self.world, 2, dtype=torch.long)
         positions[self.rank] = torch.tensor([self.epoch, self.batches_in_epoch])
         positions = fdist.all_reduce_sum(positions).tolist()
+        rng_states = fdist.gather_to_rank0(ckpt.rng_state())  # each rank draws its own masks
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(
@@ -398,13 +472,13 @@ class Trainer:
                 self.scheduler.state_dict(),
                 {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "ranks": positions},
                 extra={"config": self.config.to_dict(), "world_size": self.world},
-                keep_last=self.config.keep_last)
+                keep_last=self.config.keep_last, rng_states=rng_states)
         fdist.barrier()
         return path
 
     def load(self, path: str) -> None:
         """Resume from a checkpoint folder (or a root with ``latest``): weights, optimizer,
-        scheduler, data position, RNGs; metrics rows after its step are dropped."""
+        scheduler, data position, this rank's RNG states; metrics rows after its step are dropped."""
         from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_optimizer_state_dict)
         state = ckpt.load_checkpoint(path)
@@ -414,6 +488,7 @@ class Trainer:
         ckpt.check_against(state, self.model)
         self._check_scheduler_state(state)
         position = self._data_position(state)
+        rng_rank = self._rng_rank(state)
         options = self._state_options()
         try:
             set_model_state_dict(self.wrapped, state["model"], options=options)
@@ -425,7 +500,10 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
-        ckpt.restore_rng(state)
+        if rng_rank is not None:
+            ckpt.restore_rng(state, rng_rank)
+        else:  # see _rng_rank
+            seed_everything(seed_of(rank_seed(self.config.seed, self.rank), "resumed", state["step"]))
         # A collator generator state in checkpoints of older versions is not needed: every
         # batch's masks now follow from (seed, rank, epoch, batch index).
         self.step = state["step"]
@@ -443,6 +521,18 @@ class Trainer:
             raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'data.ranks' holds "
                                        f"{len(ranks)} data positions for {self.world} processes")
         return tuple(ranks[self.rank])
+
+    def _rng_rank(self, state: dict) -> int | None:
+        """Whose saved RNG states this rank restores: its own. A checkpoint of an older fastpt
+        holds rank 0's alone, which every rank drew from; rank 0 restores it, the others (None)
+        start new streams from (seed, rank, step)."""
+        saved = ckpt.rng_processes(state)
+        if saved is None:
+            return 0 if self.rank == 0 else None
+        if saved != self.world:
+            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'rng' holds the RNG states "
+                                       f"of {saved} processes, not {self.world}: resume with {saved} processes")
+        return self.rank
 
     def _check_same_run(self, state: dict) -> None:
         """The saved data position counts batches of batch_size on each of world_size

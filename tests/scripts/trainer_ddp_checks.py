@@ -6,6 +6,9 @@ writes its numbers, with a one-process float64 reference where there is one, to 
                1 example (process 1 has none), vs the reference
   masks        whether the two ranks drew the same MLM masks at each step
   packed       a PackedDataset whose ranks get unequal shares: interrupted and resumed vs not
+  encoders     MLM (Encoder) and ELECTRA under DDP and FSDP with grad_accum=2: their final
+               weights, which the test compares with one process; and a model with an unused
+               parameter under DDP, whose step must be refused with the parameter's name
 """
 
 import copy
@@ -20,8 +23,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from train_tiny import TinyLM, make_data  # noqa: E402
 
-from fastpt.data.datasets import PackedDataset  # noqa: E402
+from fastpt.data.datasets import PackedDataset, pad_batch  # noqa: E402
+from fastpt.models import Encoder, EncoderConfig  # noqa: E402
 from fastpt.pretrain.clm import collate_packed  # noqa: E402
+from fastpt.pretrain.electra import Electra  # noqa: E402
 from fastpt.pretrain.mlm import MLMCollator  # noqa: E402
 from fastpt.train import Trainer, TrainerConfig  # noqa: E402
 from fastpt.train.interrupt import TrainingInterrupted  # noqa: E402
@@ -161,9 +166,98 @@ def check_packed(results):
                                             zip(full.model.parameters(), resumed.model.parameters()))
 
 
+def masked_examples(n: int = 32, vocab: int = 40, mask_id: int = 3) -> list[dict]:
+    """MLM examples of 5 to 12 tokens with their masks already drawn (about 15%, at least one), so
+    that one process and two draw the same ones."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab, (int(torch.randint(5, 13, (), generator=g)),), generator=g)
+        picked = torch.rand(ids.shape, generator=g) < 0.15
+        picked[int(torch.randint(len(ids), (), generator=g))] = True
+        out.append({"input_ids": torch.where(picked, mask_id, ids).tolist(),
+                    "labels": torch.where(picked, ids, -100).tolist()})
+    return out
+
+
+def pad_collate(examples: list[dict]) -> dict:
+    ids, mask = pad_batch([e["input_ids"] for e in examples], 0, None)
+    labels, _ = pad_batch([e["labels"] for e in examples], -100, None)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encoder_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = EncoderConfig.from_name("bert-tiny", vocab_size=40, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+    return Electra(cfg) if kind == "electra" else Encoder(cfg)
+
+
+def argmax_sampling(probs, n):
+    """ELECTRA's replacements without randomness: each rank's RNG draws its own, one process others."""
+    return probs.argmax(-1, keepdim=True)
+
+
+def train_encoder(kind: str, out: str, batch_size: int, strategy: str = "auto") -> Trainer:
+    multinomial, torch.multinomial = torch.multinomial, argmax_sampling
+    try:
+        t = Trainer(encoder_model(kind), config(out, max_steps=3, batch_size=batch_size, grad_accum=2,
+                                                label_shift=0, strategy=strategy),
+                    masked_examples(), collate_fn=pad_collate)
+        t.train()
+    finally:
+        torch.multinomial = multinomial
+    return t
+
+
+def train_decoder_classifier(out: str) -> str:
+    """A classifier head on a Decoder leaves the decoder's LM head without gradient: "ok", or
+    the error of the step that refused it."""
+    from fastpt.finetune.heads import SequenceClassifier
+    from fastpt.models import Decoder, DecoderConfig
+    torch.manual_seed(0)
+    model = SequenceClassifier(Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=64)), num_labels=2)
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 64, (6,), generator=gen), "attention_mask": torch.ones(6, dtype=torch.bool),
+             "labels": torch.tensor(i % 2)} for i in range(16)]
+    try:
+        Trainer(model, config(out, max_steps=2, label_shift=0), data).train()
+    except RuntimeError as e:
+        return str(e)[:300]
+    return "ok"
+
+
+def check_encoders(results):
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    results["encoders.dir"] = OUT
+    for kind in ("mlm", "electra"):
+        for strategy in ("ddp", "fsdp"):
+            key = f"encoders.{kind}.{strategy}"
+            try:
+                t = train_encoder(kind, f"{OUT}/{key}", 4, strategy)
+            except RuntimeError as e:  # DDP's "parameters that were not used in producing loss"
+                results[key] = str(e)[:300]
+                continue
+            weights = get_model_state_dict(t.wrapped, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+            if t.rank == 0:
+                save_file({k: v.contiguous() for k, v in weights.items()}, f"{OUT}/{key}.safetensors")
+            results[key] = "ok"
+    results["encoders.decoder_classifier"] = train_decoder_classifier(f"{OUT}/decoder_classifier")
+    torch.manual_seed(0)
+    model = TinyLM(dropout=0.0)
+    model.unused = torch.nn.Linear(2, 2)
+    t = Trainer(model, config(f"{OUT}/unused", max_steps=2), make_data())
+    try:
+        t.train()
+        results["encoders.unused"] = None
+    except RuntimeError as e:
+        results["encoders.unused"] = [t.step, str(e)]
+
+
 def main() -> int:
     results: dict = {}
-    for check in (check_loss_fn, check_eval, check_masks, check_packed):
+    for check in (check_loss_fn, check_eval, check_masks, check_packed, check_encoders):
         check(results)
     rank = dist.get_rank()
     everyone = [None] * dist.get_world_size()
