@@ -1,12 +1,15 @@
 """fastpt.data: the embedded world, tokenizer training, file readers, packing."""
 
 import json
+import threading
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from fastpt.data.datasets import (PackedDataset, document_attention_mask, pack_documents,
-                                  read_documents, tokenize_stream)
+from fastpt.data import datasets
+from fastpt.data.datasets import (PackedDataset, document_attention_mask, encode_as_text,
+                                  pack_documents, read_documents, tokenize_stream)
 from fastpt.data.tokenizer import (KINDS, load_tokenizer, save_tokenizer, special_ids,
                                    train_tokenizer)
 from fastpt.data.world import ICL_TASKS, NEGATIVE, POSITIVE, TAGS, World
@@ -149,3 +152,134 @@ def test_packed_dataset_streams_every_epoch(docs):
     assert len(first) == n_tokens // 64
     with pytest.raises(TypeError, match="callable"):
         PackedDataset(docs, tok, 64, eos)
+
+
+# -- encode_as_text from several threads on one tokenizer ---------------------------------------
+
+def _renumbered_tokenizer() -> Tokenizer:
+    """Added tokens at ids 100, 101 over a model replaced by one of 50 ids: no tokenizer made
+    anew gives them those ids, so encode_as_text takes its fallback (the settings swapped on
+    the shared tokenizer, under a lock)."""
+    vocab = {f"w{i}": i for i in range(100)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<S>"])
+    tok.add_tokens(["zz"])
+    tok.model = models.WordLevel({f"w{i}": i for i in range(50)}, unk_token="w0")
+    tok.post_processor = processors.TemplateProcessing(single="$A <S>", special_tokens=[("<S>", 100)])
+    return tok
+
+
+def _thread_case(kind, docs):
+    if kind == "renumbered":
+        tok = _renumbered_tokenizer()
+        texts = [" ".join(f"w{(i * 7 + j) % 60}" for j in range(5 + i)) + " <S> zz w3" for i in range(6)]
+        return tok, texts, 0
+    tok = train_tokenizer(docs[:300], kind, vocab_size=600, n_sentinels=10)
+    special = "[MASK] [SEP]" if kind == "wordpiece" else "<extra_id_0> </s>"
+    texts = [f"{d} {special} {d}" for d in docs[:6]]
+    return tok, texts, special_ids(tok).pad
+
+
+def _hammer(tok, texts, settings, direct, rounds, start=None):
+    """Every (add_special_tokens, max_length) in ``settings`` on a thread of its own, ``rounds``
+    times, and (``direct``) a thread using the tokenizer's own stored settings: each result
+    against the one-thread result. Returns the mismatches and exceptions."""
+    key = lambda encodings: [(e.ids, e.type_ids, e.attention_mask) for e in encodings]
+    expected = {s: key(encode_as_text(tok, texts, add_special_tokens=s[0], max_length=s[1]))
+                for s in settings}
+    expected_direct = key(tok.encode_batch(texts))
+    failures = []
+    barrier = threading.Barrier(len(settings) + direct)
+
+    def work(s):
+        try:
+            barrier.wait()
+            for _ in range(rounds):
+                if s is None:
+                    got, want = key(tok.encode_batch(texts)), expected_direct
+                else:
+                    got = key(encode_as_text(tok, texts, add_special_tokens=s[0], max_length=s[1]))
+                    want = expected[s]
+                if got != want:
+                    failures.append(f"{s}: another thread's settings")
+                    return
+        except Exception as e:  # tokenizers: "Already borrowed" while another thread encodes
+            failures.append(f"{s}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in list(settings) + [None] * direct]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures, expected
+
+
+SETTINGS = [(True, None), (False, None), (True, 8), (False, 5), (True, 13)]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram", "renumbered"])
+def test_encode_as_text_is_thread_safe(kind, docs):
+    """Threads encoding through one tokenizer with different settings each get their own
+    result, and (but on the rare fallback) a thread using the tokenizer directly meanwhile
+    sees its stored truncation and padding, which are there unchanged afterwards."""
+    tok, texts, pad = _thread_case(kind, docs)
+    tok.enable_truncation(7)
+    tok.enable_padding(pad_id=pad, length=40)
+    stored = (tok.truncation, tok.padding, tok.encode_special_tokens)
+    failures, expected = _hammer(tok, texts, SETTINGS, direct=int(kind != "renumbered"), rounds=100)
+    assert not failures, failures[:5]
+    assert (tok.truncation, tok.padding, tok.encode_special_tokens) == stored
+    assert len(set(map(str, expected.values()))) == len(SETTINGS)  # the settings do differ
+    assert max(len(ids) for ids, _, _ in expected[(True, None)]) > 13
+
+
+def test_encode_as_text_threads_never_share_settings(docs, monkeypatch):
+    """Deterministic: two calls with different settings, each held inside the tokenizer's
+    encode_batch until the other has got there too. The old code set the shared tokenizer's
+    settings around that call, so both encoded with whichever were set last; encode_as_text
+    now encodes through a tokenizer of its own and never reaches the shared one's."""
+    tok, texts, _ = _thread_case("wordpiece", docs)
+    settings = [(True, None), (False, 4)]
+    expected = {s: [e.ids for e in encode_as_text(tok, texts, add_special_tokens=s[0], max_length=s[1])]
+                for s in settings}
+    assert expected[settings[0]] != expected[settings[1]]
+    real, both_inside = tok.encode_batch, threading.Barrier(2)
+
+    def held_encode_batch(*args, **kwargs):
+        try:
+            both_inside.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tok, "encode_batch", held_encode_batch, raising=False)
+    got, errors = {}, []
+
+    def work(s):
+        try:
+            got[s] = [e.ids for e in encode_as_text(tok, texts, add_special_tokens=s[0], max_length=s[1])]
+        except Exception as e:
+            errors.append(f"{s}: {type(e).__name__}: {e}")
+    threads = [threading.Thread(target=work, args=(s,)) for s in settings]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == expected, errors
+    assert tok.truncation is None and tok.padding is None and tok.encode_special_tokens is False
+
+
+def test_encode_as_text_private_tokenizer_follows_the_shared_one(docs):
+    """The private tokenizer is made anew each call from the shared one's parts: tokens
+    added, and components replaced or changed, in between calls are all seen."""
+    tok = train_tokenizer(docs[:300], "bpe", vocab_size=600)
+    text = "Ruza ate soup. qqqq"
+    before = encode_as_text(tok, [text], add_special_tokens=False)[0].ids
+    tok.add_tokens(["qqqq"])
+    after = encode_as_text(tok, [text], add_special_tokens=False)[0].ids
+    assert after[-1] == tok.token_to_id("qqqq") and after != before
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert encode_as_text(tok, [text], add_special_tokens=False)[0].ids == \
+        tok.encode(text, add_special_tokens=False).ids != after
+    assert datasets._plain_text_tokenizer(tok, None) is not None
+    assert datasets._plain_text_tokenizer(_renumbered_tokenizer(), None) is None  # the fallback

@@ -187,6 +187,121 @@ def test_merged_int8_base_follows_the_factors():
     assert layer._merged_weight[1] is kept
 
 
+def _merged_linear_layer(seed=0):
+    """A merged nn.Linear-base layer, its base weight before merging, and an input."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(48, 24)
+    w0 = lin.weight.detach().clone()
+    layer = LoRALinear(lin, r=4, lora_alpha=8).eval()
+    nn.init.normal_(layer.lora_B.weight)
+    layer.merge()
+    return layer, w0, torch.randn(5, 48)
+
+
+def _restored(weight, w0, *deltas):
+    """The base weight back to float rounding: 1e-6 relative to the largest of |W0| and the
+    deltas that went in and out."""
+    scale = max([1.0] + [float(t.abs().max()) for t in (w0,) + deltas])
+    torch.testing.assert_close(weight, w0, rtol=0, atol=1e-6 * scale)
+
+
+def _new_factors(layer, how):
+    """Changes the factors of a merged layer in one of the ways the factors change."""
+    a, b = torch.rand_like(layer.lora_A.weight) - 0.5, torch.randn_like(layer.lora_B.weight)
+    if how in ("load_state_dict", "assign"):  # the layer's own (merged) state, new factors in it
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["lora_A.weight"], state["lora_B.weight"] = a, b
+        layer.load_state_dict(state, assign=how == "assign")
+    elif how == "adapter_only":
+        layer.load_state_dict({"lora_A.weight": a, "lora_B.weight": b}, strict=False)
+    elif how == "copy":
+        with torch.no_grad():
+            layer.lora_B.weight.copy_(b)
+    elif how == "optimizer":
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.grad = torch.randn_like(p)
+        torch.optim.SGD([layer.lora_A.weight, layer.lora_B.weight], lr=0.1).step()
+    elif how == "reset":
+        layer.reset_lora_parameters()
+    elif how == "scaling":
+        layer.scaling = 0.5
+
+
+CHANGES = ["load_state_dict", "assign", "adapter_only", "copy", "optimizer", "reset", "scaling"]
+
+
+@pytest.mark.parametrize("how", CHANGES)
+def test_unmerge_restores_the_weight_after_the_factors_change_while_merged(how):
+    """nn.Linear base: new factors while merged (loaded, copied in, stepped, reset, or a new
+    scaling) reach forward, and unmerge() takes out the delta that is in the weight, not
+    that of the new factors: the base weight comes back. (It subtracted the new delta.)"""
+    layer, w0, x = _merged_linear_layer()
+    lin = layer.base_layer
+    old = layer.delta_weight()
+    _new_factors(layer, how)
+    new = layer.delta_weight()
+    assert (new - old).abs().max() > 0.1
+    expect = F.linear(x, w0 + new, lin.bias)
+    torch.testing.assert_close(layer(x), expect, rtol=1e-5, atol=1e-5)  # forward follows them
+    _restored(lin.weight, w0 + new, old, new)
+    layer.unmerge()
+    _restored(lin.weight, w0, old, new)
+    torch.testing.assert_close(layer(x), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_restores_the_weight_without_a_forward_in_between():
+    layer, w0, _ = _merged_linear_layer()
+    _new_factors(layer, "load_state_dict")
+    layer.unmerge()
+    _restored(layer.base_layer.weight, w0)
+
+
+def test_merge_twice_merges_once_with_the_current_factors():
+    """merge() on a merged layer leaves the update in the weight once: that of the current
+    factors, where they changed since (it used to keep the old delta, which unmerge() then
+    took out as the new one)."""
+    layer, w0, x = _merged_linear_layer()
+    merged_once = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, merged_once)
+    _new_factors(layer, "copy")
+    layer.merge()
+    layer.merge()
+    _restored(layer.base_layer.weight, w0 + layer.delta_weight(), layer.delta_weight())
+    layer.unmerge()
+    layer.unmerge()
+    _restored(layer.base_layer.weight, w0)
+
+
+def test_another_merged_state_dict_loads_into_a_merged_layer():
+    """A state dict taken while merged holds the merged weight: loaded into a merged layer,
+    its weight comes with its own factors (the old code got this right: a guard that
+    remembering the merged factors did not break it)."""
+    layer, _, x = _merged_linear_layer(seed=0)
+    other, other_w0, _ = _merged_linear_layer(seed=1)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), other(x))
+    layer.unmerge()
+    _restored(layer.base_layer.weight, other_w0)
+
+
+def test_merged_linear_base_follows_a_move():
+    """.to() gives the factors new storage and the same values: the weight is left alone."""
+    layer, w0, x = _merged_linear_layer()
+    layer.double()
+    merged = layer.base_layer.weight.detach().clone()
+    layer(x.double())
+    assert torch.equal(layer.base_layer.weight, merged)
+    layer.float()
+    layer.unmerge()
+    _restored(layer.base_layer.weight, w0)
+
+
+def test_compile_fullgraph_merged_linear_base():
+    layer, _, x = _merged_linear_layer()
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
 def test_compile_fullgraph_merged_int8_base():
     layer = LoRALinear(Int8Linear.from_linear(nn.Linear(64, 32)), r=4).eval()
     nn.init.normal_(layer.lora_B.weight)

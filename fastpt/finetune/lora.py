@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastpt.nn.int8_linear import Int8Linear
 from fastpt.nn.linear import Linear
+from fastpt.nn.lora import MergedFactors, add_to_weight, loading_another_merged_weight, lora_delta
 from fastpt.ops.lora import lora_linear
 
 # Architecture-aware defaults (PEFT's choices): attention projections.
@@ -27,6 +28,11 @@ _HEAD_NAMES = ("lm_head", "classifier", "qa_outputs", "nsp_head", "score")
 
 
 class LoraLayer(nn.Module):
+    """Merging (``merge``) folds adapters into the weight, as ``fastpt.nn.LoRALinear`` does:
+    while merged, forward follows their factors, and ``unmerge`` restores the base weight (to
+    float rounding) whatever they became (under torch.compile, once an eager forward or
+    ``merge`` has seen the change); a state dict taken while merged holds the merged weight."""
+
     def __init__(self, base_layer: nn.Linear | Int8Linear):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Int8Linear)):
@@ -41,6 +47,11 @@ class LoraLayer(nn.Module):
         self.active: str | None = None
         self.disabled = False
         self.merged: list[str] = []
+        # nn.Linear base: per merged adapter, the factors whose delta the weight holds
+        self._merged_factors: dict[str, MergedFactors] = {}
+        self._adopt_on_load = False
+        self.register_load_state_dict_pre_hook(_before_load)
+        self.register_load_state_dict_post_hook(_after_load)
 
     @staticmethod
     def check_rank(r, n_in: int, n_out: int, path: str = "") -> None:
@@ -71,46 +82,84 @@ class LoraLayer(nn.Module):
         return base.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        base = self.base_layer
-        name = self.active
+        base, name = self.base_layer, self.active
+        if self.disabled and self.merged:
+            raise RuntimeError("disable_adapter() on merged weights: unmerge() first")
+        is_int8 = isinstance(base, Int8Linear)
+        if self.merged and not is_int8 and not torch.compiler.is_compiling():
+            self._follow_factors()  # (dynamo cannot read version counters)
         if self.disabled or name is None or name in self.merged:
-            if self.disabled and self.merged:
-                raise RuntimeError("disable_adapter() on merged weights: unmerge() first")
-            return base(x) if not isinstance(base, Int8Linear) or not self.merged else self._merged_forward(x)
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            return self._merged_forward(x) if is_int8 and self.merged else base(x)
+        a, b = self.lora_A[name].weight.to(x.dtype), self.lora_B[name].weight.to(x.dtype)
         p = self.dropout[name] if self.training else 0.0
-        if isinstance(base, Int8Linear):
-            return lora_linear(x, base, a.to(x.dtype), b.to(x.dtype), self.scaling[name], None, p)
-        return lora_linear(x, base.weight, a.to(x.dtype), b.to(x.dtype), self.scaling[name], base.bias, p)
+        if is_int8 and self.merged:  # the merged adapters on the dequantized copy, the active on top
+            bias = base.bias.to(x.dtype) if base.bias is not None else None
+            return lora_linear(x, self._merged_int8_weight().to(x.dtype), a, b, self.scaling[name], bias, p)
+        if is_int8:
+            return lora_linear(x, base, a, b, self.scaling[name], None, p)
+        return lora_linear(x, base.weight, a, b, self.scaling[name], base.bias, p)
 
     def delta_weight(self, name: str) -> Tensor:
-        return self.scaling[name] * (self.lora_B[name].weight.detach().float()
-                                     @ self.lora_A[name].weight.detach().float())
+        return lora_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+    def _factors(self, name: str) -> tuple:
+        return self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+
+    def _follow_factors(self) -> None:
+        """nn.Linear base: for each merged adapter whose factors or scaling changed since they
+        were merged, swap the merged delta for the current one in the weight."""
+        for name in self.merged:
+            merged = self._merged_factors[name]
+            if not merged.holds(*self._factors(name)):
+                add_to_weight(self.base_layer.weight, self.delta_weight(name) - merged.delta())
+                self._merged_factors[name] = MergedFactors(*self._factors(name))
+
+    def _merged_int8_weight(self) -> Tensor:
+        """Int8Linear base: the dequantized weight with the merged adapters' current deltas."""
+        w = self.base_layer.dequantized_weight(torch.float32)
+        return w + sum(self.delta_weight(n) for n in self.merged)
 
     def _merged_forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
-        w = base.dequantized_weight(torch.float32) + sum(self.delta_weight(n) for n in self.merged)
+        w = self._merged_int8_weight()
         bias = base.bias.to(x.dtype) if base.bias is not None else None
         return nn.functional.linear(x, w.to(x.dtype), bias)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W += scaling * B A in float32 (Int8Linear base: applied to a dequantized copy at
-        forward time, the int8 weight is never changed)."""
+        """W += scaling * B A in float32, keeping a copy of the factors merged (Int8Linear base:
+        applied to a dequantized copy at forward time, the int8 weight is never changed).
+        Idempotent: an adapter merged again is in the weight once, with its current factors."""
+        is_int8 = isinstance(self.base_layer, Int8Linear)
         if name in self.merged:
+            if not is_int8:
+                self._follow_factors()
             return
-        if not isinstance(self.base_layer, Int8Linear):
-            w = self.base_layer.weight
-            w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+        if not is_int8:
+            add_to_weight(self.base_layer.weight, self.delta_weight(name))
+            self._merged_factors[name] = MergedFactors(*self._factors(name))
         self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for name in reversed(self.merged):
-            if not isinstance(self.base_layer, Int8Linear):
-                w = self.base_layer.weight
-                w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+        """Subtracts the updates that the weight holds, those of the factors as merged,
+        whatever they are now."""
+        if not isinstance(self.base_layer, Int8Linear):
+            for name in reversed(self.merged):
+                add_to_weight(self.base_layer.weight, -self._merged_factors.pop(name).delta())
         self.merged = []
+        self._merged_factors = {}
+
+
+def _before_load(module: LoraLayer, state_dict, prefix, *_) -> None:
+    module._adopt_on_load = (bool(module._merged_factors) and loading_another_merged_weight(
+        module.base_layer, state_dict, prefix + "base_layer.weight"))
+
+
+def _after_load(module: LoraLayer, _incompatible_keys) -> None:
+    if module._adopt_on_load:  # the loaded merged weight holds the loaded factors
+        module._merged_factors = {n: MergedFactors(*module._factors(n)) for n in module.merged}
+        module._adopt_on_load = False
 
 
 def check_lora_hyperparameters(alpha, dropout) -> None:
@@ -228,9 +277,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (an Int8Linear base becomes a float32 ``fastpt.nn.Linear`` with the merged weight)."""
     for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
         base = m.base_layer
+        if m.merged and not isinstance(base, Int8Linear):
+            m._follow_factors()  # the weight as forward has it: merged with the current factors
         delta = m.delta_weight(m.active) if m.active and m.active not in m.merged else 0
         if isinstance(base, Int8Linear):
-            w = base.dequantized_weight(torch.float32) + sum(m.delta_weight(n) for n in m.merged) + delta
+            w = m._merged_int8_weight() + delta
             plain = Linear(m.in_features, m.out_features, bias=base.bias is not None)
             with torch.no_grad():
                 plain.weight.copy_(w)
