@@ -8,7 +8,6 @@ resume with dropout (one torchrun launch of this file, see _rng_main)."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -24,12 +23,12 @@ from fastpt.pretrain.clm import collate_packed
 from fastpt.pretrain.electra import Electra
 from fastpt.pretrain.mlm import MLMCollator
 from fastpt.train import Trainer
-from fastpt.train.interrupt import TrainingInterrupted
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "trainer_ddp_checks.py")
 sys.path.insert(0, os.path.dirname(SCRIPT))
 from train_tiny import TinyLM, make_data  # noqa: E402
-from trainer_ddp_checks import PackedLM, WordTokenizer, argmax_sampling, config, train_encoder  # noqa: E402
+from trainer_ddp_checks import (PackedLM, WordTokenizer, argmax_sampling, config, train_encoder,  # noqa: E402
+                                train_until_interrupted)
 
 
 def _torchrun(script, out, results_file):
@@ -226,18 +225,7 @@ def _rng_check_resume(out, results):
         full = make("full")
         full.train()
         cut = make("cut")
-        step = cut.train_step
-
-        def signalled(micro, cut=cut, step=step):
-            stats = step(micro)
-            if cut.step == 4:
-                os.kill(os.getpid(), signal.SIGINT)
-            return stats
-        cut.train_step = signalled
-        try:
-            cut.train()
-        except TrainingInterrupted:
-            pass
+        train_until_interrupted(cut, at_step=4)
         saved = f"{out}/resume-{strategy}-cut/checkpoints/step-4"
         with open(f"{saved}/trainer_state.json") as f:
             saved_rng = json.load(f)["rng"]

@@ -147,18 +147,7 @@ def check_packed(results):
     full = make(f"{OUT}/packed-full")
     full.train()
     cut = make(f"{OUT}/packed-cut")
-    step = cut.train_step
-
-    def signalled(micro):
-        stats = step(micro)
-        if cut.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return stats
-    cut.train_step = signalled
-    try:
-        cut.train()
-    except TrainingInterrupted:
-        pass
+    train_until_interrupted(cut, at_step=4)
     resumed = make(f"{OUT}/packed-cut")
     resumed.train(resume_from=f"{OUT}/packed-cut/checkpoints")
     results["packed.positions_at_stop"] = [cut.epoch, cut.batches_in_epoch]
@@ -224,6 +213,22 @@ def train_decoder_classifier(out: str) -> str:
     except RuntimeError as e:
         return str(e)[:300]
     return "ok"
+
+
+def train_until_interrupted(trainer: Trainer, at_step: int) -> None:
+    """Train as a run that gets SIGINT during step ``at_step``: it saves and stops there."""
+    step = trainer.train_step
+
+    def signalled(micro):
+        stats = step(micro)
+        if trainer.step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stats
+    trainer.train_step = signalled
+    try:
+        trainer.train()
+    except TrainingInterrupted:
+        pass
 
 
 def check_encoders(results):
