@@ -405,3 +405,16 @@ def test_composite_loss_accumulation_equals_one_large_batch(tmp_path, monkeypatc
     assert grads_split.keys() == grads_one.keys()
     worst = max(float((grads_split[k] - grads_one[k]).abs().max()) for k in grads_one) / scale
     assert worst < 1e-5, worst
+
+
+def test_dataloader_workers_get_a_base_seed_per_rank(tmp_path):
+    # The loader's generator seeds its workers: one per rank, or a dataset drawing random
+    # numbers in workers draws the same on every rank. Rank 0 keeps the single-process seed.
+    t = Trainer(TinyLM(dropout=0.0), _config(tmp_path, num_workers=0), make_data()[:8])
+    seeds = {}
+    t.world = 3  # as if under torchrun with 3 processes (the loader only reads rank and world)
+    for rank in (0, 1, 2):
+        t.rank = rank
+        seeds[rank] = t._loader(t.train_data, epoch=3, train=True).generator.initial_seed()
+    assert seeds[0] == t.config.seed * 1000 + 3
+    assert len(set(seeds.values())) == 3

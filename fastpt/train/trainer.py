@@ -69,9 +69,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s global RNGs during training: ``seed`` on rank 0, as in one
-    process; a 64-bit hash of (seed, rank) on the others. Not ``seed + rank``: rank 1 of the run
-    with seed 0 would draw the dropout masks of rank 0 with seed 1."""
+    """Rank ``rank``'s own seed (its global RNGs during training, its DataLoader workers):
+    ``seed`` on rank 0, as in one process; a 64-bit hash of (seed, rank) on the others. Not
+    ``seed + rank``: rank 1 of the run with seed 0 would draw the dropout masks of rank 0 with
+    seed 1."""
     return seed if rank == 0 else seed_of(seed, "global-rng", rank)
 
 
@@ -149,9 +150,12 @@ class Trainer:
         bs = self.config.batch_size
         collate = KeyedCollate(self.collate_fn, (self.config.seed, "train" if train else "eval", self.rank, epoch))
         # A loader's own generator: creating a loader draws a seed from it, and drawing from the
-        # global RNG instead would shift dropout after a resume (which creates a new loader).
+        # global RNG instead would shift dropout after a resume (which creates a new loader). Its
+        # seed is the workers' base seed: per rank, so that a dataset drawing random numbers in
+        # DataLoader workers draws other numbers on each rank (rank 0 keeps the seed it had).
+        loader_seed = rank_seed(self.config.seed * 1000 + epoch, self.rank)
         common = {"batch_size": None, "collate_fn": as_is, "num_workers": self.config.num_workers,
-                  "generator": torch.Generator().manual_seed(self.config.seed * 1000 + epoch)}
+                  "generator": torch.Generator().manual_seed(loader_seed)}
         if isinstance(data, IterableDataset):
             loader = DataLoader(IterableBatches(data, bs, train, skip, collate), **common)
             return itertools.islice(loader, skip, None)
