@@ -272,3 +272,29 @@ def test_generate_until_left_truncates_as_hflm(fastpt_lm):
     assert out == expected
     with pytest.raises(ValueError, match=f"max_gen_toks={M} leaves no room.*fewer than {M}"):
         lm.generate_until([_Request(context, {"max_gen_toks": M})], disable_tqdm=True)
+
+
+def test_a_model_without_bos_scores_empty_contexts_after_eos_as_hflm(folder, tmp_path):
+    # HFLM's prefix token is BOS, else EOS: it stands in for an empty context (and starts
+    # rolling windows); non-empty contexts are read as they are.
+    from fastpt.data.tokenizer import load_tokenizer, save_tokenizer
+    from fastpt.icl.lm_eval_harness import FastptLM
+    from fastpt.icl.scoring import score_tokens
+    from fastpt.models import from_pretrained
+    model = from_pretrained(folder)
+    eos = special_ids(load_tokenizer(folder)).eos
+    no_bos = Decoder(model.config.replace(bos_token_id=None, eos_token_id=eos))
+    no_bos.load_state_dict(model.state_dict())
+    save_pretrained(no_bos, tmp_path)
+    save_tokenizer(load_tokenizer(folder), str(tmp_path))
+    lm = FastptLM(pretrained=str(tmp_path))
+    tok = lm.tokenizer
+    (empty, given) = lm.loglikelihood([_Request("", "Ruza lives"), _Request("Ruza", " lives")])
+    ids = tok.encode("Ruza lives", add_special_tokens=False).ids
+    want_empty = score_tokens(lm.model, [([eos], ids)])[0].logprob
+    ctx = tok.encode("Ruza", add_special_tokens=False).ids
+    want_given = score_tokens(lm.model, [(ctx, tok.encode("Ruza lives", add_special_tokens=False).ids[len(ctx):])])
+    assert empty[0] == pytest.approx(want_empty, abs=1e-5)
+    assert given[0] == pytest.approx(want_given[0].logprob, abs=1e-5)
+    (rolling,) = lm.loglikelihood_rolling([_Request("Ruza lives")])
+    assert rolling == pytest.approx(want_empty, abs=1e-5)

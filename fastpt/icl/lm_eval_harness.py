@@ -13,7 +13,8 @@ or, from Python, ``import fastpt.icl.lm_eval_harness`` and then
 ``PATH`` is a model folder in HF layout (config.json, model.safetensors, tokenizer.json) as
 written by ``fastpt pretrain`` / ``fastpt.models.save_pretrained``; decoders only. The
 context is prefixed with the model's ``bos_token_id`` as ``fastpt eval --task icl`` does, so
-the scores equal fastpt's own evaluation. Everything else follows lm-eval's HF model
+the scores equal fastpt's own evaluation; a model without one reads contexts as they are,
+with its EOS token for an empty one, as HFLM. Everything else follows lm-eval's HF model
 (``HFLM``) on the same model and tokenizer: the token split of a request, the left
 truncation to the model's ``max_position_embeddings`` (``max_length``), rolling windows of
 ``max_length`` tokens, and the generation options (:func:`generation_options`).
@@ -31,7 +32,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from fastpt.icl.evaluate import generate_answer
-from fastpt.icl.scoring import loglikelihood, score_tokens
+from fastpt.icl.scoring import loglikelihood, score_tokens, split_request
+from fastpt.models.generation import stop_token_ids
 
 
 # lm-eval's aliases for the number of new tokens, highest precedence first
@@ -85,6 +87,9 @@ class FastptLM(LM):
         self.model = model.to(device).eval() if device else model.eval()
         self.tokenizer = load_tokenizer(pretrained)
         self.bos_id = model.config.bos_token_id
+        # HFLM's prefix_token_id: BOS, else the first EOS; it stands in for an empty context.
+        eos = stop_token_ids(model.config)
+        self.prefix_id = self.bos_id if self.bos_id is not None else (eos[0] if eos else None)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.max_length = model.config.max_position_embeddings
 
@@ -94,7 +99,12 @@ class FastptLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [req.args for req in requests]
-        scores = loglikelihood(self.model, self.tokenizer, pairs, bos_id=self.bos_id)
+        if self.bos_id is not None:
+            scores = loglikelihood(self.model, self.tokenizer, pairs, bos_id=self.bos_id)
+        else:  # as HFLM: contexts as they are, the prefix token for an empty one
+            split = [split_request(self.tokenizer, context, continuation) for context, continuation in pairs]
+            prefix = [self.prefix_id] if self.prefix_id is not None else []
+            scores = score_tokens(self.model, [(ctx or prefix, cont) for ctx, cont in split])
         out = []
         for pair, s in zip(pairs, scores):
             self.cache_hook.add_partial("loglikelihood", pair, (s.logprob, s.is_greedy))
@@ -104,9 +114,9 @@ class FastptLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document scored in windows of the model's length, every token predicted once
         (lm-eval's ``get_rolling_token_windows`` with ``max_seq_len=max_length``, as HFLM),
-        conditioned on the BOS token."""
-        if self.bos_id is None:
-            raise ValueError("loglikelihood_rolling needs the model's bos_token_id (config.json)")
+        conditioned on the BOS token (else the EOS token, as HFLM)."""
+        if self.prefix_id is None:
+            raise ValueError("loglikelihood_rolling needs the model's bos_token_id or eos_token_id (config.json)")
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="fastpt rolling"):
             (text,) = req.args
@@ -114,7 +124,7 @@ class FastptLM(LM):
             # score_tokens reads all but the last token of a window, as HFLM, so a window of
             # max_length + 1 tokens fits the model's max_length positions.
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=self.bos_id, max_seq_len=self.max_length, context_len=1)]
+                token_list=ids, prefix_token=self.prefix_id, max_seq_len=self.max_length, context_len=1)]
             total = sum(s.logprob for s in score_tokens(self.model, windows)) if windows else 0.0
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
