@@ -420,3 +420,30 @@ def test_quantize_keeps_lora_factors_and_quantizes_the_base():
     x = torch.randn(5, 32, requires_grad=True)
     model(x).sum().backward()
     assert lora.lora_A.weight.grad is not None and x.grad is not None
+
+
+def test_quantize_leaves_every_lora_factor_float_and_refuses_merged_layers():
+    # fastpt.finetune's LoRA layers hold their factors in ModuleDicts of nn.Linear: those were
+    # quantized too. A merged update would be quantized into the base and added again.
+    import fastpt
+    from fastpt.finetune import FinetuneConfig, prepare
+    from fastpt.models import Decoder, DecoderConfig
+    torch.manual_seed(0)
+    model = prepare(Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=64)),
+                    FinetuneConfig(strategy="lora", lora_r=4, target_modules="all-linear"))
+    fastpt.quantize_(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, fastpt.nn.Int8Linear)]
+    assert quantized and not [n for n in quantized if "lora_" in n]
+    assert all(".base_layer" in n or n == "lm_head" for n in quantized), quantized
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.isfinite(model(ids).logits).all()
+
+    layer = fastpt.nn.LoRALinear(torch.nn.Linear(16, 8), r=2)
+    layer.merge()
+    with pytest.raises(ValueError, match="merged LoRA update.*unmerge"):
+        fastpt.quantize_(torch.nn.Sequential(layer))
+    lora_layers = [m for m in prepare(Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=64)),
+                                      FinetuneConfig(strategy="lora", lora_r=4)).modules() if hasattr(m, "lora_A")]
+    lora_layers[0].merge(lora_layers[0].active)
+    with pytest.raises(ValueError, match="merged LoRA update"):
+        fastpt.quantize_(torch.nn.Sequential(lora_layers[0]))

@@ -101,17 +101,25 @@ def _check_threshold(threshold: float) -> None:
 def quantize_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
               threshold: float = int8_ops.DEFAULT_THRESHOLD) -> nn.Module:
     """Replaces, in place, every nn.Linear of model for which filter_fn(module, name) is
-    true (default: all) by Int8Linear.from_linear(module, threshold). The LoRA factors of a
-    fastpt.nn.LoRALinear are never quantized (its base layer is). Returns model."""
+    true (default: all) by Int8Linear.from_linear(module, threshold). LoRA factors
+    (fastpt.nn.LoRALinear's, and the adapters fastpt.finetune adds) are never quantized;
+    their base layer is, unless the LoRA update is merged into it (ValueError: unmerge()
+    first, or the update would be quantized into the base and added again by forward).
+    Returns model."""
     _check_threshold(threshold)
+    from fastpt.finetune.lora import LoraLayer  # both build on this module: import late
     from fastpt.nn.lora import LoRALinear
 
     def visit(module: nn.Module, prefix: str) -> None:
+        lora = isinstance(module, (LoRALinear, LoraLayer))
         for name, child in list(module.named_children()):
             fqn = f"{prefix}.{name}" if prefix else name
-            if isinstance(module, LoRALinear) and name in ("lora_A", "lora_B"):
+            if lora and name in ("lora_A", "lora_B"):
                 continue
             if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(child, fqn)):
+                if lora and module.merged:
+                    raise ValueError(f"quantize_: {prefix} holds a merged LoRA update in its base layer; "
+                                     f"unmerge() it before quantizing, merge() again after")
                 setattr(module, name, Int8Linear.from_linear(child, threshold))
             else:
                 visit(child, fqn)
