@@ -16,7 +16,8 @@ def main(out_dir: str) -> None:
     rank = dist.get_rank()
     m = M.random_sparse_mdp(1001, 3, 5, seed=2, gamma=0.9)
     dense = M.MDP(_dense(m), m.reward, m.gamma)
-    for kind, mdp in (("sparse", m), ("dense", dense)):
+    with_terminals = M.MDP(_dense(m), m.reward, m.gamma, terminal=[0, 500, 1000])
+    for kind, mdp in (("sparse", m), ("dense", dense), ("terminals", with_terminals)):
         for stop in ("sup", "span"):
             res = M.distributed_value_iteration(mdp, 1e-8, stop=stop)
             torch.save({"v": res.v, "policy": res.policy, "iterations": res.iterations},

@@ -701,7 +701,7 @@ def test_distributed_value_iteration_two_ranks(tmp_path):
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun did not finish in 240 s:\n{e.stdout}\n{e.stderr}")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for kind in ("sparse", "dense"):
+    for kind in ("sparse", "dense", "terminals"):
         for stop in ("sup", "span"):
             got = [torch.load(tmp_path / f"{kind}-{stop}-rank{r}.pt") for r in range(2)]
             m = _dist_mdp(kind)
@@ -720,6 +720,8 @@ def _free_port() -> int:
 
 def _dist_mdp(kind: str) -> M.MDP:
     m = M.random_sparse_mdp(1001, 3, 5, seed=2, gamma=0.9)
+    if kind == "terminals":
+        return M.MDP(torch.from_numpy(np_dense(m)), m.reward.double(), m.gamma, terminal=[0, 500, 1000])
     return m if kind == "sparse" else as_dense_mdp(m)
 
 
@@ -786,3 +788,63 @@ def test_restricted_chain_of_an_all_terminal_mdp():
     assert chain.indptr.tolist() == [0] * 7 and chain.indices.numel() == 0 and chain.values.numel() == 0
     res = M.modified_policy_iteration(t, 1e-6)
     assert res.converged and torch.equal(res.v, M.value_iteration(t, 1e-6).v)
+
+
+# ---------------------------------------------------------------- audit 4
+
+def _chain_to_terminal(gamma):
+    # 0 -> 1 -> 2 (terminal), reward -1 everywhere: the first sweep changes every value by -1
+    p = torch.tensor([[[0., 1, 0], [0, 0, 1], [0, 0, 1]]], dtype=torch.float64)
+    return M.MDP(p, torch.full((3,), -1.0, dtype=torch.float64), gamma, terminal=[2])
+
+
+@pytest.mark.parametrize("gamma, exact", [(0.9, [-2.71, -1.9, -1.0]), (1.0, [-3.0, -2.0, -1.0])])
+def test_span_rule_reads_terminal_states_as_absorbing(gamma, exact):
+    # The span rule stopped after that first sweep (V = [-10]*3 at gamma 0.9, [-1]*3 at 1).
+    res = M.value_iteration(_chain_to_terminal(gamma), 1e-6, stop="span")
+    assert res.converged and res.iterations > 1
+    np.testing.assert_allclose(res.v.numpy(), exact, atol=1e-6)
+
+
+def test_span_rule_gives_eps_optimal_policies_with_terminal_states():
+    eps = 1e-3
+    for seed in range(40):
+        g = np.random.default_rng(seed)
+        S, A = 6, 2
+        p = g.random((A, S, S)) ** 4
+        p /= p.sum(2, keepdims=True)
+        r = g.normal(size=(S, A))
+        m = M.MDP(torch.from_numpy(p), torch.from_numpy(r), 0.9, terminal=[int(g.integers(S))])
+        best = M.policy_iteration(m).v.numpy()
+        res = M.value_iteration(m, eps, stop="span")
+        got = M.policy_evaluation(m, res.policy, method="direct").v.numpy()
+        assert (best - got).max() < eps, seed
+        assert np.abs(res.v.numpy() - best).max() < eps / 2, seed
+
+
+@pytest.mark.parametrize("epsilon", [0, -1e-6, float("nan")])
+def test_policy_evaluation_and_iteration_name_a_bad_epsilon(epsilon):
+    m = small_random_mdp()
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        M.policy_evaluation(m, [0] * m.num_states, method="iterative", epsilon=epsilon)
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        M.policy_iteration(m, epsilon=epsilon)
+
+
+def test_minimax_refuses_chance_nodes_the_pruning_would_skip():
+    from fastpt.mdp.games import Node
+    tree = Node.max([Node.min([5, 6]), Node.min([1, Node.chance([0, 10])])])
+    for alpha_beta in (True, False):
+        with pytest.raises(ValueError, match="chance"):
+            M.minimax(tree, alpha_beta=alpha_beta)
+
+
+def test_terminal_states_are_indices_or_a_bool_mask():
+    p = torch.full((1, 4, 4), 0.25, dtype=torch.float64)
+    r = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="0/1 mask"):
+        M.MDP(p, r, 0.9, terminal=[0, 0, 0, 1])
+    with pytest.raises(TypeError, match="integers"):
+        M.MDP(p, r, 0.9, terminal=[2.9])
+    assert M.MDP(p, r, 0.9, terminal=torch.tensor([0, 0, 0, 1]).bool()).terminal.tolist() == [False] * 3 + [True]
+    assert M.MDP(p, r, 0.9, terminal=[3, 1]).terminal.tolist() == [False, True, False, True]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fastpt.mdp.model import MDP
-from fastpt.mdp.solvers import Result, _check_max_iter, _initial_values, stop_threshold
+from fastpt.mdp.solvers import Result, _check_max_iter, _initial_values, span_change, stop_threshold
 
 
 def _local_part(mdp: MDP, lo: int, hi: int):
@@ -71,6 +71,8 @@ def distributed_value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int =
         dist.all_reduce(change, op=dist.ReduceOp.MAX, group=group)
         v = _gather(v_local, block, S, group)
         dmin, dmax = -float(change[0]), float(change[1])
+        if span:
+            dmin, dmax = span_change(torch.tensor([[dmin, dmax]], dtype=torch.float64), mdp)[0].tolist()
         history.append(dmax - dmin if span else max(-dmin, dmax))
         converged = history[-1] < threshold
     if span and converged and mdp.gamma < 1:

@@ -122,6 +122,16 @@ def expectimax(tree: Tree) -> SearchResult:
     return SearchResult(best, action, count[0])
 
 
+def _refuse_chance_nodes(root: Node) -> None:
+    stack = [root]
+    while stack:  # iterative: a deep tree must not hit Python's recursion limit here
+        n = stack.pop()
+        if n.kind == "chance":
+            raise ValueError("minimax has no chance nodes; use expectimax")
+        if n.kind != "leaf":
+            stack.extend(_node(c) for c in n.children)
+
+
 def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
     """Minimax over max and min nodes (chance nodes: use :func:`expectimax`), with alpha-beta
     pruning by default (same value and action, fewer nodes visited)."""
@@ -153,8 +163,7 @@ def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
         return best
 
     root = _node(tree)
-    if root.kind == "chance":
-        raise ValueError("minimax has no chance nodes; use expectimax")
+    _refuse_chance_nodes(root)  # everywhere, not only where the search goes (pruning skips some)
     if root.kind == "leaf":
         return SearchResult(root.value, None, 1)
     count[0] += 1

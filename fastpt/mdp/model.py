@@ -228,7 +228,13 @@ class MDP:
             if t.shape != (S,):
                 raise ValueError(f"a terminal mask must have shape ({S},), got {tuple(t.shape)}")
             return t.clone()
+        if t.is_floating_point() or t.is_complex():  # 2.9 would silently become state 2
+            raise TypeError(f"terminal must be state indices (integers) or a bool mask, got {t.dtype}")
         t = t.reshape(-1).to(torch.int64)
+        if t.numel() == S and S > 1 and bool(((t == 0) | (t == 1)).all()) and t.unique().numel() < S:
+            # [0, 0, 0, 1] read as indices makes states 0 and 1 terminal, not state 3.
+            raise ValueError(f"terminal looks like a 0/1 mask over the {S} states ({t.tolist()[:10]}), but "
+                             f"integers are read as state indices: pass a bool mask or the indices")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= S):
             raise ValueError(f"terminal states must be in [0, {S}), got {t.tolist()[:10]}")
         mask[t] = True

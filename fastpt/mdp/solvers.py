@@ -11,6 +11,12 @@ Stopping rules (Puterman, Markov Decision Processes, 6.3 and 6.6):
 
 With gamma = 1 (terminal states) both rules stop at a change below eps, without that bound.
 
+The span rule and its extrapolation hold for a stochastic P. Terminal states have their rows
+dropped, so they read the MDP in which those rows lead to an absorbing zero-reward state: its
+value never changes, so a change of 0 joins the span (:func:`span_change`). Without that, a
+first sweep that changes every value alike (as a terminal's reward can) stopped the rule at
+once, with V off by up to gamma / (1 - gamma) times that change.
+
 Gauss-Seidel sweeps (``gauss_seidel=True``) keep the ``sup`` rule's two guarantees. The proof
 for Jacobi sweeps uses the sweep only through ||L V_{k+1} - V_{k+1}|| <= gamma ||V_{k+1} - V_k||
 (L: the Bellman operator), and that holds for a Gauss-Seidel sweep too: state s was updated
@@ -77,6 +83,15 @@ def sweep(mdp: MDP, v: Tensor, *, sweeps: int = 1, tol: float = 0.0, span: bool 
                                                   return_q, tol, span, 0)
 
 
+def span_change(dv: Tensor, mdp: MDP) -> Tensor:
+    """dv ((sweeps, 2): min and max of each sweep's change) as the span rule reads it: with the
+    absorbing zero-reward state of an MDP with terminal states, whose change is 0 (module
+    docstring). NaN rows (sweeps not run) stay NaN."""
+    if not bool(mdp.terminal.any()):
+        return dv
+    return torch.stack([dv[:, 0].clamp(max=0), dv[:, 1].clamp(min=0)], 1)
+
+
 def residuals(dv: Tensor, span: bool) -> list[float]:
     """Stopping quantity per sweep run (rows of dv that are not NaN)."""
     dv = dv[~torch.isnan(dv[:, 0])]
@@ -84,11 +99,15 @@ def residuals(dv: Tensor, span: bool) -> list[float]:
     return r.tolist()
 
 
+def _check_epsilon(epsilon) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")  # (not NaN: the comparison fails)
+
+
 def stop_threshold(epsilon: float, gamma: float, stop: str) -> float:
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    _check_epsilon(epsilon)
     if gamma == 1.0:
         return epsilon
     return epsilon * (1 - gamma) / (2 * gamma if stop == "sup" else gamma)
@@ -148,7 +167,12 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
     dv_last = None
     while len(history) < max_iter and not converged:
         k = min(sweeps_per_call, max_iter - len(history))
+        # With terminal states the kernel's own span (without the absorbing state's 0) may stop
+        # a call early, never late: it is at most the span read here, so no sweep that meets
+        # the rule is passed over; the loop then goes on.
         v, _, dv, _ = sweep(mdp, v, sweeps=k, tol=threshold, span=span, gauss_seidel=gauss_seidel)
+        if span:
+            dv = span_change(dv, mdp)
         res = residuals(dv, span)
         history += res
         dv_last = dv[len(res) - 1]
@@ -173,6 +197,7 @@ def policy_evaluation(mdp: MDP, policy, *, method: str = "auto", epsilon: float 
     """
     if method not in ("auto", "direct", "iterative"):
         raise ValueError(f"method must be 'auto', 'direct' or 'iterative', got {method!r}")
+    _check_epsilon(epsilon)
     policy = mdp.check_policy(policy)
     chain = mdp.restricted(policy)
     if method == "auto":
@@ -223,6 +248,7 @@ def policy_iteration(mdp: MDP, policy0=None, *, max_iter: int = 1000, method: st
     shortest path assumption that a policy which never terminates has value -inf somewhere.
     history: number of states whose action changed, per improvement."""
     _check_max_iter(max_iter)
+    _check_epsilon(epsilon)
     if policy0 is not None:
         policy = mdp.check_policy(policy0)
     elif mdp.gamma == 1.0:
