@@ -483,3 +483,73 @@ def test_lora_speed_benchmark_quick():
     assert out["bound_full_vs_frozen"] == pytest.approx(step["full"] / step["frozen"])
     assert out["bound_eager_lora_vs_frozen"] == pytest.approx(step["lora_eager"] / step["frozen"])
     assert 0 < out["int8_frozen_bytes_vs_fp32"] <= 0.30
+
+
+# -- audit 4 F3: a task head trains only what it runs ----------------------------------------
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+@pytest.mark.parametrize("strategy", ["bitfit", "lora", "partial"])
+def test_task_head_on_an_encoder_trains_nothing_it_never_uses(head, strategy, capsys):
+    from fastpt.finetune import print_trainable_parameters
+    if head == "sequence":  # [CLS] through BERT's pooler
+        model, labels = SequenceClassifier(_backbone("bert"), 2), torch.tensor([0, 1, 1, 0])
+    else:  # no pooler
+        model, labels = TokenClassifier(_backbone("bert"), 3), torch.zeros(4, 9, dtype=torch.long)
+    model = prepare(model, FinetuneConfig(strategy=strategy, lora_r=2, target_modules="all-linear"))
+    model(**{**_batch(), "labels": labels}).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert [n for n, p in trainable.items() if p.grad is None] == []
+    assert not any(n.startswith(("backbone.mlm_head", "backbone.nsp_head")) for n in trainable)
+    if strategy == "lora":  # all-linear wraps the pooler when the head reads it, as PEFT does
+        assert isinstance(model.backbone.pooler, LoraLayer) == (head == "sequence")
+    print_trainable_parameters(model)
+    assert f"trainable params: {sum(p.numel() for p in trainable.values()):,} " in capsys.readouterr().out
+
+
+def test_lora_targets_only_in_unused_modules_are_refused():
+    with pytest.raises(ValueError, match="never uses"):
+        prepare(SequenceClassifier(_backbone("bert"), 2),
+                FinetuneConfig(strategy="lora", lora_r=2, target_modules=["nsp_head"]))
+
+
+def test_all_linear_adapter_saved_before_the_pooler_was_targeted_still_loads(tmp_path):
+    """"all-linear" now wraps the pooler a cls-pooled head reads; an adapter saved before holds
+    no pooler LoRA: it loads with the pooler's factors at init (B = 0), its outputs unchanged."""
+    cfg = FinetuneConfig(strategy="lora", lora_r=2, target_modules="all-linear")
+    model = prepare(SequenceClassifier(_backbone("bert"), 2), cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".pooler." not in name:
+                p.normal_()  # as trained; the pooler's B stays 0, as it was absent
+    save_adapter(model, str(tmp_path))
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors, meta = load_file(str(weights)), json.loads(config.read_text())
+    tensors = {n: t for n, t in tensors.items() if ".pooler.lora_" not in n}
+    assert len(tensors) < len(meta["tensors"])  # the pooler's factors were there
+    meta["tensors"] = sorted(tensors)
+    save_file(tensors, str(weights))  # as an older fastpt wrote it: no config digest
+    config.write_text(json.dumps(meta))
+    fresh = load_adapter(SequenceClassifier(_backbone("bert"), 2), str(tmp_path)).eval()
+    torch.testing.assert_close(fresh(**_batch()).logits, model(**_batch()).logits)
+    del tensors["backbone.layers.0.attn.q_proj.lora_A.default.weight"]  # any other: refused
+    save_file(tensors, str(weights))
+    meta["tensors"] = sorted(tensors)
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="absent"):
+        load_adapter(SequenceClassifier(_backbone("bert"), 2), str(tmp_path))
+
+
+def test_adapter_saved_with_the_unused_heads_trained_still_loads(tmp_path):
+    """fastpt used to train (and save) BitFit's biases of BERT's MLM and NSP heads under a task
+    head: they never changed its output, so such a file loads, without them."""
+    cfg = FinetuneConfig(strategy="bitfit")
+    model = prepare(SequenceClassifier(_backbone("bert"), 2), cfg).eval()
+    save_adapter(model, str(tmp_path))
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors, meta = load_file(str(weights)), json.loads(config.read_text())
+    tensors["backbone.mlm_head.bias"] = torch.randn(V)
+    meta["tensors"] = sorted(tensors)
+    save_file(tensors, str(weights))  # as an older fastpt wrote it: no config digest
+    config.write_text(json.dumps(meta))
+    fresh = load_adapter(SequenceClassifier(_backbone("bert"), 2), str(tmp_path)).eval()
+    torch.testing.assert_close(fresh(**_batch()).logits, model(**_batch()).logits)

@@ -247,3 +247,74 @@ def test_load_finetuned_refuses_labels_that_do_not_fit_the_merged_model(tmp_path
     (tmp_path / "finetune.json").write_text(json.dumps({**GOOD_INFO, "saved_as": "merged"}))
     with pytest.raises(ValueError, match="'labels' has 2 labels, but the model .* num_labels 3"):
         load_finetuned(str(tmp_path))
+
+
+# -- audit 4 F1: save_merged leaves the model it saves as it was -----------------------------
+
+def _steps(model, n):
+    """n SGD steps on one batch (eval mode: no dropout, so two runs can be compared bit for bit)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    labels = torch.tensor([0, 1])
+    for _ in range(n):
+        opt.zero_grad()
+        model(_ids(), labels=labels).loss.backward()
+        opt.step()
+
+
+def _trained(strategy):
+    model = prepare(SequenceClassifier(_backbone(), 2), FinetuneConfig(strategy=strategy, lora_r=2)).eval()
+    _steps(model, 1)  # the LoRA B factors leave zero: the fold has something to fold
+    return model
+
+
+@pytest.mark.parametrize("strategy, merged", [("lora", False), ("lora", True), ("int8_lora", False),
+                                              ("ia3", False)])
+def test_save_merged_leaves_the_model_training_as_without_it(tmp_path, strategy, merged):
+    from fastpt.finetune import merge
+    saved, untouched = _trained(strategy), _trained(strategy)
+    if merged:  # merged by the caller: it stays merged, with the very same weights
+        merge(saved)
+        merge(untouched)
+    expected = saved(_ids()).logits
+    modules = [type(m) for m in saved.modules()]
+    trainable = [n for n, p in saved.named_parameters() if p.requires_grad]
+    save_merged(saved, str(tmp_path))
+    assert [type(m) for m in saved.modules()] == modules
+    assert [n for n, p in saved.named_parameters() if p.requires_grad] == trainable
+    after, before = saved.state_dict(), untouched.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    tol = 5e-2 if strategy == "int8_lora" else 1e-5  # int8: merged onto the dequantized weight
+    torch.testing.assert_close(load_merged(str(tmp_path)).eval()(_ids()).logits, expected, atol=tol, rtol=tol)
+    _steps(saved, 3)
+    _steps(untouched, 3)
+    after, before = saved.state_dict(), untouched.state_dict()
+    changed = [n for n in before if not torch.equal(after[n], before[n])]
+    assert not changed, f"training after save_merged differs from training without it: {changed}"
+
+
+# -- audit 4 F2: save_adapter saves the config the model was prepared with -------------------
+
+def test_save_adapter_refuses_a_config_other_than_the_models(tmp_path):
+    prepared_with = FinetuneConfig(strategy="lora", lora_r=4, lora_alpha=32.0, use_rslora=True)
+    model = prepare(SequenceClassifier(_backbone(), 2), prepared_with)
+    with pytest.raises(ValueError, match=r"lora_alpha is 16.0, prepared with 32.0; use_rslora is False"):
+        save_adapter(model, str(tmp_path), FinetuneConfig(strategy="lora", lora_r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    expected = model.eval()(_ids()).logits
+    save_adapter(model, str(tmp_path))  # no config: the one the model was prepared with
+    torch.testing.assert_close(_load(tmp_path)(_ids()).logits, expected)
+
+
+def test_save_adapter_checks_a_config_against_lora_layers_added_by_hand(tmp_path):
+    from fastpt.finetune import add_lora
+    model = SequenceClassifier(_backbone(), 2)
+    add_lora(model.backbone, r=4, alpha=32.0, use_rslora=True)  # nothing recorded on the model
+    with pytest.raises(ValueError, match=r"scaling .* config gives 4.0, the layer has 16.0"):
+        save_adapter(model, str(tmp_path), FinetuneConfig(strategy="lora", lora_r=4))
+    with pytest.raises(ValueError, match="pass config="):
+        save_adapter(model, str(tmp_path))
+    save_adapter(model, str(tmp_path), FinetuneConfig(strategy="lora", lora_r=4, lora_alpha=32.0, use_rslora=True))

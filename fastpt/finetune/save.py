@@ -15,15 +15,18 @@ half-way leaves a folder they refuse, never one they load mixed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastpt._atomic import atomic_write, atomic_write_json, sha256_file, sha256_json
-from fastpt.finetune.strategies import FinetuneConfig, backbone_of, prepare
+from fastpt.finetune.strategies import RECORDED_CONFIG, FinetuneConfig, backbone_of, prepare
 from fastpt.models.hf import CONFIG_NAME, WEIGHTS_NAME
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -49,12 +52,15 @@ def _base_signature(model) -> dict:
             "config": config.to_dict() if config is not None and hasattr(config, "to_dict") else None}
 
 
-def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig) -> list[str]:
+def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | None = None) -> list[str]:
     """Write the trainable tensors of ``model`` (as prepared by ``prepare``); returns their names.
 
+    The config saved is the one ``prepare`` recorded on the model; a ``config`` given must be
+    the same (and must fit the model's LoRA layers), or ``ValueError`` names the fields that differ.
     The weights go first, carrying the digest of the config written second: a save that fails
     between the two leaves new weights beside the old config, which ``load_adapter`` refuses
     (it would load them with the old settings, e.g. another LoRA scaling)."""
+    config = _config_of(model, config)
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError("the model has no trainable parameters to save")
@@ -65,6 +71,52 @@ def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig) -> l
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", CONFIG_DIGEST: digest}))
     atomic_write_json(os.path.join(path, CONFIG_FILE), meta)
     return sorted(tensors)
+
+
+def _config_of(model: torch.nn.Module, given: FinetuneConfig | None) -> FinetuneConfig:
+    """The config to save with ``model``'s tensors. Another one than it was prepared with would
+    still load, since the tensor shapes fit, but with other numbers (e.g. the LoRA scaling
+    alpha / r): refused, naming the fields."""
+    recorded = getattr(model, RECORDED_CONFIG, None)
+    if given is None and recorded is None:
+        raise ValueError("save_adapter needs the FinetuneConfig of the model: it was not prepared by "
+                         "fastpt.finetune.prepare (which records it), so pass config=")
+    if given is not None and recorded is not None:
+        differing = _differing_fields(given, recorded)
+        if differing:
+            raise ValueError("the config given to save_adapter is not the one the model was prepared "
+                             f"with: {differing}; pass that one, or none (the model's is used)")
+    config = given if given is not None else recorded
+    _check_lora_settings(model, config)
+    return config
+
+
+def _differing_fields(given: FinetuneConfig, recorded: FinetuneConfig) -> str:
+    # As saved (JSON): a tuple of target modules is the list it is saved as.
+    a, b = (json.loads(json.dumps(c.to_dict())) for c in (given, recorded))
+    return "; ".join(f"{n} is {a[n]!r}, prepared with {b[n]!r}" for n in a if a[n] != b.get(n))
+
+
+def _check_lora_settings(model: torch.nn.Module, config: FinetuneConfig) -> None:
+    """LoRA's settings that shape no tensor (alpha, rslora, dropout), read off its layers: the
+    model may have been adapted by hand (``add_lora``), with no config recorded."""
+    from fastpt.finetune.lora import lora_layers
+    if config.strategy not in ("lora", "int8_lora"):
+        return
+    for m in lora_layers(model):
+        name = m.active
+        if name is None:
+            continue
+        r = m.lora_A[name].weight.shape[0]
+        root = math.sqrt(r) if config.use_rslora else r
+        scaling = "scaling (lora_alpha / (sqrt(r) if use_rslora else r))"
+        expected = {"lora_r": (config.lora_r, r), scaling: (config.lora_alpha / root, m.scaling[name]),
+                    "lora_dropout": (config.lora_dropout, m.dropout[name])}
+        wrong = [f"{k}: config gives {want!r}, the layer has {have!r}"
+                 for k, (want, have) in expected.items() if not math.isclose(want, have, rel_tol=1e-12)]
+        if wrong:
+            raise ValueError(f"the config given to save_adapter does not fit the model's LoRA layers "
+                             f"(adapter {name!r}): {'; '.join(wrong)}")
 
 
 def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -103,6 +155,7 @@ def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
         raise ValueError(f"{config_file!r} has invalid fine-tuning settings: {e}") from None
     _check_sizes(model, config, tensors, config_file)
     prepared = prepare(model, config)
+    tensors = _without_unused_by_head(prepared, model, tensors)
     _freeze_saved_prefixes(prepared, tensors)
     # Only what the strategy trains: a frozen base weight in the file would silently replace
     # the base's own (the head's new parameters are trainable under every strategy).
@@ -112,6 +165,17 @@ def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
         for name, t in tensors.items():
             params[name].copy_(t)
     return prepared
+
+
+def _without_unused_by_head(prepared: torch.nn.Module, head: torch.nn.Module, tensors: dict) -> dict:
+    """``tensors`` less those of backbone modules the task head never uses (BERT's MLM and NSP
+    heads...), which fastpt trained and saved before it left them out (BitFit, partial, LoRA
+    all-linear): they never changed the head's output, so dropping them loses nothing."""
+    from fastpt.finetune.strategies import unused_by_head
+    backbone = backbone_of(head)
+    unused = unused_by_head(head)
+    roots = tuple(f"{n}.{u}." for n, m in prepared.named_modules() if m is backbone and n for u in unused)
+    return {n: t for n, t in tensors.items() if not n.startswith(roots)} if roots else tensors
 
 
 def _read_safetensors(file: str) -> tuple[dict, dict]:
@@ -150,13 +214,21 @@ def _freeze_saved_prefixes(model: torch.nn.Module, tensors: dict) -> None:
             module.freeze()
 
 
+def _pooler_lora_saved_before_it_was_targeted(tensors: dict, expected: dict) -> set:
+    """The pooler's LoRA factors, where the file holds none of them: "all-linear" targets the
+    pooler of a head that reads it, which it did not before; an adapter saved then has no
+    pooler LoRA, and the factors' init (B = 0) gives that adapter's outputs exactly."""
+    pooler = {n for n in expected if re.search(r"(^|\.)pooler\.lora_[AB]\.", n)}
+    return pooler if not pooler & set(tensors) else set()
+
+
 def _check_saved_tensors(file: str, tensors: dict, expected: dict) -> None:
     # The file must hold exactly the expected parameters, each with its shape: a missing one
     # would stay at its init (a silently different model), an unexpected one would overwrite a
     # weight that is not the file's to change. The values must be finite floats; the dtype
     # check comes first, as isfinite is not implemented for every dtype (float8).
     unknown = sorted(set(tensors) - set(expected))
-    absent = sorted(set(expected) - set(tensors))
+    absent = sorted(set(expected) - set(tensors) - _pooler_lora_saved_before_it_was_targeted(tensors, expected))
     wrong = sorted(n for n in tensors if n in expected and expected[n].shape != tensors[n].shape)
     if unknown or absent or wrong:
         raise ValueError(f"the tensors of {file!r} do not fit this model: unknown (or not trained by "
@@ -180,28 +252,74 @@ def _head_classes() -> dict:
     return _HEADS
 
 
-def _fold_ia3(backbone: torch.nn.Module) -> None:
-    """Fold IA3 scales into the weights they scale: output scales into rows (and bias),
-    input scales into columns; the IA3 wrappers become their plain linears."""
+class _FoldedLinear(torch.nn.Module):
+    """A plain linear's tensors (``weight``, ``bias``) under the names a merged checkpoint has."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+
+def _folded_lora(m) -> _FoldedLinear:
+    """The weight ``merge_and_unload`` would give ``m`` (the merged adapters with their current
+    factors, as forward runs them, plus the active one), computed into new tensors."""
+    from fastpt.nn.int8_linear import Int8Linear
+    base = m.base_layer
+    active = m.delta_weight(m.active) if m.active and m.active not in m.merged else 0
+    if isinstance(base, Int8Linear):  # the int8 weight holds no adapter: they apply on its dequantized copy
+        bias = base.bias.float() if base.bias is not None else None
+        return _FoldedLinear(m._merged_int8_weight() + active, bias)
+    w = base.weight
+    for name in m.merged:  # factors changed since merging: forward swaps in their delta
+        merged = m._merged_factors[name]
+        if not merged.holds(*m._factors(name)):
+            w = (w.float() + (m.delta_weight(name) - merged.delta())).to(w.dtype)
+    return _FoldedLinear((w.float() + active).to(w.dtype), base.bias)
+
+
+def _folded_ia3(m) -> _FoldedLinear:
+    """IA3 scales folded into the weight they scale: output scales into rows (and the bias),
+    input scales into columns."""
+    w, b = m.base.weight, m.base.bias
+    if m.on == "output":
+        return _FoldedLinear(w * m.ia3_l.unsqueeze(1), b * m.ia3_l if b is not None else None)
+    return _FoldedLinear(w * m.ia3_l.unsqueeze(0), b)
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@contextlib.contextmanager
+def _folded(backbone: torch.nn.Module):
+    """``backbone`` with its LoRA and IA3 layers swapped, inside the ``with`` block, for plain
+    linears holding the folded weights; then the wrappers go back untouched. Folding in place
+    and undoing it would not give the weights back bit for bit (float rounding), and the
+    caller may go on training: its model, optimizer state and merged state stay as they were.
+    The cost is one copy of the wrapped layers' weights, not of the whole model."""
+    from fastpt.finetune.lora import LoraLayer
     from fastpt.finetune.peft_modules import IA3Linear
-    for path, m in [(n, m) for n, m in backbone.named_modules() if isinstance(m, IA3Linear)]:
-        with torch.no_grad():
-            if m.on == "output":
-                m.base.weight.mul_(m.ia3_l.unsqueeze(1))
-                if m.base.bias is not None:
-                    m.base.bias.mul_(m.ia3_l)
-            else:
-                m.base.weight.mul_(m.ia3_l.unsqueeze(0))
-        parent, _, leaf = path.rpartition(".")
-        setattr(backbone.get_submodule(parent) if parent else backbone, leaf, m.base)
+    with torch.no_grad():
+        swaps = [(path, m, _folded_lora(m) if isinstance(m, LoraLayer) else _folded_ia3(m))
+                 for path, m in backbone.named_modules() if isinstance(m, (LoraLayer, IA3Linear))]
+    try:
+        for path, _, plain in swaps:
+            _set_submodule(backbone, path, plain)
+        yield backbone
+    finally:
+        for path, wrapper, _ in swaps:
+            _set_submodule(backbone, path, wrapper)
 
 
 def save_merged(model: torch.nn.Module, path: str) -> None:
     """Merged full checkpoint: LoRA and IA3 folded into the weights, written as a plain HF
     layout model (``save_pretrained``) plus, for a task head, ``head.safetensors`` and
-    ``head_config.json``. Strategies that add modules with no weight to fold into (adapters,
-    prefix, prompt) raise ``ValueError``: save them with ``save_adapter``."""
-    from fastpt.finetune.lora import merge_and_unload
+    ``head_config.json``. ``model`` itself is left as it was (its adapters, weights, trainable
+    parameters and merged state): training can go on after the save. Strategies that add
+    modules with no weight to fold into (adapters, prefix, prompt) raise ``ValueError``: save
+    them with ``save_adapter``."""
     from fastpt.finetune.peft_modules import WithAdapter
     from fastpt.finetune.prefix import PrefixAttention
     from fastpt.finetune.strategies import PromptTuned
@@ -210,9 +328,8 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     backbone = backbone_of(model)
     if any(isinstance(m, (WithAdapter, PrefixAttention)) for m in backbone.modules()):
         raise ValueError("adapters and prefix tuning add modules that cannot be merged; use save_adapter")
-    merge_and_unload(backbone)
-    _fold_ia3(backbone)
-    backbone.save_pretrained(path)
+    with _folded(backbone):
+        backbone.save_pretrained(path)
     if backbone is model:
         # A head left by an earlier save into this folder would be put back on this model by
         # load_merged. If the removal never happens (a crash), the head's recorded digests no

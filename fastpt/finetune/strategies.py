@@ -26,10 +26,18 @@ import torch
 from torch import nn
 
 from fastpt.finetune import lora as lora_mod
-from fastpt.finetune.heads import IGNORE_INDEX, QuestionAnswering, TokenClassifier, qa_loss
+from fastpt.finetune.heads import (IGNORE_INDEX, QuestionAnswering, SequenceClassifier, TokenClassifier,
+                                   qa_loss)
 from fastpt.finetune.peft_modules import BottleneckAdapter, IA3Linear, SoftPrompt, WithAdapter
 from fastpt.finetune.prefix import add_prefix_tuning
 from fastpt.models import Decoder, Encoder
+
+# The attribute where ``prepare`` records its config on the model it returns.
+RECORDED_CONFIG = "finetune_config"
+
+# A backbone's own pre-training heads (BERT's MLM and NSP heads, a decoder's LM head): a task
+# head reads hidden states, never these.
+PRETRAINING_HEADS = ("mlm_head", "nsp_head", "lm_head")
 
 STRATEGIES = ("full", "partial", "probe", "lora", "int8_lora", "adapters", "prefix", "prompt",
               "ia3", "bitfit")
@@ -108,6 +116,7 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     backbone = backbone_of(model)
     if config.strategy == "full":
         model.requires_grad_(True)
+        setattr(model, RECORDED_CONFIG, config)
         return model
     model.requires_grad_(False)
     apply = {"partial": _partial, "probe": lambda b, c: None, "lora": _lora, "int8_lora": _int8_lora,
@@ -115,11 +124,67 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     wrapped = model
     if config.strategy == "prompt":
         wrapped = PromptTuned(model, config)
+    elif config.strategy in ("lora", "int8_lora") and backbone is not model:
+        apply[config.strategy](backbone, replace(config, target_modules=_lora_targets(model, config)))
     else:
         apply[config.strategy](backbone, config)
+    _freeze_unused_by_head(model)
     for p in _head_parameters(model):
         p.requires_grad_(True)
+    # What save_adapter saves: a config passed there could differ in numbers no shape shows.
+    setattr(wrapped, RECORDED_CONFIG, config)
     return wrapped
+
+
+def _reads_pooler(head: nn.Module) -> bool:
+    # As SequenceClassifier.forward decides (fastpt/finetune/heads.py): [CLS] through the pooler.
+    return (isinstance(head, SequenceClassifier) and head.pooling == "cls"
+            and isinstance(head.backbone, Encoder) and head.layer == -1)
+
+
+def unused_by_head(model: nn.Module) -> list[str]:
+    """Paths of the backbone modules that the task head ``model`` never runs into its output:
+    the backbone's own pre-training heads, and BERT's pooler unless the head reads it. Trained,
+    they would get no gradient, inflate the trainable count and fill the adapter file."""
+    backbone = backbone_of(model)
+    if backbone is model:  # a bare model (e.g. text-to-text) uses its own heads
+        return []
+    unused = [n for n in PRETRAINING_HEADS if getattr(backbone, n, None) is not None]
+    if getattr(backbone, "pooler", None) is not None and not _reads_pooler(model):
+        unused.append("pooler")
+    return unused
+
+
+def _is_under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def _freeze_unused_by_head(model: nn.Module) -> None:
+    """Freeze what a strategy marked trainable in modules the head never uses (BitFit's biases,
+    partial's layers), but not a tensor shared with a used module (a tied LM head)."""
+    backbone, unused = backbone_of(model), unused_by_head(model)
+    if not unused:
+        return
+    used = {id(p) for n, p in backbone.named_parameters(remove_duplicate=False) if not _is_under(n, unused)}
+    for n, p in backbone.named_parameters():
+        if _is_under(n, unused) and id(p) not in used:
+            p.requires_grad_(False)
+
+
+def _lora_targets(model: nn.Module, c: FinetuneConfig) -> list[str]:
+    """LoRA's target paths under a task head: none in a module the head never uses, and, for
+    "all-linear", the pooler when the head reads it (as PEFT's all-linear wraps it)."""
+    backbone, unused = backbone_of(model), unused_by_head(model)
+    everything = lora_mod._targets(backbone, c.target_modules)
+    targets = [t for t in everything if not _is_under(t, unused)]
+    if not targets:
+        raise ValueError(f"LoRA target modules {everything} are all in modules that "
+                         f"{type(model).__name__} never uses ({unused}); target the encoder's or "
+                         "decoder's layers")
+    pooler = getattr(backbone, "pooler", None)
+    if c.target_modules == lora_mod.ALL_LINEAR and _reads_pooler(model) and isinstance(pooler, nn.Linear):
+        targets.append("pooler")
+    return targets
 
 
 def _layers(backbone) -> nn.ModuleList:
