@@ -7,7 +7,6 @@ whose accumulated micro-batches give the update of one large batch."""
 import json
 import math
 import os
-import signal
 import sys
 
 import pytest
@@ -22,7 +21,8 @@ from fastpt.train.interrupt import TrainingInterrupted
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 from train_tiny import TinyLM, make_data  # noqa: E402
-from trainer_ddp_checks import PackedLM, WordTokenizer, argmax_sampling, encoder_model, pad_collate  # noqa: E402
+from trainer_ddp_checks import (PackedLM, WordTokenizer, argmax_sampling, encoder_model,  # noqa: E402
+                                interrupt_during, pad_collate)
 
 
 def _config(out, **overrides):
@@ -41,18 +41,6 @@ def _gradients_at_step(trainer):
 
 def _label_count(model, batch):
     return model(**batch)["loss"], (batch["labels"][:, 1:] != -100).sum()
-
-
-def _interrupt_after(trainer, step):
-    """SIGINT arrives while ``step`` runs (the way Ctrl-C would)."""
-    train_step = trainer.train_step
-
-    def signalled(micro):
-        stats = train_step(micro)
-        if trainer.step == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return stats
-    trainer.train_step = signalled
 
 
 def _weights(trainer):
@@ -139,7 +127,7 @@ def test_resume_with_workers_is_exact(tmp_path, make, workers):
     full = make(tmp_path / "full", **options)
     full.train()
     cut = make(tmp_path / "cut", **options)
-    _interrupt_after(cut, 2)
+    interrupt_during(cut, 2)
     with pytest.raises(TrainingInterrupted):
         cut.train()
     resumed = make(tmp_path / "cut", **options)
@@ -206,7 +194,7 @@ def test_stop_request_on_a_save_step_stops_after_that_step(tmp_path, save_every,
     torch.manual_seed(0)
     t = Trainer(TinyLM(), _config(tmp_path, max_steps=8, batch_size=4, save_every=save_every, keep_last=20),
                 make_data())
-    _interrupt_after(t, signal_in)
+    interrupt_during(t, signal_in)
     with pytest.raises(TrainingInterrupted) as stopped:  # save_every=1 ran on to step 8
         t.train()
     assert stopped.value.step == signal_in == t.step  # save_every=2 stopped a step later

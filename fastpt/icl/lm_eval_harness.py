@@ -32,7 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from fastpt.icl.evaluate import generate_answer
-from fastpt.icl.scoring import loglikelihood, score_tokens, split_request
+from fastpt.icl.scoring import loglikelihood, score_tokens
 from fastpt.models.generation import stop_token_ids
 
 
@@ -99,12 +99,9 @@ class FastptLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [req.args for req in requests]
-        if self.bos_id is not None:
-            scores = loglikelihood(self.model, self.tokenizer, pairs, bos_id=self.bos_id)
-        else:  # as HFLM: contexts as they are, the prefix token for an empty one
-            split = [split_request(self.tokenizer, context, continuation) for context, continuation in pairs]
-            prefix = [self.prefix_id] if self.prefix_id is not None else []
-            scores = score_tokens(self.model, [(ctx or prefix, cont) for ctx, cont in split])
+        # Without a BOS, as HFLM: contexts as they are, the prefix token for an empty one.
+        scores = loglikelihood(self.model, self.tokenizer, pairs, bos_id=self.bos_id,
+                               empty_context_id=self.prefix_id)
         out = []
         for pair, s in zip(pairs, scores):
             self.cache_hook.add_partial("loglikelihood", pair, (s.logprob, s.is_greedy))

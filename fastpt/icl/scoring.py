@@ -47,13 +47,18 @@ def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int]
 
 @torch.no_grad()
 def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
-                  bos_id: int | None = None) -> list[Score]:
+                  bos_id: int | None = None, empty_context_id: int | None = None) -> list[Score]:
     """Score each (context, continuation). ``bos_id`` is prepended to contexts (needed when
-    a context is empty, so the first token has something to be predicted from)."""
+    a context is empty, so the first token has something to be predicted from); without it,
+    ``empty_context_id`` stands in for an empty context alone (lm-eval's prefix token)."""
     pairs = []
     for context, continuation in requests:
         ctx, cont = split_request(tokenizer, context, continuation)
-        pairs.append(([bos_id] + ctx if bos_id is not None else ctx, cont))
+        if bos_id is not None:
+            ctx = [bos_id] + ctx
+        elif not ctx and empty_context_id is not None:
+            ctx = [empty_context_id]
+        pairs.append((ctx, cont))
     return score_tokens(model, pairs)
 
 

@@ -142,8 +142,6 @@ def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
         count[0] += 1
         if n.kind == "leaf":
             return n.value
-        if n.kind == "chance":
-            raise ValueError("minimax has no chance nodes; use expectimax")
         if n.kind == "max":
             best = -math.inf
             for c in n.children:

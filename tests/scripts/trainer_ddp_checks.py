@@ -215,16 +215,21 @@ def train_decoder_classifier(out: str) -> str:
     return "ok"
 
 
-def train_until_interrupted(trainer: Trainer, at_step: int) -> None:
-    """Train as a run that gets SIGINT during step ``at_step``: it saves and stops there."""
-    step = trainer.train_step
+def interrupt_during(trainer: Trainer, step: int) -> None:
+    """SIGINT arrives while ``step`` runs (the way Ctrl-C would)."""
+    train_step = trainer.train_step
 
     def signalled(micro):
-        stats = step(micro)
-        if trainer.step == at_step:
+        stats = train_step(micro)
+        if trainer.step == step:
             os.kill(os.getpid(), signal.SIGINT)
         return stats
     trainer.train_step = signalled
+
+
+def train_until_interrupted(trainer: Trainer, at_step: int) -> None:
+    """Train as a run that gets SIGINT during step ``at_step``: it saves and stops there."""
+    interrupt_during(trainer, at_step)
     try:
         trainer.train()
     except TrainingInterrupted:
