@@ -387,3 +387,15 @@ def test_lora_speed_rotates_the_order_of_its_steps(order_spy):
     impls = ["full", "lora_fastpt", "lora_eager", "frozen"]
     assert order_spy == impls + impls[1:] + impls[:1]  # 2 rounds, each starting one later
     assert set(result["step_s"]) == set(impls) and all(t > 0 for t in result["step_s"].values())
+
+
+def test_cpu_model_names_family_and_model(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\n"
+                    "model name\t: other\n")
+    assert run.cpu_model(str(info)) == "AMD EPYC (family 25, model 1)"
+    # No /proc/cpuinfo (macOS, Windows) or no family line: the platform's name.
+    assert run.cpu_model(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert run.cpu_model(str(info)) == "Some CPU"
