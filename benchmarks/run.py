@@ -221,9 +221,9 @@ def incomplete_text(runs: list[ChildRun], markdown: bool = False) -> str:
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name with its family and model numbers where Linux gives them (this
-    project's VMs all report "AMD EPYC": family 25 is Zen 3 (AVX2), 26 Zen 5 (AVX-512)), else
-    ``platform.processor()`` or the machine type."""
+    """The CPU's model name with its family and model numbers where Linux gives them, else
+    ``platform.processor()`` or the machine type. (This project's VMs all report "AMD EPYC":
+    family 25 model 1 is Zen 3, AVX2 only; family 26 is Zen 5, AVX-512.)"""
     fields = {}
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
