@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 import sys
 import time
 
@@ -57,9 +56,10 @@ def new_output_dir(out: str | None, root: str = "runs") -> str:
 
 def describe(config: DemoConfig) -> str:
     import fastpt
+    from fastpt.benchmarks.run import cpu_model
     info = fastpt.build_info()
     return (f"fastpt {info['version']}, torch {torch.__version__}, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{cpu_model()}, {os.cpu_count()} cores, "
             f"{config.threads} threads ({config.train_threads} for the tiny models), "
             f"kernels {info['cpu_capability']}; "
             f"{config.size} demo, seed {config.seed}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
