@@ -11,6 +11,7 @@ from fastpt.finetune import (STRATEGIES, FinetuneConfig, QuestionAnswering, Sequ
                              TokenClassifier, add_lora, count_parameters, disable_adapter,
                              load_adapter, merge, merge_and_unload, prepare, prompt_masked_labels,
                              save_adapter, set_adapter, unmerge)
+from fastpt.finetune.heads import features
 from fastpt.finetune.lora import LoraLayer
 from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
 from fastpt.train import enable_activation_checkpointing
@@ -426,6 +427,57 @@ def test_layer_mix_features_train_in_a_probe():
     assert not torch.equal(model.mix.weights.detach(), torch.zeros(3))
     with pytest.raises(ValueError, match="layer must be"):
         SequenceClassifier(_backbone("bert"), 2, layer="last")
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("layer", [0, 1, -2])
+def test_features_of_a_lower_layer_run_only_the_layers_below(kind, layer):
+    backbone = _backbone(kind)
+    assert backbone.config.num_layers == 2
+    head = SequenceClassifier(backbone, 2, layer=layer, dropout=0.0).eval()
+    batch = _batch()
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, m in enumerate(backbone.layers)]
+    head(batch["input_ids"], batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    assert calls == list(range(layer % 3))
+    # The features equal that layer's hidden state in a run of the whole backbone.
+    with torch.no_grad():
+        want = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True).hidden_states[layer]
+        got = features(backbone, batch["input_ids"], batch["attention_mask"], layer=layer)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora", "bitfit", "ia3"])
+def test_layers_above_the_features_layer_stay_frozen(strategy):
+    head = SequenceClassifier(_backbone("gpt2"), 2, layer=1, dropout=0.0)
+    model = prepare(head, FinetuneConfig(strategy=strategy, lora_r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not {n for n in trainable if n.startswith(("backbone.layers.1.", "backbone.final_norm."))}
+    assert {n for n in trainable if n.startswith("backbone.layers.0.")}
+    assert "backbone.embed_tokens.weight" in trainable or strategy != "full"  # tied to the unused LM head
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model)
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert torch.equal(p, before[n]), f"{n} is frozen but changed"
+
+
+def test_a_features_layer_outside_the_model_is_refused():
+    for layer in (3, -4, 1.0, True):
+        with pytest.raises(ValueError, match=r"layer must be 'mix' or an int in \[-3, 2\]"):
+            SequenceClassifier(_backbone("bert"), 2, layer=layer)
+    decoder = _backbone("llama")
+    ids = _batch()["input_ids"]
+    with pytest.raises(ValueError, match=r"num_layers must be an int in \[0, 2\]"):
+        decoder(input_ids=ids, num_layers=3)
+    with pytest.raises(ValueError, match="num_layers=1 runs part of the model"):
+        decoder(input_ids=ids, labels=ids, num_layers=1)
+    with pytest.raises(ValueError, match="num_layers=1 runs part of the model"):
+        decoder(input_ids=ids, use_cache=True, num_layers=1)
+    assert decoder(input_ids=ids, num_layers=1).logits is None
 
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "int8_lora", "ia3", "bitfit"])

@@ -38,19 +38,32 @@ class HeadOutput:
 
 def features(backbone: nn.Module, input_ids=None, attention_mask=None, *, layer: int = -1,
              inputs_embeds=None, token_type_ids=None) -> tuple[Tensor, tuple | None]:
-    """Hidden states (B, T, d) after ``layer`` (-1: the last, normed for decoders), plus all
-    layers' states when ``layer`` is not -1 (for layer mixing)."""
+    """Hidden states (B, T, d) after ``layer`` (an index into the embeddings and each layer's
+    output, as ``hidden_states``; -1: the last, normed for decoders), plus those of the
+    embeddings and every layer up to ``layer`` when it is not -1 (for layer mixing). Layers
+    above ``layer`` are not run."""
     every = layer != -1
+    n = _layers_up_to(backbone, layer)
     if isinstance(backbone, Encoder):
-        last, hidden = backbone.encode(input_ids, attention_mask, token_type_ids,
-                                       inputs_embeds=inputs_embeds, output_hidden_states=every)
+        last, hidden = backbone.encode(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds,
+                                       output_hidden_states=every, num_layers=n)
     elif isinstance(backbone, Decoder):
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                       output_hidden_states=every, logits_to_keep=1)
+                       output_hidden_states=every, logits_to_keep=1, num_layers=n)
         last, hidden = out.last_hidden_state, out.hidden_states
     else:
         raise TypeError(f"task heads need a fastpt Encoder or Decoder backbone, got {type(backbone).__name__}")
-    return (last if not every else hidden[layer]), hidden
+    return (last if not every else hidden[n]), hidden
+
+
+def _layers_up_to(backbone: nn.Module, layer: int) -> int:
+    """How many of the backbone's layers the features of ``layer`` need (index ``layer`` of the
+    num_layers + 1 hidden states), refusing an index outside them."""
+    count = backbone.config.num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -(count + 1) <= layer <= count:
+        raise ValueError(f"layer must be 'mix' or an int in [{-(count + 1)}, {count}] (an index into the "
+                         f"embeddings and this backbone's {count} layers), got {layer!r}")
+    return layer % (count + 1)
 
 
 class ScalarMix(nn.Module):
@@ -71,19 +84,20 @@ class _Head(nn.Module):
     """Shared by the heads: features from ``layer`` (an index, -1 = last, or "mix")."""
 
     # The backbone's own heads (a decoder's LM head, BERT's MLM and NSP heads; the layers above
-    # ``layer``) get no gradient here: the Trainer's DDP must skip them.
+    # ``layer``, which are not run) get no gradient here: the Trainer's DDP must skip them.
     ddp_find_unused_parameters = True
 
     def _init_features(self, backbone: nn.Module, layer) -> None:
-        if not (layer == "mix" or isinstance(layer, int)):
-            raise ValueError(f"layer must be an int or 'mix', got {layer!r}")
+        if layer != "mix":
+            _layers_up_to(backbone, layer)  # validates it early
         self.backbone, self.layer = backbone, layer
         self.mix = ScalarMix(backbone.config.num_layers + 1) if layer == "mix" else None
 
     def _features(self, input_ids, attention_mask, **kw) -> Tensor:
         if self.mix is None:
             return features(self.backbone, input_ids, attention_mask, layer=self.layer, **kw)[0]
-        _, hidden = features(self.backbone, input_ids, attention_mask, layer=0, **kw)
+        _, hidden = features(self.backbone, input_ids, attention_mask,
+                             layer=self.backbone.config.num_layers, **kw)
         return self.mix(hidden)
 
 

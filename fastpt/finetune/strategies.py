@@ -2,10 +2,12 @@
 
 ``model`` is a task head (``SequenceClassifier`` ...) around a backbone, or a bare fastpt
 model (e.g. a ``Decoder`` for text-to-text). Task-head parameters always stay trainable;
-the strategy decides what else is.
+the strategy decides what else is, except in the backbone modules the head never runs
+(``unused_by_head``: its pre-training heads, and the layers above a head's ``layer``),
+which stay frozen under every strategy.
 
 ==============  ===========================================================================
-full            every parameter
+full            every parameter the head uses
 partial         all but the embeddings and the first ``freeze_layers`` layers
 probe           the head only (feature-based: frozen backbone; ``layer`` picks the features)
 lora            LoRA factors on ``target_modules`` (names, or "all-linear")
@@ -116,6 +118,7 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     backbone = backbone_of(model)
     if config.strategy == "full":
         model.requires_grad_(True)
+        _freeze_unused_by_head(model)
         setattr(model, RECORDED_CONFIG, config)
         return model
     model.requires_grad_(False)
@@ -152,6 +155,11 @@ def unused_by_head(model: nn.Module) -> list[str]:
     unused = [n for n in PRETRAINING_HEADS if getattr(backbone, n, None) is not None]
     if getattr(backbone, "pooler", None) is not None and not _reads_pooler(model):
         unused.append("pooler")
+    layer, count = getattr(model, "layer", -1), len(_layers(backbone))
+    if isinstance(layer, int) and layer != -1 and layer % (count + 1) < count:
+        # Features from a lower layer: the layers above it, and a decoder's final norm, never run.
+        unused += [f"layers.{i}" for i in range(layer % (count + 1), count)]
+        unused += ["final_norm"] if hasattr(backbone, "final_norm") else []
     return unused
 
 

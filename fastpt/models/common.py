@@ -151,6 +151,16 @@ def init_normal_(module: nn.Module, std: float) -> None:
             nn.init.ones_(m.weight)
 
 
+def layers_to_run(layers: nn.ModuleList, num_layers: int | None) -> nn.ModuleList:
+    """The first ``num_layers`` of ``layers`` (all when None), refusing a count the model lacks."""
+    if num_layers is None:
+        return layers
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 0 <= num_layers <= len(layers):
+        raise ValueError(f"num_layers must be an int in [0, {len(layers)}] (this model's layer count), "
+                         f"got {num_layers!r}")
+    return layers[:num_layers]
+
+
 def key_padding(attention_mask: Tensor | None, shape: tuple[int, int] | None = None,
                 name: str = "attention_mask") -> Tensor | None:
     """(B, S) bool of the keys to attend, or None when every key may be attended. ``shape``:

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
 from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, check_ids, check_input_ids,
-                                  init_normal_, key_padding, linear_activation, positions_from_mask)
+                                  init_normal_, key_padding, layers_to_run, linear_activation,
+                                  positions_from_mask)
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
@@ -181,7 +182,10 @@ class Decoder(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 labels=None, past_key_values: KVCache | None = None, use_cache: bool = False,
                 output_hidden_states: bool = False, document_ids=None, prefix_lengths=None,
-                logits_to_keep: int = 0, return_logits: bool = True) -> DecoderOutput:
+                logits_to_keep: int = 0, return_logits: bool = True, num_layers: int | None = None
+                ) -> DecoderOutput:
+        """``num_layers`` < the model's: run only the first that many layers and return their
+        hidden states, un-normed and without logits (features for a probe on a lower layer)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -190,6 +194,11 @@ class Decoder(PreTrainedModel):
         B, T = x.shape[:2]
         if labels is not None and tuple(labels.shape) != (B, T):
             raise ValueError(f"labels must be (B, T) = ({B}, {T}) like the inputs, got {tuple(labels.shape)}")
+        layers = layers_to_run(self.layers, num_layers)
+        truncated = len(layers) < len(self.layers)
+        if truncated and (labels is not None or use_cache or past_key_values is not None):
+            raise ValueError(f"num_layers={num_layers} runs part of the model: it gives hidden states "
+                             "only, with no labels, use_cache or past_key_values")
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(B, T)
@@ -201,10 +210,12 @@ class Decoder(PreTrainedModel):
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
         hidden = [x] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             x = layer(x, rotary=self.rotary, position_ids=position_ids, cache=cache, layer_idx=i, **attn)
             if hidden is not None:
                 hidden.append(x)
+        if truncated:
+            return DecoderOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden else None)
         x = self.final_norm(x)
         if hidden is not None:
             hidden[-1] = x

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_ids, check_input_ids,
                                   check_labels, cross_entropy, first_label_outside, init_normal_,
-                                  key_padding, linear_activation)
+                                  key_padding, layers_to_run, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
 from fastpt.nn.linear import Linear
@@ -126,8 +126,9 @@ class Encoder(PreTrainedModel):
         self.use_fused = use_fused
 
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-               inputs_embeds=None, attn_bias=None, output_hidden_states=False):
-        """The backbone: (last hidden state (B, T, d), hidden states or None)."""
+               inputs_embeds=None, attn_bias=None, output_hidden_states=False, num_layers=None):
+        """The backbone: (last hidden state (B, T, d), hidden states or None). ``num_layers``
+        runs only the first that many layers (features for a probe on a lower layer)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
@@ -136,7 +137,7 @@ class Encoder(PreTrainedModel):
             raise ValueError("the input must hold at least one token, got length 0")
         mask = key_padding(attention_mask, (B, T))
         hidden = [x] if output_hidden_states else None
-        for layer in self.layers:
+        for layer in layers_to_run(self.layers, num_layers):
             x = layer(x, mask, attn_bias)
             if hidden is not None:
                 hidden.append(x)
