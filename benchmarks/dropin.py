@@ -27,7 +27,7 @@ implementation's first call runs on the same inputs from the same weights and is
 with the case's reference (:data:`REFERENCE`): ``llama`` and ``lora`` the loss and every
 trainable parameter's gradient of the first training step against the unpatched model's
 (``hf``, ``peft``; fastpt's LoRA model gets PEFT's LoRA factors, so all start equal), at
-the tolerances of :mod:`fastpt.benchmarks.models`; ``int8`` the output against the fp32
+the tolerances of :mod:`fastpt.benchmarks.agreement`; ``int8`` the output against the fp32
 ``F.linear`` (the error column), which must stay within the int8 quantization error
 bound of ``fastpt bench``'s int8_linear (5e-2 of max |y|; measured 4e-3 to 1.1e-2). One that
 disagrees is still timed, but its Result has ``agrees=False`` and ``max_rel_error``, and its
@@ -52,9 +52,9 @@ from fastpt._atomic import atomic_write_json
 from fastpt.benchmarks import int8_linear
 from fastpt.benchmarks.harness import (agree_tolerance, disagreement_line, fail_or, failure_note, max_rel_error,
                                        peak_memory_bytes)
-from fastpt.benchmarks.models import (FP32_TOL, _autocast, _hf_to_ours, _param_grads, _tensor_compare,
-                                      alternate_rounds, bf16_tolerance, check_first_calls, check_json_path,
-                                      check_subsets)
+from fastpt.benchmarks.agreement import (FP32_TOL, autocast, bf16_tolerance, check_first_calls, hf_to_ours,
+                                         param_grads, tensor_compare)
+from fastpt.benchmarks.rounds import alternate_rounds, check_json_path, check_subsets
 
 CASES = ("llama", "lora", "int8")
 REFERENCE = {"llama": "hf", "lora": "peft", "int8": "fp32"}  # what each case's impls are compared with
@@ -114,7 +114,7 @@ def _fastpt_lora(hf_model):
 def _peft_names(fastpt_model) -> dict[str, str]:
     """fastpt LoRA model's factor names -> the PEFT model's names of the same factors."""
     modules = {ours[:-len(".weight")]: hf[:-len(".weight")]
-               for hf, ours in _hf_to_ours(fastpt_model.config).items() if ours.endswith(".weight")}
+               for hf, ours in hf_to_ours(fastpt_model.config).items() if ours.endswith(".weight")}
     out = {}
     for name, _ in fastpt_model.named_parameters():
         module, lora, rest = name.partition(".lora_")
@@ -133,7 +133,7 @@ def _copy_lora_factors(fastpt_model, peft_model) -> None:
 
 
 def _loss(model, ids, dtype: str, fastpt_model: bool = False):
-    with _autocast(dtype):
+    with autocast(dtype):
         if fastpt_model:
             return model(input_ids=ids, labels=ids, return_logits=False).loss
         return model(input_ids=ids, labels=ids).loss
@@ -181,18 +181,18 @@ def _train_calls(case: str, dtype: str, size: str):
     ref_model = models[REFERENCE[case]][0].train()
     names = [n for n, p in ref_model.named_parameters() if p.requires_grad]
     tol = FP32_TOL["bwd"]
-    if dtype != "fp32":  # the reference once in fp32 from the same weights (models.bf16_tolerance)
+    if dtype != "fp32":  # the reference once in fp32 from the same weights (agreement.bf16_tolerance)
         exact_loss = _loss(ref_model, ids, "fp32")
         exact_loss.backward()
-        exact = (exact_loss.detach(), *_param_grads(ref_model, names))
+        exact = (exact_loss.detach(), *param_grads(ref_model, names))
         ref_model.zero_grad(set_to_none=True)
         tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
     calls = {name: _train_step(m, ids, dtype, own) for name, (m, own) in models.items()}
 
     def first(name):
-        return lambda: (calls[name](), *_param_grads(models[name][0], names, renames.get(name)))
+        return lambda: (calls[name](), *param_grads(models[name][0], names, renames.get(name)))
     shape = f"L={s['layers']} B={s['B']} T={s['T']}"
-    return calls, {name: first(name) for name in calls}, _tensor_compare(tol), shape
+    return calls, {name: first(name) for name in calls}, tensor_compare(tol), shape
 
 
 def _medians_ms(samples: dict) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ the frozen decoder with no adapter at all, only the first attention norm's weigh
 adapters cost nothing would take (plus the first layer's q/k/v input gradient, ~1% of the
 step, which LoRA skips), and ``full / frozen`` and ``eager LoRA / frozen`` bound the two
 speed-ups any LoRA implementation can reach at this shape. The four steps are timed round
-by round, the order rotating each round (``models.alternate_rounds``), so warm-up or a
+by round, the order rotating each round (``rounds.alternate_rounds``), so warm-up or a
 frequency drift within a round does not always favour the same one.
 
 Run: ``python -m fastpt.benchmarks.finetune [--quick] [--only strategies,icl,lora_speed]
@@ -33,7 +33,7 @@ import torch
 
 from fastpt._atomic import atomic_write_json
 from fastpt.alloc import peak_memory_bytes
-from fastpt.benchmarks.models import alternate_rounds
+from fastpt.benchmarks.rounds import alternate_rounds
 
 
 def pretrained_decoder(out_dir: str, quick: bool):

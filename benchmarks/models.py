@@ -19,10 +19,10 @@ implementation's first call (the first training step, one ``generate``, one forw
 on the same inputs from the same weights and is compared with the reference implementation,
 ``eager`` (``use_fused=False``; built for the check even when ``--impls`` leaves it out):
 ``train`` the loss and every parameter gradient of that step, ``decode`` the generated
-tokens, ``encoder`` the last hidden state (tolerances: :data:`FP32_TOL`, :func:`bf16_tolerance`
-and :func:`_decode_compare`). One that disagrees is still timed, but its Result has
-``agrees=False`` and the error, its ratio cells (and tokens/s) print as ``FAIL``, and the
-table is followed by a list of the disagreements.
+tokens, ``encoder`` the last hidden state (tolerances: :data:`agreement.FP32_TOL`,
+:func:`agreement.bf16_tolerance` and :func:`_decode_compare`). One that disagrees is still
+timed, but its Result has ``agrees=False`` and the error, its ratio cells (and tokens/s)
+print as ``FAIL``, and the table is followed by a list of the disagreements.
 
 Run: ``python -m fastpt.benchmarks.models [--quick] [--cases train,decode,encoder]
 [--dtypes fp32,bf16] [--memory] [--json PATH]`` or ``fastpt bench-models ...``.
@@ -31,38 +31,26 @@ Run: ``python -m fastpt.benchmarks.models [--quick] [--cases train,decode,encode
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import resource
 import statistics
 import subprocess
 import sys
-import time
-import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from fastpt._atomic import atomic_write_json
+from fastpt.benchmarks.agreement import (FP32_TOL, LOW_PRECISION_FACTOR, autocast, bf16_tolerance,
+                                         check_first_calls, hf_to_ours, param_grads, tensor_compare)
 from fastpt.benchmarks.harness import disagreement_line, fail_or, failure_note, max_rel_error, rounding_floor
+from fastpt.benchmarks.rounds import alternate_rounds, check_json_path, check_subsets
 
 CASES = ("train", "decode", "encoder")
 IMPLS = ("fastpt", "eager", "transformers")
 DTYPES = ("fp32", "bf16")
 REFERENCE = "eager"  # every other implementation is compared with it before timing
-
-# Agreement tolerances, relative to max |reference| of each output (harness.max_rel_error).
-# fp32: tests/tolerances.py holds each fp32 op to 1e-5 (forward) and 1e-4 (backward) of the
-# float64 result; two fp32 implementations that each meet that differ by at most twice as
-# much. "bwd" covers the training step's loss and gradients, "fwd" the encoder's output and
-# decode's logits. (Measured on the full shapes: gradients 2-4e-6 apart, the loss 1e-7.)
-FP32_TOL = {"fwd": 2e-5, "bwd": 2e-4}
-# bf16 autocast: tests/tolerances.py's rule (FlashAttention's): an implementation's error
-# against the exact result may be at most 2x eager PyTorch's at the same precision. The
-# reference run once more in fp32 stands in for the exact result (its own error is ~1000x
-# smaller than bf16's); see :func:`bf16_tolerance`.
-LOW_PRECISION_FACTOR = 2.0
 
 # (full, quick) shapes.
 TRAIN = {"full": dict(B=8, T=512), "quick": dict(B=2, T=128)}
@@ -101,12 +89,6 @@ def bert_config(quick: bool):
     return from_name("bert-base", num_layers=4 if quick else 12, dropout=0.0, attention_dropout=0.0)
 
 
-def _autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _models(config, impls):
     """Same weights three ways: fastpt fused, fastpt eager, transformers."""
     from fastpt.models import to_hf
@@ -125,7 +107,7 @@ def _models(config, impls):
 
 
 def _loss(impl, model, ids, dtype):
-    with _autocast(dtype):  # the forward and the loss only, as in a training loop
+    with autocast(dtype):  # the forward and the loss only, as in a training loop
         if impl == "transformers":
             return model(input_ids=ids, labels=ids).loss
         return model(input_ids=ids, labels=ids, return_logits=False).loss
@@ -148,7 +130,7 @@ def _decode_fn(impl, model, ids, new, dtype):
     model.eval()
 
     def run():
-        with torch.no_grad(), _autocast(dtype):
+        with torch.no_grad(), autocast(dtype):
             if impl == "transformers":
                 return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
@@ -160,86 +142,11 @@ def _encoder_fn(impl, model, ids, dtype):
     model.eval()
 
     def run():
-        with torch.no_grad(), _autocast(dtype):
+        with torch.no_grad(), autocast(dtype):
             if impl == "transformers":
                 return model.bert(input_ids=ids).last_hidden_state
             return model.encode(ids)[0]
     return run
-
-
-# ---------------------------------------------------------------- agreement
-
-def bf16_tolerance(reference, exact) -> float:
-    """The tolerance of a bf16-autocast implementation's outputs against the reference's,
-    from the reference's bf16 outputs and its fp32 ones (``exact``).
-
-    With e = the reference's own bf16 error (max_rel_error against its fp32 run), an
-    implementation within LOW_PRECISION_FACTOR x e of the exact result is within
-    (LOW_PRECISION_FACTOR + 1) x e of the reference's bf16 outputs (triangle inequality): the
-    tolerance, never below bf16's rounding (2 x eps, harness.rounding_floor). Measured on the
-    full training step: e = 0.017, fastpt and transformers 0.016 from the reference.
-    """
-    e = max_rel_error(reference, exact)
-    return rounding_floor((LOW_PRECISION_FACTOR + 1) * e if e is not None else 0.0, torch.bfloat16)
-
-
-def _tensor_compare(tol: float | Callable[[tuple], float]):
-    """compare(got, ref) -> (max_rel_error, tolerance); ``tol``: a number or ref -> number."""
-    def compare(got, ref):
-        return max_rel_error(got, ref), tol(ref) if callable(tol) else tol
-    return compare
-
-
-def check_first_calls(first: Mapping[str, Callable[[], tuple]], reference: str,
-                      compare: Callable[[tuple, tuple], tuple], label: str, catch: bool = False
-                      ) -> tuple[dict[str, tuple[bool, float | None]], dict[str, str]]:
-    """Run each implementation's first call (the reference's first) and compare what it returns
-    with the reference's: ``compare(got, ref) -> (error, tolerance)``; agreement is
-    ``error <= tolerance`` (None, a missing or misshapen output, disagrees).
-
-    Returns ({impl: (agrees, error)} for every impl but the reference, {impl: error message}
-    for the calls that raised, with ``catch``; without it an exception propagates). A
-    disagreement also warns; the caller times the impl anyway and prints its ratios as FAIL.
-    """
-    agreement, failed = {}, {}
-
-    def run(name):
-        if not catch:
-            return first[name]()
-        try:
-            return first[name]()
-        except Exception as e:  # noqa: BLE001  (reported in the table)
-            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            return None
-
-    ref = run(reference)
-    for name in first:
-        if name == reference:
-            continue
-        got = run(name)
-        if name in failed or reference in failed:
-            continue
-        err, tol = compare(got, ref)
-        ok = err is not None and err <= tol
-        if not ok:
-            warnings.warn(f"{label}: {name} differs from {reference} (max relative error {err}, tolerance "
-                          f"{tol:.3g}); timing it anyway, its ratios print as FAIL", stacklevel=2)
-        agreement[name] = (ok, err)
-        del got
-    return agreement, failed
-
-
-def _param_grads(model, names, rename: Mapping[str, str] | None = None) -> tuple:
-    """The gradients of ``model``'s parameters in the order of ``names`` (None where it has
-    none); ``rename`` maps the model's parameter names to those of ``names``."""
-    grads = {(rename or {}).get(n, n): p.grad for n, p in model.named_parameters()}
-    return tuple(grads.get(n) for n in names)
-
-
-def _hf_to_ours(config) -> dict[str, str]:
-    """transformers parameter name -> fastpt's, for the families whose tensors map one to one."""
-    from fastpt.models.hf import _entries
-    return {e.hf: e.ours[0] for e in _entries(config) if len(e.ours) == 1}
 
 
 def _decode_compare(ref_model, prompt: int, dtype: str):
@@ -260,7 +167,7 @@ def _decode_compare(ref_model, prompt: int, dtype: str):
     fp32 argmax (error 0, tolerance 0.035-0.038); in fp32 all three are identical.
     """
     def logits(seq, dt):
-        with torch.no_grad(), _autocast(dt):
+        with torch.no_grad(), autocast(dt):
             out = ref_model(input_ids=seq).logits
         return out[0, prompt - 1:-1].float()  # the positions that predict the new tokens
 
@@ -310,22 +217,22 @@ def _calls(case, dtype, impls, size) -> _Case:
         models = _models(cfg, built)
         ref_model = models[REFERENCE]
         names = [n for n, p in ref_model.named_parameters() if p.requires_grad]
-        hf_names = _hf_to_ours(cfg)
+        hf_names = hf_to_ours(cfg)
         tol = FP32_TOL["bwd"]
         if dtype != "fp32":  # the reference once in fp32 from the same weights, before any step
             ref_model.train()
             exact_loss = _loss(REFERENCE, ref_model, ids, "fp32")
             exact_loss.backward()
-            exact = (exact_loss.detach(), *_param_grads(ref_model, names))
+            exact = (exact_loss.detach(), *param_grads(ref_model, names))
             ref_model.zero_grad(set_to_none=True)
             tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
         steps = {i: _train_step_fn(i, m, ids, dtype) for i, m in models.items()}
 
         def first_step(i):
             rename = hf_names if i == "transformers" else None
-            return lambda: (steps[i](), *_param_grads(models[i], names, rename))
+            return lambda: (steps[i](), *param_grads(models[i], names, rename))
         return _Case({i: steps[i] for i in impls}, {i: first_step(i) for i in built},
-                     _tensor_compare(tol), f"B={s['B']} T={s['T']}")
+                     tensor_compare(tol), f"B={s['B']} T={s['T']}")
     if case == "decode":
         s = DECODE[size]
         cfg = llama_config(quick)
@@ -345,43 +252,7 @@ def _calls(case, dtype, impls, size) -> _Case:
         exact = (_encoder_fn(REFERENCE, models[REFERENCE], ids, "fp32")(),)
         tol = lambda ref: bf16_tolerance(ref, exact)  # noqa: E731
     return _Case({i: runs[i] for i in impls}, {i: (lambda r=r: (r(),)) for i, r in runs.items()},
-                 _tensor_compare(tol), f"L={cfg.num_layers} B={s['B']} T={s['T']}")
-
-
-def alternate_rounds(calls: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, list[tuple]]:
-    """(wall, process CPU) seconds per call, one call of each impl per round, order rotating,
-    for at least min_rounds and at most max_rounds, until budget_s has passed."""
-    samples = {n: [] for n in calls}
-    gc.collect()
-    deadline = time.perf_counter() + budget_s
-    names, r = list(calls), 0
-    while r < max_rounds and (r < min_rounds or time.perf_counter() < deadline):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            calls[name]()
-            samples[name].append((time.perf_counter() - t0, time.process_time() - c0))
-        r += 1
-    return samples
-
-
-def check_subsets(parser: argparse.ArgumentParser, **options: tuple[tuple, tuple]) -> None:
-    """options: name=(values, allowed); a parser error unless each is a non-empty subset."""
-    for name, (values, allowed) in options.items():
-        if not values or any(v not in allowed for v in values):
-            parser.error(f"--{name} must be a comma-separated subset of {','.join(allowed)}")
-
-
-def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
-    """A parser error, before any timing, unless ``path`` (--json) can be written: a missing
-    folder would only fail at the end, with the results lost."""
-    from fastpt.commands.common import check_output_file
-    from fastpt.commands.options import ConfigError
-    if path is not None:
-        try:
-            check_output_file(path, "--json")
-        except ConfigError as e:
-            parser.error(str(e))
+                 tensor_compare(tol), f"L={cfg.num_layers} B={s['B']} T={s['T']}")
 
 
 def measure(case: str, dtype: str, impls=IMPLS, size: str = "full", budget_s: float = 30.0,

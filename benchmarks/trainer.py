@@ -2,7 +2,7 @@
 vs the bare training step (forward + backward + AdamW) on the same model and batches.
 
 The two alternate step by step in one process (the host is shared and drifts), the one that
-goes first swapping each round (``models.alternate_rounds``), so warm-up or a frequency
+goes first swapping each round (``rounds.alternate_rounds``), so warm-up or a frequency
 drift within a round does not always favour the same one. The Trainer adds token counting,
 gradient clipping, the LR schedule and metrics bookkeeping; the target (issue F6) is a
 throughput within 10% of the bare step.
@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from fastpt._atomic import atomic_write_json
-from fastpt.benchmarks.models import alternate_rounds
+from fastpt.benchmarks.rounds import alternate_rounds
 
 
 def _setup(quick: bool):

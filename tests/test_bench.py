@@ -357,9 +357,9 @@ def test_incomplete_text():
 @pytest.fixture
 def order_spy(monkeypatch):
     """Tiny decoders for the trainer and fine-tuning benchmarks, and the order in which their
-    timed rounds call each implementation (recorded around models.alternate_rounds)."""
+    timed rounds call each implementation (recorded around rounds.alternate_rounds)."""
     import fastpt.models
-    from fastpt.benchmarks import finetune, models, trainer
+    from fastpt.benchmarks import finetune, rounds, trainer
     real_from_name = fastpt.models.from_name
     monkeypatch.setattr(fastpt.models, "from_name",
                         lambda name, **kw: real_from_name("llama-tiny", num_layers=1))
@@ -368,7 +368,7 @@ def order_spy(monkeypatch):
     def spy(calls, *args, **kwargs):
         logged = {name: (lambda name=name, fn=fn: (order.append(name), fn()))
                   for name, fn in calls.items()}
-        return models.alternate_rounds(logged, *args, **kwargs)
+        return rounds.alternate_rounds(logged, *args, **kwargs)
     for module in (trainer, finetune):
         monkeypatch.setattr(module, "alternate_rounds", spy)
     return order
