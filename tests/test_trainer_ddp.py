@@ -72,7 +72,7 @@ def test_iterable_dataset_with_unequal_shares_resumes_exactly(results):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("kind", ["mlm", "electra"])
+@pytest.mark.parametrize("kind", ["mlm", "mlm_nsp", "electra"])
 def test_encoder_pretraining_under_torchrun_matches_one_process(results, tmp_path, monkeypatch, kind, strategy):
     # DDP failed at step 2 ("parameters that were not used in producing loss"): the Encoder ran its
     # pooler and NSP head for MLM, and ELECTRA leaves 18 parameter tensors without gradient.

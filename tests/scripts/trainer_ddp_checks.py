@@ -155,24 +155,32 @@ def check_packed(results):
                                             zip(full.model.parameters(), resumed.model.parameters()))
 
 
-def masked_examples(n: int = 32, vocab: int = 40, mask_id: int = 3) -> list[dict]:
+def masked_examples(n: int = 32, vocab: int = 40, mask_id: int = 3, nsp: bool = False) -> list[dict]:
     """MLM examples of 5 to 12 tokens with their masks already drawn (about 15%, at least one), so
-    that one process and two draw the same ones."""
+    that one process and two draw the same ones; with ``nsp``, also segment ids (two halves)
+    and a next-sentence label each."""
     g = torch.Generator().manual_seed(7)
     out = []
-    for _ in range(n):
+    for i in range(n):
         ids = torch.randint(4, vocab, (int(torch.randint(5, 13, (), generator=g)),), generator=g)
         picked = torch.rand(ids.shape, generator=g) < 0.15
         picked[int(torch.randint(len(ids), (), generator=g))] = True
         out.append({"input_ids": torch.where(picked, mask_id, ids).tolist(),
                     "labels": torch.where(picked, ids, -100).tolist()})
+        if nsp:
+            out[-1]["token_type_ids"] = [int(j >= len(ids) // 2) for j in range(len(ids))]
+            out[-1]["next_sentence_label"] = i % 2
     return out
 
 
 def pad_collate(examples: list[dict]) -> dict:
     ids, mask = pad_batch([e["input_ids"] for e in examples], 0, None)
     labels, _ = pad_batch([e["labels"] for e in examples], -100, None)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "next_sentence_label" in examples[0]:
+        batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0, None)
+        batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
+    return batch
 
 
 def encoder_model(kind: str) -> torch.nn.Module:
@@ -191,7 +199,7 @@ def train_encoder(kind: str, out: str, batch_size: int, strategy: str = "auto") 
     try:
         t = Trainer(encoder_model(kind), config(out, max_steps=3, batch_size=batch_size, grad_accum=2,
                                                 label_shift=0, strategy=strategy),
-                    masked_examples(), collate_fn=pad_collate)
+                    masked_examples(nsp=kind == "mlm_nsp"), collate_fn=pad_collate)
         t.train()
     finally:
         torch.multinomial = multinomial
@@ -240,7 +248,7 @@ def check_encoders(results):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     results["encoders.dir"] = OUT
-    for kind in ("mlm", "electra"):
+    for kind in ("mlm", "mlm_nsp", "electra"):
         for strategy in ("ddp", "fsdp"):
             key = f"encoders.{kind}.{strategy}"
             try:
