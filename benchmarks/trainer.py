@@ -39,8 +39,8 @@ def measure(quick: bool = False, steps: int = 6) -> dict:
     trainer_model.load_state_dict(bare_model.state_dict())
     opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
 
-    def bare_step():
-        loss = bare_model(**batch).loss
+    def bare_step():  # without the logits, as the Trainer calls a fastpt model
+        loss = bare_model(**batch, return_logits=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

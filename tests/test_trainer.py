@@ -197,3 +197,33 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         grads.append([p.grad.clone() for p in t.model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_fastpt_models_train_without_logits_and_the_same_loss(tmp_path, kind):
+    """The Trainer asks a fastpt model for its loss without the (B, T, V) logits (the chunked
+    decoder loss, MLM on the labelled positions only): the same loss and gradients."""
+    from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=50)) if kind == "decoder" else \
+        Encoder(EncoderConfig.from_name("bert-tiny", vocab_size=50, dropout=0.0, attention_dropout=0.0))
+    ids = torch.randint(4, 50, (3, 7))
+    labels = ids.clone() if kind == "decoder" else torch.where(torch.rand(3, 7) < 0.3, ids, -100)
+    labels[0, 0] = ids[0, 0]
+    batch = {"input_ids": ids, "labels": labels}
+    trainer = Trainer(model, TrainerConfig(output_dir=str(tmp_path), max_steps=1, batch_size=3,
+                                           label_shift=1 if kind == "decoder" else 0), [batch])
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("return_logits")), with_kwargs=True)
+    model.zero_grad()
+    loss, _ = trainer._forward(batch)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model(**batch)
+    full.loss.backward()
+    assert seen[0] is False and full.logits is not None
+    torch.testing.assert_close(loss, full.loss.float(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -6,7 +6,9 @@ the count). One optimizer step back-propagates ``loss_i * n_i`` for each of its 
 micro-batches, then scales the gradients by ``world / N`` (N = label tokens over all
 micro-batches and ranks, known only after the forwards when a ``loss_fn`` counts them; the
 world size undoes DDP's average), so the update equals the one of a single large batch
-whatever the split.
+whatever the split. A model whose forward takes ``return_logits`` (fastpt's encoders, decoders
+and seq2seq models) is called with ``return_logits=False`` when the batch has labels: the
+loss without the (B, T, V) logits (chunked for decoders, the labelled positions only for MLM).
 
 A loss made of terms averaged over different things (ELECTRA: generator MLM loss over masked
 tokens + 50 x discriminator loss over all real tokens; BERT: MLM + NSP over sequences) states
@@ -41,6 +43,7 @@ A checkpoint holds every rank's RNG states, and each rank resumes from its own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import json
 import math
@@ -136,6 +139,11 @@ class Trainer:
             config.schedule, config.warmup_steps, config.max_steps, config.min_lr_ratio))
         self.train_data, self.eval_data = train_data, eval_data
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
+        # fastpt's models (a forward that takes return_logits) give their loss without the
+        # (B, T, V) logits: the Trainer reads only losses, and those logits cost memory of V / d
+        # times a layer's activations and, in MLM, a vocabulary projection of every token where
+        # only the ~15% labelled ones are scored.
+        self._loss_without_logits = "return_logits" in inspect.signature(model.forward).parameters
         self.loss_terms = loss_terms if loss_terms is not None or loss_fn is not None \
             else getattr(model, "loss_terms", None)
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
@@ -220,6 +228,12 @@ class Trainer:
                              "lacks: each term must be an output field holding that term's mean")
         return torch.stack([v.float().reshape(()) for v in values])
 
+    def _run(self, batch):
+        """The model's output on ``batch`` (without logits where the model can skip them)."""
+        if self._loss_without_logits and "return_logits" not in batch and batch.get("labels") is not None:
+            return self.wrapped(**batch, return_logits=False)
+        return self.wrapped(**batch)
+
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             if self.loss_fn is not None:
@@ -229,7 +243,7 @@ class Trainer:
                     raise ValueError(f"loss_fn must return (mean_loss, count) with count a number >= 0 "
                                      f"(the label tokens the mean is over), got count {count}")
                 return loss.float(), count
-            return _loss_of(self.wrapped(**batch)).float(), self._count(batch)
+            return _loss_of(self._run(batch)).float(), self._count(batch)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -305,7 +319,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             with self._sync_context(last=i == len(micro_batches) - 1):
                 with self._autocast():
-                    means = self._term_means(self.wrapped(**batch), names)
+                    means = self._term_means(self._run(batch), names)
                 # A term with nothing to average over here has a NaN mean (0 / 0) and adds nothing.
                 term_sums = torch.where(counts[i] > 0, means * counts[i], 0.0)
                 (term_sums * scale).sum().backward()
@@ -416,7 +430,7 @@ class Trainer:
             return torch.ones(1), torch.where(count > 0, loss * count, 0.0).reshape(1), count.reshape(1)
         names, weights, counts = self._terms_of(batch)
         with self._autocast():
-            means = self._term_means(self.wrapped(**batch), names)
+            means = self._term_means(self._run(batch), names)
         return weights, torch.where(counts > 0, means * counts, 0.0), counts
 
     def _eval_sums(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

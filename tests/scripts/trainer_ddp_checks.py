@@ -176,11 +176,14 @@ def masked_examples(n: int = 32, vocab: int = 40, mask_id: int = 3, nsp: bool = 
 def pad_collate(examples: list[dict]) -> dict:
     ids, mask = pad_batch([e["input_ids"] for e in examples], 0, None)
     labels, _ = pad_batch([e["labels"] for e in examples], -100, None)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if "next_sentence_label" in examples[0]:
-        batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0, None)
-        batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def nsp_collate(examples: list[dict]) -> dict:
+    """pad_collate plus the segment ids and next-sentence labels of masked_examples(nsp=True)."""
+    segments, _ = pad_batch([e["token_type_ids"] for e in examples], 0, None)
+    return {**pad_collate(examples), "token_type_ids": segments,
+            "next_sentence_label": torch.tensor([e["next_sentence_label"] for e in examples])}
 
 
 def encoder_model(kind: str) -> torch.nn.Module:
@@ -199,7 +202,8 @@ def train_encoder(kind: str, out: str, batch_size: int, strategy: str = "auto") 
     try:
         t = Trainer(encoder_model(kind), config(out, max_steps=3, batch_size=batch_size, grad_accum=2,
                                                 label_shift=0, strategy=strategy),
-                    masked_examples(nsp=kind == "mlm_nsp"), collate_fn=pad_collate)
+                    masked_examples(nsp=kind == "mlm_nsp"),
+                    collate_fn=nsp_collate if kind == "mlm_nsp" else pad_collate)
         t.train()
     finally:
         torch.multinomial = multinomial
