@@ -22,6 +22,17 @@ def main(out_dir: str) -> None:
             res = M.distributed_value_iteration(mdp, 1e-8, stop=stop)
             torch.save({"v": res.v, "policy": res.policy, "iterations": res.iterations},
                        Path(out_dir) / f"{kind}-{stop}-rank{rank}.pt")
+    # The caller's v0 is read, not overwritten by the broadcast of rank 0's; values that
+    # overflow stop every rank with the same error.
+    v0 = torch.full((m.num_states,), float(rank), dtype=torch.float64)
+    M.distributed_value_iteration(m, 1e-8, v0=v0)
+    try:
+        M.distributed_value_iteration(M.MDP(_dense(m), torch.full_like(m.reward, 1e308), 0.9), 1e-8)
+        overflow = "no error"
+    except ValueError as e:
+        overflow = str(e)
+    torch.save({"v0_kept": bool((v0 == rank).all()), "overflow": overflow},
+               Path(out_dir) / f"checks-rank{rank}.pt")
     dist.destroy_process_group()
 
 

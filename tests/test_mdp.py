@@ -710,6 +710,10 @@ def test_distributed_value_iteration_two_ranks(tmp_path):
                 assert g["iterations"] == want.iterations
                 torch.testing.assert_close(g["v"], want.v, rtol=0, atol=1e-12)
                 assert torch.equal(g["policy"], want.policy)
+    for r in range(2):
+        checks = torch.load(tmp_path / f"checks-rank{r}.pt")
+        assert checks["v0_kept"], f"rank {r}'s v0 was overwritten"
+        assert "the values overflowed" in checks["overflow"], checks["overflow"]
 
 
 def _free_port() -> int:
@@ -848,3 +852,70 @@ def test_terminal_states_are_indices_or_a_bool_mask():
         M.MDP(p, r, 0.9, terminal=[2.9])
     assert M.MDP(p, r, 0.9, terminal=torch.tensor([0, 0, 0, 1]).bool()).terminal.tolist() == [False] * 3 + [True]
     assert M.MDP(p, r, 0.9, terminal=[3, 1]).terminal.tolist() == [False, True, False, True]
+
+
+def test_the_op_rechecks_csr_arrays_seen_as_another_dtype():
+    """The remembered checked CSR sets are keyed by dtype too: an int32 array that passed,
+    viewed as int64 (successors 2**32 + 1), crashed the sweep with a segfault."""
+    r, v = torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    indptr, values, base = torch.arange(5), torch.ones(6, dtype=torch.float64), torch.ones(12, dtype=torch.int32)
+    vi_op((indptr, base[:6], values), r, v, 0.9)
+    with pytest.raises(ValueError, match=r"successor indices must be in \[0, 2\)"):
+        vi_op((indptr, base.view(torch.int64), values), r, v, 0.9)
+
+
+@pytest.mark.parametrize("dtype,reward", [(torch.float64, 1e308), (torch.float32, 3e38)])
+@pytest.mark.parametrize("solve", [
+    lambda m: M.value_iteration(m, 1e-3), lambda m: M.value_iteration(m, 1e-3, stop="span"),
+    lambda m: M.value_iteration(m, 1e-3, gauss_seidel=True), lambda m: M.modified_policy_iteration(m, 1e-3),
+    lambda m: M.backward_induction(m, 5),
+    lambda m: M.policy_evaluation(m, torch.zeros(3, dtype=torch.int64), method="iterative")])
+def test_overflowing_values_are_an_error_not_convergence(dtype, reward, solve):
+    # Rewards near the dtype's limit: V passes it in a few sweeps. The kernel's min / max of
+    # the change skipped the NaN of inf - inf and reported convergence with V = inf.
+    p = torch.full((2, 3, 3), 1 / 3, dtype=dtype)
+    m = M.MDP(p, torch.full((3, 2), reward, dtype=dtype), 0.999, dtype=dtype)
+    with pytest.raises(ValueError, match="the values overflowed"):
+        solve(m)
+
+
+def test_index_arrays_and_sizes_must_be_integers():
+    vals = torch.tensor([0.5, 0.5, 1.0, 0.5, 0.5, 1.0], dtype=torch.float64)
+    reward = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="indices must hold integers, got torch.float32"):
+        M.MDP.from_csr([0, 2, 3, 5, 6], torch.tensor([0., 1.9, 0., 0., 1., 1.]), vals, 2, 2, reward, 0.9)
+    with pytest.raises(TypeError, match="indptr must hold integers"):
+        M.MDP.from_csr(np.array([0., 2, 3, 5, 6]), [0, 1, 0, 0, 1, 1], vals, 2, 2, reward, 0.9)
+    with pytest.raises(TypeError, match="num_states must be an int, got float 2.7"):
+        M.MDP.from_csr([0, 2, 3, 5, 6], [0, 1, 0, 0, 1, 1], vals, 2.7, 2, reward, 0.9)
+    for args, name in (((5.7, 2, 2), "num_states"), ((5, 2.2, 2), "num_actions"), ((5, 2, 2.9), "successors")):
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            M.random_sparse_mdp(*args)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        M.random_sparse_mdp(5, 2, 2, seed=1.5)
+
+
+def test_game_trees_changed_after_they_were_built_are_checked():
+    loop = M.Node.max([1])
+    loop.children.append(loop)
+    for search in (M.minimax, M.expectimax):
+        with pytest.raises(ValueError, match="the game tree has a cycle"):
+            search(loop)
+    deep = 1.0
+    for _ in range(5000):
+        deep = M.Node.max([deep])
+    for search in (M.minimax, M.expectimax):
+        with pytest.raises(ValueError, match="deeper than 200 levels"):
+            search(deep)
+    typo = M.Node.max([1, 2])
+    typo.kind = "mx"
+    with pytest.raises(ValueError, match="node kind must be one of"):
+        M.expectimax(typo)
+    extra = M.Node.chance([1, 2])
+    extra.children.append(100)
+    with pytest.raises(ValueError, match="a chance node with 3 children needs 3 probabilities"):
+        M.expectimax(extra)
+    with pytest.raises(TypeError, match="children must be a list"):
+        M.Node("max", 5)
+    shared = M.Node.min([3, 4])  # a subtree under two parents is not a cycle
+    assert M.minimax(M.Node.max([shared, shared])).value == 3

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from fastpt.mdp.model import MDP
-from fastpt.mdp.solvers import Result, _check_max_iter, _initial_values, span_change, stop_threshold
+from fastpt.mdp.solvers import (Result, _check_max_iter, _initial_values, check_no_overflow, span_change,
+                                stop_threshold)
 
 
 def _local_part(mdp: MDP, lo: int, hi: int):
@@ -74,9 +75,11 @@ def distributed_value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int =
         if span:
             dmin, dmax = span_change(torch.tensor([[dmin, dmax]], dtype=torch.float64), mdp)[0].tolist()
         history.append(dmax - dmin if span else max(-dmin, dmax))
+        check_no_overflow(history[-1:])  # the same reduced value, so every rank stops together
         converged = history[-1] < threshold
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * (dmax + dmin) / 2
+        check_no_overflow([float(v.abs().max())] if S else [])  # the extrapolation, as one process
     policy_local = _local_sweep(mdp, part, reward, v, lo)[1]
     policy = _gather(policy_local, block, S, group)
     return Result(v, policy, len(history), history[-1], converged, history)

@@ -26,6 +26,8 @@ class Node:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"node kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.children, (list, tuple)):
+            raise TypeError(f"a node's children must be a list, got {type(self.children).__name__}")
         if self.kind == "leaf":
             if self.children:
                 raise ValueError("a leaf has no children")
@@ -113,6 +115,7 @@ def expectimax(tree: Tree) -> SearchResult:
         return _best(n.kind, vals)[0]
 
     root = _node(tree)
+    _check_tree(root, chance=True)
     count[0] += 1
     if root.kind in ("leaf", "chance"):
         count[0] -= 1
@@ -122,14 +125,38 @@ def expectimax(tree: Tree) -> SearchResult:
     return SearchResult(best, action, count[0])
 
 
-def _refuse_chance_nodes(root: Node) -> None:
-    stack = [root]
-    while stack:  # iterative: a deep tree must not hit Python's recursion limit here
-        n = stack.pop()
-        if n.kind == "chance":
+# value() recurses once per level (two frames in Python 3.11: the call and its comprehension);
+# lecture trees are a few levels deep, and this keeps well inside the default recursion limit.
+MAX_DEPTH = 200
+
+
+def _check_tree(root: Node, chance: bool) -> None:
+    """Every node as its constructor would check it (a node changed after it was built, too),
+    no cycle, at most MAX_DEPTH levels, and chance nodes only where ``chance``. Iterative, so a
+    deep or cyclic tree gets this error rather than RecursionError or an endless search."""
+    on_path: set[int] = set()
+    done: set[int] = set()
+    stack = [(root, 0, False)]
+    while stack:
+        n, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(n))
+            done.add(id(n))
+            continue
+        if id(n) in on_path:
+            raise ValueError("the game tree has a cycle: a node is its own descendant")
+        if id(n) in done:  # a subtree shared by several parents: checked once
+            continue
+        if depth > MAX_DEPTH:
+            raise ValueError(f"the game tree is deeper than {MAX_DEPTH} levels: the search is plain "
+                             "recursion, for lecture-size trees")
+        n.__post_init__()
+        if n.kind == "chance" and not chance:
             raise ValueError("minimax has no chance nodes; use expectimax")
+        on_path.add(id(n))
+        stack.append((n, depth, True))
         if n.kind != "leaf":
-            stack.extend(_node(c) for c in n.children)
+            stack.extend((_node(c), depth + 1, False) for c in n.children)
 
 
 def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
@@ -161,7 +188,7 @@ def minimax(tree: Tree, alpha_beta: bool = True) -> SearchResult:
         return best
 
     root = _node(tree)
-    _refuse_chance_nodes(root)  # everywhere, not only where the search goes (pruning skips some)
+    _check_tree(root, chance=False)  # everywhere, not only where the search goes (pruning skips some)
     if root.kind == "leaf":
         return SearchResult(root.value, None, 1)
     count[0] += 1

@@ -34,6 +34,21 @@ def _as_tensor(x, dtype=None) -> Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
+def _index_array(name: str, x) -> Tensor:
+    """``x`` as int64, refusing floats (1.9 would silently become successor 1) and bools."""
+    t = _as_tensor(x)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    return t.to(torch.int64)
+
+
+def count_arg(name: str, value) -> int:
+    """A size argument (num_states, num_actions, ...): an int, not a float that int() would cut."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _is_sparse_matrix(x) -> bool:
     return (isinstance(x, Tensor) and x.layout in (torch.sparse_csr, torch.sparse_coo)) or \
         hasattr(x, "tocsr")
@@ -163,10 +178,10 @@ class MDP:
         nonzeros needs (a length-S reward would also be R(s))."""
         if order not in ("state", "action"):
             raise ValueError(f"order must be 'state' or 'action', got {order!r}")
-        S, A = int(num_states), int(num_actions)
+        S, A = count_arg("num_states", num_states), count_arg("num_actions", num_actions)
         if S < 1 or A < 1:
             raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
-        indptr, indices = _as_tensor(indptr).to(torch.int64), _as_tensor(indices).to(torch.int64)
+        indptr, indices = _index_array("indptr", indptr), _index_array("indices", indices)
         values = _as_tensor(values)
         if indptr.dim() != 1 or indptr.numel() != S * A + 1:
             raise ValueError(f"indptr must have S*A + 1 = {S * A + 1} entries, got {indptr.numel()}")

@@ -27,9 +27,9 @@ no such argument; it runs on Jacobi sweeps only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import math
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -93,10 +93,24 @@ def span_change(dv: Tensor, mdp: MDP) -> Tensor:
 
 
 def residuals(dv: Tensor, span: bool) -> list[float]:
-    """Stopping quantity per sweep run (rows of dv that are not NaN)."""
+    """Stopping quantity per sweep run (rows of dv that are not NaN); ValueError once a sweep
+    overflowed (the kernel reports a non-finite change as an infinite one)."""
     dv = dv[~torch.isnan(dv[:, 0])]
     r = dv[:, 1] - dv[:, 0] if span else torch.maximum(-dv[:, 0], dv[:, 1])
+    check_no_overflow(r.tolist())
     return r.tolist()
+
+
+def check_no_overflow(residuals: list[float]) -> None:
+    """With finite rewards and V, a sweep's change is finite unless V overflowed its dtype:
+    stop with the reason instead of sweeping on (or reporting convergence) with inf / NaN."""
+    if not all(math.isfinite(r) for r in residuals):
+        raise _overflowed("a sweep changed V by a non-finite amount")
+
+
+def _overflowed(what: str) -> ValueError:
+    return ValueError(f"the values overflowed: {what}, so V is no longer finite (|R| / (1 - gamma) "
+                      "exceeds the dtype's range?); scale the rewards down or use float64")
 
 
 def _check_epsilon(epsilon) -> None:
@@ -116,7 +130,7 @@ def stop_threshold(epsilon: float, gamma: float, stop: str) -> float:
 def _initial_values(mdp: MDP, v0) -> Tensor:
     if v0 is None:
         return torch.zeros(mdp.num_states, dtype=mdp.dtype)
-    v0 = torch.as_tensor(v0, dtype=mdp.dtype).contiguous()
+    v0 = torch.as_tensor(v0, dtype=mdp.dtype).contiguous().clone()  # a copy: solvers may write it
     if v0.shape != (mdp.num_states,):
         raise ValueError(f"v0 must have shape ({mdp.num_states},), got {tuple(v0.shape)}")
     check_finite("v0", v0)
@@ -181,6 +195,8 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
         _warn_below_resolution(v, threshold)
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * float(dv_last[0] + dv_last[1]) / 2
+        if not bool(torch.isfinite(v).all()):
+            raise _overflowed("the span rule's extrapolation of V went past the dtype's range")
     _, policy, _, q = sweep(mdp, v, return_q=return_q)
     return Result(v, policy, len(history), history[-1], converged, history,
                   q if return_q else None)
@@ -311,5 +327,6 @@ def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
     v[horizon] = _initial_values(mdp, terminal_values)
     policy = torch.empty(horizon, mdp.num_states, dtype=torch.int64)
     for t in range(horizon - 1, -1, -1):
-        v[t], policy[t], _, _ = sweep(mdp, v[t + 1], gamma=g)
+        v[t], policy[t], dv, _ = sweep(mdp, v[t + 1], gamma=g)
+        residuals(dv, False)  # refuses an overflowed step
     return FiniteHorizonResult(v, policy)

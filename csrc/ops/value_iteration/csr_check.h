@@ -5,9 +5,10 @@
 // times on the same arrays. Glue only (ATen ops, any device).
 //
 // A remembered set is keyed by each array's storage (held weakly: a freed storage whose
-// address is reused does not match), offset, size, stride and version counter, so an in-place
-// torch write to either array is checked again. Writes that bypass the version counter (a
-// numpy view of the same memory, raw pointers) are not seen.
+// address is reused does not match), dtype, offset, size, stride and version counter, so an
+// in-place torch write to either array, or the same memory read as another dtype (an int32
+// array viewed as int64), is checked again. Writes that bypass the version counter (through
+// `.data`, a numpy view of the same memory, raw pointers) are not seen.
 #pragma once
 
 #include <ATen/ops/aminmax.h>
@@ -25,15 +26,17 @@ struct CsrArraysKey {
   struct Array {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     const c10::StorageImpl* address;
+    c10::ScalarType dtype;
     int64_t offset, numel, stride, version;
 
     explicit Array(const at::Tensor& t)
         : storage(t.storage().getWeakStorageImpl()), address(t.storage().unsafeGetStorageImpl()),
-          offset(t.storage_offset()), numel(t.numel()), stride(t.stride(0)), version(t._version()) {}
+          dtype(t.scalar_type()), offset(t.storage_offset()), numel(t.numel()), stride(t.stride(0)),
+          version(t._version()) {}
 
     bool same(const Array& o) const {
-      return !storage.expired() && address == o.address && offset == o.offset && numel == o.numel &&
-             stride == o.stride && version == o.version;
+      return !storage.expired() && address == o.address && dtype == o.dtype && offset == o.offset &&
+             numel == o.numel && stride == o.stride && version == o.version;
     }
   };
   Array indptr, indices;

@@ -1,7 +1,8 @@
 // Value-iteration input checks, shared by the CPU glue and the CUDA glue so both devices
 // reject the same inputs with the same messages. O(S*A) at most per call: the CSR arrays'
-// bounds are checked once per set of arrays (csr_check.h), and the probabilities themselves
-// (finite, rows summing to 1) by fastpt.mdp.MDP or fastpt.ops.value_iteration(check=True).
+// bounds are checked once per set of arrays (csr_check.h), and the probabilities themselves by
+// fastpt.mdp.MDP (finite, >= 0, rows summing to 1) or fastpt.ops.value_iteration(check=True)
+// (finite only: the op sweeps any matrix it is given).
 #pragma once
 
 #include <cmath>

@@ -161,6 +161,7 @@ struct Sweep {
     const T gamma = static_cast<T>(a.gamma);
     const auto dot = row_dot;  // a local copy: its captures stay in registers across rows
     T dmin = std::numeric_limits<T>::infinity(), dmax = -dmin;
+    T nonfinite = 0;  // d - d: 0, or NaN once a change is NaN or infinite (values overflowed)
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = a.first_state + i;
       T best = -std::numeric_limits<T>::infinity();
@@ -176,11 +177,16 @@ struct Sweep {
       const T d = best - src[s];
       dmin = std::min(dmin, d);
       dmax = std::max(dmax, d);
+      nonfinite += d - d;
       dst[i] = best;
       a.policy[i] = best_a;
     }
-    mm[0] = static_cast<double>(dmin);
-    mm[1] = static_cast<double>(dmax);
+    // std::min / max skip NaN: without this a sweep of overflowed (inf - inf) values would
+    // report a residual of -inf, below any tolerance. An infinite residual instead never meets
+    // the rule, and the caller tells it from a sweep not run (NaN stats).
+    const bool finite = nonfinite == 0;
+    mm[0] = finite ? static_cast<double>(dmin) : -std::numeric_limits<double>::infinity();
+    mm[1] = finite ? static_cast<double>(dmax) : std::numeric_limits<double>::infinity();
   }
 };
 
@@ -233,7 +239,7 @@ void run_sweeps(const ValueIterationArgs& a, Block&& block) {
     a.stats[2 * k + 1] = dmax;
     const double residual = a.span_residual ? dmax - dmin : std::max(-dmin, dmax);
     if (!a.gauss_seidel) src = dst;
-    if (residual < a.tol) break;  // (NaN never stops)
+    if (residual < a.tol) break;
   }
   if (!a.gauss_seidel && src != out && S > 0) std::memcpy(out, src, sizeof(T) * S);
 }

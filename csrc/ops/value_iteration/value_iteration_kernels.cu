@@ -78,6 +78,7 @@ __global__ void vi_sweep_kernel(Rows rows, const T* __restrict__ reward, const T
   if (*done) return;
   const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
   T dmin = infinity<T>(), dmax = -infinity<T>();
+  T nonfinite = 0;  // d - d: 0, or NaN once a change is NaN or infinite (values overflowed)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; i < states;
        i += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
     T best = -infinity<T>();
@@ -93,14 +94,16 @@ __global__ void vi_sweep_kernel(Rows rows, const T* __restrict__ reward, const T
     const T d = best - src[first + i];
     dmin = d < dmin ? d : dmin;
     dmax = d > dmax ? d : dmax;
+    nonfinite += d - d;
     if (lane == 0) {
       dst[i] = best;
       policy[i] = best_a;
     }
   }
-  if (lane == 0) {
-    smin[warp] = static_cast<double>(dmin);
-    smax[warp] = static_cast<double>(dmax);
+  if (lane == 0) {  // as on the CPU: a non-finite change gives an infinite residual, never met
+    const bool finite = nonfinite == 0;
+    smin[warp] = finite ? static_cast<double>(dmin) : -infinity<double>();
+    smax[warp] = finite ? static_cast<double>(dmax) : infinity<double>();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
