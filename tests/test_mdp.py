@@ -864,6 +864,7 @@ def test_the_op_rechecks_csr_arrays_seen_as_another_dtype():
         vi_op((indptr, base.view(torch.int64), values), r, v, 0.9)
 
 
+@pytest.mark.filterwarnings("ignore:the stopping threshold")  # the span rule meets it by rounding first
 @pytest.mark.parametrize("dtype,reward", [(torch.float64, 1e308), (torch.float32, 3e38)])
 @pytest.mark.parametrize("solve", [
     lambda m: M.value_iteration(m, 1e-3), lambda m: M.value_iteration(m, 1e-3, stop="span"),
@@ -919,3 +920,63 @@ def test_game_trees_changed_after_they_were_built_are_checked():
         M.Node("max", 5)
     shared = M.Node.min([3, 4])  # a subtree under two parents is not a cycle
     assert M.minimax(M.Node.max([shared, shared])).value == 3
+
+
+def test_malformed_sparse_matrices_are_named():
+    sp = pytest.importorskip("scipy.sparse")
+    good = sp.csr_matrix(np.array([[0.5, 0.5], [0.2, 0.8]]))
+    r = torch.zeros(2, 2, dtype=torch.float64)
+    bad = sp.csr_matrix(np.array([[0.5, 0.5], [0.2, 0.8]]))
+    bad.indptr = np.array([0, 3, 2])
+    with pytest.raises(ValueError, match="matrix 1: indptr must be non-decreasing"):
+        M.MDP([good, bad], r, 0.9)
+    unchecked = torch.sparse_csr_tensor(torch.tensor([0, 2, 9]), torch.tensor([0, 1, 0, 1]),
+                                        torch.tensor([0.5, 0.5, 0.2, 0.8], dtype=torch.float64), (2, 2),
+                                        check_invariants=False)
+    with pytest.raises(ValueError, match="matrix 0: indptr must be non-decreasing and within its 4 nonzeros"):
+        M.MDP([unchecked, good], r, 0.9)
+    outside = torch.sparse_csr_tensor(torch.tensor([0, 2, 4]), torch.tensor([0, 5, 0, 1]),
+                                      torch.tensor([0.5, 0.5, 0.2, 0.8], dtype=torch.float64), (2, 2),
+                                      check_invariants=False)
+    with pytest.raises(ValueError, match=r"matrix 0: column indices must be in \[0, 2\)"):
+        M.MDP([outside, good], r, 0.9)
+
+
+def test_float32_probabilities_in_a_float64_mdp_are_checked_to_float32_rounding():
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 50, 50, generator=g)
+    p = w / w.sum(-1, keepdim=True)  # float32 rows: 1 within ~1e-7, not within float64's eps
+    m = M.MDP(p, torch.zeros(50, 2), 0.9)
+    assert m.dtype == torch.float64
+    with pytest.raises(ValueError, match="sum to"):
+        M.MDP(p * 1.001, torch.zeros(50, 2), 0.9)
+
+
+def test_more_argument_checks_name_the_argument():
+    m = M.random_sparse_mdp(5, 2, 2, seed=0)
+    assert not M.MDP(torch.full((1, 2, 2), 0.5), torch.zeros(2, 1), 0.9, terminal=[]).terminal.any()
+    with pytest.raises(ValueError, match=r"terminal_values must have shape \(5,\)"):
+        M.backward_induction(m, 3, terminal_values=torch.zeros(4))
+    with pytest.raises(TypeError, match="v0 must be real"):
+        M.value_iteration(m, 1e-3, v0=torch.zeros(5, dtype=torch.complex128))
+    for bad, error in ((0, ValueError), (2.5, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="sweeps_per_call must be"):
+            M.value_iteration(m, 1e-3, sweeps_per_call=bad)
+    r, v = torch.zeros(5, 2, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    sparse = (m.indptr, m.indices, m.values)
+    with pytest.raises(TypeError, match=r"a tuple of 2 \(Tensor, Tensor\)"):
+        vi_op(sparse[:2], r, v, 0.9)
+    with pytest.raises(TypeError, match="got a torch.sparse_csr tensor"):
+        vi_op(torch.eye(10, dtype=torch.float64).to_sparse_csr(), r, v, 0.9)
+    with pytest.raises(TypeError, match="reward must be a tensor, got list"):
+        vi_op(sparse, [[0.0, 0.0]] * 5, v, 0.9)
+    grid = M.Gridworld()
+    with pytest.raises(ValueError, match=r"\(2, 2\) is not a state"):
+        grid.state(2, 2)
+    with pytest.raises(ValueError, match=r"v must have shape \(11,\)"):
+        grid.render(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"policy must be \(11,\) action indices in \[0, 4\)"):
+        grid.render(torch.zeros(11), torch.full((11,), 7))
+    for noise in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="noise must be in"):
+            M.Gridworld(noise=noise)

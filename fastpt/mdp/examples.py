@@ -26,6 +26,8 @@ class Gridworld:
 
     def __init__(self, living_reward: float = -0.04, gamma: float = 1.0, noise: float = 0.2,
                  dtype: torch.dtype = torch.float64):
+        if not 0 <= noise <= 1:  # (NaN too)
+            raise ValueError(f"noise must be in [0, 1] (the probability of slipping sideways), got {noise}")
         self.cells = [(x, y) for y in range(1, self.height + 1) for x in range(1, self.width + 1)
                       if (x, y) != self.wall]
         index = {c: i for i, c in enumerate(self.cells)}
@@ -45,11 +47,21 @@ class Gridworld:
         self.mdp = MDP(p, reward, gamma, terminal=[index[c] for c in self.terminals], dtype=dtype)
 
     def state(self, x: int, y: int) -> int:
+        if (x, y) not in self.index:
+            raise ValueError(f"({x}, {y}) is not a state: the grid is {self.width} x {self.height} "
+                             f"from (1, 1), and {self.wall} is the wall")
         return self.index[(x, y)]
 
     def render(self, v: torch.Tensor, policy: torch.Tensor | None = None) -> str:
         """The grid as text, top row first: values, and arrows of the policy if given."""
         arrows = "^v<>"
+        S = len(self.cells)
+        if tuple(v.shape) != (S,):
+            raise ValueError(f"v must have shape ({S},), one value per state, got {tuple(v.shape)}")
+        if policy is not None and (tuple(policy.shape) != (S,) or policy.is_floating_point() or
+                                   bool(((policy < 0) | (policy >= len(arrows))).any())):
+            raise ValueError(f"policy must be ({S},) action indices in [0, {len(arrows)}), got "
+                             f"{policy.dtype} {tuple(policy.shape)}")
         lines = []
         for y in range(self.height, 0, -1):
             row = []

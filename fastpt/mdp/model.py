@@ -54,17 +54,31 @@ def _is_sparse_matrix(x) -> bool:
         hasattr(x, "tocsr")
 
 
-def _csr_parts(m) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-    """(indptr int64, indices int64, values, shape) of a torch sparse tensor or scipy matrix."""
+def _csr_parts(m, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """(indptr int64, indices int64, values, shape) of a torch sparse tensor or scipy matrix,
+    whose arrays are checked: neither library guarantees them (an unvalidated
+    torch.sparse_csr_tensor, a scipy matrix whose arrays were assigned)."""
     if isinstance(m, Tensor):
         if m.layout == torch.sparse_coo:
             m = m.coalesce().to_sparse_csr()
-        return (m.crow_indices().to(torch.int64), m.col_indices().to(torch.int64), m.values(),
-                tuple(m.shape))
-    m = m.tocsr()
-    return (torch.from_numpy(np.asarray(m.indptr, dtype=np.int64)),
-            torch.from_numpy(np.asarray(m.indices, dtype=np.int64)),
-            torch.from_numpy(np.asarray(m.data)), tuple(m.shape))
+        ip, ix, val = m.crow_indices().to(torch.int64), m.col_indices().to(torch.int64), m.values()
+    else:
+        m = m.tocsr()
+        ip, ix, val = (torch.from_numpy(np.asarray(a, dtype=dt)) for a, dt in
+                       ((m.indptr, np.int64), (m.indices, np.int64), (m.data, None)))
+    shape = tuple(m.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D sparse matrix, got shape {shape}")
+    if ip.dim() != 1 or ip.numel() != shape[0] + 1 or ix.shape != val.shape:
+        raise ValueError(f"{name}: its CSR arrays do not fit its shape {shape} (indptr of {ip.numel()} "
+                         f"entries, {ix.numel()} indices, {val.numel()} values)")
+    if bool((ip[1:] < ip[:-1]).any()) or int(ip[0]) < 0 or int(ip[-1]) > ix.numel():
+        raise ValueError(f"{name}: indptr must be non-decreasing and within its {ix.numel()} nonzeros")
+    used = ix[int(ip[0]):int(ip[-1])]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= shape[1]):
+        raise ValueError(f"{name}: column indices must be in [0, {shape[1]}), got values in "
+                         f"[{int(used.min())}, {int(used.max())}]")
+    return ip, ix, val, shape
 
 
 def _stack_action_major(parts) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,12 +107,13 @@ def _sparse_to_state_major(x) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
     """(indptr, indices, values, S, A) in state-major row order from a stacked action-major
     sparse (A*S, S) matrix or a sequence of per-action (S, S) matrices; None if x is dense."""
     if _is_sparse_matrix(x):
-        ip, ix, val, shape = _csr_parts(x)
+        ip, ix, val, shape = _csr_parts(x, "the stacked sparse matrix")
         if len(shape) != 2 or shape[1] == 0 or shape[0] % shape[1]:
             raise ValueError(f"a stacked sparse matrix must have shape (A*S, S), got {shape}")
         S, A = shape[1], shape[0] // shape[1]
     elif isinstance(x, (list, tuple)) and x and any(_is_sparse_matrix(t) for t in x):
-        parts = [_csr_parts(t if _is_sparse_matrix(t) else _as_tensor(t).to_sparse_csr()) for t in x]
+        parts = [_csr_parts(t if _is_sparse_matrix(t) else _as_tensor(t).to_sparse_csr(), f"matrix {a}")
+                 for a, t in enumerate(x)]
         S, A = parts[0][3][0], len(parts)
         for a, part in enumerate(parts):
             if part[3] != (S, S):
@@ -221,6 +236,11 @@ class MDP:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype, self.num_states, self.num_actions = dtype, int(S), int(A)
+        # Rows are checked to the rounding of the probabilities as given (float32 P in a
+        # float64 MDP sums to 1 within float32's eps, not float64's).
+        given = (p if p is not None else values).dtype
+        self._rounding_dtype = given if given.is_floating_point and \
+            torch.finfo(given).eps > torch.finfo(dtype).eps else dtype
         self.p = None if p is None else p.to(dtype).contiguous()
         self.indptr, self.indices = indptr, indices
         self.values = None if values is None else values.to(dtype)
@@ -239,6 +259,8 @@ class MDP:
         if terminal is None:
             return mask
         t = _as_tensor(terminal)
+        if t.numel() == 0:  # [] (numpy makes it float64): no terminal state
+            return mask
         if t.dtype == torch.bool:
             if t.shape != (S,):
                 raise ValueError(f"a terminal mask must have shape ({S},), got {tuple(t.shape)}")
@@ -293,7 +315,7 @@ class MDP:
             sums = torch.segment_reduce(v.to(torch.float64), "sum", offsets=self.indptr,
                                         unsafe=True) if v.numel() else torch.zeros(S * A, dtype=torch.float64)
         live = ~self.terminal.repeat_interleave(A)
-        off = live & ~((sums - 1).abs() <= _row_sum_tol(self.dtype, lens))
+        off = live & ~((sums - 1).abs() <= _row_sum_tol(self._rounding_dtype, lens))
         if bool(off.any()):
             row = int(off.nonzero()[0, 0])
             raise ValueError(f"the transition probabilities of {self._state_action(row)} sum to "

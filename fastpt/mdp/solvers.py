@@ -127,13 +127,15 @@ def stop_threshold(epsilon: float, gamma: float, stop: str) -> float:
     return epsilon * (1 - gamma) / (2 * gamma if stop == "sup" else gamma)
 
 
-def _initial_values(mdp: MDP, v0) -> Tensor:
+def _initial_values(mdp: MDP, v0, name: str = "v0") -> Tensor:
     if v0 is None:
         return torch.zeros(mdp.num_states, dtype=mdp.dtype)
+    if torch.as_tensor(v0).is_complex():  # the cast would drop the imaginary part with a warning
+        raise TypeError(f"{name} must be real, got a complex {type(v0).__name__}")
     v0 = torch.as_tensor(v0, dtype=mdp.dtype).contiguous().clone()  # a copy: solvers may write it
     if v0.shape != (mdp.num_states,):
-        raise ValueError(f"v0 must have shape ({mdp.num_states},), got {tuple(v0.shape)}")
-    check_finite("v0", v0)
+        raise ValueError(f"{name} must have shape ({mdp.num_states},), got {tuple(v0.shape)}")
+    check_finite(name, v0)
     return v0
 
 
@@ -173,6 +175,9 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
     """
     threshold = stop_threshold(epsilon, mdp.gamma, stop)
     _check_max_iter(max_iter)
+    _check_int("sweeps_per_call", sweeps_per_call)
+    if sweeps_per_call < 1:
+        raise ValueError(f"sweeps_per_call must be >= 1, got {sweeps_per_call}")
     if gauss_seidel and stop == "span":
         raise ValueError("stop='span' needs Jacobi sweeps (its value extrapolation assumes them); "
                          "use gauss_seidel=False or stop='sup'")
@@ -324,7 +329,7 @@ def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     g = mdp.gamma if gamma is None else MDP._check_gamma(gamma)
     v = torch.empty(horizon + 1, mdp.num_states, dtype=mdp.dtype)
-    v[horizon] = _initial_values(mdp, terminal_values)
+    v[horizon] = _initial_values(mdp, terminal_values, "terminal_values")
     policy = torch.empty(horizon, mdp.num_states, dtype=torch.int64)
     for t in range(horizon - 1, -1, -1):
         v[t], policy[t], dv, _ = sweep(mdp, v[t + 1], gamma=g)

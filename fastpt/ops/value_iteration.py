@@ -55,15 +55,20 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
     Returns:
         :class:`Sweep` (v, policy, dv, q).
     """
+    dense = isinstance(transitions, Tensor) and transitions.layout == torch.strided
+    if not dense and not (isinstance(transitions, (tuple, list)) and len(transitions) == 3 and
+                          all(isinstance(t, Tensor) for t in transitions)):
+        raise TypeError("transitions must be a dense (A, S, S) tensor or an (indptr, indices, values) "
+                        "tuple of tensors in state-major row order, got "
+                        f"{_describe(transitions)}")
+    for name, t in (("reward", reward), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if check:
         check_finite("v", v)
         check_finite("reward", reward)
-        probabilities = transitions if isinstance(transitions, Tensor) else transitions[2]
-        check_finite("transitions" if isinstance(transitions, Tensor) else "values", probabilities)
-    if isinstance(transitions, Tensor):
-        if transitions.layout != torch.strided:
-            raise TypeError("transitions must be a dense (A, S, S) tensor or an (indptr, indices, "
-                            "values) tuple in state-major row order")
+        check_finite("transitions" if dense else "values", transitions if dense else transitions[2])
+    if dense:
         out = torch.ops.fastpt.value_iteration_dense(transitions, reward, v, gamma, sweeps,
                                                      gauss_seidel, return_q, tol, span, first_state)
     else:
@@ -72,6 +77,14 @@ def value_iteration(transitions, reward: Tensor, v: Tensor, gamma: float, *, swe
                                                       sweeps, gauss_seidel, return_q, tol, span,
                                                       first_state)
     return Sweep(*out)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.layout} tensor"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} ({', '.join(type(t).__name__ for t in x)})"
+    return type(x).__name__
 
 
 def check_finite(name: str, t: Tensor) -> None:
