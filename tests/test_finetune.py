@@ -605,3 +605,39 @@ def test_adapter_saved_with_the_unused_heads_trained_still_loads(tmp_path):
     config.write_text(json.dumps(meta))
     fresh = load_adapter(SequenceClassifier(_backbone("bert"), 2), str(tmp_path)).eval()
     torch.testing.assert_close(fresh(**_batch()).logits, model(**_batch()).logits)
+
+
+# -- audit 5: prepare once, with a FinetuneConfig ----------------------------------------------
+
+@pytest.mark.parametrize("first, second", [("ia3", "ia3"), ("lora", "ia3"), ("adapters", "adapters"),
+                                           ("prefix", "prefix"), ("prompt", "prompt"), ("full", "lora")])
+def test_prepare_refuses_an_already_prepared_model(first, second):
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy=first, lora_r=2))
+    with pytest.raises(ValueError, match=f"the model was already prepared with strategy '{first}'; "
+                                         "prepare a fresh model"):  # stacked, or an AttributeError
+        prepare(model, FinetuneConfig(strategy=second, lora_r=2))
+
+
+def test_prepare_refuses_a_prepared_model_under_a_new_head_or_in_load_adapter(tmp_path):
+    lm = prepare(_backbone("gpt2"), FinetuneConfig(strategy="ia3"))
+    with pytest.raises(ValueError, match="already prepared with strategy 'ia3'"):
+        prepare(SequenceClassifier(lm, 2), FinetuneConfig(strategy="ia3"))
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy="lora", lora_r=2))
+    save_adapter(model, str(tmp_path))
+    with pytest.raises(ValueError, match="already prepared with strategy 'lora'"):
+        load_adapter(model, str(tmp_path))  # would have put LoRA inside LoRA
+    load_adapter(SequenceClassifier(_backbone("gpt2"), 2), str(tmp_path))  # a fresh one loads
+
+
+@pytest.mark.parametrize("strategy", ["lora", "int8_lora"])
+def test_a_merged_and_unloaded_lora_model_may_be_prepared_again(strategy):
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2, dropout=0.0), FinetuneConfig(strategy=strategy, lora_r=2))
+    _train(model, steps=1)
+    merged = merge_and_unload(model)
+    again = prepare(merged, FinetuneConfig(strategy="lora", lora_r=2))  # a second round of LoRA
+    assert _lora_layers(again) and all(not isinstance(m.base_layer, LoraLayer) for m in _lora_layers(again).values())
+
+
+def test_prepare_needs_a_finetune_config():
+    with pytest.raises(TypeError, match="prepare's config must be a FinetuneConfig, got dict"):
+        prepare(SequenceClassifier(_backbone("gpt2"), 2), {"strategy": "lora"})  # was an AttributeError

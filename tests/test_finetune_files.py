@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import fastpt.finetune.save as save_mod
 from fastpt.commands.finetune import load_finetuned
-from fastpt.finetune import (FinetuneConfig, SequenceClassifier, load_adapter, load_merged, prepare,
-                             save_adapter, save_merged)
+from fastpt.finetune import (FinetuneConfig, SequenceClassifier, TokenClassifier, load_adapter, load_merged,
+                             prepare, save_adapter, save_merged)
 from fastpt.models import Decoder, DecoderConfig
 
 V = 120
@@ -318,3 +318,103 @@ def test_save_adapter_checks_a_config_against_lora_layers_added_by_hand(tmp_path
     with pytest.raises(ValueError, match="pass config="):
         save_adapter(model, str(tmp_path))
     save_adapter(model, str(tmp_path), FinetuneConfig(strategy="lora", lora_r=4, lora_alpha=32.0, use_rslora=True))
+
+
+# -- audit 5: an adapter loads only into the head it was saved from --------------------------
+
+def _head_adapter(path, head, strategy="lora"):
+    """``head`` prepared with ``strategy``, its trainable tensors moved off their init, saved."""
+    model = prepare(head, FinetuneConfig(strategy=strategy, lora_r=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_adapter(model, str(path))
+    return model.eval()
+
+
+@pytest.mark.parametrize("saved, fresh, strategy, match", [
+    (dict(pooling="mean"), dict(), "lora", "pooling 'mean', not this model's 'last'"),
+    (dict(layer=1), dict(), "probe", "layer 1, not this model's -1"),
+    (dict(layer="mix"), dict(layer=0), "probe", "layer 'mix', not this model's 0"),
+    (dict(), "token", "lora", "class 'SequenceClassifier', not this model's 'TokenClassifier'")])
+def test_adapter_refuses_a_head_of_another_class_pooling_or_layer(tmp_path, saved, fresh, strategy, match):
+    _head_adapter(tmp_path, SequenceClassifier(_backbone(), 2, **saved), strategy)
+    head = TokenClassifier(_backbone(), 3) if fresh == "token" else SequenceClassifier(_backbone(), 2, **fresh)
+    with pytest.raises(ValueError, match=match):  # loaded silently before, giving other logits
+        load_adapter(head, str(tmp_path))
+
+
+def test_adapter_saved_before_the_head_was_recorded_still_loads(tmp_path):
+    model = _head_adapter(tmp_path, SequenceClassifier(_backbone(), 2, pooling="mean"))
+    config = tmp_path / save_mod.CONFIG_FILE
+    meta = json.loads(config.read_text())
+    assert meta["base"]["head"] == {"class": "SequenceClassifier", "pooling": "mean", "layer": -1}
+    del meta["base"]["head"]
+    config.write_text(json.dumps(meta))
+    _edit(tmp_path)  # the weights without the digest, as that older fastpt wrote them
+    loaded = load_adapter(SequenceClassifier(_backbone(), 2, pooling="mean"), str(tmp_path)).eval()
+    torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+@pytest.mark.parametrize("make", [lambda b: SequenceClassifier(b, 2, pooling="mean", layer=1),
+                                  lambda b: TokenClassifier(b, 3, layer="mix")])
+def test_merged_head_keeps_its_class_pooling_layer_and_labels(tmp_path, make):
+    model = make(_backbone()).eval()
+    with torch.no_grad():
+        if model.mix is not None:
+            model.mix.weights.normal_()  # a mix other than the uniform init
+    save_merged(model, str(tmp_path))
+    loaded = load_merged(str(tmp_path)).eval()
+    assert (type(loaded), loaded.num_labels, getattr(loaded, "pooling", None), loaded.layer) == \
+        (type(model), model.num_labels, getattr(model, "pooling", None), model.layer)
+    torch.testing.assert_close(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)
+
+
+# -- audit 5: JSON nested too deep, a head class that is not a name --------------------------
+
+@pytest.mark.parametrize("name", [save_mod.CONFIG_FILE, save_mod.HEAD_CONFIG])
+def test_json_nested_too_deep_is_refused_naming_the_file(tmp_path, name):
+    if name == save_mod.CONFIG_FILE:
+        _adapter(tmp_path)
+    else:
+        save_merged(SequenceClassifier(_backbone(), 2), str(tmp_path))
+    (tmp_path / name).write_text("[" * 100000 + "]" * 100000)  # was a bare RecursionError
+    with pytest.raises(ValueError, match=rf"{name}': not valid JSON: maximum recursion depth"):
+        _load(tmp_path) if name == save_mod.CONFIG_FILE else load_merged(str(tmp_path))
+
+
+def test_merged_head_class_must_be_a_name(tmp_path):
+    save_merged(SequenceClassifier(_backbone(), 2), str(tmp_path))
+    meta_file = tmp_path / save_mod.HEAD_CONFIG
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "class": ["x"]}))
+    with pytest.raises(ValueError, match=r"head_config.json: 'class' must be the head's class name, one of "
+                                         r"\['QuestionAnswering', .*got \['x'\]"):
+        load_merged(str(tmp_path))  # was TypeError: unhashable type: 'list'
+
+
+# -- audit 5: the savers never write what their loaders refuse -------------------------------
+
+def test_save_adapter_refuses_a_nan_tensor_before_writing(tmp_path):
+    model = prepare(SequenceClassifier(_backbone(), 2), FinetuneConfig(strategy="lora", lora_r=2))
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="tensor 'classifier.weight' of the model to save has NaN or infinite"):
+        save_adapter(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tensor", ["classifier.bias", "backbone.final_norm.weight"])
+def test_save_merged_refuses_a_nan_tensor_before_writing(tmp_path, tensor):
+    model = SequenceClassifier(_backbone(), 2)
+    with torch.no_grad():
+        dict(model.named_parameters())[tensor][0] = float("inf")
+    with pytest.raises(ValueError, match=rf"tensor '{tensor}' of the model to save has NaN or infinite"):
+        save_merged(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_adapter_config_must_be_a_finetune_config(tmp_path):
+    model = prepare(SequenceClassifier(_backbone(), 2), FinetuneConfig(strategy="lora", lora_r=2))
+    with pytest.raises(TypeError, match="save_adapter's config must be a FinetuneConfig, got dict"):
+        save_adapter(model, str(tmp_path), {"strategy": "lora"})  # was an AttributeError

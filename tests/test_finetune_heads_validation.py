@@ -211,3 +211,12 @@ def test_heads_refuse_a_loss_over_an_empty_batch(head, kw):
 def test_prompt_masked_labels_needs_one_answer_per_prompt(prompts, answers, counts):
     with pytest.raises(ValueError, match=f"prompt_ids and answer_ids .* got {counts}"):
         prompt_masked_labels(prompts, answers, pad_id=0)
+
+
+@pytest.mark.parametrize("head", [SequenceClassifier, TokenClassifier])
+@pytest.mark.parametrize("num_labels, error, match", [(-1, ValueError, "num_labels must be >= 1, got -1"),
+                                                      (0, ValueError, "num_labels must be >= 1, got 0"),
+                                                      ("2", TypeError, "num_labels must be an int, got str")])
+def test_heads_refuse_a_num_labels_below_one(head, num_labels, error, match):
+    with pytest.raises(error, match=match):  # TokenClassifier took 0 and gave a bare torch error on -1
+        head(_decoder(), num_labels)

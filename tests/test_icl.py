@@ -258,3 +258,28 @@ def test_stop_strings_cut_as_lm_eval_and_empty_ones_are_ignored():
     assert cut_at_stop("Varna", [""]) == "Varna"
     assert cut_at_stop("Varna\nSofia", "\n") == "Varna"
     assert cut_at_stop("xabc", ["bc", "ab"]) == "xa"  # in turn, not at the earliest start
+
+
+def test_prompt_and_request_arguments_are_checked(model, tok):
+    for field in ("target_prefix", "description_separator", "example_separator"):
+        with pytest.raises(TypeError, match=f"PromptFormat.{field} must be a str, got NoneType"):
+            PromptFormat(**{field: None})  # rendered as the text "None" before
+    query = {"input": "Ruza", "target": "Varna"}
+    with pytest.raises(TypeError, match=r"pool\[0\] must be a dict"):
+        sample_examples(["a"], query, 1, 0)
+    with pytest.raises(TypeError, match="query must be a dict"):
+        sample_examples([query], "Ruza", 1, 0)
+    with pytest.raises(ValueError, match=r"examples\[0\] lacks \['input'\]"):
+        build_prompt(query, [{"target": "x"}])
+    with pytest.raises(TypeError, match=r"query\['choices'\] must be a list of answers"):
+        requests_for({**query, "choices": "bc"}, [])  # split into characters before
+    for bad in (["ab"], [(5, " x")], [("a", None)], [("a",)]):
+        with pytest.raises(TypeError, match=r"requests\[0\] must be a \(context, continuation\) pair"):
+            loglikelihood(model, tok, bad)
+    with pytest.raises(TypeError, match="bos_id must be a token id"):
+        loglikelihood(model, tok, [("a", " b")], bos_id="x")
+    for stop in (5, [None]):
+        with pytest.raises(TypeError, match="stop must be a string, a list of strings or None"):
+            generate_answer(model, tok, "Ruza ->", stop=stop, max_new_tokens=2)
+    assert generate_answer(model, tok, "Ruza ->", stop=None, max_new_tokens=2) == \
+        generate_answer(model, tok, "Ruza ->", stop=(), max_new_tokens=2)

@@ -298,3 +298,16 @@ def test_a_model_without_bos_scores_empty_contexts_after_eos_as_hflm(folder, tmp
     assert given[0] == pytest.approx(want_given[0].logprob, abs=1e-5)
     (rolling,) = lm.loglikelihood_rolling([_Request("Ruza lives")])
     assert rolling == pytest.approx(want_empty, abs=1e-5)
+
+
+def test_gen_kwargs_of_the_wrong_kind_are_refused():
+    from fastpt.icl.lm_eval_harness import generation_options
+    with pytest.raises(TypeError, match="stop must be a string, a list of strings or None"):
+        generation_options({"until": 5}, 8)
+    with pytest.raises(TypeError, match="gen_kwargs must be a dict, got str"):
+        generation_options("abc", 8)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        generation_options({"temperature": float("nan")}, 8)  # NaN > 0 is False: greedy before
+    with pytest.raises(TypeError, match="do_sample must be true or false"):
+        generation_options({"do_sample": "false"}, 8)  # a true string before
+    assert generation_options({"until": None}, 8)[0] == []

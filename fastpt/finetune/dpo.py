@@ -14,14 +14,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from fastpt.finetune.heads import IGNORE_INDEX, _reads_values
+from fastpt.models.common import check_labels
 
 
 def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                       labels: Tensor) -> Tensor:
-    """(B,) sum of log p(label_t | tokens < t) over labelled (response) tokens."""
+    """(B,) sum of log p(label_t | tokens < t) over labelled (response) tokens.
+
+    ``labels`` are token ids (B, T) like ``input_ids``, each in [0, vocab) or -100, and every
+    row scores at least one token after the first (the first is never predicted): a row
+    with none would sum to 0 on both sides of the DPO margin, a loss of log 2 saying nothing."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    # Against the logits' vocabulary: gather would clamp -5 to token 0 and fail on ids >= V
+    # with an error that names neither; a (B, T') of another T would score misaligned tokens.
+    check_labels(labels, input_ids.shape, logits.shape[-1], like=" like input_ids")
     target = labels[:, 1:]
+    if _reads_values(target):
+        empty = (target == IGNORE_INDEX).all(1).nonzero()
+        if len(empty):
+            raise ValueError(f"labels row {int(empty[0, 0])} scores no token: every label after the "
+                             f"first is {IGNORE_INDEX}, so there is no response to sum log-probs over")
     keep = target != IGNORE_INDEX
     logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * keep).sum(-1)
@@ -46,12 +63,24 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
              ref_rejected: Tensor, beta: float = 0.1) -> DPOOutput:
     """The DPO loss from summed response log-probs (each (B,))."""
     _check_beta(beta)
-    shapes = [tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)]
+    inputs = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "ref_chosen": ref_chosen,
+              "ref_rejected": ref_rejected}
+    for name, t in inputs.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor of (B,) summed log-probs, got {type(t).__name__}")
+    shapes = [tuple(t.shape) for t in inputs.values()]
     if len(set(shapes)) != 1 or len(shapes[0]) != 1:
         raise ValueError("policy_chosen, policy_rejected, ref_chosen and ref_rejected must each be "
                          f"(B,) log-probs of the same B pairs, got shapes {shapes}")
     if shapes[0][0] == 0:
         raise ValueError("dpo_loss got an empty batch (B = 0): there is no pair to average over")
+    # A NaN or +-inf log-prob makes the loss NaN (or its gradient), far from the input that
+    # caused it. Small positives are left alone: summed float rounding can give them.
+    for name, t in inputs.items():
+        bad = (~torch.isfinite(t)).nonzero() if _reads_values(t) else ()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise ValueError(f"{name}[{i}] = {float(t[i])}: log-probs must be finite")
     chosen = beta * (policy_chosen - ref_chosen.detach())
     rejected = beta * (policy_rejected - ref_rejected.detach())
     loss = -nn.functional.logsigmoid(chosen - rejected).mean()

@@ -3,6 +3,9 @@ loss (Euclidean, margin) or in-batch negatives (cosine similarity x scale, cross
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -42,10 +45,31 @@ def encode(backbone: nn.Module, tokenizer, texts: list[str], *, pooling: str = "
     return torch.cat(out)
 
 
+def _check_embeddings(name: str, t) -> None:
+    """``t`` a (B, d) batch of embeddings with B >= 1: a loss over no row is NaN."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a (B, d) tensor of embeddings, got {type(t).__name__}")
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise ValueError(f"{name} must be (B, d) embeddings with B >= 1, got shape {tuple(t.shape)}")
+
+
+def _check_number(name: str, value, lowest: float, strict: bool) -> None:
+    # NaN passes every comparison check as False: the loss would be NaN without a word.
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
+        and (value > lowest if strict else value >= lowest)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lowest}, got {value!r}")
+
+
 def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0) -> Tensor:
-    """mean(max(0, |a - p| - |a - n| + margin)), Euclidean distances."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    """mean(max(0, |a - p| - |a - n| + margin)), Euclidean distances; all three (B, d)."""
+    _check_number("margin", margin, 0, strict=False)
+    _check_embeddings("anchor", anchor)
+    for name, t in (("positive", positive), ("negative", negative)):
+        _check_embeddings(name, t)
+        if t.shape != anchor.shape:  # a (1, d) would broadcast against every anchor
+            raise ValueError(f"{name} must be (B, d) = {tuple(anchor.shape)} like anchor (one per anchor "
+                             f"row), got {tuple(t.shape)}")
     d_pos = (anchor - positive).norm(dim=-1)
     d_neg = (anchor - negative).norm(dim=-1)
     return torch.relu(d_pos - d_neg + margin).mean()
@@ -53,6 +77,16 @@ def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: flo
 
 def in_batch_negatives_loss(anchor: Tensor, positive: Tensor, scale: float = 20.0) -> Tensor:
     """Cross-entropy over cosine similarities x ``scale``: row i's positive is column i,
-    every other row's positive is a negative (MultipleNegativesRankingLoss)."""
+    every other row's positive is a negative (MultipleNegativesRankingLoss). ``positive``
+    may have more rows than ``anchor``: the extra ones are negatives only."""
+    _check_number("scale", scale, 0, strict=True)
+    _check_embeddings("anchor", anchor)
+    _check_embeddings("positive", positive)
+    if positive.shape[1] != anchor.shape[1]:
+        raise ValueError(f"positive must have anchor's embedding size d = {anchor.shape[1]}, got "
+                         f"shape {tuple(positive.shape)}")
+    if positive.shape[0] < anchor.shape[0]:
+        raise ValueError(f"positive must have a row for each of anchor's {anchor.shape[0]} rows (row i is "
+                         f"anchor i's positive; more rows are extra negatives), got {positive.shape[0]}")
     sims = nn.functional.normalize(anchor, dim=-1) @ nn.functional.normalize(positive, dim=-1).T
     return nn.functional.cross_entropy(scale * sims.float(), torch.arange(len(anchor), device=anchor.device))

@@ -18,6 +18,7 @@ the answer.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -141,14 +142,21 @@ def _check_class_labels(labels: Tensor, shape: tuple, what: str, num_labels: int
     check_labels(labels, shape, num_labels, what=what, like="", classes="num_labels", kind="class ids")
 
 
+def _check_num_labels(num_labels) -> None:
+    # nn.Linear would take 0 (an empty head) or fail on a negative size with a bare torch error.
+    if isinstance(num_labels, bool) or not isinstance(num_labels, numbers.Integral):
+        raise TypeError(f"num_labels must be an int, got {type(num_labels).__name__} {num_labels!r}")
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+
+
 class SequenceClassifier(_Head):
     """``num_labels`` classes (cross-entropy) or 1 output (regression, MSE)."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, *, pooling: str | None = None,
                  layer: int | str = -1, dropout: float = 0.1):
         super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        _check_num_labels(num_labels)
         self._init_features(backbone, layer)
         self.pooling = pooling or ("cls" if isinstance(backbone, Encoder) else "last")
         pool(torch.zeros(1, 1, 1), None, self.pooling)  # validates the name early
@@ -182,7 +190,9 @@ class SequenceClassifier(_Head):
 class TokenClassifier(_Head):
     def __init__(self, backbone: nn.Module, num_labels: int, *, layer: int | str = -1, dropout: float = 0.1):
         super().__init__()
+        _check_num_labels(num_labels)
         self._init_features(backbone, layer)
+        self.num_labels = num_labels  # what save_merged records to rebuild the head
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
 

@@ -293,4 +293,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             plain = base
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, plain)
+    from fastpt.finetune.strategies import RECORDED_CONFIG  # (strategies imports this module)
+    for m in model.modules():
+        if getattr(getattr(m, RECORDED_CONFIG, None), "strategy", None) in ("lora", "int8_lora"):
+            delattr(m, RECORDED_CONFIG)  # a plain model again: prepare may adapt it anew
     return model

@@ -1,10 +1,11 @@
 """Saving what fine-tuning changed: adapter-only files or a merged full checkpoint.
 
 Adapter-only (``save_adapter``): ``adapter_config.json`` (the ``FinetuneConfig``, the base
-model's architecture, and the names of the saved tensors) + ``adapter_model.safetensors``
-with every trainable tensor: LoRA factors, adapters, prompts, prefixes, IA3 scales, BitFit
-biases and the new task head. ``load_adapter`` applies the same strategy to a fresh base and
-loads them, checking that the base matches (architecture and shapes). Merged
+model's architecture and task head, and the names of the saved tensors) +
+``adapter_model.safetensors`` with every trainable tensor: LoRA factors, adapters, prompts,
+prefixes, IA3 scales, BitFit biases and the new task head. ``load_adapter`` applies the same
+strategy to a fresh base and loads them, checking that the base matches (architecture, task
+head and shapes). Merged
 (``save_merged`` / ``load_merged``): LoRA and IA3 folded into the weights, a plain HF-layout
 model plus the task head's tensors, no adapter code needed to load it.
 
@@ -46,10 +47,33 @@ def _config_digest(meta) -> str:
 
 
 def _base_signature(model) -> dict:
-    backbone = backbone_of(getattr(model, "model", model))
+    head = getattr(model, "model", model)  # under prompt tuning's wrapper
+    backbone = backbone_of(head)
     config = getattr(backbone, "config", None)
     return {"class": type(backbone).__name__,
-            "config": config.to_dict() if config is not None and hasattr(config, "to_dict") else None}
+            "config": config.to_dict() if config is not None and hasattr(config, "to_dict") else None,
+            "head": _head_signature(head)}
+
+
+def _head_signature(head) -> dict:
+    """The task head's class and the settings that pick its features: the same tensors under
+    another pooling or layer would load without a word and give other outputs."""
+    return {"class": type(head).__name__,
+            **{k: getattr(head, k) for k in ("pooling", "layer") if hasattr(head, k)}}
+
+
+def _check_head(path: str, saved, head: dict) -> None:
+    # No head entry: an adapter saved before fastpt recorded it, taken as it is.
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise ValueError(f"{os.path.join(path, CONFIG_FILE)!r}: base.head must be an object (the task "
+                         f"head's class, pooling and layer), got {saved!r}")
+    for field in ("class", "pooling", "layer"):
+        if saved.get(field) != head.get(field):
+            raise ValueError(f"adapter at {path!r} was saved from a head with {field} {saved.get(field)!r}, "
+                             f"not this model's {head.get(field)!r}: load it into a head built as the "
+                             f"saved one was")
 
 
 def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | None = None) -> list[str]:
@@ -64,6 +88,7 @@ def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | Non
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError("the model has no trainable parameters to save")
+    _check_values(tensors, "the model to save")  # load_adapter would refuse the file
     meta = {"finetune": config.to_dict(), "base": _base_signature(model), "tensors": sorted(tensors)}
     digest = _config_digest(meta)  # before any write: a config JSON cannot hold fails here
     os.makedirs(path, exist_ok=True)
@@ -78,6 +103,9 @@ def _config_of(model: torch.nn.Module, given: FinetuneConfig | None) -> Finetune
     still load, since the tensor shapes fit, but with other numbers (e.g. the LoRA scaling
     alpha / r): refused, naming the fields."""
     recorded = getattr(model, RECORDED_CONFIG, None)
+    if given is not None and not isinstance(given, FinetuneConfig):
+        raise TypeError(f"save_adapter's config must be a FinetuneConfig, got {type(given).__name__} "
+                        f"(build one: FinetuneConfig(**settings))")
     if given is None and recorded is None:
         raise ValueError("save_adapter needs the FinetuneConfig of the model: it was not prepared by "
                          "fastpt.finetune.prepare (which records it), so pass config=")
@@ -120,13 +148,13 @@ def _check_lora_settings(model: torch.nn.Module, config: FinetuneConfig) -> None
 
 
 def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Apply the saved strategy to ``model`` (a fresh base with the same task head class)
-    and load the saved tensors; returns the prepared model. The config must be the one saved
-    with the weights, and the file may hold only what the strategy trains (and the head)."""
+    """Apply the saved strategy to ``model`` (a fresh base under a task head of the saved
+    class, pooling and layer) and load the saved tensors; returns the prepared model. The
+    config must be the one saved with the weights, and the file may hold only what the
+    strategy trains (and the head)."""
     config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     try:
-        with open(config_file) as f:
-            meta = json.load(f)
+        meta = _read_json(config_file)
         tensors, saved = _read_safetensors(weights_file)
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path!r} is not a readable fastpt adapter: {e}") from None
@@ -146,9 +174,10 @@ def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
         raise ValueError(f"{weights_file!r} does not hold the tensors that {config_file!r} lists: absent "
                          f"{sorted(set(listed) - set(tensors))}, not listed {sorted(set(tensors) - set(listed))}")
     base = _base_signature(model)
-    if base != meta["base"]:
+    if any(base[k] != meta["base"].get(k) for k in ("class", "config")):
         raise ValueError(f"adapter at {path!r} was trained on {meta['base'].get('class')} with config "
                          f"{meta['base'].get('config')}, not on this {base['class']} ({base['config']})")
+    _check_head(path, meta["base"].get("head"), base["head"])
     try:
         config = FinetuneConfig(**meta["finetune"])
     except (TypeError, ValueError) as e:
@@ -176,6 +205,16 @@ def _without_unused_by_head(prepared: torch.nn.Module, head: torch.nn.Module, te
     unused = unused_by_head(head)
     roots = tuple(f"{n}.{u}." for n, m in prepared.named_modules() if m is backbone and n for u in unused)
     return {n: t for n, t in tensors.items() if not n.startswith(roots)} if roots else tensors
+
+
+def _read_json(file: str):
+    """The JSON in ``file``; ``ValueError`` naming it when it is not valid JSON, or nests too
+    deep for the decoder (a bare RecursionError would name no file)."""
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{file!r}: not valid JSON: {e}") from None
 
 
 def _read_safetensors(file: str) -> tuple[dict, dict]:
@@ -234,12 +273,18 @@ def _check_saved_tensors(file: str, tensors: dict, expected: dict) -> None:
         raise ValueError(f"the tensors of {file!r} do not fit this model: unknown (or not trained by "
                          f"the strategy) {unknown}, absent {absent}, mis-shaped "
                          f"{[(n, tuple(tensors[n].shape), tuple(expected[n].shape)) for n in wrong]}")
+    _check_values(tensors, repr(file))
+
+
+def _check_values(tensors: dict, where: str) -> None:
+    """Each tensor a finite float of a loadable dtype; ``where`` names their file, or the model
+    the savers take them from (what the loaders refuse is never written)."""
     for name, t in tensors.items():
         if t.dtype not in LOADABLE_DTYPES:
-            raise ValueError(f"tensor {name!r} of {file!r} is {t.dtype}, not a floating-point tensor of "
+            raise ValueError(f"tensor {name!r} of {where} is {t.dtype}, not a floating-point tensor of "
                              f"a loadable dtype ({', '.join(str(d) for d in LOADABLE_DTYPES)})")
         if not torch.isfinite(t).all():
-            raise ValueError(f"tensor {name!r} of {file!r} has NaN or infinite values")
+            raise ValueError(f"tensor {name!r} of {where} has NaN or infinite values")
 
 
 _HEADS = {}
@@ -328,7 +373,15 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     backbone = backbone_of(model)
     if any(isinstance(m, (WithAdapter, PrefixAttention)) for m in backbone.modules()):
         raise ValueError("adapters and prefix tuning add modules that cannot be merged; use save_adapter")
+    # Checked before anything is written: load_merged (and from_pretrained) refuse such values.
+    head = {} if backbone is model else \
+        {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("backbone.")}
+    _check_values(head, "the model to save")
     with _folded(backbone):
+        for name, p in backbone.named_parameters():
+            if p.is_floating_point() and p.dtype in LOADABLE_DTYPES and not torch.isfinite(p).all():
+                raise ValueError(f"tensor 'backbone.{name}' of the model to save has NaN or infinite "
+                                 f"values (after folding its adapters)")
         backbone.save_pretrained(path)
     if backbone is model:
         # A head left by an earlier save into this folder would be put back on this model by
@@ -338,7 +391,6 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
             if os.path.lexists(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
         return
-    head = {n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("backbone.")}
     atomic_write(os.path.join(path, HEAD_WEIGHTS), lambda tmp: save_file(head, tmp, metadata={"format": "pt"}))
     # Written last, with the digests of the files it goes with: a save that fails before this
     # leaves the old head config, which no longer matches them (load_merged refuses the folder).
@@ -370,11 +422,13 @@ def load_merged(path: str) -> torch.nn.Module:
     if not os.path.isfile(meta_file):
         return backbone
     try:
-        with open(meta_file) as f:
-            meta = json.load(f)
+        meta = _read_json(meta_file)
         tensors = load_file(head_file)
     except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path!r} has no readable task head: {e}") from None
+    if isinstance(meta, dict) and not isinstance(meta.get("class"), str):  # a list is no dict key
+        raise ValueError(f"{meta_file}: 'class' must be the head's class name, one of "
+                         f"{sorted(_head_classes())}, got {meta.get('class')!r}")
     cls = _head_classes().get(meta.get("class")) if isinstance(meta, dict) else None
     if cls is None:
         raise ValueError(f"{meta_file}: unknown head class {meta.get('class') if isinstance(meta, dict) else meta!r}")

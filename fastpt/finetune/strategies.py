@@ -115,6 +115,18 @@ def _head_parameters(model: nn.Module) -> list:
 
 def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     """Apply ``config`` in place and return the model to train (prompt tuning wraps it)."""
+    if not isinstance(config, FinetuneConfig):
+        raise TypeError(f"prepare's config must be a FinetuneConfig, got {type(config).__name__} "
+                        f"(build one: FinetuneConfig(**settings))")
+    # A second prepare would stack a strategy on the first (IA3 scales on IA3 scales, LoRA in
+    # LoRA), or fail half-way on modules the first one replaced. Checked in every submodule:
+    # prompt tuning records its config on the wrapper, and a prepared bare model may be put
+    # under a head afterwards.
+    for m in model.modules():
+        recorded = getattr(m, RECORDED_CONFIG, None)
+        if recorded is not None:
+            strategy = getattr(recorded, "strategy", recorded)
+            raise ValueError(f"the model was already prepared with strategy {strategy!r}; prepare a fresh model")
     backbone = backbone_of(model)
     if config.strategy == "full":
         model.requires_grad_(True)

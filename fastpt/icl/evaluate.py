@@ -77,6 +77,7 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
             ``max_new_tokens`` leaves no room for the prompt.
     """
     from fastpt.models import generate
+    stop = stop_strings(stop)  # before generating: a bad one would fail only after the work
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if bos_id is not None:
         ids = [bos_id] + ids
@@ -104,11 +105,21 @@ def _left_truncate(ids: list[int], max_new_tokens, max_length: int | None) -> li
 def cut_at_stop(text: str, stop) -> str:
     """``text`` up to its stop strings, as lm-eval's ``postprocess_generated_text``: each
     non-empty stop string in turn cuts the text at its first occurrence (an empty one would
-    cut everything, so it is skipped). ``stop``: a string or a sequence of strings."""
-    for term in ([stop] if isinstance(stop, str) else stop):
+    cut everything, so it is skipped). ``stop``: a string, a sequence of strings, or None."""
+    for term in stop_strings(stop):
         if term:
             text = text.split(term)[0]
     return text
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """``stop`` as a tuple of strings: None is none, a str is one; TypeError otherwise."""
+    if stop is None:
+        return ()
+    terms = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(terms, (list, tuple)) or not all(isinstance(t, str) for t in terms):
+        raise TypeError(f"stop must be a string, a list of strings or None, got {stop!r:.80}")
+    return tuple(terms)
 
 
 def evaluate_generation(model, tokenizer, items: list[dict], *, k: int, pool: list[dict],

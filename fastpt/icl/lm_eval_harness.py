@@ -22,6 +22,7 @@ truncation to the model's ``max_position_embeddings`` (``max_length``), rolling 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -31,7 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from fastpt.icl.evaluate import generate_answer
+from fastpt.icl.evaluate import generate_answer, stop_strings
 from fastpt.icl.scoring import loglikelihood, score_tokens
 from fastpt.models.generation import stop_token_ids
 
@@ -161,9 +162,10 @@ def generation_options(gen_kwargs: dict | None, default_max_gen_toks: int) -> tu
     Raises:
         ValueError: a bad number of tokens, or a key fastpt's generate cannot honour.
     """
+    if gen_kwargs is not None and not isinstance(gen_kwargs, dict):
+        raise TypeError(f"fastpt lm-eval model: gen_kwargs must be a dict, got {type(gen_kwargs).__name__}")
     kwargs = dict(gen_kwargs or {})
-    until = kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
+    until = list(stop_strings(kwargs.pop("until", None)))
     max_new_tokens = _max_new_tokens(kwargs, default_max_gen_toks)
     options = _decoding_options(kwargs)
     return until, max_new_tokens, options
@@ -184,7 +186,11 @@ def _decoding_options(kwargs: dict) -> dict:
         temperature = float(temperature or 0.0)
     except (TypeError, ValueError):
         raise ValueError(f"fastpt lm-eval model: temperature must be a number, got {temperature!r}") from None
+    if not math.isfinite(temperature):  # NaN > 0 is False: it would silently mean greedy
+        raise ValueError(f"fastpt lm-eval model: temperature must be finite, got {temperature}")
     do_sample = kwargs.pop("do_sample", None)
+    if do_sample is not None and not isinstance(do_sample, bool):  # "false" would read as true
+        raise TypeError(f"fastpt lm-eval model: do_sample must be true or false, got {do_sample!r}")
     sampling = {"top_k": kwargs.pop("top_k", None), "top_p": kwargs.pop("top_p", None)}
     options = {key: kwargs.pop(key) for key in DECODING_KEYS if key in kwargs}
     if kwargs:

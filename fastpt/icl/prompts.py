@@ -22,6 +22,11 @@ class PromptFormat:
     target_prefix: str = " "         # before the answer (moved into the continuation)
     example_separator: str = "\n"
 
+    def __post_init__(self):
+        for name, value in vars(self).items():  # None would render as the text "None"
+            if not isinstance(value, str):
+                raise TypeError(f"PromptFormat.{name} must be a str, got {type(value).__name__} {value!r}")
+
     def example(self, item: dict) -> str:
         return f"{self.input_prefix}{item['input']}{self.answer_separator}{self.target_prefix}{item['target']}"
 
@@ -37,6 +42,9 @@ def sample_examples(pool: list[dict], query: dict, k: int, seed: int) -> list[di
         raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    _check_item("query", query)
+    for i, ex in enumerate(pool):
+        _check_item(f"pool[{i}]", ex)
     key = (query.get("input"), query.get("target"))
     candidates = [ex for ex in pool if ex is not query and (ex.get("input"), ex.get("target")) != key]
     if k > len(candidates):
@@ -46,8 +54,20 @@ def sample_examples(pool: list[dict], query: dict, k: int, seed: int) -> list[di
     return rng.sample(candidates, k)
 
 
+def _check_item(name: str, item, target: bool = True) -> None:
+    """An example or query: a dict with an "input" (and a "target" where one is needed)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"{name} must be a dict with 'input' and 'target', got {type(item).__name__}")
+    missing = [k for k in ("input", "target")[:2 if target else 1] if k not in item]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}: an item has 'input' and 'target' (keys: {sorted(item)})")
+
+
 def build_prompt(query: dict, examples: list[dict], fmt: PromptFormat = PromptFormat()) -> str:
     """The context string for ``query`` after ``examples`` (k = len(examples) shots)."""
+    _check_item("query", query, target=False)
+    for i, ex in enumerate(examples):
+        _check_item(f"examples[{i}]", ex)
     parts = [fmt.example(ex) for ex in examples] + [fmt.query(query)]
     body = fmt.example_separator.join(parts)
     return f"{fmt.description}{fmt.description_separator}{body}" if fmt.description else body
@@ -56,5 +76,11 @@ def build_prompt(query: dict, examples: list[dict], fmt: PromptFormat = PromptFo
 def requests_for(query: dict, examples: list[dict], fmt: PromptFormat = PromptFormat()) -> list[tuple[str, str]]:
     """(context, continuation) for every candidate answer of a multiple-choice item."""
     context = build_prompt(query, examples, fmt)
-    choices = query.get("choices") or [query["target"]]
+    choices = query.get("choices")
+    if choices is not None and (isinstance(choices, str) or not isinstance(choices, (list, tuple))):
+        raise TypeError(f"query['choices'] must be a list of answers, got {type(choices).__name__} "
+                        f"{choices!r}")  # a str would be split into characters
+    if not choices:
+        _check_item("query", query)
+        choices = [query["target"]]
     return [(context, f"{fmt.target_prefix}{c}") for c in choices]

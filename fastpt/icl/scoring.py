@@ -51,9 +51,16 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
     """Score each (context, continuation). ``bos_id`` is prepended to contexts (needed when
     a context is empty, so the first token has something to be predicted from); without it,
     ``empty_context_id`` stands in for an empty context alone (lm-eval's prefix token)."""
+    for name, token in (("bos_id", bos_id), ("empty_context_id", empty_context_id)):
+        if token is not None and (isinstance(token, bool) or not isinstance(token, int)):
+            raise TypeError(f"{name} must be a token id (int) or None, got {type(token).__name__} {token!r}")
     pairs = []
-    for context, continuation in requests:
-        ctx, cont = split_request(tokenizer, context, continuation)
+    for i, request in enumerate(requests):
+        if not (isinstance(request, (tuple, list)) and len(request) == 2 and
+                all(isinstance(part, str) for part in request)):
+            raise TypeError(f"requests[{i}] must be a (context, continuation) pair of strings, got "
+                            f"{request!r:.80}")
+        ctx, cont = split_request(tokenizer, *request)
         if bos_id is not None:
             ctx = [bos_id] + ctx
         elif not ctx and empty_context_id is not None:
