@@ -37,6 +37,15 @@ def test_encode_gives_normalized_embeddings():
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     with pytest.raises(ValueError, match="no texts"):
         encode(enc, tok, [])
+    with pytest.raises(TypeError, match="texts must be a list of strings"):
+        encode(enc, tok, "Ruza ate soup.")
+    for batch_size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            encode(enc, tok, ["x"], batch_size=batch_size)
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        encode(enc, tok, ["x"], normalize="no")
+    with pytest.raises(ValueError, match=r"texts\[1\] has \d+ tokens, more than the model's 128 positions"):
+        encode(enc, tok, ["x", "Ruza ate soup. " * 100])
 
 
 def test_dpo_loss_equals_its_formula():

@@ -641,3 +641,16 @@ def test_a_merged_and_unloaded_lora_model_may_be_prepared_again(strategy):
 def test_prepare_needs_a_finetune_config():
     with pytest.raises(TypeError, match="prepare's config must be a FinetuneConfig, got dict"):
         prepare(SequenceClassifier(_backbone("gpt2"), 2), {"strategy": "lora"})  # was an AttributeError
+
+
+def test_sizes_beyond_the_model_and_fields_changed_later_are_refused():
+    for strategy, field in (("prompt", "num_virtual_tokens"), ("prefix", "prefix_length")):
+        with pytest.raises(ValueError, match=f"FinetuneConfig.{field}=10000000 exceeds this model's "
+                                             "max_position_embeddings"):
+            prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy=strategy, **{field: 10**7}))
+    with pytest.raises(ValueError, match="adapter_reduction=1000 exceeds this model's hidden_size"):
+        prepare(SequenceClassifier(_backbone("gpt2"), 2), FinetuneConfig(strategy="adapters", adapter_reduction=1000))
+    config = FinetuneConfig(strategy="prompt")
+    config.num_virtual_tokens = -3
+    with pytest.raises(ValueError, match="num_virtual_tokens must be >= 1, got -3"):
+        prepare(SequenceClassifier(_backbone("gpt2"), 2), config)

@@ -26,8 +26,16 @@ def encode(backbone: nn.Module, tokenizer, texts: list[str], *, pooling: str = "
            normalize: bool = True, batch_size: int = 64) -> Tensor:
     """Embeddings of ``texts`` (N, d), in eval mode, in batches. A text with no token (an
     empty text, with a tokenizer that adds none) is refused: it would pool to nothing."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or \
+            not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a list of strings, got {texts!r:.80}")
     if not texts:
         raise ValueError("no texts to encode")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(normalize, bool):  # "no" would normalize
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    limit = getattr(backbone.config, "max_position_embeddings", None)
     was_training = backbone.training
     backbone.eval()
     pad = getattr(backbone.config, "pad_token_id", None) or 0
@@ -39,6 +47,11 @@ def encode(backbone: nn.Module, tokenizer, texts: list[str], *, pooling: str = "
             if len(empty):  # named here by its index in texts, not by its row in this batch
                 j = i + int(empty[0, 0])
                 raise ValueError(f"texts[{j}] = {texts[j]!r} has no tokens: there is nothing to embed")
+            lengths = mask.sum(1)
+            if limit is not None and int(lengths.max()) > limit:  # the model would name no text
+                j = i + int(lengths.argmax())
+                raise ValueError(f"texts[{j}] has {int(lengths.max())} tokens, more than the model's "
+                                 f"{limit} positions (max_position_embeddings): shorten it")
             out.append(embed(backbone, ids, mask, pooling=pooling, normalize=normalize))
     finally:
         backbone.train(was_training)

@@ -127,7 +127,9 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         if recorded is not None:
             strategy = getattr(recorded, "strategy", recorded)
             raise ValueError(f"the model was already prepared with strategy {strategy!r}; prepare a fresh model")
+    config.__post_init__()  # again: a field may have been changed since it was built
     backbone = backbone_of(model)
+    _check_sizes_fit(backbone, config)
     if config.strategy == "full":
         model.requires_grad_(True)
         _freeze_unused_by_head(model)
@@ -149,6 +151,20 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     # What save_adapter saves: a config passed there could differ in numbers no shape shows.
     setattr(wrapped, RECORDED_CONFIG, config)
     return wrapped
+
+
+def _check_sizes_fit(backbone: nn.Module, c: FinetuneConfig) -> None:
+    """Sizes the model bounds: virtual tokens and prefixes take positions (a huge one would
+    fail in the allocator, naming no field), and a bottleneck reduction beyond the hidden size
+    would leave adapters of zero width."""
+    cfg = getattr(backbone, "config", None)
+    positions, hidden = getattr(cfg, "max_position_embeddings", None), getattr(cfg, "hidden_size", None)
+    sizes = {"prompt": ("num_virtual_tokens", positions, "max_position_embeddings"),
+             "prefix": ("prefix_length", positions, "max_position_embeddings"),
+             "adapters": ("adapter_reduction", hidden, "hidden_size")}
+    name, limit, what = sizes.get(c.strategy, (None, None, None))
+    if limit is not None and getattr(c, name) > limit:
+        raise ValueError(f"FinetuneConfig.{name}={getattr(c, name)} exceeds this model's {what} ({limit})")
 
 
 def _reads_pooler(head: nn.Module) -> bool:
