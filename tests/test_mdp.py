@@ -826,13 +826,15 @@ def test_span_rule_gives_eps_optimal_policies_with_terminal_states():
         assert np.abs(res.v.numpy() - best).max() < eps / 2, seed
 
 
-@pytest.mark.parametrize("epsilon", [0, -1e-6, float("nan")])
+@pytest.mark.parametrize("epsilon", [0, -1e-6, float("nan"), float("inf")])
 def test_policy_evaluation_and_iteration_name_a_bad_epsilon(epsilon):
     m = small_random_mdp()
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
         M.policy_evaluation(m, [0] * m.num_states, method="iterative", epsilon=epsilon)
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
         M.policy_iteration(m, epsilon=epsilon)
+    with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
+        M.value_iteration(m, epsilon)  # inf stopped after one sweep, "converged"
 
 
 def test_minimax_refuses_chance_nodes_the_pruning_would_skip():
@@ -980,3 +982,21 @@ def test_more_argument_checks_name_the_argument():
     for noise in (-0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match="noise must be in"):
             M.Gridworld(noise=noise)
+
+
+def test_rewards_sparse_per_state_action_or_infinite_where_p_is_zero():
+    sp = pytest.importorskip("scipy.sparse")
+    p = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]] * 2, dtype=torch.float64)
+    r = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    want = M.MDP(p, r, 0.9).reward
+    for sparse_r in (r.to_sparse_csr(), sp.csr_matrix(r.numpy())):  # R(s, a) stored sparse
+        assert torch.equal(M.MDP(p, sparse_r, 0.9).reward, want)
+    r3 = torch.zeros(2, 3, 3, dtype=torch.float64)
+    r3[1, 0, 2] = float("inf")  # where P = 0: reported as "is nan" (0 * inf) before
+    with pytest.raises(ValueError, match=r"R\(s'=2 \| state 0, action 1\) is inf"):
+        M.MDP(p, r3, 0.9)
+    m = M.random_sparse_mdp(4, 2, 2, seed=0)
+    per_nonzero = torch.zeros(m.indices.numel(), dtype=torch.float64)
+    per_nonzero[3] = float("nan")
+    with pytest.raises(ValueError, match=r"R\(s'=\d+ \| state 0, action 1\) is nan"):
+        M.MDP.from_csr(m.indptr, m.indices, m.values, 4, 2, per_nonzero, 0.9, reward_per_nonzero=True)

@@ -350,6 +350,9 @@ class MDP:
 
     def _reduce_reward(self, reward) -> Tensor:
         S, A = self.num_states, self.num_actions
+        if _is_sparse_matrix(reward) and tuple(reward.shape) == (S, A) and (S, A) != (A * S, S):
+            # R(s, a) stored sparse (not the (A*S, S) layout of an R(s, a, s')): O(S*A) dense
+            reward = reward.to_dense() if isinstance(reward, Tensor) else reward.toarray()
         sparse = _sparse_to_state_major(reward) if not isinstance(reward, _PerNonzero) else None
         if sparse is not None:
             if self.p is not None:
@@ -362,6 +365,12 @@ class MDP:
                                  "transitions (same shape, row pointers and successors)")
             reward = _PerNonzero(values.to(torch.float64))
         if isinstance(reward, _PerNonzero):
+            bad = (~torch.isfinite(reward.values)).nonzero()
+            if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
+                k = int(bad[0, 0])
+                row = int(torch.searchsorted(self.indptr, torch.tensor(k), right=True)) - 1
+                raise ValueError(f"R(s'={int(self.indices[k])} | {self._state_action(row)}) is "
+                                 f"{float(reward.values[k])}: rewards must be finite")
             r = self._row_sums(self.values.to(torch.float64) * reward.values).view(S, A)
         else:
             r = _as_tensor(reward, torch.float64)
@@ -372,6 +381,11 @@ class MDP:
         elif r.dim() == 2 and tuple(r.shape) == (S, A):
             pass
         elif r.dim() == 3 and tuple(r.shape) == (A, S, S):
+            bad = (~torch.isfinite(r)).nonzero()
+            if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
+                a, s, s2 = (int(i) for i in bad[0])
+                raise ValueError(f"R(s'={s2} | state {s}, action {a}) is {float(r[a, s, s2])}: rewards "
+                                 "must be finite")
             if self.p is not None:
                 r = (self.p.to(torch.float64) * r).sum(-1).t()
             else:

@@ -114,8 +114,10 @@ def _overflowed(what: str) -> ValueError:
 
 
 def _check_epsilon(epsilon) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) or not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")  # (not NaN: the comparison fails)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)):
+        raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__} {epsilon!r}")
+    if not (epsilon > 0 and math.isfinite(epsilon)):  # inf would stop after one sweep
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
 
 
 def stop_threshold(epsilon: float, gamma: float, stop: str) -> float:
