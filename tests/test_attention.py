@@ -86,6 +86,20 @@ def test_key_padding_mask_and_fully_masked_rows(cpu_capability, dtype):
     assert torch.all(leaves[0].grad[1] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_and_inf_inputs_reach_the_output_in_every_dtype(cpu_capability, dtype):
+    """As eager attention: a NaN or inf logit makes its row NaN. bf16/fp16 used a cheaper exp
+    that mapped NaN to a finite value, so such rows came out as zeros, as if masked."""
+    q, k, v = qkv(1, 2, 2, 5, 9, 32)
+    q[0, 0, 1, 3], q[0, 1, 2, 0] = float("nan"), float("inf")
+    bias = torch.zeros(5, 9)
+    bias[4, 6] = float("nan")
+    out = ops.attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_bias=bias.to(dtype))
+    nan_rows = torch.isnan(out).all(-1)
+    assert nan_rows[0, 0, 1] and nan_rows[0, 1, 2] and nan_rows[0, :, 4].all()
+    assert nan_rows.sum() == 4 and torch.isfinite(out[~nan_rows]).all()
+
+
 def test_causal_with_more_queries_than_keys_gives_zero_rows():
     q, k, v = qkv(1, 2, 2, 9, 4, 32)  # queries 0..4 see no key (bottom-right alignment)
     check_against_reference(q, k, v, torch.float32, causal=True)

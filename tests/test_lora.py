@@ -384,7 +384,9 @@ def test_bad_rank(r):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"w": torch.randn(8, 15)}, ValueError, "weight must be"),
+        ({"w": torch.randn(8, 15)}, ValueError, r"x's last dim is 16 but weight is \(out_features, in_features\)"),
+        ({"b": torch.randn(5, 2)}, ValueError, r"lora_b must be \(out_features, r\) = \(8, 2\)"),  # not "weight"
+        ({"scale": float("nan")}, ValueError, "scale must be a finite number"),
         ({"a": torch.randn(2, 15)}, ValueError, "lora_a must be"),
         ({"b": torch.randn(8, 3)}, ValueError, "lora_b must be"),
         ({"a": torch.randn(2, 16, dtype=torch.float64)}, TypeError, "lora_a must have the dtype"),
@@ -396,10 +398,10 @@ def test_bad_rank(r):
 )
 def test_bad_input(kwargs, error, match):
     args = {"x": torch.randn(4, 16), "w": torch.randn(8, 16), "a": torch.randn(2, 16), "b": torch.randn(8, 2),
-            "bias": None, "dropout_p": 0.0}
+            "bias": None, "dropout_p": 0.0, "scale": 1.0}
     args.update(kwargs)
     with pytest.raises(error, match=match):
-        ops.lora_linear(args["x"], args["w"], args["a"], args["b"], 1.0, args["bias"], args["dropout_p"])
+        ops.lora_linear(args["x"], args["w"], args["a"], args["b"], args["scale"], args["bias"], args["dropout_p"])
 
 
 def test_bad_base_layer():

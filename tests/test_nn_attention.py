@@ -80,6 +80,14 @@ def test_bad_configuration():
         Attention(30, 4)
     with pytest.raises(ValueError, match="needs kv"):
         Attention(32, 4, kv_input_size=16)(torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match=r"Attention: x must have width 32, got shape \(1, 2, 12\)"):
+        Attention(32, 4)(torch.randn(1, 2, 12))  # was a matmul error naming no module
+    with pytest.raises(ValueError, match=r"Attention: kv must have width 16, got shape \(1, 2, 32\)"):
+        Attention(32, 4, kv_input_size=16)(torch.randn(1, 2, 32), kv=torch.randn(1, 2, 32))
+    assert Attention(32, 4, kv_input_size=16)(torch.randn(1, 2, 32), kv=torch.randn(1, 3, 16)).shape == (1, 2, 32)
+    from fastpt.nn import SwiGLU
+    with pytest.raises(ValueError, match=r"SwiGLU: x must be \(\.\.\., 8\), got shape \(2, 5\)"):
+        SwiGLU(8, 12)(torch.randn(2, 5))
     cache = KVCache(1, 4, 2, 8)
     with pytest.raises(ValueError, match="KVCache full"):
         Attention(32, 4, causal=True)(torch.randn(1, 3, 32), cache=cache)

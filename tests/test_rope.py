@@ -230,6 +230,9 @@ def _bad(**overrides):
         (dict(position_ids=torch.arange(4)), ValueError, r"position_ids must be \(T,\)"),
         (dict(position_ids=torch.zeros(3, 5, dtype=torch.long)), ValueError, r"position_ids must be \(T,\)"),
         (dict(position_ids=torch.zeros(5)), TypeError, "int64 or int32"),
+        # a 2-D k has no batch: it was rotated by the first row of per-batch positions
+        (dict(k=torch.randn(5, 16), position_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError,
+         "need q and k both batched"),
         (dict(layout="neox"), ValueError, "layout must be"),
     ],
 )

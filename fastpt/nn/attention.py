@@ -155,9 +155,16 @@ class Attention(nn.Module):
                 cache: KVCache | None = None, position_ids: Tensor | None = None, use_cache: bool = False):
         if past_key_value is not None and cache is not None:
             raise ValueError("pass either past_key_value or cache, not both")
-        for name, t in (("x", x), ("kv", kv)):
+        # The projections that read x and kv: q_proj or qkv_proj; k_proj or kv_proj (cross).
+        x_proj = getattr(self, "q_proj", None) or getattr(self, "qkv_proj", None)
+        kv_proj = getattr(self, "k_proj", None) or getattr(self, "kv_proj", None)
+        for name, t, proj in (("x", x, x_proj), ("kv", kv, kv_proj)):
             if t is not None and t.dim() != 3:  # else the head split below fails with a q/k shape error
                 raise ValueError(f"Attention: {name} must be (batch, length, hidden), got shape {tuple(t.shape)}")
+            # (None for a projection wrapped by a PEFT layer without in_features: its own error then)
+            width = getattr(proj, "in_features", None)
+            if t is not None and width is not None and t.shape[-1] != width:  # else a matmul error
+                raise ValueError(f"Attention: {name} must have width {width}, got shape {tuple(t.shape)}")
         q, k, v = self._project(x, kv)
         past = past_key_value[0].shape[2] if past_key_value is not None else (cache.length if cache else 0)
         if self.rotary is not None:

@@ -31,5 +31,8 @@ class SwiGLU(nn.Module):
         self.use_fused = use_fused
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
+        width = getattr(self.gate_proj, "in_features", None)  # (None: wrapped by a PEFT layer)
+        if width is not None and (x.dim() == 0 or x.shape[-1] != width):  # else a matmul error naming no module
+            raise ValueError(f"SwiGLU: x must be (..., {width}), got shape {tuple(x.shape)}")
         act = swiglu if self.use_fused else reference.swiglu
         return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))

@@ -6,6 +6,9 @@ gradients flow to x, A and B only. See csrc/ops/lora/lora.cpp for what is fused 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from typing import Callable
 
 import torch
@@ -37,6 +40,8 @@ def lora_linear(x: Tensor, weight: Tensor | Callable[[Tensor], Tensor], lora_a: 
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")  # inf / NaN: an output of NaN
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
     if not isinstance(weight, Tensor) and bias is not None:
         raise ValueError("bias must be None with a base layer: the layer adds its own")

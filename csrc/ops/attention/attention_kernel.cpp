@@ -50,10 +50,12 @@ constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
 // exp for P rounded to bf16 / fp16 (8 / 11 mantissa bits): ATen's cheaper degree-3 fexp_u20.
 // The row sums use the unrounded values; its error there is far below the rounding of P.
+// fexp_u20 maps NaN to a finite value: a NaN logit (from a NaN or inf input, or a NaN bias)
+// is kept, as exp_nonpos keeps it, so it reaches the output instead of reading as masked.
 template <typename T>
 inline aVec<T> vexp_p(const aVec<T>& x) {
   if constexpr (std::is_same_v<T, acc_t<T>>) return exp_nonpos(x);
-  else return x.fexp_u20();
+  else return aVec<T>::blendv(x.fexp_u20(), x, x.isnan());
 }
 
 // max without NaN propagation (one instruction instead of ATen's four): a NaN logit still

@@ -59,29 +59,34 @@ LoraDims lora_check(const at::Tensor& x, const std::optional<at::Tensor>& weight
   check_same_dtype(b, x, "lora_b", "x");
   check_same_device(a, x, "lora_a", "x");
   check_same_device(b, x, "lora_b", "x");
+  // in_features from x, out_features from the base (weight or base_out), then the factors
+  // against both: a wrong factor is named, not the base it would otherwise be measured by.
   const int64_t k = x.size(-1);
-  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == k, "lora_a must be (r, in_features) = (r, ", k, "), got ",
-                    a.sizes());
-  const int64_t r = a.size(0);
-  TORCH_CHECK_VALUE(b.dim() == 2 && b.size(1) == r, "lora_b must be (out_features, r) with r = ", r,
-                    " (lora_a's rows), got ", b.sizes());
-  const int64_t n = b.size(0);
-  TORCH_CHECK_VALUE(r >= 1 && r <= std::min(k, n), "rank r must be in [1, min(in_features, out_features)] = [1, ",
-                    std::min(k, n), "], got ", r);
+  int64_t n;
   if (weight.has_value()) {
     check_same_dtype(*weight, x, "weight", "x");
     check_same_device(*weight, x, "weight", "x");
-    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == n && weight->size(1) == k,
-                      "weight must be (out_features, in_features) = (", n, ", ", k, "), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->dim() == 2, "weight must be (out_features, in_features), got ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->size(1) == k, "x's last dim is ", k, " but weight is (out_features, in_features) = ",
+                      weight->sizes(), ": they must match");
+    n = weight->size(0);
   } else {
     check_same_dtype(*base_out, x, "base_out", "x");
     check_same_device(*base_out, x, "base_out", "x");
-    std::vector<int64_t> want(x.sizes().begin(), x.sizes().end());
-    want.back() = n;
-    TORCH_CHECK_VALUE(base_out->sizes() == at::IntArrayRef(want), "base_out must have shape ", want, ", got ",
-                      base_out->sizes());
+    TORCH_CHECK_VALUE(base_out->dim() == x.dim() &&
+                          base_out->sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                      "base_out must be x's shape with the last dim out_features, got ", base_out->sizes(),
+                      " for x ", x.sizes());
     TORCH_CHECK_VALUE(!bias.has_value(), "bias goes with weight; with base_out it is the base's own");
+    n = base_out->size(-1);
   }
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == k, "lora_a must be (r, in_features) = (r, ", k, "), got ",
+                    a.sizes());
+  const int64_t r = a.size(0);
+  TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == n && b.size(1) == r, "lora_b must be (out_features, r) = (", n,
+                    ", ", r, ") (r: lora_a's rows), got ", b.sizes());
+  TORCH_CHECK_VALUE(r >= 1 && r <= std::min(k, n), "rank r must be in [1, min(in_features, out_features)] = [1, ",
+                    std::min(k, n), "], got ", r);
   if (bias.has_value()) {
     check_same_dtype(*bias, x, "bias", "x");
     check_same_device(*bias, x, "bias", "x");

@@ -79,10 +79,15 @@ inline Tables check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
   check_same_device(pos, q, "position_ids", "q");
   TORCH_CHECK_TYPE(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt,
                    "position_ids must be int64 or int32, got ", pos.scalar_type());
-  const int64_t B = q.dim() == 2 ? 1 : q.size(0);
+  const int64_t B = q.dim() > 2 ? q.size(0) : k.dim() > 2 ? k.size(0) : 1;
   TORCH_CHECK_VALUE((pos.dim() == 1 && pos.size(0) == T) ||
                         (pos.dim() == 2 && pos.size(1) == T && (pos.size(0) == B || pos.size(0) == 1)),
                     "position_ids must be (T,) or (B, T) = (", B, ", ", T, "), got ", pos.sizes());
+  // A 2-D q or k has no batch dim: rows of positions per batch cannot all apply to it (the
+  // kernel would rotate it by the first row).
+  TORCH_CHECK_VALUE(pos.dim() == 1 || pos.size(0) == 1 || (q.dim() > 2 && k.dim() > 2),
+                    "position_ids with one row per batch (", pos.sizes(), ") need q and k both batched, got "
+                    "q ", q.sizes(), " and k ", k.sizes(), ": a 2-D q or k has no batch to match them");
   tb.pos = pos.to(at::kLong).contiguous();
   tb.pos_sb = (pos.dim() == 2 && pos.size(0) == B && B > 1) ? T : 0;
   if (position_check == PositionCheck::kHost && tb.pos.numel() > 0) {
