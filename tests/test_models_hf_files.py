@@ -77,14 +77,28 @@ def test_failed_config_write_keeps_the_old_pair(tmp_path, monkeypatch):
     assert torch.equal(loaded.final_norm.weight, old.final_norm.weight)
 
 
-def test_weights_older_than_config_are_detected(tmp_path, monkeypatch):
-    # A crash between the two renames: the new config.json is in, the weights are still the old ones.
-    _llama(rope_theta=10000.0).save_pretrained(tmp_path)
+def test_failed_weights_rename_puts_the_old_config_back(tmp_path, monkeypatch):
+    # The new config.json is renamed in, then the weights' rename fails: the old config goes
+    # back beside the old weights (it was left in place, and the previous save no longer loaded).
+    old = _llama(rope_theta=10000.0)
+    old.save_pretrained(tmp_path)
     monkeypatch.setattr(os, "replace", _failing_for("model.safetensors", os.replace,
                                                     OSError(5, "I/O error (simulated)"), target=1))
     with pytest.raises(OSError, match="simulated"):
         _llama(rope_theta=500000.0).save_pretrained(tmp_path)
     monkeypatch.undo()
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config.rope_theta == 10000.0
+    assert torch.equal(loaded.final_norm.weight, old.final_norm.weight)
+
+
+def test_weights_older_than_config_are_detected(tmp_path):
+    # A kill between the two renames (nothing restores): the new config.json is in, the weights
+    # are still the old ones.
+    _llama(rope_theta=10000.0).save_pretrained(tmp_path)
+    new_config = tmp_path / "new"
+    _llama(rope_theta=500000.0).save_pretrained(new_config)
+    os.replace(new_config / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="saved with another config") as e:
         from_pretrained(tmp_path)
     assert str(tmp_path / "model.safetensors") in str(e.value)

@@ -224,3 +224,56 @@ def test_decoder_accepts_prefix_lengths_at_both_ends():
     # The range check is inclusive: 0 is plain causal attention, T a wholly bidirectional row.
     torch.testing.assert_close(m(ids, prefix_lengths=torch.tensor([0, 0])).logits, m(ids).logits)
     assert m(ids, prefix_lengths=torch.tensor([6, 6])).logits.shape == (2, 6, m.config.vocab_size)
+
+
+# -- inputs that used to reach torch unchecked ---------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_decoder_names_bad_labels_embeds_positions_and_caches(flavour):
+    torch.manual_seed(0)
+    model = Decoder(from_name(f"{flavour}-tiny", vocab_size=120)).eval()
+    ids = torch.randint(1, 120, (2, 5))
+    with pytest.raises(TypeError, match="labels must hold integer token ids"):
+        model(input_ids=ids, labels=ids.float())  # was torch's "expected target dtype Long"
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, vocab_size=120\)"):
+        model(input_ids=ids, labels=ids + 200)  # was IndexError "Target 251 is out of bounds"
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        model(input_ids=ids, logits_to_keep=-2)  # gave the logits of x[:, 2:]
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, length, hidden_size=64\)"):
+        model(inputs_embeds=torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        model(inputs_embeds=torch.randn(2, 64))
+    with pytest.raises(TypeError, match="inputs_embeds must be floating point"):
+        model(inputs_embeds=torch.ones(2, 5, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position_ids must be \(B, T\) = \(2, 5\) or \(1, 5\)"):
+        model(input_ids=ids, position_ids=torch.arange(3).unsqueeze(0))
+    with pytest.raises(ValueError, match=r"past_key_values was made for .* = \(2, 3, "):
+        model(input_ids=ids, past_key_values=model.new_cache(3, 10))
+    with pytest.raises(TypeError, match="past_key_values must be a KVCache"):
+        model(input_ids=ids, past_key_values=(torch.zeros(1), torch.zeros(1)))
+
+
+def test_encoder_names_bad_embeds_and_id_shapes(encoder):
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, length, hidden_size=\d+\)"):
+        encoder(inputs_embeds=torch.randn(2, 6, 7))
+    for name in ("token_type_ids", "position_ids"):
+        with pytest.raises(ValueError, match=rf"{name} must be \(B, T\) = \(2, 6\) or \(1, 6\)"):
+            encoder(input_ids=ids, **{name: torch.zeros(2, 3, dtype=torch.long)})
+
+
+def test_seq2seq_names_a_wrong_cache_and_logits_to_keep(t5):
+    from fastpt.models.cache import KVCache
+    ids = _ids()
+    with pytest.raises(TypeError, match="past_key_values must be a Seq2SeqCache"):
+        t5(input_ids=ids, decoder_input_ids=ids, past_key_values=KVCache(1, 2, 1, 4, 8))
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        t5(input_ids=ids, decoder_input_ids=ids, logits_to_keep=-1)
+
+
+def test_a_cache_larger_than_memory_and_a_float_eos_are_named():
+    model = Decoder(from_name("llama-tiny", vocab_size=120)).eval()
+    with pytest.raises(ValueError, match=r"a KV cache of max_length \d+ for batch 1 needs .* GiB, more than"):
+        model.generate([[1, 5]], max_new_tokens=10**12)  # was an allocator error
+    with pytest.raises(ValueError, match=r"eos_token_id must be a token id in \[0, 120\), got 2.0"):
+        model.generate([[1, 5]], max_new_tokens=2, eos_token_id=2.0)  # was "'float' is not iterable"

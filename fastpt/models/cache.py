@@ -8,8 +8,28 @@ positions are masked by the attention mask rather than removed.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
+
+
+def _check_fits_in_memory(shape: tuple, dtype: torch.dtype, device) -> None:
+    """Keys and values of ``shape`` larger than the device's memory: a ValueError naming the
+    length, not an allocator error (or, with overcommit, the OOM killer) mid-way."""
+    need = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elif device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        return
+    if need > have:
+        raise ValueError(f"a KV cache of max_length {shape[3]} for batch {shape[1]} needs {need / 2**30:.1f} GiB, "
+                         f"more than the {have / 2**30:.1f} GiB of {device.type} memory: lower the length "
+                         "(max_new_tokens when generating) or the batch")
 
 
 class KVCache:
@@ -19,6 +39,7 @@ class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int,
                  head_dim: int, *, dtype: torch.dtype = torch.float32, device=None):
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        _check_fits_in_memory(shape, dtype, device)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0

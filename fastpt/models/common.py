@@ -33,6 +33,17 @@ def check_input_ids(name: str, ids: Tensor, vocab_size: int) -> None:
     check_ids(name, ids, vocab_size, "vocab_size")
 
 
+def check_inputs_embeds(inputs_embeds, hidden_size: int) -> None:
+    """(B, T, hidden_size) floats: the layers would fail on another shape or dtype with an
+    error naming neither (and integer embeddings would be taken as numbers)."""
+    if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or \
+            inputs_embeds.shape[-1] != hidden_size:
+        shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, Tensor) else type(inputs_embeds).__name__
+        raise ValueError(f"inputs_embeds must be (batch, length, hidden_size={hidden_size}), got {shape}")
+    if not inputs_embeds.is_floating_point():
+        raise TypeError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+
+
 def activation(name: str):
     """HF ACT2FN names: gelu (erf), gelu_new (tanh approximation, GPT-2/T5), relu, silu."""
     if name not in ACTIVATIONS:

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
 from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, check_ids, check_input_ids,
-                                  init_normal_, key_padding, layers_to_run, linear_activation,
-                                  positions_from_mask)
+                                  check_inputs_embeds, check_labels, init_normal_, key_padding, layers_to_run,
+                                  linear_activation, positions_from_mask)
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
@@ -152,6 +152,18 @@ class Decoder(PreTrainedModel):
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_length, c.head_dim,
                        dtype=dtype or w.dtype, device=w.device)
 
+    def _check_cache(self, cache, B: int) -> None:
+        """A KVCache made for this model and batch (its buffers would otherwise fail to take
+        this step's keys with a broadcast error naming neither)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be a KVCache (model.new_cache), got {type(cache).__name__}")
+        c = self.config
+        want = (c.num_layers, B, c.num_kv_heads, c.head_dim)
+        got = (cache.k.shape[0], cache.k.shape[1], cache.k.shape[2], cache.k.shape[4])
+        if got != want:
+            raise ValueError(f"past_key_values was made for (layers, batch, kv heads, head dim) = {got}, but "
+                             f"this model and batch need {want}: make it with model.new_cache(batch, length)")
+
     def _structure(self, B, T, past, attention_mask, position_ids, document_ids, prefix_lengths, device):
         """(position_ids, attention kwargs) for this call."""
         attn = dict(causal=True, key_padding_mask=key_padding(attention_mask), attn_bias=None)
@@ -177,6 +189,8 @@ class Decoder(PreTrainedModel):
                 position_ids = positions_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+        elif position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids must be (B, T) = ({B}, {T}) or (1, {T}), got {tuple(position_ids.shape)}")
         return position_ids, attn
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -190,10 +204,17 @@ class Decoder(PreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
             check_input_ids("input_ids", input_ids, self.embed_tokens.num_embeddings)
+        else:
+            check_inputs_embeds(inputs_embeds, self.config.hidden_size)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if labels is not None and tuple(labels.shape) != (B, T):
-            raise ValueError(f"labels must be (B, T) = ({B}, {T}) like the inputs, got {tuple(labels.shape)}")
+        if labels is not None:
+            check_labels(labels, (B, T), self.config.vocab_size)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            # a negative one would slice from the front: x[:, 2:] for -2
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
+        if past_key_values is not None:
+            self._check_cache(past_key_values, B)
         layers = layers_to_run(self.layers, num_layers)
         truncated = len(layers) < len(self.layers)
         if truncated and (labels is not None or use_cache or past_key_values is not None):

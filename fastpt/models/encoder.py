@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_ids, check_input_ids,
-                                  check_labels, cross_entropy, first_label_outside, init_normal_,
+                                  check_inputs_embeds, check_labels, cross_entropy, first_label_outside, init_normal_,
                                   key_padding, layers_to_run, linear_activation)
 from fastpt.models.config import EncoderConfig
 from fastpt.models.outputs import EncoderOutput
@@ -25,12 +25,17 @@ class EncoderEmbeddings(nn.Module):
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds) -> Tensor:
         if input_ids is not None:
             check_input_ids("input_ids", input_ids, self.tokens.num_embeddings)
+        else:
+            check_inputs_embeds(inputs_embeds, self.tokens.embedding_dim)
         x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).unsqueeze(0)
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+        for name, ids in (("position_ids", position_ids), ("token_type_ids", token_type_ids)):
+            if ids.dim() != 2 or ids.shape[1] != T or ids.shape[0] not in (1, B):  # else a broadcast error
+                raise ValueError(f"{name} must be (B, T) = ({B}, {T}) or (1, {T}), got {tuple(ids.shape)}")
         check_ids("position_ids", position_ids, self.positions.num_embeddings, "max_position_embeddings")
         check_ids("token_type_ids", token_type_ids, self.segments.num_embeddings, "type_vocab_size")
         x = x + self.positions(position_ids) + self.segments(token_type_ids)

@@ -171,7 +171,8 @@ def stop_token_ids(config, eos_token_id=None) -> list[int]:
         return []
     if isinstance(eos_token_id, Tensor):
         eos_token_id = eos_token_id.tolist()
-    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    # (anything but a list or tuple is one id, which _check_token refuses unless it is an int)
+    stops = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     for t in stops:  # one outside the vocabulary would never stop anything
         _check_token("eos_token_id", t, config.vocab_size)
     return stops

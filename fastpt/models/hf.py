@@ -307,7 +307,17 @@ def save_pretrained(model, path) -> None:
         # right after: a failure before leaves the old pair. Between the two renames, the
         # old weights' CONFIG_SHA256 no longer matches and from_pretrained says so.
         atomic_write(path / CONFIG_NAME, write_config)
-    atomic_write(path / WEIGHTS_NAME, write_weights)
+    config_file = path / CONFIG_NAME
+    previous = config_file.read_bytes() if config_file.is_file() else None
+    try:
+        atomic_write(path / WEIGHTS_NAME, write_weights)
+    except BaseException:
+        # The weights' rename failed after the new config's: put the old config back beside
+        # the old weights, so the previous save still loads (a kill between the two renames
+        # is the one case left, and from_pretrained then names the mismatch).
+        if previous is not None and config_file.is_file() and config_file.read_bytes() == config_bytes:
+            atomic_write(config_file, lambda tmp: Path(tmp).write_bytes(previous))
+        raise
 
 
 def _version() -> str:

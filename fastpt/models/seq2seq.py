@@ -215,6 +215,12 @@ class Seq2Seq(PreTrainedModel):
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
                 return_logits: bool = True) -> Seq2SeqOutput:
         enc_hidden = None
+        if past_key_values is not None and not isinstance(past_key_values, Seq2SeqCache):
+            raise TypeError(f"past_key_values must be a Seq2SeqCache (model.new_cache), got "
+                            f"{type(past_key_values).__name__}")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            # a negative one would slice from the front
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
         if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:  # HF's (last hidden state, ...)
             encoder_outputs = encoder_outputs[0]
         if encoder_outputs is None:
