@@ -88,6 +88,15 @@ def test_finetune_reads_string_labels_from_jsonl(pretrained, tmp_path):
     assert json.load(open(out / "result.json"))["n_test"] == 16
 
 
+def test_a_prompt_flag_with_commas_is_one_prompt(pretrained, capsys):
+    # A flag's text was split at commas into several prompts ("1,2" into the numbers 1 and 2,
+    # which crashed the tokenizer); several prompts come from a TOML list.
+    for prompt in ("Ruza lives in Pilou, and she", "1,2"):
+        assert main(["generate", "--model", str(pretrained / "final"), "--prompt", prompt,
+                     "--max-new-tokens", "2", "--stop", "a, b"]) == 0
+        assert capsys.readouterr().out.count("\n---") == 1
+
+
 def test_generate_matches_the_python_api(pretrained, capsys):
     from fastpt.data.tokenizer import load_tokenizer
     from fastpt.models import from_pretrained
@@ -163,7 +172,11 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
 
 
 def test_missing_files_are_named(tmp_path):
-    for args, message in [(["pretrain", "--config", str(tmp_path / "nope.toml")], "config file not found"),
+    (tmp_path / "folder").mkdir()
+    for args, message in [(["pretrain", "--config", str(tmp_path / "nope.toml")], "--config: no such file"),
+                          (["pretrain", "--config", str(tmp_path / "folder")], "is a folder; give a file"),
+                          (["pretrain", "--corpus", str(tmp_path / "folder")],
+                           f"data.corpus: {tmp_path / 'folder'} is a folder"),  # was "no such file"
                           (["finetune", "--base", str(tmp_path / "nope")], "model.base: no such file"),
                           (["finetune"], "model.base: required"),
                           (["eval", "--model", str(tmp_path)], "not a model folder")]:

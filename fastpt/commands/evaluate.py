@@ -11,7 +11,7 @@ import torch
 
 from fastpt.commands.common import (check_label, check_output_file, check_text,
                                     load_model_and_tokenizer, read_jsonl, where)
-from fastpt.commands.options import ConfigError, Option, add_options, resolve
+from fastpt.commands.options import ConfigError, Option, add_options, check_input_file, resolve
 
 TASKS = ("icl", "classify", "perplexity")
 
@@ -109,8 +109,7 @@ def classify(path: str, v: dict) -> list[dict]:
     if not os.path.isfile(os.path.join(path, INFO_FILE)):
         raise ConfigError(f"model: {path} is not a fastpt finetune result (no {INFO_FILE})")
     model, tok, info = load_finetuned(path)
-    if not os.path.isfile(v["data"]):
-        raise ConfigError(f"data: no such file: {v['data']}")
+    check_input_file(v["data"], "data")
     all_rows = read_jsonl(v["data"])
     rows = _limited(all_rows, v["limit"])
     text_field, label_field = info.get("text_field", "text"), info.get("label_field", "label")

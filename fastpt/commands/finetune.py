@@ -13,8 +13,8 @@ import torch
 from fastpt.commands.common import (check_label, check_output_dir, check_resume_step, check_text,
                                     checkpoint_root, is_main_process, read_jsonl, save_options,
                                     say, trainer_config, where)
-from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
-                                     section_values)
+from fastpt.commands.options import (ConfigError, Option, add_options, check_input_file, options_from_dataclass,
+                                     resolve, section_values)
 from fastpt.finetune.strategies import STRATEGIES, FinetuneConfig
 from fastpt.train.config import TrainerConfig
 
@@ -72,8 +72,8 @@ def _examples(v: dict) -> tuple[list[dict], list[dict] | None]:
         test = world.sentiment(1000, seed=2, adjectives="unseen") if v["test"] is None else None
         return train, test
     for key in ("train", "test"):
-        if v[key] is not None and not os.path.isfile(v[key]):
-            raise ConfigError(f"data.{key}: no such file: {v[key]}")
+        if v[key] is not None:
+            check_input_file(v[key], f"data.{key}")
     return read_jsonl(v["train"]), None
 
 

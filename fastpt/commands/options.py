@@ -92,11 +92,10 @@ def _parse_flag(option: Option):
     def parse(text: str):
         if option.optional and text.lower() == "none":
             return None
-        if option.kind in ("list", "str_or_list"):
-            items = [s.strip() for s in text.split(",") if s.strip()]
-            if option.kind == "str_or_list" and len(items) == 1 and "," not in text:
-                return items[0]
-            return [_number_or_text(s) for s in items]
+        if option.kind == "str_or_list":  # one string from a flag: a prompt or a stop string
+            return text                      # may hold commas (several: a TOML list)
+        if option.kind == "list":
+            return [_number_or_text(s.strip()) for s in text.split(",") if s.strip()]
         try:
             return {"int": int, "float": float, "str": str}[option.kind](text)
         except ValueError:
@@ -154,10 +153,17 @@ def _type_ok(kind: str, value) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
+def check_input_file(path: str, key: str) -> None:
+    """A file to read: a ConfigError naming ``key`` when it is missing or is a folder."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{key}: {path} is a folder; give a file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: no such file: {path}")
+
+
 def load_toml(path: str, options: list[Option]) -> dict:
     """The option values set in the TOML file ``path``, checked against ``options``."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    check_input_file(path, "--config")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -8,8 +8,8 @@ import os
 
 from fastpt.commands.common import (check_output_dir, check_resume_step, checkpoint_root,
                                     is_main_process, save_options, say, trainer_config)
-from fastpt.commands.options import (ConfigError, Option, add_options, options_from_dataclass, resolve,
-                                     section_values)
+from fastpt.commands.options import (ConfigError, Option, add_options, check_input_file, options_from_dataclass,
+                                     resolve, section_values)
 from fastpt.train.config import TrainerConfig
 
 ENCODER_PRESETS = ("bert-tiny", "bert-small", "bert-base")
@@ -91,8 +91,7 @@ def _corpus(v: dict) -> list[str] | None:
     from fastpt.data.datasets import read_documents
     if v["corpus"] == "world":
         return None
-    if not os.path.isfile(v["corpus"]):
-        raise ConfigError(f"data.corpus: no such file: {v['corpus']}")
+    check_input_file(v["corpus"], "data.corpus")
     docs = list(read_documents(v["corpus"], None if v["format"] == "auto" else v["format"], v["field"]))
     if not docs:
         raise ConfigError(f"data.corpus: {v['corpus']} holds no documents")
