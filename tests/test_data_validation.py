@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from fastpt.data.datasets import encode_padded, pack_documents, read_documents, tokenize_stream
+from fastpt.data.datasets import encode_padded, pack_documents, pad_batch, read_documents, tokenize_stream
 from fastpt.data.digits import load_digits_split
 from fastpt.data.tokenizer import special_ids, train_tokenizer
 from fastpt.data.world import World
@@ -117,6 +117,61 @@ def test_csv_reads_a_document_longer_than_the_csv_default_limit(tmp_path):
 def test_pack_documents_checks_eos_id(eos_id):
     with pytest.raises(ValueError, match=re.escape(f"eos_id must be a non-negative integer token id, got {eos_id!r}")):
         list(pack_documents([[5, 6, 7]], seq_len=2, eos_id=eos_id))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seq_len": 2.5}, TypeError, r"seq_len must be an int, got 2\.5"),  # was "slice indices must be integers"
+    ({"token_lists": [[-5, 3, 4]]}, ValueError, r"document 0 of token_lists holds the negative id -5"),
+    ({"token_lists": [[5, 6], [3.5, 4]]}, TypeError, r"document 1 of token_lists must hold integer token ids"),
+])
+def test_pack_documents_checks_seq_len_and_ids(kwargs, error, match):
+    args = {"token_lists": [[5, 6, 7]], "seq_len": 2, "eos_id": 0, **kwargs}
+    with pytest.raises(error, match=match):
+        list(pack_documents(**args))
+
+
+def test_pad_batch_refuses_ids_torch_would_truncate_or_pad_silently():
+    with pytest.raises(TypeError, match=r"input_ids of example 1 must hold integer token ids, got torch\.float"):
+        pad_batch([[5, 6], [5.7, 30.2]], 0)  # was padded as [5, 30]
+    with pytest.raises(TypeError, match=r"input_ids of example 0 must hold integer token ids, got torch\.bool"):
+        pad_batch([[True, False]], 0)
+    with pytest.raises(ValueError, match=r"labels of example 0 holds the negative id -5"):
+        pad_batch([[-5, -100]], -100, name="labels")
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of must be None or an int >= 1, got -2"):
+        pad_batch([[5, 6]], 0, -2)
+    with pytest.raises(TypeError, match=r"pad_to_multiple_of must be None or an int >= 1, got 2\.5"):
+        pad_batch([[5, 6]], 0, 2.5)
+    # labels padded with the ignore index may hold it already
+    ids, mask = pad_batch([[7, -100], [8]], -100, 4, name="labels")
+    assert ids.tolist() == [[7, -100, -100, -100], [8, -100, -100, -100]]
+    assert mask.sum(1).tolist() == [2, 1]
+
+
+def test_tokenizer_refuses_a_vocab_size_the_trainer_cannot_allocate(docs):
+    # 10**9 made the Rust trainer fail to allocate ~70 GB and abort the whole process
+    with pytest.raises(ValueError, match=r"vocab_size=1000000000 is too large \(at most 1048576"):
+        train_tokenizer(docs, "wordpiece", vocab_size=10**9)
+    with pytest.raises(TypeError, match=r"vocab_size must be an int, got '600'"):
+        train_tokenizer(docs, "wordpiece", vocab_size="600")
+
+
+def test_tokenizer_refuses_an_empty_or_malformed_corpus(docs):
+    for empty in ([], iter([]), ["", ""]):  # gave a tokenizer of the special tokens alone
+        with pytest.raises(ValueError, match=r"wordpiece tokenizer: the corpus is empty"):
+            train_tokenizer(empty, "wordpiece", 200)
+    with pytest.raises(TypeError, match=r"texts must be an iterable of strings, got int at item 3"):
+        train_tokenizer((d if i != 3 else 7 for i, d in enumerate(docs)), "wordpiece", 600)
+    with pytest.raises(TypeError, match=r"texts must be an iterable of strings, got a single string"):
+        train_tokenizer(docs[0], "wordpiece", 200)
+    with pytest.raises(TypeError, match=r"texts must be an iterable of strings, got int$"):
+        train_tokenizer(5, "wordpiece", 200)
+
+
+def test_tokenizer_checks_min_frequency(docs):
+    with pytest.raises(ValueError, match=r"min_frequency must be an int >= 0, got -1"):  # was an OverflowError
+        train_tokenizer(docs, "wordpiece", 600, min_frequency=-1)
+    with pytest.raises(TypeError, match=r"min_frequency must be an int >= 0, got 1\.5"):
+        train_tokenizer(docs, "bpe", 600, min_frequency=1.5)
 
 
 def test_bpe_vocab_size_below_the_byte_alphabet_raises(docs):

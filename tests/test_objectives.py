@@ -87,6 +87,44 @@ def test_mlm_bad_arguments():
             MLMCollator(VOCAB, 4, 0, SPECIAL)([{"input_ids": [5, bad]}])
 
 
+def test_mlm_refuses_ids_that_are_not_integers():
+    collator = MLMCollator(VOCAB, 4, 0, SPECIAL)
+    for bad in ([5.7, 30.2], torch.tensor([5.0, 6.0]), [True, False]):  # floats were truncated to [5, 30]
+        with pytest.raises(TypeError, match=r"input_ids of example 1 must hold integer token ids"):
+            collator([{"input_ids": [5, 6]}, {"input_ids": bad}])
+    with pytest.raises(ValueError, match=r"token_type_ids of example 0 holds the negative id -1"):
+        collator([{"input_ids": [5, 6], "token_type_ids": [0, -1]}])
+
+
+def test_mlm_needs_token_type_ids_and_nsp_labels_on_every_example():
+    collator = MLMCollator(VOCAB, 4, 0, SPECIAL)
+    for types in ([0], [0, 1, 1]):  # were padded or kept silently
+        with pytest.raises(ValueError, match=rf"token_type_ids of example 1 must give one segment id per "
+                                             rf"token: {len(types)} ids for 2 tokens"):
+            collator([{"input_ids": [5, 6], "token_type_ids": [0, 0]},
+                      {"input_ids": [7, 8], "token_type_ids": types}])
+    # only examples[0] was looked at: the key was dropped, or failed as a KeyError
+    for key, value in (("token_type_ids", [0, 0]), ("next_sentence_label", 1)):
+        with pytest.raises(ValueError, match=rf"example 1 has no '{key}' while example 0 has"):
+            collator([{"input_ids": [5, 6], key: value}, {"input_ids": [7, 8]}])
+        with pytest.raises(ValueError, match=rf"example 0 has no '{key}' while example 1 has"):
+            collator([{"input_ids": [5, 6]}, {"input_ids": [7, 8], key: value}])
+    batch = collator([{"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1], "next_sentence_label": 1},
+                      {"input_ids": [8, 9], "token_type_ids": [0, 1], "next_sentence_label": 0}])
+    assert batch["token_type_ids"].tolist() == [[0, 1, 1], [0, 1, 0]]
+    assert batch["next_sentence_label"].tolist() == [1, 0]
+
+
+def test_mlm_checks_pad_to_multiple_of_when_built():
+    # -2 failed inside torch at the first batch, 2.5 as a torch.full TypeError
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of must be None or an int >= 1, got -2"):
+        MLMCollator(VOCAB, 4, 0, SPECIAL, pad_to_multiple_of=-2)
+    with pytest.raises(TypeError, match=r"pad_to_multiple_of must be None or an int >= 1, got 2\.5"):
+        MLMCollator(VOCAB, 4, 0, SPECIAL, pad_to_multiple_of=2.5)
+    batch = MLMCollator(VOCAB, 4, 0, SPECIAL, pad_to_multiple_of=8)([{"input_ids": [5, 6, 7]}])
+    assert batch["input_ids"].shape == (1, 8)
+
+
 def test_mlm_refuses_a_missing_mask_token_clearly():
     # was "TypeError: '<' not supported between instances of 'NoneType' and 'int'"
     with pytest.raises(ValueError, match=r"mask_id must be an int.*got None.*no mask token"):
@@ -166,6 +204,30 @@ def test_span_corruption_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="too short"):  # below 3: no room for a kept token, a sentinel and EOS
         SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=2)
     assert SpanCorruptionCollator(VOCAB, eos_id=1, inputs_length=10)([list(range(5, 15))])["input_ids"].shape == (1, 10)
+
+
+def test_span_corruption_refuses_nan_and_fractional_lengths():
+    nan = float("nan")  # was "cannot convert float NaN to integer"
+    for make in (lambda: SpanCorruptionCollator(VOCAB, 1, 16, mean_span_length=nan),
+                 lambda: span_corruption_lengths(16, 0.15, nan),
+                 lambda: noise_mask(16, 0.15, nan, torch.Generator())):
+        with pytest.raises(ValueError, match=r"mean_span_length must be a finite number >= 1, got nan"):
+            make()
+    with pytest.raises(ValueError, match=r"mean_span_length must be a finite number >= 1, got inf"):
+        span_corruption_lengths(16, 0.15, float("inf"))
+    for make in (lambda: SpanCorruptionCollator(VOCAB, 1, 16, noise_density=nan),
+                 lambda: span_corruption_lengths(16, nan),
+                 lambda: noise_mask(16, nan, 3.0, torch.Generator())):
+        with pytest.raises(ValueError, match=r"noise_density must be in \(0, 1\), got nan"):
+            make()
+    with pytest.raises(TypeError, match=r"noise_density must be a number, got '0\.15'"):
+        span_corruption_lengths(16, "0.15")
+    with pytest.raises(TypeError, match=r"inputs_length must be an int, got 16\.5"):  # was a torch.zeros TypeError
+        SpanCorruptionCollator(VOCAB, 1, 16.5)
+    with pytest.raises(TypeError, match=r"length must be an int, got 16\.0"):
+        noise_mask(16.0, 0.15, 3.0, torch.Generator())
+    with pytest.raises(ValueError, match=r"length must be >= 0, got -1"):
+        noise_mask(-1, 0.15, 3.0, torch.Generator())
 
 
 def test_noise_mask_statistics():

@@ -308,6 +308,13 @@ def test_world_validates_counts_instead_of_hanging():
     assert len(list(World(0, n_people=8, n_cities=1, n_restaurants=1).documents(100))) == 100
 
 
+@pytest.mark.parametrize("name", ["n_people", "n_cities", "n_restaurants"])
+def test_world_counts_must_be_ints(name):
+    for bad in ("3", 30.0, True):  # "3" was a bare "'<' not supported" TypeError
+        with pytest.raises(TypeError, match=rf"{name} must be an int, got {bad!r}"):
+            World(0, **{name: bad})
+
+
 # -- smaller argument checks -----------------------------------------------------------------
 
 def test_small_argument_checks(tmp_path):

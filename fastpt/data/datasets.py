@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 import os
 import threading
 from typing import Iterable, Iterator
@@ -207,9 +208,13 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
     Yields ``{"input_ids", "position_ids", "document_ids"}`` (int64 tensors of length
     ``seq_len``). A document longer than the rest of a block continues in the next block as
     that block's document 0 with positions restarting at 0 (attention never crosses blocks,
-    and learned position tables stay within ``seq_len``).
+    and learned position tables stay within ``seq_len``). Raises TypeError for a ``seq_len``
+    that is not an int or ids that are not integers, ValueError for negative ids.
     """
-    if seq_len < 2:
+    # A float length failed later as "slice indices must be integers".
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
+    if seq_len < 2:  # a token and the EOS that follows it
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     # None (a tokenizer without EOS) failed later inside torch.tensor, a float was packed as is.
     if not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0:
@@ -217,8 +222,8 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
     ids: list[int] = []
     pos: list[int] = []
     doc: list[int] = []
-    for tokens in token_lists:
-        tokens = list(tokens) + [eos_id]
+    for n, tokens in enumerate(token_lists):
+        tokens = _id_tensor(tokens, f"document {n} of token_lists").tolist() + [eos_id]
         doc_index = doc[-1] + 1 if doc else 0
         offset, piece_start = 0, 0
         while offset < len(tokens):
@@ -239,18 +244,57 @@ def _block(ids, pos, doc) -> dict:
             "document_ids": torch.tensor(doc)}
 
 
-def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None) -> tuple:
-    """Right-pad a list of 1-D id sequences to (B, T) ids and a (B, T) bool attention mask."""
+def check_pad_to_multiple_of(pad_to_multiple_of) -> None:
+    """None or an int >= 1 (a negative or fractional one failed inside torch at the first batch)."""
+    if pad_to_multiple_of is None:
+        return
+    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, numbers.Integral):
+        raise TypeError(f"pad_to_multiple_of must be None or an int >= 1, got {pad_to_multiple_of!r}")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be None or an int >= 1, got {pad_to_multiple_of!r}")
+
+
+def _id_tensor(seq, what: str, pad_id: int | None = None) -> torch.Tensor:
+    """``seq`` (a list, tensor or array of token ids) as a 1-D integer tensor, or a clear error
+    naming ``what``: torch would truncate float ids silently, and a negative id would be packed
+    or padded as it is. Only ``pad_id`` may be negative (the -100 of padded labels)."""
+    try:
+        t = torch.as_tensor(seq)
+    except (TypeError, ValueError, RuntimeError) as e:  # None, strings, ragged lists, overflow
+        raise TypeError(f"{what} must be a sequence of integer token ids: {e}") from None
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {tuple(t.shape)}")
+    if not t.numel():  # [] comes out as float32, with no id to be wrong
+        return t.long()
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer token ids, got {t.dtype} values")
+    bad = (t < 0) & (t != pad_id) if pad_id is not None else t < 0
+    if bool(bad.any()):
+        raise ValueError(f"{what} holds the negative id {int(t[bad][0])}: token ids must lie in [0, vocab_size)")
+    return t
+
+
+def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None, *,
+              name: str = "input_ids") -> tuple:
+    """Right-pad a list of 1-D id sequences to (B, T) ids and a (B, T) bool attention mask.
+
+    Raises TypeError for ids that are not integers (floats, bools) and ValueError for negative
+    ids other than ``pad_id`` itself (labels padded with -100 may hold it), naming ``name`` and
+    the example."""
     if not seqs:
         raise ValueError("cannot collate an empty batch")
-    T = max(len(s) for s in seqs)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    check_pad_to_multiple_of(pad_to_multiple_of)
+    tensors = [_id_tensor(s, f"{name} of example {i}", pad_id) for i, s in enumerate(seqs)]
+    T = max(len(t) for t in tensors)
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
+    for i, t in enumerate(tensors):
+        ids[i, :len(t)] = t
+        mask[i, :len(t)] = True
     return ids, mask
 
 

@@ -16,6 +16,7 @@ Padding is left to the collators, which pad each batch to its own longest sequen
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -25,6 +26,9 @@ from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tok
                         trainers)
 
 KINDS = ("wordpiece", "bpe", "unigram")
+# Far above any vocabulary fastpt trains. The trainers allocate per entry up front: a size of
+# 10**9 made the Rust library fail to allocate ~70 GB and abort the whole process.
+MAX_VOCAB_SIZE = 2**20
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,17 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
     if vocab_size < 64:
         raise ValueError(f"vocab_size={vocab_size} is too small (need at least 64)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too large (at most {MAX_VOCAB_SIZE}; the trainer "
+                         f"allocates memory for every entry up front)")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, numbers.Integral):
+        raise TypeError(f"min_frequency must be an int >= 0, got {min_frequency!r}")
+    if min_frequency < 0:  # reached the trainer as an OverflowError
+        raise ValueError(f"min_frequency must be an int >= 0, got {min_frequency!r}")
     # Below this, the BPE trainer returned its byte alphabet and EOS: 257 tokens, whatever was asked.
     if kind == "bpe" and vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE (need at least 257: "
@@ -65,10 +78,20 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
     if kind == "unigram" and vocab_size - n_sentinels < 64:
         raise ValueError(f"vocab_size={vocab_size} leaves {vocab_size - n_sentinels} pieces after "
                          f"n_sentinels={n_sentinels} sentinels (need at least 64)")
+    if isinstance(texts, str):  # iterating it would train on its characters, one per document
+        raise TypeError("texts must be an iterable of strings, got a single string (wrap it in a list)")
+    try:
+        items = iter(texts)
+    except TypeError:
+        raise TypeError(f"texts must be an iterable of strings, got {type(texts).__name__}") from None
     chars: set = set()  # the corpus's distinct characters, for the messages below
 
     def counted():
-        for text in texts:
+        # Checked as the trainer consumes them, so a generator still streams.
+        for n, text in enumerate(items):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be an iterable of strings, got {type(text).__name__} "
+                                f"at item {n}")
             chars.update(text)
             yield text
     asked = f"vocab_size={vocab_size}" + (f" with n_sentinels={n_sentinels}" if kind == "unigram" else "")
@@ -85,6 +108,9 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
         # tokenizers' bare Exception ("The vocabulary is not large enough to contain all chars")
         raise ValueError(f"cannot train a {kind} tokenizer with {asked} on a corpus of "
                          f"{len(chars)} distinct characters: {e}") from None
+    if not chars:  # else a tokenizer of the special tokens alone came back
+        raise ValueError(f"cannot train a {kind} tokenizer: the corpus is empty (no documents, or only "
+                         f"empty ones)")
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"{asked} is too small for this corpus: its {len(chars)} distinct characters "
                          f"make a {kind} vocabulary of {tok.get_vocab_size()} tokens; ask for at least that")

@@ -31,6 +31,7 @@ tasks are reproducible across machines and Python versions.
 
 from __future__ import annotations
 
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -113,6 +114,10 @@ class World:
 
     def __init__(self, seed: int = 0, n_people: int = 300, n_cities: int = 30,
                  n_restaurants: int = 120):
+        # A string or float count failed in the comparisons below, or deep in random.sample.
+        for name, n in (("n_people", n_people), ("n_cities", n_cities), ("n_restaurants", n_restaurants)):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {n!r}")
         if min(n_cities, n_restaurants) < 1:
             raise ValueError(f"World needs at least one city and restaurant, got n_cities={n_cities}, "
                              f"n_restaurants={n_restaurants}")

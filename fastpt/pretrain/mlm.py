@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from fastpt.data.datasets import pad_batch, reseed_in_worker
+from fastpt.data.datasets import check_pad_to_multiple_of, pad_batch, reseed_in_worker
 from fastpt.models.common import check_ids
 
 IGNORE_INDEX = -100
@@ -25,6 +25,17 @@ def _check_token_id(name: str, value, missing_hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         hint = f": {missing_hint}" if value is None else ""
         raise ValueError(f"{name} must be an int token id, got {value!r}{hint}")
+
+
+def _all_or_none(examples: list, key: str) -> bool:
+    """Whether the examples have ``key``: all of them or none (else ValueError naming the first
+    without it). Looking at the first example alone dropped the key from the whole batch, or
+    failed with a KeyError, when only some had it."""
+    has = [key in e for e in examples]
+    if any(has) and not all(has):
+        raise ValueError(f"example {has.index(False)} has no {key!r} while example {has.index(True)} has: "
+                         f"every example of a batch needs {key!r}, or none")
+    return has[0]
 
 
 class MLMCollator:
@@ -45,7 +56,11 @@ class MLMCollator:
     it is restarted for every batch from (seed, rank, epoch, batch index) instead
     (``seed_collator``): ranks draw different masks, and a resumed run the same ones.
     Raises ValueError for a ``mask_id`` or ``pad_id`` that is not an int (None: the tokenizer
-    lacks the token), special ids outside the vocabulary, or a vocabulary of special ids only.
+    lacks the token), special ids outside the vocabulary, or a vocabulary of special ids only,
+    and for a ``pad_to_multiple_of`` other than None or an int >= 1. A batch raises TypeError
+    for ids that are not integers and ValueError for ids outside the vocabulary, for
+    ``token_type_ids`` of another length than their ``input_ids``, and where only some examples
+    have ``token_type_ids`` or ``next_sentence_label``.
     """
 
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, special_ids, *,
@@ -56,6 +71,7 @@ class MLMCollator:
         _check_token_id("mask_id", mask_id, "the tokenizer has no mask token such as [MASK]; MLM and "
                         "ELECTRA need one (a wordpiece tokenizer has it)")
         _check_token_id("pad_id", pad_id, "the tokenizer has no padding token such as [PAD]")
+        check_pad_to_multiple_of(pad_to_multiple_of)
         special = sorted(set(special_ids) | {mask_id, pad_id})
         if any(not 0 <= i < vocab_size for i in special):
             raise ValueError(f"special ids {special} must lie in [0, vocab_size={vocab_size})")
@@ -78,10 +94,15 @@ class MLMCollator:
                                         self.pad_to_multiple_of)
         check_ids("token ids", ids, self.vocab_size, "vocab_size")
         batch = {"input_ids": ids, "attention_mask": attention_mask}
-        if "token_type_ids" in examples[0]:
+        if _all_or_none(examples, "token_type_ids"):
+            for i, e in enumerate(examples):
+                # pad_batch would pad a short list with segment 0 and cut nothing from a long one
+                if len(e["token_type_ids"]) != len(e["input_ids"]):
+                    raise ValueError(f"token_type_ids of example {i} must give one segment id per token: "
+                                     f"{len(e['token_type_ids'])} ids for {len(e['input_ids'])} tokens")
             batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0,
-                                                   self.pad_to_multiple_of)
-        if "next_sentence_label" in examples[0]:  # MLM + NSP batches (BERT pre-training)
+                                                   self.pad_to_multiple_of, name="token_type_ids")
+        if _all_or_none(examples, "next_sentence_label"):  # MLM + NSP batches (BERT pre-training)
             batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
         selected = self._select(examples, ids, attention_mask)
         batch["input_ids"], batch["labels"] = self.apply_mask(ids, selected)

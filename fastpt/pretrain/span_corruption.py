@@ -15,11 +15,31 @@ The sentinels of a collator take the top ``n_spans`` ids; the run tokens, ``eos_
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from fastpt.data.datasets import reseed_in_worker
+
+
+def _check_noise(noise_density: float, mean_span_length: float) -> None:
+    """Finite numbers in range: a NaN passed the range checks (every comparison with it is
+    False) and failed later as "cannot convert float NaN to integer"."""
+    for name, value in (("noise_density", noise_density), ("mean_span_length", mean_span_length)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    # Written so that NaN fails them: "not (x in range)" rather than "x out of range".
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
+    if not 1 <= mean_span_length < math.inf:
+        raise ValueError(f"mean_span_length must be a finite number >= 1, got {mean_span_length}")
+
+
+def _check_int(name: str, value) -> None:
+    # A float length failed inside torch (torch.zeros, torch.randperm) with its own message.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -46,7 +66,10 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
     the shorter run still fills ``inputs_length``. Where it would not (the span count rounds
     down with the noise, e.g. 11 inputs: T5 pads both), the untrimmed lengths are kept.
     Raises ValueError below 3 inputs, or where the noise spans outnumber the non-noise
-    tokens that must separate them."""
+    tokens that must separate them, and TypeError for an ``inputs_length`` that is not an int
+    or a ``noise_density`` / ``mean_span_length`` that is not a number."""
+    _check_noise(noise_density, mean_span_length)
+    _check_int("inputs_length", inputs_length)
     if inputs_length < 3:  # the shortest corruption: one kept token, one sentinel, EOS
         raise ValueError(f"inputs_length {inputs_length} is too short for span corruption (need at least 3)")
     raw = inputs_length - 1
@@ -92,6 +115,10 @@ def _segment(n_items: int, n_segments: int, g: torch.Generator) -> torch.Tensor:
 def noise_mask(length: int, noise_density: float, mean_span_length: float,
                g: torch.Generator) -> torch.Tensor:
     """Bool (length,) mask of noise positions, in spans, starting with non-noise."""
+    _check_int("length", length)
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    _check_noise(noise_density, mean_span_length)
     n = max(length, 2)
     noise, spans = _noise_counts(n, noise_density, mean_span_length)
     lengths = torch.stack([_segment(n - noise, spans, g), _segment(noise, spans, g)], 1).flatten()
@@ -114,10 +141,6 @@ class SpanCorruptionCollator:
     def __init__(self, vocab_size: int, eos_id: int, inputs_length: int = 512,
                  noise_density: float = 0.15, mean_span_length: float = 3.0, seed: int = 0,
                  *, pad_id: int | None = None):
-        if not 0.0 < noise_density < 1.0:
-            raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
-        if mean_span_length < 1:
-            raise ValueError(f"mean_span_length must be >= 1, got {mean_span_length}")
         self.raw_length, self.targets_length = span_corruption_lengths(
             inputs_length, noise_density, mean_span_length)
         self.inputs_length, self.vocab_size, self.eos_id = inputs_length, vocab_size, eos_id
