@@ -358,6 +358,14 @@ def test_quantize_swaps_linears():
     torch.testing.assert_close(model(x), before, rtol=0.05, atol=0.05)
 
 
+def test_threshold_and_scale_of_the_wrong_kind_are_named():
+    with pytest.raises(TypeError, match="threshold must be a number, got str"):
+        Int8Linear.from_linear(nn.Linear(8, 4), threshold="6")  # was "must be > 0, got 6"
+    layer = Int8Linear.from_linear(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"scale must be \(4,\), one per output row, got \(\)"):
+        layer.load_int8_weight(layer.weight_int8, torch.tensor(0.5))  # was broadcast silently
+
+
 @pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan")])
 def test_bad_threshold(threshold):
     with pytest.raises(ValueError, match="threshold must be > 0"):

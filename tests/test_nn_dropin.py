@@ -78,3 +78,24 @@ def test_bad_arguments():
         fnn.RMSNorm(8, hidden_size=8)
     with pytest.raises(TypeError, match="cannot convert Linear"):
         fnn.RMSNorm.from_module(torch.nn.Linear(4, 4))
+
+
+def test_default_eps_is_torch_s_for_low_precision_inputs():
+    # torch computes bf16 / fp16 in float32, with float32's eps; finfo(bf16).eps (7.8e-3)
+    # swamped the mean square of small inputs: 0.0073 where torch gives 0.902.
+    x = (torch.randn(4, 8) * 1e-3).bfloat16()
+    ours, theirs = fnn.RMSNorm(8, dtype=torch.bfloat16), torch.nn.RMSNorm(8, dtype=torch.bfloat16)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1.6e-2, atol=1e-2)
+    mixed = fnn.RMSNorm(8)(x)  # an fp32 weight: torch's style keeps x's dtype
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, torch.nn.RMSNorm(8)(x), rtol=1.6e-2, atol=1e-2)
+
+
+def test_a_weight_of_another_dtype_gives_llama_s_promoted_result():
+    LlamaRMSNorm = pytest.importorskip("transformers.models.llama.modeling_llama").LlamaRMSNorm
+    hf = _randomized(LlamaRMSNorm(8, eps=1e-6))
+    ours = fnn.RMSNorm.from_module(hf)
+    x = torch.randn(2, 3, 8).bfloat16()
+    got, want = ours(x), hf(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

@@ -326,6 +326,53 @@ def test_fused_cross_entropy_loss_and_gradients(name):
         assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
 
 
+def test_fused_cross_entropy_keeps_hf_where_the_head_is_not_plain_and_honours_return_dict():
+    # The fused loss reads lm_head.weight: a hook or a subclass forward changing the head's
+    # output was bypassed (another loss, no warning), and return_dict=False crashed.
+    build, _ = FAMILIES["llama"]
+    ids, mask = _padded_batch(left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    class Halved(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    for change in ("hook", "subclass"):
+        model = build()
+        randomize_(model)
+        if change == "hook":
+            model.lm_head.register_forward_hook(lambda mod, i, o: o * 2)
+        else:
+            model.lm_head.__class__ = Halved
+        reference = copy.deepcopy(model).train()
+        fastpt.patch(model, fused_cross_entropy=True)
+        got = model.train()(input_ids=ids, attention_mask=mask, labels=labels)
+        want = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        assert got.logits is not None  # HF's own forward ran
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    model = build()
+    randomize_(model)
+    fastpt.patch(model, fused_cross_entropy=True)
+    out = model.train()(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+
+
+def test_patched_norms_of_another_dtype_give_hf_dtypes():
+    # HF keeps some norms in fp32 inside bf16 models; the patched norm cast the weight to x's
+    # dtype, and the next layer then failed on a dtype mismatch.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fastpt.patch import modules as patched
+    norm = LlamaRMSNorm(8, eps=1e-6)
+    reference = copy.deepcopy(norm)
+    patched.swap(norm, "rms_norm", patched.rms_norm_forward)  # as fastpt.patch swaps it
+    x = torch.randn(2, 3, 8).bfloat16()
+    got = norm(x)
+    assert got.dtype == reference(x).dtype == torch.float32 and torch.equal(got, reference(x))
+    same = norm.to(torch.bfloat16)(x)  # one dtype: fastpt's kernel, within bf16 rounding of HF's
+    torch.testing.assert_close(same, reference.to(torch.bfloat16)(x), rtol=1.6e-2, atol=1e-2)
+
+
 def test_peft_lora_with_fused_cross_entropy():
     model = _peft_llama()
     reference = copy.deepcopy(model)

@@ -58,6 +58,8 @@ class Int8Linear(nn.Module):
         """Sets the (out, in) int8 weight and its (out,) float32 scales (packs it)."""
         if weight_int8.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight must be {(self.out_features, self.in_features)}, got {tuple(weight_int8.shape)}")
+        if scale.shape != (self.out_features,):  # copy_ would broadcast a scalar silently
+            raise ValueError(f"scale must be ({self.out_features},), one per output row, got {tuple(scale.shape)}")
         packed, colsum = int8_ops.pack_int8_weight(weight_int8.to(self.weight_packed.device))
         self.weight_packed.copy_(packed)
         self.weight_colsum.copy_(colsum)
@@ -94,7 +96,9 @@ class Int8Linear(nn.Module):
 
 
 def _check_threshold(threshold: float) -> None:
-    if not (isinstance(threshold, (int, float)) and threshold > 0):  # also rejects NaN
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__} {threshold!r}")
+    if not threshold > 0:  # also rejects NaN
         raise ValueError(f"threshold must be > 0 (math.inf: no outlier columns), got {threshold}")
 
 

@@ -29,12 +29,14 @@ class RMSNorm(nn.Module):
     Constructor arguments of both originals: ``RMSNorm(normalized_shape, eps, elementwise_affine,
     device, dtype)`` as torch.nn.RMSNorm, ``RMSNorm(hidden_size, eps)`` or
     ``RMSNorm(hidden_size=..., eps=...)`` as LlamaRMSNorm. The default eps is torch's, None
-    (``torch.finfo(x.dtype).eps``), so ``RMSNorm(16)`` matches ``torch.nn.RMSNorm(16)``; with
+    (``torch.finfo`` of x's compute type: float32 for bf16 / fp16), so ``RMSNorm(16)`` matches
+    ``torch.nn.RMSNorm(16)``; with
     the HF keyword ``hidden_size=`` it is HF's, 1e-6 (pass eps to be explicit).
 
     Args:
         normalized_shape: int or tuple, the trailing dims to normalise over (alias ``hidden_size``).
-        eps: added to the mean square; None means ``torch.finfo(x.dtype).eps`` (as torch).
+        eps: added to the mean square; None means the float32 eps for bf16 / fp16 / float32
+            inputs and float64's for float64 (as torch computes it).
         elementwise_affine: learn a weight (initialised to ones); False means no weight.
         use_fused: False runs the pure-PyTorch reference instead (for A/B checks).
 
@@ -60,6 +62,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.use_fused = use_fused
+        # With a weight of another dtype than x: HF's LlamaRMSNorm returns the promoted dtype
+        # (normed x in x's dtype times the weight), torch.nn.RMSNorm x's dtype. The HF-style
+        # constructor (hidden_size=) and from_module of an HF norm take HF's.
+        self.promotes_dtype = hidden_size is not None
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -89,10 +95,12 @@ class RMSNorm(nn.Module):
             TypeError: ``module`` has neither ``normalized_shape``/``eps`` nor
                 ``weight``/``variance_epsilon``.
         """
+        promotes = isinstance(module, RMSNorm) and module.promotes_dtype
         if isinstance(module, (nn.RMSNorm, RMSNorm)):
             shape, eps, affine = module.normalized_shape, module.eps, module.elementwise_affine
         elif isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "variance_epsilon"):
             shape, eps, affine = tuple(module.weight.shape), module.variance_epsilon, True
+            promotes = True
         else:
             raise TypeError(f"cannot convert {type(module).__name__} to RMSNorm: expected torch.nn.RMSNorm or a "
                             "module with weight and variance_epsilon (HF LlamaRMSNorm)")
@@ -103,6 +111,7 @@ class RMSNorm(nn.Module):
         if weight is not None:
             with torch.no_grad():
                 out.weight.copy_(weight)
+        out.promotes_dtype = promotes
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,15 +120,18 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm over {self.normalized_shape} got input of shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"RMSNorm needs a floating-point input, got {x.dtype}")
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        # None: torch's default, the eps of the type it computes in (float32 for bf16 / fp16
+        # inputs, not their own 7.8e-3 / 9.8e-4).
+        eps = self.eps if self.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         n = math.prod(self.normalized_shape)
-        weight = self.weight.reshape(n) if self.weight is not None else x.new_ones(n)
         flat = x.reshape(*x.shape[: x.dim() - k], n)
-        if self.use_fused:
-            y = rms_norm(flat, weight.to(x.dtype), eps)
-        else:
-            y = reference.rms_norm(flat, weight.to(x.dtype), eps)
-        return y.reshape(x.shape)
+        norm = rms_norm if self.use_fused else reference.rms_norm
+        if self.weight is None or self.weight.dtype == x.dtype or not getattr(self, "promotes_dtype", False):
+            weight = self.weight.reshape(n).to(x.dtype) if self.weight is not None else x.new_ones(n)
+            return norm(flat, weight, eps).reshape(x.shape)
+        # HF's: a weight of another dtype (an fp32 norm in a bf16 model) times the normed x in
+        # x's dtype, in the promoted dtype.
+        return (norm(flat, x.new_ones(n), eps) * self.weight.reshape(n)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -19,8 +19,11 @@ _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 def rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     # LlamaRMSNorm / T5LayerNorm: weight * x / sqrt(mean(x^2) + eps), statistics in float32.
-    # The output keeps x's dtype (HF promotes to the weight's dtype when they differ).
-    return rms_norm(hidden_states, self.weight.to(hidden_states.dtype), self.variance_epsilon)
+    # A weight of another dtype (HF keeps some norms in fp32 in fp16 / bf16 models): HF's own
+    # forward, whose output dtype (promoted, or the weight's for T5) the next layer expects.
+    if self.weight.dtype != hidden_states.dtype:
+        return type(self)._fastpt_original.forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def linear_forward(self, x: Tensor) -> Tensor:
@@ -169,16 +172,28 @@ def causal_lm_forward(self, input_ids=None, labels=None, **kwargs):
     original = type(self)._fastpt_original.forward
     fusable = (self.training and labels is not None and kwargs.get("num_items_in_batch") is None
                and kwargs.get("shift_labels") is None and "_loss_function" not in self.__dict__
-               and isinstance(self.lm_head, torch.nn.Linear) and self.lm_head.bias is None)
+               and _plain_linear_head(self.lm_head))
     if not fusable:
         return original(self, input_ids=input_ids, labels=labels, **kwargs)
     kwargs.pop("logits_to_keep", None)
-    outputs = self.model(input_ids=input_ids, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    outputs = self.model(input_ids=input_ids, return_dict=True, **kwargs)
     hidden = outputs.last_hidden_state[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1))
-    return CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return out.to_tuple() if return_dict is False else out
+
+
+def _plain_linear_head(head) -> bool:
+    """Whether the LM head's output is exactly hidden @ weight.T, which the fused loss computes
+    from the weight alone: an nn.Linear (or fastpt's patched one) with a float weight, no bias
+    and no hooks. A subclass with its own forward (bitsandbytes' Linear8bitLt holds int8 in
+    .weight) or a hook that changes the output would be bypassed, giving another loss."""
+    return (isinstance(head, torch.nn.Linear) and type(head).forward in (torch.nn.Linear.forward, linear_forward)
+            and head.bias is None and head.weight.is_floating_point()
+            and not head._forward_hooks and not head._forward_pre_hooks)
 
 
 # kind -> (forward, extra class attributes) of the patched class, as fastpt.patch swaps them
