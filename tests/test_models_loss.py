@@ -89,3 +89,17 @@ def test_fused_and_eager_paths_agree_float32():
     assert abs(la.item() - lb.item()) < 1e-5
     for a, b in zip(ga, gb):
         assert max_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_label_token_gives_nan_like_f_cross_entropy_and_zero_gradients(fused):
+    # The chunked loss gave 0.0 where the logits path and HF's loss give NaN (0 / 0).
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    labels = torch.full((6,), -100)
+    loss = loss_mod.linear_cross_entropy(x, w, labels, fused=fused)
+    assert torch.isnan(loss) and torch.isnan(torch.nn.functional.cross_entropy(x @ w.t(), labels))
+    (loss * 0).backward()  # as the Trainer weights a micro-batch by its 0 label tokens
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+    with pytest.raises(TypeError, match="needs a floating-point weight, got torch.int8"):
+        loss_mod.linear_cross_entropy(x, w.detach().to(torch.int8), torch.zeros(6, dtype=torch.long))

@@ -116,7 +116,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     else:
                         grad_w += mm_(g, xs, True, False)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if need_w else None, count)
-        return total / count
+        # No label token: NaN (0 / 0), as F.cross_entropy and HF's loss give, with zero gradients
+        # (count is clamped to 1 above for those).
+        return total / valid.sum().to(acc)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -133,7 +135,10 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, *, fused: bo
     (first order only). ``fused``: the products go through ``fastpt.ops.gemm`` where
     ``fastpt.ops.linear`` would, and on CPU each chunk's softmax and gradient through
     ``fastpt.ops.softmax_cross_entropy_`` (False: torch's matmul and eager ops, for the
-    models' eager A/B path)."""
+    models' eager A/B path). With no label token the mean is NaN, as ``F.cross_entropy``'s,
+    and the gradients are zero."""
+    if not weight.is_floating_point():  # an int8 head's .weight read as if it held real weights
+        raise TypeError(f"linear_cross_entropy needs a floating-point weight, got {weight.dtype}")
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
     _check_labels(labels, x.shape[0], weight.shape[0])
     return _LinearCrossEntropy.apply(x, weight, labels, fused)
