@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from fastpt.mdp.model import MDP
-from fastpt.mdp.solvers import (Result, _check_max_iter, _initial_values, check_no_overflow, span_change,
-                                stop_threshold)
+from fastpt.mdp.solvers import (Result, _check_max_iter, _initial_values, check_extrapolated, check_no_overflow,
+                                span_change, stop_threshold)
 
 
 def _local_part(mdp: MDP, lo: int, hi: int):
@@ -79,7 +79,7 @@ def distributed_value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int =
         converged = history[-1] < threshold
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * (dmax + dmin) / 2
-        check_no_overflow([float(v.abs().max())] if S else [])  # the extrapolation, as one process
+        check_extrapolated(v)
     policy_local = _local_sweep(mdp, part, reward, v, lo)[1]
     policy = _gather(policy_local, block, S, group)
     return Result(v, policy, len(history), history[-1], converged, history)

@@ -54,6 +54,12 @@ def _is_sparse_matrix(x) -> bool:
         hasattr(x, "tocsr")
 
 
+def _check_indptr(indptr: Tensor, nnz: int, where: str = "") -> None:
+    """Row pointers non-decreasing and within the ``nnz`` nonzeros (``where`` prefixes the error)."""
+    if bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[0]) < 0 or int(indptr[-1]) > nnz:
+        raise ValueError(f"{where}indptr must be non-decreasing and within its {nnz} nonzeros")
+
+
 def _csr_parts(m, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
     """(indptr int64, indices int64, values, shape) of a torch sparse tensor or scipy matrix,
     whose arrays are checked: neither library guarantees them (an unvalidated
@@ -72,8 +78,7 @@ def _csr_parts(m, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
     if ip.dim() != 1 or ip.numel() != shape[0] + 1 or ix.shape != val.shape:
         raise ValueError(f"{name}: its CSR arrays do not fit its shape {shape} (indptr of {ip.numel()} "
                          f"entries, {ix.numel()} indices, {val.numel()} values)")
-    if bool((ip[1:] < ip[:-1]).any()) or int(ip[0]) < 0 or int(ip[-1]) > ix.numel():
-        raise ValueError(f"{name}: indptr must be non-decreasing and within its {ix.numel()} nonzeros")
+    _check_indptr(ip, ix.numel(), f"{name}: ")
     used = ix[int(ip[0]):int(ip[-1])]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= shape[1]):
         raise ValueError(f"{name}: column indices must be in [0, {shape[1]}), got values in "
@@ -203,9 +208,7 @@ class MDP:
         if indices.shape != values.shape or indices.dim() != 1:
             raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must "
                              "be 1-D of the same length")
-        if bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[0]) < 0 or \
-                int(indptr[-1]) > indices.numel():
-            raise ValueError("indptr must be non-decreasing and within the indices/values arrays")
+        _check_indptr(indptr, indices.numel())
         lo, hi = int(indptr[0]), int(indptr[-1])
         if reward_per_nonzero and isinstance(reward, (list, tuple)):
             reward = _as_tensor(reward)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastpt.mdp.model import MDP
+from fastpt.mdp.model import MDP, count_arg
 from fastpt.ops.value_iteration import check_finite
 
 STOP_RULES = ("sup", "span")
@@ -108,6 +108,12 @@ def check_no_overflow(residuals: list[float]) -> None:
         raise _overflowed("a sweep changed V by a non-finite amount")
 
 
+def check_extrapolated(v: Tensor) -> None:
+    """The span rule's extrapolated V, which may pass the dtype's range where V did not."""
+    if not bool(torch.isfinite(v).all()):
+        raise _overflowed("the span rule's extrapolation of V went past the dtype's range")
+
+
 def _overflowed(what: str) -> ValueError:
     return ValueError(f"the values overflowed: {what}, so V is no longer finite (|R| / (1 - gamma) "
                       "exceeds the dtype's range?); scale the rewards down or use float64")
@@ -142,14 +148,10 @@ def _initial_values(mdp: MDP, v0, name: str = "v0") -> Tensor:
 
 
 def _check_max_iter(max_iter: int) -> None:
-    _check_int("max_iter", max_iter)
+    count_arg("max_iter", max_iter)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _warn_below_resolution(v: Tensor, threshold: float) -> None:
@@ -177,7 +179,7 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
     """
     threshold = stop_threshold(epsilon, mdp.gamma, stop)
     _check_max_iter(max_iter)
-    _check_int("sweeps_per_call", sweeps_per_call)
+    count_arg("sweeps_per_call", sweeps_per_call)
     if sweeps_per_call < 1:
         raise ValueError(f"sweeps_per_call must be >= 1, got {sweeps_per_call}")
     if gauss_seidel and stop == "span":
@@ -202,8 +204,7 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
         _warn_below_resolution(v, threshold)
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * float(dv_last[0] + dv_last[1]) / 2
-        if not bool(torch.isfinite(v).all()):
-            raise _overflowed("the span rule's extrapolation of V went past the dtype's range")
+        check_extrapolated(v)
     _, policy, _, q = sweep(mdp, v, return_q=return_q)
     return Result(v, policy, len(history), history[-1], converged, history,
                   q if return_q else None)
@@ -299,7 +300,7 @@ def modified_policy_iteration(mdp: MDP, epsilon: float = 1e-6, *, m: int = 10,
     """Modified policy iteration (Puterman 6.5): a greedy sweep, then ``m`` sweeps of the
     greedy policy's chain (partial evaluation), until the greedy sweep changes V by less than
     epsilon (1 - gamma) / (2 gamma) (the sup rule). iterations: greedy sweeps."""
-    _check_int("m", m)
+    count_arg("m", m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     threshold = stop_threshold(epsilon, mdp.gamma, "sup")
@@ -326,7 +327,7 @@ def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
     v[horizon] = terminal_values (default 0), v[t] = max_a R + gamma P v[t+1]. ``gamma``
     overrides the MDP's (1 is fine here, terminal states or not).
     """
-    _check_int("horizon", horizon)
+    count_arg("horizon", horizon)
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     g = mdp.gamma if gamma is None else MDP._check_gamma(gamma)

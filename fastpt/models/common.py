@@ -33,6 +33,12 @@ def check_input_ids(name: str, ids: Tensor, vocab_size: int) -> None:
     check_ids(name, ids, vocab_size, "vocab_size")
 
 
+def check_logits_to_keep(logits_to_keep) -> None:
+    # A negative one would slice from the front: x[:, 2:] for -2.
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
+
+
 def check_inputs_embeds(inputs_embeds, hidden_size: int) -> None:
     """(B, T, hidden_size) floats: the layers would fail on another shape or dtype with an
     error naming neither (and integer embeddings would be taken as numbers)."""

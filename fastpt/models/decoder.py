@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache
 from fastpt.models.common import (Attention, PreTrainedModel, causal_lm_loss, check_ids, check_input_ids,
-                                  check_inputs_embeds, check_labels, init_normal_, key_padding, layers_to_run,
-                                  linear_activation, positions_from_mask)
+                                  check_inputs_embeds, check_labels, check_logits_to_keep, init_normal_,
+                                  key_padding, layers_to_run, linear_activation, positions_from_mask)
 from fastpt.models.config import DecoderConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import DecoderOutput
@@ -210,9 +210,7 @@ class Decoder(PreTrainedModel):
         B, T = x.shape[:2]
         if labels is not None:
             check_labels(labels, (B, T), self.config.vocab_size)
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            # a negative one would slice from the front: x[:, 2:] for -2
-            raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
+        check_logits_to_keep(logits_to_keep)
         if past_key_values is not None:
             self._check_cache(past_key_values, B)
         layers = layers_to_run(self.layers, num_layers)

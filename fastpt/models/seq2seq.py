@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fastpt.models.cache import KVCache, Seq2SeqCache
 from fastpt.models.common import (IGNORE_INDEX, Attention, PreTrainedModel, check_input_ids, check_labels,
-                                  cross_entropy, key_padding, linear_activation)
+                                  check_logits_to_keep, cross_entropy, key_padding, linear_activation)
 from fastpt.models.config import Seq2SeqConfig
 from fastpt.models.loss import linear_cross_entropy
 from fastpt.models.outputs import Seq2SeqOutput
@@ -218,9 +218,7 @@ class Seq2Seq(PreTrainedModel):
         if past_key_values is not None and not isinstance(past_key_values, Seq2SeqCache):
             raise TypeError(f"past_key_values must be a Seq2SeqCache (model.new_cache), got "
                             f"{type(past_key_values).__name__}")
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            # a negative one would slice from the front
-            raise ValueError(f"logits_to_keep must be an int >= 0 (0: all positions), got {logits_to_keep!r}")
+        check_logits_to_keep(logits_to_keep)
         if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:  # HF's (last hidden state, ...)
             encoder_outputs = encoder_outputs[0]
         if encoder_outputs is None:
