@@ -7,7 +7,11 @@ import math
 import torch
 from torch import Tensor
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import (check_dropout_seed, check_float, check_same_device, check_same_dtype, check_type,
+                                check_value, compute_dtype, dtype_name, num, sizes)
+
+_MAX_HEAD_DIM = 256  # csrc/ops/attention/attention_checks.h kMaxHeadDim
+_CUDA_MAX_HEAD_DIM = 128  # csrc/ops/attention/attention_cuda.h kAttentionCudaMaxHeadDim
 
 
 def _new_seed() -> Tensor:
@@ -52,28 +56,73 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"dropout_p must be in [0, 1), got {num(dropout_p)}")
     seed = _new_seed() if dropout_p > 0 else None
     out, lse = torch.ops.fastpt.attention(q, k, v, key_padding_mask, attn_bias, bool(causal), float(scale),
                                           float(dropout_p), seed)
     return (out, lse) if return_lse else out
 
 
+def _check_inputs(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, dropout_seed):
+    # csrc/ops/attention/attention_checks.h: check_inputs (and the CUDA glue's head dim limit)
+    check_float(q, "q")
+    check_same_dtype(k, q, "k", "q")
+    check_same_dtype(v, q, "v", "q")
+    check_same_device("q", q, k=k, v=v)
+    check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q must be (B, H, T, D) and k, v "
+                f"(B, Hkv, S, D), got shapes {sizes(q)}, {sizes(k)}, {sizes(v)}")
+    check_value(k.shape == v.shape, lambda: f"k and v must have the same shape (B, Hkv, S, D), got {sizes(k)} "
+                f"and {sizes(v)}")
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    check_value(k.shape[0] == B, lambda: f"k and v must have the batch size of q ({B}), got {k.shape[0]}")
+    check_value(k.shape[3] == D, lambda: f"k and v must have the head dim of q ({D}), got {k.shape[3]}")
+    check_value(Hkv >= 1 and H % Hkv == 0, lambda: f"the number of query heads ({H}) must be a multiple of the "
+                f"number of key/value heads ({Hkv})")
+    check_value(D >= 1 and D <= _MAX_HEAD_DIM, lambda: f"head dim D must be in [1, {_MAX_HEAD_DIM}], got {D}")
+    check_value(math.isfinite(scale), lambda: f"scale must be finite, got {num(scale)}")
+    check_value(0 <= dropout_p < 1, lambda: f"dropout_p must be in [0, 1), got {num(dropout_p)}")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        check_same_device("q", q, key_padding_mask=m)
+        check_type(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = attend), got "
+                   f"{dtype_name(m.dtype)}")
+        check_value(m.dim() == 2 and m.shape[0] == B and m.shape[1] == S,
+                    lambda: f"key_padding_mask must be (B, S) = ({B}, {S}), got {sizes(m)}")
+    if attn_bias is not None:
+        bias = attn_bias
+        check_same_device("q", q, attn_bias=bias)
+        check_type(bias.dtype.is_floating_point, lambda: f"attn_bias must be a float tensor, got "
+                   f"{dtype_name(bias.dtype)}")
+        check_value(bias.dim() <= 4 and all(n == want or n == 1 for n, want in zip(bias.shape[::-1], (S, T, H, B))),
+                    lambda: f"attn_bias must broadcast to (B, H, T, S) = ({B}, {H}, {T}, {S}), got {sizes(bias)}")
+    check_dropout_seed(dropout_p, dropout_seed, "dropout_p > 0 needs dropout_seed, a one-element int64 tensor")
+    if q.device.type == "cuda":
+        check_value(D <= _CUDA_MAX_HEAD_DIM,
+                    lambda: f"head dim D must be at most {_CUDA_MAX_HEAD_DIM} on CUDA, got {D}")
+
+
 @torch.library.register_fake("fastpt::attention")
 def _attention_fake(q, k, v, key_padding_mask, attn_bias, causal, scale, dropout_p, dropout_seed):
-    check_same_device("q", q, k=k, v=v, key_padding_mask=key_padding_mask, attn_bias=attn_bias)
-    torch._check(q.dim() == 4 and k.dim() == 4 and k.shape == v.shape, lambda: "q, k, v must be 4-D")
-    torch._check(q.dtype == k.dtype == v.dtype, lambda: "q, k and v must have the same dtype")
-    torch._check(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3], lambda: "B and D of q, k differ")
+    _check_inputs(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, dropout_seed)
     B, H, T, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=compute_dtype(q.dtype))
 
 
 @torch.library.register_fake("fastpt::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, attn_bias, causal, scale,
                              dropout_p, dropout_seed, bias_grad):
-    check_same_device("q", q, grad_out=grad_out, k=k, v=v, out=out, lse=lse)
+    _check_inputs(q, k, v, key_padding_mask, attn_bias, scale, dropout_p, dropout_seed)
+    # attention_checks.h: check_backward
+    check_same_dtype(grad_out, q, "grad_out", "q")
+    check_same_device("q", q, grad_out=grad_out)
+    check_same_dtype(out, q, "out", "q")
+    check_same_device("q", q, out=out, lse=lse)
+    check_value(grad_out.shape == q.shape and out.shape == q.shape, lambda: f"grad_out and out must have the "
+                f"shape of q {sizes(q)}, got {sizes(grad_out)} and {sizes(out)}")
+    check_value(lse.shape == q.shape[:3] and lse.dtype == compute_dtype(q.dtype), lambda: "lse must be the "
+                f"forward's (B, H, T) log-sum-exp, got {sizes(lse)} {dtype_name(lse.dtype)}")
+    check_value(not bias_grad or attn_bias is not None, lambda: "bias_grad needs attn_bias")
     gb = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gb
 

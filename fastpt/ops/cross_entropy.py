@@ -17,7 +17,7 @@ from torch import Tensor
 
 from torch.autograd.function import once_differentiable
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import check_float, check_same_device, check_type, check_value, compute_dtype, dtype_name, sizes
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -127,9 +127,18 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
 
 @torch.library.register_fake("fastpt::softmax_cross_entropy_")
 def _softmax_cross_entropy_fake(logits, labels, grad_scale, ignore_index, write_grad):
-    check_same_device("logits", logits, labels=labels)
-    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {tuple(logits.shape)}")
-    torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0],
-                 lambda: "labels must have shape (rows,)")
-    loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty((logits.shape[0],), dtype=loss_dtype)
+    # The checks of csrc/ops/cross_entropy/cross_entropy_cpu.cpp (labels in [0, C) need the data: real op only)
+    what = "softmax_cross_entropy_"
+    check_float(logits, f"{what}: logits")
+    check_value(logits.dim() == 2, lambda: f"{what}: logits must be 2-D (rows, classes), got {sizes(logits)}")
+    rows, cols = logits.shape
+    check_value(logits.stride(1) == 1 or cols <= 1, lambda: f"{what}: logits must have unit stride along classes "
+                f"(it is written in place), got strides {list(logits.stride())}")
+    check_value(not write_grad or rows <= 1 or logits.stride(0) >= cols, lambda: f"{what}: logits rows overlap "
+                f"(row stride {logits.stride(0)} < {cols} classes); with write_grad it is written in place")
+    check_type(labels.dtype == torch.int64, lambda: f"{what}: labels must be int64, got {dtype_name(labels.dtype)}")
+    check_value(labels.dim() == 1 and labels.shape[0] == rows,
+                lambda: f"{what}: labels must have shape ({rows}), got {sizes(labels)}")
+    check_same_device("logits", logits, **{f"{what}: labels": labels})
+    check_value(rows == 0 or cols > 0, lambda: f"{what}: logits has no classes (shape {sizes(logits)})")
+    return logits.new_empty((rows,), dtype=compute_dtype(logits.dtype))

@@ -21,7 +21,8 @@ from torch import Tensor
 
 import fastpt._C as _C
 from fastpt.ops import _onednn
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import (check_same_device, check_same_dtype, check_type, check_value, compute_dtype,
+                                dtype_name, sizes)
 
 def gemm(a: Tensor, b: Tensor, trans_a: bool = False, trans_b: bool = False) -> Tensor:
     """op(a) @ op(b), op(x) = x.T when its flag is set, for 2-D float32 / bfloat16 / float64
@@ -136,27 +137,37 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.add_(bias) if bias.dtype == y.dtype else y + bias
 
 
-def _shape(a, b, trans_a, trans_b):
-    torch._check(a.dim() == 2 and b.dim() == 2,
-                 lambda: f"gemm: a and b must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+def _shape(a, b, trans_a, trans_b, what):
+    # csrc/ops/gemm/gemm_cpu.cpp: product_dims. (m, n) of op(a) @ op(b).
+    check_value(a.dim() == 2 and b.dim() == 2, lambda: f"{what}: a and b must be 2-D, got {sizes(a)} and {sizes(b)}")
+    check_type(a.dtype in (torch.float32, torch.float64, torch.bfloat16),
+               lambda: f"{what}: a must be float32, bfloat16 or float64, got {dtype_name(a.dtype)}")
+    check_same_dtype(b, a, "gemm: b", "a")
+    check_same_device("a", a, **{"gemm: b": b})
     m, k = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
     kb, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
-    torch._check(k == kb, lambda: f"gemm: inner dimensions differ: op(a) is {m} x {k}, op(b) is {kb} x {n}")
+    check_value(k == kb, lambda: f"{what}: inner dimensions differ: op(a) is {m} x {k}, op(b) is {kb} x {n}")
     return m, n
 
 
 @torch.library.register_fake("fastpt::gemm")
 def _gemm_fake(a, b, trans_a, trans_b):
-    m, n = _shape(a, b, trans_a, trans_b)
-    check_same_device("a", a, b=b)
+    m, n = _shape(a, b, trans_a, trans_b, "gemm")
     return a.new_empty((m, n))
 
 
 @torch.library.register_fake("fastpt::gemm_into_")
 def _gemm_into_fake(c, a, b, trans_a, trans_b, accumulate):
-    m, n = _shape(a, b, trans_a, trans_b)
-    check_same_device("a", a, b=b, c=c)
-    torch._check(tuple(c.shape) == (m, n), lambda: f"gemm_into_: c must have shape ({m}, {n}), got {tuple(c.shape)}")
+    m, n = _shape(a, b, trans_a, trans_b, "gemm_into_")
+    acc = compute_dtype(a.dtype)
+    check_type(c.dtype == acc, lambda: f"gemm_into_: c must be {dtype_name(acc)} for {dtype_name(a.dtype)} a and b, "
+               f"got {dtype_name(c.dtype)}")
+    check_same_device("a", a, **{"gemm_into_: c": c})
+    check_value(c.dim() == 2 and c.shape[0] == m and c.shape[1] == n,
+                lambda: f"gemm_into_: c must have shape ({m}, {n}), got {sizes(c)}")
+    check_value(c.is_contiguous(), lambda: "gemm_into_: c must be contiguous (it is written in place)")
+    check_value(not torch._C._is_alias_of(c, a) and not torch._C._is_alias_of(c, b),
+                lambda: "gemm_into_: c must not share memory with a or b")
     return None
 
 

@@ -16,11 +16,14 @@ import torch
 from torch import Tensor
 
 import fastpt
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import (check_float, check_same_device, check_type, check_value,
+                                dtype_name, num, sizes)
 
 # LLM.int8's outlier threshold: columns with any |x| > 6 stay in 16/32-bit.
 DEFAULT_THRESHOLD = 6.0
 _KPAD, _NPAD = 64, 32
+_PANEL_N = 16  # csrc/ops/int8/int8.h kPanelN
+_MAX_K = (1 << 17) - 1  # int8_checks.h kMaxInt8K: sums stay exact in int32
 
 
 def _round_up(v: int, m: int) -> int:
@@ -118,39 +121,111 @@ def int8_linear(x: Tensor, weight_packed: Tensor, weight_colsum: Tensor, weight_
 
 # ---------------------------------------------------------------- fake kernels
 
-def _int8_check(name: str, t: Tensor) -> None:
-    torch._check(t.dtype == torch.int8, lambda: f"{name} must be int8, got {t.dtype}")
+# The checks of csrc/ops/int8/int8_checks.h and int8_cpu.cpp, for the fake kernels.
+
+def _check_int8(t, name):
+    check_type(t.dtype == torch.int8, lambda: f"{name} must be int8, got {dtype_name(t.dtype)}")
+
+
+def _check_rows(x):
+    # quantize_rowwise / outlier_columns: x (..., K) float32, bfloat16 or float16
+    check_float(x, "x", allow_float64=False)
+    check_value(x.dim() >= 1, lambda: "x must have at least 1 dim, got a 0-dim tensor")
+
+
+def _check_scale(s, n, name, a):
+    check_value(s is not None, lambda: f"{name} is required unless out_dtype is int32")
+    check_type(s.dtype == torch.float32, lambda: f"{name} must be float32, got {dtype_name(s.dtype)}")
+    check_same_device("a", a, **{name: s})
+    check_value(s.dim() == 1 and s.shape[0] == n, lambda: f"{name} must have shape ({n}), got {sizes(s)}")
+
+
+def _check_bias(bias, n, ref, ref_name):
+    if bias is None:
+        return
+    check_float(bias, "bias", allow_float64=False)
+    check_same_device(ref_name, ref, bias=bias)
+    check_value(bias.dim() == 1 and bias.shape[0] == n, lambda: f"bias must have shape ({n}), got {sizes(bias)}")
+
+
+def _int8_matmul_check(a, b, scale_a, scale_b, out_dtype, bias) -> torch.dtype:
+    """int8_checks.h: int8_matmul_check. Returns the output dtype."""
+    _check_int8(a, "a")
+    _check_int8(b, "b")
+    check_same_device("a", a, b=b)
+    check_value(a.dim() == 2, lambda: f"a must be 2-D (M, K), got shape {sizes(a)}")
+    check_value(b.dim() == 2, lambda: f"b must be 2-D (N, K) (nn.Linear weight layout), got shape {sizes(b)}")
+    check_value(a.shape[1] == b.shape[1], lambda: f"a and b must have the same inner dim K: a is {sizes(a)}, "
+                f"b is {sizes(b)} (b is (N, K): out = a @ b.T)")
+    check_value(a.shape[1] <= _MAX_K, lambda: f"K must be < 2^17 for exact int32 sums, got {a.shape[1]}")
+    scaled = scale_a is not None or scale_b is not None
+    dtype = out_dtype if out_dtype is not None else torch.float32 if scaled else torch.int32
+    if dtype == torch.int32:
+        check_value(not scaled and bias is None, lambda: "out_dtype int32 returns the exact integer sums: "
+                    "scale_a, scale_b and bias must be None")
+    else:
+        check_type(dtype in (torch.float32, torch.bfloat16, torch.float16), lambda: "out_dtype must be int32, "
+                   f"float32, bfloat16 or float16, got {dtype_name(dtype)}")
+        _check_scale(scale_a, a.shape[0], "scale_a", a)
+        _check_scale(scale_b, b.shape[0], "scale_b", a)
+        _check_bias(bias, b.shape[0], a, "a")
+    return dtype
+
+
+def _int8_linear_check(x, packed, colsum, scale, n, bias, threshold):
+    # int8_checks.h: int8_linear_check and check_packed
+    check_float(x, "x", allow_float64=False)
+    check_value(x.dim() >= 1, lambda: "x must have at least 1 dim, got a 0-dim tensor")
+    check_value(n >= 1, lambda: f"out_features must be >= 1, got {n}")
+    check_value(threshold > 0, lambda: f"threshold must be > 0 (inf: no outlier columns), got {num(threshold)}")
+    k = x.shape[-1]
+    check_value(k >= 1 and k <= _MAX_K, lambda: f"in_features must be in [1, 2^17), got {k}")
+    _check_int8(packed, "weight_packed")
+    check_same_device("x", x, weight_packed=packed, weight_colsum=colsum, weight_scale=scale)
+    n_pad, k_pad = _round_up(n, _NPAD), _round_up(k, _KPAD)
+    want = (n_pad // _PANEL_N, k_pad // 4, _PANEL_N, 4)
+    check_value(tuple(packed.shape) == want, lambda: f"weight_packed must be the packed ({n}, {k}) weight of shape "
+                f"{want} (fastpt.ops.pack_int8_weight), got {sizes(packed)} (does x's last dim match in_features?)")
+    check_type(colsum.dtype == torch.int32, lambda: f"weight_colsum must be int32, got {dtype_name(colsum.dtype)}")
+    check_value(colsum.dim() == 1 and colsum.shape[0] == n_pad,
+                lambda: f"weight_colsum must have shape ({n_pad}), got {sizes(colsum)}")
+    check_value(packed.is_contiguous() and colsum.is_contiguous(), lambda: "weight_packed and weight_colsum must "
+                "be contiguous, as pack_int8_weight returns them (got strides "
+                f"{list(packed.stride())} and {list(colsum.stride())})")
+    check_type(scale.dtype == torch.float32, lambda: f"weight_scale must be float32, got {dtype_name(scale.dtype)}")
+    check_value(scale.dim() == 1 and scale.shape[0] == n,
+                lambda: f"weight_scale must have shape ({n}), got {sizes(scale)}")
+    _check_bias(bias, n, x, "x")
 
 
 @torch.library.register_fake("fastpt::quantize_rowwise")
 def _quantize_fake(x, skip_cols):
-    check_same_device("x", x, skip_cols=skip_cols)
+    _check_rows(x)
+    if skip_cols is not None:
+        check_type(skip_cols.dtype == torch.bool, lambda: f"skip_cols must be bool, got {dtype_name(skip_cols.dtype)}")
+        check_same_device("x", x, skip_cols=skip_cols)
+        check_value(skip_cols.dim() == 1 and skip_cols.shape[0] == x.shape[-1],
+                    lambda: f"skip_cols must have shape ({x.shape[-1]}), got {sizes(skip_cols)}")
     return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
 
 @torch.library.register_fake("fastpt::outlier_columns")
 def _outlier_fake(x, threshold):
+    _check_rows(x)
+    check_value(threshold > 0, lambda: f"threshold must be > 0, got {num(threshold)}")
     return torch.empty(x.shape[-1:], dtype=torch.bool, device=x.device)
 
 
 @torch.library.register_fake("fastpt::int8_matmul")
 def _int8_matmul_fake(a, b, scale_a, scale_b, out_dtype, bias):
-    _int8_check("a", a)
-    _int8_check("b", b)
-    torch._check(a.shape[1] == b.shape[1], lambda: "a and b must have the same inner dim K")
-    check_same_device("a", a, b=b, scale_a=scale_a, scale_b=scale_b, bias=bias)
-    scaled = scale_a is not None or scale_b is not None
-    dtype = out_dtype or (torch.float32 if scaled else torch.int32)
+    dtype = _int8_matmul_check(a, b, scale_a, scale_b, out_dtype, bias)
     return torch.empty((a.shape[0], b.shape[0]), dtype=dtype, device=a.device)
 
 
 @torch.library.register_fake("fastpt::int8_linear")
 def _int8_linear_fake(x, weight_packed, weight_colsum, weight_scale, out_features, bias, threshold):
-    check_same_device("x", x, weight_packed=weight_packed, weight_colsum=weight_colsum,
-                      weight_scale=weight_scale, bias=bias)
-    torch._check(weight_packed.shape[1] * 4 == _round_up(x.shape[-1], _KPAD),
-                 lambda: "x's last dim does not match the packed weight's in_features")
+    _int8_linear_check(x, weight_packed, weight_colsum, weight_scale, out_features, bias, threshold)
     return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
 
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastpt.ops._checks import check_dropout_seed, check_float, check_value, num
+
 
 def lora_linear(x: Tensor, weight: Tensor | Callable[[Tensor], Tensor], lora_a: Tensor, lora_b: Tensor,
                 scale: float, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
@@ -66,6 +68,10 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 @torch.library.register_fake("fastpt::hash_dropout")
 def _hash_dropout_fake(x, p, seed):
+    # csrc/ops/int8/int8_cpu.cpp hash_dropout_cpu and int8_weight.cpp check_dropout
+    check_float(x, "x")
+    check_value(0 <= p < 1, lambda: f"dropout_p must be in [0, 1), got {num(p)}")
+    check_dropout_seed(p, seed, "dropout needs a seed: a one-element int64 tensor")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

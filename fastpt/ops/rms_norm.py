@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import (check_float, check_same_device, check_same_dtype, check_same_shape, check_type,
+                                check_value, compute_dtype, dtype_name, num, sizes)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
@@ -29,18 +32,33 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     return torch.ops.fastpt.rms_norm(x, weight, eps)[0]
 
 
+# The checks of csrc/ops/rms_norm/rms_norm_checks.h, for the fake kernels.
+def _check_inputs(x, weight):
+    check_float(x, "x")
+    check_same_dtype(weight, x, "weight", "x")
+    check_same_device("x", x, weight=weight)
+    check_value(x.dim() >= 1, lambda: "x must have at least 1 dimension, got a scalar")
+    check_value(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                lambda: f"weight must have shape ({x.shape[-1]},) to match the last dim of x, got {sizes(weight)}")
+
+
 @torch.library.register_fake("fastpt::rms_norm")
 def _rms_norm_fake(x, weight, eps):
-    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
-                 lambda: f"weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
-    check_same_device("x", x, weight=weight)
+    _check_inputs(x, weight)
+    check_value(math.isfinite(eps) and eps > 0, lambda: f"eps must be a positive finite number, got {num(eps)}")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    stats = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return y, x.new_empty(x.shape[:-1], dtype=stats)
+    return y, x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastpt::rms_norm_backward")
 def _rms_norm_backward_fake(grad_y, x, weight, rstd):
+    _check_inputs(x, weight)
+    check_same_dtype(grad_y, x, "grad_y", "x")
+    check_same_shape(grad_y, x, "grad_y", "x")
+    stats = compute_dtype(x.dtype)
+    check_type(rstd.dtype == stats, lambda: f"rstd must be {dtype_name(stats)} for x of dtype "
+               f"{dtype_name(x.dtype)}, got {dtype_name(rstd.dtype)}")
+    check_value(rstd.numel() == math.prod(x.shape[:-1]), lambda: "rstd must have one value per row of x")
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import (check_float, check_same_device, check_same_dtype, check_same_shape, check_type,
+                                check_value, dtype_name, sizes)
 
 _LAYOUTS = {"half": False, "interleaved": True}
 
@@ -64,23 +65,95 @@ def _out_like(x: Tensor) -> Tensor:
     return torch.empty_like(src)
 
 
+def _check_inputs(q, k, cos, sin, position_ids):
+    # csrc/ops/rope/rope_checks.h: check_inputs (positions in [0, P) need the data: real op only)
+    check_float(q, "q")
+    check_same_dtype(k, q, "k", "q")
+    check_same_device("q", q, k=k)
+    check_value(q.dim() >= 2 and k.dim() >= 2,
+                lambda: f"q and k must be (..., T, D), got shapes {sizes(q)} and {sizes(k)}")
+    check_value(q.shape[-1] == k.shape[-1] and q.shape[-2] == k.shape[-2],
+                lambda: f"q and k must have the same T and D, got shapes {sizes(q)} and {sizes(k)}")
+    check_value(q.dim() == 2 or k.dim() == 2 or q.shape[0] == k.shape[0],
+                lambda: f"q and k must have the same batch size (dim 0), got {q.shape[0]} and {k.shape[0]}")
+    check_float(cos, "cos")
+    check_type(cos.dtype in (torch.float32, q.dtype), lambda: f"cos and sin must be float32 or the dtype of q "
+               f"({dtype_name(q.dtype)}), got {dtype_name(cos.dtype)}")
+    check_same_dtype(sin, cos, "sin", "cos")
+    check_same_device("q", q, cos=cos, sin=sin)
+    check_same_shape(sin, cos, "sin", "cos")
+    D, T = q.shape[-1], q.shape[-2]
+    check_value(cos.dim() == 2 and cos.shape[1] >= 1 and 2 * cos.shape[1] <= D,
+                lambda: f"cos and sin must be (P, R) tables with 1 <= R <= D/2 = {D // 2}, got {sizes(cos)}")
+    P = cos.shape[0]
+    if position_ids is None:
+        check_value(T <= P, lambda: f"without position_ids, positions are 0..T-1: T = {T} needs at least T rows "
+                    f"in cos/sin, got {P}")
+        return
+    pos = position_ids
+    check_same_device("q", q, position_ids=pos)
+    check_type(pos.dtype in (torch.int64, torch.int32),
+               lambda: f"position_ids must be int64 or int32, got {dtype_name(pos.dtype)}")
+    B = q.shape[0] if q.dim() > 2 else k.shape[0] if k.dim() > 2 else 1
+    check_value((pos.dim() == 1 and pos.shape[0] == T) or
+                (pos.dim() == 2 and pos.shape[1] == T and (pos.shape[0] == B or pos.shape[0] == 1)),
+                lambda: f"position_ids must be (T,) or (B, T) = ({B}, {T}), got {sizes(pos)}")
+    check_value(pos.dim() == 1 or pos.shape[0] == 1 or (q.dim() > 2 and k.dim() > 2),
+                lambda: f"position_ids with one row per batch ({sizes(pos)}) need q and k both batched, got q "
+                f"{sizes(q)} and k {sizes(k)}: a 2-D q or k has no batch to match them")
+
+
+def _dense(t) -> bool:
+    # Its elements fill storage_offset .. storage_offset + numel, once each: the strides,
+    # sorted, are those of a contiguous tensor (size-1 dims aside).
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _share_memory(q, k) -> bool:
+    # at::get_overlap_status(q, k) is Full or Partial: q and k are dense views of one storage
+    # whose element ranges meet. Views the layout cannot decide (strided views interleaving
+    # in one storage) are compared element by element by the real op only (it needs no data,
+    # but O(numel) work that a fake kernel should not do).
+    if q is k:
+        return True
+    if q.numel() == 0 or k.numel() == 0 or not torch._C._is_alias_of(q, k):
+        return False
+    if not (_dense(q) and _dense(k)):
+        return False
+    q0, k0 = q.storage_offset(), k.storage_offset()
+    return q0 < k0 + k.numel() and k0 < q0 + q.numel()
+
+
+def _check_inplace_targets(q, k):
+    # rope_checks.h: check_rope_inplace_targets
+    check_value(torch._debug_has_internal_overlap(q) != 1 and torch._debug_has_internal_overlap(k) != 1,
+                lambda: "rope_: q and k must not have elements that share memory (an expanded view?); "
+                "use fastpt.ops.rope")
+    check_value(not _share_memory(q, k), lambda: "rope_: q and k share memory (each element would be rotated "
+                "twice); pass separate tensors or use fastpt.ops.rope")
+
+
 @torch.library.register_fake("fastpt::rope")
 def _rope_fake(q, k, cos, sin, position_ids, interleaved):
-    check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
-    torch._check(q.shape[-2:] == k.shape[-2:], lambda: "q and k must have the same T and D")
-    torch._check(cos.shape == sin.shape and cos.dim() == 2 and 2 * cos.shape[1] <= q.shape[-1],
-                 lambda: "cos and sin must be (P, R) tables with R <= D/2")
+    _check_inputs(q, k, cos, sin, position_ids)
     return _out_like(q), _out_like(k)
 
 
 @torch.library.register_fake("fastpt::rope_backward")
 def _rope_backward_fake(grad_q, grad_k, cos, sin, position_ids, interleaved):
+    _check_inputs(grad_q, grad_k, cos, sin, position_ids)  # (named q and k, as the C++ glue does)
     return _out_like(grad_q), _out_like(grad_k)
 
 
 @torch.library.register_fake("fastpt::rope_")
 def _rope_inplace_fake(q, k, cos, sin, position_ids, interleaved):
-    check_same_device("q", q, k=k, cos=cos, sin=sin, position_ids=position_ids)
+    _check_inputs(q, k, cos, sin, position_ids)
+    _check_inplace_targets(q, k)
     return None
 
 

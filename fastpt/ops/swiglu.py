@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import check_float, check_same_device, check_same_dtype, check_same_shape
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -28,9 +28,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def _check(gate, up):
-    torch._check(up.shape == gate.shape,
-                 lambda: f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    # csrc/ops/swiglu/swiglu_checks.h: swiglu_check_pair
+    check_float(gate, "gate")
+    check_same_dtype(up, gate, "up", "gate")
     check_same_device("gate", gate, up=up)
+    check_same_shape(up, gate, "up", "gate")
 
 
 @torch.library.register_fake("fastpt::swiglu")
@@ -41,7 +43,10 @@ def _swiglu_fake(gate, up):
 
 @torch.library.register_fake("fastpt::swiglu_backward")
 def _swiglu_backward_fake(grad_out, gate, up):
-    _check(gate, up)
+    _check(gate, up)  # swiglu_check_backward
+    check_same_dtype(grad_out, gate, "grad_out", "gate")
+    check_same_device("gate", gate, grad_out=grad_out)
+    check_same_shape(grad_out, gate, "grad_out", "gate")
     return (torch.empty_like(gate, memory_format=torch.contiguous_format),
             torch.empty_like(up, memory_format=torch.contiguous_format))
 

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastpt.ops._checks import check_same_device
+from fastpt.ops._checks import check_same_device, check_same_dtype, check_type, check_value, dtype_name, num, sizes
 
 
 class Sweep(NamedTuple):
@@ -89,11 +90,46 @@ def _describe(x) -> str:
 
 def check_finite(name: str, t: Tensor) -> None:
     """ValueError naming the first NaN or infinite entry of t. (A NaN value makes its Q NaN,
-    the kernel's max skips NaN: a sweep would return -inf values and report convergence.)"""
+    the kernel's max skips NaN: a sweep would return -inf values and report convergence.)
+    A meta tensor has no values to check."""
+    if t.device.type == "meta":
+        return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         at = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}{list(at)} is {float(t[at])}: values must be finite")
+
+
+# The checks of csrc/ops/value_iteration/value_iteration_checks.h, for the fake kernels (the
+# CSR arrays' values, indptr monotone and successors in range, need the data: real op only).
+
+def _check_common(reward, v, gamma, sweeps, gauss_seidel, tol, first_state):
+    # value_iteration_common (and the CUDA glue's Jacobi-only rule)
+    check_type(reward.dtype in (torch.float32, torch.float64),
+               lambda: f"reward must be float32 or float64, got {dtype_name(reward.dtype)}")
+    check_same_dtype(v, reward, "v", "reward")
+    check_same_device("reward", reward, v=v)
+    check_value(reward.dim() == 2 and reward.shape[1] >= 1,
+                lambda: f"reward must have shape (states, actions) with actions >= 1, got {sizes(reward)}")
+    check_value(v.dim() == 1, lambda: f"v must be 1-D (one value per state), got shape {sizes(v)}")
+    check_value(math.isfinite(gamma) and 0 < gamma <= 1, lambda: f"gamma must be in (0, 1], got {num(gamma)}")
+    check_value(sweeps >= 1, lambda: f"sweeps must be >= 1, got {sweeps}")
+    check_value(not math.isnan(tol), lambda: "tol must not be NaN")
+    states, num_states = reward.shape[0], v.shape[0]
+    check_value(first_state >= 0 and first_state <= num_states - states,
+                lambda: f"states [first_state, first_state + reward.shape[0]) with first_state = {first_state} and "
+                f"{states} states must lie within the {num_states} states of v")
+    check_value(sweeps == 1 or (first_state == 0 and states == num_states),
+                lambda: "sweeps > 1 needs the whole MDP (first_state 0 and reward.shape[0] == v.shape[0]); "
+                "a partition of the states runs one sweep per call")
+    if reward.device.type == "cuda":
+        check_value(not gauss_seidel, lambda: "gauss_seidel=True is CPU only; CUDA runs Jacobi sweeps")
+
+
+def _check_index(t, name):
+    check_type(t.dtype in (torch.int32, torch.int64),
+               lambda: f"{name} must be int32 or int64, got {dtype_name(t.dtype)}")
+    check_value(t.dim() == 1, lambda: f"{name} must be 1-D, got shape {sizes(t)}")
 
 
 def _fake_outputs(reward, v, sweeps, return_q):
@@ -106,16 +142,28 @@ def _fake_outputs(reward, v, sweeps, return_q):
 @torch.library.register_fake("fastpt::value_iteration_sparse")
 def _sparse_fake(indptr, indices, values, reward, v, gamma, sweeps=1, gauss_seidel=False,
                  return_q=False, tol=0.0, span=False, first_state=0):
-    check_same_device("reward", reward, v=v, values=values, indptr=indptr, indices=indices)
-    torch._check(indptr.shape[0] == reward.shape[0] * reward.shape[1] + 1,
-                 lambda: "indptr must have states * actions + 1 entries")
+    _check_common(reward, v, gamma, sweeps, gauss_seidel, tol, first_state)
+    # value_iteration_check_sparse
+    _check_index(indptr, "indptr")
+    _check_index(indices, "indices")
+    check_same_dtype(values, reward, "values", "reward")
+    check_same_device("reward", reward, values=values, indptr=indptr, indices=indices)
+    check_value(values.dim() == 1 and values.shape[0] == indices.shape[0], lambda: "values must be 1-D with one "
+                f"probability per index ({indices.shape[0]}), got shape {sizes(values)}")
+    rows = reward.shape[0] * reward.shape[1]
+    check_value(indptr.shape[0] == rows + 1, lambda: f"indptr must have states * actions + 1 = {rows + 1} entries "
+                f"(rows in state-major order s * actions + a), got {indptr.shape[0]}")
     return _fake_outputs(reward, v, sweeps, return_q)
 
 
 @torch.library.register_fake("fastpt::value_iteration_dense")
 def _dense_fake(p, reward, v, gamma, sweeps=1, gauss_seidel=False, return_q=False, tol=0.0,
                 span=False, first_state=0):
-    check_same_device("reward", reward, v=v, p=p)
-    torch._check(p.dim() == 3 and p.shape[0] == reward.shape[1] and p.shape[1] == reward.shape[0],
-                 lambda: "p must have shape (actions, states, num_states)")
+    _check_common(reward, v, gamma, sweeps, gauss_seidel, tol, first_state)
+    # value_iteration_check_dense
+    check_same_dtype(p, reward, "p", "reward")
+    check_same_device("reward", reward, p=p)
+    (states, actions), num_states = reward.shape, v.shape[0]
+    check_value(p.dim() == 3 and tuple(p.shape) == (actions, states, num_states), lambda: "p must have shape "
+                f"(actions, states, num_states) = ({actions}, {states}, {num_states}), got {sizes(p)}")
     return _fake_outputs(reward, v, sweeps, return_q)
