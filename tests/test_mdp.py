@@ -504,7 +504,7 @@ def test_random_sparse_mdp_generator():
     assert a.nnz == 1000 * 3 * 7 and a.reward.shape == (1000, 3)
     sums = a.values.view(-1, 7).sum(1)
     torch.testing.assert_close(sums, torch.ones_like(sums))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_states, num_actions and successors must be >= 1, got 0, 3, 7"):
         M.random_sparse_mdp(0, 3, 7)
 
 
@@ -679,7 +679,9 @@ def test_expectimax_and_minimax():
         M.Node.chance([1, 2], probs=[0.5, 0.6])
     with pytest.raises(ValueError, match="kind"):
         M.Node("avg", [1])
-    with pytest.raises(TypeError):
+    # fastpt's own message: Python's "'>' not supported between 'str' and 'float'" is a
+    # TypeError too, and would pass a bare pytest.raises(TypeError) without any check
+    with pytest.raises(TypeError, match="a game tree node must be a Node or a number, got str"):
         M.expectimax(M.Node.max(["x"]))
     # numpy scalars are numbers too; +inf and -inf both reachable have no expectation
     assert M.expectimax(M.Node.max([np.float32(1.5), np.int64(2)])).value == 2
@@ -889,7 +891,7 @@ def test_index_arrays_and_sizes_must_be_integers():
         M.MDP.from_csr([0, 2, 3, 5, 6], torch.tensor([0., 1.9, 0., 0., 1., 1.]), vals, 2, 2, reward, 0.9)
     with pytest.raises(TypeError, match="indptr must hold integers"):
         M.MDP.from_csr(np.array([0., 2, 3, 5, 6]), [0, 1, 0, 0, 1, 1], vals, 2, 2, reward, 0.9)
-    with pytest.raises(TypeError, match="num_states must be an int, got float 2.7"):
+    with pytest.raises(TypeError, match="num_states must be an int, got 2.7"):
         M.MDP.from_csr([0, 2, 3, 5, 6], [0, 1, 0, 0, 1, 1], vals, 2.7, 2, reward, 0.9)
     for args, name in (((5.7, 2, 2), "num_states"), ((5, 2.2, 2), "num_actions"), ((5, 2, 2.9), "successors")):
         with pytest.raises(TypeError, match=f"{name} must be an int"):

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from fastpt._atomic import sha256_json
 from fastpt.data.datasets import PackedDataset
 from fastpt.pretrain.clm import collate_packed
 from fastpt.pretrain.mlm import MLMCollator
@@ -149,9 +150,21 @@ def test_masks_do_not_depend_on_workers(tmp_path):
 
 def test_malformed_per_rank_positions_are_refused(tmp_path):
     t = _mlm_trainer(tmp_path)
-    state = {"epoch": 0, "batches_in_epoch": 1, "ranks": [[0]]}
-    save_checkpoint(str(tmp_path / "bad"), 1, t.model.state_dict(), {"state": {}, "param_groups": []},
-                    t.scheduler.state_dict(), state)
+
+    def save(data):
+        return save_checkpoint(str(tmp_path / "bad"), 1, t.model.state_dict(), {"state": {}, "param_groups": []},
+                               t.scheduler.state_dict(), data)
+    # save_checkpoint does not write what load_checkpoint would refuse ...
+    with pytest.raises(CheckpointError, match="data.ranks"):
+        save({"epoch": 0, "batches_in_epoch": 1, "ranks": [[0]]})
+    # ... and load_checkpoint refuses it when another tool wrote it (with a consistent digest).
+    state_file = os.path.join(save({"epoch": 0, "batches_in_epoch": 1, "ranks": [[0, 1]]}), "trainer_state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    state["data"]["ranks"] = [[0]]
+    state["state_sha256"] = sha256_json({k: v for k, v in state.items() if k != "state_sha256"})
+    with open(state_file, "w") as f:
+        json.dump(state, f)
     with pytest.raises(CheckpointError, match="data.ranks"):
         load_checkpoint(str(tmp_path / "bad"))
 
@@ -328,7 +341,7 @@ def test_resumed_run_rewrites_metrics_from_its_checkpoint(tmp_path):
             raise SystemExit("killed")
         return train_step(micro)
     crashed.train_step = dying
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="killed"):
         crashed.train()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "lo')  # a row cut short by the kill

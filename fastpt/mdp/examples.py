@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastpt.mdp.model import MDP, count_arg
+from fastpt._checks import check_int
+from fastpt.mdp.model import MDP
 
 # Actions of the gridworld: (dx, dy) in Russell & Norvig's coordinates (x right, y up).
 GRID_ACTIONS = {"up": (0, 1), "down": (0, -1), "left": (-1, 0), "right": (1, 0)}
@@ -88,9 +89,9 @@ def random_sparse_mdp(num_states: int, num_actions: int, successors: int, seed: 
     repeats allowed: their probabilities add) with random probabilities (uniform weights,
     normalised in float64); rewards uniform in [0, 1). Vectorised: S = 200,000, A = 4, 16
     successors (12.8 M nonzeros) take about a second. Same seed, same MDP."""
-    S, A, K = (count_arg(n, v) for n, v in (("num_states", num_states), ("num_actions", num_actions),
+    S, A, K = (check_int(n, v) for n, v in (("num_states", num_states), ("num_actions", num_actions),
                                              ("successors", successors)))
-    count_arg("seed", seed)
+    check_int("seed", seed)
     if S < 1 or A < 1 or K < 1:
         raise ValueError(f"num_states, num_actions and successors must be >= 1, got {S}, {A}, {K}")
     gen = torch.Generator().manual_seed(seed)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastpt._checks import check_int
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -40,13 +42,6 @@ def _index_array(name: str, x) -> Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got {t.dtype}")
     return t.to(torch.int64)
-
-
-def count_arg(name: str, value) -> int:
-    """A size argument (num_states, num_actions, ...): an int, not a float that int() would cut."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
 
 
 def _is_sparse_matrix(x) -> bool:
@@ -198,7 +193,7 @@ class MDP:
         nonzeros needs (a length-S reward would also be R(s))."""
         if order not in ("state", "action"):
             raise ValueError(f"order must be 'state' or 'action', got {order!r}")
-        S, A = count_arg("num_states", num_states), count_arg("num_actions", num_actions)
+        S, A = check_int("num_states", num_states), check_int("num_actions", num_actions)
         if S < 1 or A < 1:
             raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
         indptr, indices = _index_array("indptr", indptr), _index_array("indices", indices)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastpt.mdp.model import MDP, count_arg
+from fastpt._checks import check_int
+from fastpt.mdp.model import MDP
 from fastpt.ops.value_iteration import check_finite
 
 STOP_RULES = ("sup", "span")
@@ -148,7 +149,7 @@ def _initial_values(mdp: MDP, v0, name: str = "v0") -> Tensor:
 
 
 def _check_max_iter(max_iter: int) -> None:
-    count_arg("max_iter", max_iter)
+    check_int("max_iter", max_iter)
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
@@ -179,7 +180,7 @@ def value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int = 100_000, st
     """
     threshold = stop_threshold(epsilon, mdp.gamma, stop)
     _check_max_iter(max_iter)
-    count_arg("sweeps_per_call", sweeps_per_call)
+    check_int("sweeps_per_call", sweeps_per_call)
     if sweeps_per_call < 1:
         raise ValueError(f"sweeps_per_call must be >= 1, got {sweeps_per_call}")
     if gauss_seidel and stop == "span":
@@ -300,7 +301,7 @@ def modified_policy_iteration(mdp: MDP, epsilon: float = 1e-6, *, m: int = 10,
     """Modified policy iteration (Puterman 6.5): a greedy sweep, then ``m`` sweeps of the
     greedy policy's chain (partial evaluation), until the greedy sweep changes V by less than
     epsilon (1 - gamma) / (2 gamma) (the sup rule). iterations: greedy sweeps."""
-    count_arg("m", m)
+    check_int("m", m)
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     threshold = stop_threshold(epsilon, mdp.gamma, "sup")
@@ -327,7 +328,7 @@ def backward_induction(mdp: MDP, horizon: int, terminal_values=None, *,
     v[horizon] = terminal_values (default 0), v[t] = max_a R + gamma P v[t+1]. ``gamma``
     overrides the MDP's (1 is fine here, terminal states or not).
     """
-    count_arg("horizon", horizon)
+    check_int("horizon", horizon)
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     g = mdp.gamma if gamma is None else MDP._check_gamma(gamma)

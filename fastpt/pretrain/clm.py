@@ -9,9 +9,12 @@ only.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from fastpt.data.datasets import pad_batch, reseed_in_worker
+from fastpt.data.datasets import _id_tensor, pad_batch, reseed_in_worker
+from fastpt._checks import check_int
 from fastpt.pretrain.mlm import IGNORE_INDEX
 
 
@@ -25,6 +28,7 @@ def collate_packed(blocks: list[dict]) -> dict:
     Blocks must all have the same length (``pack_documents`` with ``drop_last=True``)."""
     if not blocks:
         raise ValueError("cannot collate an empty batch")
+    blocks = [_check_block(i, b, blocks[0]) for i, b in enumerate(blocks)]
     lengths = sorted({len(b["input_ids"]) for b in blocks})
     if len(lengths) > 1:
         raise ValueError(f"packed blocks must all have the same length (pack_documents with "
@@ -36,6 +40,23 @@ def collate_packed(blocks: list[dict]) -> dict:
         labels[:, 1:][d[:, 1:] != d[:, :-1]] = IGNORE_INDEX
     batch["labels"] = labels
     return batch
+
+
+def _check_block(i: int, block, first) -> dict:
+    """Block ``i`` as 1-D integer tensors with the keys of the first block: float ids were
+    stacked as they were (float labels), a 2-D block made a (B, 1, T) batch, and a missing key
+    failed as a bare KeyError."""
+    if not isinstance(block, dict) or "input_ids" not in block:
+        raise ValueError(f"packed block {i} must be a dict with 'input_ids' (pack_documents' blocks), "
+                         f"got {type(block).__name__}{' without input_ids' if isinstance(block, dict) else ''}")
+    if set(block) != set(first):
+        raise ValueError(f"packed block {i} has the keys {sorted(block)}, block 0 {sorted(first)}: "
+                         "every block of a batch needs the same ones")
+    out = {k: _id_tensor(v, f"{k} of packed block {i}") for k, v in block.items()}
+    for k, v in out.items():
+        if len(v) != len(out["input_ids"]):
+            raise ValueError(f"{k} of packed block {i} has {len(v)} entries for {len(out['input_ids'])} input_ids")
+    return out
 
 
 def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -54,6 +75,7 @@ class PrefixLMCollator:
     or per batch under the ``Trainer`` (``seed_collator``), as ``MLMCollator``'s masks."""
 
     def __init__(self, pad_id: int, seed: int = 0):
+        check_int("seed", seed)
         self.pad_id, self.seed = pad_id, seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -64,6 +86,10 @@ class PrefixLMCollator:
             raise ValueError("prefix LM needs sequences of at least 2 tokens")
         ids, attention_mask = pad_batch(seqs, self.pad_id)
         lengths = torch.tensor([len(s) for s in seqs])
+        for i, e in enumerate(examples):
+            # A float split (2.5) was taken as it was, a bool as 0 or 1.
+            if "split" in e and (isinstance(e["split"], bool) or not isinstance(e["split"], numbers.Integral)):
+                raise TypeError(f"split of example {i} must be an int, got {e['split']!r}")
         prefix = torch.tensor([
             e["split"] if "split" in e else
             int(torch.randint(1, len(e["input_ids"]), (1,), generator=self.generator))

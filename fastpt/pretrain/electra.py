@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from fastpt.models import Encoder, EncoderConfig
+from fastpt.models.common import check_labels
+from fastpt._checks import check_int
 from fastpt.pretrain.mlm import IGNORE_INDEX
 
 DISC_WEIGHT = 50.0
@@ -84,12 +86,20 @@ class Electra(nn.Module):
 
     def __init__(self, config: EncoderConfig, generator_scale: int = 4, use_fused: bool = True):
         super().__init__()
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"config must be the discriminator's EncoderConfig, got {type(config).__name__}")
+        # True passed as 1 (a generator as wide as the discriminator), 2.0 failed in EncoderConfig.
+        check_int("generator_scale", generator_scale)
         if generator_scale < 1 or config.hidden_size % generator_scale:
             raise ValueError(f"generator_scale={generator_scale} must divide hidden_size={config.hidden_size}")
         width = config.hidden_size // generator_scale
         heads = max(1, config.num_heads // generator_scale)
-        gen_config = config.replace(hidden_size=width, num_heads=heads,
-                                    intermediate_size=max(1, config.intermediate_size // generator_scale))
+        try:
+            gen_config = config.replace(hidden_size=width, num_heads=heads,
+                                        intermediate_size=max(1, config.intermediate_size // generator_scale))
+        except ValueError as e:  # its message names sizes the caller never gave
+            raise ValueError(f"generator_scale={generator_scale} gives a generator of hidden_size {width} with "
+                             f"{heads} heads (num_heads // generator_scale), which does not work: {e}") from None
         self.discriminator = Encoder(config, use_fused=use_fused)
         self.generator = Encoder(gen_config, use_fused=use_fused)
         self.generator.embeddings = _SharedEmbeddings(self.discriminator.embeddings,
@@ -101,7 +111,10 @@ class Electra(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                 token_type_ids: Tensor | None = None) -> ElectraOutput:
-        gen_hidden, _ = self.generator.encode(input_ids, attention_mask, token_type_ids)
+        # Labels of another shape failed as an IndexError of a boolean mask, ids outside the
+        # vocabulary as cross_entropy's "Target 500 is out of bounds" (a device assert on GPUs).
+        gen_hidden, _ = self.generator.encode(input_ids, attention_mask, token_type_ids)  # checks input_ids
+        check_labels(labels, input_ids.shape, self.discriminator.config.vocab_size)
         selected = labels != IGNORE_INDEX
         gen_logits = self.generator_head(gen_hidden[selected],
                                          self.discriminator.embeddings.tokens.weight)

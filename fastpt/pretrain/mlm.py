@@ -15,6 +15,7 @@ import torch
 
 from fastpt.data.datasets import check_pad_to_multiple_of, pad_batch, reseed_in_worker
 from fastpt.models.common import check_ids
+from fastpt._checks import check_bool, check_int
 
 IGNORE_INDEX = -100
 
@@ -36,6 +37,21 @@ def _all_or_none(examples: list, key: str) -> bool:
         raise ValueError(f"example {has.index(False)} has no {key!r} while example {has.index(True)} has: "
                          f"every example of a batch needs {key!r}, or none")
     return has[0]
+
+
+def _nsp_labels(examples: list) -> torch.Tensor:
+    """The (B,) next-sentence labels: IsNext 0, NotNext 1 or IGNORE_INDEX. Others were batched
+    as they were (a float tensor for 0.7, a bool one for True, 2 for a two-class head) and
+    failed in the model's loss or trained on a wrong target."""
+    labels = [e["next_sentence_label"] for e in examples]
+    # 0-d integer tensors (a dataset's own labels) count as their int.
+    labels = [int(x) if torch.is_tensor(x) and x.dim() == 0 and not (x.is_floating_point() or x.dtype == torch.bool)
+              else x for x in labels]
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label not in (0, 1, IGNORE_INDEX):
+            raise ValueError(f"next_sentence_label of example {i} must be 0 (IsNext), 1 (NotNext) or "
+                             f"{IGNORE_INDEX} (ignored), got {label!r}")
+    return torch.tensor([int(label) for label in labels])
 
 
 class MLMCollator:
@@ -66,12 +82,23 @@ class MLMCollator:
     def __init__(self, vocab_size: int, mask_id: int, pad_id: int, special_ids, *,
                  mlm_probability: float = 0.15, whole_word: bool = False, seed: int = 0,
                  pad_to_multiple_of: int | None = None):
+        if isinstance(mlm_probability, bool) or not isinstance(mlm_probability, numbers.Real):
+            raise TypeError(f"mlm_probability must be a number, got {mlm_probability!r}")
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        # A float or bool vocab_size failed inside torch.zeros, naming neither.
+        check_int("vocab_size", vocab_size, minimum=1)
+        check_bool("whole_word", whole_word)
+        check_int("seed", seed)
         _check_token_id("mask_id", mask_id, "the tokenizer has no mask token such as [MASK]; MLM and "
                         "ELECTRA need one (a wordpiece tokenizer has it)")
         _check_token_id("pad_id", pad_id, "the tokenizer has no padding token such as [PAD]")
         check_pad_to_multiple_of(pad_to_multiple_of)
+        if isinstance(special_ids, (str, bytes)) or not hasattr(special_ids, "__iter__"):
+            raise TypeError(f"special_ids must be a collection of int token ids, got {special_ids!r}")
+        special_ids = list(special_ids)
+        for i in special_ids:  # a float id indexed is_special cut (3.5 -> 3), True stood for 1
+            _check_token_id("each of special_ids", i, "special_ids(tokenizer).all gives a tokenizer's special ids")
         special = sorted(set(special_ids) | {mask_id, pad_id})
         if any(not 0 <= i < vocab_size for i in special):
             raise ValueError(f"special ids {special} must lie in [0, vocab_size={vocab_size})")
@@ -103,7 +130,7 @@ class MLMCollator:
             batch["token_type_ids"], _ = pad_batch([e["token_type_ids"] for e in examples], 0,
                                                    self.pad_to_multiple_of, name="token_type_ids")
         if _all_or_none(examples, "next_sentence_label"):  # MLM + NSP batches (BERT pre-training)
-            batch["next_sentence_label"] = torch.tensor([e["next_sentence_label"] for e in examples])
+            batch["next_sentence_label"] = _nsp_labels(examples)
         selected = self._select(examples, ids, attention_mask)
         batch["input_ids"], batch["labels"] = self.apply_mask(ids, selected)
         return batch
@@ -117,6 +144,10 @@ class MLMCollator:
         for i, e in enumerate(examples):
             if "word_ids" not in e:
                 raise ValueError("whole_word=True needs 'word_ids' in every example")
+            if any(isinstance(x, bool) or not isinstance(x, (numbers.Integral, type(None))) for x in e["word_ids"]):
+                # as_tensor(dtype=long) cut float word ids: 0.5 and 0.7 became one word
+                raise TypeError(f"word_ids of example {i} must hold an int word id (or None) per token, "
+                                f"got {list(e['word_ids'])!r}")
             w = torch.as_tensor([-1 if x is None else x for x in e["word_ids"]], dtype=torch.long)
             if len(w) != len(e["input_ids"]) or bool((w < -1).any()):
                 raise ValueError(f"word_ids of example {i} must give one non-negative word id (or None) "

@@ -19,6 +19,8 @@ IS_NEXT, NOT_NEXT = 0, 1
 
 def split_sentences(document: str) -> list[str]:
     """Sentences ending in '.', '!' or '?' (enough for the embedded corpus and plain prose)."""
+    if not isinstance(document, str):
+        raise TypeError(f"document must be a str, got {type(document).__name__}")
     out, start = [], 0
     for i, ch in enumerate(document):
         if ch in ".!?\n" and (i + 1 == len(document) or document[i + 1] in " \n"):
@@ -41,8 +43,16 @@ def make_nsp_pairs(documents: list[list[str]], seed: int = 0, max_sentences: int
     the end), an IsNext B is such a run of a uniform document, and so is a NotNext B: B alone
     tells nothing about the label. At least two documents are needed.
     """
-    if not isinstance(max_sentences, int) or max_sentences < 1:
+    if isinstance(max_sentences, bool) or not isinstance(max_sentences, int) or max_sentences < 1:
         raise ValueError(f"max_sentences must be a positive integer, got {max_sentences!r}")
+    if isinstance(documents, (str, bytes)) or not hasattr(documents, "__iter__"):
+        raise TypeError(f"documents must be a list of documents, got {type(documents).__name__}")
+    documents = list(documents)
+    for i, d in enumerate(documents):
+        # A document given as one string was taken as a list of one-character sentences.
+        if isinstance(d, (str, bytes)) or not isinstance(d, (list, tuple)) or not all(isinstance(x, str) for x in d):
+            raise TypeError(f"document {i} must be a list of sentences (str; split_sentences gives one), "
+                            f"got {type(d).__name__}{' ' + repr(d)[:60] if isinstance(d, str) else ''}")
     docs = [d for d in documents if d]
     if len(docs) < 2:
         raise ValueError("NSP needs at least two non-empty documents")

@@ -21,6 +21,7 @@ import numbers
 import torch
 
 from fastpt.data.datasets import reseed_in_worker
+from fastpt._checks import check_int
 
 
 def _check_noise(noise_density: float, mean_span_length: float) -> None:
@@ -34,12 +35,6 @@ def _check_noise(noise_density: float, mean_span_length: float) -> None:
         raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
     if not 1 <= mean_span_length < math.inf:
         raise ValueError(f"mean_span_length must be a finite number >= 1, got {mean_span_length}")
-
-
-def _check_int(name: str, value) -> None:
-    # A float length failed inside torch (torch.zeros, torch.randperm) with its own message.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -69,7 +64,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
     tokens that must separate them, and TypeError for an ``inputs_length`` that is not an int
     or a ``noise_density`` / ``mean_span_length`` that is not a number."""
     _check_noise(noise_density, mean_span_length)
-    _check_int("inputs_length", inputs_length)
+    check_int("inputs_length", inputs_length)
     if inputs_length < 3:  # the shortest corruption: one kept token, one sentinel, EOS
         raise ValueError(f"inputs_length {inputs_length} is too short for span corruption (need at least 3)")
     raw = inputs_length - 1
@@ -115,7 +110,7 @@ def _segment(n_items: int, n_segments: int, g: torch.Generator) -> torch.Tensor:
 def noise_mask(length: int, noise_density: float, mean_span_length: float,
                g: torch.Generator) -> torch.Tensor:
     """Bool (length,) mask of noise positions, in spans, starting with non-noise."""
-    _check_int("length", length)
+    check_int("length", length)
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
     _check_noise(noise_density, mean_span_length)
@@ -141,6 +136,9 @@ class SpanCorruptionCollator:
     def __init__(self, vocab_size: int, eos_id: int, inputs_length: int = 512,
                  noise_density: float = 0.15, mean_span_length: float = 3.0, seed: int = 0,
                  *, pad_id: int | None = None):
+        # A float vocab_size made float sentinels, and with them float input_ids and labels.
+        check_int("vocab_size", vocab_size)
+        check_int("seed", seed)
         self.raw_length, self.targets_length = span_corruption_lengths(
             inputs_length, noise_density, mean_span_length)
         self.inputs_length, self.vocab_size, self.eos_id = inputs_length, vocab_size, eos_id
@@ -206,11 +204,15 @@ class SpanCorruptionCollator:
         if not len(runs):
             raise ValueError("cannot collate an empty batch")
         reseed_in_worker(self, self.seed)  # else every DataLoader worker draws the same spans
-        runs = [torch.as_tensor(run, dtype=torch.long) for run in runs]
-        for run in runs:
+        runs = [torch.as_tensor(run) for run in runs]
+        for i, run in enumerate(runs):
+            # Not as_tensor(run, dtype=long): it cut float ids (2.7 -> 2) and took True for 1.
+            if run.is_floating_point() or run.is_complex() or run.dtype == torch.bool:
+                raise TypeError(f"run {i} must hold integer token ids, got {run.dtype}")
             if run.shape != (self.raw_length,):
                 raise ValueError(f"span corruption needs runs of {self.raw_length} tokens "
                                  f"(for {self.inputs_length} inputs), got {tuple(run.shape)}")
+        runs = [run.long() for run in runs]
         self._check_run_tokens(torch.stack(runs))
         pairs = [self.corrupt(run) for run in runs]
         return {"input_ids": torch.stack([p[0] for p in pairs]),

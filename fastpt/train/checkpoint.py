@@ -151,7 +151,15 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     ``model_state`` / ``optimizer_state`` are full (unsharded) state dicts, the optimizer's
     keyed by parameter name (``torch.distributed.checkpoint.state_dict`` gives both for plain,
     DDP and FSDP models alike). ``rng_states``: every process's :func:`rng_state`, in rank
-    order (the Trainer gathers them); by default this process's alone."""
+    order (the Trainer gathers them); by default this process's alone.
+
+    Raises ValueError for a ``step`` or ``keep_last`` that is not an int >= 0, and, before
+    anything is published, for states that load_checkpoint would refuse: such a checkpoint
+    became ``latest`` and pruning removed the loadable ones. A failed save leaves no
+    temporary folder behind."""
+    for name, value in (("step", step), ("keep_last", keep_last)):
+        if not _count(value):  # step True was saved as step-True, -1 as step--1: unloadable
+            raise ValueError(f"save_checkpoint: {name} must be an int >= 0, got {value!r}")
     os.makedirs(root, exist_ok=True)
     _remove_stale_temps(root)
     _recover_interrupted_resaves(root)
@@ -159,6 +167,28 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     tmp = os.path.join(root, f".step-{step}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _write_step(tmp, step, model_state, optimizer_state, scheduler_state, data_state, extra, tensors,
+                    rng_states)
+    except BaseException:
+        # Only this process's own temporary folders are kept by _remove_stale_temps (they may be
+        # saves in progress): one of a failed save (disk full, an unserializable value) stays forever.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):  # re-saving a step: move the old one aside, never half-replace
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    _fsync(root)
+    atomic_write_json(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
+    _prune(root, keep_last, step)
+    return final
+
+
+def _write_step(tmp: str, step: int, model_state: dict, optimizer_state: dict, scheduler_state,
+                data_state: dict, extra, tensors, rng_states) -> None:
+    """The files of one checkpoint, into the temporary folder ``tmp``."""
     weights, aliases = _dedup(model_state)
     save_file(weights, os.path.join(tmp, MODEL_FILE))
     opt_tensors, opt_meta = _optimizer_split(optimizer_state)
@@ -182,17 +212,11 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     # Hashed as it will read back (tuples become lists, keys strings), so load sees the same digest.
     state = json.loads(json.dumps(state))
     state[DIGEST] = _state_digest(state)
+    # What load_checkpoint would refuse (a data position without epoch, say) is refused here,
+    # before it is published as latest and pruning removes the loadable checkpoints.
+    _check_state(state, os.path.join(tmp, STATE_FILE))
     atomic_write_json(os.path.join(tmp, STATE_FILE), state)
     _fsync(tmp)
-    if os.path.exists(final):  # re-saving a step: move the old one aside, never half-replace
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-    _fsync(root)
-    atomic_write_json(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
-    _prune(root, keep_last, step)
-    return final
 
 
 def _fsync(path: str) -> None:

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from fastpt.train.schedules import SCHEDULES
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+# The seeds torch takes are 64-bit, and a DataLoader's is seed * 1000 + epoch: a seed beyond this
+# failed at the first batch with "Overflow when unpacking long long", naming nothing.
+SEED_LIMIT = 2**53
 
 
 @dataclass
@@ -30,7 +33,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 0             # 0: only at the end (when eval data is given)
     save_every: int = 0             # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2              # 0: keep every checkpoint
     strategy: str = "auto"          # auto = ddp under torchrun with >1 process, else single
     progress: bool = True
     num_workers: int = 0
@@ -64,10 +67,23 @@ class TrainerConfig:
         if (not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2
                 or not all(is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"TrainerConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not -SEED_LIMIT <= self.seed < SEED_LIMIT:
+            raise ValueError(f"TrainerConfig.seed must lie in [-2**53, 2**53), got {self.seed}")
+        if not self.output_dir:  # os.makedirs("") fails with "No such file or directory: ''"
+            raise ValueError("TrainerConfig.output_dir must name a folder, got ''")
+        if self.warmup_steps > self.max_steps:
+            # The lr would still be warming up at the last step: it never reaches lr, nor decays.
+            raise ValueError(f"TrainerConfig.warmup_steps ({self.warmup_steps}) must be <= max_steps "
+                             f"({self.max_steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainerConfig.lr must be a finite number > 0, got {self.lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):  # also rejects NaN
             raise ValueError(f"TrainerConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.lr * self.weight_decay >= 1:
+            # AdamW multiplies the weights by 1 - lr * weight_decay at every step: at or below 0
+            # they are zeroed or flip sign and grow, and the run trains on regardless.
+            raise ValueError(f"TrainerConfig.lr x weight_decay must be < 1 (AdamW scales the weights by "
+                             f"1 - lr x weight_decay each step), got {self.lr} x {self.weight_decay}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.schedule not in SCHEDULES:
@@ -83,6 +99,8 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainerConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"TrainerConfig.from_dict needs a dict of options, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -14,7 +14,11 @@ import torch.distributed as dist
 
 def init_from_env() -> tuple[int, int]:
     """Join the process group that torchrun describes (if any); returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # int()'s message names neither the variable nor where it came from
+        raise ValueError(f"the environment variable WORLD_SIZE must be an integer (the number of "
+                         f"processes, as torchrun sets it), got {os.environ['WORLD_SIZE']!r}") from None
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)

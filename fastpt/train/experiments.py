@@ -18,6 +18,7 @@ from torch import nn
 from fastpt.data.world import World
 from fastpt.models import Encoder
 from fastpt.data.datasets import encode_padded
+from fastpt._checks import check_bool, check_int
 
 
 class _Classifier(nn.Module):
@@ -33,6 +34,30 @@ class _Classifier(nn.Module):
         return self.head(torch.tanh(self.encoder.pooler(x[:, 0])))
 
 
+def _check_reviews(name: str, reviews) -> None:
+    """A non-empty list of {"text": str, "label": 0 or 1}: an empty one failed as "cannot
+    collate an empty batch", a label 2 or 0.5 inside cross_entropy."""
+    if not isinstance(reviews, (list, tuple)) or not reviews:
+        raise ValueError(f"{name} must be a non-empty list of {{'text', 'label'}} examples, got "
+                         f"{reviews!r:.60}")
+    for i, e in enumerate(reviews):
+        if not isinstance(e, dict) or not isinstance(e.get("text"), str):
+            raise ValueError(f"{name}[{i}] must be {{'text': str, 'label': 0 or 1}}, got {e!r:.80}")
+        if type(e.get("label")) is not int or e["label"] not in (0, 1):  # type: a bool is no class id
+            raise ValueError(f"{name}[{i}]['label'] must be 0 or 1, got {e.get('label')!r}")
+
+
+def _check_fine_tuning(train, test, epochs, lr, batch_size, seed, freeze_embeddings) -> None:
+    _check_reviews("train", train)
+    _check_reviews("test", test)
+    check_int("epochs", epochs, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)  # True passed as 1, 0 failed inside split()
+    check_int("seed", seed)
+    check_bool("freeze_embeddings", freeze_embeddings)  # "no" froze them
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
 def fine_tune_accuracy(encoder: Encoder, tok, train: list, test: list, *, epochs: int = 30,
                        lr: float = 5e-4, batch_size: int = 32, seed: int = 0,
                        freeze_embeddings: bool = True) -> float:
@@ -40,6 +65,7 @@ def fine_tune_accuracy(encoder: Encoder, tok, train: list, test: list, *, epochs
     ``freeze_embeddings`` the embedding layer stays as it is: a few hundred labels would
     otherwise move only the embeddings of the words they contain, away from the words
     they do not."""
+    _check_fine_tuning(train, test, epochs, lr, batch_size, seed, freeze_embeddings)
     torch.manual_seed(seed)
     pad = encoder.config.pad_token_id or 0
     for p in encoder.embeddings.parameters():
@@ -69,6 +95,9 @@ def sentiment_transfer(output_dir: str, *, n_labels: int = 200, n_test: int = 10
     """Test accuracy on unseen adjectives of pre-trained vs randomly initialised tiny
     encoders fine-tuned on ``n_labels`` reviews, with the embedding layer frozen (the
     recipe) and with every weight trained (for comparison)."""
+    # Before the pre-training (minutes): an empty set failed only after it.
+    check_int("n_labels", n_labels, minimum=1)
+    check_int("n_test", n_test, minimum=1)
     from fastpt.train.recipes import pretrain_encoder
     world = World(seed)
     result = pretrain_encoder(output_dir, world=world, max_steps=pretrain_steps, seed=seed,

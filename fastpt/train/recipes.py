@@ -12,6 +12,7 @@ from fastpt.data.datasets import encode_as_text, pack_documents, tokenize_stream
 from fastpt.data.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from fastpt.data.world import World
 from fastpt.models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from fastpt._checks import check_int
 from fastpt.pretrain.clm import collate_packed
 from fastpt.pretrain.mlm import MLMCollator
 from fastpt.train import Trainer, TrainerConfig, seed_everything
@@ -73,6 +74,19 @@ def _check_special_token(tokenizer, field: str, message: str) -> None:
         raise ValueError(message)
 
 
+def _trainer_config(output_dir: str, max_steps, label_shift: int, overrides: dict, **options) -> TrainerConfig:
+    """The run's TrainerConfig, built (and so checked) before a tokenizer is trained and
+    written to output_dir. ``label_shift`` is the objective's: 1 for the decoder, which shifts
+    its labels, 0 for MLM, which does not (1 would leave a token of each sequence uncounted)."""
+    if "label_shift" in overrides:
+        raise ValueError(f"label_shift is set by the objective (here {label_shift}), got label_shift="
+                         f"{overrides['label_shift']!r}")
+    if isinstance(max_steps, int):  # else TrainerConfig names max_steps
+        overrides.setdefault("warmup_steps", max_steps // 10)
+    return TrainerConfig(output_dir=output_dir, max_steps=max_steps, label_shift=label_shift,
+                         **options, **overrides)
+
+
 def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "bert-tiny",
                      n_docs: int = 20000, vocab_size: int = 2000, seq_len: int = 64,
                      max_steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
@@ -84,9 +98,14 @@ def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "
     ``model`` (and its ``tokenizer``), MLM continues from its weights and ``preset`` is unused."""
     if objective not in ("mlm", "electra"):
         raise ValueError(f"encoder objective must be 'mlm' or 'electra', got {objective!r}")
+    # [CLS], a token to mask, [SEP]. With seq_len 0 or 1 the documents went untruncated (the
+    # tokenizer ignores a max_length its special tokens do not fit in); -3 failed inside it.
+    check_int("seq_len", seq_len, minimum=3)
     _check_continued(model, tokenizer, Encoder, objective == "mlm", seq_len)
     _check_special_token(tokenizer, "mask", "the tokenizer has no mask token ([MASK]) to hide the "
                          "selected tokens; MLM and ELECTRA pre-training need one (a wordpiece tokenizer)")
+    cfg = _trainer_config(output_dir, max_steps, 0, trainer_overrides, batch_size=batch_size, lr=lr, seed=seed,
+                          progress=progress)
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "wordpiece", vocab_size)
     ids = special_ids(tok)
@@ -100,9 +119,6 @@ def pretrain_encoder(output_dir: str, *, objective: str = "mlm", preset: str = "
         else:
             model = Encoder(config)
     collator = MLMCollator(tok.get_vocab_size(), ids.mask, ids.pad, ids.all, seed=seed)
-    trainer_overrides.setdefault("warmup_steps", max_steps // 10)
-    cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        seed=seed, progress=progress, **trainer_overrides)
     examples = encoder_examples(docs, tok, seq_len)
     trainer = Trainer(model, cfg, examples, collate_fn=collator)
     trainer.train(resume_from)
@@ -120,9 +136,12 @@ def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int
     corpus; attention kept inside each document), with a byte-level BPE tokenizer trained on
     them unless one is given. With ``model`` (and its ``tokenizer``), training continues
     from its weights and ``preset`` is unused."""
+    check_int("seq_len", seq_len, minimum=2)  # a token and the EOS after it (pack_documents checks it too late)
     _check_continued(model, tokenizer, Decoder, True, seq_len)
     _check_special_token(tokenizer, "eos", "the tokenizer has no EOS token (</s> or <|endoftext|>) to end "
                          "each packed document; decoder pre-training needs one (a bpe or unigram tokenizer)")
+    cfg = _trainer_config(output_dir, max_steps, 1, trainer_overrides, batch_size=batch_size, lr=lr, seed=seed,
+                          progress=progress)
     docs, tok = _documents_and_tokenizer(output_dir, docs, tokenizer, world, n_docs, seed,
                                          "bpe", vocab_size)
     eos = special_ids(tok).eos
@@ -134,9 +153,6 @@ def pretrain_decoder(output_dir: str, *, preset: str = "llama-tiny", n_docs: int
         model = Decoder(DecoderConfig.from_name(preset, vocab_size=tok.get_vocab_size(),
                                                 max_position_embeddings=max(seq_len, 128),
                                                 bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
-    trainer_overrides.setdefault("warmup_steps", max_steps // 10)
-    cfg = TrainerConfig(output_dir=output_dir, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                        seed=seed, label_shift=1, progress=progress, **trainer_overrides)
     trainer = Trainer(model, cfg, blocks, collate_fn=collate_packed)
     trainer.train(resume_from)
     return PretrainResult(model, tok, trainer.metrics.rows, output_dir)

@@ -31,8 +31,12 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: flo
     ``min_ratio`` at ``total_steps`` (or constant)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if warmup_steps < 0 or total_steps < 1:
-        raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
+    for name, value, low in (("warmup_steps", warmup_steps, 0), ("total_steps", total_steps, 1)):
+        # A float warmup gave fractional multipliers, True a warmup of one step.
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or not 0 <= min_ratio <= 1:
+        raise ValueError(f"min_ratio must be a number in [0, 1], got {min_ratio!r}")  # 2.0 decayed up to 2 x lr
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:

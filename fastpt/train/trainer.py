@@ -47,6 +47,7 @@ import inspect
 import itertools
 import json
 import math
+import numbers
 import random
 import time
 
@@ -95,10 +96,61 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
 
 
 def _loss_of(output) -> torch.Tensor:
-    loss = output["loss"] if isinstance(output, dict) else getattr(output, "loss", None)
+    # .get: a dict without a "loss" key is a model that returned no loss too (was a bare KeyError).
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if loss is None:
         raise ValueError("the model returned no loss: pass labels in the batch (or a loss_fn)")
     return loss
+
+
+def _check_term(name: str, term) -> None:
+    """One ``loss_terms`` entry: a (weight, count) pair with a finite weight >= 0. A bare weight
+    failed as "'float' object is not subscriptable", a third item was ignored, a negative weight
+    trained the term upwards and a bool one counted as 1."""
+    if not isinstance(term, (tuple, list)) or len(term) != 2:
+        raise ValueError(f"loss_terms must map each term to a (weight, count) pair, got {name!r}: {term!r}")
+    weight = term[0]
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+        raise ValueError(f"loss_terms must give each term a weight that is a finite number >= 0, "
+                         f"got {name!r}: {weight!r}")
+
+
+def _check_differentiable(loss: torch.Tensor, source: str) -> None:
+    """In training, a loss without a graph (detached, or computed under no_grad) failed in
+    backward as "element 0 of tensors does not require grad"."""
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise ValueError(f"{source} does not depend on any trainable parameter (it has no grad_fn: "
+                         "computed under torch.no_grad, detached, or from frozen weights only)")
+
+
+def _check_loss(loss, source: str) -> torch.Tensor:
+    """A loss must be one floating-point number in a tensor: a vector (a per-token loss) failed
+    in backward as "grad can be implicitly created only for scalar outputs", a Python float or
+    an integer tensor with errors naming neither the loss nor where it came from."""
+    if not torch.is_tensor(loss) or not loss.is_floating_point():
+        what = f"a {loss.dtype} tensor" if torch.is_tensor(loss) else type(loss).__name__
+        raise TypeError(f"{source} must be a floating-point tensor (differentiable), got {what}")
+    if loss.numel() != 1:
+        raise ValueError(f"{source} must be one number (the mean over the batch), got a tensor of shape "
+                         f"{tuple(loss.shape)} and dtype {loss.dtype}")
+    return loss.reshape(())
+
+
+def _check_arguments(model, config, train_data, **functions) -> None:
+    """The Trainer's arguments of the wrong kind, refused when it is built: they failed later,
+    at the first batch, as AttributeErrors or "'int' object is not callable"."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, TrainerConfig):
+        raise TypeError(f"config must be a TrainerConfig (TrainerConfig.from_dict builds one from a dict), "
+                        f"got {type(config).__name__}")
+    if not isinstance(train_data, IterableDataset) and not (
+            hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__")):
+        raise TypeError("train_data must be a map-style dataset (indexable, with a length) or an "
+                        f"IterableDataset, got {type(train_data).__name__}")
+    for name, f in functions.items():
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
 
 
 class Trainer:
@@ -113,6 +165,7 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_data, *,
                  eval_data=None, collate_fn=None, loss_fn=None, loss_terms=None):
+        _check_arguments(model, config, train_data, collate_fn=collate_fn, loss_fn=loss_fn, loss_terms=loss_terms)
         if loss_fn is not None and loss_terms is not None:
             raise ValueError("give loss_fn or loss_terms, not both: a loss_fn returns one mean and its count")
         if eval_data is not None and not isinstance(eval_data, IterableDataset):
@@ -207,10 +260,16 @@ class Trainer:
 
     def _terms_of(self, batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """``loss_terms(batch)`` checked: (names, weights (K,), counts (K,))."""
-        terms = self.loss_terms(batch)
+        try:
+            terms = self.loss_terms(batch)
+        except KeyError as e:  # a bare KeyError('labels') named neither loss_terms nor the batch
+            raise ValueError(f"loss_terms needs the batch field {e}, which this batch lacks (it has "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__})") from e
         if not isinstance(terms, dict) or not terms:
             raise ValueError(f"loss_terms must return a non-empty dict {{name: (weight, count)}}, got {terms!r}")
         names = list(terms)
+        for n in names:
+            _check_term(n, terms[n])
         weights = torch.tensor([float(terms[n][0]) for n in names])
         counts = torch.stack([torch.as_tensor(terms[n][1], dtype=torch.float32).detach().cpu() for n in names])
         if counts.dim() != 1 or not bool((counts >= 0).all()) or not bool(torch.isfinite(counts).all()):
@@ -226,10 +285,14 @@ class Trainer:
         if missing:
             raise ValueError(f"loss_terms names {missing}, which the model's output ({type(output).__name__}) "
                              "lacks: each term must be an output field holding that term's mean")
-        return torch.stack([v.float().reshape(()) for v in values])
+        return torch.stack([_check_loss(v, f"loss term {n!r} of the model's output").float()
+                            for n, v in zip(names, values)])
 
     def _run(self, batch):
         """The model's output on ``batch`` (without logits where the model can skip them)."""
+        if not isinstance(batch, dict):  # the model is called with **batch
+            raise TypeError(f"a batch must be a dict of the model's inputs (from collate_fn, or the default "
+                            f"collation of dict examples), got {type(batch).__name__}; or give a loss_fn")
         if self._loss_without_logits and "return_logits" not in batch and batch.get("labels") is not None:
             return self.wrapped(**batch, return_logits=False)
         return self.wrapped(**batch)
@@ -237,13 +300,16 @@ class Trainer:
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             if self.loss_fn is not None:
-                loss, count = self.loss_fn(self.wrapped, batch)
+                out = self.loss_fn(self.wrapped, batch)
+                if not isinstance(out, (tuple, list)) or len(out) != 2:
+                    raise TypeError(f"loss_fn must return (mean_loss, count), got {type(out).__name__}")
+                loss, count = _check_loss(out[0], "the mean loss of loss_fn"), out[1]
                 count = torch.as_tensor(count, dtype=torch.float32)
                 if count.dim() != 0 or not bool(count >= 0) or not bool(torch.isfinite(count)):
                     raise ValueError(f"loss_fn must return (mean_loss, count) with count a number >= 0 "
                                      f"(the label tokens the mean is over), got count {count}")
                 return loss.float(), count
-            return _loss_of(self._run(batch)).float(), self._count(batch)
+            return _check_loss(_loss_of(self._run(batch)), "the model's loss").float(), self._count(batch)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -288,6 +354,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             with self._sync_context(last=i == len(micro_batches) - 1):
                 loss, count = self._forward(batch)
+                _check_differentiable(loss, "the loss")
                 # The sum over the micro-batch's tokens: the mean over all of the step's tokens
                 # needs their total, which a loss_fn gives only with its forward.
                 (loss * count).backward()
@@ -322,6 +389,7 @@ class Trainer:
                     means = self._term_means(self._run(batch), names)
                 # A term with nothing to average over here has a NaN mean (0 / 0) and adds nothing.
                 term_sums = torch.where(counts[i] > 0, means * counts[i], 0.0)
+                _check_differentiable(means, f"the loss terms {names}")
                 (term_sums * scale).sum().backward()
             sums += term_sums.detach()
         self._check_every_parameter_got_a_gradient()
@@ -518,6 +586,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
+        self._apply_config_hyperparameters()
         if rng_rank is not None:
             ckpt.restore_rng(state, rng_rank)
         else:  # see _rng_rank
@@ -527,6 +596,21 @@ class Trainer:
         self.step = state["step"]
         self.epoch, self.batches_in_epoch = position
         self.metrics.resume(self.step)
+
+    def _apply_config_hyperparameters(self) -> None:
+        """After a resume: the optimizer's state (moments, step counts) is the checkpoint's, its
+        hyper-parameters this config's. Loaded as saved, the first step after a resume with a
+        raised max_steps (how a finished run trains on) applied the lr of the old schedule's
+        end, and an lr, weight_decay or betas changed for the resumed run were ignored for good
+        (the saved base lr and param groups won). With the config unchanged this changes nothing."""
+        groups, cfg = self.optimizer.param_groups, self.config
+        self.scheduler.base_lrs = [cfg.lr] * len(groups)
+        for group, lmbda in zip(groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * lmbda(self.scheduler.last_epoch)
+            group["betas"] = cfg.betas
+        groups[0]["weight_decay"] = cfg.weight_decay  # the matrices' group (see param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def _data_position(self, state: dict) -> tuple[int, int]:
         """This rank's (epoch, batches_in_epoch). Checkpoints of older versions hold rank 0's
@@ -554,12 +638,14 @@ class Trainer:
 
     def _check_same_run(self, state: dict) -> None:
         """The saved data position counts batches of batch_size on each of world_size
-        processes (and, for an iterable dataset, DataLoader workers, which deal its examples):
-        with other values it would point at other examples (skipped or repeated)."""
+        processes (and, for an iterable dataset, DataLoader workers, which deal its examples),
+        in the order the seed shuffled them in: with other values it would point at other
+        examples (skipped or repeated)."""
         extra = state["extra"]
         config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
-        saved = {"batch_size": config.get("batch_size"), "processes": extra.get("world_size")}
-        now = {"batch_size": self.config.batch_size, "processes": self.world}
+        saved = {"batch_size": config.get("batch_size"), "processes": extra.get("world_size"),
+                 "seed": config.get("seed")}
+        now = {"batch_size": self.config.batch_size, "processes": self.world, "seed": self.config.seed}
         if isinstance(self.train_data, IterableDataset):
             saved["num_workers"], now["num_workers"] = config.get("num_workers"), self.config.num_workers
         differ = [f"{k}={saved[k]} (now {now[k]})" for k in now if saved[k] is not None and saved[k] != now[k]]
@@ -567,7 +653,7 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"{state['folder']} was written with {', '.join(differ)}: its data position "
                 f"(epoch {state['data']['epoch']}, batch {state['data']['batches_in_epoch']}) would not "
-                "resume the same data; resume with the same batch_size, number of processes"
+                "resume the same data; resume with the same batch_size, seed, number of processes"
                 + (" and num_workers" if "num_workers" in now else ""))
 
     def _check_scheduler_state(self, state: dict) -> None:
