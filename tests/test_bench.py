@@ -232,9 +232,12 @@ def test_child_env(monkeypatch):
 def test_config_validates():
     assert run.BenchConfig(quick=True).dtypes == run.QUICK_DTYPES
     assert run.BenchConfig().dtypes == ("fp32", "bf16")
-    for bad in ({"ops": ("nope",)}, {"modes": ()}, {"threads": 0}, {"budget_s": -1.0},
-                {"allocs": ("huge",)}):
-        with pytest.raises(ValueError):
+    for bad, match in (({"ops": ("nope",)}, r"ops must be .*got \['nope'\]"),
+                       ({"modes": ()}, r"modes must be a non-empty subset .*got \[\]"),
+                       ({"threads": 0}, "threads must be >= 1, got 0"),
+                       ({"budget_s": -1.0}, "budget_s must be >= 0, got -1.0"),
+                       ({"allocs": ("huge",)}, r"allocs must be .*got \['huge'\]")):
+        with pytest.raises(ValueError, match=match):
             run.BenchConfig(**bad)
 
 

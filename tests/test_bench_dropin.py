@@ -172,10 +172,10 @@ def test_int8_failing_bitsandbytes_gives_a_failed_row(tiny, monkeypatch):
     assert rows["bnb"].agrees is None and rows["fastpt"].agrees is True  # a failed row is not compared
 
 
-def test_cli_rejects_bad_lists():
+def test_cli_rejects_bad_lists(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--cases", "nope"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "--cases must be a comma-separated subset" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_json_path_in_a_missing_folder_before_timing(tmp_path, monkeypatch, capsys):

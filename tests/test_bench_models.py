@@ -179,7 +179,7 @@ def test_cli_marks_disagreement_in_table_and_json(tiny, monkeypatch, tmp_path, c
 def test_cli_rejects_bad_lists(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--cases", "nope"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "--cases must be a comma-separated subset" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_json_path_in_a_missing_folder_before_timing(tmp_path, monkeypatch, capsys):

@@ -35,12 +35,10 @@ def test_world_is_deterministic_and_consistent(world):
     assert f"{name} lives in {person.city}." in bio and f"works as a {person.job}." in bio
 
 
-def test_corpus_is_large_and_fast_enough(world):
-    import time
-    start = time.perf_counter()
+def test_corpus_is_large(world):
+    # No wall-clock bound here: timings belong in the benchmarks, not in a unit test.
     words = sum(len(d.split()) for d in world.documents(60000))
     assert words > 1_000_000  # ~1.3 M words, ~2 M word pieces
-    assert time.perf_counter() - start < 60
 
 
 def test_sentiment_labels_follow_the_adjectives(world):

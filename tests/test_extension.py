@@ -76,6 +76,12 @@ def test_cuda_tensors_in_a_cpu_build_get_a_clear_error():
 
 
 def test_stream_threshold_is_validated():
+    before = fastpt._C.stream_min_bytes()
     with pytest.raises(ValueError, match=">= 0"):
         fastpt._C.set_stream_min_bytes(-1)
-    assert fastpt._C.stream_min_bytes() >= 0
+    assert fastpt._C.stream_min_bytes() == before  # the refused value was not stored
+    try:
+        fastpt._C.set_stream_min_bytes(12345)
+        assert fastpt._C.stream_min_bytes() == 12345
+    finally:
+        fastpt._C.set_stream_min_bytes(before)

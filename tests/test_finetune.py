@@ -362,16 +362,24 @@ def test_load_adapter_refuses_damaged_files(tmp_path, damage, match):
 def test_heads_shapes_and_losses():
     batch = _batch()
     enc = _backbone("bert")
-    tok = TokenClassifier(enc, 5)
-    out = tok(batch["input_ids"], batch["attention_mask"], labels=torch.full((4, 9), -100).index_fill(1, torch.tensor([2]), 1))
-    assert out.logits.shape == (4, 9, 5) and out.loss > 0
+    F = torch.nn.functional
+    tok = TokenClassifier(enc, 5).eval()
+    token_labels = torch.full((4, 9), -100).index_fill(1, torch.tensor([2]), 1)
+    out = tok(batch["input_ids"], batch["attention_mask"], labels=token_labels)
+    assert out.logits.shape == (4, 9, 5)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.flatten(0, 1), token_labels.flatten()))
     qa = QuestionAnswering(_backbone("llama"))
-    out = qa(batch["input_ids"], batch["attention_mask"], start_positions=torch.tensor([1, 2, 3, 4]),
-             end_positions=torch.tensor([2, 3, 4, 5]))
-    assert out.logits.shape == (4, 9, 2) and torch.isfinite(out.loss)
+    start, end = torch.tensor([1, 2, 3, 4]), torch.tensor([2, 3, 4, 5])
+    out = qa(batch["input_ids"], batch["attention_mask"], start_positions=start, end_positions=end)
+    assert out.logits.shape == (4, 9, 2)
+    torch.testing.assert_close(out.loss, (F.cross_entropy(out.logits[..., 0], start)
+                                          + F.cross_entropy(out.logits[..., 1], end)) / 2)
     assert (out.logits[0, -3:] < -1e30).all()  # padding is never an answer
-    reg = SequenceClassifier(_backbone("bert"), 1, pooling="mean")
-    assert reg(batch["input_ids"], batch["attention_mask"], labels=torch.rand(4)).loss >= 0
+    reg = SequenceClassifier(_backbone("bert"), 1, pooling="mean", dropout=0.0)
+    targets = torch.rand(4)
+    out = reg(batch["input_ids"], batch["attention_mask"], labels=targets)
+    assert out.logits.shape == (4, 1)
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), targets))  # regression: MSE
     with pytest.raises(ValueError, match="pooling"):
         SequenceClassifier(enc, 2, pooling="max")
 

@@ -72,12 +72,12 @@ def _fail_writing(monkeypatch, name):
 def test_adapter_save_that_fails_half_way_is_refused_not_loaded_mixed(tmp_path, monkeypatch):
     old = _adapter(tmp_path, seed=1, lora_alpha=16.0)
     _fail_writing(monkeypatch, save_mod.WEIGHTS_FILE)  # the first file: the old pair stays
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"No space left on device \(simulated\)"):
         _adapter(tmp_path, seed=2, lora_alpha=64.0)
     torch.testing.assert_close(_load(tmp_path)(input_ids=_ids()).logits, old(input_ids=_ids()).logits)
     monkeypatch.undo()
     monkeypatch.setattr(save_mod, "atomic_write_json", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
-    with pytest.raises(OSError):  # the second file: new weights beside the old config
+    with pytest.raises(OSError, match="full"):  # the second file: new weights beside the old config
         _adapter(tmp_path, seed=2, lora_alpha=64.0)
     with pytest.raises(ValueError, match="adapter_config.json' is not the config saved with"):
         _load(tmp_path)
@@ -125,7 +125,7 @@ def test_merged_save_that_fails_half_way_is_refused(tmp_path, monkeypatch):
     _fail_writing(monkeypatch, "head.safetensors")  # a new head model, its head never written
     with torch.no_grad():
         plain.final_norm.weight.mul_(2)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"No space left on device \(simulated\)"):
         save_merged(SequenceClassifier(plain, 3), str(tmp_path))
     with pytest.raises(ValueError, match="was saved with other"):
         load_merged(str(tmp_path))
@@ -198,8 +198,9 @@ def test_finetune_config_checks_types(settings, match):
 
 def test_finetune_config_accepts_every_documented_form():
     for target in (None, "all-linear", "q_proj", ["q_proj", "v_proj"], ("q_proj",)):
-        FinetuneConfig(target_modules=target)
-    FinetuneConfig(use_rslora=True, prefix_projection=False, prompt_init_text=[0, 5], int8_threshold=6)
+        assert FinetuneConfig(target_modules=target).target_modules == target
+    cfg = FinetuneConfig(use_rslora=True, prefix_projection=False, prompt_init_text=[0, 5], int8_threshold=6)
+    assert (cfg.use_rslora, cfg.prefix_projection, cfg.prompt_init_text, cfg.int8_threshold) == (True, False, [0, 5], 6)
 
 
 def test_adapter_with_a_string_bool_setting_is_refused_naming_the_file(tmp_path):

@@ -110,7 +110,9 @@ def test_multiple_choice_and_generation_run_without_gradients(model, tok, world)
     items = world.icl("job_of", 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = evaluate_multiple_choice(model, tok, items, k=2, pool=world.icl("job_of", 40, seed=1))
-    assert result.n == 6 and 0.0 <= result.acc <= 1.0 and len(result.predictions) == 6
+    assert result.n == 6 and len(result.predictions) == 6
+    assert all(p in it["choices"] for p, it in zip(result.predictions, items))
+    assert result.acc == sum(p == it["target"] for p, it in zip(result.predictions, items)) / 6
     acc = evaluate_generation(model, tok, items[:2], k=1, pool=world.icl("job_of", 40, seed=1),
                               max_new_tokens=4)
     assert 0.0 <= acc <= 1.0
@@ -135,7 +137,11 @@ def test_malformed_items_and_empty_prompts_name_the_problem(model, tok):
 def test_long_contexts_lose_their_oldest_tokens(model, tok):
     long_ctx = " ".join(["Ruza lives in Varna."] * 80)  # far beyond 128/256 positions
     s = loglikelihood(model, tok, [(long_ctx, " Varna")])[0]
-    assert s.n_tokens >= 1 and s.logprob < 0
+    ctx, cont = split_request(tok, long_ctx, " Varna")
+    assert len(ctx) + len(cont) > model.config.max_position_embeddings + 1  # the case under test
+    expected, greedy = _hflm_reference(model, ctx, cont)  # the last max_length + 1 tokens, as HFLM
+    assert s.n_tokens == len(cont) and s.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert s.is_greedy == greedy
     with pytest.raises(ValueError, match="does not fit"):
         loglikelihood(model, tok, [("x", " " + " ".join(["Varna"] * 400))])
 

@@ -105,14 +105,27 @@ def test_loglikelihood_rolling_matches_direct_log_softmax(fastpt_lm):
     assert rolled == pytest.approx(direct, rel=1e-5)
 
 
-def test_loglikelihood_rolling_long_document_predicts_every_token_once(fastpt_lm):
+def test_loglikelihood_rolling_long_document_predicts_every_token_once(fastpt_lm, monkeypatch):
+    from fastpt.icl import lm_eval_harness
     text = " ".join(["Ruza lives in Varna and works as a baker."] * 20)
-    n = len(fastpt_lm.tokenizer.encode(text, add_special_tokens=False).ids)
-    assert n > fastpt_lm.max_length  # several windows
+    ids = fastpt_lm.tokenizer.encode(text, add_special_tokens=False).ids
+    n, M = len(ids), fastpt_lm.max_length
+    assert n > M  # several windows
+    real, windows, scores = lm_eval_harness.score_tokens, [], []
+
+    def spy(model, pairs):  # the (context, continuation) windows the document is scored in
+        windows.extend(pairs)
+        scores.extend(real(model, pairs))
+        return scores[-len(pairs):]
+    monkeypatch.setattr(lm_eval_harness, "score_tokens", spy)
     (rolled,) = fastpt_lm.loglikelihood_rolling([_Request(text)], disable_tqdm=True)
+    assert len(windows) > 1
+    # every token scored once, in order, the first after the BOS token; each window fits the model
+    assert [t for _, cont in windows for t in cont] == ids
+    assert windows[0][0] == [fastpt_lm.bos_id]
+    assert all(len(ctx) + len(cont) <= M + 1 for ctx, cont in windows)
+    assert rolled == pytest.approx(sum(s.logprob for s in scores), rel=1e-12)
     assert math.isfinite(rolled) and rolled < 0
-    # per token, no better than the model's best and no worse than uniform by much
-    assert -rolled / n < 2 * math.log(fastpt_lm.tokenizer.get_vocab_size())
 
 
 def _greedy_text(lm, prompt, n):

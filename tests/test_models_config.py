@@ -27,24 +27,25 @@ def test_family_defaults():
     assert from_name("llama-tiny", num_layers=3).num_layers == 3
 
 
-@pytest.mark.parametrize("cls, bad", [
-    (EncoderConfig, dict(hidden_size=50, num_heads=4)),
-    (EncoderConfig, dict(num_layers=0)),
-    (EncoderConfig, dict(hidden_act="swish")),
-    (EncoderConfig, dict(dropout=1.0)),
-    (EncoderConfig, dict(pad_token_id=10 ** 6)),
-    (DecoderConfig, dict(flavour="mistral")),
-    (DecoderConfig, dict(num_heads=8, num_kv_heads=3)),
-    (DecoderConfig, dict(flavour="gpt2", num_heads=8, num_kv_heads=2)),
-    (DecoderConfig, dict(hidden_act="gelu")),
-    (DecoderConfig, dict(norm_eps=-1.0)),
-    (DecoderConfig, dict(rope_theta=float("nan"))),
-    (Seq2SeqConfig, dict(feed_forward_proj="swiglu")),
-    (Seq2SeqConfig, dict(num_heads=0)),
-    (Seq2SeqConfig, dict(eos_token_id=-1)),
+# Each error must name the field that is wrong: a bare ValueError could come from another one.
+@pytest.mark.parametrize("cls, bad, match", [
+    (EncoderConfig, dict(hidden_size=50, num_heads=4), r"hidden_size \(50\) must be divisible by num_heads"),
+    (EncoderConfig, dict(num_layers=0), "num_layers must be a positive int, got 0"),
+    (EncoderConfig, dict(hidden_act="swish"), "hidden_act must be one of .*got 'swish'"),
+    (EncoderConfig, dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (EncoderConfig, dict(pad_token_id=10 ** 6), "pad_token_id must be None or a token id"),
+    (DecoderConfig, dict(flavour="mistral"), "flavour must be 'gpt2' or 'llama', got 'mistral'"),
+    (DecoderConfig, dict(num_heads=8, num_kv_heads=3), r"num_heads \(8\) must be a multiple of num_kv_heads \(3\)"),
+    (DecoderConfig, dict(flavour="gpt2", num_heads=8, num_kv_heads=2), "gpt2 has no grouped-query attention"),
+    (DecoderConfig, dict(hidden_act="gelu"), "llama uses SwiGLU.*got 'gelu'"),
+    (DecoderConfig, dict(norm_eps=-1.0), "norm_eps must be a positive finite number, got -1.0"),
+    (DecoderConfig, dict(rope_theta=float("nan")), "rope_theta must be a positive finite number, got nan"),
+    (Seq2SeqConfig, dict(feed_forward_proj="swiglu"), "feed_forward_proj must be .*got 'swiglu'"),
+    (Seq2SeqConfig, dict(num_heads=0), "num_heads must be a positive int, got 0"),
+    (Seq2SeqConfig, dict(eos_token_id=-1), "eos_token_id must be None or a token id .*got -1"),
 ])
-def test_invalid_configs_raise(cls, bad):
-    with pytest.raises(ValueError):
+def test_invalid_configs_raise(cls, bad, match):
+    with pytest.raises(ValueError, match=match):
         cls(**bad)
 
 

@@ -153,7 +153,9 @@ def test_encoder_next_sentence_labels_checked(encoder):
                        (torch.tensor([0.0, 1.0]), r"must be \(2,\) integers")):
         with pytest.raises(ValueError, match=match):
             encoder(ids, next_sentence_label=bad)
-    assert torch.isfinite(encoder(ids, next_sentence_label=torch.tensor([0, -100])).loss)
+    nsp = torch.tensor([0, -100])  # -100: that row is ignored, as in F.cross_entropy
+    out = encoder(ids, next_sentence_label=nsp)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.nsp_logits, nsp))
 
 
 @pytest.mark.parametrize("return_logits", [True, False])
@@ -165,7 +167,9 @@ def test_encoder_labels_checked(encoder, return_logits):
         encoder(ids, labels=ids + 1000, return_logits=return_logits)
     labels = torch.full_like(ids, -100)
     labels[:, 2] = ids[:, 2]
-    assert torch.isfinite(encoder(ids, labels=labels, return_logits=return_logits).loss)
+    logits = encoder(ids).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(encoder(ids, labels=labels, return_logits=return_logits).loss, expected)
 
 
 @pytest.mark.parametrize("return_logits", [True, False])

@@ -187,8 +187,9 @@ def test_linear_forward_activation_matches_float64(monkeypatch, activation, pack
     # inputs and weight rounded to bf16 (relative 2^-8 each), the output rounded once or twice
     bound = 4 * 2.0 ** -8 * (x.abs() @ lin.weight.abs().t() + lin.bias.abs()).double() + 2 * 2.0 ** -8 * want.abs()
     assert ((got.double() - want).abs() <= bound + 1e-6).all()
-    for bad in (x.double(), x.long(), x[..., :63]):              # F.linear's errors, packed or not
-        with pytest.raises(RuntimeError):
+    for bad, match in ((x.double(), "same dtype"), (x.long(), "same dtype"),  # F.linear's errors,
+                       (x[..., :63], "cannot be multiplied")):               # packed or not
+        with pytest.raises(RuntimeError, match=match):
             _bf16_inference(lin.forward_activation, bad, activation)
     big = torch.randn(1024, 64)                                  # fp32 from 1024 rows: oneDNN, fused
     big_want = act(torch.nn.functional.linear(big.double(), lin.weight.double(), lin.bias.double()))

@@ -142,6 +142,7 @@ def test_run_with_dropout_resumes_exactly_from_every_ranks_rng(rng_results, stra
         assert rank[f"resume.{strategy}.saved_rng_processes"] == 2
         assert rank[f"resume.{strategy}.saved_rng_differ"]
         assert rank[f"resume.{strategy}.max_weight_diff"] == 0.0
+        assert len(rank[f"resume.{strategy}.losses_full"]) == 4  # steps 5 to 8: not two empty lists
         assert rank[f"resume.{strategy}.losses_after_resume"] == rank[f"resume.{strategy}.losses_full"]
 
 

@@ -240,12 +240,18 @@ def interrupt_during(trainer: Trainer, step: int) -> None:
 
 
 def train_until_interrupted(trainer: Trainer, at_step: int) -> None:
-    """Train as a run that gets SIGINT during step ``at_step``: it saves and stops there."""
+    """Train as a run that gets SIGINT during step ``at_step``: it saves and stops there.
+    A run that is not stopped there fails: a resume from its end would compare a finished
+    run with itself and prove nothing."""
     interrupt_during(trainer, at_step)
     try:
         trainer.train()
-    except TrainingInterrupted:
-        pass
+    except TrainingInterrupted as stopped:
+        if stopped.step != at_step or trainer.step != at_step:
+            raise AssertionError(f"interrupted at step {stopped.step} (trainer at {trainer.step}), "
+                                 f"not at step {at_step}") from stopped
+        return
+    raise AssertionError(f"SIGINT during step {at_step} did not stop the run: it trained to step {trainer.step}")
 
 
 def check_encoders(results):
