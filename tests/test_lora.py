@@ -404,6 +404,24 @@ def test_bad_input(kwargs, error, match):
         ops.lora_linear(args["x"], args["w"], args["a"], args["b"], args["scale"], args["bias"], args["dropout_p"])
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("grad_shape, error, match", [
+    ((2, 2, 8), ValueError, r"grad_out must be x's shape with the last dim out_features"),  # same numel
+    ((4, 7), ValueError, r"grad_out's last dim must be out_features = 8|lora_b must be \(out_features, r\) = \(7"),
+    ((), ValueError, "grad_out must be x's shape"),
+])
+def test_backward_op_checks_grad_out(device, with_weight, grad_shape, error, match):
+    """The backward op reshaped any grad_out of m * n elements to (m, n): wrong gradients."""
+    x, w, a, b = (torch.randn(*s, device=device) for s in ((4, 16), (8, 16), (2, 16), (8, 2)))
+    with pytest.raises(error, match=match):
+        torch.ops.fastpt.lora_linear_backward(torch.randn(grad_shape, device=device), x, w if with_weight else None,
+                                              a, b, 1.0, 0.0, None, True)
+    with pytest.raises(TypeError, match="grad_out must have the dtype of x"):
+        torch.ops.fastpt.lora_linear_backward(torch.randn(4, 8, dtype=torch.float64, device=device), x,
+                                              w if with_weight else None, a, b, 1.0, 0.0, None, True)
+
+
 def test_bad_base_layer():
     with pytest.raises(TypeError, match="base_layer must be"):
         LoRALinear(nn.Conv1d(2, 2, 1))

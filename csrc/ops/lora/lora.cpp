@@ -199,13 +199,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_gemm(
   return {grad_x, grad_a, grad_b};
 }
 
+// The forward's checks, and grad_out of the forward's output shape: a grad_out of another
+// shape but the same number of elements was reshaped to (m, n) and gave wrong gradients.
+LoraDims lora_backward_check(const at::Tensor& grad_out, const at::Tensor& x,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& a, const at::Tensor& b,
+                             double dropout_p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dim, got a 0-dim tensor");
+  check_same_dtype(grad_out, x, "grad_out", "x");
+  check_same_device(grad_out, x, "grad_out", "x");
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() &&
+                        grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "grad_out must be x's shape with the last dim out_features, got ", grad_out.sizes(),
+                    " for x ", x.sizes());
+  // Without weight, grad_out stands where the forward's base_out stood: it gives out_features.
+  const std::optional<at::Tensor> base_out = weight.has_value() ? std::nullopt : std::optional<at::Tensor>(grad_out);
+  const LoraDims d = lora_check(x, weight, base_out, a, b, std::nullopt, dropout_p, seed);
+  TORCH_CHECK_VALUE(grad_out.size(-1) == d.n, "grad_out's last dim must be out_features = ", d.n, ", got ",
+                    grad_out.sizes());
+  return d;
+}
+
 // (grad_x or an empty tensor when !need_grad_x, grad_a, grad_b). grad_x holds only the LoRA
 // path when weight is None (the base's own backward adds its part).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& a, const at::Tensor& b, double scale, double dropout_p,
     const std::optional<at::Tensor>& seed, bool need_grad_x) {
-  const int64_t k = x.size(-1), m = leading_rows(x), n = b.size(0);
+  const LoraDims d = lora_backward_check(grad_out, x, weight, a, b, dropout_p, seed);
+  const int64_t k = d.k, m = d.m, n = d.n;
   const at::Tensor g = grad_out.reshape({m, n}), x2 = x.reshape({m, k});
   if (gemm_beats_blas(x2) && weight.has_value()) {
     return lora_backward_gemm(g, x, x2, *weight, a, b, scale, dropout_p, seed, need_grad_x);
