@@ -125,6 +125,9 @@ def test_default_output_folders_are_new_each_time(tmp_path):
     assert os.path.basename(first).startswith("demo-")
 
 
+_TINY = "sections = [\"mdp\"]\n[mdp]\nmdp_states = 100\n"
+
+
 @pytest.mark.parametrize("toml, message", [
     ("[mdp]\nstates = 5\n", "unknown key 'mdp.states'"),
     ("seed = \"zero\"\n", "key 'seed' must be an integer"),
@@ -134,6 +137,15 @@ def test_default_output_folders_are_new_each_time(tmp_path):
     ("[finetune]\nstrategies = [\"lora\", \"magic\"]\n", "finetune.strategies"),
     ("[mdp]\nmdp_gamma = 1.5\n", "mdp.mdp_gamma: expected a discount"),
     ("quick = true\n[icl\n", "not valid TOML"),
+    # audit 4: were a traceback (unhashable list), sections failing with "Overflow when
+    # unpacking long long", a segfault (threads = 1000000), and an icl table with no column.
+    # The tiny mdp section keeps a regression from running the whole demo.
+    ("[kernels]\nkernel_ops = [[\"rope\"]]\n", "kernels.kernel_ops: expected a list of names or numbers"),
+    ("[icl]\nicl_tasks = [{task = 1}]\n", "icl.icl_tasks: expected a list of names or numbers"),
+    ("seed = 18446744073709551615\n" + _TINY, "seed: expected an integer in [-2**53, 2**53)"),
+    ("threads = 2000\n" + _TINY, "threads: expected at most 1024 threads"),
+    (_TINY + "[icl]\nicl_shots = []\n", "icl.icl_shots: expected a non-empty list"),
+    (_TINY + "[icl]\nicl_shots = [true]\n", "icl.icl_shots: expected a list of names or numbers"),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, toml, message):
     path = tmp_path / "demo.toml"
@@ -142,6 +154,14 @@ def test_bad_config_is_a_one_line_error(tmp_path, toml, message):
     assert status == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert "Traceback" not in stderr and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("field, value", [("quick", "false"), ("progress", 0), ("out", ""), ("sections", None),
+                                          ("seed", 1.5)])
+def test_demo_config_refuses_values_of_the_wrong_kind(field, value):
+    # was: quick="false" ran the quick demo (a true string), sections=None a TypeError
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        DemoConfig(**{field: value})
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -420,3 +420,82 @@ def test_dtype_by_name_and_bad_dtypes(tmp_path):
         # checked before anything is read: the folder need not exist
         with pytest.raises(TypeError, match="dtype must be None or one of float16, bfloat16, float32, float64"):
             from_pretrained(tmp_path / "absent", dtype=bad)
+
+
+# ---------------------------------------------------------------- audit 4: overflow, NaN saves
+
+@pytest.mark.parametrize("file_dtype, value, dtype, largest", [
+    (torch.float32, 1e5, torch.float16, "float16"),      # fine in the file, inf in the model
+    (torch.float64, 1e300, None, "float32"),             # a float64 file into the float32 model
+], ids=["fp32-file-fp16-model", "fp64-file-fp32-model"])
+def test_values_the_model_dtype_cannot_hold_are_refused(tmp_path, file_dtype, value, dtype, largest):
+    _llama().save_pretrained(tmp_path)
+    _as_transformers_writes(tmp_path, lambda t: t.update(
+        {"model.norm.weight": torch.full((32,), value, dtype=file_dtype)}))
+    with pytest.raises(CheckpointError, match="values too large for the model's dtype") as e:
+        from_pretrained(tmp_path, dtype=dtype)  # was: loaded, with inf weights
+    assert f"model.norm.weight (max |value| {value:.3g} > " in str(e.value)
+    assert f"the largest {largest}" in str(e.value) and str(tmp_path / "model.safetensors") in str(e.value)
+    if dtype is None:  # the file's dtype holds them
+        assert from_pretrained(tmp_path, dtype=torch.float64).final_norm.weight[0].item() == value
+
+
+def test_values_that_fit_the_model_dtype_load_in_it(tmp_path):
+    model = _llama()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=torch.float16)
+    assert loaded.final_norm.weight.dtype == torch.float16
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight.half())
+
+
+def test_saving_non_finite_weights_leaves_the_checkpoint_as_it_was(tmp_path):
+    _llama().save_pretrained(tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    diverged = _llama()
+    with torch.no_grad():
+        diverged.final_norm.weight[3] = float("nan")
+    # was: written over the good pair, which from_pretrained then refused (NaN values)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 1 tensors .*: final_norm\.weight"):
+        diverged.save_pretrained(tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    from_pretrained(tmp_path)
+
+
+def test_saving_a_meta_model_is_refused_before_writing(tmp_path):
+    with torch.device("meta"):
+        model = _llama()
+    with pytest.raises(ValueError, match=r"no data \(meta device\): embed_tokens\.weight"):
+        model.save_pretrained(tmp_path / "out")  # was: NotImplementedError naming no tensor
+    assert not (tmp_path / "out").exists()
+
+
+def _t5_config(path, **changes):
+    _t5().save_pretrained(path)
+    _as_transformers_writes(path)
+    _edit_config(path, **changes)
+
+
+def _llama_config(path, **changes):
+    _llama().save_pretrained(path)
+    _as_transformers_writes(path)
+    _edit_config(path, **changes)
+
+
+@pytest.mark.parametrize("make, changes, expect", [
+    (_llama_config, dict(vocab_size=10**30), "vocab_size is out of range: 1000000000000000000000000000000"),
+    (_llama_config, dict(max_position_embeddings=2**63), "max_position_embeddings is out of range"),
+    (_llama_config, dict(rms_norm_eps=10**400), "rms_norm_eps is out of range"),
+    (_llama_config, dict(rope_parameters={"rope_type": "default", "rope_theta": 10**400}),
+     "rope_parameters.rope_theta is out of range"),
+    # each size fits 64 bits, their product does not
+    (_llama_config, dict(vocab_size=2**40, hidden_size=2**40, num_attention_heads=2**35,
+                         num_key_value_heads=2**35, head_dim=32), "has tensors too large to exist"),
+    (_t5_config, dict(d_kv=2**62), "has tensors too large to exist"),
+], ids=["int-size", "int64-max", "float-field", "nested", "product", "t5-product"])
+def test_config_numbers_beyond_64_bits_name_the_file(tmp_path, make, changes, expect):
+    # was: TypeError "Overflow when unpacking long long", RuntimeError "Storage size calculation
+    # overflowed" or OverflowError "int too large to convert to float", naming no file or field
+    make(tmp_path, **changes)
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    assert expect in str(e.value) and str(tmp_path / "config.json") in str(e.value)

@@ -84,6 +84,11 @@ HELPS = {
 }
 
 
+MAX_THREADS = 1024
+"""Most torch threads ``threads`` and ``train_threads`` may ask for: with threads = 1000000
+the demo died of a segmentation fault when torch's thread pool started."""
+
+
 @dataclass
 class DemoConfig:
     quick: bool = False
@@ -128,7 +133,13 @@ class DemoConfig:
                 setattr(self, name, value)
         for name in ("sections", "kernel_ops", "kernel_modes", "strategies", "icl_tasks", "icl_shots"):
             value = getattr(self, name)
-            setattr(self, name, tuple(dict.fromkeys([value] if isinstance(value, (str, int)) else value)))
+            items = [value] if isinstance(value, (str, int)) else value
+            # Checked before dict.fromkeys: a TOML list of lists or tables ([["rope"]]) failed
+            # there with "unhashable type: 'list'" and a traceback.
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+                raise ValueError(f"{name}: expected a list of names or numbers, got {value!r}")
+            setattr(self, name, tuple(dict.fromkeys(items)))
         self._check()
 
     def _check(self) -> None:
@@ -136,6 +147,7 @@ class DemoConfig:
         from fastpt.data.world import ICL_TASKS
         from fastpt.finetune import STRATEGIES
         from fastpt.models.config import DecoderConfig, EncoderConfig
+        from fastpt.train.config import SEED_LIMIT
         for name, allowed in (("sections", SECTIONS), ("kernel_ops", OPS),
                               ("kernel_modes", ("fwd", "fwdbwd")), ("strategies", STRATEGIES),
                               ("icl_tasks", ICL_TASKS)):
@@ -154,8 +166,20 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not all(isinstance(k, int) and k >= 0 for k in self.icl_shots):
-            raise ValueError(f"icl_shots: expected integers >= 0, got {list(self.icl_shots)}")
+        if self.threads > MAX_THREADS or self.train_threads > MAX_THREADS:
+            name = "threads" if self.threads > MAX_THREADS else "train_threads"
+            raise ValueError(f"{name}: expected at most {MAX_THREADS} threads, got {getattr(self, name)}")
+        if not self.icl_shots or not all(isinstance(k, int) and k >= 0 for k in self.icl_shots):
+            raise ValueError(f"icl_shots: expected a non-empty list of integers >= 0, got {list(self.icl_shots)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -SEED_LIMIT <= self.seed < SEED_LIMIT:
+            # the pre-training runs' TrainerConfig takes these; a seed of 2**64 failed the
+            # sections with "Overflow when unpacking long long", naming no option
+            raise ValueError(f"seed: expected an integer in [-2**53, 2**53), got {self.seed!r}")
+        for name in ("quick", "progress", "kernel_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.out is not None and (not isinstance(self.out, str) or not self.out):
+            raise ValueError(f"out: expected a folder name, got {self.out!r}")
         for name in ("kernel_budget_s", "pretrain_lr", "mdp_gamma", "mdp_epsilon"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -242,7 +242,8 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
               if n in expected and t.is_floating_point() and t.dtype not in WEIGHT_DTYPES]
     not_finite = [n for n, t in tensors.items() if n in expected and t.dtype in WEIGHT_DTYPES
                   and not t.is_meta and not torch.isfinite(t).all()]
-    if missing or unexpected or shapes or not_float or float8 or not_finite or untied:
+    overflow = _out_of_range(tensors, {n: current[e.ours[0]].dtype for n, e in expected.items()}, not_finite)
+    if missing or unexpected or shapes or not_float or float8 or not_finite or overflow or untied:
         lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
@@ -257,6 +258,9 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
                          f"float32 and float64): {', '.join(float8)}")
         if not_finite:
             lines.append(f"  NaN or infinite values ({len(not_finite)}): {', '.join(not_finite)}")
+        if overflow:
+            lines.append(f"  values too large for the model's dtype, they would become inf ({len(overflow)}; "
+                         f"load with a wider dtype): {', '.join(overflow)}")
         for text in untied:
             lines.append(f"  tied tensors differ (the model shares one tensor for both; "
                          f"tie_word_embeddings in the config?): {text}")
@@ -267,6 +271,23 @@ def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Call
                 for our, value in zip(e.ours, e.unpack(tensors[name])):
                     current[our].copy_(value)
     return skipped
+
+
+def _out_of_range(tensors: dict[str, Tensor], dtypes: dict[str, torch.dtype], skip: list[str]) -> list[str]:
+    """The tensors (of those named in ``dtypes``, less ``skip``) holding finite values that the
+    copy into the model's dtype ``dtypes[name]`` would turn into inf: a float64 file's 1e300
+    in a float32 model, a float32 file's 1e5 in a float16 one. Such a model is as wrong as
+    one with NaN weights, and nothing would say why."""
+    out = []
+    for name, t in tensors.items():
+        want = dtypes.get(name)
+        if (want is None or name in skip or t.is_meta or t.dtype not in WEIGHT_DTYPES
+                or want not in WEIGHT_DTYPES or torch.finfo(t.dtype).max <= torch.finfo(want).max):
+            continue
+        if not torch.isfinite(t.to(want)).all():
+            out.append(f"{name} (max |value| {t.abs().max().item():.3g} > {torch.finfo(want).max:.3g}, "
+                       f"the largest {str(want).removeprefix('torch.')})")
+    return out
 
 
 def _config_sha256(config) -> str:
@@ -290,6 +311,7 @@ def _identical(a: Tensor, b: Tensor) -> bool:
 def save_pretrained(model, path) -> None:
     from safetensors.torch import save_file
     path = Path(path)
+    _check_savable(model, path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().clone() for k, v in hf_state_dict(model).items()}
     config = {**to_hf_config(model.config), "fastpt_version": _version()}
@@ -320,6 +342,22 @@ def save_pretrained(model, path) -> None:
         raise
 
 
+def _check_savable(model, path: Path) -> None:
+    """Raise ValueError, before anything is written, for weights from_pretrained would refuse:
+    saved over an earlier checkpoint, they would replace a loadable one by one that is not
+    (a run that diverged to NaN saves NaN). Meta tensors have no data to write."""
+    ours = model.state_dict()
+    names = [n for e in _entries(model.config) for n in e.ours]
+    meta = [n for n in names if ours[n].is_meta]
+    if meta:
+        raise ValueError(f"save_pretrained({path}): {len(meta)} tensors of the model have no data (meta "
+                         f"device): {', '.join(meta[:10])}{' ...' if len(meta) > 10 else ''}")
+    bad = [n for n in names if ours[n].dtype in WEIGHT_DTYPES and not torch.isfinite(ours[n]).all()]
+    if bad:
+        raise ValueError(f"save_pretrained({path}): NaN or infinite values in {len(bad)} tensors of the model "
+                         f"(from_pretrained would refuse them; nothing was written): {', '.join(bad)}")
+
+
 def _version() -> str:
     import fastpt
     return fastpt.__version__
@@ -339,8 +377,15 @@ def _check_fits(config, shapes: dict[str, list[int]], config_file: Path, weights
     if layers > len(shapes):  # every layer has tensors: no need to build a million of them
         raise CheckpointError(f"{weights} does not fit {config_file}: the config has {layers} layers, "
                               f"the file holds {len(shapes)} tensors in all")
-    with torch.device("meta"):
-        meta = model_for_config(config, use_fused=use_fused)
+    try:
+        with torch.device("meta"):
+            meta = model_for_config(config, use_fused=use_fused)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        # Sizes each below 2**63 whose product is not (vocab_size 2**40 x hidden_size 2**40):
+        # torch says "Storage size calculation overflowed" or "Overflow when unpacking long
+        # long", naming no file.
+        raise CheckpointError(f"{config_file}: the model it describes has tensors too large to exist "
+                              f"({str(e).splitlines()[0]})") from e
     _load_tensors(meta, {n: torch.empty(s, device="meta") for n, s in shapes.items()}, source=str(weights))
     # Buffers are not in the file (rotary tables: max_position_embeddings x head_dim): the
     # file cannot vouch for their size, but beyond its own size they are the config's mistake.
@@ -435,9 +480,9 @@ def from_pretrained(path, *, dtype: torch.dtype | str | None = None, use_fused: 
                               f"or config.json edited since (to load an edit you made on purpose, pass "
                               f"accept_edited_config=True to from_pretrained)")
     model = model_for_config(config, use_fused=use_fused)
-    _load_tensors(model, weights.tensors(), source=str(weights.source))
-    if dtype is not None:
+    if dtype is not None:  # before loading: a value the dtype cannot hold is refused, not made inf
         model.to(dtype)
+    _load_tensors(model, weights.tensors(), source=str(weights.source))
     return model.eval()
 
 

@@ -133,11 +133,32 @@ def _rope_theta(d: dict) -> float:
     return rope.get("rope_theta", d.get("rope_theta", 10000.0))
 
 
+_MAX_INT = 2**63
+"""JSON integers have no bound; torch's sizes stop at 2**63, and no float field of a config
+needs an integer beyond."""
+
+
+def _check_magnitudes(d: dict) -> None:
+    """Raise ValueError naming the field for an integer beyond +-2**63, in the config or one of
+    its objects (rope_parameters): as a size it fails in torch with "Overflow when unpacking
+    long long", as a float (rope_theta, eps) with "int too large to convert to float", neither
+    naming the field. (Not recursive: fastpt reads nothing deeper, and a deep object would
+    exhaust the stack.)"""
+    fields = list(d.items())
+    fields += [(f"{name}.{k}", v) for name, value in d.items() if isinstance(value, dict) for k, v in value.items()]
+    for name, value in fields:
+        if _is_int(value) and not -_MAX_INT <= value < _MAX_INT:
+            text = str(value)
+            raise ValueError(f"{name} is out of range: {text[:40]}{'...' if len(text) > 40 else ''} "
+                             f"(expected |value| < 2**63)")
+
+
 def from_hf_config(d: dict):
     """A fastpt config from config.json contents (HF field names); a field that is missing
     or of the wrong type raises ValueError naming it."""
     if not isinstance(d, dict):
         raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+    _check_magnitudes(d)
     kind = d.get("model_type")
     if kind == "bert":
         if not _flag(d, "tie_word_embeddings", True):
