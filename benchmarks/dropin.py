@@ -54,7 +54,8 @@ from fastpt.benchmarks.harness import (agree_tolerance, disagreement_line, fail_
                                        peak_memory_bytes)
 from fastpt.benchmarks.agreement import (FP32_TOL, autocast, bf16_tolerance, check_first_calls, hf_to_ours,
                                          param_grads, tensor_compare)
-from fastpt.benchmarks.rounds import alternate_rounds, check_json_path, check_subsets
+from fastpt.benchmarks.rounds import (add_threads_and_budget, alternate_rounds, check_json_path, check_subsets,
+                                      split_list)
 
 CASES = ("llama", "lora", "int8")
 REFERENCE = {"llama": "hf", "lora": "peft", "int8": "fp32"}  # what each case's impls are compared with
@@ -75,7 +76,7 @@ class Result:
     dtype: str
     impl: str
     shape: str
-    median_ms: float
+    median_ms: float | None          # None: the implementation failed to run (see failed)
     speedup: float | None = None     # baseline time / this time (baseline: first impl of the case)
     cpu_ms: float | None = None      # median CPU time of the process per call (both threads)
     cpu_speedup: float | None = None  # the same ratio on CPU time, less sensitive to other load
@@ -222,7 +223,7 @@ def measure_train(case: str, dtype: str, size: str, budget_s: float) -> list[Res
     out = []
     for name in names:
         if name in failed:
-            out.append(Result(case, dtype, name, shape, float("nan"), failed=failed[name]))
+            out.append(Result(case, dtype, name, shape, None, failed=failed[name]))
             continue
         calls[name].release_grads()
         gc.collect()
@@ -279,7 +280,7 @@ def measure_int8(size: str, budget_s: float) -> list[Result]:
     out = []
     for name in names:
         if name in failed:
-            out.append(Result("int8", "fp32", name, shape, float("nan"), failed=failed[name]))
+            out.append(Result("int8", "fp32", name, shape, None, failed=failed[name]))
             continue
         agrees, err = agreement.get(name, (None, 0.0 if name == REFERENCE["int8"] else None))
         out.append(Result("int8", "fp32", name, shape, ms[name], base / ms[name] if base else None,
@@ -294,7 +295,7 @@ def _row(r: Result, baseline_failed: bool = False) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
     bad = r.agrees is False or (baseline_failed and r.speedup is not None)
-    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {r.median_ms:.1f} | {fail_or(bad, r.speedup, '.2f')} | "
+    return (f"| {r.case} | {r.dtype} | {r.shape} | {r.impl} | {f(r.median_ms, '.1f')} | {fail_or(bad, r.speedup, '.2f')} | "
             f"{f(r.cpu_ms, '.1f')} | {fail_or(bad, r.cpu_speedup, '.2f')} | "
             f"{f(r.peak_mib, '.0f')} | {f(r.rel_error, '.2e')} | {r.rounds} |"
             + (f" failed: {r.failed} |" if r.failed else ""))
@@ -322,11 +323,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 layers, B=2, T=128; int8 at 1024; short budget")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {','.join(CASES)}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="fp32,bf16 (bf16 = autocast; llama and lora)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per case")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_and_budget(p)
     p.add_argument("--json", help="write the results as JSON to this path")
     args = p.parse_args(argv)
-    cases, dtypes = tuple(args.cases.split(",")), tuple(args.dtypes.split(","))
+    cases, dtypes = split_list(args.cases), split_list(args.dtypes)
     check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES))
     check_json_path(p, args.json)
     torch.set_num_threads(args.threads)

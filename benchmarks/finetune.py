@@ -33,19 +33,27 @@ import torch
 
 from fastpt._atomic import atomic_write_json
 from fastpt.alloc import peak_memory_bytes
-from fastpt.benchmarks.rounds import alternate_rounds
+from fastpt.benchmarks.rounds import alternate_rounds, check_json_path, check_subsets, split_list
+from fastpt.commands.common import check_output_dir
+from fastpt.commands.options import ConfigError
+
+PARTS = ("strategies", "icl", "lora_speed")
 
 
 def pretrained_decoder(out_dir: str, quick: bool):
-    """Pre-train (or reuse) a gpt2-tiny decoder on the world corpus."""
+    """Pre-train (or reuse) a gpt2-tiny decoder on the world corpus. The quick and the full
+    decoder (10x the steps and ~8x the documents) are kept apart: one never stands in for the
+    other in a later run's accuracies."""
     from fastpt.data.tokenizer import load_tokenizer
     from fastpt.models import Decoder
     from fastpt.train.recipes import pretrain_decoder, save_pretrained_with_tokenizer
-    path = os.path.join(out_dir, "decoder")
+    size = "quick" if quick else "full"
+    path = os.path.join(out_dir, f"decoder-{size}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
+        print(f"reusing the pre-trained decoder in {path}", flush=True)
         return Decoder.from_pretrained(path), load_tokenizer(path)
     steps = 150 if quick else 1500
-    result = pretrain_decoder(os.path.join(out_dir, "pretrain"), preset="gpt2-tiny", max_steps=steps,
+    result = pretrain_decoder(os.path.join(out_dir, f"pretrain-{size}"), preset="gpt2-tiny", max_steps=steps,
                               seq_len=256, batch_size=8,
                               n_docs=4000 if quick else 30000, progress=False)
     save_pretrained_with_tokenizer(result, path)
@@ -90,6 +98,14 @@ class _EagerLoRA(torch.nn.Module):
 
 
 def lora_speed(quick: bool) -> dict:
+    """Times the four steps (see the module docstring) from the same base weights. Before
+    timing, the first step of fastpt's LoRA is checked against the eager LoRA's (the same
+    factors, B nonzero so that A gets a gradient): the loss and every factor's gradient within
+    agreement.FP32_TOL["bwd"]. If they disagree, ``lora_agrees`` is false and the LoRA ratios
+    are null."""
+    import copy
+
+    from fastpt.benchmarks.agreement import FP32_TOL, check_first_calls, tensor_compare
     from fastpt.finetune import add_lora
     from fastpt.finetune.lora import _targets
     from fastpt.models import Decoder, from_name
@@ -100,32 +116,45 @@ def lora_speed(quick: bool) -> dict:
     B, T = (2, 128) if quick else (8, 512)
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, T))
-    models = {}
-    for impl in ("full", "lora_fastpt", "lora_eager", "frozen"):
-        m = Decoder(config)
-        if impl == "frozen":
-            m.requires_grad_(False)
-            m.layers[0].attn_norm.weight.requires_grad_(True)
-        elif impl == "lora_fastpt":
-            add_lora(m, r=16, alpha=32, target_modules="all-linear")
-        elif impl == "lora_eager":
-            m.requires_grad_(False)
-            for path in _targets(m, "all-linear"):
-                parent, _, leaf = path.rpartition(".")
-                owner = m.get_submodule(parent)
-                setattr(owner, leaf, _EagerLoRA(getattr(owner, leaf), 16, 32))
-        models[impl] = m
+    base = Decoder(config)
+    targets = _targets(base, "all-linear")
+    models = {impl: copy.deepcopy(base) for impl in ("full", "lora_fastpt", "lora_eager", "frozen")}
+    models["frozen"].requires_grad_(False)
+    models["frozen"].layers[0].attn_norm.weight.requires_grad_(True)
+    add_lora(models["lora_fastpt"], r=16, alpha=32, target_modules="all-linear")
+    models["lora_eager"].requires_grad_(False)
+    for path in targets:
+        parent, _, leaf = path.rpartition(".")
+        owner = models["lora_eager"].get_submodule(parent)
+        setattr(owner, leaf, _EagerLoRA(getattr(owner, leaf), 16, 32))
+    factors = {  # per target: (A, B) of each LoRA model, in the same order
+        "lora_fastpt": [(m.lora_A["default"].weight, m.lora_B["default"].weight)
+                        for m in map(models["lora_fastpt"].get_submodule, targets)],
+        "lora_eager": [(m.A.weight, m.B.weight) for m in map(models["lora_eager"].get_submodule, targets)]}
+    with torch.no_grad():  # the same factors in both
+        for (a, b), (ea, eb) in zip(factors["lora_fastpt"], factors["lora_eager"], strict=True):
+            ea.copy_(a)
+            b.copy_(eb)
     steps = {}
     for impl, m in models.items():
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
-        def step(m=m, opt=opt):
-            m(input_ids=ids, labels=ids, return_logits=False).loss.backward()
+        def step(m=m, opt=opt, impl=impl, check=False):
+            loss = m(input_ids=ids, labels=ids, return_logits=False).loss
+            loss.backward()
+            # the check's outputs: the loss and the factors' gradients, before the update
+            out = (loss.detach(), *(p.grad for ab in factors[impl] for p in ab)) if check else None
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return out
         steps[impl] = step
-    for fn in steps.values():
-        fn()
+    # The LoRA steps' first call is the agreement check, the others' a plain one: each impl's
+    # warm-up (the first AdamW step allocates its state).
+    agreement, _ = check_first_calls({i: (lambda i=i: steps[i](check=True)) for i in ("lora_eager", "lora_fastpt")},
+                                     "lora_eager", tensor_compare(FP32_TOL["bwd"]), "finetune lora_speed")
+    lora_agrees, lora_error = agreement["lora_fastpt"]
+    steps["full"]()
+    steps["frozen"]()
     rounds = 2 if quick else 4
     samples = alternate_rounds(steps, budget_s=0.0, min_rounds=rounds, max_rounds=rounds)
     med = {k: statistics.median(wall for wall, _ in v) for k, v in samples.items()}
@@ -136,8 +165,9 @@ def lora_speed(quick: bool) -> dict:
                      for l in linears[:8])
     return {"shape": f"B={B},T={T},{config.num_layers} layers",
             "step_s": med, "peak_mib": peaks,
-            "lora_vs_full": med["full"] / med["lora_fastpt"],
-            "lora_vs_eager_lora": med["lora_eager"] / med["lora_fastpt"],
+            "lora_agrees": lora_agrees, "lora_max_rel_error": lora_error,
+            "lora_vs_full": med["full"] / med["lora_fastpt"] if lora_agrees else None,
+            "lora_vs_eager_lora": med["lora_eager"] / med["lora_fastpt"] if lora_agrees else None,
             "bound_full_vs_frozen": med["full"] / med["frozen"],
             "bound_eager_lora_vs_frozen": med["lora_eager"] / med["frozen"],
             "int8_frozen_bytes_vs_fp32": int8_bytes / fp32_bytes}
@@ -146,15 +176,24 @@ def lora_speed(quick: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", default="strategies,icl,lora_speed")
-    p.add_argument("--out", default="runs/bench-finetune")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
+    p.add_argument("--out", default="runs/bench-finetune",
+                   help="folder of the pre-trained decoder (reused by later runs of the same size)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    only = split_list(args.only)
+    check_subsets(p, only=(only, PARTS))
+    check_json_path(p, args.json)
+    if any(part != "lora_speed" for part in only):
+        try:
+            check_output_dir(args.out, "--out")
+        except ConfigError as e:
+            p.error(str(e))
+    parts = {"strategies": strategies, "icl": icl, "lora_speed": lambda o, q: lora_speed(q)}
     results = {}
-    for name in args.only.split(","):
+    for name in only:
         start = time.perf_counter()
-        results[name] = {"strategies": strategies, "icl": icl,
-                         "lora_speed": lambda o, q: lora_speed(q)}[name](args.out, args.quick)
+        results[name] = parts[name](args.out, args.quick)
         print(f"== {name} ({time.perf_counter() - start:.0f} s)")
         print(json.dumps(results[name], indent=1))
     if args.json:

@@ -137,6 +137,24 @@ class Timing:
     max_rounds: int = 1000
     warmup: int = 2
 
+    def __post_init__(self):
+        check_rounds(self.budget_s, self.min_rounds, self.max_rounds)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
+            raise ValueError(f"Timing.warmup must be an int >= 1 (the first call counts), got {self.warmup!r}")
+
+
+def check_rounds(budget_s: float, min_rounds: int, max_rounds: int) -> None:
+    """ValueError unless budget_s is a finite number >= 0 and 1 <= min_rounds <= max_rounds
+    (ints): no round at all would leave an implementation without a time."""
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) \
+            or not (budget_s >= 0 and math.isfinite(budget_s)):
+        raise ValueError(f"budget_s must be a finite number of seconds >= 0, got {budget_s!r}")
+    for name, value in (("min_rounds", min_rounds), ("max_rounds", max_rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if max_rounds < min_rounds:
+        raise ValueError(f"max_rounds must be >= min_rounds, got max_rounds={max_rounds} < min_rounds={min_rounds}")
+
 
 def shape_str(shapes: Mapping[str, Sequence[int]]) -> str:
     return " ".join(f"{name}=" + "x".join(map(str, s)) for name, s in shapes.items())

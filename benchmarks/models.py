@@ -45,7 +45,8 @@ from fastpt._atomic import atomic_write_json
 from fastpt.benchmarks.agreement import (FP32_TOL, LOW_PRECISION_FACTOR, autocast, bf16_tolerance,
                                          check_first_calls, hf_to_ours, param_grads, tensor_compare)
 from fastpt.benchmarks.harness import disagreement_line, fail_or, failure_note, max_rel_error, rounding_floor
-from fastpt.benchmarks.rounds import alternate_rounds, check_json_path, check_subsets
+from fastpt.benchmarks.rounds import (add_threads_and_budget, alternate_rounds, check_json_path, check_subsets,
+                                      split_list)
 
 CASES = ("train", "decode", "encoder")
 IMPLS = ("fastpt", "eager", "transformers")
@@ -307,8 +308,12 @@ def _peak_memory_child(impl: str, dtype: str, size: str) -> float:
     return _peak_rss_mb() - before
 
 
-def peak_memory(impl: str, dtype: str, size: str) -> float:
-    code = ("import sys, fastpt; from fastpt.benchmarks import models; "
+def peak_memory(impl: str, dtype: str, size: str, threads: int | None = None) -> float:
+    """MB of peak RSS added by two training steps, in a fresh child process running with
+    ``threads`` torch threads (default: this process's), as the timed steps."""
+    threads = threads or torch.get_num_threads()
+    code = ("import sys, torch, fastpt; from fastpt.benchmarks import models; "
+            f"torch.set_num_threads({threads}); "
             f"print(models._peak_memory_child({impl!r}, {dtype!r}, {size!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     return float(out.stdout.strip().splitlines()[-1])
@@ -349,12 +354,11 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {','.join(CASES)}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="fp32,bf16 (bf16 = autocast)")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated from {','.join(IMPLS)}")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per case")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_and_budget(p)
     p.add_argument("--memory", action="store_true", help="also peak training memory (child processes)")
     p.add_argument("--json", help="write the results as JSON to this path")
     args = p.parse_args(argv)
-    cases, dtypes, impls = (tuple(s.split(",")) for s in (args.cases, args.dtypes, args.impls))
+    cases, dtypes, impls = (split_list(s) for s in (args.cases, args.dtypes, args.impls))
     check_subsets(p, cases=(cases, CASES), dtypes=(dtypes, DTYPES), impls=(impls, IMPLS))
     check_json_path(p, args.json)
     torch.set_num_threads(args.threads)
@@ -367,7 +371,7 @@ def main(argv=None) -> int:
             rows = measure(case, dtype, impls, size, budget_s=budget)
             if case == "train" and args.memory:
                 for r in rows:
-                    r.peak_mem_mb = peak_memory(r.impl, dtype, size)
+                    r.peak_mem_mb = peak_memory(r.impl, dtype, size, args.threads)
             for line in case_rows(rows):
                 print(line, flush=True)
             results += rows

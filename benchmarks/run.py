@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 import signal
@@ -36,6 +37,7 @@ import torch
 
 from fastpt.alloc import STEADY_ENV
 from fastpt.benchmarks import harness
+from fastpt.benchmarks.rounds import check_output_paths
 
 OPS = ("rms_norm", "swiglu", "rope", "attention", "attention_causal", "linear", "int8_matmul",
        "int8_linear", "lora_linear", "value_iteration_sparse", "value_iteration_dense",
@@ -76,12 +78,12 @@ class BenchConfig:
             bad = [v for v in values if v not in allowed]
             if bad or not values:
                 raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(values)}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
         if self.budget_s is None:
             self.budget_s = BUDGET_S["quick" if self.quick else "full"]
-        if not self.budget_s >= 0:
-            raise ValueError(f"budget_s must be >= 0, got {self.budget_s}")
+        if not (self.budget_s >= 0 and math.isfinite(self.budget_s)):
+            raise ValueError(f"budget_s must be >= 0 and finite, got {self.budget_s}")
 
     @property
     def size(self) -> str:
@@ -256,7 +258,8 @@ def run_suite(config: BenchConfig, json_path: str | None = None,
     merged records. Returns (exit code: 0 if every child succeeded and left a record for
     every requested case, else 1; the records measured). An incomplete child run is
     reported on the console, atop the Markdown table, and in the JSON (see the module
-    docstring)."""
+    docstring). Both paths are checked before anything runs (rounds.check_output_paths)."""
+    check_output_paths(json_path=json_path, markdown_path=markdown_path)
     start = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="fastpt-bench-") as workdir:
@@ -270,10 +273,10 @@ def run_suite(config: BenchConfig, json_path: str | None = None,
     status = 0 if all(child.complete for child in runs) else 1
     wall = time.perf_counter() - start
     preamble = f"{describe_machine(config)}; suite wall time {wall:.0f} s"
-    if json_path:
+    if json_path is not None:
         harness.write_json([r for child in runs for r in child.records + child.placeholders()],
                            json_path)
-    if markdown_path:
+    if markdown_path is not None:
         notice = incomplete_text(runs, markdown=True)
         harness.write_markdown(records, markdown_path,
                                preamble=preamble + (f"\n\n{notice}" if notice else ""))

@@ -19,7 +19,8 @@ import tempfile
 import torch
 
 from fastpt._atomic import atomic_write_json
-from fastpt.benchmarks.rounds import alternate_rounds
+from fastpt.benchmarks.rounds import alternate_rounds, check_json_path
+from fastpt.cli import _positive_int
 
 
 def _setup(quick: bool):
@@ -30,12 +31,15 @@ def _setup(quick: bool):
     B, T = (2, 128) if quick else (8, 512)
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, T))
-    return Decoder(config), Decoder(config), {"input_ids": ids, "labels": ids}, B * (T - 1)
+    shape = f"B={B},T={T},{config.num_layers} layers"
+    return Decoder(config), Decoder(config), {"input_ids": ids, "labels": ids}, B * (T - 1), shape
 
 
 def measure(quick: bool = False, steps: int = 6) -> dict:
     from fastpt.train import Trainer, TrainerConfig
-    bare_model, trainer_model, batch, tokens = _setup(quick)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1 (timed steps per implementation), got {steps!r}")
+    bare_model, trainer_model, batch, tokens, shape = _setup(quick)
     trainer_model.load_state_dict(bare_model.state_dict())
     opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
 
@@ -58,7 +62,7 @@ def measure(quick: bool = False, steps: int = 6) -> dict:
             fn()
         samples = alternate_rounds(calls, budget_s=0.0, min_rounds=steps, max_rounds=steps)
     med = {k: statistics.median(wall for wall, _ in v) for k, v in samples.items()}
-    return {"shape": "B=2,T=128,2 layers" if quick else "B=8,T=512,6 layers",
+    return {"shape": shape,
             "bare_tokens_per_s": tokens / med["bare"], "trainer_tokens_per_s": tokens / med["trainer"],
             "trainer_vs_bare": med["bare"] / med["trainer"], "steps": steps}
 
@@ -66,9 +70,10 @@ def measure(quick: bool = False, steps: int = 6) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=_positive_int, default=6, help="timed steps per implementation (default: 6)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_json_path(p, args.json)
     result = measure(args.quick, args.steps)
     print(f"{result['shape']}: bare {result['bare_tokens_per_s']:.0f} tok/s, Trainer "
           f"{result['trainer_tokens_per_s']:.0f} tok/s, Trainer/bare = {result['trainer_vs_bare']:.3f}")

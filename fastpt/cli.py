@@ -97,10 +97,8 @@ def _add_bench(sub) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastpt.benchmarks import run
-    from fastpt.commands.common import check_output_file
-    for key in ("json", "markdown"):  # before the suite runs, not after
-        if getattr(args, key):
-            check_output_file(getattr(args, key), f"--{key}")
+    from fastpt.benchmarks.rounds import check_output_paths
+    check_output_paths(**{"--json": args.json, "--markdown": args.markdown})  # before the suite runs
     config = run.BenchConfig(ops=args.ops, dtypes=args.dtypes, modes=args.modes,
                              allocs=args.alloc, quick=args.quick, threads=args.threads,
                              compile=not args.no_compile, budget_s=args.budget)

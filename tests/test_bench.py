@@ -234,8 +234,10 @@ def test_config_validates():
     assert run.BenchConfig().dtypes == ("fp32", "bf16")
     for bad, match in (({"ops": ("nope",)}, r"ops must be .*got \['nope'\]"),
                        ({"modes": ()}, r"modes must be a non-empty subset .*got \[\]"),
-                       ({"threads": 0}, "threads must be >= 1, got 0"),
-                       ({"budget_s": -1.0}, "budget_s must be >= 0, got -1.0"),
+                       ({"threads": 0}, "threads must be an int >= 1, got 0"),
+                       ({"budget_s": -1.0}, "budget_s must be >= 0 and finite, got -1.0"),
+                       ({"budget_s": math.inf}, "budget_s must be >= 0 and finite, got inf"),
+                       ({"threads": 2.5}, "threads must be an int >= 1, got 2.5"),
                        ({"allocs": ("huge",)}, r"allocs must be .*got \['huge'\]")):
         with pytest.raises(ValueError, match=match):
             run.BenchConfig(**bad)
