@@ -220,7 +220,10 @@ def test_ctrl_c_while_generating_in_a_child(pretrained, tmp_path):
         "import sys, fastpt.commands.generate as g\n"
         "def slow(*a):\n"
         "    print('ready', flush=True)\n"
-        "    import time; time.sleep(60)\n"
+        # Short sleeps: a SIGINT the kernel hands to one of torch's threads does not cut the
+        # main thread's sleep short, so Python would run its handler only after a long one.
+        "    import time\n"
+        "    for _ in range(600): time.sleep(0.1)\n"
         "g.continuations = slow\n"
         "from fastpt.cli import main\n"
         f"sys.exit(main(['generate', '--model', {str(pretrained / 'final')!r}, '--prompt', 'a']))\n")],
