@@ -148,20 +148,22 @@ def test_cli_marks_disagreement_in_table_and_json(tiny, monkeypatch, tmp_path, c
     assert records["bnb"]["agrees"] is True and records["fp32"]["agrees"] is None
 
 
+class _Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("no CPU kernel")
+
+
+def _layers_with_broken_bitsandbytes(m, k, n):
+    """bench._int8_layers with bitsandbytes layers that raise."""
+    from fastpt.nn import Int8Linear
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(k, n), torch.randn(m, k)
+    return x, lin, {"bnb": _Broken(), "bnb-dequant": _Broken(), "fastpt": Int8Linear.from_linear(lin).eval()}
+
+
 def test_int8_failing_bitsandbytes_gives_a_failed_row(tiny, monkeypatch):
     """A bitsandbytes layer that raises becomes a "failed" row; the others are still measured."""
-    import torch
-
-    class Broken(torch.nn.Module):
-        def forward(self, x):
-            raise RuntimeError("no CPU kernel")
-
-    def layers(m, k, n):
-        from fastpt.nn import Int8Linear
-        torch.manual_seed(0)
-        lin, x = torch.nn.Linear(k, n), torch.randn(m, k)
-        return x, lin, {"bnb": Broken(), "bnb-dequant": Broken(), "fastpt": Int8Linear.from_linear(lin).eval()}
-    monkeypatch.setattr(bench, "_int8_layers", layers)
+    monkeypatch.setattr(bench, "_int8_layers", _layers_with_broken_bitsandbytes)
     rows = {r.impl: r for r in bench.measure_int8("quick", budget_s=0.0)}
     assert list(rows) == ["bnb", "bnb-dequant", "fastpt", "fp32"]
     assert "RuntimeError: no CPU kernel" in rows["bnb"].failed and rows["bnb-dequant"].failed
@@ -184,3 +186,17 @@ def test_cli_refuses_a_json_path_in_a_missing_folder_before_timing(tmp_path, mon
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", "--json", str(tmp_path / "missing" / "r.json")])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_failed_row_writes_strict_json(tiny, monkeypatch, tmp_path):
+    """A failed implementation's median_ms was NaN, which json.dump writes as the token NaN:
+    not JSON (strict parsers refuse the whole file). It is null, and "-" in the table."""
+    monkeypatch.setattr(bench, "_int8_layers", _layers_with_broken_bitsandbytes)
+    path = tmp_path / "r.json"
+    assert bench.main(["--quick", "--cases", "int8", "--budget", "0", "--json", str(path)]) == 0
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+    records = {r["impl"]: r for r in json.loads(path.read_text(), parse_constant=strict)}
+    assert records["bnb"]["median_ms"] is None and "no CPU kernel" in records["bnb"]["failed"]
+    assert "| bnb | - |" in "\n".join(bench.case_rows([bench.Result(**records["bnb"])]))
