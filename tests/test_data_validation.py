@@ -222,3 +222,15 @@ def test_world_documents_docstring_gives_their_length():
     docs = list(World(seed=0).documents(2000))
     mean = sum(len(d.split()) for d in docs) / len(docs)
     assert abs(mean - stated) < 0.1 * stated, mean
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda w: w.documents(2.5), TypeError, r"n_docs must be an int, got 2\.5"),  # was "'float' object cannot be
+    (lambda w: w.documents(-1), ValueError, r"n_docs must be an int >= 0, got -1"),  # interpreted as an integer"
+    (lambda w: w.sentiment(True), TypeError, r"n must be an int, got True"),
+    (lambda w: w.icl("job_of", -2), ValueError, r"n must be an int >= 0, got -2"),  # was an empty list
+    (lambda w: World(n_people=300.0), TypeError, r"n_people must be an int, got 300\.0"),
+])
+def test_world_counts_are_checked_when_called(call, error, match):
+    with pytest.raises(error, match=match):
+        call(World(seed=0))

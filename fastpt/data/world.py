@@ -31,10 +31,11 @@ tasks are reproducible across machines and Python versions.
 
 from __future__ import annotations
 
-import numbers
 import random
 from dataclasses import dataclass
 from typing import Iterator
+
+from fastpt._checks import check_int
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "sh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -116,8 +117,7 @@ class World:
                  n_restaurants: int = 120):
         # A string or float count failed in the comparisons below, or deep in random.sample.
         for name, n in (("n_people", n_people), ("n_cities", n_cities), ("n_restaurants", n_restaurants)):
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {n!r}")
+            check_int(name, n)
         if min(n_cities, n_restaurants) < 1:
             raise ValueError(f"World needs at least one city and restaurant, got n_cities={n_cities}, "
                              f"n_restaurants={n_restaurants}")
@@ -145,6 +145,12 @@ class World:
 
     def documents(self, n_docs: int, seed: int = 0) -> Iterator[str]:
         """Yield ``n_docs`` pre-training documents (a few sentences each, ~22 words on average)."""
+        # Checked here, not in the generator: a float count failed at the first document, as
+        # "'float' object cannot be interpreted as an integer"; a negative one gave none.
+        check_int("n_docs", n_docs, minimum=0)
+        return self._documents(n_docs, seed)
+
+    def _documents(self, n_docs: int, seed: int) -> Iterator[str]:
         rng = random.Random(f"{self.seed}/docs/{seed}")
         kinds = (self._biography, self._directory, self._encounter, self._review, self._review)
         for _ in range(n_docs):
@@ -193,6 +199,7 @@ class World:
         ``adjectives``: ``"all"``, or ``"seen"`` / ``"unseen"`` for the two halves of each
         polarity's list. Training on "seen" and testing on "unseen" asks for polarity that
         only pre-training can supply (the labels never show those words)."""
+        check_int("n", n, minimum=0)
         if adjectives not in ADJECTIVE_SPLITS:
             raise ValueError(f"adjectives must be one of {ADJECTIVE_SPLITS}, got {adjectives!r}")
         rng = random.Random(f"{self.seed}/sentiment/{seed}/{adjectives}")
@@ -259,6 +266,7 @@ class World:
         ``choices`` lists every candidate answer, so scoring by log-likelihood is a closed
         multiple choice.
         """
+        check_int("n", n, minimum=0)
         if task not in ICL_TASKS:
             raise ValueError(f"unknown ICL task {task!r}; expected one of {ICL_TASKS}")
         rng = random.Random(f"{self.seed}/icl/{task}/{seed}")
