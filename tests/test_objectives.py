@@ -75,6 +75,20 @@ def test_whole_word_masking_masks_all_pieces_of_a_word():
         MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True)([{"input_ids": [2, 9, 3]}])
 
 
+def test_whole_word_masking_renumbers_sparse_word_ids():
+    """Word ids of a window cut from a longer text (or a hostile 10**9) are the same words
+    numbered densely: before, a random draw per id up to the largest (a (B, 10**9) tensor)."""
+    ids = [2] + list(range(5, 14)) + [3]
+    sparse = [None, 10**9, 10**9, 10**9 + 7, 700, 700, 700, 10**9 + 7, 5, 5, None]
+    dense = [None, 2, 2, 3, 1, 1, 1, 3, 0, 0, None]
+    for seed in range(20):
+        a = MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True, mlm_probability=0.5, seed=seed)(
+            [{"input_ids": ids, "word_ids": sparse}])
+        b = MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True, mlm_probability=0.5, seed=seed)(
+            [{"input_ids": ids, "word_ids": dense}])
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+
+
 def test_mlm_bad_arguments():
     with pytest.raises(ValueError, match="mlm_probability"):
         MLMCollator(VOCAB, 4, 0, SPECIAL, mlm_probability=0.0)

@@ -160,6 +160,11 @@ class MLMCollator:
                     raise ValueError(f"token_type_ids of example {i} must give one segment id >= 0 "
                                      f"per token: {len(types)} ids for {len(w)} tokens")
                 w = torch.where(w >= 0, w + types * (int(w.max()) + 1), w)
+            if len(w) and int(w.max()) >= len(w):
+                # Sparse ids (a window cut from a longer text, or a hostile 10**9): numbered
+                # 0, 1, ... in order, the same words, instead of a draw per id up to the largest.
+                w = w.clone()
+                w[w >= 0] = torch.unique(w[w >= 0], return_inverse=True)[1]
             word_ids[i, :len(w)] = w
         n_words = int(word_ids.max()) + 1 if word_ids.numel() else 0
         pick = torch.rand(ids.shape[0], max(n_words, 1), generator=self.generator) < self.mlm_probability
