@@ -78,6 +78,8 @@ class Result:
     # (train: loss and gradients; encoder: hidden state; decode: 0.0 for identical tokens, else
     # see _decode_compare). None when not checked or the outputs differ in shape or are not finite.
     max_rel_error: float | None = None
+    # Why the case has no measurement (impl "missing"): the exception it raised.
+    failed: str | None = None
 
 
 def llama_config(quick: bool):
@@ -364,21 +366,30 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 30.0)
-    results = []
+    results, crashed = [], []
     print(HEADER, flush=True)
     for case in cases:
         for dtype in dtypes:
-            rows = measure(case, dtype, impls, size, budget_s=budget)
-            if case == "train" and args.memory:
-                for r in rows:
-                    r.peak_mem_mb = peak_memory(r.impl, dtype, size, args.threads)
+            try:
+                rows = measure(case, dtype, impls, size, budget_s=budget)
+                if case == "train" and args.memory:
+                    for r in rows:
+                        r.peak_mem_mb = peak_memory(r.impl, dtype, size, args.threads)
+            except Exception as e:  # noqa: BLE001  (one case's crash must not lose the others' results)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                print(f"{case} {dtype}: failed, {reason}", file=sys.stderr, flush=True)
+                crashed.append(Result(case, dtype, "missing", "", None, failed=reason))
+                continue
             for line in case_rows(rows):
                 print(line, flush=True)
             results += rows
     print(failure_note(disagreements(results), REFERENCE, "the tolerance"), end="", flush=True)
+    if crashed:
+        print(f"INCOMPLETE: {len(crashed)} of {len(cases) * len(dtypes)} cases have no record: "
+              + "; ".join(f"{r.case} {r.dtype} ({r.failed})" for r in crashed), flush=True)
     if args.json:
-        atomic_write_json(args.json, [asdict(r) for r in results])
-    return 0
+        atomic_write_json(args.json, [asdict(r) for r in results + crashed])
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":

@@ -176,6 +176,28 @@ def test_cli_marks_disagreement_in_table_and_json(tiny, monkeypatch, tmp_path, c
     assert records["transformers"]["agrees"] is True and records["eager"]["agrees"] is None
 
 
+def test_a_crashing_case_keeps_the_others_results(tiny, monkeypatch, tmp_path, capsys):
+    """A case whose reference (or any implementation) raises used to end the run with nothing
+    written: it is now a "missing" record, the run goes on, and the exit status is 1."""
+    real = bench.measure
+
+    def measure(case, dtype, *a, **k):
+        if dtype == "bf16":
+            raise RuntimeError("eager exploded")
+        return real(case, dtype, *a, **k)
+    monkeypatch.setattr(bench, "measure", measure)
+    path = tmp_path / "r.json"
+    assert bench.main(["--quick", "--cases", "encoder", "--budget", "0", "--json", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "encoder bf16: failed, RuntimeError: eager exploded" in captured.err
+    assert "INCOMPLETE: 1 of 2 cases have no record: encoder bf16 (RuntimeError: eager exploded)" in captured.out
+    records = json.loads(path.read_text())
+    assert {(r["dtype"], r["impl"]) for r in records} == {("fp32", "fastpt"), ("fp32", "eager"),
+                                                          ("fp32", "transformers"), ("bf16", "missing")}
+    missing = next(r for r in records if r["impl"] == "missing")
+    assert missing["median_ms"] is None and missing["failed"] == "RuntimeError: eager exploded"
+
+
 def test_cli_rejects_bad_lists(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--cases", "nope"])
