@@ -402,7 +402,10 @@ def _write_index(path, text):
     (lambda p: _write_index(p, '{"metadata": {}}'), 'non-empty "weight_map"'),
     (lambda p: _shard(p, weight_map_edit=lambda m: m.update({"model.norm.weight": "../model.safetensors"})),
      "shard names must be file names in its folder, got ['../model.safetensors']"),
-], ids=["missing-shard", "listed-but-absent", "duplicate", "unlisted", "bad-json", "no-weight-map", "outside"])
+    (lambda p: _shard(p, weight_map_edit=lambda m: m.update({"model.norm.weight": ""})),  # was "not found (1): "
+     "shard names must be file names in its folder, got ['']"),
+], ids=["missing-shard", "listed-but-absent", "duplicate", "unlisted", "bad-json", "no-weight-map", "outside",
+        "empty-name"])
 def test_sharded_checkpoint_errors(tmp_path, spoil, expect):
     _llama().save_pretrained(tmp_path)
     spoil(tmp_path)

@@ -105,7 +105,7 @@ def read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: expected a JSON object with a non-empty \"weight_map\" of tensor name "
                               f"-> shard file name, got {str(data)[:200]}")
     # A shard is a file of this folder: "../x" or "/x" would read files elsewhere.
-    outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in (".", "..")})
+    outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
     if outside:
         raise CheckpointError(f"{index}: shard names must be file names in its folder, got {outside}")
     return weight_map

@@ -160,6 +160,8 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     for name, value in (("step", step), ("keep_last", keep_last)):
         if not _count(value):  # step True was saved as step-True, -1 as step--1: unloadable
             raise ValueError(f"save_checkpoint: {name} must be an int >= 0, got {value!r}")
+    for name, value in (("scheduler_state", scheduler_state), ("data_state", data_state), ("extra", extra)):
+        _check_json(name, value)
     os.makedirs(root, exist_ok=True)
     _remove_stale_temps(root)
     _recover_interrupted_resaves(root)
@@ -184,6 +186,24 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     atomic_write_json(os.path.join(root, LATEST), {"step": step, "path": f"step-{step}"})
     _prune(root, keep_last, step)
     return final
+
+
+def _check_json(name: str, value) -> None:
+    """TypeError naming the entry of ``value`` that JSON cannot hold, before anything is
+    written: json's "Object of type X is not JSON serializable" came after the weights were
+    written and named neither the argument nor the entry."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        where = name
+        if isinstance(value, dict):
+            for key, item in value.items():
+                try:
+                    json.dumps(item)
+                except (TypeError, ValueError):
+                    where = f"{name}[{key!r}]"
+                    break
+        raise TypeError(f"save_checkpoint: {where} cannot be written as JSON ({e})") from None
 
 
 def _write_step(tmp: str, step: int, model_state: dict, optimizer_state: dict, scheduler_state,
