@@ -19,6 +19,8 @@ from typing import Iterable, Iterator
 import torch
 from tokenizers import Tokenizer
 
+from fastpt._checks import check_int
+
 FORMATS = ("text", "jsonl", "csv")
 # The csv module refuses fields over 131072 characters by default, and a document is one
 # field: this cap (2 GiB - 1, a C long on every platform) admits any document that fits memory.
@@ -211,9 +213,7 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int,
     and learned position tables stay within ``seq_len``). Raises TypeError for a ``seq_len``
     that is not an int or ids that are not integers, ValueError for negative ids.
     """
-    # A float length failed later as "slice indices must be integers".
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
-        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
+    check_int("seq_len", seq_len)  # a float length failed later as "slice indices must be integers"
     if seq_len < 2:  # a token and the EOS that follows it
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     # None (a tokenizer without EOS) failed later inside torch.tensor, a float was packed as is.
@@ -283,8 +283,7 @@ def pad_batch(seqs: list, pad_id: int, pad_to_multiple_of: int | None = None, *,
     the example."""
     if not seqs:
         raise ValueError("cannot collate an empty batch")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
-        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    check_int("pad_id", pad_id)
     check_pad_to_multiple_of(pad_to_multiple_of)
     tensors = [_id_tensor(s, f"{name} of example {i}", pad_id) for i, s in enumerate(seqs)]
     T = max(len(t) for t in tensors)

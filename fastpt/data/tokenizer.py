@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from fastpt._atomic import atomic_write
+from fastpt._checks import check_int
 from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
@@ -56,8 +57,7 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int = 4000,
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
-        raise TypeError(f"vocab_size must be an int, got {vocab_size!r}")
+    check_int("vocab_size", vocab_size)
     if vocab_size < 64:
         raise ValueError(f"vocab_size={vocab_size} is too small (need at least 64)")
     if vocab_size > MAX_VOCAB_SIZE:

@@ -154,7 +154,6 @@ def _check_max_iter(max_iter: int) -> None:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
 
-
 def _warn_below_resolution(v: Tensor, threshold: float) -> None:
     """A stopping threshold under the rounding of V's dtype is met by rounding (the iterates
     stop changing), not by convergence: the sup rule's eps guarantees do not follow."""

@@ -9,8 +9,6 @@ only.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from fastpt.data.datasets import _id_tensor, pad_batch, reseed_in_worker
@@ -87,9 +85,8 @@ class PrefixLMCollator:
         ids, attention_mask = pad_batch(seqs, self.pad_id)
         lengths = torch.tensor([len(s) for s in seqs])
         for i, e in enumerate(examples):
-            # A float split (2.5) was taken as it was, a bool as 0 or 1.
-            if "split" in e and (isinstance(e["split"], bool) or not isinstance(e["split"], numbers.Integral)):
-                raise TypeError(f"split of example {i} must be an int, got {e['split']!r}")
+            if "split" in e:  # a float split (2.5) was taken as it was, a bool as 0 or 1
+                check_int(f"split of example {i}", e["split"])
         prefix = torch.tensor([
             e["split"] if "split" in e else
             int(torch.randint(1, len(e["input_ids"]), (1,), generator=self.generator))
