@@ -244,3 +244,25 @@ def test_cross_entropy_without_grad_leaves_logits_alone(dtype):
     assert torch.equal(logits, before) and not loss.requires_grad
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(strided, loss)
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "sum"}, {"num_items": 7}, {"num_items": torch.tensor(7)}])
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_cross_entropy_compiles_fullgraph(kw, ignored):
+    """Under torch.compile(fullgraph=True) the mean's count stays a tensor (reading it was a
+    data-dependent graph break): loss and gradient as eager, NaN with a zero gradient when
+    every row is ignored."""
+    logits = torch.randn(9, 13, requires_grad=True)
+    labels = labels_for(9, 13) if ignored == "some" else torch.full((9,), IGNORE)
+    want = ops.cross_entropy(logits, labels, ignore_index=IGNORE, **kw)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    compiled = torch.compile(lambda x, y: ops.cross_entropy(x, y, ignore_index=IGNORE, **kw),
+                             fullgraph=True, backend="eager")
+    got = compiled(logits, labels)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == want.dtype == torch.float32
+    assert bool(got.isnan()) == bool(want.isnan()) == (ignored == "all" and kw == {})
+    torch.testing.assert_close(got, want, equal_nan=True)
+    torch.testing.assert_close(got_grad, want_grad)
+    if ignored == "all":
+        assert not got_grad.any()

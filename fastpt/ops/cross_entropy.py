@@ -115,6 +115,11 @@ def cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
         scale = 1.0 / float(num_items)
     elif reduction == "sum":
         scale = 1.0
+    elif torch.compiler.is_compiling():  # the count stays a tensor: reading it would break the graph
+        count = (labels != ignore_index).sum()
+        total = cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        # nothing to average: a NaN loss with a zero gradient, as F.cross_entropy
+        return total / count.clamp(min=1) + torch.where(count > 0, 0.0, float("nan"))
     else:
         count = int((labels != ignore_index).sum())
         scale = 1.0 / count if count else float("nan")  # nothing to average: NaN, as F.cross_entropy
