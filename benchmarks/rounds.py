@@ -46,10 +46,10 @@ def check_subsets(parser: argparse.ArgumentParser, **options: tuple[tuple, tuple
 def add_threads_and_budget(parser: argparse.ArgumentParser, threads: int = 2) -> None:
     """``--budget SECONDS`` (a finite number >= 0; default None: the script's own) and
     ``--threads N`` (an integer >= 1), with ``fastpt bench``'s checks."""
-    from fastpt.cli import _positive_int, _seconds
-    parser.add_argument("--budget", type=_seconds, default=None, metavar="SECONDS",
+    from fastpt.cli import positive_int_arg, seconds_arg
+    parser.add_argument("--budget", type=seconds_arg, default=None, metavar="SECONDS",
                         help="seconds of timed rounds per case (a finite number >= 0)")
-    parser.add_argument("--threads", type=_positive_int, default=threads, metavar="N",
+    parser.add_argument("--threads", type=positive_int_arg, default=threads, metavar="N",
                         help=f"torch threads (default: {threads})")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from fastpt._atomic import atomic_write_json
 from fastpt.benchmarks.rounds import alternate_rounds, check_json_path
-from fastpt.cli import _positive_int
+from fastpt.cli import positive_int_arg
 
 
 def _setup(quick: bool):
@@ -70,7 +70,7 @@ def measure(quick: bool = False, steps: int = 6) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=_positive_int, default=6, help="timed steps per implementation (default: 6)")
+    p.add_argument("--steps", type=positive_int_arg, default=6, help="timed steps per implementation (default: 6)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     check_json_path(p, args.json)

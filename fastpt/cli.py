@@ -26,7 +26,8 @@ def _csv(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int_arg(text: str) -> int:
+    """argparse type: an integer >= 1 (the CLI's and the benchmark scripts' counts)."""
     try:
         value = int(text)
     except ValueError:
@@ -36,7 +37,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def seconds_arg(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
     try:
         value = float(text)
     except ValueError:
@@ -83,9 +85,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--alloc", type=_csv(run.ALLOCS), default=run.ALLOCS, metavar="LIST",
                    help="allocator modes, each in its own process: steady, default "
                         "(default: steady,default)")
-    p.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--threads", type=positive_int_arg, default=2, metavar="N",
                    help="torch threads in the timed processes (default: 2)")
-    p.add_argument("--budget", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--budget", type=seconds_arg, default=None, metavar="SECONDS",
                    help="measuring time per case, after warm-up (default: 8; --quick: 0.5); "
                         "at least 5 timed calls per implementation")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON to PATH")
@@ -113,10 +115,10 @@ def _add_mdp(sub) -> None:
                     "prints its values and policy, then a random sparse MDP "
                     "(fastpt.mdp.random_sparse_mdp) to epsilon with the sup-norm rule, and "
                     "prints sweeps, residual and time.")
-    p.add_argument("--states", type=_positive_int, default=200_000, metavar="S",
+    p.add_argument("--states", type=positive_int_arg, default=200_000, metavar="S",
                    help="states of the random MDP (default: 200000)")
-    p.add_argument("--actions", type=_positive_int, default=4, metavar="A", help="(default: 4)")
-    p.add_argument("--successors", type=_positive_int, default=16, metavar="K",
+    p.add_argument("--actions", type=positive_int_arg, default=4, metavar="A", help="(default: 4)")
+    p.add_argument("--successors", type=positive_int_arg, default=16, metavar="K",
                    help="successors per (state, action) (default: 16)")
     p.add_argument("--gamma", type=float, default=0.9, help="discount (default: 0.9)")
     p.add_argument("--epsilon", type=float, default=1e-6, help="(default: 1e-6)")
