@@ -100,6 +100,27 @@ def test_nan_and_inf_inputs_reach_the_output_in_every_dtype(cpu_capability, dtyp
     assert nan_rows.sum() == 4 and torch.isfinite(out[~nan_rows]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [5, 7, 33])
+def test_nan_reaches_the_output_of_a_single_query(cpu_capability, dtype, S):
+    """T = 1 takes its own kernel. There a row of NaN logits (S below two vector widths, all
+    in the max's scalar tail, which skips NaN) read as a row without keys: zeros, lse -inf
+    and a zero gradient, where eager attention and the tiled path give NaN."""
+    q, k, v = qkv(1, 2, 2, 1, S, 32)
+    q[0, 0, 0, 3] = float("nan")
+    bias = torch.zeros(2, 1, S)
+    bias[1, 0, 2] = float("nan")
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = ops.attention(q, k, v, attn_bias=bias.to(dtype), return_lse=True)
+    assert torch.isnan(out[0, :, 0]).all() and torch.isnan(lse[0, :, 0]).all()
+    out.sum().backward()
+    assert torch.isnan(q.grad[0, :, 0]).all()
+    # a row whose keys are all masked still gives zeros and lse -inf, with no NaN
+    mask = torch.zeros(1, S, dtype=torch.bool)
+    out, lse = ops.attention(q.detach().nan_to_num(), k.detach(), v.detach(), key_padding_mask=mask, return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
 def test_causal_with_more_queries_than_keys_gives_zero_rows():
     q, k, v = qkv(1, 2, 2, 9, 4, 32)  # queries 0..4 see no key (bottom-right alignment)
     check_against_reference(q, k, v, torch.float32, causal=True)
@@ -297,6 +318,8 @@ def _bad(**overrides):
     "overrides, error, match",
     [
         (dict(q=torch.ones(2, 4, 5, 16, dtype=torch.int32)), TypeError, "q must be"),
+        (dict(q=None), TypeError, "q must be a tensor, got NoneType"),
+        (dict(v=[[1.0]]), TypeError, "v must be a tensor, got list"),
         (dict(k=torch.randn(2, 2, 7, 16, dtype=torch.float16)), TypeError, "k must have the dtype"),
         (dict(q=torch.randn(4, 5, 16)), ValueError, r"\(B, H, T, D\)"),
         (dict(q=torch.tensor(1.0)), ValueError, r"\(B, H, T, D\)"),

@@ -64,6 +64,28 @@ def test_cross_attention_with_padding():
                                eager(x, enc, key_padding_mask=mask, attn_bias=bias), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused_qkv", [True, False])
+def test_cross_attention_reuses_its_cached_encoder_keys(fused_qkv):
+    """Decoding step by step, cross-attention reads the encoder keys projected at the first
+    step (from past_key_value or a filled KVCache, kv then not needed); passing the cache back
+    concatenated the encoder keys a second time (9 -> 18 keys)."""
+    attn = Attention(32, 4, kv_input_size=16, fused_qkv=fused_qkv).eval()
+    x, enc = torch.randn(2, 5, 32), torch.randn(2, 9, 16)
+    full = attn(x, enc)
+    out, past = attn(x[:, :1], enc, use_cache=True)
+    cache = KVCache(2, 4, 9, 8)
+    first = attn(x[:, :1], enc, cache=cache)
+    torch.testing.assert_close(first, out)
+    steps, cached = [out], [first]
+    for t in range(1, 5):
+        out, past = attn(x[:, t:t + 1], None, past_key_value=past, use_cache=True)
+        steps.append(out)
+        cached.append(attn(x[:, t:t + 1], cache=cache))
+    assert past[0].shape == (2, 4, 9, 8) and cache.length == 9
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(torch.cat(cached, 1), full)
+
+
 def test_dropout_only_in_training():
     attn = Attention(32, 4, dropout=0.5)
     x = torch.randn(2, 6, 32)
@@ -80,6 +102,8 @@ def test_bad_configuration():
         Attention(30, 4)
     with pytest.raises(ValueError, match="needs kv"):
         Attention(32, 4, kv_input_size=16)(torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match="self-attention only"):
+        Attention(32, 4, kv_input_size=16, rotary=RotaryEmbedding(8))
     with pytest.raises(ValueError, match=r"Attention: x must have width 32, got shape \(1, 2, 12\)"):
         Attention(32, 4)(torch.randn(1, 2, 12))  # was a matmul error naming no module
     with pytest.raises(ValueError, match=r"Attention: kv must have width 16, got shape \(1, 2, 32\)"):

@@ -80,6 +80,10 @@ class Attention(nn.Module):
         past_key_value: (k, v), each (B, Hkv, P, D), concatenated before the new keys; or
         cache: a KVCache, appended in place. position_ids: RoPE positions (default: P + arange(T)).
         Returns (B, T, d), and with use_cache also (k, v) of all keys so far.
+        Cross-attention attends to the same encoder keys at every decoding step: a
+        past_key_value, or a KVCache holding keys, is those keys, used as it is (kv is then
+        not needed, and not read); kv is projected only when there is none, and fills an empty
+        cache.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
@@ -97,6 +101,9 @@ class Attention(nn.Module):
             head_dim = hidden_size // num_heads
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if rotary is not None and kv_input_size is not None:
+            # the encoder's and the decoder's positions are not on one axis to rotate by
+            raise ValueError("rotary embeddings apply to self-attention only, not with kv_input_size")
         self.H, self.Hkv, self.D = num_heads, num_kv_heads, head_dim
         self.causal, self.dropout, self.scale = causal, dropout, scale
         self.fused_qkv, self.cross = fused_qkv, kv_input_size is not None
@@ -122,17 +129,20 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor, heads: int) -> Tensor:  # (B, T, heads * D) -> (B, heads, T, D) view
         return x.unflatten(-1, (heads, self.D)).transpose(1, 2)
 
-    def _project(self, x: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _project_kv(self, kv: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Cross-attention's keys and values of the encoder states ``kv``."""
+        if kv is None:
+            raise ValueError("cross-attention needs kv (the encoder states), or their keys and values "
+                             "cached by an earlier step (past_key_value, or a filled cache)")
+        Hkv, D = self.Hkv, self.D
+        if self.fused_qkv:
+            k, v = self.kv_proj(kv).split([Hkv * D, Hkv * D], dim=-1)
+        else:
+            k, v = self.k_proj(kv), self.v_proj(kv)
+        return self._heads(k, Hkv), self._heads(v, Hkv)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         H, Hkv, D = self.H, self.Hkv, self.D
-        if self.cross:
-            if kv is None:
-                raise ValueError("cross-attention needs kv (the encoder states)")
-            q = self._heads(self.q_proj(x), H)
-            if self.fused_qkv:
-                k, v = self.kv_proj(kv).split([Hkv * D, Hkv * D], dim=-1)
-            else:
-                k, v = self.k_proj(kv), self.v_proj(kv)
-            return q, self._heads(k, Hkv), self._heads(v, Hkv)
         if self.fused_qkv:
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
@@ -165,15 +175,26 @@ class Attention(nn.Module):
             width = getattr(proj, "in_features", None)
             if t is not None and width is not None and t.shape[-1] != width:  # else a matmul error
                 raise ValueError(f"Attention: {name} must have width {width}, got shape {tuple(t.shape)}")
-        q, k, v = self._project(x, kv)
         past = past_key_value[0].shape[2] if past_key_value is not None else (cache.length if cache else 0)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, position_ids=position_ids, offset=past)
-        if past_key_value is not None:
-            k = torch.cat([past_key_value[0], k], dim=2)
-            v = torch.cat([past_key_value[1], v], dim=2)
-        elif cache is not None:
-            k, v = cache.append(k, v)
+        if self.cross:
+            q = self._heads(self.q_proj(x), self.H)
+            if past_key_value is not None:
+                k, v = past_key_value
+            elif cache is not None and past:
+                k, v = cache.k[:, :, :past], cache.v[:, :, :past]
+            else:
+                k, v = self._project_kv(kv)
+                if cache is not None:
+                    k, v = cache.append(k, v)
+        else:
+            q, k, v = self._project(x)
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, position_ids=position_ids, offset=past)
+            if past_key_value is not None:
+                k = torch.cat([past_key_value[0], k], dim=2)
+                v = torch.cat([past_key_value[1], v], dim=2)
+            elif cache is not None:
+                k, v = cache.append(k, v)
         try:
             out = self._attend(q, k, v, key_padding_mask, attn_bias)
         except Exception:

@@ -52,6 +52,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         multiple of Hkv, head dim outside [1, 256] (CUDA: [1, 128]),
         devices differ, dropout_p outside [0, 1).
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):  # q.dim() below failed with an AttributeError
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
     D = q.shape[-1] if q.dim() else 0  # a 0-d q: the op's shape check names it
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0

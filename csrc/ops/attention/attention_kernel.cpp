@@ -84,6 +84,12 @@ inline A row_max(const A* x, int64_t n) {
   return m;
 }
 
+// exp of x - m <= 0 that keeps NaN (exp_u20 makes it +inf, and the decode step's lse inf).
+template <typename A>
+inline at::vec::Vectorized<A> exp_nonpos_nan(const at::vec::Vectorized<A>& d) {
+  return at::vec::Vectorized<A>::blendv(exp_nonpos(d), d, d.isnan());
+}
+
 // x = exp(x - m) in place; returns the sum.
 template <typename A>
 inline A exp_sub_sum(A* x, int64_t n, A m) {
@@ -92,13 +98,13 @@ inline A exp_sub_sum(A* x, int64_t n, A m) {
   V sv(0);
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) {
-    const V e = exp_nonpos(V::loadu(x + j) - mv);
+    const V e = exp_nonpos_nan(V::loadu(x + j) - mv);
     e.store(x + j);
     sv = sv + e;
   }
   if (j < n) {
     const int64_t r = n - j;
-    const V e = exp_nonpos(V::loadu(x + j, r) - mv);
+    const V e = exp_nonpos_nan(V::loadu(x + j, r) - mv);
     e.store(x + j, r);
     sv = sv + V::set(V(0), e, r);
   }
@@ -601,12 +607,14 @@ void decode_forward(const AttentionFwdArgs& args) {
           else for (int64_t j = 0; j < S; ++j) row[j] += br[j * s.bias_ss];
         }
         if (masked) add_row(row, kmask.data(), S);
+        // As in `forward`: the max skips NaN, so a row whose logits are all NaN has mx = -inf
+        // like a row without a visible key; the sum tells them apart (NaN, or 0 for no key).
         const A mx = row_max(row, S);
-        const bool empty = mx == kNegInf<A>;  // no visible key: output 0, lse -inf
-        const A l = empty ? A(0) : exp_sub_sum(row, S, mx);
-        if (empty) std::fill(row, row + S, A(0));
+        const A m_use = mx == kNegInf<A> ? A(0) : mx;
+        const A l = exp_sub_sum(row, S, m_use);
+        const bool empty = l == A(0);  // no visible key: output 0, lse -inf
         inv_l[g] = empty ? A(0) : A(1) / l;
-        lse[g] = empty ? kNegInf<A> : mx + std::log(l);
+        lse[g] = empty ? kNegInf<A> : m_use + std::log(l);
         if constexpr (kLowp) std::copy(row, row + S, &p_lowp[g * S]);
       }
       if constexpr (kLowp) gemm<T, A>(false, false, G, D, S, A(1), p_lowp.data(), S, v, s.v_st, A(0), acc.data(), D);
