@@ -48,6 +48,25 @@ def test_encode_gives_normalized_embeddings():
         encode(enc, tok, ["x", "Ruza ate soup. " * 100])
 
 
+def test_encode_pools_as_asked():
+    """pooling picks the first token, the mean of the real tokens or the last real one, each
+    row pooled over its own tokens only (batched with padding as one by one)."""
+    from fastpt.finetune.heads import features
+    world = World(0)
+    tok = train_tokenizer(list(world.documents(500)), "wordpiece", vocab_size=300)
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig.from_name("bert-tiny", vocab_size=tok.get_vocab_size())).eval()
+    texts = ["Ruza ate soup in Nafa.", "x"]
+    for text, got in zip(texts, zip(*(encode(enc, tok, texts, pooling=how, normalize=False)
+                                      for how in ("cls", "mean", "last")))):
+        ids = torch.tensor([tok.encode(text).ids])
+        h, _ = features(enc, ids, torch.ones_like(ids, dtype=torch.bool))
+        for e, want in zip(got, (h[0, 0], h[0].mean(0), h[0, -1])):
+            torch.testing.assert_close(e, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        encode(enc, tok, texts, pooling="max")
+
+
 def test_dpo_loss_equals_its_formula():
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
     rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -2.5])
@@ -88,6 +107,44 @@ def test_dpo_module_sums_response_tokens_only():
         DPO(policy)(chosen=batch, rejected=batch)
     with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         DPO(policy, ref, beta=-1)  # at construction, not at the first forward
+
+
+def test_dpo_trains_with_the_trainer_and_logs_its_rewards(tmp_path):
+    """Trainer(DPO(...)) ran into the nested batch ("'dict' object has no attribute 'shape'"),
+    and nothing logged the margins and rewards. The loss is a mean over pairs; the rewards go
+    to metrics.jsonl beside it, and the chosen response wins more and more clearly."""
+    import json
+    from fastpt.train import Trainer, TrainerConfig
+    torch.manual_seed(0)
+    policy = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=50))
+    ref = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=50))
+    ref.load_state_dict(policy.state_dict())
+    frozen = {k: v.clone() for k, v in ref.state_dict().items()}
+
+    def side(ids):
+        labels = ids.clone()
+        labels[:3] = -100  # the prompt
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels}
+    pairs = []
+    for _ in range(4):
+        prompt = torch.randint(0, 50, (3,))
+        pairs.append({"chosen": side(torch.cat([prompt, torch.tensor([7, 8, 9])])),
+                      "rejected": side(torch.cat([prompt, torch.tensor([30, 31, 32])]))})
+    config = TrainerConfig(output_dir=str(tmp_path), max_steps=6, batch_size=2, lr=1e-2, warmup_steps=0,
+                           log_every=1, save_every=0, progress=False)
+    last = Trainer(DPO(policy, ref, beta=0.1), config, pairs).train()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and last["step"] == 6
+    first = rows[0]  # before any update the policy is the reference: loss log 2, rewards 0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["tokens"] == 2
+    assert first["reward_margin"] == pytest.approx(0, abs=1e-6) and first["chosen_reward"] == pytest.approx(0, abs=1e-6)
+    for r in rows:
+        assert r["reward_margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"], abs=1e-5)
+        assert 0 <= r["accuracy"] <= 1
+    assert rows[-1]["reward_margin"] > 0.05 and rows[-1]["accuracy"] == 1.0 and rows[-1]["loss"] < math.log(2)
+    assert all(torch.equal(v, frozen[k]) for k, v in ref.state_dict().items())  # the reference never trains
+    with pytest.raises(ValueError, match="a DPO batch must be"):
+        DPO.loss_terms({"input_ids": torch.zeros(2, 3)})
 
 
 # Bad input: each named, where torch broadcast it, misaligned it or gave NaN.

@@ -3,7 +3,10 @@
 z = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)],
 loss = -log sigmoid(beta z), beta = 0.1. Log-probabilities are summed over response tokens
 only (labels -100 on the prompt and padding). The reference is a frozen model or
-precomputed log-probs. Rewards beta * (log pi - log pi_ref) and their margin are logged.
+precomputed log-probs. Rewards beta * (log pi - log pi_ref) and their margin are logged:
+``Trainer(DPO(policy, reference), config, pairs)`` trains on examples {"chosen": {...},
+"rejected": {...}} and writes each step's reward_margin, accuracy, chosen_reward and
+rejected_reward (means over the step's pairs) to metrics.jsonl beside the loss.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ class DPOOutput:
     rejected_rewards: Tensor
     reward_margin: Tensor
     accuracy: Tensor      # fraction of pairs with chosen reward > rejected reward
+
+    @property
+    def chosen_reward(self) -> Tensor:  # the mean, as the Trainer logs it
+        return self.chosen_rewards.mean()
+
+    @property
+    def rejected_reward(self) -> Tensor:
+        return self.rejected_rewards.mean()
 
 
 def _check_beta(beta) -> None:
@@ -102,6 +113,19 @@ class DPO(nn.Module):
         self._reference = [reference]  # frozen, not a trainable submodule
         if reference is not None:
             reference.requires_grad_(False).eval()
+
+    @staticmethod
+    def loss_terms(batch: dict) -> dict:
+        """For the Trainer: the loss is a mean over the batch's pairs (not its label tokens),
+        and the rewards are logged beside it (weight 0: they train nothing)."""
+        chosen = batch.get("chosen") if isinstance(batch, dict) else None
+        ids = chosen.get("input_ids") if isinstance(chosen, dict) else None
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError("a DPO batch must be {'chosen': {'input_ids': (B, T), ...}, 'rejected': {...}}, got "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+        pairs = ids.shape[0]
+        return {"loss": (1.0, pairs), **{name: (0.0, pairs) for name in
+                                         ("reward_margin", "accuracy", "chosen_reward", "rejected_reward")}}
 
     def forward(self, chosen: dict, rejected: dict, ref_chosen_logps: Tensor | None = None,
                 ref_rejected_logps: Tensor | None = None) -> DPOOutput:

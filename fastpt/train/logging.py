@@ -11,7 +11,8 @@ from fastpt._atomic import atomic_write
 
 class MetricsLog:
     """Append-only metrics: one JSON object per line, plus a CSV with a fixed header (rewritten
-    only when a resumed run drops the rows after its checkpoint)."""
+    only when a resumed run drops the rows after its checkpoint). Keys outside the CSV's columns
+    (the terms of a composite loss, DPO's rewards) are in the JSONL only."""
 
     COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "eval_loss")
 

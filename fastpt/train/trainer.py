@@ -17,6 +17,8 @@ argument): ``loss = sum(weight * output.<name>)``, each ``output.<name>`` the me
 items of the batch. The counts come from the batch alone, so the Trainer sums them over the
 step's micro-batches and ranks before the forwards and back-propagates each term with the weight
 ``count / total count`` of its own term: the update of one large batch again, term by term.
+Each term's mean over the step is logged under its name (metrics.jsonl) beside the loss; a term
+of weight 0 is logged only (DPO's reward margin and accuracy).
 
 Under DDP every parameter must get a gradient in every step, unless the model (or a module in
 it) sets ``ddp_find_unused_parameters = True`` (BERT's heads in MLM-only training or fine-tuning,
@@ -315,13 +317,15 @@ class Trainer:
 
     def train_step(self, micro_batches: list) -> dict:
         """One optimizer step over the given micro-batches; returns the loss, gradient norm
-        and label tokens (over all ranks; with ``loss_terms``, the first term's count) and the
-        learning rate the step applied. Raises
+        and label tokens (over all ranks; with ``loss_terms``, the first term's count), the
+        learning rate the step applied, and ``terms``: each loss term's mean (empty without
+        ``loss_terms``). Raises
         FloatingPointError, before the optimizer changes any weight, when the loss or the
         gradient norm is not finite."""
         self.wrapped.train()
+        terms: dict[str, float] = {}
         if self.loss_terms is not None:
-            loss, total = self._backward_terms(micro_batches)
+            loss, total, terms = self._backward_terms(micro_batches)
         else:
             loss, total = self._backward_weighted(micro_batches)
         # The norm is taken without clipping too: it tells whether the step is finite.
@@ -338,7 +342,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": loss, "grad_norm": grad_norm, "tokens": total, "lr": lr}
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": total, "lr": lr, "terms": terms}
 
     def _sync_context(self, last: bool):
         """DDP all-reduces the gradients in the last micro-batch's backward only."""
@@ -369,9 +373,10 @@ class Trainer:
                 p.grad.mul_(self.world / total)
         return loss_sum / total, total
 
-    def _backward_terms(self, micro_batches: list) -> tuple[float, float]:
+    def _backward_terms(self, micro_batches: list) -> tuple[float, float, dict[str, float]]:
         """Back-propagates sum(weight * mean of the term over the step's items) for a loss
-        stated by ``loss_terms``; returns (loss, the first term's count over the step)."""
+        stated by ``loss_terms``; returns (loss, the first term's count over the step, each
+        term's mean over the step (None for a term with nothing to average))."""
         terms = [self._terms_of(batch) for batch in micro_batches]
         names, weights = terms[0][0], terms[0][1]
         if any(t[0] != names for t in terms):
@@ -394,8 +399,10 @@ class Trainer:
             sums += term_sums.detach()
         self._check_every_parameter_got_a_gradient()
         sums = fdist.all_reduce_sum(sums)
-        loss = float((weights * torch.where(totals > 0, sums / totals.clamp(min=1), 0.0)).sum())
-        return loss, float(totals[0])
+        means = torch.where(totals > 0, sums / totals.clamp(min=1), 0.0)
+        loss = float((weights * means).sum())
+        return loss, float(totals[0]), {n: float(m) if t > 0 else None
+                                        for n, m, t in zip(names, means.tolist(), totals.tolist())}
 
     def _refuse_a_step_without_labels(self, total: float, n_micro: int) -> None:
         if total == 0:
@@ -443,6 +450,7 @@ class Trainer:
                 done = self.step == cfg.max_steps
                 row = {"step": self.step, "loss": stats["loss"], "lr": stats["lr"],
                        "grad_norm": stats["grad_norm"], "tokens": stats["tokens"]}
+                row.update({n: v for n, v in stats["terms"].items() if n not in row})
                 if self.eval_data is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
                     row["eval_loss"] = self.evaluate()
                 if self.step % cfg.log_every == 0 or done or "eval_loss" in row:
