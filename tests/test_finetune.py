@@ -123,6 +123,10 @@ def test_add_lora_checks_its_arguments_and_takes_one_module_name():
     assert not any(isinstance(m, LoraLayer) for m in model.modules())  # refused before wrapping
     with pytest.raises(ValueError, match="target_modules is empty"):
         add_lora(model, target_modules=[])
+    with pytest.raises(TypeError, match="target_modules must be None, 'all-linear', a module name or a list"):
+        add_lora(model, target_modules=5)  # was "'int' object is not iterable"
+    with pytest.raises(TypeError, match="adapter name must be a non-empty string"):
+        add_lora(model, 5)  # was torch's "module name should be a string"
     one = add_lora(_backbone("llama"), target_modules="q_proj")  # as PEFT: one name, not letters
     assert one and all(path.endswith("q_proj") for path in one)
 
@@ -293,11 +297,57 @@ def test_int8_lora_holds_int8_weights_and_counts_logical_parameters():
 
 
 def test_gradient_checkpointing_with_lora():
-    head = SequenceClassifier(_backbone("llama"), 2)
-    model = prepare(head, FinetuneConfig(strategy="lora"))
-    enable_activation_checkpointing(model)
-    model(**_batch()).loss.backward()  # frozen inputs + checkpointing must still reach LoRA
-    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+    def grads(checkpointed):
+        torch.manual_seed(1)
+        model = prepare(SequenceClassifier(_backbone("llama"), 2, dropout=0.0), FinetuneConfig(strategy="lora"))
+        with torch.no_grad():  # B = 0 at init: the gradient of A would be 0 either way
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        if checkpointed:
+            assert enable_activation_checkpointing(model) == len(model.backbone.layers)
+        model(**_batch()).loss.backward()  # frozen inputs + checkpointing must still reach LoRA
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any("lora_A" in n for n in plain)
+    for n, g in checkpointed.items():
+        assert g is not None and float(g.abs().max()) > 0, n
+        torch.testing.assert_close(g, plain[n], msg=n)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("adapter_kind, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+def test_bottleneck_adapters_sit_where_their_kind_puts_them_and_start_near_identity(kind, adapter_kind, per_layer):
+    """Houlsby: two adapters per layer (after attention and after the FFN); Pfeiffer: one,
+    after the FFN. Their near-zero init leaves the model's output almost unchanged."""
+    from fastpt.finetune.peft_modules import WithAdapter
+    base = SequenceClassifier(_backbone(kind), 2, dropout=0.0).eval()
+    expected = base(**_batch()).logits.detach()
+    model = prepare(base, FinetuneConfig(strategy="adapters", adapter_kind=adapter_kind)).eval()
+    for layer in model.backbone.layers:
+        wrapped = [n for n, m in layer.named_modules() if isinstance(m, WithAdapter)]
+        assert len(wrapped) == per_layer, wrapped
+        if per_layer == 1:  # the FFN's, not the attention's
+            assert not any("att" in n for n in wrapped), wrapped
+    out = model(**_batch()).logits.detach()
+    assert float((out - expected).abs().max()) < 1e-3 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("init_text", [[7, 8], []])
+def test_prompt_tuning_starts_from_vocabulary_embeddings(init_text):
+    """The soft prompt's rows are copies of token embeddings: the given ids, repeated to the
+    prompt's length, or random vocabulary rows."""
+    from fastpt.finetune.strategies import token_embedding
+    config = FinetuneConfig(strategy="prompt", num_virtual_tokens=5, prompt_init_text=init_text)
+    model = prepare(SequenceClassifier(_backbone("gpt2"), 2), config)
+    vocab = token_embedding(model.model.backbone).weight.detach()
+    prompt = next(p for n, p in model.named_parameters() if n.endswith("prompt.embeddings")).detach()
+    assert prompt.shape == (5, vocab.shape[1])
+    if init_text:
+        torch.testing.assert_close(prompt, vocab[[7, 8, 7, 8, 7]], rtol=0, atol=0)
+    else:
+        for row in prompt:
+            assert (vocab == row).all(1).any()
 
 
 @pytest.mark.parametrize("strategy", ["lora", "adapters", "prompt", "ia3", "prefix"])
@@ -313,6 +363,10 @@ def test_adapter_save_then_load_into_a_fresh_base(tmp_path, strategy):
     torch.testing.assert_close(fresh(**_batch()).logits, expected)
     with pytest.raises(ValueError, match="was trained on Decoder"):
         load_adapter(SequenceClassifier(_backbone("llama"), 2), str(tmp_path))
+    for size in (dict(hidden_size=96), dict(num_layers=3)):  # the same architecture, another size
+        other = Decoder(DecoderConfig.from_name("gpt2-tiny", vocab_size=V, **size))
+        with pytest.raises(ValueError, match=f"was trained on Decoder with config .*'{next(iter(size))}'"):
+            load_adapter(SequenceClassifier(other, 2), str(tmp_path))
 
 
 def test_prefix_saved_after_dropping_its_mlp_loads(tmp_path):

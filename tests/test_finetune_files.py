@@ -321,6 +321,39 @@ def test_save_adapter_checks_a_config_against_lora_layers_added_by_hand(tmp_path
     save_adapter(model, str(tmp_path), FinetuneConfig(strategy="lora", lora_r=4, lora_alpha=32.0, use_rslora=True))
 
 
+def test_save_adapter_saves_the_active_or_the_named_one_of_several_adapters(tmp_path):
+    """save_adapter wrote the active adapter's factors under its own name ("b"), which
+    load_adapter (which builds PEFT's "default") refused as unknown tensors, with the settings
+    of the adapter prepare added."""
+    from fastpt.finetune import add_lora, set_adapter
+    model = prepare(SequenceClassifier(_backbone(), 2), FinetuneConfig(strategy="lora", lora_r=2))
+    add_lora(model.backbone, "b", r=4, alpha=8.0, use_rslora=True, target_modules="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    out_b = model.eval()(_ids()).logits
+    names = save_adapter(model, str(tmp_path / "b"))  # the active adapter: "b"
+    assert any(".lora_A.default." in n for n in names) and not any(".lora_A.b." in n for n in names)
+    meta = json.loads((tmp_path / "b" / save_mod.CONFIG_FILE).read_text())
+    assert meta["adapter_name"] == "b"
+    assert (meta["finetune"]["lora_r"], meta["finetune"]["use_rslora"]) == (4, True)
+    assert meta["finetune"]["lora_alpha"] == pytest.approx(8.0)
+    torch.testing.assert_close(_load(tmp_path / "b")(_ids()).logits, out_b)
+    set_adapter(model.backbone, "default")
+    out_default = model(_ids()).logits
+    assert not torch.allclose(out_default, out_b)
+    save_adapter(model, str(tmp_path / "default"))
+    torch.testing.assert_close(_load(tmp_path / "default")(_ids()).logits, out_default)
+    save_adapter(model, str(tmp_path / "b_by_name"), adapter_name="b")  # not the active one
+    torch.testing.assert_close(_load(tmp_path / "b_by_name")(_ids()).logits, out_b)
+    with pytest.raises(ValueError, match=r"no LoRA adapter named 'c'; the model's adapters: \['b', 'default'\]"):
+        save_adapter(model, str(tmp_path / "c"), adapter_name="c")
+    probe = prepare(SequenceClassifier(_backbone(), 2), FinetuneConfig(strategy="probe"))
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        save_adapter(probe, str(tmp_path / "probe"), adapter_name="default")
+
+
 # -- audit 5: an adapter loads only into the head it was saved from --------------------------
 
 def _head_adapter(path, head, strategy="lora"):

@@ -6,7 +6,7 @@ import torch
 
 from fastpt.data.tokenizer import special_ids, train_tokenizer
 from fastpt.data.world import World
-from fastpt.icl import (PromptFormat, build_prompt, evaluate_generation, evaluate_multiple_choice,
+from fastpt.icl import (PromptFormat, build_prompt, evaluate_generation, evaluate_multiple_choice, few_shot_table,
                         generate_answer, loglikelihood, requests_for, sample_examples, split_request)
 from fastpt.models import Decoder, DecoderConfig
 
@@ -275,6 +275,11 @@ def test_prompt_and_request_arguments_are_checked(model, tok):
         sample_examples(["a"], query, 1, 0)
     with pytest.raises(TypeError, match="query must be a dict"):
         sample_examples([query], "Ruza", 1, 0)
+    with pytest.raises(TypeError, match="pool must be a list of examples"):
+        sample_examples(None, query, 1, 0)  # was "'NoneType' object is not iterable"
+    for shots in (("1",), 2, [True]):  # ("1",) was "'<' not supported between 'str' and 'int'"
+        with pytest.raises(TypeError, match="shots must be a list of ints"):
+            few_shot_table(model, tok, {"t": ([query], [query])}, shots=shots)
     with pytest.raises(ValueError, match=r"examples\[0\] lacks \['input'\]"):
         build_prompt(query, [{"target": "x"}])
     with pytest.raises(TypeError, match=r"query\['choices'\] must be a list of answers"):

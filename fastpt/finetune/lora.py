@@ -44,6 +44,7 @@ class LoraLayer(nn.Module):
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.rslora: dict[str, bool] = {}  # the scaling alone cannot tell alpha / r from alpha / sqrt(r)
         self.active: str | None = None
         self.disabled = False
         self.merged: list[str] = []
@@ -73,6 +74,7 @@ class LoraLayer(nn.Module):
         nn.init.zeros_(self.lora_B[name].weight)
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout[name] = dropout
+        self.rslora[name] = rslora
         self.active = self.active or name
 
     def _base_weight_ref(self) -> Tensor:
@@ -188,6 +190,11 @@ def _targets(model: nn.Module, target_modules) -> list[str]:
                 and not n.startswith(_HEAD_NAMES) and "pooler" not in n]
     if isinstance(target_modules, str):  # one module name, as PEFT takes it
         target_modules = [target_modules]
+    if target_modules is not None and (not isinstance(target_modules, (list, tuple, set))
+                                       or not all(isinstance(t, str) for t in target_modules)):
+        # an int failed as "'int' object is not iterable"
+        raise TypeError(f"target_modules must be None, {ALL_LINEAR!r}, a module name or a list of module "
+                        f"names, got {target_modules!r}")
     if target_modules is not None and not target_modules:
         raise ValueError("target_modules is empty: name the modules to adapt, pass None for "
                          f"the defaults {list(DEFAULT_TARGETS)} or {ALL_LINEAR!r}")
@@ -206,6 +213,9 @@ def add_lora(model: nn.Module, name: str = "default", *, r: int = 8, alpha: floa
     """Add adapter ``name`` to the target linears (wrapping them on first use); returns the
     module names it was added to. Like PEFT, everything else in ``model`` is frozen and only
     the newest adapter's factors train (``set_adapter`` switches)."""
+    if not isinstance(name, str) or not name or "." in name:
+        # an int failed in torch as "module name should be a string"; a dot would nest the key
+        raise TypeError(f"the adapter name must be a non-empty string without '.', got {name!r}")
     check_lora_hyperparameters(alpha, dropout)
     targets = _targets(model, target_modules)
     for path in targets:  # every check before the first layer is wrapped: no half-adapted model

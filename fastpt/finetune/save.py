@@ -17,6 +17,7 @@ half-way leaves a folder they refuse, never one they load mixed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -76,20 +77,31 @@ def _check_head(path: str, saved, head: dict) -> None:
                              f"saved one was")
 
 
-def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | None = None) -> list[str]:
+def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | None = None,
+                 adapter_name: str | None = None) -> list[str]:
     """Write the trainable tensors of ``model`` (as prepared by ``prepare``); returns their names.
 
     The config saved is the one ``prepare`` recorded on the model; a ``config`` given must be
     the same (and must fit the model's LoRA layers), or ``ValueError`` names the fields that differ.
+    With several LoRA adapters (``add_lora``), the active one is saved, or ``adapter_name``: its
+    factors under PEFT's name ``default`` (what ``load_adapter`` builds), its rank, alpha,
+    dropout and target modules in the saved config, and its own name, if another, in
+    ``adapter_name``.
     The weights go first, carrying the digest of the config written second: a save that fails
     between the two leaves new weights beside the old config, which ``load_adapter`` refuses
     (it would load them with the old settings, e.g. another LoRA scaling)."""
     config = _config_of(model, config)
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    name = _adapter_to_save(model, config, adapter_name)
+    if name not in (None, "default"):  # the recorded config describes the adapter prepare added
+        config = _config_of_adapter(model, config, name)
+    _check_lora_settings(model, config, name)
+    tensors = _adapter_tensors(model, name)
     if not tensors:
         raise ValueError("the model has no trainable parameters to save")
     _check_values(tensors, "the model to save")  # load_adapter would refuse the file
     meta = {"finetune": config.to_dict(), "base": _base_signature(model), "tensors": sorted(tensors)}
+    if name not in (None, "default"):  # (a default adapter's config keeps the keys it always had)
+        meta["adapter_name"] = name
     digest = _config_digest(meta)  # before any write: a config JSON cannot hold fails here
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, WEIGHTS_FILE),
@@ -114,9 +126,67 @@ def _config_of(model: torch.nn.Module, given: FinetuneConfig | None) -> Finetune
         if differing:
             raise ValueError("the config given to save_adapter is not the one the model was prepared "
                              f"with: {differing}; pass that one, or none (the model's is used)")
-    config = given if given is not None else recorded
-    _check_lora_settings(model, config)
-    return config
+    return given if given is not None else recorded
+
+
+_LORA_FACTOR = re.compile(r"\.lora_([AB])\.([^.]+)\.")
+
+
+def _adapter_to_save(model: torch.nn.Module, config: FinetuneConfig, adapter_name) -> str | None:
+    """The LoRA adapter to save: ``adapter_name``, or the active one (None: not LoRA)."""
+    from fastpt.finetune.lora import lora_layers
+    layers = lora_layers(model) if config.strategy in ("lora", "int8_lora") else []
+    if not layers:
+        if adapter_name is not None:
+            raise ValueError(f"adapter_name={adapter_name!r}: the model has no LoRA adapters (it was prepared "
+                             f"with strategy {config.strategy!r})")
+        return None
+    names = sorted({n for m in layers for n in m.lora_A})
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise ValueError(f"no LoRA adapter named {adapter_name!r}; the model's adapters: {names}")
+        return adapter_name
+    active = sorted({m.active for m in layers if m.active is not None})
+    if len(active) != 1:
+        raise ValueError(f"the model's LoRA layers have the active adapters {active}, not one: pass "
+                         f"adapter_name (one of {names})")
+    return active[0]
+
+
+def _adapter_tensors(model: torch.nn.Module, name: str | None) -> dict:
+    """The trainable tensors, LoRA factors those of adapter ``name`` only (trainable or not),
+    renamed to PEFT's ``default``."""
+    tensors = {}
+    for n, p in model.named_parameters():
+        factor = _LORA_FACTOR.search(n)
+        if factor:
+            if factor.group(2) != name:
+                continue
+            n = f"{n[:factor.start()]}.lora_{factor.group(1)}.default.{n[factor.end():]}"
+        elif not p.requires_grad:
+            continue
+        tensors[n] = p.detach().contiguous()
+    return tensors
+
+
+def _config_of_adapter(model: torch.nn.Module, config: FinetuneConfig, name: str) -> FinetuneConfig:
+    """``config`` with the LoRA settings of adapter ``name`` (one added by ``add_lora``, which
+    the recorded config does not describe), read off its layers."""
+    from fastpt.finetune.lora import LoraLayer
+    backbone = backbone_of(getattr(model, "model", model))
+    layers = [(path, m) for path, m in backbone.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    if len(layers) != sum(1 for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A):
+        raise ValueError(f"adapter {name!r} has LoRA layers outside the backbone: save_adapter saves "
+                         "adapters added to the backbone (add_lora(model.backbone, ...))")
+    settings = {(m.lora_A[name].weight.shape[0], m.scaling[name], m.dropout[name], m.rslora[name])
+                for _, m in layers}
+    if len(settings) != 1:
+        raise ValueError(f"adapter {name!r} has other settings (rank, scaling, dropout) on different layers: "
+                         "save_adapter saves an adapter added by one add_lora call")
+    r, scaling, dropout, rslora = settings.pop()
+    return dataclasses.replace(config, lora_r=r, lora_alpha=scaling * (math.sqrt(r) if rslora else r),
+                               lora_dropout=dropout, use_rslora=rslora,
+                               target_modules=[path for path, _ in layers])
 
 
 def _differing_fields(given: FinetuneConfig, recorded: FinetuneConfig) -> str:
@@ -125,15 +195,15 @@ def _differing_fields(given: FinetuneConfig, recorded: FinetuneConfig) -> str:
     return "; ".join(f"{n} is {a[n]!r}, prepared with {b[n]!r}" for n in a if a[n] != b.get(n))
 
 
-def _check_lora_settings(model: torch.nn.Module, config: FinetuneConfig) -> None:
-    """LoRA's settings that shape no tensor (alpha, rslora, dropout), read off its layers: the
-    model may have been adapted by hand (``add_lora``), with no config recorded."""
+def _check_lora_settings(model: torch.nn.Module, config: FinetuneConfig, name: str | None) -> None:
+    """LoRA's settings that shape no tensor (alpha, rslora, dropout) of the adapter ``name`` to
+    save, read off its layers: the model may have been adapted by hand (``add_lora``), with no
+    config recorded."""
     from fastpt.finetune.lora import lora_layers
-    if config.strategy not in ("lora", "int8_lora"):
+    if name is None:
         return
     for m in lora_layers(model):
-        name = m.active
-        if name is None:
+        if name not in m.lora_A:
             continue
         r = m.lora_A[name].weight.shape[0]
         root = math.sqrt(r) if config.use_rslora else r

@@ -3,6 +3,7 @@ generation with stop strings. No gradient, no parameter changes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +143,10 @@ def few_shot_table(model, tokenizer, tasks: dict[str, tuple[list[dict], list[dic
     ``tasks`` maps a task name to (items, pool). Returns one row per (task, k):
     {"task", "k", "acc", "acc_norm", "n"}; ``on_row(row)`` is called as each is ready.
     """
+    shots = list(shots) if isinstance(shots, Iterable) and not isinstance(shots, (str, bytes)) else shots
+    if not isinstance(shots, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in shots):
+        # ("1",) failed as "'<' not supported between instances of 'str' and 'int'"
+        raise TypeError(f"shots must be a list of ints (examples per prompt), got {shots!r}")
     if any(k < 0 for k in shots):
         raise ValueError(f"shots must be >= 0, got {list(shots)}")
     rows = []

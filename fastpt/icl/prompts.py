@@ -43,6 +43,9 @@ def sample_examples(pool: list[dict], query: dict, k: int, seed: int) -> list[di
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     _check_item("query", query)
+    if not isinstance(pool, (list, tuple)):  # None failed as "'NoneType' object is not iterable"
+        raise TypeError(f"pool must be a list of examples (dicts with 'input' and 'target'), got "
+                        f"{type(pool).__name__}")
     for i, ex in enumerate(pool):
         _check_item(f"pool[{i}]", ex)
     key = (query.get("input"), query.get("target"))
