@@ -12,7 +12,7 @@ _C = _load_extension()
 from fastpt import nn, ops  # noqa: E402  (ops need _C loaded first)
 from fastpt.nn.int8_linear import quantize_  # noqa: E402
 from fastpt import patch  # noqa: E402  (callable: fastpt.patch(model) patches a transformers model)
-from fastpt.patch import unpatch  # noqa: E402
+from fastpt.patch import patch_bert, patch_gpt2, patch_llama, patch_t5, unpatch  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -25,4 +25,5 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "nn", "ops", "patch", "quantize_", "unpatch"]
+__all__ = ["build_info", "nn", "ops", "patch", "patch_bert", "patch_gpt2", "patch_llama", "patch_t5",
+           "quantize_", "unpatch"]

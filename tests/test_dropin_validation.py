@@ -1,7 +1,9 @@
-"""Drop-in behaviour found by the audit: a patched HF model saves and pickles as the original,
-unpatching a peft model's inner model restores its attention, fastpt.nn.RMSNorm's defaults are
-torch.nn.RMSNorm's, and the lm-eval backend left-truncates long generation contexts and names
-a bad max_gen_toks."""
+"""Drop-in behaviour found by the audits: a patched HF model saves and pickles as the original,
+unpatching a peft model's inner model restores its attention, the per-family helpers refuse
+another family, subclasses / remote code / torch.nn.RMSNorm are reported (never silently
+skipped), the report and unpatch's count agree with what runs, fastpt.nn.RMSNorm's defaults
+are torch.nn.RMSNorm's, and the lm-eval backend left-truncates long generation contexts and
+names a bad max_gen_toks."""
 
 from __future__ import annotations
 
@@ -105,6 +107,180 @@ def test_unpatch_non_module_is_type_error(bad):
         fastpt.patch(bad)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fastpt.unpatch(bad)
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+    return GPTNeoXModel(GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=64)).eval()
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64)).eval()
+
+
+def _llama_of(cls):
+    from transformers import LlamaConfig
+    torch.manual_seed(0)
+    return cls(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+    return MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("helper, make", [("patch_llama", _llama), ("patch_llama", _mistral),
+                                          ("patch_gpt2", _gpt2), ("patch_bert", _bert),
+                                          ("patch_t5", lambda: _t5("relu"))])
+def test_family_helper_patches_as_patch(helper, make):
+    fn = getattr(fastpt.patch, helper)
+    assert getattr(fastpt, helper) is fn and helper in fastpt.patch.__all__
+    model, plain = make(), make()
+    report = fn(model)
+    assert report == fastpt.patch(plain) and report.patched
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+    assert fastpt.unpatch(model) == sum(report.patched.values())
+
+
+@pytest.mark.parametrize("helper, make, message", [
+    ("patch_gpt2", _llama, r"patch_gpt2 patches model types gpt2; the model has 'llama': use fastpt.patch.patch_llama"),
+    ("patch_llama", lambda: _t5("relu"), r"the model has 't5': use fastpt.patch.patch_t5"),
+    ("patch_llama", _gpt_neox, r"the model has 'gpt_neox': fastpt patches llama, .* only"),
+    ("patch_bert", lambda: torch.nn.Linear(2, 2), r"no transformers config in it: not a transformers model"),
+])
+def test_family_helper_refuses_another_family(helper, make, message):
+    model = make()
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(fastpt.patch.PatchError, match=message):
+        getattr(fastpt.patch, helper)(model)
+    assert [type(m) for m in model.modules()] == classes
+    with pytest.raises(TypeError, match=f"fastpt.patch.{helper} expects a torch.nn.Module"):
+        getattr(fastpt.patch, helper)("model")
+
+
+def test_mixed_families_patch_only_the_supported_ones_attention():
+    # Every config got "fastpt", so GPT-NeoX's attention ran fastpt's while the report said
+    # it was not patched.
+    import fastpt.patch.attention as pa
+    model = torch.nn.ModuleDict(dict(a=_llama_of(transformers.LlamaModel), b=_gpt_neox()))
+    before = model.b.config._attn_implementation
+    with pytest.warns(UserWarning, match="model type 'gpt_neox' is not one of"):
+        report = fastpt.patch(model, strict=False)
+    assert report.patched["attention"] == 1 and report.not_patched["GPTNeoXAttention"] == "unknown to fastpt"
+    assert model.a.config._attn_implementation == "fastpt" and model.b.config._attn_implementation == before
+    calls = []
+    original = pa.attention
+    pa.attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            model.b(input_ids=torch.randint(1, 97, (1, 6)))
+            assert not calls
+            model.a(input_ids=torch.randint(1, 97, (1, 6)))
+            assert len(calls) == 1
+    finally:
+        pa.attention = original
+    assert fastpt.unpatch(model) == sum(report.patched.values())
+
+
+@pytest.mark.parametrize("make", [_bert, lambda: transformers.GPT2Model(_gpt2().config)], ids=["bert", "gpt2"])
+def test_unpatch_counts_the_attention_it_restores(make):
+    model = make()
+    report = fastpt.patch(model)
+    assert report.patched["attention"] > 0
+    assert fastpt.unpatch(model) == sum(report.patched.values())
+    assert model.config._attn_implementation != "fastpt" and fastpt.unpatch(model) == 0
+
+
+def _no_linear(patched: dict) -> dict:
+    return {k: n for k, n in patched.items() if k != "linear"}  # "linear": only where fastpt's GEMM is faster
+
+
+def _with_subclasses(own_forward: bool):
+    """A Llama whose attention, norms and MLP are user subclasses of HF's classes (with or
+    without their own forward)."""
+    from transformers.models.llama import modeling_llama as ml
+    body = {"forward": lambda self, *a, **k: super(type(self), self).forward(*a, **k)} if own_forward else {}
+    model = _llama()
+    layer = model.model.layers[0]
+    for attr, base in [("self_attn", ml.LlamaAttention), ("mlp", ml.LlamaMLP),
+                       ("input_layernorm", ml.LlamaRMSNorm), ("post_attention_layernorm", ml.LlamaRMSNorm)]:
+        module = getattr(layer, attr)
+        module.__class__ = type("My" + base.__name__[5:], (base,), dict(body))
+    return model
+
+
+def test_subclasses_keeping_the_forward_are_patched_as_their_base():
+    model, reference = _with_subclasses(own_forward=False), _llama()
+    report = fastpt.patch(model)
+    assert report == fastpt.patch(_llama()) and not report.not_patched
+    subclass = type(model.model.layers[0].self_attn)
+    assert subclass.__name__ == "MyAttention" and subclass._fastpt_kind == "rope"
+    x = torch.randint(1, 97, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=1e-4, atol=1e-5)
+    fastpt.unpatch(model)
+    assert type(model.model.layers[0].self_attn).__name__ == "MyAttention"
+    assert type(model.model.layers[0].self_attn).__mro__[1].__name__ == "LlamaAttention"
+
+
+def test_subclasses_remote_code_and_torch_rms_norm_are_reported_not_skipped():
+    model = _with_subclasses(own_forward=True)
+    model.model.norm = torch.nn.RMSNorm(32, eps=1e-6)
+    remote = type("FooAttention", (torch.nn.Module,), {"__module__": "transformers_modules.foo.modeling_foo"})
+    model.model.layers[0].extra = remote()
+    classes, attn = [type(m) for m in model.modules()], model.config._attn_implementation
+    with pytest.raises(fastpt.patch.PatchError, match="not patched: .*MyAttention") as err:
+        fastpt.patch(model)
+    assert [type(m) for m in model.modules()] == classes and model.config._attn_implementation == attn
+    why = err.value.report.not_patched
+    assert set(why) == {"MyAttention", "MyMLP", "MyRMSNorm", "RMSNorm", "FooAttention"}
+    assert why["MyAttention"].startswith("subclass of LlamaAttention with its own forward")
+    assert why["MyMLP"] == "subclass of LlamaMLP with its own forward"
+    assert why["RMSNorm"].startswith("torch.nn.RMSNorm") and "remote code" in why["FooAttention"]
+    with pytest.warns(UserWarning, match="partial patch") as caught:
+        report = fastpt.patch(model, strict=False)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    assert _no_linear(report.patched) == {"loss": 1} and "not patched MyAttention" in str(report)
+    assert not fastpt.patch.modules.is_patched(model.model.layers[0].self_attn)
+
+
+def test_causal_lm_subclass_with_its_own_forward_or_loss():
+    from transformers import LlamaForCausalLM
+
+    class OwnForward(LlamaForCausalLM):
+        def forward(self, *a, **k):
+            return super().forward(*a, **k)
+
+    class OwnLoss(LlamaForCausalLM):
+        loss_function = property(lambda self: None)
+
+    assert fastpt.patch(_llama_of(OwnForward)).patched["loss"] == 1  # its loss_function is HF's
+    with pytest.raises(fastpt.patch.PatchError, match="OwnForward .*fused_cross_entropy not applied"):
+        fastpt.patch(_llama_of(OwnForward), fused_cross_entropy=True)
+    with pytest.raises(fastpt.patch.PatchError, match="OwnLoss .*its own loss_function"):
+        fastpt.patch(_llama_of(OwnLoss))
+
+
+def test_norm_with_eps_zero_and_mlp_with_another_activation_are_kept():
+    # fastpt's kernel refuses eps 0 (the forward raised after patch), and an MLP whose act_fn
+    # is not SiLU would have run SwiGLU silently.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=0.0)).eval()
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    reference = copy.deepcopy(model)
+    report = fastpt.patch(model)
+    assert "rms_norm" not in report.patched and "swiglu" not in report.patched
+    assert "eps 0.0" in report.kept["LlamaRMSNorm"] and "GELU" in report.kept["LlamaMLP"]
+    x = torch.randint(1, 97, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=1e-4, atol=1e-5)
 
 
 # --- fastpt.nn.RMSNorm ----------------------------------------------------------------------

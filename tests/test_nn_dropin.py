@@ -101,3 +101,35 @@ def test_a_weight_of_another_dtype_gives_llama_s_promoted_result():
     got, want = ours(x), hf(x)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eps_zero_is_accepted_as_torch_accepts_it(dtype):
+    # fastpt's kernel requires eps > 0, so eps 0 runs the PyTorch formula: nonzero rows as
+    # torch's, an all-zero row NaN (0 * rsqrt(0)) as torch's, and no crash.
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        torch.ops.fastpt.rms_norm(torch.ones(2, 5), torch.ones(5), 0.0)
+    theirs = _randomized(torch.nn.RMSNorm(5, eps=0.0, dtype=dtype))
+    ours = fnn.RMSNorm(5, eps=0.0, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.eps == 0.0 and fnn.RMSNorm.from_module(theirs).eps == 0.0
+    x = torch.randn(4, 5, dtype=dtype)
+    x[2] = 0
+    x.requires_grad_(True)
+    got, want = ours(x), theirs(x)
+    nonzero = torch.tensor([True, True, False, True])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[nonzero], want[nonzero], **tol)
+    assert got[2].isnan().all() and want[2].isnan().all()
+    grad = torch.randn(4, 5, dtype=dtype)
+    (g_ours,), (g_theirs,) = (torch.autograd.grad(y, x, grad) for y in (got, want))
+    torch.testing.assert_close(g_ours[nonzero], g_theirs[nonzero], **tol)
+
+
+@pytest.mark.parametrize("eps, error, message", [(-1e-6, ValueError, "eps must be a finite number >= 0"),
+                                                 (float("nan"), ValueError, "got nan"),
+                                                 (float("inf"), ValueError, "got inf"),
+                                                 ("1e-6", TypeError, "eps must be a number or None, got str")])
+def test_bad_eps_is_named(eps, error, message):
+    with pytest.raises(error, match=message):
+        fnn.RMSNorm(8, eps=eps)

@@ -1,12 +1,14 @@
 """fastpt.patch on tiny random transformers models (no downloads): logits and parameter
 gradients of patched vs unpatched models within the fp32 tolerances (float64 HF as the
-reference, HF's own fp32 as "eager"), padding masks, KV-cache generation, idempotence,
-unpatch, peft-wrapped models, torch.compile, and the error for unknown architectures."""
+reference, HF's own fp32 as "eager"), the fastpt ops a patched forward calls, padding masks,
+KV-cache generation, idempotence, unpatch, peft-wrapped models, torch.compile, and the error
+for unknown architectures."""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -100,7 +102,7 @@ def test_patched_matches_unpatched(name):
     expected = with_linears(model, expected)
     report = fastpt.patch(model)
     assert report.patched == expected, str(report)
-    assert not report.unknown
+    assert not report.not_patched
     ids, mask = _padded_batch(left=name not in ("bert", "t5"))
     _compare(model, reference, name, ids, mask)
 
@@ -116,6 +118,39 @@ def test_attention_runs_through_fastpt(monkeypatch):
     model(input_ids=ids, attention_mask=mask)
     assert len(calls) == 2
     assert calls[0]["causal"] and calls[0]["key_padding_mask"].shape == (B, T)
+
+
+# The fastpt op each patched kind calls, as (module holding the name, name).
+_SPIED_OPS = {"rms_norm": ("modules", "rms_norm"), "swiglu": ("modules", "swiglu"), "rope": ("modules", "rope"),
+              "loss": ("modules", "cross_entropy"), "attention": ("attention", "attention")}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_fastpt_ops_run_after_patch_and_not_after_unpatch(name, monkeypatch):
+    """Each patched module calls its fastpt op once per forward, so the calls match the
+    report's counts (rms_norm, swiglu, rope, attention; loss: one cross_entropy), and after
+    unpatch none is called."""
+    import fastpt.patch.attention as pa
+    import fastpt.patch.modules as pm
+    calls = Counter()
+    for kind, (where, fn) in _SPIED_OPS.items():
+        holder = pa if where == "attention" else pm
+        op = getattr(holder, fn)
+        monkeypatch.setattr(holder, fn, lambda *a, _kind=kind, _op=op, **k: calls.update([_kind]) or _op(*a, **k))
+    model = FAMILIES[name][0]()
+    report = fastpt.patch(model)
+    ids, mask = _padded_batch(left=name not in ("bert", "t5"))
+    kw = {"labels": ids} if "loss" in report.patched else {}
+    if name == "t5":
+        kw["decoder_input_ids"] = ids[:, :5]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **kw)
+    assert dict(calls) == {k: n for k, n in report.patched.items() if k != "linear"}
+    assert fastpt.unpatch(model) == sum(report.patched.values())
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, **kw)
+    assert not calls
 
 
 def test_generation_with_kv_cache_matches():
@@ -142,7 +177,7 @@ def test_idempotent_and_unpatch_restores():
     assert patched_classes != classes and model.config._attn_implementation == "fastpt"
     second = fastpt.patch(model)
     assert second == first and [type(m) for m in model.modules()] == patched_classes
-    assert fastpt.unpatch(model) == 5 + 2 + 2 + 1 + first.patched.get("linear", 0)
+    assert fastpt.unpatch(model) == sum(first.patched.values())  # as the report counts
     assert [type(m) for m in model.modules()] == classes
     assert model.config._attn_implementation == attn
     with torch.no_grad():
@@ -179,7 +214,7 @@ def test_peft_lora_wrapped_model():
     assert report.patched == expected
     ids, mask = _padded_batch(left=True)
     _compare(model, reference, "llama", ids, mask)
-    assert fastpt.unpatch(model) == 10 + report.patched.get("linear", 0)
+    assert fastpt.unpatch(model) == sum(report.patched.values())
     assert model.base_model.model.config._attn_implementation == reference.base_model.model.config._attn_implementation
 
 
@@ -222,7 +257,7 @@ def test_unknown_architecture_raises_and_changes_nothing():
     attn = model.config._attn_implementation
     with pytest.raises(fastpt.patch.PatchError, match=r"model type 'gpt_neox' is not one of .*GPTNeoX") as err:
         fastpt.patch(model)
-    assert "GPTNeoXAttention" in err.value.report.unknown
+    assert err.value.report.not_patched["GPTNeoXAttention"] == "unknown to fastpt"
     assert [type(m) for m in model.modules()] == classes and model.config._attn_implementation == attn
 
 
@@ -230,7 +265,8 @@ def test_unknown_architecture_non_strict_warns_and_lists():
     model = _tiny_gpt_neox()
     with pytest.warns(UserWarning, match="partial patch"):
         report = fastpt.patch(model, strict=False)
-    assert report.unknown and "not patched, unknown to fastpt" in str(report)
+    assert "not patched GPTNeoXAttention: unknown to fastpt" in str(report)
+    assert model.config._attn_implementation != "fastpt"  # as the report says: not patched
     assert "LayerNorm" in report.kept
 
 

@@ -35,14 +35,17 @@ class RMSNorm(nn.Module):
 
     Args:
         normalized_shape: int or tuple, the trailing dims to normalise over (alias ``hidden_size``).
-        eps: added to the mean square; None means the float32 eps for bf16 / fp16 / float32
-            inputs and float64's for float64 (as torch computes it).
+        eps: added to the mean square, >= 0; None means the float32 eps for bf16 / fp16 /
+            float32 inputs and float64's for float64 (as torch computes it). 0 is accepted as
+            torch accepts it: fastpt's kernel needs eps > 0, so eps 0 runs the PyTorch formula
+            (``fastpt.ops.reference.rms_norm``), and an all-zero row gives NaN as torch's does.
         elementwise_affine: learn a weight (initialised to ones); False means no weight.
         use_fused: False runs the pure-PyTorch reference instead (for A/B checks).
 
     Raises:
         TypeError: both or neither of ``normalized_shape`` and ``hidden_size`` given.
-        ValueError: eps not positive and finite.
+        TypeError: eps not a real number (or None).
+        ValueError: eps negative, NaN or infinite.
     """
 
     def __init__(self, normalized_shape=None, eps: float | None = _DEFAULT_EPS, elementwise_affine: bool = True,
@@ -57,8 +60,10 @@ class RMSNorm(nn.Module):
         if isinstance(normalized_shape, numbers.Integral):
             normalized_shape = (int(normalized_shape),)
         self.normalized_shape = tuple(normalized_shape)
-        if eps is not None and not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a positive finite number or None, got {eps}")
+        if eps is not None and not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a number or None, got {type(eps).__name__}")
+        if eps is not None and not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0 or None, got {eps}")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.use_fused = use_fused
@@ -125,7 +130,8 @@ class RMSNorm(nn.Module):
         eps = self.eps if self.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         n = math.prod(self.normalized_shape)
         flat = x.reshape(*x.shape[: x.dim() - k], n)
-        norm = rms_norm if self.use_fused else reference.rms_norm
+        # eps 0 (torch.nn.RMSNorm allows it): the kernel requires eps > 0, PyTorch's formula does not.
+        norm = rms_norm if self.use_fused and eps > 0 else reference.rms_norm
         if self.weight is None or self.weight.dtype == x.dtype or not getattr(self, "promotes_dtype", False):
             weight = self.weight.reshape(n).to(x.dtype) if self.weight is not None else x.new_ones(n)
             return norm(flat, weight, eps).reshape(x.shape)
