@@ -213,6 +213,22 @@ def test_prompt_masked_labels_needs_one_answer_per_prompt(prompts, answers, coun
         prompt_masked_labels(prompts, answers, pad_id=0)
 
 
+@pytest.mark.parametrize("prompts, answers, name", [([1, 2], [[3]], "prompt_ids"), ([[1]], [[3.5]], "answer_ids"),
+                                                    (None, [[3]], "prompt_ids")])
+def test_prompt_masked_labels_needs_lists_of_token_ids(prompts, answers, name):
+    with pytest.raises(TypeError, match=f"{name} must be a list of token-id lists"):  # was "'int' object ..."
+        prompt_masked_labels(prompts, answers, pad_id=0)
+
+
+def test_strategies_that_need_a_fastpt_model_name_what_they_got():
+    for strategy in ("adapters", "partial", "ia3", "prefix", "prompt"):
+        with pytest.raises(TypeError, match=f"strategy '{strategy}' needs a fastpt Encoder, Decoder or Seq2Seq"
+                                            ".* got Linear"):  # was "'Linear' object has no attribute 'config'"
+            prepare(torch.nn.Linear(3, 3), FinetuneConfig(strategy=strategy))
+    with pytest.raises(TypeError, match=r"tokenizer.encode\(text\).ids"):
+        FinetuneConfig(strategy="prompt", prompt_init_text="Classify the review")
+
+
 @pytest.mark.parametrize("head", [SequenceClassifier, TokenClassifier])
 @pytest.mark.parametrize("num_labels, error, match", [(-1, ValueError, "num_labels must be >= 1, got -1"),
                                                       (0, ValueError, "num_labels must be >= 1, got 0"),

@@ -13,7 +13,7 @@ messages that name them; values are read on the CPU only, as in ``fastpt.models.
 (on a GPU each check would cost a sync per call).
 
 Text-to-text needs no head: ``prompt_masked_labels`` builds decoder labels that score only
-the answer.
+the answer; a ``Seq2Seq`` takes its targets as ``labels`` (heads refuse it at construction).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastpt.models import Decoder, Encoder
+from fastpt.models import Decoder, Encoder, Seq2Seq
 from fastpt.models.common import check_labels
 
 IGNORE_INDEX = -100
@@ -43,18 +43,27 @@ def features(backbone: nn.Module, input_ids=None, attention_mask=None, *, layer:
     output, as ``hidden_states``; -1: the last, normed for decoders), plus those of the
     embeddings and every layer up to ``layer`` when it is not -1 (for layer mixing). Layers
     above ``layer`` are not run."""
+    check_backbone(backbone)
     every = layer != -1
     n = _layers_up_to(backbone, layer)
     if isinstance(backbone, Encoder):
         last, hidden = backbone.encode(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds,
                                        output_hidden_states=every, num_layers=n)
-    elif isinstance(backbone, Decoder):
+    else:
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                        output_hidden_states=every, logits_to_keep=1, num_layers=n)
         last, hidden = out.last_hidden_state, out.hidden_states
-    else:
-        raise TypeError(f"task heads need a fastpt Encoder or Decoder backbone, got {type(backbone).__name__}")
     return (last if not every else hidden[n]), hidden
+
+
+def check_backbone(backbone: nn.Module) -> None:
+    """TypeError unless ``backbone`` is an Encoder or Decoder, the models ``features`` reads.
+    A Seq2Seq is fine-tuned text-to-text, as it is, with labels."""
+    if not isinstance(backbone, (Encoder, Decoder)):
+        hint = (": fine-tune a Seq2Seq text-to-text without a head (prepare it as it is and pass "
+                "labels, the target token ids)") if isinstance(backbone, Seq2Seq) else ""
+        raise TypeError(f"task heads need a fastpt Encoder or Decoder backbone, got "
+                        f"{type(backbone).__name__}{hint}")
 
 
 def _layers_up_to(backbone: nn.Module, layer: int) -> int:
@@ -89,6 +98,7 @@ class _Head(nn.Module):
     ddp_find_unused_parameters = True
 
     def _init_features(self, backbone: nn.Module, layer) -> None:
+        check_backbone(backbone)
         if layer != "mix":
             _layers_up_to(backbone, layer)  # validates it early
         self.backbone, self.layer = backbone, layer
@@ -263,6 +273,12 @@ def prompt_masked_labels(prompt_ids: list[list[int]], answer_ids: list[list[int]
     """Decoder text-to-text batch: ``prompt + answer (+ EOS)``, labels -100 on the prompt and
     on padding only. The real EOS keeps its label even when pad == EOS (padding is found by
     position, not by id)."""
+    for name, rows in (("prompt_ids", prompt_ids), ("answer_ids", answer_ids)):
+        # [1, 2] (one prompt, not a list of them) failed as "'int' object is not iterable"
+        if not isinstance(rows, (list, tuple)) or not all(
+                isinstance(r, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in r)
+                for r in rows):
+            raise TypeError(f"{name} must be a list of token-id lists (one per example), got {rows!r:.80}")
     # zip would drop the prompts (or answers) that have no partner, and max() fail on none
     if not prompt_ids or len(prompt_ids) != len(answer_ids):
         raise ValueError(f"prompt_ids and answer_ids must be non-empty lists of the same length (one "

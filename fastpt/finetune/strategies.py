@@ -13,11 +13,18 @@ probe           the head only (feature-based: frozen backbone; ``layer`` picks t
 lora            LoRA factors on ``target_modules`` (names, or "all-linear")
 int8_lora       the same on an int8 (LLM.int8) copy of the frozen linears
 adapters        bottleneck adapters: Houlsby (after attention and FFN) or Pfeiffer (FFN)
-prefix          per-layer key/value prefixes (decoders)
+prefix          per-layer key/value prefixes (decoders, encoder-decoders)
 prompt          soft prompt tokens prepended to the input embeddings
 ia3             learned scales on keys, values and the FFN intermediate
 bitfit          biases only
 ==============  ===========================================================================
+
+A ``Seq2Seq`` (T5) is fine-tuned bare, text-to-text (``labels`` are the decoder's targets),
+and has two layer stacks: ``partial`` freezes the shared embeddings, both relative position
+biases and the first ``freeze_layers`` layers of *each* stack; adapters and IA3 go in every
+layer of both (a decoder layer's adapter follows its self-attention, not its cross-attention);
+prefixes go into every attention, self and cross; the soft prompt goes in front of the
+encoder's input only.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from fastpt.finetune.heads import (IGNORE_INDEX, QuestionAnswering, SequenceClas
                                    qa_loss)
 from fastpt.finetune.peft_modules import BottleneckAdapter, IA3Linear, SoftPrompt, WithAdapter
 from fastpt.finetune.prefix import add_prefix_tuning
-from fastpt.models import Decoder, Encoder
+from fastpt.models import Decoder, Encoder, Seq2Seq
 
 # The attribute where ``prepare`` records its config on the model it returns.
 RECORDED_CONFIG = "finetune_config"
@@ -87,7 +94,8 @@ class FinetuneConfig:
         if not (isinstance(ids, (list, tuple))
                 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
             raise TypeError(f"FinetuneConfig.prompt_init_text must be a list of token ids (ints >= 0), "
-                            f"got {ids!r}")
+                            f"got {ids!r}" + (": encode the text with the model's tokenizer "
+                                              "(tokenizer.encode(text).ids)" if isinstance(ids, str) else ""))
         if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)):
             raise TypeError(f"FinetuneConfig.int8_threshold must be a number, got {self.int8_threshold!r}")
         lora_mod.check_lora_hyperparameters(self.lora_alpha, self.lora_dropout)
@@ -113,6 +121,10 @@ def _head_parameters(model: nn.Module) -> list:
     return [p for p in model.parameters() if id(p) not in inside]
 
 
+# Strategies that find layers, attention or embeddings by the structure of fastpt's models.
+_NEEDS_A_FASTPT_MODEL = ("partial", "adapters", "prefix", "prompt", "ia3")
+
+
 def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     """Apply ``config`` in place and return the model to train (prompt tuning wraps it)."""
     if not isinstance(config, FinetuneConfig):
@@ -129,12 +141,20 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             raise ValueError(f"the model was already prepared with strategy {strategy!r}; prepare a fresh model")
     config.__post_init__()  # again: a field may have been changed since it was built
     backbone = backbone_of(model)
+    if config.strategy in _NEEDS_A_FASTPT_MODEL and not isinstance(backbone, (Encoder, Decoder, Seq2Seq)):
+        # an nn.Linear failed as "'Linear' object has no attribute 'config'"
+        raise TypeError(f"strategy {config.strategy!r} needs a fastpt Encoder, Decoder or Seq2Seq (bare or "
+                        f"under a task head), got {type(backbone).__name__}")
     _check_sizes_fit(backbone, config)
     if config.strategy == "full":
         model.requires_grad_(True)
         _freeze_unused_by_head(model)
         setattr(model, RECORDED_CONFIG, config)
         return model
+    if config.strategy == "probe" and backbone is model:
+        raise ValueError(f"strategy 'probe' trains a task head only, and this bare {type(model).__name__} "
+                         "has none: wrap an Encoder or Decoder in SequenceClassifier, TokenClassifier "
+                         "or QuestionAnswering first, or pick another strategy")
     model.requires_grad_(False)
     apply = {"partial": _partial, "probe": lambda b, c: None, "lora": _lora, "int8_lora": _int8_lora,
              "adapters": _adapters, "prefix": _prefix, "ia3": _ia3, "bitfit": _bitfit}
@@ -223,18 +243,36 @@ def _lora_targets(model: nn.Module, c: FinetuneConfig) -> list[str]:
     return targets
 
 
+def layer_stacks(backbone) -> list[tuple[str, nn.ModuleList]]:
+    """(path, layers) of each stack of layers: ``layers`` of an Encoder or Decoder; the
+    encoder's then the decoder's of a Seq2Seq. TypeError for any other model."""
+    if isinstance(backbone, Seq2Seq):
+        return [("encoder.layers", backbone.encoder.layers), ("decoder.layers", backbone.decoder.layers)]
+    if isinstance(getattr(backbone, "layers", None), nn.ModuleList):
+        return [("layers", backbone.layers)]
+    raise TypeError(f"{type(backbone).__name__} has no stack of layers; expected a fastpt Encoder, "
+                    "Decoder or Seq2Seq")
+
+
 def _layers(backbone) -> nn.ModuleList:
-    if not hasattr(backbone, "layers"):
-        raise TypeError(f"{type(backbone).__name__} has no .layers; expected a fastpt Encoder or Decoder")
-    return backbone.layers
+    """The one stack of a head's backbone (heads take no Seq2Seq)."""
+    (_, layers), = layer_stacks(backbone)
+    return layers
+
+
+# Input embeddings partial freezes: token, position and segment tables; a Seq2Seq's shared
+# table and each stack's relative position bias (HF keeps that in layer 0 of the stack).
+_EMBEDDINGS = ("embed", "embeddings", "shared", "encoder.relative_bias", "decoder.relative_bias")
 
 
 def _partial(backbone, c):
-    layers = _layers(backbone)
-    if c.freeze_layers > len(layers):
-        raise ValueError(f"freeze_layers={c.freeze_layers} but the model has {len(layers)} layers")
-    frozen = {id(p) for layer in layers[:c.freeze_layers] for p in layer.parameters()}
-    embeddings = {id(p) for n, p in backbone.named_parameters() if n.startswith(("embed", "embeddings"))}
+    stacks = layer_stacks(backbone)
+    short = [(path, len(layers)) for path, layers in stacks if c.freeze_layers > len(layers)]
+    if short:
+        where = [f"{n} layers" + (f" in {p}" if len(stacks) > 1 else "") for p, n in short]
+        raise ValueError(f"freeze_layers={c.freeze_layers} but the model has {', '.join(where)}")
+    frozen = {id(p) for _, layers in stacks for layer in layers[:c.freeze_layers] for p in layer.parameters()}
+    embeddings = {id(p) for n, p in backbone.named_parameters() if n.startswith(_EMBEDDINGS)}
     for p in backbone.parameters():
         p.requires_grad_(id(p) not in frozen | embeddings)
 
@@ -263,9 +301,15 @@ def _ffn_site(layer) -> tuple[nn.Module, str]:
     raise TypeError(f"cannot find the FFN of {type(layer).__name__} (no .mlp or .fc_out)")
 
 
+def _all_layers(backbone) -> list[nn.Module]:
+    return [layer for _, layers in layer_stacks(backbone) for layer in layers]
+
+
 def _adapters(backbone, c):
+    # In a Seq2Seq decoder layer Houlsby's first adapter follows self-attention, as in the
+    # encoder: cross-attention is called piecewise by the layer, not as one module.
     d = backbone.config.hidden_size
-    for layer in _layers(backbone):
+    for layer in _all_layers(backbone):
         sites = [_ffn_site(layer)] + ([(layer, "attn")] if c.adapter_kind == "houlsby" else [])
         for owner, attr in sites:
             setattr(owner, attr, WithAdapter(getattr(owner, attr), BottleneckAdapter(d, c.adapter_reduction)))
@@ -276,14 +320,16 @@ def _prefix(backbone, c):
 
 
 def _ia3(backbone, c):
-    for layer in _layers(backbone):
-        attn = layer.attn
-        attn.k_proj = IA3Linear(attn.k_proj, "output")
-        attn.v_proj = IA3Linear(attn.v_proj, "output")
+    # T-Few scales every attention's keys and values: a Seq2Seq decoder's cross-attention too.
+    for layer in _all_layers(backbone):
+        for attn in (layer.attn, getattr(layer, "cross_attn", None)):
+            if attn is not None:
+                attn.k_proj = IA3Linear(attn.k_proj, "output")
+                attn.v_proj = IA3Linear(attn.v_proj, "output")
         owner, attr = _ffn_site(layer)
         ffn = getattr(owner, attr)
-        down_owner, down_attr = (ffn, "down_proj") if hasattr(ffn, "down_proj") else \
-            (ffn, "fc_out") if hasattr(ffn, "fc_out") else (owner, attr)
+        down = next((n for n in ("down_proj", "fc_out", "wo") if hasattr(ffn, n)), None)
+        down_owner, down_attr = (ffn, down) if down is not None else (owner, attr)
         setattr(down_owner, down_attr, IA3Linear(getattr(down_owner, down_attr), "input"))
 
 
@@ -301,7 +347,10 @@ def token_embedding(backbone) -> nn.Embedding:
         return backbone.embeddings.tokens
     if isinstance(backbone, Decoder):
         return backbone.embed_tokens
-    raise TypeError(f"prompt tuning needs a fastpt Encoder or Decoder, got {type(backbone).__name__}")
+    if isinstance(backbone, Seq2Seq):
+        return backbone.shared
+    raise TypeError(f"prompt tuning needs a fastpt Encoder, Decoder or Seq2Seq, got "
+                    f"{type(backbone).__name__}")
 
 
 class PromptTuned(nn.Module):
@@ -311,12 +360,14 @@ class PromptTuned(nn.Module):
     Inputs and outputs stay those of the real tokens: ``token_type_ids`` and ``position_ids``
     get entries for the virtual tokens (segment 0; the positions the model would give them by
     default), token labels get -100 there, QA positions keep indexing the input, and per-token
-    logits (``TokenClassifier``, ``QuestionAnswering``, a bare model's LM logits) come back
-    without the virtual positions. Hidden states keep them."""
+    logits (``TokenClassifier``, ``QuestionAnswering``, a bare Decoder's LM logits) come back
+    without the virtual positions. Hidden states keep them. A Seq2Seq gets the prompt in front
+    of its encoder input (Lester et al.); its labels and logits are the decoder's, untouched."""
 
     # These index or extend the input as given; the prompt inserted on every call would put
     # them off by the virtual tokens (and a KV cache would hold the prompt twice).
-    UNSUPPORTED = ("past_key_values", "use_cache", "document_ids", "prefix_lengths")
+    # encoder_outputs would skip the encoder, where a Seq2Seq's prompt goes.
+    UNSUPPORTED = ("past_key_values", "use_cache", "document_ids", "prefix_lengths", "encoder_outputs")
 
     def __init__(self, model: nn.Module, c: FinetuneConfig):
         super().__init__()
@@ -336,7 +387,7 @@ class PromptTuned(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kw):
         for name in self.UNSUPPORTED:
-            if kw.get(name) not in (None, False):
+            if kw.get(name) is not None and kw.get(name) is not False:  # `in` would compare tensors
                 raise ValueError(f"prompt tuning does not support {name}: it would not account for "
                                  "the virtual tokens inserted on every call")
         embeds = token_embedding(backbone_of(self.model))(input_ids)
@@ -346,7 +397,8 @@ class PromptTuned(nn.Module):
             mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         x, mask = self.prompt.insert(embeds, mask, at)
         qa = isinstance(self.model, QuestionAnswering)
-        per_token = qa or isinstance(self.model, TokenClassifier) or backbone_of(self.model) is self.model
+        bare = backbone_of(self.model) is self.model and not isinstance(self.model, Seq2Seq)
+        per_token = qa or isinstance(self.model, TokenClassifier) or bare
         if per_token and labels is not None:  # not a sequence's (B,) or (B, 1) labels
             labels = self._extend("labels", labels, B, T, at, n)
         for name in ("token_type_ids", "position_ids"):
