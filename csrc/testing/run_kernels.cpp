@@ -740,6 +740,7 @@ template <typename T> void attention_all() {
   test_attention<T>(1, 2, 2, 33, 9, 80, true, false, false, 0.0);     // T > S: rows without keys
   test_attention<T>(1, 2, 2, 17, 17, 32, false, false, false, 0.3);   // dropout
   test_attention<T>(1, 1, 1, 5, 70, 128, false, false, false, 0.0);   // largest head dim, 3 key tiles
+  test_attention<T>(1, 2, 1, 9, 20, 96, true, false, false, 0.0);     // D = 96 (the list)
   // (B, T, H, D) strides, bias over (H, T, S)
   test_attention<T>(2, 4, 2, 19, 21, 48, true, true, true, 0.1, false, true);
   {  // B H = 12 heads with gridDim.y limited to 3 (65535 on a GPU): 4 launches
@@ -759,6 +760,7 @@ template <typename T> void attention_wmma_all() {
   test_attention<T>(1, 2, 2, 17, 40, 32, false, true, false, 0.3, true);   // dropout with padding
   test_attention<T>(1, 2, 1, 40, 70, 128, true, false, false, 0.0, true);  // largest head dim, causal T < S
   test_attention<T>(1, 1, 1, 7, 5, 8, false, false, false, 0.0, true);     // D = 8 padded to 16
+  test_attention<T>(1, 2, 1, 9, 20, 96, false, false, false, 0.0, true);   // D = 96 (the list)
   // (B, T, H, D) strides, bias over (H, T, S)
   test_attention<T>(2, 4, 2, 35, 21, 48, true, true, true, 0.1, true, true);
   {  // B H = 12 heads, B Hkv = 6 kv heads (dK dV kernel) with gridDim.y limited to 3: 4 and 2 launches
