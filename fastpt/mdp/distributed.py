@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from fastpt.mdp.model import MDP
-from fastpt.mdp.solvers import (Result, _check_max_iter, _initial_values, check_extrapolated, check_no_overflow,
-                                span_change, stop_threshold)
+from fastpt.mdp.solvers import (Result, _check_max_iter, _initial_values, check_extrapolated, check_mdp,
+                                check_no_overflow, rounded_threshold, span_change, stop_threshold,
+                                warn_below_resolution)
 
 
 def _local_part(mdp: MDP, lo: int, hi: int):
@@ -49,6 +50,7 @@ def distributed_value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int =
     (default: the world; needs ``torch.distributed`` initialised, any backend that has
     all_gather and all_reduce, e.g. gloo). Every rank passes the same MDP (each only reads
     its own rows) and gets the whole V and policy back."""
+    check_mdp(mdp)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed_value_iteration needs torch.distributed initialised "
                            "(torch.distributed.init_process_group)")
@@ -74,9 +76,12 @@ def distributed_value_iteration(mdp: MDP, epsilon: float = 1e-6, max_iter: int =
         dmin, dmax = -float(change[0]), float(change[1])
         if span:
             dmin, dmax = span_change(torch.tensor([[dmin, dmax]], dtype=torch.float64), mdp)[0].tolist()
-        history.append(dmax - dmin if span else max(-dmin, dmax))
+        history.append((dmax - dmin if span else max(-dmin, dmax)) + 0.0)  # -0.0 -> 0.0
         check_no_overflow(history[-1:])  # the same reduced value, so every rank stops together
-        converged = history[-1] < threshold
+        # v is the same gathered tensor on every rank: so is the rounded threshold
+        converged = history[-1] < (threshold if span else rounded_threshold(v, threshold, mdp.gamma))
+    if converged:
+        warn_below_resolution(v, threshold, mdp.gamma)
     if span and converged and mdp.gamma < 1:
         v = v + mdp.gamma / (1 - mdp.gamma) * (dmax + dmin) / 2
         check_extrapolated(v)

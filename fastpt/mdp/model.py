@@ -15,6 +15,8 @@ max_a R(t, a), the terminal reward, and they end an episode.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -34,6 +36,21 @@ def _as_tensor(x, dtype=None) -> Tensor:
     if isinstance(x, Tensor):
         return x if dtype is None else x.to(dtype)
     return torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+def _check_real(name: str, t: Tensor) -> Tensor:
+    """t, refusing complex values: the cast to float would keep only their real part."""
+    if t.dtype.is_complex:
+        raise TypeError(f"{name} must be real, got {t.dtype}")
+    return t
+
+
+def _check_probability_dtype(name: str, t: Tensor) -> None:
+    """Probabilities are floats or integers (0/1 for deterministic moves); a bool matrix is
+    more likely an adjacency mask than a distribution."""
+    _check_real(name, t)
+    if t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold probabilities (floating point or integer), got {t.dtype}")
 
 
 def _index_array(name: str, x) -> Tensor:
@@ -147,9 +164,12 @@ class MDP:
             - one stacked sparse ``(A*S, S)`` matrix, action-major (row ``a*S + s``).
             For state-major CSR arrays use :meth:`from_csr`.
         reward: R(s) as ``(S,)`` (same for every action), R(s, a) as ``(S, A)``, or R(s, a, s')
-            laid out like ``transitions`` (dense ``(A, S, S)``, or sparse with the same
-            nonzero pattern); R(s, a, s') is reduced to R(s, a) = sum_s' P R in float64.
-        gamma: discount in (0, 1]; 1 only with terminal states that every state can reach.
+            laid out like ``transitions`` (dense ``(A, S, S)``, or, with sparse transitions,
+            sparse: an entry not stored is a reward of 0, and one stored where P stores none
+            adds nothing, its probability being 0); R(s, a, s') is reduced to R(s, a) =
+            sum_s' P R in float64, in O(nnz) for P's own pattern, O(nnz log nnz) for another.
+        gamma: discount in (0, 1], a real number (a 0-d tensor is read as float(gamma), to
+            its dtype's precision); 1 only with terminal states that every state can reach.
         terminal: indices (or a bool mask) of terminal states: their transitions are dropped
             and their value is max_a R(t, a).
         dtype: torch.float32 or torch.float64 (default: float64).
@@ -158,13 +178,16 @@ class MDP:
         ValueError: a shape mismatch, a negative or non-finite probability, a row that does not
             sum to 1 (naming the state and action), a non-finite reward, a successor outside
             [0, S), gamma outside (0, 1], or gamma = 1 without reachable terminal states.
-        TypeError: dtype is not float32/float64.
+        TypeError: dtype is not float32/float64; complex transitions or rewards (a cast would
+            keep only the real part); bool transitions (more likely a mask than
+            probabilities); gamma not a real number (a string, a bool).
     """
 
     def __init__(self, transitions, reward, gamma: float, terminal=None,
                  dtype: torch.dtype = torch.float64):
         sparse = _sparse_to_state_major(transitions)
         if sparse is not None:
+            _check_probability_dtype("transitions", sparse[2])
             self._setup(*sparse, None, reward, gamma, terminal, dtype)
             return
         if isinstance(transitions, (list, tuple)):
@@ -178,8 +201,13 @@ class MDP:
             p = torch.stack(mats)
         else:
             p = _as_tensor(transitions)
-        if p.dim() != 3 or p.shape[1] != p.shape[2] or p.shape[0] == 0 or p.shape[1] == 0:
+        if p.dim() != 3 or p.shape[1] != p.shape[2]:
             raise ValueError(f"dense transitions must have shape (A, S, S), got {tuple(p.shape)}")
+        for n, what, letter in ((p.shape[1], "states", "S"), (p.shape[0], "actions", "A")):
+            if n == 0:
+                raise ValueError(f"the number of {what} is 0 (transitions of shape {tuple(p.shape)}): "
+                                 f"{letter} must be >= 1")
+        _check_probability_dtype("transitions", p)
         self._setup(None, None, None, p.shape[1], p.shape[0], p, reward, gamma, terminal, dtype)
 
     @classmethod
@@ -198,6 +226,7 @@ class MDP:
             raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
         indptr, indices = _index_array("indptr", indptr), _index_array("indices", indices)
         values = _as_tensor(values)
+        _check_probability_dtype("values", values)
         if indptr.dim() != 1 or indptr.numel() != S * A + 1:
             raise ValueError(f"indptr must have S*A + 1 = {S * A + 1} entries, got {indptr.numel()}")
         if indices.shape != values.shape or indices.dim() != 1:
@@ -218,7 +247,8 @@ class MDP:
         elif reward_per_nonzero and not one_per_nonzero:
             raise ValueError(f"reward_per_nonzero=True needs a 1-D reward with one entry per nonzero "
                              f"({indices.numel()}), got shape {tuple(np.shape(reward))}")
-        per_nonzero = _as_tensor(reward, torch.float64)[lo:hi] if reward_per_nonzero else None
+        per_nonzero = _check_real("reward", _as_tensor(reward)).to(torch.float64)[lo:hi] \
+            if reward_per_nonzero else None
         indptr, indices, values = indptr - lo, indices[lo:hi], values[lo:hi]
         if order == "action":
             indptr, take = _gather_rows(indptr, torch.arange(S * A).view(A, S).t().reshape(-1))
@@ -277,6 +307,11 @@ class MDP:
 
     @staticmethod
     def _check_gamma(gamma) -> float:
+        if isinstance(gamma, (Tensor, np.ndarray)) and gamma.ndim == 0:
+            gamma = gamma.item()  # as float(gamma): what its dtype holds
+        # bool is an int to Python: True would read as 1.0; "0.9" would parse
+        if isinstance(gamma, (bool, np.bool_)) or not isinstance(gamma, numbers.Real):
+            raise TypeError(f"gamma must be a real number, got {type(gamma).__name__} {gamma!r}")
         gamma = float(gamma)
         if not (0.0 < gamma <= 1.0):
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
@@ -357,11 +392,14 @@ class MDP:
                 raise ValueError("a sparse R(s, a, s') needs sparse transitions; give a dense "
                                  "(A, S, S) reward with dense transitions")
             indptr, indices, values, S_r, A_r = sparse
-            if (S_r, A_r) != (S, A) or not torch.equal(indptr, self.indptr) or \
-                    not torch.equal(indices, self.indices):
-                raise ValueError("a sparse R(s, a, s') must have the nonzero pattern of the "
-                                 "transitions (same shape, row pointers and successors)")
-            reward = _PerNonzero(values.to(torch.float64))
+            if (S_r, A_r) != (S, A):
+                raise ValueError(f"a sparse R(s, a, s') must have the shape of the transitions ({A} "
+                                 f"actions of {S} states), got {A_r} actions of {S_r} states")
+            values = _check_real("reward", values).to(torch.float64)
+            if torch.equal(indptr, self.indptr) and torch.equal(indices, self.indices):
+                reward = _PerNonzero(values)
+            else:
+                reward = self._reduce_sparse_reward(indptr, indices, values).view(S, A)
         if isinstance(reward, _PerNonzero):
             bad = (~torch.isfinite(reward.values)).nonzero()
             if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
@@ -371,7 +409,7 @@ class MDP:
                                  f"{float(reward.values[k])}: rewards must be finite")
             r = self._row_sums(self.values.to(torch.float64) * reward.values).view(S, A)
         else:
-            r = _as_tensor(reward, torch.float64)
+            r = _check_real("reward", _as_tensor(reward)).to(torch.float64)
         if isinstance(reward, _PerNonzero):
             pass
         elif r.dim() == 1 and r.shape[0] == S:
@@ -399,6 +437,36 @@ class MDP:
             s, a = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"reward of state {s}, action {a} is {float(r[s, a])}: rewards must be finite")
         return r.to(self.dtype).contiguous()
+
+    def _reduce_sparse_reward(self, indptr: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+        """sum_s' P(s'|s,a) R(s,a,s') per state-major row, for an R(s, a, s') CSR whose pattern
+        differs from P's. An entry stored in one and not the other is a zero there, so R may
+        store a subset of P's pattern, or rewards of transitions of probability 0 (they add
+        nothing); duplicate entries add, as in scipy. The entries of both, ordered by (row,
+        successor), are summed per (row, successor) and multiplied: O(nnz log nnz), no S x S."""
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
+            k = int(bad[0, 0])
+            row = int(torch.searchsorted(indptr, torch.tensor(k), right=True)) - 1
+            raise ValueError(f"R(s'={int(indices[k])} | {self._state_action(row)}) is "
+                             f"{float(values[k])}: rewards must be finite")
+        rows = torch.arange(self.num_states * self.num_actions)
+        n_p, n_r = self.indices.numel(), indices.numel()
+        row = torch.cat([torch.repeat_interleave(rows, self.indptr[1:] - self.indptr[:-1], output_size=n_p),
+                         torch.repeat_interleave(rows, indptr[1:] - indptr[:-1], output_size=n_r)])
+        col = torch.cat([self.indices.to(torch.int64), indices.to(torch.int64)])
+        zeros = torch.zeros(n_p + n_r, dtype=torch.float64)
+        p = torch.cat([self.values.to(torch.float64), zeros[:n_r]])
+        r = torch.cat([zeros[:n_p], values])
+        order = col.sort(stable=True).indices  # then by row, stable: (row, successor) order
+        order = order[row[order].sort(stable=True).indices]
+        row, col, p, r = row[order], col[order], p[order], r[order]
+        first = torch.ones_like(row, dtype=torch.bool)
+        first[1:] = (row[1:] != row[:-1]) | (col[1:] != col[:-1])
+        group = first.cumsum(0) - 1
+        p_sum = torch.zeros(int(first.sum()), dtype=torch.float64).index_add_(0, group, p)
+        r_sum = torch.zeros_like(p_sum).index_add_(0, group, r)
+        return torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row[first], p_sum * r_sum)
 
     def _row_sums(self, per_nonzero: Tensor) -> Tensor:
         if per_nonzero.numel() == 0:
