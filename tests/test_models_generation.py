@@ -58,6 +58,11 @@ def test_cached_equals_uncached_logits(use_fused):
         parts.append(model(ids[:, 9:], past_key_values=cache).logits)
     assert cache.length == 12
     assert max_err(torch.cat(parts, 1), full) < 1e-5
+    # a forward's use_cache=True cache is sized to its input: the error says what to use instead
+    with torch.no_grad():
+        out = model(ids[:, :5], use_cache=True)
+        with pytest.raises(ValueError, match=r"KV cache full: 6 tokens > max_length 5; .*model.new_cache"):
+            model(ids[:, 5:6], past_key_values=out.past_key_values)
 
 
 def test_seq2seq_cached_equals_uncached():

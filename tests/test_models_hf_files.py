@@ -502,3 +502,28 @@ def test_config_numbers_beyond_64_bits_name_the_file(tmp_path, make, changes, ex
     with pytest.raises(CheckpointError) as e:
         from_pretrained(tmp_path)
     assert expect in str(e.value) and str(tmp_path / "config.json") in str(e.value)
+
+
+def test_llama_residual_dropout_survives_save_and_transformers(tmp_path):
+    """HF's Llama has no residual dropout: config.json dropped it, and a reloaded model trained
+    without the dropout it was configured with (0.1 -> 0.0, silently)."""
+    from fastpt.models.hf import from_hf, to_hf
+    model = _llama(dropout=0.1)
+    model.save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path).config == model.config
+    assert from_hf(to_hf(model)).config.dropout == 0.1
+    _edit_config(tmp_path, fastpt_residual_dropout=1.5)  # a value DecoderConfig refuses is named
+    with pytest.raises((CheckpointError, ValueError), match="dropout"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
+def test_gpt2_without_biases_has_no_hf_layout(tmp_path, flag):
+    # was a bare KeyError('layers.0.attn.q_proj.bias') from save_pretrained and to_hf
+    from fastpt.models.hf import to_hf
+    model = Decoder(DecoderConfig(flavour="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                  max_position_embeddings=32, **{flag: False}))
+    for save in (lambda: model.save_pretrained(tmp_path), lambda: to_hf(model)):
+        with pytest.raises(ValueError, match=f"gpt2 Decoder with {flag}=False has no Hugging Face layout"):
+            save()
+    assert not (tmp_path / "config.json").exists()

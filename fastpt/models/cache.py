@@ -56,7 +56,9 @@ class KVCache:
         """Store (B, Hkv, T, D) keys/values of this step; return all of them so far."""
         end = self.length + k.shape[2]
         if end > self.max_length:
-            raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}")
+            # a forward's use_cache=True cache is sized to its input: decoding needs room
+            raise ValueError(f"KV cache full: {end} tokens > max_length {self.max_length}; for decoding, "
+                             "start from model.new_cache(batch_size, max_length) with room for the new tokens")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -94,6 +94,11 @@ def _bert_entries(c: EncoderConfig) -> list[_Entry]:
 
 
 def _gpt2_entries(c: DecoderConfig) -> list[_Entry]:
+    missing = [name for name in ("attention_bias", "mlp_bias") if not getattr(c, name)]
+    if missing:  # the bias entries below failed as a bare KeyError('layers.0.attn.q_proj.bias')
+        raise ValueError(f"a gpt2 Decoder with {' and '.join(f'{n}=False' for n in missing)} has no Hugging "
+                         "Face layout: HF's GPT-2 always has biases (c_attn, c_proj, c_fc); use "
+                         "flavour='llama' for a model without them")
     e = [_same("transformer.wte.weight", "embed_tokens.weight"),
          _same("transformer.wpe.weight", "embed_positions.weight")]
     for i in range(c.num_layers):

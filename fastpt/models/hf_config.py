@@ -37,7 +37,11 @@ def to_hf_config(config) -> dict:
                     rope_theta=c.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
                     attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
                     attention_dropout=c.attention_dropout, tie_word_embeddings=c.tie_word_embeddings,
-                    bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+                    bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                    # HF's Llama has no residual dropout; transformers keeps the unknown key and
+                    # ignores it, and fastpt reads it back (it was lost: a reloaded model trained
+                    # without the dropout it was configured with)
+                    fastpt_residual_dropout=c.dropout)
     return dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=c.vocab_size,
                 d_model=c.hidden_size, d_kv=c.head_dim, d_ff=c.intermediate_size, num_layers=c.num_layers,
                 num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
@@ -210,6 +214,7 @@ def from_hf_config(d: dict):
                              attention_bias=_flag(d, "attention_bias", False),
                              mlp_bias=_flag(d, "mlp_bias", False),
                              attention_dropout=d.get("attention_dropout", 0.0),
+                             dropout=d.get("fastpt_residual_dropout", 0.0),
                              initializer_range=d.get("initializer_range", 0.02),
                              tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
                              **_special_ids(d, ("bos_token_id", "eos_token_id", "pad_token_id")))
