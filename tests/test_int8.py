@@ -346,6 +346,14 @@ def test_int8_linear_state_dict_roundtrip():
     other.load_state_dict(layer.state_dict())
     x = torch.randn(5, 40)
     assert torch.equal(other(x), layer(x))
+    # 40 and 60 pack into the same 64 columns: the 60-column layer loaded the 40-column weight
+    # and ran its last 20 inputs on zero weights, without a word
+    with pytest.raises(RuntimeError, match=r"int8 weight of \(out, in\) = \(24, 40\) into an Int8Linear of \(24, 60\)"):
+        Int8Linear(60, 24).load_state_dict(layer.state_dict())
+    legacy = {k: v for k, v in layer.state_dict().items() if k != "weight_shape"}  # saved before the check
+    older = Int8Linear(40, 24)
+    older.load_state_dict(legacy)
+    assert torch.equal(older(x), layer(x))
 
 
 def test_quantize_swaps_linears():

@@ -427,6 +427,28 @@ def test_bad_base_layer():
         LoRALinear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="lora_dropout must be"):
         LoRALinear(nn.Linear(4, 4), r=2, lora_dropout=1.5)
+    for alpha in (float("nan"), float("inf"), "8"):  # a NaN scaling gave NaN outputs
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+            LoRALinear(nn.Linear(4, 4), r=2, lora_alpha=alpha)
+    # an fp32 weight with bf16 factors: no input dtype could run it (x must match both)
+    with pytest.raises(TypeError, match="dtype torch.bfloat16 differs from the base layer's weight dtype"):
+        LoRALinear(nn.Linear(20, 12), r=4, dtype=torch.bfloat16)
+    int8 = LoRALinear(Int8Linear.from_linear(nn.Linear(20, 12)), r=4, dtype=torch.bfloat16)
+    assert int8(torch.randn(2, 20, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("base", ["linear", "int8"])
+def test_compile_dynamic_fullgraph(base):
+    """With dynamic=True the float scaling is traced as a symbolic float, and the finite
+    check on it failed to compile ("torch.* op returned non-Tensor")."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = LoRALinear(linear if base == "linear" else Int8Linear.from_linear(linear), r=4)
+    nn.init.normal_(layer.lora_B.weight)
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 3, 64)
+        torch.testing.assert_close(compiled(x), layer(x))
 
 
 def test_quantize_keeps_lora_factors_and_quantizes_the_base():

@@ -20,7 +20,8 @@ class Int8Linear(nn.Module):
 
     Buffers: ``weight_packed`` (int8, the kernels' layout: about in*out bytes, 4x below
     float32), ``weight_colsum`` (int32), ``weight_scale`` (float32 (out,), kept float32 by
-    ``.to(dtype)``). ``bias`` is a frozen float parameter or None.
+    ``.to(dtype)``), ``weight_shape`` ((out, in), checked when a state dict is loaded; state
+    dicts saved without it load as before). ``bias`` is a frozen float parameter or None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -35,6 +36,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_colsum", colsum)
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        # The packed weight holds in_features only rounded up to 64 columns: without this, the
+        # state dict of a layer with another in_features loaded and ran on zero columns.
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32),
                                   requires_grad=False) if bias else None)
 
@@ -82,6 +86,20 @@ class Int8Linear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return int8_ops.int8_linear(x, self.weight_packed, self.weight_colsum, self.weight_scale,
                                     self.out_features, self.bias, self.threshold)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight_shape"
+        saved = state_dict.get(key)
+        if saved is None:  # saved before fastpt recorded it: read as this layer's (the packed
+            state_dict = {**state_dict, key: self.weight_shape}  # shape is still checked)
+        elif not saved.is_meta and saved.tolist() != [self.out_features, self.in_features]:
+            error_msgs.append(f"size mismatch for {prefix}weight_packed: copying an int8 weight of (out, in) = "
+                              f"{tuple(saved.tolist())} into an Int8Linear of "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale

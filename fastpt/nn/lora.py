@@ -96,7 +96,8 @@ class LoRALinear(nn.Module):
         r: rank, 1 <= r <= min(in_features, out_features).
         lora_alpha, lora_dropout, use_rslora: as in PEFT.
         dtype: of the LoRA factors; default the base weight's (float32 for Int8Linear).
-            Inputs must have this dtype.
+            Inputs must have this dtype; with an nn.Linear base it must be the weight's (the
+            fused op runs one dtype: autocast mixes them).
     """
 
     def __init__(self, base_layer: nn.Linear | Int8Linear, r: int = 8, lora_alpha: float = 8.0,
@@ -109,6 +110,12 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be an int in [1, min(in_features, out_features)] = [1, {min(n_in, n_out)}], got {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")  # scaling NaN: NaN outputs
+        if isinstance(base_layer, nn.Linear) and dtype is not None and dtype != base_layer.weight.dtype:
+            # no input dtype could run it: x must match both the factors and the weight
+            raise TypeError(f"dtype {dtype} differs from the base layer's weight dtype {base_layer.weight.dtype}: "
+                            "the fused op runs one dtype; convert the base layer, or run under autocast")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)

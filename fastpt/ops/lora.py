@@ -42,7 +42,11 @@ def lora_linear(x: Tensor, weight: Tensor | Callable[[Tensor], Tensor], lora_a: 
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    # Under torch.compile(dynamic=True) a float attribute arrives as a symbolic float, which
+    # math.isfinite cannot trace: checked in eager mode only (LoRALinear checks it when built).
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")  # inf / NaN: an output of NaN
     seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64) if dropout_p > 0 else None
     if not isinstance(weight, Tensor) and bias is not None:
