@@ -179,6 +179,8 @@ def test_config_validation():
         TrainerConfig(batch_size=0)
     with pytest.raises(ValueError, match="strategy"):
         TrainerConfig(strategy="zero3")
+    with pytest.raises(ValueError, match=r"TrainerConfig.device 'gpu' not in \('auto', 'cpu', 'cuda'\)"):
+        TrainerConfig(device="gpu")
     with pytest.raises(ValueError, match="unknown TrainerConfig options"):
         TrainerConfig.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
     for bad in (dict(lr=math.inf), dict(weight_decay=math.nan), dict(weight_decay=-0.1),

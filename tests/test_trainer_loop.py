@@ -355,6 +355,36 @@ def test_resumed_run_rewrites_metrics_from_its_checkpoint(tmp_path):
     assert [r["loss"] for r in resumed.metrics.rows[:6]] == [r["loss"] for r in crashed.metrics.rows[:6]]
 
 
+def test_composite_loss_terms_are_logged_beside_the_loss(tmp_path):
+    """Each loss term's mean over the step goes to metrics.jsonl: ELECTRA's loss is the
+    generator's MLM loss + 50 x the discriminator's, and both are logged (the CSV keeps its
+    columns)."""
+    t = _electra_trainer(tmp_path, max_steps=2, grad_accum=2)
+    t.train()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["mlm_loss"] + 50 * r["disc_loss"], rel=1e-5)
+    assert "mlm_loss" not in open(tmp_path / "metrics.csv").readline()
+
+
+def test_batches_are_moved_to_the_training_device(tmp_path):
+    """Every tensor of a (nested) batch goes to the Trainer's device; other values stay."""
+    t = Trainer(TinyLM(dropout=0.0), _config(tmp_path), make_data()[:8])
+    assert t.device == torch.device("cpu") and next(t.model.parameters()).device == t.device
+    t.device = torch.device("meta")  # any other device shows the move
+    moved = t._on_device({"a": torch.ones(2), "b": [torch.ones(1), 3, ("x", torch.zeros(1))], "c": None})
+    assert moved["a"].is_meta and moved["b"][0].is_meta and moved["b"][2][1].is_meta
+    assert moved["b"][1] == 3 and moved["b"][2][0] == "x" and moved["c"] is None
+    assert isinstance(moved["b"], list) and isinstance(moved["b"][2], tuple)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"device is 'cuda', but torch.cuda.is_available\(\) is False"):
+        Trainer(TinyLM(), _config(tmp_path, device="cuda"), make_data()[:8])
+
+
 # -- composite losses: each term weighted by its own count ------------------------------------
 
 def _long_and_short():

@@ -43,7 +43,8 @@ OPTIONS = [
     *options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)}),
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"),
                             rename={"strategy": "distributed"},
-                            helps={"strategy": "auto, single, ddp or fsdp"}),
+                            helps={"strategy": "auto, single, ddp or fsdp",
+                                   "device": "auto (each process's GPU where CUDA is available), cpu or cuda"}),
 ]
 
 

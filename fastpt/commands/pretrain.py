@@ -43,7 +43,8 @@ OPTIONS = [
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"), helps={
         "max_steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
         "lr": "peak learning rate", "bf16": "bf16 autocast", "save_every": "checkpoint every N "
-        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp"}),
+        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp",
+        "device": "auto (each process's GPU where CUDA is available), cpu or cuda"}),
 ]
 
 

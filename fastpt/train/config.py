@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from fastpt.train.schedules import SCHEDULES
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")  # auto: each process's GPU (LOCAL_RANK) when CUDA is there
 # The seeds torch takes are 64-bit, and a DataLoader's is seed * 1000 + epoch: a seed beyond this
 # failed at the first batch with "Overflow when unpacking long long", naming nothing.
 SEED_LIMIT = 2**53
@@ -35,6 +36,7 @@ class TrainerConfig:
     save_every: int = 0             # 0: only at the end
     keep_last: int = 2              # 0: keep every checkpoint
     strategy: str = "auto"          # auto = ddp under torchrun with >1 process, else single
+    device: str = "auto"            # auto = cuda:LOCAL_RANK where CUDA is available, else cpu
     progress: bool = True
     num_workers: int = 0
 
@@ -61,7 +63,7 @@ class TrainerConfig:
         for name in ("bf16", "activation_checkpointing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainerConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("output_dir", "schedule", "strategy"):
+        for name in ("output_dir", "schedule", "strategy", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"TrainerConfig.{name} must be a string, got {getattr(self, name)!r}")
         if (not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2
@@ -90,6 +92,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.schedule {self.schedule!r} not in {SCHEDULES}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"TrainerConfig.strategy {self.strategy!r} not in {STRATEGIES}")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainerConfig.device {self.device!r} not in {DEVICES}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainerConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         self.betas = tuple(self.betas)

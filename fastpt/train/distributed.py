@@ -1,7 +1,8 @@
 """torch.distributed setup for the Trainer: one process per rank, launched by ``torchrun``.
 
-gloo on CPU, NCCL on GPU. ``torchrun`` sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
-without them everything runs in one process and no process group is created.
+gloo on CPU, NCCL on GPU (each process on the GPU of its LOCAL_RANK). ``torchrun`` sets RANK /
+WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them everything runs in one
+process and no process group is created.
 """
 
 from __future__ import annotations
@@ -12,25 +13,48 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group that torchrun describes (if any); returns (rank, world_size)."""
+def _env_int(name: str, default: str) -> int:
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get(name, default))
     except ValueError:  # int()'s message names neither the variable nor where it came from
-        raise ValueError(f"the environment variable WORLD_SIZE must be an integer (the number of "
-                         f"processes, as torchrun sets it), got {os.environ['WORLD_SIZE']!r}") from None
+        raise ValueError(f"the environment variable {name} must be an integer (as torchrun sets it), "
+                         f"got {os.environ[name]!r}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device this process trains on: ``"cpu"``; ``"cuda"``, the GPU of LOCAL_RANK (made
+    the current one, as NCCL needs); ``"auto"``, cuda where CUDA is available, else cpu."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("TrainerConfig.device is 'cuda', but torch.cuda.is_available() is False "
+                         "(a CPU build of torch, or no GPU visible): use device 'auto' or 'cpu'")
+    index = _env_int("LOCAL_RANK", "0")
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {index} has no GPU: this machine has {torch.cuda.device_count()}")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group that torchrun describes (if any), NCCL for a CUDA ``device`` and
+    gloo otherwise; returns (rank, world_size)."""
+    world = _env_int("WORLD_SIZE", "1")
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, on ``value``'s device (NCCL reduces it on this process's GPU)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        nccl = dist.get_backend() == "nccl"
+        work = value.to(torch.device("cuda", torch.cuda.current_device()) if nccl else value.device, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        value = work.to(value.device)
     return value
 
 
@@ -50,7 +74,7 @@ def barrier() -> None:
 
 
 def wrap_model(model: torch.nn.Module, strategy: str, world: int, *,
-               find_unused_parameters: bool = False) -> torch.nn.Module:
+               find_unused_parameters: bool = False, device: torch.device | None = None) -> torch.nn.Module:
     """DDP or FSDP (per-layer ``fully_shard``) for ``world > 1``; the model itself otherwise.
 
     ``find_unused_parameters`` is DDP's: needed when some parameters get no gradient (ELECTRA's
@@ -60,7 +84,9 @@ def wrap_model(model: torch.nn.Module, strategy: str, world: int, *,
     if strategy == "single" or world == 1:
         return model
     if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+        device_ids = [device.index] if device is not None and device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                         find_unused_parameters=find_unused_parameters)
     from torch.distributed.fsdp import fully_shard
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):

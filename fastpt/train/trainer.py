@@ -20,6 +20,10 @@ step's micro-batches and ranks before the forwards and back-propagates each term
 Each term's mean over the step is logged under its name (metrics.jsonl) beside the loss; a term
 of weight 0 is logged only (DPO's reward margin and accuracy).
 
+``TrainerConfig.device`` (default "auto"): the model is moved to the GPU of each process's
+LOCAL_RANK where CUDA is available (NCCL joins the processes), else it trains on the CPU (gloo);
+batches are collated on the CPU, their label counts taken there, then moved to the device.
+
 Under DDP every parameter must get a gradient in every step, unless the model (or a module in
 it) sets ``ddp_find_unused_parameters = True`` (BERT's heads in MLM-only training or fine-tuning,
 ELECTRA's unused pooler and heads): the Trainer then passes
@@ -177,13 +181,16 @@ class Trainer:
             if len(eval_data) == 0:
                 raise ValueError("eval_data is empty: pass eval_data=None to train without evaluation")
         self.config = config
-        self.rank, self.world = fdist.init_from_env()
+        self.device = fdist.resolve_device(config.device)
+        self.rank, self.world = fdist.init_from_env(self.device)
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
+        model.to(self.device)  # before DDP / FSDP and the optimizer, which take its parameters
         self.model = model
         # A classifier around an Encoder inherits the Encoder's unused heads with it.
         find_unused = any(getattr(m, "ddp_find_unused_parameters", False) for m in model.modules())
-        self.wrapped = fdist.wrap_model(model, config.strategy, self.world, find_unused_parameters=find_unused)
+        self.wrapped = fdist.wrap_model(model, config.strategy, self.world, find_unused_parameters=find_unused,
+                                        device=self.device)
         self._every_parameter_needs_a_gradient = (
             isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) and not find_unused)
         # After the weights exist (and DDP has broadcast rank 0's): the streams differ per rank
@@ -254,11 +261,21 @@ class Trainer:
         if labels is None:
             first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
             return torch.tensor(float(first.shape[0]))
-        return (labels[..., self.config.label_shift:] != IGNORE_INDEX).sum().float()
+        return (labels[..., self.config.label_shift:] != IGNORE_INDEX).sum().float().cpu()
 
     def _autocast(self):
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu",
-                              dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _on_device(self, batch):
+        """``batch`` (a dict, list or tuple of tensors and other values, nested) with its tensors
+        on the training device. Counts are taken from the collated batch before, on the CPU."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._on_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._on_device(v) for v in batch)
+        return batch
 
     def _terms_of(self, batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """``loss_terms(batch)`` checked: (names, weights (K,), counts (K,))."""
@@ -295,6 +312,7 @@ class Trainer:
         if not isinstance(batch, dict):  # the model is called with **batch
             raise TypeError(f"a batch must be a dict of the model's inputs (from collate_fn, or the default "
                             f"collation of dict examples), got {type(batch).__name__}; or give a loss_fn")
+        batch = self._on_device(batch)
         if self._loss_without_logits and "return_logits" not in batch and batch.get("labels") is not None:
             return self.wrapped(**batch, return_logits=False)
         return self.wrapped(**batch)
@@ -302,11 +320,11 @@ class Trainer:
     def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             if self.loss_fn is not None:
-                out = self.loss_fn(self.wrapped, batch)
+                out = self.loss_fn(self.wrapped, self._on_device(batch))
                 if not isinstance(out, (tuple, list)) or len(out) != 2:
                     raise TypeError(f"loss_fn must return (mean_loss, count), got {type(out).__name__}")
                 loss, count = _check_loss(out[0], "the mean loss of loss_fn"), out[1]
-                count = torch.as_tensor(count, dtype=torch.float32)
+                count = torch.as_tensor(count, dtype=torch.float32).detach().cpu()
                 if count.dim() != 0 or not bool(count >= 0) or not bool(torch.isfinite(count)):
                     raise ValueError(f"loss_fn must return (mean_loss, count) with count a number >= 0 "
                                      f"(the label tokens the mean is over), got count {count}")
@@ -363,7 +381,7 @@ class Trainer:
                 # needs their total, which a loss_fn gives only with its forward.
                 (loss * count).backward()
             # A micro-batch without label tokens has a NaN mean (0 / 0) and adds nothing.
-            loss_sum += torch.where(count > 0, loss.detach() * count, 0.0)
+            loss_sum += torch.where(count > 0, loss.detach().cpu() * count, 0.0)
             n_seen += count
         self._check_every_parameter_got_a_gradient()
         loss_sum, total = (float(x) for x in fdist.all_reduce_sum(torch.stack([loss_sum, n_seen])))
@@ -393,10 +411,11 @@ class Trainer:
                 with self._autocast():
                     means = self._term_means(self._run(batch), names)
                 # A term with nothing to average over here has a NaN mean (0 / 0) and adds nothing.
-                term_sums = torch.where(counts[i] > 0, means * counts[i], 0.0)
+                count = counts[i].to(means.device)
+                term_sums = torch.where(count > 0, means * count, 0.0)
                 _check_differentiable(means, f"the loss terms {names}")
-                (term_sums * scale).sum().backward()
-            sums += term_sums.detach()
+                (term_sums * scale.to(means.device)).sum().backward()
+            sums += term_sums.detach().cpu()
         self._check_every_parameter_got_a_gradient()
         sums = fdist.all_reduce_sum(sums)
         means = torch.where(totals > 0, sums / totals.clamp(min=1), 0.0)
@@ -503,10 +522,10 @@ class Trainer:
         ``loss_terms``: the loss and its label tokens)."""
         if self.loss_terms is None:
             loss, count = self._forward(batch)
-            return torch.ones(1), torch.where(count > 0, loss * count, 0.0).reshape(1), count.reshape(1)
+            return torch.ones(1), torch.where(count > 0, loss.cpu() * count, 0.0).reshape(1), count.reshape(1)
         names, weights, counts = self._terms_of(batch)
         with self._autocast():
-            means = self._term_means(self._run(batch), names)
+            means = self._term_means(self._run(batch), names).cpu()
         return weights, torch.where(counts > 0, means * counts, 0.0), counts
 
     def _eval_sums(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
