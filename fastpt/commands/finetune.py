@@ -41,10 +41,9 @@ OPTIONS = [
            minimum=1),
     Option("n_train", "int", 200, f"examples of {WORLD_TASK!r}", "data", minimum=1),
     *options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)}),
-    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"),
+    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift", "device"),
                             rename={"strategy": "distributed"},
-                            helps={"strategy": "auto, single, ddp or fsdp",
-                                   "device": "auto (each process's GPU where CUDA is available), cpu or cuda"}),
+                            helps={"strategy": "auto, single, ddp or fsdp"}),
 ]
 
 

@@ -40,11 +40,10 @@ OPTIONS = [
     Option("seq_len", "int", 128, "tokens per training example", "data"),
     Option("tokenizer", "str", None, "a folder with tokenizer.json to use instead of training one",
            "data", input_path=True, optional=True),
-    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift"), helps={
+    *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift", "device"), helps={
         "max_steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
         "lr": "peak learning rate", "bf16": "bf16 autocast", "save_every": "checkpoint every N "
-        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp",
-        "device": "auto (each process's GPU where CUDA is available), cpu or cuda"}),
+        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp"}),
 ]
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from fastpt.train.schedules import SCHEDULES
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
-DEVICES = ("auto", "cpu", "cuda")  # auto: each process's GPU (LOCAL_RANK) when CUDA is there
+DEVICES = ("auto", "cpu", "cuda")  # auto: where the model is (on a GPU: each process's, LOCAL_RANK)
 # The seeds torch takes are 64-bit, and a DataLoader's is seed * 1000 + epoch: a seed beyond this
 # failed at the first batch with "Overflow when unpacking long long", naming nothing.
 SEED_LIMIT = 2**53
@@ -36,7 +36,7 @@ class TrainerConfig:
     save_every: int = 0             # 0: only at the end
     keep_last: int = 2              # 0: keep every checkpoint
     strategy: str = "auto"          # auto = ddp under torchrun with >1 process, else single
-    device: str = "auto"            # auto = cuda:LOCAL_RANK where CUDA is available, else cpu
+    device: str = "auto"            # auto = where the model is (a GPU: cuda:LOCAL_RANK); cpu; cuda
     progress: bool = True
     num_workers: int = 0
 

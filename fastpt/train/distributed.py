@@ -7,6 +7,7 @@ process and no process group is created.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -21,10 +22,13 @@ def _env_int(name: str, default: str) -> int:
                          f"got {os.environ[name]!r}") from None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, model: torch.nn.Module) -> torch.device:
     """The device this process trains on: ``"cpu"``; ``"cuda"``, the GPU of LOCAL_RANK (made
-    the current one, as NCCL needs); ``"auto"``, cuda where CUDA is available, else cpu."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    the current one, as NCCL needs); ``"auto"``, where ``model`` is: cuda (LOCAL_RANK's GPU)
+    for a model on a GPU, else cpu. (Not the GPU for any model on a GPU host: fastpt's commands
+    evaluate their CPU models after training.)"""
+    on_gpu = any(t.is_cuda for t in itertools.chain(model.parameters(), model.buffers()))
+    if name == "cpu" or (name == "auto" and not on_gpu):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError("TrainerConfig.device is 'cuda', but torch.cuda.is_available() is False "

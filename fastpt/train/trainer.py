@@ -20,9 +20,10 @@ step's micro-batches and ranks before the forwards and back-propagates each term
 Each term's mean over the step is logged under its name (metrics.jsonl) beside the loss; a term
 of weight 0 is logged only (DPO's reward margin and accuracy).
 
-``TrainerConfig.device`` (default "auto"): the model is moved to the GPU of each process's
-LOCAL_RANK where CUDA is available (NCCL joins the processes), else it trains on the CPU (gloo);
-batches are collated on the CPU, their label counts taken there, then moved to the device.
+``TrainerConfig.device``: "cuda" moves the model to the GPU of each process's LOCAL_RANK (NCCL
+joins the processes), "cpu" to the CPU (gloo); "auto" (the default) keeps it where it is, a
+model on a GPU going to LOCAL_RANK's. Batches are collated on the CPU, their label counts taken
+there, then moved to the device.
 
 Under DDP every parameter must get a gradient in every step, unless the model (or a module in
 it) sets ``ddp_find_unused_parameters = True`` (BERT's heads in MLM-only training or fine-tuning,
@@ -181,7 +182,7 @@ class Trainer:
             if len(eval_data) == 0:
                 raise ValueError("eval_data is empty: pass eval_data=None to train without evaluation")
         self.config = config
-        self.device = fdist.resolve_device(config.device)
+        self.device = fdist.resolve_device(config.device, model)
         self.rank, self.world = fdist.init_from_env(self.device)
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
