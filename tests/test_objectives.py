@@ -71,6 +71,13 @@ def test_whole_word_masking_masks_all_pieces_of_a_word():
     selected = (batch["labels"] != IGNORE_INDEX)[:, 1:-1].reshape(300, -1)[:, :117].reshape(300, 39, 3)
     assert (selected.all(-1) | ~selected.any(-1)).all()  # all pieces or none
     assert abs(selected[..., 0].float().mean() - 0.15) < 0.01
+    # the 80/10/10 replacement holds for whole words too (checked on ~5k selected pieces)
+    original = torch.stack([e["input_ids"] for e in examples])
+    picked = batch["labels"] != IGNORE_INDEX
+    ids, k = batch["input_ids"], int(picked.sum())
+    as_mask, unchanged = (ids == 4) & picked, (ids == original) & picked
+    assert abs(as_mask.sum() / k - 0.8) < 0.03
+    assert abs(unchanged.sum() / k - 0.1) < 0.02 and abs((picked & ~as_mask & ~unchanged).sum() / k - 0.1) < 0.02
     with pytest.raises(ValueError, match="word_ids"):
         MLMCollator(VOCAB, 4, 0, SPECIAL, whole_word=True)([{"input_ids": [2, 9, 3]}])
 
@@ -265,6 +272,16 @@ def test_prefix_lm_mask_and_labels():
     assert batch["attention_mask"].tolist() == [[True] * 4, [True] * 3 + [False]]
     with pytest.raises(ValueError, match="split"):
         PrefixLMCollator(0)([{"input_ids": [5, 6], "split": 2}])
+
+
+def test_prefix_lm_random_split_is_uniform():
+    """Without a given split, the prefix length is uniform over [1, len - 1]."""
+    batch = PrefixLMCollator(pad_id=0, seed=3)([{"input_ids": list(range(5, 16))}] * 20_000)  # len 11
+    counts = torch.bincount(batch["prefix_lengths"], minlength=11)
+    assert counts[0] == 0 and counts.sum() == 20_000
+    assert ((counts[1:] / 20_000 - 0.1).abs() < 0.01).all(), counts.tolist()  # ~5 sigma
+    lengths = batch["prefix_lengths"]
+    assert torch.equal((batch["labels"] == IGNORE_INDEX).sum(1), lengths)  # the prefix is never scored
 
 
 def test_causal_packed_batch():
