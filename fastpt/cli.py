@@ -141,6 +141,10 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
         print(f"fastpt mdp: error: --epsilon: expected a finite tolerance > 0, got {args.epsilon}",
               file=sys.stderr)
         return 2
+    if args.gauss_seidel and args.stop == "span":  # was found after the gridworld had printed
+        print("fastpt mdp: error: --gauss-seidel takes the sup rule only (--stop sup): the span rule's "
+              "bounds hold for Jacobi sweeps", file=sys.stderr)
+        return 2
     nonzeros = args.states * args.actions * args.successors
     need, have = _MDP_BYTES_PER_NONZERO * nonzeros, _physical_memory()
     if have and need > have:
@@ -159,7 +163,7 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         res = mdp.value_iteration(m, args.epsilon, stop=args.stop, gauss_seidel=args.gauss_seidel)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"fastpt mdp: error: {e}", file=sys.stderr)
         return 2
     t2 = time.perf_counter()
     sweeps = "Gauss-Seidel" if args.gauss_seidel else "Jacobi"

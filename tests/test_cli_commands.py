@@ -198,6 +198,32 @@ def test_shipped_configs_parse():
         assert values, name
 
 
+def test_pretrain_help_example_builds_a_valid_trainer_config(monkeypatch):
+    """The example of `fastpt pretrain --help` (--max-steps 50 over the shipped config's 60
+    warmup steps) failed with "warmup_steps (60) must be <= max_steps (50)"."""
+    import shlex
+    from fastpt.cli import build_parser
+    from fastpt.commands import pretrain
+    from fastpt.commands.common import trainer_config
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
+    parser = build_parser()
+    epilog = next(a for a in parser._actions if a.dest == "command").choices["pretrain"].epilog
+    args = parser.parse_args(shlex.split(epilog.removeprefix("Example: fastpt ")))
+    values = opts.resolve(args, pretrain.OPTIONS)
+    assert trainer_config("out", opts.section_values(values, pretrain.OPTIONS, "train")).max_steps == 100
+
+
+def test_target_modules_flag_takes_a_comma_separated_list():
+    """--target-modules q_proj,v_proj was one module name 'q_proj,v_proj' (not found)."""
+    from fastpt.cli import build_parser
+    from fastpt.commands import finetune
+    parser = build_parser()
+    for flag, expected in (("q_proj,v_proj", ["q_proj", "v_proj"]), ("all-linear", "all-linear"),
+                           ("o_proj", "o_proj"), ("none", None)):
+        args = parser.parse_args(["finetune", "--target-modules", flag])
+        assert opts.resolve(args, finetune.OPTIONS)["target_modules"] == expected
+
+
 # -- interrupt and torchrun ------------------------------------------------------------------
 
 def _steps(out):

@@ -252,6 +252,11 @@ def test_mdp_options(capsys, monkeypatch):
     err = _error(capsys, ["mdp", "--gamma", "1", "--states", "10"])
     assert "--gamma" in err and "terminal=" not in err
     assert "--epsilon" in _error(capsys, ["mdp", "--epsilon", "inf", "--states", "10"])
+    # was found after the gridworld had printed, as "error: ..." without the command's name
+    assert main(["mdp", "--gauss-seidel", "--stop", "span", "--states", "10"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("fastpt mdp: error: --gauss-seidel takes the sup rule only")
+    assert "gridworld" not in printed.out
 
 
 # -- 10: resume with no steps left ----------------------------------------------------------
@@ -319,6 +324,10 @@ AUDIT_CASES = {
     "n_docs 0": ([*_PRETRAIN, "--n-docs", "0"], "data.n_docs: expected an integer >= 1, got 0"),
     "n_docs -1": ([*_PRETRAIN, "--n-docs", "-1"], "data.n_docs: expected an integer >= 1, got -1"),
     "empty corpus": ([*_PRETRAIN, "--corpus", "{f}/empty.txt"], "holds no documents"),
+    # was the Trainer's "the training data yields no batch", with no document count
+    "encoder corpus of fewer documents than a batch": (
+        [*_PRETRAIN, "--preset", "bert-tiny", "--corpus", "{f}/docs.jsonl", "--batch-size", "4"],
+        "holds 3 document(s); an encoder trains on one example per document"),
     "field missing": ([*_PRETRAIN, "--corpus", "{f}/docs.jsonl", "--field", "nofield"], "'nofield'"),
     "tokenizer folder without tokenizer.json": ([*_PRETRAIN, "--tokenizer", "{f}"],
                                                 "data.tokenizer: no tokenizer.json"),

@@ -146,6 +146,9 @@ _TINY = "sections = [\"mdp\"]\n[mdp]\nmdp_states = 100\n"
     ("threads = 2000\n" + _TINY, "threads: expected at most 1024 threads"),
     (_TINY + "[icl]\nicl_shots = []\n", "icl.icl_shots: expected a non-empty list"),
     (_TINY + "[icl]\nicl_shots = [true]\n", "icl.icl_shots: expected a list of names or numbers"),
+    # were a run folder with the pretrain section's traceback in report.md, exit 1
+    (_TINY + "[pretrain]\nvocab_size = 10\n", "pretrain.vocab_size: expected an integer >= 257 (the decoder"),
+    (_TINY + "[pretrain]\nseq_len = 1\n", "pretrain.seq_len: expected an integer >= 3 (the encoder"),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, toml, message):
     path = tmp_path / "demo.toml"

@@ -152,6 +152,18 @@ def test_bad_model_args(tmp_path):
         FastptLM(pretrained=str(tmp_path))
 
 
+def test_a_fine_tuned_task_head_is_not_scored_as_a_language_model(folder, tmp_path):
+    """A merged classifier's folder holds its base's config.json: lm-eval scored that base's
+    untrained LM head (exit 0), where generate and eval refuse such a folder."""
+    from fastpt.finetune import FinetuneConfig, SequenceClassifier, prepare, save_merged
+    from fastpt.icl.lm_eval_harness import FastptLM
+    from fastpt.models import from_pretrained
+    model = prepare(SequenceClassifier(from_pretrained(folder), 2), FinetuneConfig(strategy="lora", lora_r=2))
+    save_merged(model, str(tmp_path / "ft"))
+    with pytest.raises(ValueError, match=r"a fine-tuned task head \(head_config.json\), not a language model"):
+        FastptLM(pretrained=str(tmp_path / "ft"))
+
+
 def test_fastpt_lm_eval_command(folder, task_dir, tmp_path, capsys):
     from fastpt.cli import main
     from fastpt.commands.lm_eval import lm_eval_argv

@@ -5,6 +5,7 @@ IA3, BitFit); resumable; runs under torchrun."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -40,7 +41,8 @@ OPTIONS = [
     Option("max_length", "int", 128, "tokens per example (longer ones are truncated)", "data",
            minimum=1),
     Option("n_train", "int", 200, f"examples of {WORLD_TASK!r}", "data", minimum=1),
-    *options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)}),
+    *[dataclasses.replace(o, kind="names") if o.name == "target_modules" else o  # --target-modules q_proj,v_proj
+      for o in options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)})],
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift", "device"),
                             rename={"strategy": "distributed"},
                             helps={"strategy": "auto, single, ddp or fsdp"}),

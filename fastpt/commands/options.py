@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("int", "float", "str", "bool", "list", "str_or_list")
+KINDS = ("int", "float", "str", "bool", "list", "str_or_list", "names")
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,9 @@ def _parse_flag(option: Option):
             return None
         if option.kind == "str_or_list":  # one string from a flag: a prompt or a stop string
             return text                      # may hold commas (several: a TOML list)
+        if option.kind == "names":  # module names hold no commas: "q_proj,v_proj" is two
+            names = [s.strip() for s in text.split(",") if s.strip()]
+            return names if "," in text else text
         if option.kind == "list":
             return [_number_or_text(s.strip()) for s in text.split(",") if s.strip()]
         try:
@@ -136,7 +139,8 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
 # -- TOML ----------------------------------------------------------------------------------
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-               "list": "a list", "str_or_list": "a string or a list of strings"}
+               "list": "a list", "str_or_list": "a string or a list of strings",
+               "names": "a name or a list of names"}
 
 
 def _type_ok(kind: str, value) -> bool:

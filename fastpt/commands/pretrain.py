@@ -11,15 +11,10 @@ from fastpt.commands.common import (check_output_dir, check_resume_step, checkpo
 from fastpt.commands.options import (ConfigError, Option, add_options, check_input_file, options_from_dataclass,
                                      resolve, section_values)
 from fastpt.train.config import TrainerConfig
+from fastpt.train.recipes import MIN_SEQ_LEN, MIN_VOCAB
 
 ENCODER_PRESETS = ("bert-tiny", "bert-small", "bert-base")
 DECODER_PRESETS = ("gpt2-tiny", "gpt2-small", "gpt2-base", "llama-tiny", "llama-small", "llama-base")
-# Tokens per example: an encoder needs [CLS], a token to mask and [SEP]; a decoder one input
-# and one target token.
-MIN_SEQ_LEN = {"encoder": (3, "[CLS], a token and [SEP]"), "decoder": (2, "an input and a target token")}
-# The smallest tokenizers train_tokenizer builds (wordpiece for encoders, byte-level BPE for
-# decoders), checked here so that a run is refused before anything is written.
-MIN_VOCAB = {"encoder": (64, "wordpiece"), "decoder": (257, "byte-level BPE: 256 bytes and <|endoftext|>")}
 
 OPTIONS = [
     Option("output_dir", "str", "runs/pretrain", "folder for checkpoints, metrics, the final model"),
@@ -53,12 +48,12 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Pre-train a model from a preset on a corpus (a tokenizer is trained on it unless\n"
-            "given). Writes checkpoints, metrics.jsonl/.csv and loss.png into output_dir, and\n"
+            "given). Writes checkpoints, metrics.jsonl/.csv and loss_curve.png into output_dir, and\n"
             "the final model in HF layout (config.json, model.safetensors, tokenizer.json)\n"
             "into output_dir/final. Ctrl-C finishes the current step and saves a checkpoint;\n"
             "--resume continues from it. Several processes: torchrun --nproc-per-node N\n"
             "-m fastpt pretrain ... (gloo on CPU, NCCL on GPU)."),
-        epilog="Example: fastpt pretrain --config configs/pretrain-decoder.toml --max-steps 50")
+        epilog="Example: fastpt pretrain --config configs/pretrain-decoder.toml --max-steps 100")
     add_options(p, OPTIONS)
     p.set_defaults(func=run)
 
@@ -167,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
     resume_from = checkpoint_root(v["output_dir"], v["resume"])
     check_resume_step(resume_from, v["max_steps"])
     docs = _corpus(v)
+    if encoder and docs is not None and len(docs) < v["batch_size"]:
+        # the Trainer said only "the training data yields no batch", naming no document count
+        raise ConfigError(f"data.corpus: {v['corpus']} holds {len(docs)} document(s); an encoder trains on "
+                          f"one example per document and needs at least train.batch_size = "
+                          f"{v['batch_size']} (in a .txt corpus, blank lines separate documents)")
     tokenizer = _given_tokenizer(v, resume_from, tokenizer)
     tokenizer_from = ("output_dir" if resume_from else "data.tokenizer" if v["tokenizer"] else
                       "model.init_from")

@@ -166,6 +166,14 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        from fastpt.train.recipes import MIN_SEQ_LEN, MIN_VOCAB  # (torch: imported when checked)
+        # the demo pre-trains an encoder and a decoder on one vocab_size and seq_len: these
+        # failed inside the pretrain section, with a traceback in report.md
+        for name, least in (("seq_len", MIN_SEQ_LEN), ("vocab_size", MIN_VOCAB)):
+            kind, (low, why) = max(least.items(), key=lambda item: item[1][0])
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"{name}: expected an integer >= {low} (the {kind}: {why}), "
+                                 f"got {getattr(self, name)}")
         if self.threads > MAX_THREADS or self.train_threads > MAX_THREADS:
             name = "threads" if self.threads > MAX_THREADS else "train_threads"
             raise ValueError(f"{name}: expected at most {MAX_THREADS} threads, got {getattr(self, name)}")

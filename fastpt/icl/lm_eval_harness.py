@@ -78,6 +78,11 @@ class FastptLM(LM):
             raise ValueError("fastpt lm-eval model: model_args needs pretrained=PATH (a fastpt model folder)")
         if not os.path.isfile(os.path.join(pretrained, "config.json")):
             raise ValueError(f"pretrained={pretrained}: not a model folder (no config.json)")
+        from fastpt.finetune.save import HEAD_CONFIG
+        if os.path.isfile(os.path.join(pretrained, HEAD_CONFIG)):
+            # from_pretrained reads the base beside it, whose LM head the fine-tune never trained
+            raise ValueError(f"pretrained={pretrained}: a fine-tuned task head ({HEAD_CONFIG}), not a language "
+                             "model: lm-eval scores text with a decoder's own LM head")
         model = from_pretrained(pretrained)
         if not isinstance(model, Decoder):
             raise ValueError(f"pretrained={pretrained}: lm-eval needs a decoder, got {type(model).__name__}")

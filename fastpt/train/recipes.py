@@ -18,6 +18,12 @@ from fastpt.pretrain.mlm import MLMCollator
 from fastpt.train import Trainer, TrainerConfig, seed_everything
 
 OBJECTIVES = ("mlm", "electra", "clm")
+# Tokens per example: an encoder needs [CLS], a token to mask and [SEP]; a decoder one input
+# and one target token.
+MIN_SEQ_LEN = {"encoder": (3, "[CLS], a token and [SEP]"), "decoder": (2, "an input and a target token")}
+# The smallest tokenizers train_tokenizer builds (wordpiece for encoders, byte-level BPE for
+# decoders): the commands and the demo refuse less before anything is written.
+MIN_VOCAB = {"encoder": (64, "wordpiece"), "decoder": (257, "byte-level BPE: 256 bytes and <|endoftext|>")}
 
 
 @dataclass
