@@ -94,6 +94,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown to PATH")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (no compile records, ratio_vs_compile null)")
+    _add_toml_config(p)
     p.set_defaults(func=_cmd_bench)
 
 
@@ -126,6 +127,7 @@ def _add_mdp(sub) -> None:
     p.add_argument("--gauss-seidel", action="store_true",
                    help="Gauss-Seidel sweeps (16 phases; fewer sweeps, same guarantee; sup rule only)")
     p.add_argument("--seed", type=int, default=0)
+    _add_toml_config(p)
     p.set_defaults(func=_cmd_mdp)
 
 
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, rest = build_parser().parse_known_args(argv)
         if rest and args.command not in PASS_THROUGH:
             build_parser().parse_args(argv)
-        args.rest = rest
+        args.rest, args.argv = rest, list(sys.argv[1:] if argv is None else argv)
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C while parsing or importing, or a second one in _run
         print("fastpt: interrupted", file=sys.stderr)
@@ -253,6 +255,8 @@ def _run(args: argparse.Namespace) -> int:
     from fastpt.train import CheckpointError
     from fastpt.train.interrupt import TrainingInterrupted
     try:
+        if getattr(args, "toml_config", None):
+            args = _with_toml_config(args)
         return args.func(args)
     except TrainingInterrupted as e:
         where = f"; checkpoint in {e.checkpoint}: run again with --resume" if e.checkpoint else ""
@@ -268,6 +272,59 @@ def _run(args: argparse.Namespace) -> int:
         what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         print(f"fastpt {args.command}: error: {what}", file=sys.stderr)
         return 2
+
+
+def _add_toml_config(p: argparse.ArgumentParser) -> None:
+    """--config for a command whose options are plain flags (bench, mdp): a TOML file whose
+    keys are the flags' names (dashes or underscores), the flags given overriding it."""
+    p.add_argument("--config", dest="toml_config", metavar="PATH",
+                   help="a TOML file of these options (keys: the flag names without --, a list for a "
+                        "comma-separated flag, true/false for a switch); flags given override it")
+
+
+def _with_toml_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` parsed again with the --config file's values as the command's defaults;
+    ConfigError naming the file and key for an unknown key or a value its flag refuses."""
+    import tomllib
+
+    from fastpt.commands.options import ConfigError, check_input_file
+    path = args.toml_config
+    check_input_file(path, "--config")
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    parser = build_parser()
+    command = next(a for a in parser._actions if a.dest == "command").choices[args.command]
+    actions = {a.dest: a for a in command._actions if a.dest not in ("help", "toml_config")}
+    defaults = {}
+    for key, value in table.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            raise ConfigError(f"{path}: unknown key '{key}'; {args.command} takes "
+                              f"{', '.join(sorted(d.replace('_', '-') for d in actions))}")
+        if action.nargs == 0:  # a switch such as --quick
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: key '{key}' must be true or false, got {value!r}")
+        else:
+            if isinstance(value, (dict, bool)) or (isinstance(value, list) and not all(
+                    isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"{path}: key '{key}' must be a number, a string or a list of them, "
+                                  f"got {value!r}")
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            try:
+                value = action.type(text) if action.type else text
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise ConfigError(f"{path}: key '{key}': {e}") from None
+            if action.choices is not None and value not in action.choices:
+                raise ConfigError(f"{path}: key '{key}' must be one of "
+                                  f"{', '.join(map(str, action.choices))}, got {value!r}")
+        defaults[action.dest] = value
+    command.set_defaults(**defaults)
+    again, _ = parser.parse_known_args(args.argv)
+    again.rest, again.argv, again.toml_config = args.rest, args.argv, None
+    return again
 
 
 if __name__ == "__main__":

@@ -259,6 +259,31 @@ def test_mdp_options(capsys, monkeypatch):
     assert "gridworld" not in printed.out
 
 
+def test_mdp_and_bench_take_a_toml_config(tmp_path, capsys):
+    """`fastpt mdp` and `fastpt bench` had no --config, which every other command takes."""
+    cfg = tmp_path / "mdp.toml"
+    cfg.write_text('states = 40\nsuccessors = 3\ngamma = 0.5\ngauss-seidel = true\n')
+    assert main(["mdp", "--config", str(cfg), "--gamma", "0.8"]) == 0  # a flag overrides the file
+    out = capsys.readouterr().out
+    assert "states=40" in out and "gamma=0.8" in out and "Gauss-Seidel" in out
+    for text, message in (('states = "x"\n', "key 'states': 'x': expected a positive integer"),
+                          ("nope = 1\n", "unknown key 'nope'; mdp takes actions, epsilon"),
+                          ("gauss_seidel = 1\n", "key 'gauss_seidel' must be true or false"),
+                          ('stop = "max"\n', "key 'stop' must be one of sup, span"),
+                          ("states = [1, [2]]\n", "must be a number, a string or a list of them"),
+                          ("[mdp\n", "not valid TOML")):
+        cfg.write_text(text)
+        assert message in _error(capsys, ["mdp", "--config", str(cfg)])
+    assert "no such file" in _error(capsys, ["mdp", "--config", str(tmp_path / "none.toml")])
+    bench = tmp_path / "bench.toml"
+    bench.write_text('ops = ["rms_norm", "swiglu"]\nquick = true\nbudget = 0.5\n')
+    argv = ["bench", "--config", str(bench), "--budget", "2"]
+    args = cli.build_parser().parse_args(argv)
+    args.rest, args.argv = [], argv
+    again = cli._with_toml_config(args)
+    assert again.ops == ("rms_norm", "swiglu") and again.quick is True and again.budget == 2.0
+
+
 # -- 10: resume with no steps left ----------------------------------------------------------
 
 def test_resume_at_max_steps_does_nothing(pretrained, capsys):
