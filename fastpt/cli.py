@@ -285,16 +285,9 @@ def _add_toml_config(p: argparse.ArgumentParser) -> None:
 def _with_toml_config(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` parsed again with the --config file's values as the command's defaults;
     ConfigError naming the file and key for an unknown key or a value its flag refuses."""
-    import tomllib
-
-    from fastpt.commands.options import ConfigError, check_input_file
+    from fastpt.commands.options import ConfigError, read_toml
     path = args.toml_config
-    check_input_file(path, "--config")
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    table = read_toml(path)
     parser = build_parser()
     command = next(a for a in parser._actions if a.dest == "command").choices[args.command]
     actions = {a.dest: a for a in command._actions if a.dest not in ("help", "toml_config")}

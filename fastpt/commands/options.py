@@ -165,14 +165,20 @@ def check_input_file(path: str, key: str) -> None:
         raise ConfigError(f"{key}: no such file: {path}")
 
 
-def load_toml(path: str, options: list[Option]) -> dict:
-    """The option values set in the TOML file ``path``, checked against ``options``."""
+def read_toml(path: str) -> dict:
+    """The table of the --config file ``path``; ConfigError when it is missing, a folder or
+    not valid TOML."""
     check_input_file(path, "--config")
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_toml(path: str, options: list[Option]) -> dict:
+    """The option values set in the TOML file ``path``, checked against ``options``."""
+    data = read_toml(path)
     by_key = {o.key: o for o in options}
     sections = {o.section for o in options if o.section}
     values = {}
