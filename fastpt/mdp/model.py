@@ -401,12 +401,7 @@ class MDP:
             else:
                 reward = self._reduce_sparse_reward(indptr, indices, values).view(S, A)
         if isinstance(reward, _PerNonzero):
-            bad = (~torch.isfinite(reward.values)).nonzero()
-            if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
-                k = int(bad[0, 0])
-                row = int(torch.searchsorted(self.indptr, torch.tensor(k), right=True)) - 1
-                raise ValueError(f"R(s'={int(self.indices[k])} | {self._state_action(row)}) is "
-                                 f"{float(reward.values[k])}: rewards must be finite")
+            self._check_finite_per_entry(self.indptr, self.indices, reward.values)
             r = self._row_sums(self.values.to(torch.float64) * reward.values).view(S, A)
         else:
             r = _check_real("reward", _as_tensor(reward)).to(torch.float64)
@@ -438,18 +433,23 @@ class MDP:
             raise ValueError(f"reward of state {s}, action {a} is {float(r[s, a])}: rewards must be finite")
         return r.to(self.dtype).contiguous()
 
+    def _check_finite_per_entry(self, indptr: Tensor, indices: Tensor, values: Tensor) -> None:
+        """Rewards of a state-major CSR R(s, a, s'), each finite, or ValueError naming the
+        first that is not: checked before P * R, where an inf under P = 0 would read as NaN."""
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            k = int(bad[0, 0])
+            row = int(torch.searchsorted(indptr, torch.tensor(k), right=True)) - 1
+            raise ValueError(f"R(s'={int(indices[k])} | {self._state_action(row)}) is "
+                             f"{float(values[k])}: rewards must be finite")
+
     def _reduce_sparse_reward(self, indptr: Tensor, indices: Tensor, values: Tensor) -> Tensor:
         """sum_s' P(s'|s,a) R(s,a,s') per state-major row, for an R(s, a, s') CSR whose pattern
         differs from P's. An entry stored in one and not the other is a zero there, so R may
         store a subset of P's pattern, or rewards of transitions of probability 0 (they add
         nothing); duplicate entries add, as in scipy. The entries of both, ordered by (row,
         successor), are summed per (row, successor) and multiplied: O(nnz log nnz), no S x S."""
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
-            k = int(bad[0, 0])
-            row = int(torch.searchsorted(indptr, torch.tensor(k), right=True)) - 1
-            raise ValueError(f"R(s'={int(indices[k])} | {self._state_action(row)}) is "
-                             f"{float(values[k])}: rewards must be finite")
+        self._check_finite_per_entry(indptr, indices, values)
         rows = torch.arange(self.num_states * self.num_actions)
         n_p, n_r = self.indices.numel(), indices.numel()
         row = torch.cat([torch.repeat_interleave(rows, self.indptr[1:] - self.indptr[:-1], output_size=n_p),
