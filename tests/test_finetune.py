@@ -337,7 +337,7 @@ def test_bottleneck_adapters_sit_where_their_kind_puts_them_and_start_near_ident
 def test_prompt_tuning_starts_from_vocabulary_embeddings(init_text):
     """The soft prompt's rows are copies of token embeddings: the given ids, repeated to the
     prompt's length, or random vocabulary rows."""
-    from fastpt.finetune.strategies import token_embedding
+    from fastpt.finetune.prompt_tuning import token_embedding
     config = FinetuneConfig(strategy="prompt", num_virtual_tokens=5, prompt_init_text=init_text)
     model = prepare(SequenceClassifier(_backbone("gpt2"), 2), config)
     vocab = token_embedding(model.model.backbone).weight.detach()
@@ -460,7 +460,7 @@ def test_prefix_tuning_generates_with_a_kv_cache():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("strategy", ["lora", "int8_lora", "adapters", "prefix", "ia3"])
+@pytest.mark.parametrize("strategy", ["lora", "int8_lora", "adapters", "prefix", "ia3", "prompt"])
 def test_every_decoder_strategy_generates_as_it_scores(kind, strategy):
     """generate() with 8 or more new tokens decodes with stacked copies of q/k/v and gate/up;
     a layer a strategy wraps must be left to its own forward, and the tokens must be those
@@ -477,6 +477,46 @@ def test_every_decoder_strategy_generates_as_it_scores(kind, strategy):
         for _ in range(steps):
             seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
     assert generated == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prompt_tuned_decoder_steps_on_its_cache_as_it_scores_padded_rows(kind):
+    """The cache holds the soft tokens after the first call; later calls feed new tokens with
+    the real tokens' mask and positions. Left padding, sampling and beams as without a prompt."""
+    model = prepare(_backbone(kind), FinetuneConfig(strategy="prompt", num_virtual_tokens=4)).eval()
+    torch.nn.init.normal_(model.prompt.embeddings, std=0.5)
+    ids = _batch()["input_ids"][:2, :6]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        cache = model.new_cache(2, 6)
+        assert cache.max_length == 6 + 4
+        model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache)
+        positions = mask.long().cumsum(1)[:, 4:] - 1
+        step = model(input_ids=ids[:, 4:], attention_mask=mask, position_ids=positions,
+                     past_key_values=cache).logits
+        unprompted = model.model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(step, full[:, 4:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[1], unprompted[1], atol=1e-3)  # the prompt matters
+    prompts = [[1, 5, 9, 4], [7, 11]]
+    out = model.generate(prompts, max_new_tokens=5, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        alone = model.generate([prompt], max_new_tokens=5, eos_token_id=[])[0]
+        assert out[row, -5:].tolist() == alone[-5:].tolist()
+        assert out[row, -5 - len(prompt):-5].tolist() == prompt  # real tokens only, no soft ones
+    beams = model.generate(prompts, max_new_tokens=4, num_beams=3, eos_token_id=[])
+    assert beams.shape == (2, 4 + 4)
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompts, max_new_tokens=4, do_sample=True, top_k=5, generator=g, eos_token_id=[])
+    assert sampled.shape == (2, 8)
+
+
+def test_prompt_tuned_gpt2_counts_the_soft_tokens_against_its_positions():
+    model = prepare(_backbone("gpt2"), FinetuneConfig(strategy="prompt", num_virtual_tokens=4)).eval()
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"needs {limit + 1} positions"):
+        model.generate([[1] * (limit - 4)], max_new_tokens=2)
+    assert model.generate([[1] * (limit - 4)], max_new_tokens=1, eos_token_id=[]).shape == (1, limit - 3)
 
 
 def test_layer_mix_features_train_in_a_probe():

@@ -100,10 +100,25 @@ def test_prompt_tuned_explicit_positions_equal_the_default(kind):
     torch.testing.assert_close(model(ids, mask, position_ids=positions).logits, model(ids, mask).logits)
 
 
-def test_prompt_tuning_refuses_a_kv_cache():
+def test_prompt_tuned_cache_refuses_what_would_misplace_the_soft_tokens():
     lm = _prompt(_decoder())
-    with pytest.raises(ValueError, match="prompt tuning does not support use_cache"):
-        lm(_ids(), use_cache=True)
+    ids = _ids()
+    base_cache = lm.model(input_ids=ids, use_cache=True).past_key_values  # no soft tokens in it
+    with pytest.raises(ValueError, match="not this prompt's soft tokens"):
+        lm(ids[:, :1], past_key_values=base_cache)
+    cache = lm(ids, use_cache=True).past_key_values
+    assert cache.length == N_VIRTUAL + ids.shape[1]
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, real tokens cached \+ new\) = \(2, 7\)"):
+        lm(ids[:, :1], attention_mask=torch.ones(2, 7 + N_VIRTUAL), past_key_values=cache)
+    with pytest.raises(ValueError, match="prompt tuning does not support document_ids"):
+        lm(ids, document_ids=torch.zeros_like(ids))
+    head = _prompt(SequenceClassifier(_decoder(), 2))
+    with pytest.raises(ValueError, match="a KV cache needs prompt tuning on a bare Decoder or Seq2Seq"):
+        head(ids, use_cache=True)
+    with pytest.raises(TypeError, match="generate needs prompt tuning on a bare Decoder or Seq2Seq"):
+        head.generate([[1, 2]])
+    with pytest.raises(TypeError, match="input_ids must be a \\(B, T\\) tensor"):
+        lm([[1, 2]])
 
 
 # SequenceClassifier and TokenClassifier labels.

@@ -121,8 +121,13 @@ def test_prompt_tuning_prepends_to_the_encoder_input_and_extends_its_mask():
     torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
     assert out.encoder_last_hidden_state.shape[1] == n + batch["input_ids"].shape[1]
-    with pytest.raises(ValueError, match="does not support encoder_outputs"):
-        model(**batch, encoder_outputs=out.encoder_last_hidden_state)
+    memory = model.encode(batch["input_ids"], batch["attention_mask"])[0]
+    torch.testing.assert_close(memory, out.encoder_last_hidden_state, rtol=0, atol=0)
+    again = model(attention_mask=batch["attention_mask"], labels=batch["labels"], encoder_outputs=memory)
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=0)
+    unprompted = base.encode(batch["input_ids"], batch["attention_mask"])[0]
+    with pytest.raises(ValueError, match="must come from this prompt-tuned model's encode"):
+        model(attention_mask=batch["attention_mask"], labels=batch["labels"], encoder_outputs=unprompted)
 
 
 def _perturbed(model):
@@ -163,7 +168,7 @@ def test_prefix_of_every_attention_gets_a_gradient():
     assert per_site.shape == (6,) and (per_site > 0).all(), per_site  # cross-attention's too
 
 
-@pytest.mark.parametrize("strategy", ["prefix", "ia3", "adapters", "lora"])
+@pytest.mark.parametrize("strategy", ["prefix", "ia3", "adapters", "lora", "prompt"])
 def test_every_strategy_generates_as_it_scores(strategy):
     """generate() (encoder once, cached cross keys/values, one decoder step per token) gives
     the tokens of greedy decoding by full recomputation, prompts of two lengths padded."""

@@ -294,3 +294,26 @@ def test_prompt_and_request_arguments_are_checked(model, tok):
             generate_answer(model, tok, "Ruza ->", stop=stop, max_new_tokens=2)
     assert generate_answer(model, tok, "Ruza ->", stop=None, max_new_tokens=2) == \
         generate_answer(model, tok, "Ruza ->", stop=(), max_new_tokens=2)
+
+
+def test_a_prompt_tuned_model_scores_and_answers_through_its_soft_tokens(model, tok):
+    """The scoring cache starts with the soft tokens (copied to every choice's row) and the
+    positions they take are not the input's: scores equal the wrapper's own forward."""
+    import copy
+    from fastpt.finetune import FinetuneConfig, prepare
+    tuned = prepare(copy.deepcopy(model), FinetuneConfig(strategy="prompt", num_virtual_tokens=5)).eval()
+    torch.nn.init.normal_(tuned.prompt.embeddings, std=0.5)
+    from fastpt.icl.scoring import max_length
+    assert max_length(tuned) == model.config.max_position_embeddings - 5
+    reqs = [("Ruza lives in", " Varna"), ("Ruza lives in", " Fasutra town")]
+    scores, plain = loglikelihood(tuned, tok, reqs), loglikelihood(model, tok, reqs)
+    for (ctx, cont), s, p in zip(reqs, scores, plain):
+        c_ids, t_ids = split_request(tok, ctx, cont)
+        with torch.no_grad():
+            logp = torch.log_softmax(tuned(input_ids=torch.tensor([c_ids + t_ids])).logits.double(), -1)[0]
+        pos = torch.arange(len(c_ids) - 1, len(c_ids) + len(t_ids) - 1)
+        assert s.logprob == pytest.approx(float(logp[pos, torch.tensor(t_ids)].sum()), rel=1e-4, abs=1e-4)
+        assert s.logprob != pytest.approx(p.logprob, abs=1e-3)  # the soft tokens matter
+    ids = _encode(tok, "Ruza lives in")
+    expected = tok.decode(_greedy_reference(tuned, ids, 4))
+    assert generate_answer(tuned, tok, "Ruza lives in", stop=(), max_new_tokens=4) == expected

@@ -56,6 +56,11 @@ def features(backbone: nn.Module, input_ids=None, attention_mask=None, *, layer:
     return (last if not every else hidden[n]), hidden
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The backbone of a task head; a bare model is its own."""
+    return getattr(model, "backbone", model)
+
+
 def check_backbone(backbone: nn.Module) -> None:
     """TypeError unless ``backbone`` is an Encoder or Decoder, the models ``features`` reads.
     A Seq2Seq is fine-tuned text-to-text, as it is, with labels."""

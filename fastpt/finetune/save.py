@@ -296,7 +296,7 @@ def _read_safetensors(file: str) -> tuple[dict, dict]:
 def _check_sizes(model: torch.nn.Module, config: FinetuneConfig, tensors: dict, file: str) -> None:
     """Sizes that ``prepare`` allocates, checked before it runs against the saved tensors: a
     config asking for 10**11 prompt tokens would otherwise try to allocate terabytes."""
-    from fastpt.finetune.strategies import token_embedding
+    from fastpt.finetune.prompt_tuning import token_embedding
     suffixes = {"prompt": ("num_virtual_tokens", ("prompt.embeddings",)),
                 "prefix": ("prefix_length", ("prefix_tuning.embedding.weight", "prefix_tuning.prefix"))}
     if config.strategy not in suffixes:
@@ -437,7 +437,7 @@ def save_merged(model: torch.nn.Module, path: str) -> None:
     them with ``save_adapter``."""
     from fastpt.finetune.peft_modules import WithAdapter
     from fastpt.finetune.prefix import PrefixAttention
-    from fastpt.finetune.strategies import PromptTuned
+    from fastpt.finetune.prompt_tuning import PromptTuned
     if isinstance(model, PromptTuned):
         raise ValueError("prompt tuning has no weights to merge into; use save_adapter")
     backbone = backbone_of(model)

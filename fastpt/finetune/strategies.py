@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from fastpt.finetune import lora as lora_mod
-from fastpt.finetune.heads import (IGNORE_INDEX, QuestionAnswering, SequenceClassifier, TokenClassifier,
-                                   qa_loss)
-from fastpt.finetune.peft_modules import BottleneckAdapter, IA3Linear, SoftPrompt, WithAdapter
+from fastpt.finetune.heads import SequenceClassifier, backbone_of
+from fastpt.finetune.peft_modules import BottleneckAdapter, IA3Linear, WithAdapter
 from fastpt.finetune.prefix import add_prefix_tuning
+from fastpt.finetune.prompt_tuning import PromptTuned
 from fastpt.models import Decoder, Encoder, Seq2Seq
 
 # The attribute where ``prepare`` records its config on the model it returns.
@@ -109,10 +109,6 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
-    return getattr(model, "backbone", model)
-
-
 def _head_parameters(model: nn.Module) -> list:
     backbone = backbone_of(model)
     if backbone is model:
@@ -160,7 +156,7 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
              "adapters": _adapters, "prefix": _prefix, "ia3": _ia3, "bitfit": _bitfit}
     wrapped = model
     if config.strategy == "prompt":
-        wrapped = PromptTuned(model, config)
+        wrapped = PromptTuned(model, config.num_virtual_tokens, config.prompt_init_text)
     elif config.strategy in ("lora", "int8_lora") and backbone is not model:
         apply[config.strategy](backbone, replace(config, target_modules=_lora_targets(model, config)))
     else:
@@ -340,99 +336,6 @@ def _bitfit(backbone, c):
                          "(e.g. Llama); pick another strategy")
     for p in biases:
         p.requires_grad_(True)
-
-
-def token_embedding(backbone) -> nn.Embedding:
-    if isinstance(backbone, Encoder):
-        return backbone.embeddings.tokens
-    if isinstance(backbone, Decoder):
-        return backbone.embed_tokens
-    if isinstance(backbone, Seq2Seq):
-        return backbone.shared
-    raise TypeError(f"prompt tuning needs a fastpt Encoder, Decoder or Seq2Seq, got "
-                    f"{type(backbone).__name__}")
-
-
-class PromptTuned(nn.Module):
-    """Prepends soft tokens to the input embeddings of ``model`` (after [CLS] for encoders,
-    so [CLS] pooling still reads the first position).
-
-    Inputs and outputs stay those of the real tokens: ``token_type_ids`` and ``position_ids``
-    get entries for the virtual tokens (segment 0; the positions the model would give them by
-    default), token labels get -100 there, QA positions keep indexing the input, and per-token
-    logits (``TokenClassifier``, ``QuestionAnswering``, a bare Decoder's LM logits) come back
-    without the virtual positions. Hidden states keep them. A Seq2Seq gets the prompt in front
-    of its encoder input (Lester et al.); its labels and logits are the decoder's, untouched."""
-
-    # These index or extend the input as given; the prompt inserted on every call would put
-    # them off by the virtual tokens (and a KV cache would hold the prompt twice).
-    # encoder_outputs would skip the encoder, where a Seq2Seq's prompt goes.
-    UNSUPPORTED = ("past_key_values", "use_cache", "document_ids", "prefix_lengths", "encoder_outputs")
-
-    def __init__(self, model: nn.Module, c: FinetuneConfig):
-        super().__init__()
-        self.model = model
-        embed = token_embedding(backbone_of(model))
-        n = c.num_virtual_tokens
-        if c.prompt_init_text:
-            too_big = [i for i in c.prompt_init_text if i >= embed.num_embeddings]
-            if too_big:
-                raise ValueError(f"prompt_init_text holds token ids {too_big[:5]} outside this model's "
-                                 f"vocabulary of {embed.num_embeddings}")
-            ids = torch.tensor(c.prompt_init_text).repeat(-(-n // len(c.prompt_init_text)))[:n]
-        else:
-            ids = torch.randint(0, embed.num_embeddings, (n,), generator=torch.Generator().manual_seed(0))
-        self.prompt = SoftPrompt(embed.weight[ids])
-        self.after_first = isinstance(backbone_of(model), Encoder)
-
-    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
-        for name in self.UNSUPPORTED:
-            if kw.get(name) is not None and kw.get(name) is not False:  # `in` would compare tensors
-                raise ValueError(f"prompt tuning does not support {name}: it would not account for "
-                                 "the virtual tokens inserted on every call")
-        embeds = token_embedding(backbone_of(self.model))(input_ids)
-        (B, T), at, n = input_ids.shape, int(self.after_first), self.prompt.embeddings.shape[0]
-        mask = attention_mask
-        if mask is None:
-            mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        x, mask = self.prompt.insert(embeds, mask, at)
-        qa = isinstance(self.model, QuestionAnswering)
-        bare = backbone_of(self.model) is self.model and not isinstance(self.model, Seq2Seq)
-        per_token = qa or isinstance(self.model, TokenClassifier) or bare
-        if per_token and labels is not None:  # not a sequence's (B,) or (B, 1) labels
-            labels = self._extend("labels", labels, B, T, at, n)
-        for name in ("token_type_ids", "position_ids"):
-            if kw.get(name) is not None:
-                kw[name] = self._extend(name, kw[name], B, T, at, n)
-        if qa:  # the loss is taken below, on the logits of the real tokens
-            positions = kw.pop("start_positions", None), kw.pop("end_positions", None)
-        if labels is not None:  # not every head takes labels (QuestionAnswering)
-            kw["labels"] = labels
-        out = self.model(inputs_embeds=x, attention_mask=mask, **kw)
-        if not per_token or out.logits is None:
-            return out
-        logits = out.logits
-        if at == 0:  # decoders: the last T positions (logits_to_keep may have kept fewer)
-            logits = logits[:, max(logits.shape[1] - T, 0):]
-        else:
-            logits = torch.cat([logits[:, :at], logits[:, at + n:]], 1)
-        out = replace(out, logits=logits)
-        if qa:
-            out = replace(out, loss=qa_loss(logits, attention_mask, *positions))
-        return out
-
-    @staticmethod
-    def _extend(name, t, B, T, at, n):
-        """(B, T) per-token labels or ids (position_ids and token_type_ids may be (1, T)) ->
-        (B or 1, T + n) with entries for the virtual tokens at ``at``."""
-        if t.dim() != 2 or t.shape[1] != T or t.shape[0] not in ((B,) if name == "labels" else (1, B)):
-            raise ValueError(f"{name} must be (B, T) = ({B}, {T}) like input_ids, got {tuple(t.shape)}")
-        if name == "position_ids":  # as by default: the virtual tokens follow token at-1, the rest move up
-            start = t[:, at - 1:at] + 1 if at else t.new_zeros(t.shape[0], 1)
-            return torch.cat([t[:, :at], start + torch.arange(n, device=t.device), t[:, at:] + n], 1)
-        # labels: not scored; token_type_ids: after [CLS], in the first segment
-        fill = t.new_full((t.shape[0], n), IGNORE_INDEX if name == "labels" else 0)
-        return torch.cat([t[:, :at], fill, t[:, at:]], 1)
 
 
 def count_parameters(model: nn.Module) -> dict:

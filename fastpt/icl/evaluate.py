@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastpt.icl.prompts import PromptFormat, build_prompt, requests_for, sample_examples
-from fastpt.icl.scoring import loglikelihood
+from fastpt.icl.scoring import loglikelihood, max_length
 
 
 @dataclass
@@ -68,8 +68,8 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
     strings as lm-eval cuts (:func:`cut_at_stop`).
 
     A prompt too long for prompt + ``max_new_tokens`` to fit the model's
-    ``max_position_embeddings`` keeps its last ``max_position_embeddings - max_new_tokens``
-    tokens (lm-eval's left truncation, every model family; the BOS may go with it).
+    ``max_position_embeddings`` (less a prompt-tuned model's soft tokens) keeps its last
+    ``max_position_embeddings - max_new_tokens`` of them (lm-eval's left truncation, every model family; the BOS may go with it).
     ``generate_options`` (``do_sample``, ``temperature``, ``top_k``, ...) go to
     :func:`fastpt.models.generate`.
 
@@ -84,8 +84,7 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
         ids = [bos_id] + ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens: pass bos_id to generate from nothing")
-    max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    ids = _left_truncate(ids, max_new_tokens, max_length)
+    ids = _left_truncate(ids, max_new_tokens, max_length(model))
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, **generate_options)
     return cut_at_stop(tokenizer.decode(out[0, len(ids):].tolist()), stop)
 

@@ -70,23 +70,30 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
 
 
 @torch.no_grad()
+def max_length(model) -> int | None:
+    """The input tokens the model takes: ``max_position_embeddings`` (None: no such limit), less
+    a prompt-tuned model's soft tokens, which take the first positions."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if limit is None else limit - getattr(model, "num_virtual_tokens", 0)
+
+
 def score_tokens(model, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
     """Score token-level (context ids, continuation ids) pairs: the path :func:`loglikelihood`
     and lm-eval's rolling windows share. A pair longer than the model's
-    ``max_position_embeddings`` + 1 loses its oldest context tokens (lm-eval's truncation).
+    :func:`max_length` + 1 loses its oldest context tokens (lm-eval's truncation).
 
     Raises:
         ValueError: an empty context or continuation, or a continuation longer than the model.
     """
     model.eval()
-    max_length = getattr(model.config, "max_position_embeddings", None)
+    limit = max_length(model)
     groups: OrderedDict[tuple, list] = OrderedDict()
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx:
             raise ValueError("empty context: pass bos_id so the first token can be scored")
         if not cont:
             raise ValueError(f"pair {i}: empty continuation")
-        ctx = _fit(list(ctx), list(cont), max_length)
+        ctx = _fit(list(ctx), list(cont), limit)
         groups.setdefault(tuple(ctx), []).append((i, list(cont)))
     scores: list[Score | None] = [None] * len(pairs)
     for ctx, items in groups.items():
@@ -133,9 +140,7 @@ def _continuation_logprobs(model, prefix, L: int, conts: list[list[int]], device
     """(n, longest - 1, V) log-probs of tokens 2.. of each continuation, from c[:-1]."""
     n, fed = len(conts), max(len(c) for c in conts) - 1
     cache = model.new_cache(n, L + fed)
-    cache.k[:, :, :, :L] = prefix.k[:, :, :, :L]  # the context, broadcast to every choice
-    cache.v[:, :, :, :L] = prefix.v[:, :, :, :L]
-    cache.length = L
+    cache.fill_from(prefix)  # the context (and a prompt-tuned model's soft tokens), in every row
     ids = torch.zeros(n, fed, dtype=torch.long, device=device)
     for r, c in enumerate(conts):  # right padding: causal attention never looks ahead
         if len(c) > 1:

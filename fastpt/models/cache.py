@@ -43,6 +43,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        # Leading tokens that are not the input's: prompt tuning's soft tokens, which its
+        # wrapper puts in and checks for before it adds to the cache.
+        self.soft_prompt_tokens = 0
 
     @property
     def max_length(self) -> int:
@@ -65,6 +68,17 @@ class KVCache:
 
     def advance(self, tokens: int) -> None:
         self.length += tokens
+
+    def fill_from(self, context: "KVCache") -> None:
+        """Start every row with the tokens of the one-row cache ``context`` (a shared prompt
+        scored against several continuations)."""
+        L = context.length
+        if context.batch_size != 1 or L > self.max_length:
+            raise ValueError(f"fill_from takes a one-row cache of at most {self.max_length} tokens, got "
+                             f"{context.batch_size} rows of {L}")
+        self.k[:, :, :, :L] = context.k[:, :, :, :L]
+        self.v[:, :, :, :L] = context.v[:, :, :, :L]
+        self.length, self.soft_prompt_tokens = L, context.soft_prompt_tokens
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""

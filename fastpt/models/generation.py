@@ -2,7 +2,8 @@
 
 Greedy, sampling (temperature, top-k, top-p), beam search, repetition penalty and stop
 tokens, for :class:`~fastpt.models.Decoder` (prompt -> prompt + continuation) and
-:class:`~fastpt.models.Seq2Seq` (encoder once, then one decoder step per token).
+:class:`~fastpt.models.Seq2Seq` (encoder once, then one decoder step per token), bare or
+under prompt tuning (:class:`~fastpt.finetune.prompt_tuning.PromptTuned`).
 
 Batched prompts may have different lengths: pass a list of token lists, or a padded tensor
 with its ``attention_mask`` (padding on either side). Rows are re-padded on the left
@@ -106,13 +107,18 @@ def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Ten
     return logits
 
 
+def _is_seq2seq(model) -> bool:
+    """A Seq2Seq, or a wrapper of one (prompt tuning's), which shares its config."""
+    from fastpt.models.config import Seq2SeqConfig
+    return isinstance(model.config, Seq2SeqConfig)
+
+
 class _Stepper:
     """Runs the model one call at a time with the cache; hides Decoder vs Seq2Seq."""
 
     def __init__(self, model, ids: Tensor, mask: Tensor, batch_rows: int, max_new_tokens: int,
                  decoder_start: int | None, cache_dtype):
-        from fastpt.models.seq2seq import Seq2Seq
-        self.model, self.seq2seq = model, isinstance(model, Seq2Seq)
+        self.model, self.seq2seq = model, _is_seq2seq(model)
         device = ids.device
         self.has_pad = not bool(mask.all())
         if self.seq2seq:
@@ -130,6 +136,7 @@ class _Stepper:
             self.mask[:, :T] = mask
             self.next_pos = mask.long().sum(1, keepdim=True)
             self.first = ids
+            self.fed = 0  # columns of self.mask fed so far (a wrapper's cache may hold more)
 
     def reorder(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
@@ -153,9 +160,10 @@ class _Stepper:
             T = self.first.shape[1]
             mask = self.mask[:, :T] if self.has_pad else None
             out = m(input_ids=self.first, attention_mask=mask, past_key_values=self.cache, logits_to_keep=1)
+            self.fed = T
         else:
-            S = self.cache.length + 1
-            kw = dict(attention_mask=self.mask[:, :S], position_ids=self.next_pos) if self.has_pad else {}
+            self.fed += 1
+            kw = dict(attention_mask=self.mask[:, :self.fed], position_ids=self.next_pos) if self.has_pad else {}
             out = m(input_ids=tokens.unsqueeze(1), past_key_values=self.cache, logits_to_keep=1, **kw)
             self.next_pos = self.next_pos + 1
         return out.logits[:, -1].float()
@@ -181,11 +189,13 @@ def stop_token_ids(config, eos_token_id=None) -> list[int]:
 def _check_positions(model, mask: Tensor, max_new_tokens: int) -> None:
     """A model with a table of learned positions (GPT-2) cannot go past it: say so before
     generating, not when the position runs out mid-way. The last new token is not fed back,
-    so a prompt of L tokens needs positions up to L + max_new_tokens - 2."""
+    so a prompt of L tokens needs positions up to L + max_new_tokens - 2. Prompt tuning's
+    soft tokens take the first positions."""
     config = model.config
     if getattr(config, "flavour", None) != "gpt2":
         return
-    longest, limit = int(mask.sum(1).max()), config.max_position_embeddings
+    longest = int(mask.sum(1).max()) + getattr(model, "num_virtual_tokens", 0)
+    limit = config.max_position_embeddings
     if longest + max_new_tokens - 1 > limit:
         raise ValueError(f"generate: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
                          f"needs {longest + max_new_tokens - 1} positions, and this model has "
@@ -255,8 +265,7 @@ def generate(model, input_ids, attention_mask: Tensor | None = None, *, max_new_
                         "(keys and values would be truncated)")
     if decoder_start_token_id is None:
         decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
-    from fastpt.models.seq2seq import Seq2Seq
-    if isinstance(model, Seq2Seq):
+    if _is_seq2seq(model):
         _check_token("decoder_start_token_id", decoder_start_token_id, config.vocab_size)
     device = next(model.parameters()).device
     if cache_dtype is None and torch.is_autocast_enabled(device.type):
