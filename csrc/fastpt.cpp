@@ -1,6 +1,7 @@
 // The fastpt operator library: every op's schema, declared once. Kernels register per
 // device in csrc/ops/<op>/<op>_{cpu,cuda}.cpp; Python adds fake kernels and autograd in
 // fastpt/ops/<op>.py. Each backward is an op of its own so torch.compile can trace it.
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 // name, schema: the single list of ops (the CUDA stubs below iterate over it too).
@@ -63,6 +64,30 @@ TORCH_LIBRARY(fastpt, m) {
 #define FASTPT_DEF(name, schema) m.def(schema);
   FASTPT_OPS(FASTPT_DEF)
 #undef FASTPT_DEF
+}
+
+// The in-place ops have no derivative. Without an Autograd kernel a direct call
+// (torch.ops.fastpt.rope_) on tensors that require grad left them a wrong gradient, silently
+// (the identity, through the op). This kernel refuses such a call as the Python wrappers do
+// (and autograd's own not-implemented fallback cannot: these ops return nothing to attach a
+// grad_fn to), then runs the op below autograd.
+namespace {
+void inplace_without_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for (const c10::IValue& arg : torch::jit::last(*stack, op.schema().arguments().size())) {
+      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().defined() && arg.toTensor().requires_grad()),
+                  op.schema().name(), " works in place and has no autograd, and got a tensor that "
+                  "requires grad: call it under torch.no_grad(), or use the differentiable op");
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastpt, Autograd, m) {
+  for (const char* name : {"rope_", "gemm_into_", "softmax_cross_entropy_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
 }
 
 #if !FASTPT_WITH_CUDA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,16 @@ def test_ops_are_registered():
 def test_set_cpu_capability_rejects_unknown_names():
     with pytest.raises(ValueError, match="DEFAULT, AVX2, AVX512 or AVX512_BF16"):
         fastpt._C.set_cpu_capability("SSE9")
+
+
+def test_a_bad_cpu_capability_in_the_environment_is_named():
+    """The variable is read at the first op call; its error there named no variable."""
+    code = ("import torch, fastpt\n"
+            "try:\n    fastpt.ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)\n"
+            "except ValueError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tempfile.gettempdir(), env={**os.environ, "FASTPT_CPU_CAPABILITY": "avx2"})
+    assert "environment variable FASTPT_CPU_CAPABILITY: CPU capability must be DEFAULT" in out.stdout, out
 
 
 def test_cpu_capability_switch_changes_the_build_in_use(cpu_capability):

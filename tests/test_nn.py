@@ -95,6 +95,24 @@ def test_rotary_embedding_bad_arguments():
         fnn.RotaryEmbedding(8, layout="neox")
     with pytest.raises(ValueError, match=r"\(\.\.\., T, D\)"):  # a 1-D q: rope's message, not an IndexError
         fnn.RotaryEmbedding(8)(torch.randn(8), torch.randn(1, 1, 3, 8))
+    for base in (0.0, -1.0, float("nan"), float("inf"), "10000", True):  # 0 and < 0 gave NaN angles
+        with pytest.raises(ValueError, match="base must be a finite number > 0"):
+            fnn.RotaryEmbedding(8, base=base)
+    for limit in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_position_embeddings must be an int >= 1"):
+            fnn.RotaryEmbedding(8, max_position_embeddings=limit)
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(ValueError, match=r"position 1125899906842623 needs rotary tables of \d+ GiB"):
+        fnn.RotaryEmbedding(8, max_position_embeddings=16)(q, q, torch.tensor([0, 2**50 - 1]))
+
+
+def test_rotary_embedding_compiles_with_an_offset():
+    """The offset gives the table size without reading a tensor (a data-dependent guard
+    broke fullgraph compilation)."""
+    rope = fnn.RotaryEmbedding(8, max_position_embeddings=16)
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    compiled = torch.compile(lambda a, b: rope(a, b, offset=3), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k), rope(q, k, offset=3))
 
 
 def test_linear_inference_under_autocast_reuses_the_cast_weight():

@@ -106,6 +106,7 @@ def test_nan_and_inf_propagate_like_eager():
     [
         (torch.ones(4, 8, dtype=torch.int32), torch.ones(8, dtype=torch.int32), EPS, TypeError, "x must be"),
         (torch.ones(4, 8), torch.ones(8, dtype=torch.float16), EPS, TypeError, "weight must have the dtype"),
+        (torch.ones(4, 8), None, EPS, TypeError, "weight must be a tensor, got None"),  # was "UNKNOWN_SCALAR"
         (torch.ones(4, 8), torch.ones(7), EPS, ValueError, "weight must have shape"),
         (torch.ones(4, 8), torch.ones(2, 4), EPS, ValueError, "weight must have shape"),
         (torch.tensor(1.0), torch.ones(1), EPS, ValueError, "at least 1 dimension"),

@@ -141,11 +141,29 @@ def test_inplace_refuses_targets_that_share_memory():
     torch.testing.assert_close((strided[:, :, :, ::2], strided[:, :, :, 1::2]), expected)
 
 
+def test_inplace_takes_a_strided_view_beside_a_separate_tensor():
+    """ATen cannot decide the overlap of a non-dense view: that of a tensor with another
+    storage was decided from element offsets all the same, and refused as shared memory."""
+    cos, sin = _tables(5, 8)
+    qkv = torch.randn(1, 5, 8, 8)
+    for q, k in ((qkv[:, :, :4].transpose(1, 2), torch.randn(1, 2, 5, 8)),
+                 (torch.randn(2, 4, 5, 8, 2)[..., 0], torch.randn(2, 2, 5, 8))):
+        expected = ops.rope(q, k, cos, sin)
+        ops.rope_(q, k, cos, sin)
+        torch.testing.assert_close((q, k), expected)
+
+
 def test_inplace_refuses_autograd():
     q = torch.randn(1, 1, 3, 8, requires_grad=True)
     cos, sin = _tables(3, 8)
     with pytest.raises(RuntimeError, match="no autograd"):
         ops.rope_(q, torch.randn(1, 1, 3, 8), cos, sin)
+    # The op itself, called directly, refuses too: it left y an identity gradient through it.
+    y = q * 1
+    with pytest.raises(RuntimeError, match="fastpt::rope_ works in place and has no autograd"):
+        torch.ops.fastpt.rope_(y, torch.randn(1, 1, 3, 8), cos, sin, None, False)
+    with torch.no_grad():
+        torch.ops.fastpt.rope_(y, torch.randn(1, 1, 3, 8), cos, sin, None, False)
 
 
 def test_gradcheck_float64():

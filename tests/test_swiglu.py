@@ -98,6 +98,7 @@ def test_empty_inputs():
     [
         (torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int64), TypeError, "gate must be"),
         (torch.ones(4), torch.ones(4, dtype=torch.bfloat16), TypeError, "up must have the dtype"),
+        (torch.ones(4), None, TypeError, "up must be a tensor, got None"),
         (torch.ones(4, 8), torch.ones(4, 7), ValueError, "up must have the shape"),
         (torch.ones(4, 8), torch.ones(8), ValueError, "up must have the shape"),
     ],

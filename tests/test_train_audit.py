@@ -54,6 +54,21 @@ def test_config_refuses_values_that_train_wrong_or_fail_late():
             TrainerConfig.from_dict(bad)
 
 
+@pytest.mark.parametrize("steady", [False, True])
+def test_steady_alloc_is_an_opt_in_the_trainer_applies(tmp_path, monkeypatch, steady):
+    from fastpt.cli import build_parser
+    from fastpt.train import trainer
+    calls = []
+    monkeypatch.setattr(trainer, "use_steady_allocator", lambda: calls.append(1) or True)
+    Trainer(TinyLM(), _config(tmp_path, steady_alloc=steady), make_data()).train()
+    assert calls == ([1] if steady else [])  # never applied unless asked for
+    with pytest.raises(ValueError, match="steady_alloc must be true or false"):
+        TrainerConfig(steady_alloc="yes")
+    for command in ("pretrain", "finetune"):
+        args = build_parser().parse_args([command, "--steady-alloc"])
+        assert args.steady_alloc is True
+
+
 def test_trainer_refuses_arguments_of_the_wrong_kind(tmp_path):
     cfg, data = _config(tmp_path), make_data()
     with pytest.raises(TypeError, match="config must be a TrainerConfig"):  # was an AttributeError

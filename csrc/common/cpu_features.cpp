@@ -63,7 +63,12 @@ std::atomic<int>& active() {
   static std::atomic<int> cap = [] {
     Capability c = best(cpu_features());
     if (const char* env = std::getenv("FASTPT_CPU_CAPABILITY"); env && *env) {
-      Capability want = parse_capability(env);
+      Capability want;
+      try {
+        want = parse_capability(env);
+      } catch (const std::invalid_argument& e) {  // raised by every op call: name where it came from
+        throw std::invalid_argument(std::string("environment variable FASTPT_CPU_CAPABILITY: ") + e.what());
+      }
       // Asking for more than the CPU has would crash with SIGILL later: keep the best instead.
       if (static_cast<int>(want) < static_cast<int>(c)) c = want;
     }

@@ -30,6 +30,8 @@ inline at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ?
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
                              const char* ref_name) {
+  // (None for a Tensor argument arrives undefined: its dtype would read "UNKNOWN_SCALAR")
+  TORCH_CHECK_TYPE(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name,
                    " (", ref.scalar_type(), "), got ", t.scalar_type());
 }

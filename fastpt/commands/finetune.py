@@ -14,8 +14,8 @@ import torch
 from fastpt.commands.common import (check_label, check_output_dir, check_resume_step, check_text,
                                     checkpoint_root, is_main_process, read_jsonl, save_options,
                                     say, trainer_config, where)
-from fastpt.commands.options import (ConfigError, Option, add_options, check_input_file, options_from_dataclass,
-                                     resolve, section_values)
+from fastpt.commands.options import (STEADY_ALLOC_HELP, ConfigError, Option, add_options, check_input_file,
+                                     options_from_dataclass, resolve, section_values)
 from fastpt.finetune.strategies import STRATEGIES, FinetuneConfig
 from fastpt.train.config import TrainerConfig
 
@@ -45,7 +45,7 @@ OPTIONS = [
       for o in options_from_dataclass(FinetuneConfig, "finetune", helps={"strategy": ", ".join(STRATEGIES)})],
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift", "device"),
                             rename={"strategy": "distributed"},
-                            helps={"strategy": "auto, single, ddp or fsdp"}),
+                            helps={"strategy": "auto, single, ddp or fsdp", "steady_alloc": STEADY_ALLOC_HELP}),
 ]
 
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("int", "float", "str", "bool", "list", "str_or_list", "names")
+# TrainerConfig.steady_alloc, as the training commands describe it
+STEADY_ALLOC_HELP = ("keep freed memory in the process (glibc mallopt, as `fastpt bench --alloc steady`): "
+                     "no page faults on each step's fresh tensors")
 
 
 class ConfigError(ValueError):

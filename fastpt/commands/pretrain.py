@@ -8,8 +8,8 @@ import os
 
 from fastpt.commands.common import (check_output_dir, check_resume_step, checkpoint_root,
                                     is_main_process, save_options, say, trainer_config)
-from fastpt.commands.options import (ConfigError, Option, add_options, check_input_file, options_from_dataclass,
-                                     resolve, section_values)
+from fastpt.commands.options import (STEADY_ALLOC_HELP, ConfigError, Option, add_options, check_input_file,
+                                     options_from_dataclass, resolve, section_values)
 from fastpt.train.config import TrainerConfig
 from fastpt.train.recipes import MIN_SEQ_LEN, MIN_VOCAB
 
@@ -38,7 +38,7 @@ OPTIONS = [
     *options_from_dataclass(TrainerConfig, "train", skip=("output_dir", "label_shift", "device"), helps={
         "max_steps": "optimizer steps", "batch_size": "examples per micro-batch per process",
         "lr": "peak learning rate", "bf16": "bf16 autocast", "save_every": "checkpoint every N "
-        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp"}),
+        "steps (0: at the end)", "strategy": "auto, single, ddp or fsdp", "steady_alloc": STEADY_ALLOC_HELP}),
 ]
 
 

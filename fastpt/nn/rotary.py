@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +35,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"dim must be a positive even number, got {dim}")
         if layout not in ("half", "interleaved"):
             raise ValueError(f"layout must be 'half' or 'interleaved', got {layout!r}")
+        # base 0 or < 0 made every angle NaN, with no error
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
+            raise ValueError(f"base must be a finite number > 0, got {base!r}")
+        if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) \
+                or max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings must be an int >= 1, got {max_position_embeddings!r}")
         self.dim, self.base, self.layout, self.use_fused = dim, base, layout, use_fused
         self._build(max_position_embeddings, device, torch.float32)
 
@@ -40,6 +49,15 @@ class RotaryEmbedding(nn.Module):
         # Buffers, not parameters: moved by .to(), never saved (they are recomputed).
         self.register_buffer("cos_cached", cos.to(device), persistent=False)
         self.register_buffer("sin_cached", sin.to(device), persistent=False)
+
+    def _grow(self, needed: int) -> None:
+        """Tables for positions [0, needed), doubled at least; a position id so large that its
+        table would not fit in memory is named (it was an allocator error of petabytes)."""
+        table_bytes = 2 * needed * (self.dim // 2) * self.cos_cached.element_size()
+        if self.cos_cached.device.type == "cpu" and table_bytes > _physical_memory():
+            raise ValueError(f"position {needed - 1} needs rotary tables of {table_bytes / 2**30:.0f} GiB, "
+                             f"more than this machine's memory: position ids must be token positions")
+        self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device, self.cos_cached.dtype)
 
     def _apply(self, fn, recurse=True):
         tables = self.cos_cached, self.sin_cached
@@ -64,11 +82,19 @@ class RotaryEmbedding(nn.Module):
         if q.dim() < 2:  # rope names the expected layout
             return rope(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
         T = q.shape[-2]
+        needed = T
         if position_ids is None and offset:
             position_ids = torch.arange(offset, offset + T, device=q.device)
-        needed = int(position_ids.max()) + 1 if position_ids is not None and position_ids.numel() else T
+            needed = offset + T
+        elif position_ids is not None and position_ids.numel() and not torch.compiler.is_compiling():
+            # (a value compiled code cannot read: there the op checks the range itself, and the
+            # table must be large enough already)
+            needed = int(position_ids.max()) + 1
         if needed > self.cos_cached.shape[0]:
-            self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device,
-                        self.cos_cached.dtype)
+            self._grow(needed)
         apply = rope if self.use_fused else reference.rope
         return apply(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -36,8 +36,9 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | 
         (q_rot, k_rot), new tensors of the inputs' shapes and dtype.
 
     Raises:
-        TypeError: unsupported dtypes. ValueError: shapes, devices, layout, or positions
-        outside [0, P).
+        TypeError: unsupported dtypes. ValueError: shapes, devices, layout, or (CPU)
+        positions outside [0, P). On CUDA such positions are not checked on the host (it
+        would wait for the GPU): their rows come out NaN in the rotated features instead.
 
     Gradients flow to q and k; cos and sin get none (they are fixed tables).
     """

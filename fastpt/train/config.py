@@ -39,6 +39,7 @@ class TrainerConfig:
     device: str = "auto"            # auto = where the model is (a GPU: cuda:LOCAL_RANK); cpu; cuda
     progress: bool = True
     num_workers: int = 0
+    steady_alloc: bool = False      # keep freed memory in the process (fastpt.alloc.use_steady_allocator)
 
     def __post_init__(self):
         def is_int(x):
@@ -60,7 +61,7 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.{name} must be a number, got {getattr(self, name)!r}")
         if self.max_grad_norm is not None and not is_number(self.max_grad_norm):
             raise ValueError(f"TrainerConfig.max_grad_norm must be a number or None, got {self.max_grad_norm!r}")
-        for name in ("bf16", "activation_checkpointing", "progress"):
+        for name in ("bf16", "activation_checkpointing", "progress", "steady_alloc"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainerConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("output_dir", "schedule", "strategy", "device"):

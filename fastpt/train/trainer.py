@@ -57,12 +57,14 @@ import math
 import numbers
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from fastpt.alloc import use_steady_allocator
 from fastpt.pretrain.mlm import IGNORE_INDEX
 from fastpt.train import checkpoint as ckpt
 from fastpt.train.batches import IterableBatches, KeyedCollate, MapBatches, as_is, seed_of
@@ -453,6 +455,9 @@ class Trainer:
         last metrics row. On SIGINT/SIGTERM the current step finishes, a checkpoint is saved
         and :class:`TrainingInterrupted` is raised (see fastpt.train.interrupt)."""
         cfg = self.config
+        if cfg.steady_alloc and not use_steady_allocator():
+            warnings.warn("steady_alloc: this C library has no mallopt (not glibc); the default allocator stays",
+                          stacklevel=2)
         if resume_from is not None:
             self.load(resume_from)
         batches = self._micro_batches()

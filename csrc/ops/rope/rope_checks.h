@@ -110,6 +110,9 @@ inline void check_rope_inplace_targets(const at::Tensor& q, const at::Tensor& k)
                         at::has_internal_overlap(k) != at::MemOverlap::Yes,
                     "rope_: q and k must not have elements that share memory (an expanded view?); "
                     "use fastpt.ops.rope");
+  // Separate storages never overlap; ATen says "too hard" for any non-dense tensor, and the
+  // offsets below only mean something within one storage.
+  if (!q.is_alias_of(k)) return;
   const at::MemOverlapStatus status = at::get_overlap_status(q, k);
   bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
   if (status == at::MemOverlapStatus::TooHard && q.numel() > 0 && k.numel() > 0) {
