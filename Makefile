@@ -6,8 +6,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch. A bare "torch" requirement would pull a multi-GB CUDA build.
+# torch, from the configured pip index (on this project's machines a local CPU wheel). On
+# PyPI's Linux index this version is a multi-GB CUDA build: there, pass the CPU wheel's index,
+# e.g. make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -19,7 +22,7 @@ $(BIN)/python:
 # torch first (only where the venv has none), then the build backend, since the build runs
 # with --no-build-isolation against this very torch.
 $(VENV)/.setup-done: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q "scikit-build-core>=0.10"
 	touch $@
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -147,12 +146,10 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
         print("fastpt mdp: error: --gauss-seidel takes the sup rule only (--stop sup): the span rule's "
               "bounds hold for Jacobi sweeps", file=sys.stderr)
         return 2
-    nonzeros = args.states * args.actions * args.successors
-    need, have = _MDP_BYTES_PER_NONZERO * nonzeros, _physical_memory()
-    if have and need > have:
-        print(f"fastpt mdp: error: --states {args.states} x --actions {args.actions} x --successors "
-              f"{args.successors} = {nonzeros:,} transitions need about {need / 2**30:,.0f} GiB; this "
-              f"machine has {have / 2**30:,.0f} GiB", file=sys.stderr)
+    try:
+        mdp.check_random_mdp_fits(args.states, args.actions, args.successors)
+    except ValueError as e:
+        print(f"fastpt mdp: error: --states x --actions x --successors: {e}", file=sys.stderr)
         return 2
     grid = mdp.gridworld_4x3()
     res = mdp.value_iteration(grid.mdp, 1e-6)
@@ -174,16 +171,6 @@ def _cmd_mdp(args: argparse.Namespace) -> int:
           f"{res.residual:.2e}, converged {res.converged}; V in [{float(res.v.min()):.4f}, "
           f"{float(res.v.max()):.4f}]")
     return 0
-
-
-_MDP_BYTES_PER_NONZERO = 48   # random_sparse_mdp's peak (int64 draws, sort, float64 weights)
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _benchmark_script(name: str, module: str, help: str) -> Callable:
@@ -259,7 +246,10 @@ def _run(args: argparse.Namespace) -> int:
             args = _with_toml_config(args)
         return args.func(args)
     except TrainingInterrupted as e:
-        where = f"; checkpoint in {e.checkpoint}: run again with --resume" if e.checkpoint else ""
+        where = ""
+        if e.checkpoint:  # (the demo saves one too, but has no --resume to continue from it)
+            resume = ": run again with --resume" if getattr(args, "resumable", False) else ""
+            where = f"; checkpoint in {e.checkpoint}{resume}"
         print(f"fastpt {args.command}: interrupted after step {e.step}{where}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (generate, eval, data prep, ...)

@@ -246,9 +246,19 @@ def test_non_finite_budgets_are_refused(capsys):
     assert "mdp_epsilon" in _error(capsys, ["demo", "--quick", "--mdp-epsilon", "inf"])
 
 
+def test_demo_options_that_failed_a_section_late_are_refused_up_front(capsys):
+    # the in-context section failed only after pre-training the decoder
+    assert "icl_shots: expected at most 200 examples" in _error(capsys, ["demo", "--quick", "--icl-shots", "0,250"])
+    err = _error(capsys, ["demo", "--quick", "--kernel-ops", "rms_norm,int8_matmul", "--kernel-modes", "fwdbwd"])
+    assert err.endswith("kernel_ops: int8_matmul run in none of kernel_modes ['fwdbwd'] (int8_matmul: fwd)"), err
+
+
 def test_mdp_options(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_physical_memory", lambda: 64 * 2**30)
+    from fastpt.mdp import examples
+    monkeypatch.setattr(examples, "physical_memory", lambda: 64 * 2**30)
     assert "transitions need about" in _error(capsys, ["mdp", "--states", "100000000000"])
+    # the demo checks its MDP as it checks its other options, before any section runs
+    assert "transitions need about" in _error(capsys, ["demo", "--quick", "--mdp-states", "100000000000"])
     err = _error(capsys, ["mdp", "--gamma", "1", "--states", "10"])
     assert "--gamma" in err and "terminal=" not in err
     assert "--epsilon" in _error(capsys, ["mdp", "--epsilon", "inf", "--states", "10"])

@@ -108,6 +108,20 @@ def test_an_interrupted_section_is_marked_interrupted(tmp_path, monkeypatch):
     assert "This section was interrupted** (KeyboardInterrupt)" in report and "partial table" in report
     assert "Value iteration" not in report  # the demo stopped there
     assert not [f for f in os.listdir(tmp_path / "d") if f.endswith(".tmp")]
+    assert f"the report of what ran: {tmp_path / 'd' / 'report.md'}" in stderr
+
+
+def test_an_interrupted_training_section_does_not_point_to_a_missing_resume(tmp_path, monkeypatch):
+    """The demo has no --resume: its message said to run again with one."""
+    from fastpt.demo import pretraining
+    from fastpt.train.interrupt import TrainingInterrupted
+
+    def interrupted(ctx, sec):
+        raise TrainingInterrupted(3, str(tmp_path / "ckpt"))
+    monkeypatch.setattr(pretraining, "run", interrupted)
+    status, _, stderr = _run(["demo", "--quick", "--sections", "pretrain", "--out", str(tmp_path / "d")])
+    assert status == 130
+    assert "interrupted after step 3; checkpoint in" in stderr and "--resume" not in stderr
 
 
 def test_never_writes_into_an_existing_run(tmp_path):
@@ -194,6 +208,36 @@ def test_demo_help_explains_the_sections():
     assert exit_.value.code == 0
     for word in ("--quick", "--out", "--sections", "--config", "--threads", "--seed", *SECTIONS):
         assert word in out.getvalue(), word
+
+
+def test_a_strategy_is_scored_before_its_memory_step_trains_it(monkeypatch):
+    """The peak-memory step is a training step: scored after it, the accuracy was that of one
+    step more than the table counts."""
+    from fastpt.data.tokenizer import train_tokenizer
+    from fastpt.finetune import compare
+    from fastpt.models import Decoder, DecoderConfig
+    calls = []
+    monkeypatch.setattr(compare, "_accuracy", lambda *a: calls.append("accuracy") or 0.5)
+    monkeypatch.setattr(compare, "peak_memory_bytes", lambda step: calls.append("memory") or 0)
+    texts = [{"text": f"review {i} good", "label": i % 2} for i in range(4)]
+    tok = train_tokenizer([t["text"] for t in texts] * 5, "bpe", vocab_size=300)
+    base = Decoder(DecoderConfig.from_name("llama-tiny", vocab_size=tok.get_vocab_size()))
+    compare.finetune_strategy(base, tok, "lora", texts, texts, epochs=1)
+    assert calls == ["accuracy", "memory"]
+
+
+def test_a_section_that_pretrains_the_decoder_itself_reports_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from fastpt.demo.context import Context
+    texts = []
+    ctx = Context(DemoConfig(quick=True), str(tmp_path))
+    fake = SimpleNamespace(model="m", tokenizer="t", metrics=[{"step": 1, "loss": 7.5}, {"step": 2},
+                                                              {"step": 3, "loss": 3.25}])
+    monkeypatch.setattr(Context, "pretrain", lambda self, kind: self.pretrained.setdefault(kind, fake))
+    assert ctx.decoder(SimpleNamespace(text=texts.append)) == ("m", "t")
+    assert len(texts) == 1 and "pre-trained the" in texts[0] and "loss 7.500 -> 3.250" in texts[0]
+    ctx.decoder(SimpleNamespace(text=texts.append))  # once only
+    assert len(texts) == 1
 
 
 def test_shared_comparison_helpers_reject_bad_input():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,19 @@ def test_import_error_when_library_fails_to_load(monkeypatch):
     monkeypatch.setattr(_loader.importlib, "import_module", broken)
     with pytest.raises(ImportError, match="failed to load.*undefined symbol.*Rebuild fastpt"):
         _loader.load_extension()
+
+
+def test_import_from_the_source_folder_says_so():
+    """python -m fastpt in the repository root imports the source fastpt/, which has no _C;
+    the message said to rebuild, which does not help."""
+    root = Path(__file__).resolve().parents[1]
+    if any((root / "fastpt").glob("_C*.so")):
+        pytest.skip("this checkout has a compiled _C in its source folder (an in-place build)")
+    out = subprocess.run([sys.executable, "-m", "fastpt", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert out.returncode != 0
+    assert f"fastpt was imported from its source folder {root}" in out.stderr, out.stderr
+    assert "torchrun --no-python fastpt" in out.stderr
 
 
 @pytest.mark.skipif(fastpt.build_info()["cuda"], reason="this build has CUDA kernels")

@@ -62,7 +62,7 @@ def register(sub) -> None:
             "base). Ctrl-C saves a checkpoint; --resume continues."),
         epilog="Example: fastpt finetune --config configs/finetune-lora.toml")
     add_options(p, OPTIONS)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resumable=True)  # --resume continues an interrupted run
 
 
 def _examples(v: dict) -> tuple[list[dict], list[dict] | None]:

@@ -51,11 +51,11 @@ def register(sub) -> None:
             "given). Writes checkpoints, metrics.jsonl/.csv and loss_curve.png into output_dir, and\n"
             "the final model in HF layout (config.json, model.safetensors, tokenizer.json)\n"
             "into output_dir/final. Ctrl-C finishes the current step and saves a checkpoint;\n"
-            "--resume continues from it. Several processes: torchrun --nproc-per-node N\n"
-            "-m fastpt pretrain ... (gloo on CPU, NCCL on GPU)."),
+            "--resume continues from it. Several processes: torchrun --nproc-per-node N --no-python\n"
+            "fastpt pretrain ... (gloo on CPU, NCCL on GPU)."),
         epilog="Example: fastpt pretrain --config configs/pretrain-decoder.toml --max-steps 100")
     add_options(p, OPTIONS)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resumable=True)  # --resume continues an interrupted run
 
 
 def _objective(encoder: bool, objective: str, what: str) -> str:

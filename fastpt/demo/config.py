@@ -85,6 +85,7 @@ HELPS = {
 
 
 MAX_THREADS = 1024
+ICL_POOL = 200  # the in-context section's examples are drawn from a pool of this many per task
 """Most torch threads ``threads`` and ``train_threads`` may ask for: with threads = 1000000
 the demo died of a segmentation fault when torch's thread pool started."""
 
@@ -200,6 +201,22 @@ class DemoConfig:
             raise ValueError(f"mdp_gamma: expected a discount in (0, 1), got {self.mdp_gamma}")
         if not self.mdp_epsilon > 0:
             raise ValueError(f"mdp_epsilon: expected a tolerance > 0, got {self.mdp_epsilon}")
+        # These failed their section only after the others had run (the decoder pre-trained
+        # before the ICL pool ran short), or dropped an op from the table without a word.
+        from fastpt.mdp import check_random_mdp_fits
+        try:
+            check_random_mdp_fits(self.mdp_states, self.mdp_actions, self.mdp_successors)
+        except ValueError as e:
+            raise ValueError(f"mdp_states x mdp_actions x mdp_successors: {e}") from None
+        if max(self.icl_shots) > ICL_POOL:
+            raise ValueError(f"icl_shots: expected at most {ICL_POOL} examples (the pool they are drawn "
+                             f"from), got {max(self.icl_shots)}")
+        from fastpt.benchmarks.run import load_spec
+        modeless = [op for op in self.kernel_ops if not set(load_spec(op).modes) & set(self.kernel_modes)]
+        if modeless:
+            raise ValueError(f"kernel_ops: {', '.join(modeless)} run in none of kernel_modes "
+                             f"{list(self.kernel_modes)} (" + "; ".join(
+                                 f"{op}: {', '.join(load_spec(op).modes)}" for op in modeless) + ")")
 
     @property
     def size(self) -> str:

@@ -5,6 +5,7 @@ pre-training section, or pre-train it themselves when that section was not selec
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from fastpt.demo.config import DemoConfig
@@ -48,11 +49,18 @@ class Context:
         self.pretrained[kind] = result
         return result
 
-    def decoder(self):
-        """(model, tokenizer) of the pre-trained decoder, pre-training it first if needed."""
+    def decoder(self, sec):
+        """(model, tokenizer) of the pre-trained decoder, pre-training it first if needed; that
+        run is then described in the report's section ``sec`` (its time counts in it)."""
         if "decoder" not in self.pretrained:
-            print(f"(pre-training the {self.config.decoder_preset} decoder first: "
-                  f"{self.config.decoder_steps} causal-LM steps)", flush=True)
-            self.pretrain("decoder")
+            cfg = self.config
+            print(f"(pre-training the {cfg.decoder_preset} decoder first: "
+                  f"{cfg.decoder_steps} causal-LM steps)", flush=True)
+            start = time.perf_counter()
+            losses = [r["loss"] for r in self.pretrain("decoder").metrics if r.get("loss") is not None]
+            sec.text(f"The pre-training section was not selected, so this section first pre-trained "
+                     f"the {cfg.decoder_preset} decoder: {cfg.decoder_steps} causal-LM steps in "
+                     f"{time.perf_counter() - start:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+                     f"(saved in `decoder/`).")
         result = self.pretrained["decoder"]
         return result.model, result.tokenizer

@@ -40,7 +40,7 @@ def run(ctx, sec) -> None:
 
     from fastpt.finetune.compare import compare_strategies, steps_per_run
     cfg = ctx.config
-    base, tokenizer = ctx.decoder()
+    base, tokenizer = ctx.decoder(sec)
     train = ctx.world.sentiment(cfg.n_train, seed=1, adjectives="seen")
     test = ctx.world.sentiment(cfg.n_test, seed=2, adjectives="unseen")
     total = steps_per_run(len(train), cfg.finetune_epochs) * (len(cfg.strategies) + 1)
@@ -50,7 +50,7 @@ def run(ctx, sec) -> None:
                                   epochs=cfg.finetune_epochs, seed=cfg.seed, progress=bar,
                                   on_row=lambda r: show(_row(r)))
     sec.table(HEADERS, [_row(r) for r in rows], echo=False, caption=(
-        f"The {cfg.decoder_preset} decoder of the pre-training section as a 2-class sentiment "
+        f"The pre-trained {cfg.decoder_preset} decoder as a 2-class sentiment "
         f"classifier: {len(train)} labelled reviews on half of the adjectives, {cfg.finetune_epochs} "
         f"epochs, tested on {len(test)} reviews with the other half. Peak memory: what torch's "
         "allocator holds during one training step."))

@@ -3,13 +3,15 @@ pattern tasks; choices scored by log-likelihood, no gradient (fastpt.icl)."""
 
 from __future__ import annotations
 
+from fastpt.demo.config import ICL_POOL
+
 
 def run(ctx, sec) -> None:
     from fastpt.icl import few_shot_table
     cfg = ctx.config
-    model, tokenizer = ctx.decoder()
+    model, tokenizer = ctx.decoder(sec)
     world = ctx.world
-    tasks = {task: (world.icl(task, cfg.icl_items, seed=5), world.icl(task, 200, seed=6))
+    tasks = {task: (world.icl(task, cfg.icl_items, seed=5), world.icl(task, ICL_POOL, seed=6))
              for task in cfg.icl_tasks}
     rows = few_shot_table(model, tokenizer, tasks, cfg.icl_shots, on_row=lambda r: print(
         f"{r['task']:<10} {r['k']}-shot: accuracy {100 * r['acc']:.0f}% (n={r['n']})", flush=True))

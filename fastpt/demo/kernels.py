@@ -1,6 +1,7 @@
 """Section "kernels": fastpt's fused ops against eager PyTorch (the references of
 fastpt.ops.reference) and torch.compile of the same eager code, on small fp32 shapes, with
-the harness of ``fastpt bench`` (timed in this process, alternating round by round).
+the harness of ``fastpt bench`` (timed in this process, alternating round by round); fp64
+for the value-iteration ops, which have no fp32 case.
 
 The rows are the harness's (:func:`harness.case_row`): an impl whose outputs disagreed with
 eager before timing has ``FAIL`` in its ratio cells, the section lists the disagreements
@@ -11,7 +12,7 @@ from __future__ import annotations
 from fastpt.demo import plots
 from fastpt.demo.report import row_printer
 
-HEADERS = ["op", "mode", "shape", "fastpt ms", "eager ms", "compile ms", "x eager", "x compile"]
+HEADERS = ["op", "dtype", "mode", "shape", "fastpt ms", "eager ms", "compile ms", "x eager", "x compile"]
 
 
 def _row(records) -> list[str]:
@@ -36,7 +37,7 @@ def run(ctx, sec) -> None:
     cfg = ctx.config
     timing = harness.Timing(budget_s=cfg.kernel_budget_s)
     cases = []
-    show = row_printer(HEADERS, [16, 6, 30, 9, 9, 10, 7, 9])
+    show = row_printer(HEADERS, [16, 5, 6, 30, 9, 9, 10, 7, 9])
     for op in cfg.kernel_ops:
         spec = load_spec(op)
         shapes = harness.shape_cases(spec.shapes["quick"])[0]   # the small shapes of the suite
@@ -50,7 +51,7 @@ def run(ctx, sec) -> None:
         raise ValueError("no benchmark case: none of kernel_ops runs in kernel_modes")
     rows = [_row(c) for c in cases]
     sec.table(HEADERS, rows, echo=False, caption=(
-        f"fp32, {cfg.threads} threads, median of alternating rounds ({cfg.kernel_budget_s:g} s "
+        f"{cfg.threads} threads, median of alternating rounds ({cfg.kernel_budget_s:g} s "
         "per case). `x eager` / `x compile` = baseline time / fastpt time (> 1: fastpt is "
         "faster). Full suite: `fastpt bench`."))
     failed = harness.disagreements(r for c in cases for r in c)
@@ -60,7 +61,7 @@ def run(ctx, sec) -> None:
     ratios = {"eager": [_plotted(row, "x eager") for row in rows]}
     if cfg.kernel_compile:
         ratios["torch.compile"] = [_plotted(row, "x compile") for row in rows]
-    labels = [f"{row[0]} {row[1]}" + (f" {harness.FAIL}" if harness.FAIL in row else "")
+    labels = [f"{row[0]} {row[2]}" + (f" {harness.FAIL}" if harness.FAIL in row else "")
               for row in rows]
     plots.speedup_bars(ctx.path("kernels.png"), labels, ratios)
     sec.image("kernels.png", "fastpt speed-up over eager PyTorch and torch.compile")

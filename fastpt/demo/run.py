@@ -76,6 +76,7 @@ def run_demo(config: DemoConfig) -> int:
                     "Times are wall-clock seconds on this machine; other jobs running on it slow "
                     "them down.")
     print(f"fastpt demo ({config.size}): {', '.join(config.sections)} -> {out}", flush=True)
+    stopped = True  # until every section has run
     try:
         for key in (s for s in SECTIONS if s in config.sections):
             sec = report.section(key, TITLES[key])
@@ -92,9 +93,12 @@ def run_demo(config: DemoConfig) -> int:
                 raise
             sec.seconds = time.perf_counter() - start
             print(f"({key}: {sec.seconds:.1f} s)", flush=True)
+        stopped = False
     finally:
         torch.set_num_threads(threads)
         path = report.write()
+        if stopped:
+            print(f"\nfastpt demo: stopped; the report of what ran: {path}", file=sys.stderr, flush=True)
     rows = report.summary_rows()
     print("\n" + "\n".join(f"{name:<50} {status:>10} {seconds:>8} s" for name, status, seconds in rows))
     print(f"\nreport: {path}", flush=True)

@@ -86,9 +86,11 @@ def finetune_strategy(base, tokenizer, strategy: str, train: list[dict], test: l
             times.append(time.perf_counter() - start)
             if progress is not None:
                 progress.update(1)
+    accuracy = _accuracy(model, tokenizer, test, pad)  # before the step below, which trains too
+    model.train()
     peak = peak_memory_bytes(lambda: step(torch.arange(min(batch_size, len(train)))))
     counts = count_parameters(model)
-    return {"strategy": strategy, "accuracy": _accuracy(model, tokenizer, test, pad),
+    return {"strategy": strategy, "accuracy": accuracy,
             "trainable": counts["trainable"], "trainable_pct": counts["percent"],
             "train_s": sum(times), "step_ms": 1000 * statistics.median(times),
             "peak_mib": peak / 2**20}

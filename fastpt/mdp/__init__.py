@@ -10,7 +10,7 @@
 """
 
 from fastpt.mdp.distributed import distributed_value_iteration
-from fastpt.mdp.examples import Gridworld, gridworld_4x3, random_sparse_mdp
+from fastpt.mdp.examples import Gridworld, check_random_mdp_fits, gridworld_4x3, random_sparse_mdp
 from fastpt.mdp.games import Node, SearchResult, expectimax, minimax
 from fastpt.mdp.model import MDP
 from fastpt.mdp.solvers import (FiniteHorizonResult, Result, backward_induction,
@@ -20,4 +20,4 @@ from fastpt.mdp.solvers import (FiniteHorizonResult, Result, backward_induction,
 __all__ = ["MDP", "Result", "FiniteHorizonResult", "value_iteration", "policy_evaluation",
            "policy_iteration", "modified_policy_iteration", "backward_induction",
            "distributed_value_iteration", "Node", "SearchResult", "expectimax", "minimax",
-           "Gridworld", "gridworld_4x3", "random_sparse_mdp"]
+           "Gridworld", "check_random_mdp_fits", "gridworld_4x3", "random_sparse_mdp"]

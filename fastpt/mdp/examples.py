@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastpt._checks import check_int
+from fastpt._memory import physical_memory
 from fastpt.mdp.model import MDP
 
 # Actions of the gridworld: (dx, dy) in Russell & Norvig's coordinates (x right, y up).
@@ -83,6 +84,20 @@ def gridworld_4x3(living_reward: float = -0.04, gamma: float = 1.0, noise: float
     return Gridworld(living_reward, gamma, noise, dtype)
 
 
+BYTES_PER_TRANSITION = 48  # random_sparse_mdp's peak per (s, a, successor): int64 draws, their sort, weights
+
+
+def check_random_mdp_fits(num_states: int, num_actions: int, successors: int) -> None:
+    """ValueError when :func:`random_sparse_mdp` of these sizes would need more than this
+    machine's memory (it would otherwise fail in the allocator, or be killed, mid-way)."""
+    transitions = num_states * num_actions * successors
+    need, have = BYTES_PER_TRANSITION * transitions, physical_memory()
+    if have and need > have:
+        raise ValueError(f"{num_states} states x {num_actions} actions x {successors} successors = "
+                         f"{transitions:,} transitions need about {need / 2**30:,.0f} GiB; this machine "
+                         f"has {have / 2**30:,.0f} GiB")
+
+
 def random_sparse_mdp(num_states: int, num_actions: int, successors: int, seed: int = 0, *,
                       gamma: float = 0.95, dtype: torch.dtype = torch.float64) -> MDP:
     """A random sparse MDP: each (s, a) moves to ``successors`` uniformly drawn states (sorted,
@@ -94,6 +109,7 @@ def random_sparse_mdp(num_states: int, num_actions: int, successors: int, seed: 
     check_int("seed", seed)
     if S < 1 or A < 1 or K < 1:
         raise ValueError(f"num_states, num_actions and successors must be >= 1, got {S}, {A}, {K}")
+    check_random_mdp_fits(S, A, K)
     gen = torch.Generator().manual_seed(seed)
     rows = S * A
     indices = torch.randint(0, S, (rows, K), generator=gen, dtype=torch.int64)

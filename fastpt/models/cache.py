@@ -9,10 +9,11 @@ positions are masked by the attention mask rather than removed.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from fastpt._memory import physical_memory
 
 
 def _check_fits_in_memory(shape: tuple, dtype: torch.dtype, device) -> None:
@@ -21,7 +22,7 @@ def _check_fits_in_memory(shape: tuple, dtype: torch.dtype, device) -> None:
     need = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     device = torch.device(device or "cpu")
     if device.type == "cpu":
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have = physical_memory() or math.inf
     elif device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor, nn
 
+from fastpt._memory import physical_memory
 from fastpt.ops import reference
 from fastpt.ops.rope import rope
 
@@ -54,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         """Tables for positions [0, needed), doubled at least; a position id so large that its
         table would not fit in memory is named (it was an allocator error of petabytes)."""
         table_bytes = 2 * needed * (self.dim // 2) * self.cos_cached.element_size()
-        if self.cos_cached.device.type == "cpu" and table_bytes > _physical_memory():
+        if self.cos_cached.device.type == "cpu" and table_bytes > (physical_memory() or math.inf):
             raise ValueError(f"position {needed - 1} needs rotary tables of {table_bytes / 2**30:.0f} GiB, "
                              f"more than this machine's memory: position ids must be token positions")
         self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device, self.cos_cached.dtype)
@@ -94,7 +94,3 @@ class RotaryEmbedding(nn.Module):
             self._grow(needed)
         apply = rope if self.use_fused else reference.rope
         return apply(q, k, self.cos_cached, self.sin_cached, position_ids, layout=self.layout)
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
