@@ -130,6 +130,29 @@ def _run(binary: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
 KERNEL_LINE = re.compile(r"^KERNEL (\S+) launches (\d+) checks (\d+) failures (\d+)$", re.M)
 
 
+def _kernel_op(cu: Path) -> str:
+    return cu.stem.removesuffix("_kernels")
+
+
+def _uncovered_kernel_files(counters, kernel_files: list[Path]) -> tuple[list[Path], list[str]]:
+    """Kernel files without an emulated counter of their own, and counters of no kernel file.
+
+    A counter belongs to the one kernel file whose op (<op>_kernels.cu) is the longest prefix
+    of its name followed by "_": attention_wmma_fwd is attention_wmma_kernels.cu's, not
+    attention_kernels.cu's, so one file's tests never stand in for another's.
+    """
+    ops = {_kernel_op(cu): cu for cu in kernel_files}
+    owned: dict[Path, list[str]] = {cu: [] for cu in kernel_files}
+    orphans = []
+    for name in counters:
+        matches = [op for op in ops if name.startswith(op + "_")]
+        if matches:
+            owned[ops[max(matches, key=len)]].append(name)
+        else:
+            orphans.append(name)
+    return [cu for cu, names in owned.items() if not names], orphans
+
+
 # warp-serial: one warp at a time between barriers, the only schedule that shows races between
 # warps that call the same warp primitives (every WMMA call is one) in lockstep.
 @pytest.mark.parametrize("order", ["forward", "shuffle", "warp-serial"])
@@ -145,15 +168,32 @@ def test_every_cuda_kernel_emulated(emulator_bins, order, capsys):
     assert cpu and int(cpu.group(2)) > 0, f"the CPU kernels were not compared:\n{tail}"
     for name, (launches, checks, failures) in counts.items():
         assert launches > 0 and checks > launches and failures == 0, (name, launches, checks, failures)
-    # Every CUDA kernel file has emulated launches: <op>_kernels.cu -> a launcher named <op>_*.
-    for cu in _kernel_files():
-        op = cu.stem.removesuffix("_kernels")
-        assert any(k.startswith(op + "_") for k in counts), \
-            f"{cu.relative_to(ROOT)} has no emulated test in csrc/testing/run_kernels.cpp"
+    # Every CUDA kernel file has emulated launches of its own: <op>_kernels.cu -> a launcher
+    # named <op>_* and owned by no file with a longer op (see _uncovered_kernel_files), and
+    # every launcher belongs to a kernel file.
+    uncovered, orphans = _uncovered_kernel_files(counts, _kernel_files())
+    assert not uncovered, "no emulated test in csrc/testing/run_kernels.cpp for " + \
+        ", ".join(str(cu.relative_to(ROOT)) for cu in uncovered)
+    assert not orphans, f"emulated launchers named after no csrc/**/<op>_kernels.cu: {orphans}"
     with capsys.disabled():
         print(f"\n[{order} order] {len(counts)} kernels emulated: " +
               ", ".join(f"{k} ({c[0]} launches, {c[1]} checks)" for k, c in sorted(counts.items())) +
               f"; {cpu.group(2)} of {cpu.group(1)} checks also against the CPU kernel")
+
+
+# The real kernel files, and a pair whose ops overlap even if the real ones stop doing so.
+@pytest.mark.parametrize("files", [_kernel_files(), [Path("x/a_kernels.cu"), Path("x/a_b_kernels.cu")]],
+                         ids=["csrc", "overlapping"])
+def test_coverage_check_is_per_file(files):
+    """The check above fails when one kernel file's launchers are all gone, even where another
+    file's op starts with its op (attention_wmma_* against attention_kernels.cu). No build."""
+    counters = [f"{_kernel_op(cu)}_{suffix}" for cu in files for suffix in ("fwd", "bwd")]
+    assert _uncovered_kernel_files(counters, files) == ([], [])
+    for cu in files:
+        own = {f"{_kernel_op(cu)}_fwd", f"{_kernel_op(cu)}_bwd"}
+        uncovered, _ = _uncovered_kernel_files([c for c in counters if c not in own], files)
+        assert uncovered == [cu], (cu, uncovered)
+    assert _uncovered_kernel_files([*counters, "nothing_fwd"], files)[1] == ["nothing_fwd"]
 
 
 def test_emulator_selftests(emulator_bins):
@@ -167,6 +207,12 @@ def test_emulator_selftests(emulator_bins):
         "partial_warp_block_is_error", "exited_lane_shuffle_is_error",
         "divergent_barriers_is_error", "wmma_f16", "wmma_bf16", "wmma_s8",
         "inter_warp_race_caught_warp_serial",
+        "static_smem_poisoned_each_block", "static_smem_min_race_caught", "static_smem_counted_in_limit",
+        "device_function_static_smem_counted_in_limit", "concurrent_launches_serialized",
+        "mixed_warp_primitives_is_error", "shuffle_sizes_differ_is_error", "same_shuffle_at_two_calls_ok",
+        "syncwarp_at_two_calls_ok", "wmma_at_two_calls_is_error", "syncthreads_at_two_calls_is_error",
+        "shfl_xor_width_ptx", "shfl_offsets_modulo_32", "wmma_operands_ok",
+        "wmma_misaligned_pointer_is_error", "wmma_bad_ldm_is_error", "wmma_lanes_different_pointers_is_error",
     }
     missing = required - results.keys()
     assert not missing, f"self-tests not run: {sorted(missing)}\n{out}"

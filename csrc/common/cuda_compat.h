@@ -9,6 +9,7 @@
 //     __int_as_float, __longlong_as_double;
 //   - __nv_bfloat16 / __half with __bfloat162float, __float2bfloat16_rn, __half2float,
 //     __float2half_rn;
+//   - nvcuda::wmma, 16x16x16 (testing/simt_wmma.h; <mma.h> under nvcc, below);
 //   - cudaError_t, cudaSuccess, cudaErrorInvalidValue, cudaStream_t, cudaGetLastError,
 //     cudaPeekAtLastError and cudaGetErrorString;
 //   - FASTPT_SIMT_LAUNCH(kernel, grid, block, smem_bytes, stream, args...), which runs
@@ -37,6 +38,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>  // nvcuda::wmma (the emulator's: testing/simt_wmma.h, included by simt.h)
 #define FASTPT_KERNEL_COMPILE 1
 #else
 #include <cuda_runtime_api.h>  // cudaError_t, cudaStream_t for the glue's host compiler

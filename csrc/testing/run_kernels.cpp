@@ -44,6 +44,8 @@ void int8_gemm(const Int8GemmArgs& args);
 void int8_quantize_rows(const Int8QuantArgs& args);
 void int8_outlier_cols(const Int8OutlierArgs& args);
 void hash_dropout(const DropoutArgs& args);
+void attention_fwd(const AttentionFwdArgs& args);
+void attention_bwd(const AttentionBwdArgs& args);
 }  // namespace fastpt::cpu::DEFAULT
 constexpr bool kWithCpu = true;
 #else
@@ -384,14 +386,16 @@ ViCase vi_case(int64_t S, int64_t A, int64_t K) {
 }
 
 // `sweeps` Jacobi sweeps of states [lo, hi) in the arithmetic of R from v (all S values),
-// stopping like the kernel (residual < tol): values, policy, Q, dv (min, max) per sweep.
+// stopping like the kernel (residual < tol; residual max dV - min dV with `span`, else
+// max |dV|): values, policy, Q, dv (min, max) per sweep.
 template <typename R>
 struct ViRef {
   std::vector<double> v, q, dv;
   std::vector<int64_t> policy;
 };
 template <typename R, typename T>
-ViRef<R> vi_reference(const ViCase& c, int64_t lo, int64_t hi, int64_t sweeps, double gamma, double tol) {
+ViRef<R> vi_reference(const ViCase& c, int64_t lo, int64_t hi, int64_t sweeps, double gamma, double tol,
+                      bool span = false) {
   ViRef<R> out;
   std::vector<R> v(c.v0.size());
   for (size_t i = 0; i < v.size(); ++i) v[i] = R(tod(fromd<T>(c.v0[i])));
@@ -418,22 +422,38 @@ ViRef<R> vi_reference(const ViCase& c, int64_t lo, int64_t hi, int64_t sweeps, d
     out.dv.push_back(double(dmin));
     out.dv.push_back(double(dmax));
     v = nv;
-    if (std::max(-double(dmin), double(dmax)) < tol) break;
+    if ((span ? double(dmax) - double(dmin) : std::max(-double(dmin), double(dmax))) < tol) break;
   }
   for (int64_t s = lo; s < hi; ++s) out.v.push_back(double(v[s]));
   return out;
 }
 
+// span: the residual is the span max dV - min dV (span_residual); with early_stop, tol is
+// chosen so that the span stops after sweep 3 and the sup rule max |dV| after another sweep
+// (earlier or later), so a kernel that used the wrong rule runs a different number of sweeps.
+// with_q = false: q = nullptr (Q not wanted), for the CUDA and the CPU kernel.
 template <typename T, typename IP, typename IX>
 void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool early_stop,
-             int64_t lo, int64_t hi) {
+             int64_t lo, int64_t hi, bool span = false, bool with_q = true) {
   const ViCase c = vi_case(S, A, K);
   const double gamma = 0.9;
   double tol = 0;
-  if (early_stop) {  // halfway (geometrically) between the residuals of sweeps 2 and 3
+  if (early_stop) {
     const ViRef<double> full = vi_reference<double, T>(c, 0, S, 3, gamma, 0);
-    const double r2 = std::max(-full.dv[2], full.dv[3]), r3 = std::max(-full.dv[4], full.dv[5]);
-    tol = std::sqrt(r2 * r3);
+    double r_span[3], r_sup[3];
+    for (int k = 0; k < 3; ++k) {
+      r_span[k] = full.dv[2 * k + 1] - full.dv[2 * k];
+      r_sup[k] = std::max(-full.dv[2 * k], full.dv[2 * k + 1]);
+    }
+    if (!span) {  // halfway (geometrically) between the residuals of sweeps 2 and 3
+      tol = std::sqrt(r_sup[1] * r_sup[2]);
+    } else {  // the span stops after sweep 3 iff r_span[2] < tol <= min(r_span[0], r_span[1])
+      const double lo = r_span[2], hi = std::min(r_span[0], r_span[1]);
+      // the sup stops earlier: tol > min(r_sup[0], r_sup[1]); later: tol <= min(r_sup[0..2])
+      const double a_lo = std::max(lo, std::min(r_sup[0], r_sup[1])), a_hi = hi;
+      const double b_lo = lo, b_hi = std::min({hi, r_sup[0], r_sup[1], r_sup[2]});
+      tol = a_hi / a_lo >= b_hi / b_lo ? std::sqrt(a_lo * a_hi) : std::sqrt(b_lo * b_hi);
+    }
   }
   const int64_t n = hi - lo;
   std::vector<IP> ip;
@@ -467,7 +487,7 @@ void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool e
   a.reward = r.data();
   a.v_in = v.data();
   a.states = n; a.actions = A; a.num_states = S; a.first_state = lo; a.sweeps = sweeps;
-  a.gamma = gamma; a.tol = tol; a.span_residual = false; a.gauss_seidel = false;
+  a.gamma = gamma; a.tol = tol; a.span_residual = span; a.gauss_seidel = false;
   a.dtype = dt<T>();
   struct Out {
     std::vector<T> v, work, q;
@@ -477,7 +497,7 @@ void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool e
   auto alloc = [&](Out& o, ValueIterationArgs& args) {
     o.v.assign(n, T(0)); o.work.assign(n, T(0)); o.q.assign(n * A, T(0));
     o.policy.assign(n, -1); o.stats.assign(2 * sweeps, 0);
-    args.v_out = o.v.data(); args.v_work = o.work.data(); args.q = o.q.data();
+    args.v_out = o.v.data(); args.v_work = o.work.data(); args.q = with_q ? o.q.data() : nullptr;
     args.policy = o.policy.data(); args.stats = o.stats.data();
   };
   Out gpu, cpu_o;
@@ -488,10 +508,18 @@ void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool e
                           std::to_string(A) + " K " + std::to_string(K) + " idx " +
                           std::to_string(8 * sizeof(IP)) + "/" + std::to_string(8 * sizeof(IX)) +
                           " sweeps " + std::to_string(sweeps) + (early_stop ? " tol" : "") +
-                          " states [" + std::to_string(lo) + ", " + std::to_string(hi) + ")";
+                          (span ? " span" : "") + (with_q ? "" : " no q") + " states [" +
+                          std::to_string(lo) + ", " + std::to_string(hi) + ")";
   launched(kernel, value_iteration_cuda(a, scratch.data(), nullptr), tag);
-  const ViRef<double> ref = vi_reference<double, T>(c, lo, hi, sweeps, gamma, tol);
-  const ViRef<cuda::acc_t<T>> eager = vi_reference<cuda::acc_t<T>, T>(c, lo, hi, sweeps, gamma, tol);
+  const ViRef<double> ref = vi_reference<double, T>(c, lo, hi, sweeps, gamma, tol, span);
+  const ViRef<cuda::acc_t<T>> eager = vi_reference<cuda::acc_t<T>, T>(c, lo, hi, sweeps, gamma, tol, span);
+  if (span && early_stop) {
+    // The case must tell the two residuals apart: the span stops after sweep 3, the sup rule
+    // after another one (a kernel that used the sup would give other values and NaN rows).
+    const ViRef<double> sup = vi_reference<double, T>(c, lo, hi, sweeps, gamma, tol, false);
+    exact(kernel, tag + ": the span stops after 3 sweeps, the sup rule after another",
+          ref.dv.size() == 6 && sup.dv.size() != 6);
+  }
   std::vector<double> cpu_v, cpu_q, cpu_dv;
 #if defined(FASTPT_SIMT_CPU_KERNELS)
   {
@@ -507,7 +535,9 @@ void test_vi(int64_t S, int64_t A, int64_t K, bool dense, int64_t sweeps, bool e
   for (T x : gpu.v) got_v.push_back(tod(x));
   for (T x : gpu.q) got_q.push_back(tod(x));
   compare<T>(kernel, tag + " v", false, got_v, ref.v, eager.v, cpu_v);
-  compare<T>(kernel, tag + " q", false, got_q, ref.q, eager.q, cpu_q);
+  if (with_q) compare<T>(kernel, tag + " q", false, got_q, ref.q, eager.q, cpu_q);
+  else exact(kernel, tag + ": q = nullptr, the q buffer is left alone",
+             std::all_of(gpu.q.begin(), gpu.q.end(), [](T x) { return x == T(0); }));
   compare<T>(kernel, tag + " dv", false, got_dv, ref.dv, eager.dv, cpu_dv);
   // Sweeps not run (tolerance reached) are NaN rows; the greedy policy is that of the
   // float64 reference (random data: no near-ties at these sizes).
@@ -529,6 +559,12 @@ template <typename T> void vi_all() {
     test_vi<T, int32_t, int32_t>(50, 2, 3, dense, 6, true, 0, 50);    // stops after 3 sweeps
     test_vi<T, int32_t, int64_t>(61, 3, 4, dense, 1, false, 13, 45);  // a block of a partition
     test_vi<T, int64_t, int64_t>(29, 5, 7, dense, 2, false, 0, 29);
+    // span_residual: stops after 3 sweeps on the span (the sup rule: after another sweep)
+    test_vi<T, int32_t, int32_t>(50, 2, 3, dense, 6, true, 0, 50, true);
+    test_vi<T, int64_t, int32_t>(61, 3, 4, dense, 5, true, 0, 61, true, false);  // and q = nullptr
+    // q = nullptr: several sweeps, stopping on the sup; one sweep of a partition's block
+    test_vi<T, int32_t, int32_t>(50, 2, 3, dense, 6, true, 0, 50, false, false);
+    test_vi<T, int32_t, int64_t>(61, 3, 4, dense, 1, false, 13, 45, false, false);
   }
 }
 
@@ -661,12 +697,41 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
   AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask, &round_to<T>);
   for (auto* x : {&eager.out, &eager.dq})
     for (double& e : *x) e = round_to<T>(e);
-  compare<T>(fwd, tag, false, out.doubles(nq), ref.out, eager.out);
-  compare<T>(bwd, tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq);
-  compare<T>(bwd, tag + " dk", true, std::vector<double>(gk.begin(), gk.end()), ref.dk, eager.dk);
-  compare<T>(bwd, tag + " dv", true, std::vector<double>(gv.begin(), gv.end()), ref.dv, eager.dv);
+  // The CPU kernel on the same inputs, forward then backward from its own out and lse (so an
+  // error of the emulated forward does not reach the baseline). Its grad_k, grad_v are in the
+  // storage type, (B, Hkv, S, D); grad_bias in the compute type, as the CUDA kernel's.
+  AttnResult cres;
+#if defined(FASTPT_SIMT_CPU_KERNELS)
+  {
+    Buf<T> out2(nq, 0), dq2(nq, 0), dk2(nk, 0), dv2(nk, 0);
+    std::vector<A> lse2(B * H * T_), gbias2(biased ? B * H * T_ * S : 0, A(0));
+    cpu::DEFAULT::attention_fwd({sh, q.p(), k.p(), v.p(), out2.p(), lse2.data()});
+    cpu::DEFAULT::attention_bwd({sh, q.p(), k.p(), v.p(), out2.p(), dout.p(), lse2.data(), dq2.p(), dk2.p(),
+                                 dv2.p(), biased ? gbias2.data() : nullptr});
+    cres.out = out2.doubles(nq), cres.dq = dq2.doubles(nq), cres.dk = dk2.doubles(nk), cres.dv = dv2.doubles(nk);
+    if (biased) cres.dbias.assign(gbias2.begin(), gbias2.end());
+  }
+#endif
+  compare<T>(fwd, tag, false, out.doubles(nq), ref.out, eager.out, cres.out);
+  compare<T>(bwd, tag + " dq", true, dq.doubles(nq), ref.dq, eager.dq, cres.dq);
+  // dK, dV: the values the glue returns (the kernels' compute-type accumulators rounded to the
+  // storage type) against the formula rounded the same way and the CPU kernel's (stored in
+  // that type too); for bf16 / fp16 also the accumulators themselves against the unrounded
+  // formula (a tighter bound).
+  const std::vector<double> gkd(gk.begin(), gk.end()), gvd(gv.begin(), gv.end());
+  if constexpr (!std::is_same_v<T, A>) {
+    compare<T>(bwd, tag + " dk acc", true, gkd, ref.dk, eager.dk);
+    compare<T>(bwd, tag + " dv acc", true, gvd, ref.dv, eager.dv);
+  }
+  auto rounded = [](std::vector<double> x) {
+    for (double& e : x) e = round_to<T>(e);
+    return x;
+  };
+  compare<T>(bwd, tag + " dk", true, rounded(gkd), ref.dk, rounded(eager.dk), cres.dk);
+  compare<T>(bwd, tag + " dv", true, rounded(gvd), ref.dv, rounded(eager.dv), cres.dv);
   if (biased)
-    compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias);
+    compare<T>(bwd, tag + " dbias", true, std::vector<double>(gbias.begin(), gbias.end()), ref.dbias, eager.dbias,
+               cres.dbias);
 }
 
 // A NaN in one row of q, or of dO, makes its head's gradients NaN and nothing else: the other

@@ -30,10 +30,6 @@
 #include "ops/attention/attention.h"
 #include "ops/attention/attention_cuda.h"
 
-#if !defined(FASTPT_SIMT_EMULATOR)
-#include <mma.h>
-#endif
-
 namespace fastpt {
 namespace {
 

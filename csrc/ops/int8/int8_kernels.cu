@@ -6,8 +6,11 @@
 // GEMM: one block of 4 warps per 32 x 32 output tile, each warp one 16 x 16 accumulator
 // fragment. K advances 64 at a time through shared memory: A's 32 x 64 bytes (rows past m
 // read as 0) and B's 32 channels x 64 k from the packed weight (two panels, each 1 KiB
-// contiguous for 64 k), rearranged into column-major tiles for matrix_b. Rows are padded to
-// 80 bytes (a multiple of 16, as WMMA's 8-bit loads need). Per block and K step: 4 KiB read
+// contiguous for 64 k), rearranged into column-major tiles for matrix_b. Both are stored
+// k-chunk-major: each 16 k of the 32 rows (or channels) is one 512-byte block of 16-byte
+// rows, so every 16 x 16 fragment WMMA loads starts 256-bit aligned, as load_matrix_sync
+// requires (rows padded to 80 bytes put the k = 16 and 48 fragments 16 bytes off that).
+// Per block and K step: 4 KiB read
 // from global memory for 32 x 32 x 64 MACs (8 MACs per byte): bound by L2/DRAM bandwidth
 // rather than the tensor cores; larger tiles and cp.async pipelining would be the next step
 // (not measured: no GPU here).
@@ -15,10 +18,6 @@
 #include "common/portable.h"
 #include "ops/int8/int8.h"
 #include "ops/int8/int8_cuda.h"
-
-#if !defined(FASTPT_SIMT_EMULATOR)
-#include <mma.h>
-#endif
 
 namespace fastpt {
 namespace {
@@ -28,13 +27,14 @@ using cuda::to_float;
 
 constexpr int kTile = 32;      // output tile
 constexpr int kStepK = 64;     // K per shared-memory step
-constexpr int kLdm = kStepK + 16;
+constexpr int kChunkK = 16;    // k of one WMMA fragment, and the leading dimension of a chunk
+constexpr int kChunk = kTile * kChunkK;  // bytes of one k-chunk of a tile
 constexpr int kGemmThreads = 128;
 
-// WMMA needs 16-byte (8-bit) / 32-byte aligned shared-memory tiles.
+// WMMA loads and stores need 256-bit aligned tiles.
 struct alignas(32) GemmSmem {
-  signed char a[kTile * kLdm];
-  signed char b[kTile * kLdm];  // column-major: channel n at n * kLdm
+  signed char a[kTile * kStepK];  // row r, k: a[(k / 16) * kChunk + r * 16 + k % 16]
+  signed char b[kTile * kStepK];  // channel n, k: b[(k / 16) * kChunk + n * 16 + k % 16] (column-major)
   int c[kTile * kTile];
 };
 
@@ -56,23 +56,25 @@ __global__ void int8_gemm_kernel(Int8GemmArgs g, int64_t n_tile0) {
       const int row = tid / 4, seg = (tid % 4) * 16;
       const int64_t m = m0 + row;
       for (int j = 0; j < 16; ++j)
-        a_s[row * kLdm + seg + j] = m < g.m ? static_cast<signed char>(g.a[m * g.lda + k0 + seg + j]) : 0;
+        a_s[(seg / kChunkK) * kChunk + row * kChunkK + j] =
+            m < g.m ? static_cast<signed char>(g.a[m * g.lda + k0 + seg + j]) : 0;
     }
     {  // B: thread -> 16 bytes = 4 channels x 4 k of one group of one panel
       const int panel = tid / 64, within = (tid % 64) * 16, group = within / 64, byte = within % 64;
       const int8_t* src = g.b + ((n0 / kPanelN + panel) * groups + k0 / 4 + group) * (kPanelN * 4) + byte;
       for (int j = 0; j < 16; ++j) {
         const int n = panel * kPanelN + (byte + j) / 4, k = group * 4 + (byte + j) % 4;
-        b_s[n * kLdm + k] = static_cast<signed char>(src[j]);
+        b_s[(k / kChunkK) * kChunk + n * kChunkK + k % kChunkK] = static_cast<signed char>(src[j]);
       }
     }
     __syncthreads();
     const int wm = warp / 2, wn = warp % 2;
-    for (int kk = 0; kk < kStepK; kk += 16) {
+    for (int kk = 0; kk < kStepK; kk += kChunkK) {
       nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, signed char, nvcuda::wmma::row_major> fa;
       nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, signed char, nvcuda::wmma::col_major> fb;
-      nvcuda::wmma::load_matrix_sync(fa, a_s + wm * 16 * kLdm + kk, kLdm);
-      nvcuda::wmma::load_matrix_sync(fb, b_s + wn * 16 * kLdm + kk, kLdm);
+      const int chunk = (kk / kChunkK) * kChunk;
+      nvcuda::wmma::load_matrix_sync(fa, a_s + chunk + wm * 16 * kChunkK, kChunkK);
+      nvcuda::wmma::load_matrix_sync(fb, b_s + chunk + wn * 16 * kChunkK, kChunkK);
       nvcuda::wmma::mma_sync(acc, fa, fb, acc);
     }
     __syncthreads();
