@@ -117,6 +117,14 @@ def test_multiple_choice_and_generation_run_without_gradients(model, tok, world)
                               max_new_tokens=4)
     assert 0.0 <= acc <= 1.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from fastpt.icl.scoring import score_tokens  # (lm-eval's rolling windows call it directly)
+    graphs = []
+    handle = model.register_forward_hook(lambda m, args, out: graphs.append(out.logits.requires_grad))
+    try:
+        score_tokens(model, [([1, 5, 9], [4, 7])])
+    finally:
+        handle.remove()
+    assert graphs and not any(graphs)  # no autograd graph built
     with pytest.raises(ValueError, match="not among the choices"):
         evaluate_multiple_choice(model, tok, [{"input": "x", "target": "y", "choices": ["z"]}],
                                  k=0, pool=[])

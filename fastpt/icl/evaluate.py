@@ -69,7 +69,8 @@ def generate_answer(model, tokenizer, prompt: str, *, stop: tuple[str, ...] = ("
 
     A prompt too long for prompt + ``max_new_tokens`` to fit the model's
     ``max_position_embeddings`` (less a prompt-tuned model's soft tokens) keeps its last
-    ``max_position_embeddings - max_new_tokens`` of them (lm-eval's left truncation, every model family; the BOS may go with it).
+    ``max_position_embeddings - max_new_tokens`` of them (lm-eval's left truncation, every
+    model family; the BOS may go with it).
     ``generate_options`` (``do_sample``, ``temperature``, ``top_k``, ...) go to
     :func:`fastpt.models.generate`.
 

@@ -69,7 +69,6 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], *,
     return score_tokens(model, pairs)
 
 
-@torch.no_grad()
 def max_length(model) -> int | None:
     """The input tokens the model takes: ``max_position_embeddings`` (None: no such limit), less
     a prompt-tuned model's soft tokens, which take the first positions."""
@@ -77,6 +76,7 @@ def max_length(model) -> int | None:
     return None if limit is None else limit - getattr(model, "num_virtual_tokens", 0)
 
 
+@torch.no_grad()
 def score_tokens(model, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
     """Score token-level (context ids, continuation ids) pairs: the path :func:`loglikelihood`
     and lm-eval's rolling windows share. A pair longer than the model's
