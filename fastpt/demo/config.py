@@ -85,9 +85,11 @@ HELPS = {
 
 
 MAX_THREADS = 1024
-ICL_POOL = 200  # the in-context section's examples are drawn from a pool of this many per task
 """Most torch threads ``threads`` and ``train_threads`` may ask for: with threads = 1000000
 the demo died of a segmentation fault when torch's thread pool started."""
+
+ICL_POOL = 200
+"""The in-context section draws its examples from a pool of this many per task."""
 
 
 @dataclass

@@ -58,9 +58,9 @@ class Context:
                   f"{cfg.decoder_steps} causal-LM steps)", flush=True)
             start = time.perf_counter()
             losses = [r["loss"] for r in self.pretrain("decoder").metrics if r.get("loss") is not None]
+            loss = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss logged"
             sec.text(f"The pre-training section was not selected, so this section first pre-trained "
                      f"the {cfg.decoder_preset} decoder: {cfg.decoder_steps} causal-LM steps in "
-                     f"{time.perf_counter() - start:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-                     f"(saved in `decoder/`).")
+                     f"{time.perf_counter() - start:.0f} s, {loss} (saved in `decoder/`).")
         result = self.pretrained["decoder"]
         return result.model, result.tokenizer

@@ -23,7 +23,8 @@ def run(ctx, sec) -> None:
     solved = time.perf_counter()
     sec.code(grid.render(res.v, res.policy))
     rows.append(["4x3 gridworld (gamma 1, living reward -0.04)", len(grid.cells), 4, "-",
-                 f"{GRID_EPSILON:g}", res.iterations, f"{res.residual:.1e}", f"{built - start:.3f}", f"{solved - built:.3f}"])
+                 f"{GRID_EPSILON:g}", res.iterations, f"{res.residual:.1e}", f"{built - start:.3f}",
+                 f"{solved - built:.3f}"])
     plots.gridworld_values(ctx.path("gridworld.png"), grid, res.v, res.policy)
     sec.image("gridworld.png", "gridworld state values and greedy policy")
 
@@ -37,8 +38,8 @@ def run(ctx, sec) -> None:
         raise RuntimeError(f"value iteration did not converge (residual {res.residual:.2e})")
     nnz = cfg.mdp_states * cfg.mdp_actions * cfg.mdp_successors
     rows.append([f"random sparse (gamma {cfg.mdp_gamma:g}, {cfg.mdp_successors} successors)",
-                 f"{cfg.mdp_states:,}", cfg.mdp_actions, f"{nnz:,}", f"{cfg.mdp_epsilon:g}", res.iterations,
-                 f"{res.residual:.1e}", f"{built - start:.2f}", f"{solved - built:.2f}"])
+                 f"{cfg.mdp_states:,}", cfg.mdp_actions, f"{nnz:,}", f"{cfg.mdp_epsilon:g}",
+                 res.iterations, f"{res.residual:.1e}", f"{built - start:.2f}", f"{solved - built:.2f}"])
     sec.table(HEADERS, rows, caption=(
         "Value iteration to each row's epsilon by the sup-norm rule (gamma < 1: sweeps stop "
         "below epsilon (1 - gamma) / (2 gamma), and the greedy policy is epsilon-optimal; "
