@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 
-def physical_memory() -> int:
-    """Bytes of physical memory; 0 where the OS does not say (no such check is then made)."""
+def physical_memory() -> float:
+    """Bytes of physical memory; inf where the OS does not say (every size then fits)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 0
+        return math.inf

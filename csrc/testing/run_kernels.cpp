@@ -694,9 +694,13 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
     qd = to_bhtd(qd, B, H, T_, D), kd = to_bhtd(kd, B, Hkv, S, D), vd = to_bhtd(vd, B, Hkv, S, D);
   }
   const AttnResult ref = attention_naive<double>(sh, qd, kd, vd, dod, bias_d, mask);
+  auto rounded = [](std::vector<double> x) {  // to the storage type, as the glue returns it
+    for (double& e : x) e = round_to<T>(e);
+    return x;
+  };
   AttnResult eager = attention_naive<A>(sh, qd, kd, vd, dod, bias_d, mask, &round_to<T>);
-  for (auto* x : {&eager.out, &eager.dq})
-    for (double& e : *x) e = round_to<T>(e);
+  eager.out = rounded(eager.out);
+  eager.dq = rounded(eager.dq);
   // The CPU kernel on the same inputs, forward then backward from its own out and lse (so an
   // error of the emulated forward does not reach the baseline). Its grad_k, grad_v are in the
   // storage type, (B, Hkv, S, D); grad_bias in the compute type, as the CUDA kernel's.
@@ -723,10 +727,6 @@ void test_attention(int64_t B, int64_t H, int64_t Hkv, int64_t T_, int64_t S, in
     compare<T>(bwd, tag + " dk acc", true, gkd, ref.dk, eager.dk);
     compare<T>(bwd, tag + " dv acc", true, gvd, ref.dv, eager.dv);
   }
-  auto rounded = [](std::vector<double> x) {
-    for (double& e : x) e = round_to<T>(e);
-    return x;
-  };
   compare<T>(bwd, tag + " dk", true, rounded(gkd), ref.dk, rounded(eager.dk), cres.dk);
   compare<T>(bwd, tag + " dv", true, rounded(gvd), ref.dv, rounded(eager.dv), cres.dv);
   if (biased)

@@ -214,11 +214,12 @@ class DemoConfig:
             raise ValueError(f"icl_shots: expected at most {ICL_POOL} examples (the pool they are drawn "
                              f"from), got {max(self.icl_shots)}")
         from fastpt.benchmarks.run import load_spec
-        modeless = [op for op in self.kernel_ops if not set(load_spec(op).modes) & set(self.kernel_modes)]
+        modes = {op: load_spec(op).modes for op in self.kernel_ops}
+        modeless = [op for op in self.kernel_ops if not set(modes[op]) & set(self.kernel_modes)]
         if modeless:
             raise ValueError(f"kernel_ops: {', '.join(modeless)} run in none of kernel_modes "
                              f"{list(self.kernel_modes)} (" + "; ".join(
-                                 f"{op}: {', '.join(load_spec(op).modes)}" for op in modeless) + ")")
+                                 f"{op}: {', '.join(modes[op])}" for op in modeless) + ")")
 
     @property
     def size(self) -> str:

@@ -92,7 +92,7 @@ def check_random_mdp_fits(num_states: int, num_actions: int, successors: int) ->
     machine's memory (it would otherwise fail in the allocator, or be killed, mid-way)."""
     transitions = num_states * num_actions * successors
     need, have = BYTES_PER_TRANSITION * transitions, physical_memory()
-    if have and need > have:
+    if need > have:
         raise ValueError(f"{num_states} states x {num_actions} actions x {successors} successors = "
                          f"{transitions:,} transitions need about {need / 2**30:,.0f} GiB; this machine "
                          f"has {have / 2**30:,.0f} GiB")

@@ -22,7 +22,7 @@ def _check_fits_in_memory(shape: tuple, dtype: torch.dtype, device) -> None:
     need = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     device = torch.device(device or "cpu")
     if device.type == "cpu":
-        have = physical_memory() or math.inf
+        have = physical_memory()
     elif device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
     else:

@@ -54,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         """Tables for positions [0, needed), doubled at least; a position id so large that its
         table would not fit in memory is named (it was an allocator error of petabytes)."""
         table_bytes = 2 * needed * (self.dim // 2) * self.cos_cached.element_size()
-        if self.cos_cached.device.type == "cpu" and table_bytes > (physical_memory() or math.inf):
+        if self.cos_cached.device.type == "cpu" and table_bytes > physical_memory():
             raise ValueError(f"position {needed - 1} needs rotary tables of {table_bytes / 2**30:.0f} GiB, "
                              f"more than this machine's memory: position ids must be token positions")
         self._build(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device, self.cos_cached.dtype)
