@@ -1,13 +1,14 @@
 """Every CUDA kernel of fastpt, run on the CPU through the SIMT emulator (csrc/testing/).
 
 The CUDA kernel files (csrc/**/*_kernels.cu) are compiled as C++ by the host compiler with
--DFASTPT_SIMT_EMULATOR together with csrc/testing/run_kernels.cpp, which launches every
-launcher on small shapes (odd sizes, several blocks, unaligned pointers, fp32/bf16/fp16/fp64,
-forward and backward) and checks the results against float64 references with the project's
-tolerance rule; the DEFAULT build of the CPU kernels (csrc/ops/*/<op>_kernel.cpp, against
-torch's headers and libtorch_cpu) runs on the same inputs, and the emulated kernel may have at
-most 2x its error (or 2x the error of the formula evaluated in the compute type). The
-emulator's own tests are csrc/testing/simt_selftest.cpp.
+-DFASTPT_SIMT_EMULATOR together with csrc/testing/run_kernels*.cpp (main in run_kernels.cpp,
+one run_kernels_<op>.cpp per op), which launches every launcher on small shapes (odd sizes,
+several blocks, unaligned pointers, fp32/bf16/fp16/fp64, forward and backward) and checks
+the results against float64 references with the project's tolerance rule; the DEFAULT build
+of the CPU kernels (csrc/ops/*/<op>_kernel.cpp, against torch's headers and libtorch_cpu) runs
+on the same inputs, and the emulated kernel may have at most 2x its error (or 2x the error of
+the formula evaluated in the compute type). The emulator's own tests are
+csrc/testing/simt_selftest*.cpp.
 
 The binaries are built once per source state (cached by a hash of the sources and flags in
 the temp folder). A missing compiler or a failed build is a test failure, never a skip.
@@ -50,6 +51,15 @@ def _cpu_kernel_files() -> list[Path]:
     return sorted(CSRC.glob("ops/*/*_kernel.cpp")) + [CSRC / "common" / "cpu_features.cpp"]
 
 
+def _program_sources(name: str) -> list[Path]:
+    """One test program's own sources: <name>.cpp (its main) and <name>_*.cpp."""
+    return sorted((CSRC / "testing").glob(f"{name}*.cpp"))
+
+
+def _program_objects(name: str) -> list[str]:
+    return [f"{src.stem}.o" for src in _program_sources(name)]
+
+
 def _sources_hash() -> str:
     h = hashlib.sha256(" ".join([CXX, *FLAGS, *CPU_FLAGS, torch.__version__]).encode())
     files = sorted({*CSRC.rglob("*.h"), *CSRC.rglob("*.cu"), *(CSRC / "testing").glob("*.cpp"),
@@ -89,8 +99,9 @@ def emulator_bins() -> dict[str, Path]:
     build = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
     kernels = _kernel_files()
     assert kernels, "no CUDA kernel files under csrc/"
-    jobs = [(CSRC / "testing" / "run_kernels.cpp", build / "run_kernels.o", FLAGS),
-            (CSRC / "testing" / "simt_selftest.cpp", build / "simt_selftest.o", FLAGS)]
+    programs = ("run_kernels", "simt_selftest")
+    assert all(_program_sources(name) for name in programs), "csrc/testing/ lacks a test program"
+    jobs = [(src, build / f"{src.stem}.o", FLAGS) for name in programs for src in _program_sources(name)]
     jobs += [(k, build / f"{k.stem}.o", FLAGS) for k in kernels]
     jobs += [(c, build / f"cpu_{c.stem}.o", CPU_FLAGS) for c in _cpu_kernel_files()]
     _compile(jobs)
@@ -98,8 +109,8 @@ def emulator_bins() -> dict[str, Path]:
     kernel_objs += [str(build / f"cpu_{c.stem}.o") for c in _cpu_kernel_files()]
     torch_link = [f for d in TORCH_LIBS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
     torch_link += ["-ltorch_cpu", "-lc10"]
-    for name, main_obj in (("run_kernels", "run_kernels.o"), ("simt_selftest", "simt_selftest.o")):
-        objs = [str(build / main_obj)]
+    for name in programs:
+        objs = [str(build / obj) for obj in _program_objects(name)]
         extra = ["-fopenmp", *kernel_objs, *torch_link] if name == "run_kernels" else []
         res = subprocess.run([CXX, "-pthread", *objs, *extra, "-o", str(build / name)],
                              capture_output=True, text=True)
@@ -172,7 +183,7 @@ def test_every_cuda_kernel_emulated(emulator_bins, order, capsys):
     # named <op>_* and owned by no file with a longer op (see _uncovered_kernel_files), and
     # every launcher belongs to a kernel file.
     uncovered, orphans = _uncovered_kernel_files(counts, _kernel_files())
-    assert not uncovered, "no emulated test in csrc/testing/run_kernels.cpp for " + \
+    assert not uncovered, "no emulated test in csrc/testing/run_kernels_*.cpp for " + \
         ", ".join(str(cu.relative_to(ROOT)) for cu in uncovered)
     assert not orphans, f"emulated launchers named after no csrc/**/<op>_kernels.cu: {orphans}"
     with capsys.disabled():
@@ -254,9 +265,10 @@ def test_missing_barrier_in_a_real_kernel_is_caught(emulator_bins, tmp_path, op)
     kernel_obj = tmp_path / (Path(kernel_file).stem + ".o")
     flags = [f if f != str(CSRC) else str(mutated) for f in FLAGS]
     _compile([(mutated / kernel_file, kernel_obj, flags)])
-    objs = [str(obj_dir / "run_kernels.o"), str(kernel_obj)]
-    objs += [str(o) for o in sorted(obj_dir.glob("*.o"))
-             if o.name not in ("run_kernels.o", "simt_selftest.o", kernel_obj.name)]
+    own = _program_objects("run_kernels")
+    skip = {*own, *_program_objects("simt_selftest"), kernel_obj.name}
+    objs = [str(obj_dir / obj) for obj in own] + [str(kernel_obj)]
+    objs += [str(o) for o in sorted(obj_dir.glob("*.o")) if o.name not in skip]
     torch_link = [f for d in TORCH_LIBS for f in (f"-L{d}", f"-Wl,-rpath,{d}")]
     exe = tmp_path / "run_kernels_mutated"
     res = subprocess.run([CXX, "-pthread", "-fopenmp", *objs, *torch_link, "-ltorch_cpu", "-lc10",

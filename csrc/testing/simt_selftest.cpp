@@ -4,28 +4,32 @@
 // (never a hang), WMMA must match a reference matmul and check CUDA's rules for its operands.
 // Prints "SELFTEST <name> ok|FAIL" per test and "<N> selftests, <F> failures"; exit status 1 on
 // any failure.
-// Built and run by tests/test_cuda_emulated.py (g++ -std=c++20 -DFASTPT_SIMT_EMULATOR -I csrc).
-#include "common/cuda_compat.h"
+// This file holds main and the tests of execution, warp primitives and errors; the static
+// shared memory tests are in simt_selftest_static_smem.cpp, the WMMA ones in
+// simt_selftest_wmma.cpp, what they share in simt_selftest.h.
+// Built and run by tests/test_cuda_emulated.py (g++ -std=c++20 -DFASTPT_SIMT_EMULATOR -I csrc
+// csrc/testing/simt_selftest*.cpp).
+#include "testing/simt_selftest.h"
 
+#include <algorithm>
 #include <cstdio>
-#include <new>
 #include <string>
 #include <thread>
 #include <vector>
 
 using fastpt_simt::Order;
 
-namespace {
+namespace simt_selftest {
 
 int total = 0, failures = 0;
-void expect(const std::string& name, bool ok, const std::string& detail = "") {
+void expect(const std::string& name, bool ok, const std::string& detail) {
   ++total;
   if (!ok) ++failures;
   std::printf("SELFTEST %s %s%s%s\n", name.c_str(), ok ? "ok" : "FAIL", detail.empty() ? "" : ": ",
               detail.c_str());
 }
 
-constexpr int kN = 128;
+namespace {
 
 // Tree reduction in shared memory; `racy` leaves out the barrier after the stores.
 __global__ void block_reduce(const float* in, float* out, bool racy) {
@@ -127,98 +131,6 @@ __global__ void atomics(float* f, int* i, double* d, int* mx) {
   atomicMax(mx, int(blockIdx.x * blockDim.x + threadIdx.x));
 }
 
-// C (32 x 32, float/int row-major) = A (32 x K) * B (K x 32), one warp per 16x16 tile of C:
-// block (32, 4). Element (m, k) of A is at a[m * ld + k / 16 * kstep + k % 16], element (k, n)
-// of B at b[n * ld + k / 16 * kstep + k % 16] (column-major): ld = K, kstep = 16 is a row-major
-// A; ld = 16, kstep = 512 stores A in blocks of 16 k, so that every tile of an 8-bit A starts
-// 32-byte aligned (in a row-major one, the tiles along k are 16 bytes apart).
-template <typename TI, typename TA>
-__global__ void wmma_gemm(const TI* a, const TI* b, TA* c, int K, int ld, int kstep) {
-  using namespace nvcuda::wmma;
-  const int tile = threadIdx.y, tm = tile / 2, tn = tile % 2;
-  fragment<matrix_a, 16, 16, 16, TI, row_major> fa;
-  fragment<matrix_b, 16, 16, 16, TI, col_major> fb;
-  fragment<accumulator, 16, 16, 16, TA> acc;
-  fill_fragment(acc, TA(0));
-  for (int k = 0; k < K; k += 16) {
-    load_matrix_sync(fa, a + tm * 16 * ld + k / 16 * kstep, ld);
-    load_matrix_sync(fb, b + tn * 16 * ld + k / 16 * kstep, ld);
-    mma_sync(acc, fa, fb, acc);
-  }
-  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] = acc.x[i] * TA(2);
-  store_matrix_sync(c + tm * 16 * 32 + tn * 16, acc, 32, mem_row_major);
-}
-
-// ---- static shared memory: poisoned before every block, wherever it is declared.
-
-// A device function's own `__shared__` array (CUDA counts it in the calling kernel's).
-template <typename T>
-__device__ T* device_tile() {
-  __shared__ T t[33];
-  return t;
-}
-
-struct alignas(32) Record {  // an aligned struct, as int8_kernels.cu's GemmSmem
-  signed char bytes[40];
-  int tag;
-};
-
-// Thread 0 of each block counts the static shared values that hold the mark an earlier block
-// (or launch) left, then marks them all. In CUDA they are undefined at the start of a block:
-// the count must be 0.
-template <typename T>
-__global__ void marks_left(int* stale) {
-  __shared__ T own[5];
-  __shared__ Record rec;
-  T* dev = device_tile<T>();
-  if (threadIdx.x != 0) return;
-  const T mark = T(7);
-  int n = rec.tag == 7;
-  for (int i = 0; i < 5; ++i) n += own[i] == mark;
-  for (int i = 0; i < 33; ++i) n += dev[i] == mark;
-  stale[blockIdx.x] = n;
-  rec.tag = 7;
-  for (int i = 0; i < 5; ++i) own[i] = mark;
-  for (int i = 0; i < 33; ++i) dev[i] = mark;
-}
-
-// The minimum over the block by a tree in static shared memory; `racy` leaves out the barrier
-// after the stores, as the audit did to value_iteration's reduce kernel. Threads from n on
-// hold +inf, so the race reads the upper half before it is written: a NaN there is skipped by
-// `<` and a stale +inf (an earlier block's) changes nothing; only a huge negative value shows.
-__global__ void block_min(const float* in, int n, float* out, bool racy) {
-  __shared__ float s[kN];
-  const int t = threadIdx.x;
-  s[t] = t < n ? in[t] : INFINITY;
-  if (!racy) __syncthreads();
-  for (int half = kN / 2; half > 0; half /= 2) {
-    if (t < half) s[t] = s[t + half] < s[t] ? s[t + half] : s[t];
-    __syncthreads();
-  }
-  if (t == 0) out[blockIdx.x] = s[0];
-}
-
-constexpr int kBig = 10 * 1024;  // floats: 40 KiB of static shared memory
-
-__global__ void big_static(float* out) {
-  __shared__ float big[kBig];
-  for (int i = threadIdx.x; i < kBig; i += blockDim.x) big[i] = float(i);
-  __syncthreads();
-  out[threadIdx.x] = big[kBig - 1 - threadIdx.x];
-}
-
-__device__ float* device_big() {
-  __shared__ float big[kBig];
-  return big;
-}
-
-__global__ void big_static_in_device_function(float* out) {
-  float* big = device_big();
-  for (int i = threadIdx.x; i < kBig; i += blockDim.x) big[i] = float(i);
-  __syncthreads();
-  out[threadIdx.x] = big[kBig - 1 - threadIdx.x];
-}
-
 // ---- every lane of a warp in the same warp primitive
 
 // Lanes 0-15 shuffle, lanes 16-31 vote.
@@ -292,45 +204,6 @@ __global__ void shuffle_widths(int* out) {
   o[32 + lane] = __shfl_up_sync(0xffffffffu, 100 + lane, 34u, 16);
   o[64 + lane] = __shfl_sync(0xffffffffu, 100 + lane, -3, 8);
 }
-
-// ---- WMMA operand rules
-
-// One warp loads a 16x16 half tile from p + offset with ldm; with `split`, lanes 16-31 pass a
-// pointer 16 rows further on.
-__global__ void wmma_load(const __half* p, int offset, unsigned ldm, bool split, float* out) {
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
-  const __half* q = p + offset + (split && threadIdx.x >= 16 ? 16 * ldm : 0);
-  nvcuda::wmma::load_matrix_sync(fa, q, ldm);
-  out[threadIdx.x] = float(fa.x[0]);
-}
-
-__global__ void wmma_store(float* p, int offset, unsigned ldm) {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-  nvcuda::wmma::fill_fragment(acc, 1.0f);
-  nvcuda::wmma::store_matrix_sync(p + offset, acc, ldm, nvcuda::wmma::mem_row_major);
-}
-
-// Buffers for WMMA operands: load_matrix_sync and store_matrix_sync take 32-byte aligned pointers.
-template <typename T>
-struct Aligned32 {
-  using value_type = T;
-  Aligned32() = default;
-  template <typename U>
-  Aligned32(const Aligned32<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{32})); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{32}); }
-  template <typename U>
-  bool operator==(const Aligned32<U>&) const { return true; }
-};
-template <typename T>
-using WmmaBuffer = std::vector<T, Aligned32<T>>;
-
-template <typename... P, typename... A>
-cudaError_t launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
-  return FASTPT_SIMT_LAUNCH(k, grid, block, smem, nullptr, args...);
-}
-
-bool has(const std::string& s, const char* sub) { return s.find(sub) != std::string::npos; }
 
 void test_race() {
   const int blocks = 3;
@@ -444,50 +317,6 @@ void test_indices_smem_atomics() {
   expect("kernel_without_arguments", e == cudaSuccess);
 }
 
-template <typename T>
-bool no_marks_left(const char* type, std::string& bad) {
-  std::vector<int> stale(4, -1);
-  bool ok = true;
-  for (int run = 0; run < 2; ++run) {  // the second launch must not see the first's marks either
-    const cudaError_t e = launch(&marks_left<T>, 4, 32, 0, stale.data());
-    ok = ok && e == cudaSuccess && std::all_of(stale.begin(), stale.end(), [](int n) { return n == 0; });
-  }
-  if (!ok) bad += std::string(bad.empty() ? "" : ", ") + type;
-  return ok;
-}
-
-void test_static_smem() {
-  std::string bad;
-  bool ok = no_marks_left<float>("float", bad);
-  ok &= no_marks_left<double>("double", bad);
-  ok &= no_marks_left<__half>("half", bad);
-  ok &= no_marks_left<int>("int", bad);
-  ok &= no_marks_left<signed char>("int8", bad);
-  expect("static_smem_poisoned_each_block", ok, bad.empty() ? "" : "earlier marks seen: " + bad);
-
-  std::vector<float> in(kN), out(3);
-  for (int i = 0; i < kN; ++i) in[i] = float((i * 37) % 101) + 1.0f;
-  const int n = kN / 2;
-  const float ref = *std::min_element(in.begin(), in.begin() + n);
-  cudaError_t e = launch(&block_min, 3, kN, 0, in.data(), n, out.data(), false);
-  auto all_ref = [&] { return std::all_of(out.begin(), out.end(), [&](float v) { return v == ref; }); };
-  expect("static_smem_min_correct", e == cudaSuccess && all_ref());
-  // three blocks: one of them gets the huge negative poison
-  e = launch(&block_min, 3, kN, 0, in.data(), n, out.data(), true);
-  expect("static_smem_min_race_caught", e != cudaSuccess || !all_ref());
-
-  std::vector<float> f(128, -1);
-  e = launch(&big_static, 2, 128, 0, f.data());
-  const bool fits = e == cudaSuccess && f[0] == float(kBig - 1);
-  e = launch(&big_static, 2, 128, 16 * 1024, f.data());
-  std::string m = fastpt_simt::last_error_message();
-  expect("static_smem_counted_in_limit", fits && e == cudaErrorInvalidConfiguration && has(m, "static"), m);
-  e = launch(&big_static_in_device_function, 2, 128, 16 * 1024, f.data());
-  m = fastpt_simt::last_error_message();
-  expect("device_function_static_smem_counted_in_limit",
-         e == cudaErrorInvalidConfiguration && has(m, "static"), m);
-}
-
 // Launches from two OS threads at once, of a kernel with static shared memory (one copy in
 // the process): they must not mix (the emulator runs one launch at a time).
 void test_concurrent_launches() {
@@ -564,74 +393,11 @@ void test_shuffle_widths() {
   expect("shfl_offsets_modulo_32", ok2);
 }
 
-void test_wmma_operands() {
-  WmmaBuffer<__half> h(64 * 32, __half(1.0f));
-  WmmaBuffer<float> f(64 * 32, 0.0f);
-  std::vector<float> out(32);
-  cudaError_t e = launch(&wmma_load, 1, 32, 0, h.data(), 0, 32u, false, out.data());
-  bool ok = e == cudaSuccess;
-  e = launch(&wmma_load, 1, 32, 0, h.data(), 16, 24u, false, out.data());  // 8 x 3 elements
-  ok = ok && e == cudaSuccess;
-  e = launch(&wmma_store, 1, 32, 0, f.data(), 8, 20u);  // 32 bytes in, ldm 80 bytes
-  ok = ok && e == cudaSuccess && f[8] == 1.0f;
-  expect("wmma_operands_ok", ok, ok ? "" : fastpt_simt::last_error_message());
-  e = launch(&wmma_load, 1, 32, 0, h.data(), 8, 32u, false, out.data());  // 16 bytes in
-  std::string m = fastpt_simt::last_error_message();
-  const bool load_caught = e == cudaErrorLaunchFailure && has(m, "32-byte");
-  e = launch(&wmma_store, 1, 32, 0, f.data(), 4, 16u);
-  m += "; " + fastpt_simt::last_error_message();
-  expect("wmma_misaligned_pointer_is_error",
-         load_caught && e == cudaErrorLaunchFailure && has(m, "32-byte"), m);
-  e = launch(&wmma_load, 1, 32, 0, h.data(), 0, 20u, false, out.data());  // 40 bytes
-  m = fastpt_simt::last_error_message();
-  const bool ldm_caught = e == cudaErrorLaunchFailure && has(m, "multiple of 16 bytes");
-  e = launch(&wmma_store, 1, 32, 0, f.data(), 0, 18u);  // 72 bytes
-  m += "; " + fastpt_simt::last_error_message();
-  expect("wmma_bad_ldm_is_error",
-         ldm_caught && e == cudaErrorLaunchFailure && has(m, "multiple of 16 bytes"), m);
-  e = launch(&wmma_load, 1, 32, 0, h.data(), 0, 32u, true, out.data());
-  m = fastpt_simt::last_error_message();
-  expect("wmma_lanes_different_pointers_is_error",
-         e == cudaErrorLaunchFailure && has(m, "different pointers"), m);
-}
-
-template <typename TI, typename TA>
-void test_wmma(const char* what, int K, bool k_blocks) {
-  const int ld = k_blocks ? 16 : K, kstep = k_blocks ? 32 * 16 : 16;
-  auto at = [=](int row, int k) { return row * ld + k / 16 * kstep + k % 16; };  // row: m of A, n of B
-  WmmaBuffer<TI> a(32 * K), b(32 * K);
-  std::vector<double> ref(32 * 32, 0);
-  for (int i = 0; i < 32 * K; ++i) {
-    if constexpr (std::is_integral_v<TI>) {
-      a[i] = TI((i * 37 % 255) - 127);
-      b[i] = TI((i * 91 % 251) - 125);
-    } else {
-      a[i] = TI(float((i * 37 % 61) - 30) / 16.f);
-      b[i] = TI(float((i * 91 % 53) - 26) / 8.f);
-    }
-  }
-  auto val = [](TI v) { return std::is_integral_v<TI> ? double(v) : double(float(v)); };
-  for (int m = 0; m < 32; ++m)
-    for (int n = 0; n < 32; ++n) {
-      for (int k = 0; k < K; ++k) ref[m * 32 + n] += val(a[at(m, k)]) * val(b[at(n, k)]);
-      ref[m * 32 + n] *= 2;
-    }
-  WmmaBuffer<TA> c(32 * 32, TA(-1));
-  const cudaError_t e =
-      launch(&wmma_gemm<TI, TA>, 1, dim3(32, 4), 0, a.data(), b.data(), c.data(), K, ld, kstep);
-  double err = 0, scale = 0;
-  for (int i = 0; i < 32 * 32; ++i) {
-    err = std::max(err, std::abs(double(c[i]) - ref[i]));
-    scale = std::max(scale, std::abs(ref[i]));
-  }
-  // inputs are exact multiples of 1/16 (1/8): the float sums are exact too
-  expect(std::string("wmma_") + what, e == cudaSuccess && err == 0 && scale > 0,
-         e == cudaSuccess ? "max err " + std::to_string(err) : fastpt_simt::last_error_message());
-}
-
 }  // namespace
+}  // namespace simt_selftest
 
 int main() {
+  using namespace simt_selftest;
   test_race();
   test_inter_warp_race();
   test_warp_ops();
@@ -642,9 +408,7 @@ int main() {
   test_warp_sites();
   test_shuffle_widths();
   test_wmma_operands();
-  test_wmma<__half, float>("f16", 48, false);
-  test_wmma<__nv_bfloat16, float>("bf16", 32, false);
-  test_wmma<signed char, int>("s8", 64, true);
+  test_wmma_products();
   std::printf("%d selftests, %d failures\n", total, failures);
   return failures != 0;
 }

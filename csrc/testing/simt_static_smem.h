@@ -1,6 +1,7 @@
 // SIMT emulator, static shared memory: finds every `__shared__` variable of the program (they
-// carry the abi_tag "fastpt_smem", see simt.h) in its ELF symbol table, poisons them before each
-// block, and counts a kernel's bytes against the per-block limit. Included by simt.h only.
+// carry the abi_tag "fastpt_smem", see simt_cuda_builtins.h) in its ELF symbol table, poisons
+// them before each block, and counts a kernel's bytes against the per-block limit. Included by
+// simt.h only.
 #pragma once
 
 #include <elf.h>
