@@ -16,10 +16,7 @@ half-way leaves a folder they refuse, never one they load mixed.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import math
 import os
 import re
 
@@ -28,7 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fastpt._atomic import atomic_write, atomic_write_json, sha256_file, sha256_json
-from fastpt.finetune.strategies import RECORDED_CONFIG, FinetuneConfig, backbone_of, prepare
+from fastpt.finetune.adapter_to_save import (_adapter_tensors, _adapter_to_save, _check_lora_settings, _config_of,
+                                             _config_of_adapter)
+from fastpt.finetune.folding import _folded
+from fastpt.finetune.strategies import FinetuneConfig, backbone_of, prepare
 from fastpt.models.hf import CONFIG_NAME, WEIGHTS_NAME
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -108,113 +108,6 @@ def save_adapter(model: torch.nn.Module, path: str, config: FinetuneConfig | Non
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", CONFIG_DIGEST: digest}))
     atomic_write_json(os.path.join(path, CONFIG_FILE), meta)
     return sorted(tensors)
-
-
-def _config_of(model: torch.nn.Module, given: FinetuneConfig | None) -> FinetuneConfig:
-    """The config to save with ``model``'s tensors. Another one than it was prepared with would
-    still load, since the tensor shapes fit, but with other numbers (e.g. the LoRA scaling
-    alpha / r): refused, naming the fields."""
-    recorded = getattr(model, RECORDED_CONFIG, None)
-    if given is not None and not isinstance(given, FinetuneConfig):
-        raise TypeError(f"save_adapter's config must be a FinetuneConfig, got {type(given).__name__} "
-                        f"(build one: FinetuneConfig(**settings))")
-    if given is None and recorded is None:
-        raise ValueError("save_adapter needs the FinetuneConfig of the model: it was not prepared by "
-                         "fastpt.finetune.prepare (which records it), so pass config=")
-    if given is not None and recorded is not None:
-        differing = _differing_fields(given, recorded)
-        if differing:
-            raise ValueError("the config given to save_adapter is not the one the model was prepared "
-                             f"with: {differing}; pass that one, or none (the model's is used)")
-    return given if given is not None else recorded
-
-
-_LORA_FACTOR = re.compile(r"\.lora_([AB])\.([^.]+)\.")
-
-
-def _adapter_to_save(model: torch.nn.Module, config: FinetuneConfig, adapter_name) -> str | None:
-    """The LoRA adapter to save: ``adapter_name``, or the active one (None: not LoRA)."""
-    from fastpt.finetune.lora import lora_layers
-    layers = lora_layers(model) if config.strategy in ("lora", "int8_lora") else []
-    if not layers:
-        if adapter_name is not None:
-            raise ValueError(f"adapter_name={adapter_name!r}: the model has no LoRA adapters (it was prepared "
-                             f"with strategy {config.strategy!r})")
-        return None
-    names = sorted({n for m in layers for n in m.lora_A})
-    if adapter_name is not None:
-        if adapter_name not in names:
-            raise ValueError(f"no LoRA adapter named {adapter_name!r}; the model's adapters: {names}")
-        return adapter_name
-    active = sorted({m.active for m in layers if m.active is not None})
-    if len(active) != 1:
-        raise ValueError(f"the model's LoRA layers have the active adapters {active}, not one: pass "
-                         f"adapter_name (one of {names})")
-    return active[0]
-
-
-def _adapter_tensors(model: torch.nn.Module, name: str | None) -> dict:
-    """The trainable tensors, LoRA factors those of adapter ``name`` only (trainable or not),
-    renamed to PEFT's ``default``."""
-    tensors = {}
-    for n, p in model.named_parameters():
-        factor = _LORA_FACTOR.search(n)
-        if factor:
-            if factor.group(2) != name:
-                continue
-            n = f"{n[:factor.start()]}.lora_{factor.group(1)}.default.{n[factor.end():]}"
-        elif not p.requires_grad:
-            continue
-        tensors[n] = p.detach().contiguous()
-    return tensors
-
-
-def _config_of_adapter(model: torch.nn.Module, config: FinetuneConfig, name: str) -> FinetuneConfig:
-    """``config`` with the LoRA settings of adapter ``name`` (one added by ``add_lora``, which
-    the recorded config does not describe), read off its layers."""
-    from fastpt.finetune.lora import LoraLayer
-    backbone = backbone_of(getattr(model, "model", model))
-    layers = [(path, m) for path, m in backbone.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-    if len(layers) != sum(1 for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A):
-        raise ValueError(f"adapter {name!r} has LoRA layers outside the backbone: save_adapter saves "
-                         "adapters added to the backbone (add_lora(model.backbone, ...))")
-    settings = {(m.lora_A[name].weight.shape[0], m.scaling[name], m.dropout[name], m.rslora[name])
-                for _, m in layers}
-    if len(settings) != 1:
-        raise ValueError(f"adapter {name!r} has other settings (rank, scaling, dropout) on different layers: "
-                         "save_adapter saves an adapter added by one add_lora call")
-    r, scaling, dropout, rslora = settings.pop()
-    return dataclasses.replace(config, lora_r=r, lora_alpha=scaling * (math.sqrt(r) if rslora else r),
-                               lora_dropout=dropout, use_rslora=rslora,
-                               target_modules=[path for path, _ in layers])
-
-
-def _differing_fields(given: FinetuneConfig, recorded: FinetuneConfig) -> str:
-    # As saved (JSON): a tuple of target modules is the list it is saved as.
-    a, b = (json.loads(json.dumps(c.to_dict())) for c in (given, recorded))
-    return "; ".join(f"{n} is {a[n]!r}, prepared with {b[n]!r}" for n in a if a[n] != b.get(n))
-
-
-def _check_lora_settings(model: torch.nn.Module, config: FinetuneConfig, name: str | None) -> None:
-    """LoRA's settings that shape no tensor (alpha, rslora, dropout) of the adapter ``name`` to
-    save, read off its layers: the model may have been adapted by hand (``add_lora``), with no
-    config recorded."""
-    from fastpt.finetune.lora import lora_layers
-    if name is None:
-        return
-    for m in lora_layers(model):
-        if name not in m.lora_A:
-            continue
-        r = m.lora_A[name].weight.shape[0]
-        root = math.sqrt(r) if config.use_rslora else r
-        scaling = "scaling (lora_alpha / (sqrt(r) if use_rslora else r))"
-        expected = {"lora_r": (config.lora_r, r), scaling: (config.lora_alpha / root, m.scaling[name]),
-                    "lora_dropout": (config.lora_dropout, m.dropout[name])}
-        wrong = [f"{k}: config gives {want!r}, the layer has {have!r}"
-                 for k, (want, have) in expected.items() if not math.isclose(want, have, rel_tol=1e-12)]
-        if wrong:
-            raise ValueError(f"the config given to save_adapter does not fit the model's LoRA layers "
-                             f"(adapter {name!r}): {'; '.join(wrong)}")
 
 
 def load_adapter(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -365,67 +258,6 @@ def _head_classes() -> dict:
         from fastpt.finetune.heads import QuestionAnswering, SequenceClassifier, TokenClassifier
         _HEADS.update({c.__name__: c for c in (SequenceClassifier, TokenClassifier, QuestionAnswering)})
     return _HEADS
-
-
-class _FoldedLinear(torch.nn.Module):
-    """A plain linear's tensors (``weight``, ``bias``) under the names a merged checkpoint has."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
-
-
-def _folded_lora(m) -> _FoldedLinear:
-    """The weight ``merge_and_unload`` would give ``m`` (the merged adapters with their current
-    factors, as forward runs them, plus the active one), computed into new tensors."""
-    from fastpt.nn.int8_linear import Int8Linear
-    base = m.base_layer
-    active = m.delta_weight(m.active) if m.active and m.active not in m.merged else 0
-    if isinstance(base, Int8Linear):  # the int8 weight holds no adapter: they apply on its dequantized copy
-        bias = base.bias.float() if base.bias is not None else None
-        return _FoldedLinear(m._merged_int8_weight() + active, bias)
-    w = base.weight
-    for name in m.merged:  # factors changed since merging: forward swaps in their delta
-        merged = m._merged_factors[name]
-        if not merged.holds(*m._factors(name)):
-            w = (w.float() + (m.delta_weight(name) - merged.delta())).to(w.dtype)
-    return _FoldedLinear((w.float() + active).to(w.dtype), base.bias)
-
-
-def _folded_ia3(m) -> _FoldedLinear:
-    """IA3 scales folded into the weight they scale: output scales into rows (and the bias),
-    input scales into columns."""
-    w, b = m.base.weight, m.base.bias
-    if m.on == "output":
-        return _FoldedLinear(w * m.ia3_l.unsqueeze(1), b * m.ia3_l if b is not None else None)
-    return _FoldedLinear(w * m.ia3_l.unsqueeze(0), b)
-
-
-def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-@contextlib.contextmanager
-def _folded(backbone: torch.nn.Module):
-    """``backbone`` with its LoRA and IA3 layers swapped, inside the ``with`` block, for plain
-    linears holding the folded weights; then the wrappers go back untouched. Folding in place
-    and undoing it would not give the weights back bit for bit (float rounding), and the
-    caller may go on training: its model, optimizer state and merged state stay as they were.
-    The cost is one copy of the wrapped layers' weights, not of the whole model."""
-    from fastpt.finetune.lora import LoraLayer
-    from fastpt.finetune.peft_modules import IA3Linear
-    with torch.no_grad():
-        swaps = [(path, m, _folded_lora(m) if isinstance(m, LoraLayer) else _folded_ia3(m))
-                 for path, m in backbone.named_modules() if isinstance(m, (LoraLayer, IA3Linear))]
-    try:
-        for path, _, plain in swaps:
-            _set_submodule(backbone, path, plain)
-        yield backbone
-    finally:
-        for path, wrapper, _ in swaps:
-            _set_submodule(backbone, path, wrapper)
 
 
 def save_merged(model: torch.nn.Module, path: str) -> None:

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from fastpt._checks import check_int
+from fastpt.mdp.csr import (_as_tensor, _check_indptr, _check_probability_dtype, _check_real, _gather_rows,
+                            _index_array, _sparse_to_state_major)
+from fastpt.mdp.rewards import RewardMixin, _PerNonzero
 
 _INT32_MAX = 2**31 - 1
 
@@ -32,128 +35,7 @@ def _row_sum_tol(dtype: torch.dtype, row_len: Tensor) -> Tensor:
     return 4 * torch.finfo(dtype).eps * (row_len.to(torch.float64) + 16)
 
 
-def _as_tensor(x, dtype=None) -> Tensor:
-    if isinstance(x, Tensor):
-        return x if dtype is None else x.to(dtype)
-    return torch.as_tensor(np.asarray(x), dtype=dtype)
-
-
-def _check_real(name: str, t: Tensor) -> Tensor:
-    """t, refusing complex values: the cast to float would keep only their real part."""
-    if t.dtype.is_complex:
-        raise TypeError(f"{name} must be real, got {t.dtype}")
-    return t
-
-
-def _check_probability_dtype(name: str, t: Tensor) -> None:
-    """Probabilities are floats or integers (0/1 for deterministic moves); a bool matrix is
-    more likely an adjacency mask than a distribution."""
-    _check_real(name, t)
-    if t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold probabilities (floating point or integer), got {t.dtype}")
-
-
-def _index_array(name: str, x) -> Tensor:
-    """``x`` as int64, refusing floats (1.9 would silently become successor 1) and bools."""
-    t = _as_tensor(x)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers, got {t.dtype}")
-    return t.to(torch.int64)
-
-
-def _is_sparse_matrix(x) -> bool:
-    return (isinstance(x, Tensor) and x.layout in (torch.sparse_csr, torch.sparse_coo)) or \
-        hasattr(x, "tocsr")
-
-
-def _check_indptr(indptr: Tensor, nnz: int, where: str = "") -> None:
-    """Row pointers non-decreasing and within the ``nnz`` nonzeros (``where`` prefixes the error)."""
-    if bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[0]) < 0 or int(indptr[-1]) > nnz:
-        raise ValueError(f"{where}indptr must be non-decreasing and within its {nnz} nonzeros")
-
-
-def _csr_parts(m, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
-    """(indptr int64, indices int64, values, shape) of a torch sparse tensor or scipy matrix,
-    whose arrays are checked: neither library guarantees them (an unvalidated
-    torch.sparse_csr_tensor, a scipy matrix whose arrays were assigned)."""
-    if isinstance(m, Tensor):
-        if m.layout == torch.sparse_coo:
-            m = m.coalesce().to_sparse_csr()
-        ip, ix, val = m.crow_indices().to(torch.int64), m.col_indices().to(torch.int64), m.values()
-    else:
-        m = m.tocsr()
-        ip, ix, val = (torch.from_numpy(np.asarray(a, dtype=dt)) for a, dt in
-                       ((m.indptr, np.int64), (m.indices, np.int64), (m.data, None)))
-    shape = tuple(m.shape)
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a 2-D sparse matrix, got shape {shape}")
-    if ip.dim() != 1 or ip.numel() != shape[0] + 1 or ix.shape != val.shape:
-        raise ValueError(f"{name}: its CSR arrays do not fit its shape {shape} (indptr of {ip.numel()} "
-                         f"entries, {ix.numel()} indices, {val.numel()} values)")
-    _check_indptr(ip, ix.numel(), f"{name}: ")
-    used = ix[int(ip[0]):int(ip[-1])]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= shape[1]):
-        raise ValueError(f"{name}: column indices must be in [0, {shape[1]}), got values in "
-                         f"[{int(used.min())}, {int(used.max())}]")
-    return ip, ix, val, shape
-
-
-def _stack_action_major(parts) -> tuple[Tensor, Tensor, Tensor]:
-    """Concatenates per-action CSRs (each S x S) into one action-major CSR of A*S rows."""
-    indptrs, indices, values, offset = [], [], [], 0
-    for i, (ip, ix, val, _) in enumerate(parts):
-        indptrs.append(ip[:-1] - ip[0] + offset if i < len(parts) - 1 else ip - ip[0] + offset)
-        indices.append(ix[int(ip[0]):int(ip[-1])])
-        values.append(val[int(ip[0]):int(ip[-1])])
-        offset += int(ip[-1] - ip[0])
-    return torch.cat(indptrs), torch.cat(indices), torch.cat(values)
-
-
-def _gather_rows(indptr: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
-    """A CSR with rows ``order`` of the given one: (new indptr, index of each new nonzero in
-    the old arrays). Vectorised, O(rows + nnz)."""
-    counts = (indptr[1:] - indptr[:-1])[order]
-    new_indptr = torch.zeros(order.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=new_indptr[1:])
-    nnz = int(new_indptr[-1])
-    shift = torch.repeat_interleave(indptr[:-1][order] - new_indptr[:-1], counts, output_size=nnz)
-    return new_indptr, torch.arange(nnz, dtype=torch.int64) + shift
-
-
-def _sparse_to_state_major(x) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
-    """(indptr, indices, values, S, A) in state-major row order from a stacked action-major
-    sparse (A*S, S) matrix or a sequence of per-action (S, S) matrices; None if x is dense."""
-    if _is_sparse_matrix(x):
-        ip, ix, val, shape = _csr_parts(x, "the stacked sparse matrix")
-        if len(shape) != 2 or shape[1] == 0 or shape[0] % shape[1]:
-            raise ValueError(f"a stacked sparse matrix must have shape (A*S, S), got {shape}")
-        S, A = shape[1], shape[0] // shape[1]
-    elif isinstance(x, (list, tuple)) and x and any(_is_sparse_matrix(t) for t in x):
-        parts = [_csr_parts(t if _is_sparse_matrix(t) else _as_tensor(t).to_sparse_csr(), f"matrix {a}")
-                 for a, t in enumerate(x)]
-        S, A = parts[0][3][0], len(parts)
-        for a, part in enumerate(parts):
-            if part[3] != (S, S):
-                raise ValueError(f"matrix {a} of the sequence must have shape ({S}, {S}), got {part[3]}")
-        ip, ix, val = _stack_action_major(parts)
-    else:
-        return None
-    if S < 1 or A < 1:
-        raise ValueError(f"an MDP needs at least one state and one action, got S={S}, A={A}")
-    order = torch.arange(S * A).view(A, S).t().reshape(-1)  # row a*S + s -> s*A + a
-    ip = ip - ip[0]
-    indptr, take = _gather_rows(ip, order)
-    return indptr, ix[take], val[take], S, A
-
-
-class _PerNonzero:
-    """R(s, a, s') given per nonzero of the transition CSR (state-major order)."""
-
-    def __init__(self, values: Tensor):
-        self.values = values
-
-
-class MDP:
+class MDP(RewardMixin):
     """A finite Markov decision process (S states, A actions), validated on construction.
 
     Args:
@@ -380,99 +262,6 @@ class MDP:
         if int(self.indptr[-1]) <= _INT32_MAX:
             self.indptr = self.indptr.to(torch.int32)
         self.indices, self.values = self.indices.contiguous(), self.values.contiguous()
-
-    def _reduce_reward(self, reward) -> Tensor:
-        S, A = self.num_states, self.num_actions
-        if _is_sparse_matrix(reward) and tuple(reward.shape) == (S, A) and (S, A) != (A * S, S):
-            # R(s, a) stored sparse (not the (A*S, S) layout of an R(s, a, s')): O(S*A) dense
-            reward = reward.to_dense() if isinstance(reward, Tensor) else reward.toarray()
-        sparse = _sparse_to_state_major(reward) if not isinstance(reward, _PerNonzero) else None
-        if sparse is not None:
-            if self.p is not None:
-                raise ValueError("a sparse R(s, a, s') needs sparse transitions; give a dense "
-                                 "(A, S, S) reward with dense transitions")
-            indptr, indices, values, S_r, A_r = sparse
-            if (S_r, A_r) != (S, A):
-                raise ValueError(f"a sparse R(s, a, s') must have the shape of the transitions ({A} "
-                                 f"actions of {S} states), got {A_r} actions of {S_r} states")
-            values = _check_real("reward", values).to(torch.float64)
-            if torch.equal(indptr, self.indptr) and torch.equal(indices, self.indices):
-                reward = _PerNonzero(values)
-            else:
-                reward = self._reduce_sparse_reward(indptr, indices, values).view(S, A)
-        if isinstance(reward, _PerNonzero):
-            self._check_finite_per_entry(self.indptr, self.indices, reward.values)
-            r = self._row_sums(self.values.to(torch.float64) * reward.values).view(S, A)
-        else:
-            r = _check_real("reward", _as_tensor(reward)).to(torch.float64)
-        if isinstance(reward, _PerNonzero):
-            pass
-        elif r.dim() == 1 and r.shape[0] == S:
-            r = r.unsqueeze(1).expand(S, A)
-        elif r.dim() == 2 and tuple(r.shape) == (S, A):
-            pass
-        elif r.dim() == 3 and tuple(r.shape) == (A, S, S):
-            bad = (~torch.isfinite(r)).nonzero()
-            if len(bad):  # before P * R, where an inf under P = 0 would read as NaN
-                a, s, s2 = (int(i) for i in bad[0])
-                raise ValueError(f"R(s'={s2} | state {s}, action {a}) is {float(r[a, s, s2])}: rewards "
-                                 "must be finite")
-            if self.p is not None:
-                r = (self.p.to(torch.float64) * r).sum(-1).t()
-            else:
-                rows = torch.repeat_interleave(torch.arange(S * A), self.indptr[1:] - self.indptr[:-1],
-                                               output_size=self.indices.numel())
-                rv = r[rows % A, rows // A, self.indices.to(torch.int64)]
-                r = self._row_sums(self.values.to(torch.float64) * rv).view(S, A)
-        else:
-            raise ValueError(f"reward must have shape ({S},), ({S}, {A}) or ({A}, {S}, {S}), got "
-                             f"{tuple(r.shape)}")
-        bad = ~torch.isfinite(r)
-        if bool(bad.any()):
-            s, a = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"reward of state {s}, action {a} is {float(r[s, a])}: rewards must be finite")
-        return r.to(self.dtype).contiguous()
-
-    def _check_finite_per_entry(self, indptr: Tensor, indices: Tensor, values: Tensor) -> None:
-        """Rewards of a state-major CSR R(s, a, s'), each finite, or ValueError naming the
-        first that is not: checked before P * R, where an inf under P = 0 would read as NaN."""
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            k = int(bad[0, 0])
-            row = int(torch.searchsorted(indptr, torch.tensor(k), right=True)) - 1
-            raise ValueError(f"R(s'={int(indices[k])} | {self._state_action(row)}) is "
-                             f"{float(values[k])}: rewards must be finite")
-
-    def _reduce_sparse_reward(self, indptr: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-        """sum_s' P(s'|s,a) R(s,a,s') per state-major row, for an R(s, a, s') CSR whose pattern
-        differs from P's. An entry stored in one and not the other is a zero there, so R may
-        store a subset of P's pattern, or rewards of transitions of probability 0 (they add
-        nothing); duplicate entries add, as in scipy. The entries of both, ordered by (row,
-        successor), are summed per (row, successor) and multiplied: O(nnz log nnz), no S x S."""
-        self._check_finite_per_entry(indptr, indices, values)
-        rows = torch.arange(self.num_states * self.num_actions)
-        n_p, n_r = self.indices.numel(), indices.numel()
-        row = torch.cat([torch.repeat_interleave(rows, self.indptr[1:] - self.indptr[:-1], output_size=n_p),
-                         torch.repeat_interleave(rows, indptr[1:] - indptr[:-1], output_size=n_r)])
-        col = torch.cat([self.indices.to(torch.int64), indices.to(torch.int64)])
-        zeros = torch.zeros(n_p + n_r, dtype=torch.float64)
-        p = torch.cat([self.values.to(torch.float64), zeros[:n_r]])
-        r = torch.cat([zeros[:n_p], values])
-        order = col.sort(stable=True).indices  # then by row, stable: (row, successor) order
-        order = order[row[order].sort(stable=True).indices]
-        row, col, p, r = row[order], col[order], p[order], r[order]
-        first = torch.ones_like(row, dtype=torch.bool)
-        first[1:] = (row[1:] != row[:-1]) | (col[1:] != col[:-1])
-        group = first.cumsum(0) - 1
-        p_sum = torch.zeros(int(first.sum()), dtype=torch.float64).index_add_(0, group, p)
-        r_sum = torch.zeros_like(p_sum).index_add_(0, group, r)
-        return torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row[first], p_sum * r_sum)
-
-    def _row_sums(self, per_nonzero: Tensor) -> Tensor:
-        if per_nonzero.numel() == 0:
-            return torch.zeros(self.num_states * self.num_actions, dtype=per_nonzero.dtype)
-        return torch.segment_reduce(per_nonzero, "sum", offsets=self.indptr.to(torch.int64),
-                                    unsafe=True)
 
     def _check_terminals_reachable(self) -> None:
         """gamma = 1: values are finite only if every state can reach a terminal state (then a

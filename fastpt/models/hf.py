@@ -1,5 +1,6 @@
 """Hugging Face interop: HF parameter names, safetensors files, and conversion from/to
-``transformers`` models (BERT, GPT-2, Llama, T5); config.json fields in :mod:`hf_config`.
+``transformers`` models (BERT, GPT-2, Llama, T5); config.json fields in :mod:`hf_config`,
+the name tables in :mod:`hf_names`, the state dicts in :mod:`hf_state`.
 
 The mapping between fastpt's parameter names and HF's is one list of :class:`_Entry` per
 model, built from the config: an HF tensor is made from one or more fastpt tensors
@@ -13,10 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -27,167 +25,12 @@ from fastpt.models.hf_config import from_hf_config, to_hf_config  # noqa: F401  
 from fastpt.models.hf_files import (  # noqa: F401  (CheckpointError and the readers re-exported)
     CONFIG_NAME, INDEX_NAME, WEIGHT_DTYPES, WEIGHTS_NAME, CheckpointError, as_weight_dtype, read_config,
     read_safetensors, read_safetensors_header, weight_files)
+from fastpt.models.hf_names import _IGNORED, _aliases, _entries
+from fastpt.models.hf_state import hf_state_dict, load_hf_state_dict  # noqa: F401  (re-exported)
 
 CONFIG_SHA256 = "fastpt_config_sha256"
 """Key of model.safetensors' metadata holding :func:`_config_sha256` of the config saved
 with it (transformers ignores it; files written by transformers lack it)."""
-
-
-@dataclass
-class _Entry:
-    hf: str
-    ours: tuple[str, ...]
-    pack: Callable[..., Tensor] = lambda t: t
-    unpack: Callable[[Tensor], tuple[Tensor, ...]] = lambda t: (t,)
-
-
-def _same(hf: str, ours: str) -> _Entry:
-    return _Entry(hf, (ours,))
-
-
-def _linear(hf: str, ours: str, bias: bool = True) -> list[_Entry]:
-    out = [_same(f"{hf}.weight", f"{ours}.weight")]
-    return out + [_same(f"{hf}.bias", f"{ours}.bias")] if bias else out
-
-
-def _layer_norm(hf: str, ours: str) -> list[_Entry]:
-    return _linear(hf, ours, bias=True)
-
-
-def _conv1d(hf: str, ours: str) -> list[_Entry]:
-    """GPT-2 Conv1D stores (in, out): the transpose of nn.Linear's weight."""
-    return [_Entry(f"{hf}.weight", (f"{ours}.weight",), lambda w: w.t(), lambda w: (w.t(),)),
-            _same(f"{hf}.bias", f"{ours}.bias")]
-
-
-def _gpt2_qkv(hf: str, attn: str) -> list[_Entry]:
-    names = [f"{attn}.{p}_proj" for p in "qkv"]
-    return [_Entry(f"{hf}.weight", tuple(f"{n}.weight" for n in names),
-                   lambda q, k, v: torch.cat([q.t(), k.t(), v.t()], dim=1),
-                   lambda w: tuple(x.t() for x in w.chunk(3, dim=1))),
-            _Entry(f"{hf}.bias", tuple(f"{n}.bias" for n in names),
-                   lambda q, k, v: torch.cat([q, k, v]), lambda b: tuple(b.chunk(3)))]
-
-
-# ---------------------------------------------------------------- per-family tables
-
-def _bert_entries(c: EncoderConfig) -> list[_Entry]:
-    e = [_same("bert.embeddings.word_embeddings.weight", "embeddings.tokens.weight"),
-         _same("bert.embeddings.position_embeddings.weight", "embeddings.positions.weight"),
-         _same("bert.embeddings.token_type_embeddings.weight", "embeddings.segments.weight"),
-         *_layer_norm("bert.embeddings.LayerNorm", "embeddings.norm")]
-    for i in range(c.num_layers):
-        h, o = f"bert.encoder.layer.{i}", f"layers.{i}"
-        for hp, op in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            e += _linear(f"{h}.attention.self.{hp}", f"{o}.attn.{op}")
-        e += _linear(f"{h}.attention.output.dense", f"{o}.attn.o_proj")
-        e += _layer_norm(f"{h}.attention.output.LayerNorm", f"{o}.attn_norm")
-        e += _linear(f"{h}.intermediate.dense", f"{o}.fc_in")
-        e += _linear(f"{h}.output.dense", f"{o}.fc_out")
-        e += _layer_norm(f"{h}.output.LayerNorm", f"{o}.mlp_norm")
-    e += _linear("bert.pooler.dense", "pooler")
-    e += [_same("cls.predictions.bias", "mlm_head.bias"),
-          *_linear("cls.predictions.transform.dense", "mlm_head.dense"),
-          *_layer_norm("cls.predictions.transform.LayerNorm", "mlm_head.norm"),
-          *_linear("cls.seq_relationship", "nsp_head")]
-    return e
-
-
-def _gpt2_entries(c: DecoderConfig) -> list[_Entry]:
-    missing = [name for name in ("attention_bias", "mlp_bias") if not getattr(c, name)]
-    if missing:  # the bias entries below failed as a bare KeyError('layers.0.attn.q_proj.bias')
-        raise ValueError(f"a gpt2 Decoder with {' and '.join(f'{n}=False' for n in missing)} has no Hugging "
-                         "Face layout: HF's GPT-2 always has biases (c_attn, c_proj, c_fc); use "
-                         "flavour='llama' for a model without them")
-    e = [_same("transformer.wte.weight", "embed_tokens.weight"),
-         _same("transformer.wpe.weight", "embed_positions.weight")]
-    for i in range(c.num_layers):
-        h, o = f"transformer.h.{i}", f"layers.{i}"
-        e += _layer_norm(f"{h}.ln_1", f"{o}.attn_norm")
-        e += _gpt2_qkv(f"{h}.attn.c_attn", f"{o}.attn")
-        e += _conv1d(f"{h}.attn.c_proj", f"{o}.attn.o_proj")
-        e += _layer_norm(f"{h}.ln_2", f"{o}.mlp_norm")
-        e += _conv1d(f"{h}.mlp.c_fc", f"{o}.mlp.fc_in")
-        e += _conv1d(f"{h}.mlp.c_proj", f"{o}.mlp.fc_out")
-    e += _layer_norm("transformer.ln_f", "final_norm")
-    if not c.tie_word_embeddings:
-        e.append(_same("lm_head.weight", "lm_head.weight"))
-    return e
-
-
-def _llama_entries(c: DecoderConfig) -> list[_Entry]:
-    e = [_same("model.embed_tokens.weight", "embed_tokens.weight")]
-    for i in range(c.num_layers):
-        h, o = f"model.layers.{i}", f"layers.{i}"
-        e.append(_same(f"{h}.input_layernorm.weight", f"{o}.attn_norm.weight"))
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            e += _linear(f"{h}.self_attn.{p}", f"{o}.attn.{p}", c.attention_bias)
-        e.append(_same(f"{h}.post_attention_layernorm.weight", f"{o}.mlp_norm.weight"))
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            e += _linear(f"{h}.mlp.{p}", f"{o}.mlp.{p}", c.mlp_bias)
-    e.append(_same("model.norm.weight", "final_norm.weight"))
-    if not c.tie_word_embeddings:
-        e.append(_same("lm_head.weight", "lm_head.weight"))
-    return e
-
-
-def _t5_entries(c: Seq2SeqConfig) -> list[_Entry]:
-    e = [_same("shared.weight", "shared.weight")]
-    if c.feed_forward_proj == "gated-gelu":
-        ff = (("wi_0", "wi_gate"), ("wi_1", "wi"), ("wo", "wo"))
-    else:
-        ff = (("wi", "wi"), ("wo", "wo"))
-    for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
-        e.append(_same(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                       f"{stack}.relative_bias.embedding.weight"))
-        for i in range(n):
-            h, o = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
-            attns = [("0.SelfAttention", "attn")]
-            if stack == "decoder":
-                attns.append(("1.EncDecAttention", "cross_attn"))
-            for ha, oa in attns:
-                for hp, op in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-                    e.append(_same(f"{h}.{ha}.{hp}.weight", f"{o}.{oa}.{op}.weight"))
-            e.append(_same(f"{h}.0.layer_norm.weight", f"{o}.attn_norm.weight"))
-            f = 1
-            if stack == "decoder":
-                e.append(_same(f"{h}.1.layer_norm.weight", f"{o}.cross_norm.weight"))
-                f = 2
-            for hp, op in ff:
-                e.append(_same(f"{h}.{f}.DenseReluDense.{hp}.weight", f"{o}.mlp.{op}.weight"))
-            e.append(_same(f"{h}.{f}.layer_norm.weight", f"{o}.mlp_norm.weight"))
-        e.append(_same(f"{stack}.final_layer_norm.weight", f"{stack}.final_norm.weight"))
-    if not c.tie_word_embeddings:
-        e.append(_same("lm_head.weight", "lm_head.weight"))
-    return e
-
-
-def _entries(config) -> list[_Entry]:
-    if isinstance(config, EncoderConfig):
-        return _bert_entries(config)
-    if isinstance(config, DecoderConfig):
-        return _gpt2_entries(config) if config.flavour == "gpt2" else _llama_entries(config)
-    return _t5_entries(config)
-
-
-def _aliases(config) -> dict[str, str]:
-    """HF names that hold a copy of another tensor (tied weights): alias -> canonical name."""
-    if isinstance(config, EncoderConfig):
-        return {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                "cls.predictions.decoder.bias": "cls.predictions.bias"}
-    if isinstance(config, DecoderConfig):
-        emb = "transformer.wte.weight" if config.flavour == "gpt2" else "model.embed_tokens.weight"
-        return {"lm_head.weight": emb} if config.tie_word_embeddings else {}
-    out = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
-    if config.tie_word_embeddings:
-        out["lm_head.weight"] = "shared.weight"
-    return out
-
-
-# Buffers that some HF versions save and that fastpt recomputes.
-_IGNORED = [re.compile(p) for p in (r"\.attn\.(masked_)?bias$", r"\.crossattention\.(masked_)?bias$",
-                                    r"rotary_emb\.inv_freq$",
-                                    r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$")]
 
 
 def model_for_config(config, use_fused: bool = True):
@@ -198,120 +41,10 @@ def model_for_config(config, use_fused: bool = True):
     return cls(config, use_fused=use_fused)
 
 
-# ---------------------------------------------------------------- state dicts
-
-def hf_state_dict(model) -> dict[str, Tensor]:
-    """The model's tensors under HF names (tied copies not repeated), detached."""
-    ours = model.state_dict()
-    with torch.no_grad():
-        return {e.hf: e.pack(*(ours[n] for n in e.ours)).detach() for e in _entries(model.config)}
-
-
-def load_hf_state_dict(model, tensors: dict[str, Tensor], *, allow_missing: Callable[[str], bool] | None = None,
-                       source: str = "checkpoint") -> list[str]:
-    """Copy HF-named ``tensors`` into ``model`` after checking names and shapes.
-
-    Raises :class:`CheckpointError` listing every missing, unexpected and mis-shaped tensor
-    (tied copies under their alias names are accepted, if equal to the tensor they copy).
-    ``allow_missing(name)`` marks tensors that may be absent (they keep their initial
-    values); returns those names. Meta tensors (``model`` on the meta device too) check
-    names and shapes only, without reading or allocating any data."""
-    entries = _entries(model.config)
-    aliases = _aliases(model.config)
-    tensors = dict(tensors)
-    untied = []  # the model has one tensor for both names: keeping either would drop the other
-    for alias, canonical in aliases.items():
-        if alias in tensors:
-            value = tensors.pop(alias)
-            if canonical not in tensors:
-                tensors[canonical] = value
-            elif not _identical(value, tensors[canonical]):
-                untied.append(f"{alias} ({value.dtype}, {list(value.shape)}) differs from {canonical} "
-                              f"({tensors[canonical].dtype}, {list(tensors[canonical].shape)})")
-    expected = {e.hf: e for e in entries}
-    current = model.state_dict()
-    missing = [n for n in expected if n not in tensors and not (allow_missing and allow_missing(n))]
-    skipped = [n for n in expected if n not in tensors and n not in missing]
-    unexpected = [n for n in tensors if n not in expected and not any(p.search(n) for p in _IGNORED)]
-    shapes = {}
-    for name, e in expected.items():
-        if name in tensors:
-            want = tuple(e.pack(*(current[n] for n in e.ours)).shape)
-            if tuple(tensors[name].shape) != want:
-                shapes[name] = (tuple(tensors[name].shape), want)
-    # Weights are floats (an integer tensor would be cast into garbage) and finite (NaN or
-    # inf weights make every output NaN, far from the file that caused it). float8 weights
-    # come with scale tensors fastpt does not read: copied as they are they would be wrong.
-    not_float = [f"{n} ({t.dtype})" for n, t in tensors.items() if n in expected and not t.is_floating_point()]
-    float8 = [f"{n} ({t.dtype})" for n, t in tensors.items()
-              if n in expected and t.is_floating_point() and t.dtype not in WEIGHT_DTYPES]
-    not_finite = [n for n, t in tensors.items() if n in expected and t.dtype in WEIGHT_DTYPES
-                  and not t.is_meta and not torch.isfinite(t).all()]
-    overflow = _out_of_range(tensors, {n: current[e.ours[0]].dtype for n, e in expected.items()}, not_finite)
-    if missing or unexpected or shapes or not_float or float8 or not_finite or overflow or untied:
-        lines = [f"{source} does not fit {type(model).__name__} ({model.config.model_type}):"]
-        if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-        for name, (got, want) in shapes.items():
-            lines.append(f"  mis-shaped tensor {name}: file has {list(got)}, model expects {list(want)}")
-        if not_float:
-            lines.append(f"  not floating-point ({len(not_float)}): {', '.join(not_float)}")
-        if float8:
-            lines.append(f"  unsupported floating-point dtype ({len(float8)}; fastpt reads float16, bfloat16, "
-                         f"float32 and float64): {', '.join(float8)}")
-        if not_finite:
-            lines.append(f"  NaN or infinite values ({len(not_finite)}): {', '.join(not_finite)}")
-        if overflow:
-            lines.append(f"  values too large for the model's dtype, they would become inf ({len(overflow)}; "
-                         f"load with a wider dtype): {', '.join(overflow)}")
-        for text in untied:
-            lines.append(f"  tied tensors differ (the model shares one tensor for both; "
-                         f"tie_word_embeddings in the config?): {text}")
-        raise CheckpointError("\n".join(lines))
-    with torch.no_grad():
-        for name, e in expected.items():
-            if name in tensors:
-                for our, value in zip(e.ours, e.unpack(tensors[name])):
-                    current[our].copy_(value)
-    return skipped
-
-
-def _out_of_range(tensors: dict[str, Tensor], dtypes: dict[str, torch.dtype], skip: list[str]) -> list[str]:
-    """The tensors (of those named in ``dtypes``, less ``skip``) holding finite values that the
-    copy into the model's dtype ``dtypes[name]`` would turn into inf: a float64 file's 1e300
-    in a float32 model, a float32 file's 1e5 in a float16 one. Such a model is as wrong as
-    one with NaN weights, and nothing would say why."""
-    out = []
-    for name, t in tensors.items():
-        want = dtypes.get(name)
-        if (want is None or name in skip or t.is_meta or t.dtype not in WEIGHT_DTYPES
-                or want not in WEIGHT_DTYPES or torch.finfo(t.dtype).max <= torch.finfo(want).max):
-            continue
-        # Rounding is monotone: some value becomes inf exactly when the extremes do (no
-        # full-size converted copy of every tensor).
-        lo, hi = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
-        if not bool(torch.isfinite(torch.stack([lo, hi]).to(want)).all()):
-            out.append(f"{name} (max |value| {max(-float(lo), float(hi)):.3g} > {torch.finfo(want).max:.3g}, "
-                       f"the largest {str(want).removeprefix('torch.')})")
-    return out
-
-
 def _config_sha256(config) -> str:
     """sha256 of the fastpt config, not of config.json's bytes: reformatting config.json, or
     editing fields fastpt does not read, keeps the weights loadable."""
     return hashlib.sha256(config.to_json().encode()).hexdigest()
-
-
-def _identical(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors of a file are one tied tensor saved twice: same dtype, shape and
-    bytes (NaN-safe, and defined for every dtype). Meta tensors: same shape."""
-    if a.is_meta or b.is_meta:
-        return a.shape == b.shape
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 # ---------------------------------------------------------------- files

@@ -20,85 +20,24 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastpt._atomic import atomic_write_json, sha256_file, sha256_json
+from fastpt._atomic import atomic_write_json, sha256_file
 
 # One exception for every bad checkpoint, model files (fastpt.models) and training state alike.
 from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
+from fastpt.train.checkpoint_checks import (  # noqa: F401  (check_against and the names re-exported)
+    DIGEST, LATEST, MODEL_FILE, OPTIM_FILE, STATE_FILE, _check_json, _check_state, _count, _state_digest,
+    check_against)
+from fastpt.train.checkpoint_rng import (  # noqa: F401  (the RNG functions re-exported)
+    _rng_names, _rng_ranks, restore_rng, rng_processes, rng_state, set_rng_state)
 
-MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
-    "model.safetensors", "optimizer.safetensors", "trainer_state.json", "latest")
-DIGEST = "state_sha256"
 _TMP = re.compile(r"\.step-\d+\.tmp-(\d+)$")  # a save in progress (or killed): .step-<N>.tmp-<pid>
-
-
-def rng_state() -> tuple[dict, dict]:
-    """(tensors, json) capturing the Python, NumPy and torch generators."""
-    version, state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_keys.astype(np.int64))}
-    meta = {"python": [version, list(state), gauss], "numpy": [np_name, np_pos, np_has_gauss, np_gauss]}
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict, meta: dict) -> None:
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
-    np.random.set_state((np_name, tensors["rng.numpy"].numpy().astype(np.uint32), np_pos,
-                         np_has_gauss, np_gauss))
-    torch.set_rng_state(tensors["rng.torch"])
-
-
-def _rng_names(rank: int) -> tuple[str, str]:
-    """The names of process ``rank``'s torch and NumPy RNG tensors in the optimizer file."""
-    prefix = "rng." if rank == 0 else f"rng.{rank}."
-    return prefix + "torch", prefix + "numpy"
-
-
-def _check_rng(tensors: dict, meta: dict, file: str, rank: int = 0) -> None:
-    """Raise CheckpointError unless the saved RNG states can be restored. They are tried on
-    private generators, so a bad state leaves the process's own generators untouched."""
-    try:
-        version, state, gauss = meta["python"]
-        random.Random().setstate((version, tuple(state), gauss))
-        np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
-        np.random.RandomState().set_state((np_name, tensors["rng.numpy"].numpy().astype(np.uint32),
-                                           np_pos, np_has_gauss, np_gauss))
-        torch.Generator().set_state(tensors["rng.torch"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        torch_name, numpy_name = _rng_names(rank)
-        field = "rng" if rank == 0 else f"rng.other_ranks[{rank - 1}]"
-        where = f"field {field!r} and the tensors {torch_name}, {numpy_name}"
-        raise CheckpointError(f"{file}: the RNG state of process {rank} ({where} of {OPTIM_FILE}) "
-                              f"cannot be restored ({type(e).__name__}: {e})") from None
-
-
-def _rng_ranks(tensors: dict, meta: dict, file: str) -> list[tuple[dict, dict]]:
-    """Every saved process's RNG state, in rank order, as ``rng_state()`` gave it; each one
-    checked to be restorable."""
-    metas = [meta, *meta.get("other_ranks", [])]
-    expected = [name for rank in range(len(metas)) for name in _rng_names(rank)]
-    if sorted(tensors) != sorted(expected):
-        raise CheckpointError(f"{file}: the RNG state (field 'rng' and the rng.* tensors of {OPTIM_FILE}) "
-                              f"cannot be restored: field 'rng' holds the states of {len(metas)} processes, "
-                              f"whose tensors are {_few(expected)}, and {OPTIM_FILE} holds "
-                              f"{_few(sorted(tensors))}")
-    ranks = []
-    for rank, own in enumerate(metas):
-        torch_name, numpy_name = _rng_names(rank)
-        own_tensors = {"rng.torch": tensors[torch_name], "rng.numpy": tensors[numpy_name]}
-        _check_rng(own_tensors, own, file, rank)
-        ranks.append((own_tensors, {"python": own["python"], "numpy": own["numpy"]}))
-    return ranks
 
 
 def _optimizer_split(sd: dict) -> tuple[dict, dict]:
@@ -188,24 +127,6 @@ def save_checkpoint(root: str, step: int, model_state: dict, optimizer_state: di
     return final
 
 
-def _check_json(name: str, value) -> None:
-    """TypeError naming the entry of ``value`` that JSON cannot hold, before anything is
-    written: json's "Object of type X is not JSON serializable" came after the weights were
-    written and named neither the argument nor the entry."""
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as e:
-        where = name
-        if isinstance(value, dict):
-            for key, item in value.items():
-                try:
-                    json.dumps(item)
-                except (TypeError, ValueError):
-                    where = f"{name}[{key!r}]"
-                    break
-        raise TypeError(f"save_checkpoint: {where} cannot be written as JSON ({e})") from None
-
-
 def _write_step(tmp: str, step: int, model_state: dict, optimizer_state: dict, scheduler_state,
                 data_state: dict, extra, tensors, rng_states) -> None:
     """The files of one checkpoint, into the temporary folder ``tmp``."""
@@ -250,11 +171,6 @@ def _fsync(path: str) -> None:
         # Some filesystems cannot fsync a folder; the renames are then as durable as they make them.
     finally:
         os.close(fd)
-
-
-def _state_digest(state: dict) -> str:
-    """SHA-256 of the state's canonical JSON (sorted keys, no spaces), without the digest itself."""
-    return sha256_json({k: v for k, v in state.items() if k != DIGEST})
 
 
 def _prune(root: str, keep_last: int, written: int) -> None:
@@ -326,56 +242,6 @@ def resolve(path: str) -> str:
     raise CheckpointError(f"no checkpoint at {path!r} (neither a 'latest' file nor {STATE_FILE})")
 
 
-def _count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _check_state(state, file: str) -> None:
-    """Raise CheckpointError naming the field unless ``state`` (read from ``file``) is unaltered
-    and has the structure save_checkpoint writes, so that nothing later fails on it bare."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(state).__name__}, not an object")
-    if DIGEST not in state:
-        raise CheckpointError(f"{file} has no {DIGEST!r} (written by an older fastpt, or edited): "
-                              "its step, data position and optimizer settings cannot be verified")
-    if state[DIGEST] != _state_digest(state):
-        raise CheckpointError(f"{file} was altered: its content does not match its {DIGEST}")
-
-    def need(ok: bool, field: str, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{file}: field {field!r} {what}")
-
-    need(_count(state.get("step")), "step", "must be an integer >= 0")
-    data = state.get("data")
-    need(isinstance(data, dict) and _count(data.get("epoch")) and _count(data.get("batches_in_epoch")),
-         "data", "must hold integers 'epoch' and 'batches_in_epoch' >= 0")
-    ranks = data.get("ranks")  # every process's own position (absent in older checkpoints)
-    need(ranks is None or (isinstance(ranks, list) and len(ranks) > 0
-                           and all(isinstance(r, list) and len(r) == 2 and all(map(_count, r)) for r in ranks)),
-         "data.ranks", "must list one [epoch, batches_in_epoch] pair of integers >= 0 per process")
-    opt = state.get("optimizer")
-    need(isinstance(opt, dict) and isinstance(opt.get("scalars"), dict), "optimizer", "must hold 'scalars'")
-    groups = opt.get("param_groups")
-    need(isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                          for g in groups),
-         "optimizer.param_groups", "must be a list of groups, each with its 'params'")
-    need(isinstance(state.get("rng"), dict), "rng", "must be an object")
-    others = state["rng"].get("other_ranks", [])  # absent in older checkpoints
-    need(isinstance(others, list) and all(isinstance(o, dict) for o in others), "rng.other_ranks",
-         "must list one object per process after the first")
-    need(state.get("scheduler") is None or isinstance(state["scheduler"], dict), "scheduler",
-         "must be an object or null")
-    aliases = state.get("aliases")
-    need(isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values()),
-         "aliases", "must map names to names")
-    need(isinstance(state.get("extra"), dict), "extra", "must be an object")
-    files = state.get("files")
-    need(isinstance(files, dict) and set(files) == {MODEL_FILE, OPTIM_FILE}
-         and all(isinstance(e, dict) and _count(e.get("bytes")) and isinstance(e.get("sha256"), str)
-                 for e in files.values()),
-         "files", f"must give 'bytes' and 'sha256' of exactly {MODEL_FILE} and {OPTIM_FILE}")
-
-
 def load_checkpoint(path: str) -> dict:
     """Verify a checkpoint (sizes, SHA-256) and read it: returns the trainer state with
     ``model`` (full state dict, tied names restored), ``optimizer`` (full, keyed by parameter
@@ -421,55 +287,3 @@ def load_checkpoint(path: str) -> dict:
     state["tensors"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
     state["folder"] = folder
     return state
-
-
-def _few(names: list) -> str:
-    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
-
-
-def check_against(state: dict, model: torch.nn.Module) -> None:
-    """Raise CheckpointError unless a loaded checkpoint fits ``model``: the same tensor names
-    (tied names included), shapes and dtypes; finite parameters; optimizer state only for the
-    model's parameters, with their shapes and dtypes and finite values. torch's loader alone
-    checks less: it fills names missing from the checkpoint with the model's current tensors,
-    casts dtypes silently, and takes optimizer state of any shape (failing later, at step)."""
-    model_file, optim_file = os.path.join(state["folder"], MODEL_FILE), os.path.join(state["folder"], OPTIM_FILE)
-    reference, weights = model.state_dict(), state["model"]
-    missing, unexpected = sorted(reference.keys() - weights.keys()), sorted(weights.keys() - reference.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{model_file} does not match this model: missing {_few(missing)}; "
-                              f"unexpected {_few(unexpected)}")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, want in reference.items():
-        got = weights[name]
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise CheckpointError(f"{model_file} does not match this model: {name} is {got.dtype} "
-                                  f"{tuple(got.shape)}, the model's is {want.dtype} {tuple(want.shape)}")
-        # Only parameters: a buffer may hold infinities on purpose (an attention mask, say).
-        if name in params and got.is_floating_point() and not torch.isfinite(got).all():
-            raise CheckpointError(f"{model_file}: {name} holds NaN or infinite values")
-    for param, entries in state["optimizer"]["state"].items():
-        if param not in params:
-            raise CheckpointError(f"{optim_file} holds optimizer state for {param!r}, no parameter of this model")
-        p = params[param]
-        for key, value in entries.items():
-            if not torch.is_tensor(value):
-                continue
-            # Per-element state (Adam's moments) has the parameter's shape; 0-d entries are counters.
-            if value.dim() and (value.shape != p.shape or value.dtype != p.dtype):
-                raise CheckpointError(f"{optim_file}: state/{param}/{key} is {value.dtype} {tuple(value.shape)}, "
-                                      f"the parameter is {p.dtype} {tuple(p.shape)}")
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise CheckpointError(f"{optim_file}: state/{param}/{key} holds NaN or infinite values")
-
-
-def rng_processes(state: dict) -> int | None:
-    """How many processes' RNG states a loaded checkpoint holds; None for one written before
-    fastpt saved every process's (it holds process 0's alone, whatever the number of processes)."""
-    return len(state["rng_ranks"]) if "other_ranks" in state["rng"] else None
-
-
-def restore_rng(state: dict, rank: int = 0) -> None:
-    """Set this process's Python, NumPy and torch generators to the states process ``rank``
-    of the saved run had."""
-    set_rng_state(*state["rng_ranks"][rank])

@@ -52,41 +52,26 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import json
 import math
-import numbers
-import random
 import time
 import warnings
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from fastpt.alloc import use_steady_allocator
 from fastpt.pretrain.mlm import IGNORE_INDEX
-from fastpt.train import checkpoint as ckpt
-from fastpt.train.batches import IterableBatches, KeyedCollate, MapBatches, as_is, seed_of
+from fastpt.train.batches import IterableBatches, KeyedCollate, MapBatches, as_is
 from fastpt.train import distributed as fdist
 from fastpt.train.config import TrainerConfig
 from fastpt.train.interrupt import StopRequest, TrainingInterrupted
 from fastpt.train.logging import MetricsLog
 from fastpt.train.schedules import lr_lambda, make_optimizer
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Rank ``rank``'s own seed (its global RNGs during training, its DataLoader workers):
-    ``seed`` on rank 0, as in one process; a 64-bit hash of (seed, rank) on the others. Not
-    ``seed + rank``: rank 1 of the run with seed 0 would draw the dropout masks of rank 0 with
-    seed 1."""
-    return seed if rank == 0 else seed_of(seed, "global-rng", rank)
+from fastpt.train.seeding import rank_seed, seed_everything  # noqa: F401  (re-exported)
+from fastpt.train.trainer_eval import EvaluationMixin
+from fastpt.train.trainer_loss import LossMixin, _check_differentiable
+from fastpt.train.trainer_state import CheckpointMixin
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
@@ -102,47 +87,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
                     layer._fastpt_checkpointed = True
                     count += 1
     return count
-
-
-def _loss_of(output) -> torch.Tensor:
-    # .get: a dict without a "loss" key is a model that returned no loss too (was a bare KeyError).
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if loss is None:
-        raise ValueError("the model returned no loss: pass labels in the batch (or a loss_fn)")
-    return loss
-
-
-def _check_term(name: str, term) -> None:
-    """One ``loss_terms`` entry: a (weight, count) pair with a finite weight >= 0. A bare weight
-    failed as "'float' object is not subscriptable", a third item was ignored, a negative weight
-    trained the term upwards and a bool one counted as 1."""
-    if not isinstance(term, (tuple, list)) or len(term) != 2:
-        raise ValueError(f"loss_terms must map each term to a (weight, count) pair, got {name!r}: {term!r}")
-    weight = term[0]
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
-        raise ValueError(f"loss_terms must give each term a weight that is a finite number >= 0, "
-                         f"got {name!r}: {weight!r}")
-
-
-def _check_differentiable(loss: torch.Tensor, source: str) -> None:
-    """In training, a loss without a graph (detached, or computed under no_grad) failed in
-    backward as "element 0 of tensors does not require grad"."""
-    if torch.is_grad_enabled() and not loss.requires_grad:
-        raise ValueError(f"{source} does not depend on any trainable parameter (it has no grad_fn: "
-                         "computed under torch.no_grad, detached, or from frozen weights only)")
-
-
-def _check_loss(loss, source: str) -> torch.Tensor:
-    """A loss must be one floating-point number in a tensor: a vector (a per-token loss) failed
-    in backward as "grad can be implicitly created only for scalar outputs", a Python float or
-    an integer tensor with errors naming neither the loss nor where it came from."""
-    if not torch.is_tensor(loss) or not loss.is_floating_point():
-        what = f"a {loss.dtype} tensor" if torch.is_tensor(loss) else type(loss).__name__
-        raise TypeError(f"{source} must be a floating-point tensor (differentiable), got {what}")
-    if loss.numel() != 1:
-        raise ValueError(f"{source} must be one number (the mean over the batch), got a tensor of shape "
-                         f"{tuple(loss.shape)} and dtype {loss.dtype}")
-    return loss.reshape(())
 
 
 def _check_arguments(model, config, train_data, **functions) -> None:
@@ -162,7 +106,7 @@ def _check_arguments(model, config, train_data, **functions) -> None:
             raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
 
 
-class Trainer:
+class Trainer(LossMixin, EvaluationMixin, CheckpointMixin):
     """Train ``model`` on ``train_data`` (a map-style or iterable ``Dataset``).
 
     ``collate_fn`` builds batches (an objective's collator). ``loss_fn(model, batch)`` may
@@ -258,81 +202,6 @@ class Trainer:
                 raise ValueError("the training data yields no batch (fewer examples than "
                                  f"batch_size={self.config.batch_size} x processes?)")
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-
-    def _count(self, batch) -> torch.Tensor:
-        labels = batch.get("labels") if isinstance(batch, dict) else None
-        if labels is None:
-            first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-            return torch.tensor(float(first.shape[0]))
-        return (labels[..., self.config.label_shift:] != IGNORE_INDEX).sum().float().cpu()
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-
-    def _on_device(self, batch):
-        """``batch`` (a dict, list or tuple of tensors and other values, nested) with its tensors
-        on the training device. Counts are taken from the collated batch before, on the CPU."""
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, dict):
-            return {k: self._on_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._on_device(v) for v in batch)
-        return batch
-
-    def _terms_of(self, batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """``loss_terms(batch)`` checked: (names, weights (K,), counts (K,))."""
-        try:
-            terms = self.loss_terms(batch)
-        except KeyError as e:  # a bare KeyError('labels') named neither loss_terms nor the batch
-            raise ValueError(f"loss_terms needs the batch field {e}, which this batch lacks (it has "
-                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__})") from e
-        if not isinstance(terms, dict) or not terms:
-            raise ValueError(f"loss_terms must return a non-empty dict {{name: (weight, count)}}, got {terms!r}")
-        names = list(terms)
-        for n in names:
-            _check_term(n, terms[n])
-        weights = torch.tensor([float(terms[n][0]) for n in names])
-        counts = torch.stack([torch.as_tensor(terms[n][1], dtype=torch.float32).detach().cpu() for n in names])
-        if counts.dim() != 1 or not bool((counts >= 0).all()) or not bool(torch.isfinite(counts).all()):
-            raise ValueError(f"loss_terms must give each term a count that is a number >= 0 (the items its mean "
-                             f"is over), got {dict(zip(names, counts.tolist()))}")
-        return names, weights, counts
-
-    @staticmethod
-    def _term_means(output, names: list[str]) -> torch.Tensor:
-        """(K,) float32: each named term of the model's output, a mean."""
-        values = [output.get(n) if isinstance(output, dict) else getattr(output, n, None) for n in names]
-        missing = [n for n, v in zip(names, values) if v is None]
-        if missing:
-            raise ValueError(f"loss_terms names {missing}, which the model's output ({type(output).__name__}) "
-                             "lacks: each term must be an output field holding that term's mean")
-        return torch.stack([_check_loss(v, f"loss term {n!r} of the model's output").float()
-                            for n, v in zip(names, values)])
-
-    def _run(self, batch):
-        """The model's output on ``batch`` (without logits where the model can skip them)."""
-        if not isinstance(batch, dict):  # the model is called with **batch
-            raise TypeError(f"a batch must be a dict of the model's inputs (from collate_fn, or the default "
-                            f"collation of dict examples), got {type(batch).__name__}; or give a loss_fn")
-        batch = self._on_device(batch)
-        if self._loss_without_logits and "return_logits" not in batch and batch.get("labels") is not None:
-            return self.wrapped(**batch, return_logits=False)
-        return self.wrapped(**batch)
-
-    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            if self.loss_fn is not None:
-                out = self.loss_fn(self.wrapped, self._on_device(batch))
-                if not isinstance(out, (tuple, list)) or len(out) != 2:
-                    raise TypeError(f"loss_fn must return (mean_loss, count), got {type(out).__name__}")
-                loss, count = _check_loss(out[0], "the mean loss of loss_fn"), out[1]
-                count = torch.as_tensor(count, dtype=torch.float32).detach().cpu()
-                if count.dim() != 0 or not bool(count >= 0) or not bool(torch.isfinite(count)):
-                    raise ValueError(f"loss_fn must return (mean_loss, count) with count a number >= 0 "
-                                     f"(the label tokens the mean is over), got count {count}")
-                return loss.float(), count
-            return _check_loss(_loss_of(self._run(batch)), "the model's loss").float(), self._count(batch)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -497,205 +366,3 @@ class Trainer:
         if self.world == 1:
             return stop.requested
         return bool(fdist.all_reduce_sum(torch.tensor(float(stop.requested))) > 0)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted mean loss over the evaluation data, each example counted once (all
-        ranks); with ``loss_terms``, the weighted sum of each term's mean over the data. A collator draws the same masks at every evaluation, from a stream of its own:
-        neither the training masks, nor the global RNG, nor the module's train/eval mode change."""
-        if self.eval_data is None:
-            raise ValueError("Trainer.evaluate() needs eval_data: none was given to the Trainer")
-        was_training = self.wrapped.training
-        self.wrapped.eval()
-        try:
-            # A model may draw from the global RNG in eval mode too (sampling): what it draws
-            # must not move the training run's dropout.
-            with torch.random.fork_rng(devices=[]):
-                weights, sums = self._eval_sums()
-        finally:
-            self.wrapped.train(was_training)
-        if sums is None:
-            raise ValueError("eval_data yields no example: there is nothing to evaluate")
-        k = len(weights)
-        term_sums, counts = sums[:k].double(), sums[k:2 * k].double()
-        if counts.sum() == 0:
-            raise ValueError(f"eval_data holds no label token (every label is {IGNORE_INDEX}): "
-                             "its mean loss is undefined")
-        return float((weights.double() * torch.where(counts > 0, term_sums / counts.clamp(min=1), 0.0)).sum())
-
-    def _eval_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weights, mean x count, count) of each loss term of one batch (one term without
-        ``loss_terms``: the loss and its label tokens)."""
-        if self.loss_terms is None:
-            loss, count = self._forward(batch)
-            return torch.ones(1), torch.where(count > 0, loss.cpu() * count, 0.0).reshape(1), count.reshape(1)
-        names, weights, counts = self._terms_of(batch)
-        with self._autocast():
-            means = self._term_means(self._run(batch), names).cpu()
-        return weights, torch.where(counts > 0, means * counts, 0.0), counts
-
-    def _eval_sums(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(term weights (K,), [term sums (K), counts (K), batches]) over every rank's share of
-        the evaluation data; (None, None) when no rank has a batch.
-        Every rank runs as many forwards as the rank with the most batches (FSDP gathers the
-        weights in each forward, DDP may sync buffers): a rank out of batches repeats its last
-        one, or a batch of example 0, without counting it."""
-        weights = sums = None
-        batches = iter(self._loader(self.eval_data, 0, train=False))
-        filler = None
-        while True:
-            batch = next(batches, None)
-            real = batch is not None
-            more = real if self.world == 1 else bool(fdist.all_reduce_sum(torch.tensor(float(real))) > 0)
-            if not more:  # every rank has run a forward by now, or none has
-                return (weights, fdist.all_reduce_sum(sums)) if sums is not None else (None, None)
-            if not real:
-                batch = filler if filler is not None else self._eval_filler()
-            weights, term_sums, counts = self._eval_terms(batch)
-            row = torch.cat([term_sums, counts, torch.ones(1)]).detach().float()
-            sums = (sums if sums is not None else torch.zeros_like(row)) + (row if real else 0.0)
-            if real:
-                filler = batch
-
-    def _eval_filler(self):
-        if isinstance(self.eval_data, IterableDataset):
-            raise ValueError(f"eval_data gives process {self.rank} of {self.world} no example while others "
-                             "have some: an iterable evaluation set must give every process one")
-        return KeyedCollate(self.collate_fn, (self.config.seed, "eval-filler"))(0, [self.eval_data[0]])
-
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def _state_options(self, strict: bool = True):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
-
-    def save(self) -> str | None:
-        """Checkpoint model, optimizer, scheduler, and every rank's RNG states and data
-        position. Every rank takes part in gathering full state dicts (needed under FSDP) and
-        the RNG states; rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        options = self._state_options()
-        model_state = get_model_state_dict(self.wrapped, options=options)
-        optim_state = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
-        # Ranks can be at different places in their data (an iterable dataset's shares differ
-        # in length): each resumes from its own.
-        positions = torch.zeros(self.world, 2, dtype=torch.long)
-        positions[self.rank] = torch.tensor([self.epoch, self.batches_in_epoch])
-        positions = fdist.all_reduce_sum(positions).tolist()
-        rng_states = fdist.gather_to_rank0(ckpt.rng_state())  # each rank draws its own masks
-        path = None
-        if self.rank == 0:
-            path = ckpt.save_checkpoint(
-                self.config.output_dir + "/checkpoints", self.step, model_state, optim_state,
-                self.scheduler.state_dict(),
-                {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "ranks": positions},
-                extra={"config": self.config.to_dict(), "world_size": self.world},
-                keep_last=self.config.keep_last, rng_states=rng_states)
-        fdist.barrier()
-        return path
-
-    def load(self, path: str) -> None:
-        """Resume from a checkpoint folder (or a root with ``latest``): weights, optimizer,
-        scheduler, data position, this rank's RNG states; metrics rows after its step are dropped."""
-        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        state = ckpt.load_checkpoint(path)
-        # Every check comes before the first change, so a refused checkpoint leaves this
-        # trainer as it was (a caller may then fall back to an older checkpoint).
-        self._check_same_run(state)
-        ckpt.check_against(state, self.model)
-        self._check_scheduler_state(state)
-        position = self._data_position(state)
-        rng_rank = self._rng_rank(state)
-        options = self._state_options()
-        try:
-            set_model_state_dict(self.wrapped, state["model"], options=options)
-            # Not strict: a parameter that never had a gradient (ELECTRA's unused pooler) has no
-            # AdamW state to save, and gets it at its first gradient as in the uninterrupted run.
-            # check_against has already matched every saved state with a parameter.
-            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"],
-                                     options=self._state_options(strict=False))
-            self.scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise ckpt.CheckpointError(f"{state['folder']} does not match this model/optimizer: {e}") from None
-        self._apply_config_hyperparameters()
-        if rng_rank is not None:
-            ckpt.restore_rng(state, rng_rank)
-        else:  # see _rng_rank
-            seed_everything(seed_of(rank_seed(self.config.seed, self.rank), "resumed", state["step"]))
-        # A collator generator state in checkpoints of older versions is not needed: every
-        # batch's masks now follow from (seed, rank, epoch, batch index).
-        self.step = state["step"]
-        self.epoch, self.batches_in_epoch = position
-        self.metrics.resume(self.step)
-
-    def _apply_config_hyperparameters(self) -> None:
-        """After a resume: the optimizer's state (moments, step counts) is the checkpoint's, its
-        hyper-parameters this config's. Loaded as saved, the first step after a resume with a
-        raised max_steps (how a finished run trains on) applied the lr of the old schedule's
-        end, and an lr, weight_decay or betas changed for the resumed run were ignored for good
-        (the saved base lr and param groups won). With the config unchanged this changes nothing."""
-        groups, cfg = self.optimizer.param_groups, self.config
-        self.scheduler.base_lrs = [cfg.lr] * len(groups)
-        for group, lmbda in zip(groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = cfg.lr
-            group["lr"] = cfg.lr * lmbda(self.scheduler.last_epoch)
-            group["betas"] = cfg.betas
-        groups[0]["weight_decay"] = cfg.weight_decay  # the matrices' group (see param_groups)
-        self.scheduler._last_lr = [group["lr"] for group in groups]
-
-    def _data_position(self, state: dict) -> tuple[int, int]:
-        """This rank's (epoch, batches_in_epoch). Checkpoints of older versions hold rank 0's
-        only, which is every rank's when the shares have equal lengths (map-style data)."""
-        data = state["data"]
-        ranks = data.get("ranks")
-        if ranks is None:
-            return data["epoch"], data["batches_in_epoch"]
-        if len(ranks) != self.world:
-            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'data.ranks' holds "
-                                       f"{len(ranks)} data positions for {self.world} processes")
-        return tuple(ranks[self.rank])
-
-    def _rng_rank(self, state: dict) -> int | None:
-        """Whose saved RNG states this rank restores: its own. A checkpoint of an older fastpt
-        holds rank 0's alone, which every rank drew from; rank 0 restores it, the others (None)
-        start new streams from (seed, rank, step)."""
-        saved = ckpt.rng_processes(state)
-        if saved is None:
-            return 0 if self.rank == 0 else None
-        if saved != self.world:
-            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'rng' holds the RNG states "
-                                       f"of {saved} processes, not {self.world}: resume with {saved} processes")
-        return self.rank
-
-    def _check_same_run(self, state: dict) -> None:
-        """The saved data position counts batches of batch_size on each of world_size
-        processes (and, for an iterable dataset, DataLoader workers, which deal its examples),
-        in the order the seed shuffled them in: with other values it would point at other
-        examples (skipped or repeated)."""
-        extra = state["extra"]
-        config = extra.get("config") if isinstance(extra.get("config"), dict) else {}
-        saved = {"batch_size": config.get("batch_size"), "processes": extra.get("world_size"),
-                 "seed": config.get("seed")}
-        now = {"batch_size": self.config.batch_size, "processes": self.world, "seed": self.config.seed}
-        if isinstance(self.train_data, IterableDataset):
-            saved["num_workers"], now["num_workers"] = config.get("num_workers"), self.config.num_workers
-        differ = [f"{k}={saved[k]} (now {now[k]})" for k in now if saved[k] is not None and saved[k] != now[k]]
-        if differ:
-            raise ckpt.CheckpointError(
-                f"{state['folder']} was written with {', '.join(differ)}: its data position "
-                f"(epoch {state['data']['epoch']}, batch {state['data']['batches_in_epoch']}) would not "
-                "resume the same data; resume with the same batch_size, seed, number of processes"
-                + (" and num_workers" if "num_workers" in now else ""))
-
-    def _check_scheduler_state(self, state: dict) -> None:
-        """A scheduler state with other fields or value types than this scheduler's own would
-        load silently and fail (or mislead) later, at ``scheduler.step()``."""
-        # This scheduler's own state as it reads back from JSON (tuples become lists).
-        saved, own = state["scheduler"], json.loads(json.dumps(self.scheduler.state_dict()))
-        bad = sorted(saved.keys() ^ own.keys()) if isinstance(saved, dict) else ["(not an object)"]
-        bad += [k for k in own if isinstance(saved, dict) and k in saved and type(saved[k]) is not type(own[k])]
-        if bad:
-            raise ckpt.CheckpointError(f"{state['folder']}/{ckpt.STATE_FILE}: field 'scheduler' is no state of "
-                                       f"{type(self.scheduler).__name__} (check {', '.join(bad)})")
