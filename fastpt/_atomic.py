@@ -12,14 +12,31 @@ import tempfile
 from typing import Callable
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be
+    read by setting it, which races with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result to ``path``; the temporary is removed on error."""
+    """Call ``write(tmp_path)`` and move the result to ``path``; the temporary is removed on error.
+    The file gets the mode open() would give it (0o666 less the umask), not mkstemp's 0o600."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) replace the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

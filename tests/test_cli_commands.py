@@ -59,6 +59,7 @@ def test_finetune_then_eval_classify(pretrained, tmp_path, capsys, strategy, sav
     assert main(["finetune", "--base", str(pretrained / "final"), "--output-dir", str(out),
                  "--strategy", strategy, "--max-steps", "8", "--batch-size", "8", "--n-train", "32",
                  "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("trainable params: ") == 1  # was printed twice
     info = json.load(open(out / "final" / "finetune.json"))
     assert info["saved_as"] == saved_as and info["labels"] == [0, 1]
     result = json.load(open(out / "result.json"))
@@ -272,6 +273,7 @@ def test_pretrain_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _steps(out) == [1, 2, 3, 4]
     assert proc.stdout.count("done: step 4") == 1  # rank 0 reports, once
+    assert proc.stdout.count("pre-training ") == 1  # also before the Trainer starts the group
     assert (out / "final" / "model.safetensors").is_file()
 
 

@@ -656,7 +656,7 @@ def test_task_head_on_an_encoder_trains_nothing_it_never_uses(head, strategy, ca
     assert not any(n.startswith(("backbone.mlm_head", "backbone.nsp_head")) for n in trainable)
     if strategy == "lora":  # all-linear wraps the pooler when the head reads it, as PEFT does
         assert isinstance(model.backbone.pooler, LoraLayer) == (head == "sequence")
-    print_trainable_parameters(model)
+    assert print_trainable_parameters(model) is None  # prints, as PEFT's, and returns nothing
     assert f"trainable params: {sum(p.numel() for p in trainable.values()):,} " in capsys.readouterr().out
 
 

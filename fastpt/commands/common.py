@@ -14,7 +14,11 @@ from fastpt.commands.options import ConfigError
 
 
 def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0, or a single process. Before the Trainer starts the process group, torchrun's
+    RANK says which process this is (otherwise every rank printed the first lines)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def say(*args) -> None:

@@ -146,7 +146,7 @@ def _classifier(v: dict, config: FinetuneConfig, n_labels: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastpt.finetune import print_trainable_parameters
+    from fastpt.finetune import trainable_parameters_summary
     from fastpt.train import Trainer
     v = resolve(args, OPTIONS)
     if v["base"] is None:
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     # Every option has been checked: only now is anything written into output_dir.
     save_options(v["output_dir"], "finetune", v)
 
-    say(print_trainable_parameters(model))
+    say(trainable_parameters_summary(model))
     collate = _Collate(pad)
     trainer = Trainer(model, trainer_config_, train_examples, collate_fn=collate)
     say(f"fine-tuning {v['base']} with {finetune_config.strategy} on {len(train)} examples, "

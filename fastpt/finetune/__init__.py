@@ -9,10 +9,10 @@ from fastpt.finetune.lora import (add_lora, disable_adapter, merge, merge_and_un
                                   unmerge)
 from fastpt.finetune.save import load_adapter, load_merged, save_adapter, save_merged
 from fastpt.finetune.strategies import (STRATEGIES, FinetuneConfig, count_parameters, prepare,
-                                        print_trainable_parameters)
+                                        print_trainable_parameters, trainable_parameters_summary)
 
 __all__ = ["DPO", "STRATEGIES", "FinetuneConfig", "QuestionAnswering", "SequenceClassifier",
            "TokenClassifier", "add_lora", "count_parameters", "disable_adapter", "dpo_loss", "embed",
            "encode", "in_batch_negatives_loss", "load_adapter", "load_merged", "merge", "merge_and_unload",
            "prepare", "print_trainable_parameters", "prompt_masked_labels", "save_adapter", "save_merged",
-           "sequence_logprobs", "set_adapter", "triplet_loss", "unmerge"]
+           "sequence_logprobs", "set_adapter", "trainable_parameters_summary", "triplet_loss", "unmerge"]

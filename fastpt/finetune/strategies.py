@@ -356,8 +356,13 @@ def count_parameters(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
-def print_trainable_parameters(model: nn.Module) -> str:
+def trainable_parameters_summary(model: nn.Module) -> str:
+    """The line print_trainable_parameters prints, for callers that print it their own way."""
     c = count_parameters(model)
-    line = f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {c['percent']:.4f}"
-    print(line)
-    return line
+    return f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {c['percent']:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints the trainable and total logical parameters (:func:`count_parameters`); returns
+    None as PEFT's does, so that a REPL does not show the line twice."""
+    print(trainable_parameters_summary(model))
