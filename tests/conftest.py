@@ -5,6 +5,7 @@ imported by mistake)."""
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -35,3 +36,13 @@ def cpu_capability(request):
     yield cap
     fastpt._C.set_cpu_capability(previous_cap)
     fastpt._C.set_stream_min_bytes(previous_bytes)
+
+
+@pytest.fixture
+def _quiet_fake_tensor_log():
+    # FakeTensorMode logs every TypeError and every error of a C++ composite op with a traceback.
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)

@@ -1,6 +1,6 @@
-"""Worker for tests/test_mdp.py::test_distributed_value_iteration_two_ranks, started by
-torchrun with 2 processes on gloo: solves the test's MDPs with the states split across the
-ranks and saves each rank's result to OUT_DIR/<kind>-<stop>-rank<r>.pt."""
+"""Worker for tests/test_mdp_distributed.py::test_distributed_value_iteration_two_ranks,
+started by torchrun with 2 processes on gloo: solves the test's MDPs with the states split
+across the ranks and saves each rank's result to OUT_DIR/<kind>-<stop>-rank<r>.pt."""
 
 import sys
 from pathlib import Path

@@ -74,7 +74,7 @@ class Gridworld:
                 s = self.index[(x, y)]
                 mark = " " if policy is None or (x, y) in self.terminals else arrows[int(policy[s])]
                 row.append(f"{float(v[s]):+.3f}{mark} ")
-            lines.append(" ".join(row))
+            lines.append(" ".join(row).rstrip())  # no trailing blanks: the text pastes into doctests
         return "\n".join(lines)
 
 

@@ -31,8 +31,8 @@ from fastpt.pretrain.mlm import MLMCollator  # noqa: E402
 from fastpt.train import Trainer, TrainerConfig  # noqa: E402
 from fastpt.train.interrupt import TrainingInterrupted  # noqa: E402
 
-# The output folder when run by torchrun; tests/test_trainer_loop.py imports this file for
-# its models only.
+# The output folder when run by torchrun; tests/test_trainer_loop_resume.py and
+# tests/test_trainer_loop_steps.py import this file for its models only.
 OUT = sys.argv[1] if __name__ == "__main__" else None
 
 

@@ -1,11 +1,8 @@
-"""The fake kernels (FakeTensorMode, meta tensors, torch.compile) reject bad input as the real
-CPU ops do: the same exception type and message, never a wrong-shaped fake output or an
-obscure error. And the public functions give correctly shaped outputs on meta tensors."""
+"""The fake kernels (FakeTensorMode, meta tensors, torch.compile, fake CUDA tensors) reject bad input
+as the real ops do: the same exception type and message, never a wrong-shaped fake output."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 
 import pytest
@@ -13,93 +10,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastpt import ops
+from ops_fake_util import (BF16, BOOL, F16, F32, F64, I8, I32, I64, OP, T, _attn_args, _attn_backward_args, _build,
+                           _call, _int8_linear_args, _rope_args, _vi_dense_args, _vi_sparse_args)
 
-OP = torch.ops.fastpt
-F32, F64, BF16, F16, I8, I32, I64, BOOL = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int8,
-                                           torch.int32, torch.int64, torch.bool)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_fake_tensor_log():
-    # FakeTensorMode logs every TypeError and every error of a C++ composite op with a traceback.
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
-
-
-class T:
-    """A tensor to build on a given device: T(2, 3), T(4, dtype=I8), T(2, 3, fill=0)."""
-
-    def __init__(self, *shape, dtype=F32, fill=1):
-        self.shape, self.dtype, self.fill = shape, dtype, fill
-
-    def make(self, device):
-        return torch.full(self.shape, self.fill, dtype=self.dtype, device=device)
-
-
-def _build(args, device):
-    """The arguments on device: args is a sequence of T, functions of the device and other
-    values, or one function of the device returning them all (for aliased tensors)."""
-    if callable(args):
-        return args(device)
-    return [a.make(device) if isinstance(a, T) else a(device) if callable(a) else a for a in args]
-
-
-def _call(fn, args, mode):
-    """fn(*args) with the tensors of args built as CPU tensors ("real"), fake CPU tensors
-    under FakeTensorMode ("fake") or meta tensors ("meta")."""
-    with FakeTensorMode() if mode == "fake" else contextlib.nullcontext():
-        return fn(*_build(args, "meta" if mode == "meta" else "cpu"))
+pytestmark = pytest.mark.usefixtures("_quiet_fake_tensor_log")
 
 
 def _raised(fn, args, mode) -> Exception:
     with pytest.raises(Exception) as info:
         _call(fn, args, mode)
     return info.value
-
-
-def _rope_args(q=(2, 3, 5, 8), k=(2, 1, 5, 8), cos=(6, 4), sin=None, q_dtype=F32, k_dtype=None, cos_dtype=F32,
-               sin_dtype=None, pos=None, pos_dtype=I64):
-    return (T(*q, dtype=q_dtype), T(*k, dtype=k_dtype or q_dtype), T(*cos, dtype=cos_dtype),
-            T(*(sin or cos), dtype=sin_dtype or cos_dtype), None if pos is None else T(*pos, dtype=pos_dtype, fill=0),
-            False)
-
-
-def _attn_args(q=(2, 4, 5, 8), k=(2, 2, 6, 8), v=None, dtype=F32, k_dtype=None, mask=None, mask_dtype=BOOL,
-               bias=None, bias_dtype=F32, scale=1.0, dropout_p=0.0, seed=None):
-    return (T(*q, dtype=dtype), T(*k, dtype=k_dtype or dtype), T(*(v or k), dtype=dtype),
-            None if mask is None else T(*mask, dtype=mask_dtype), None if bias is None else T(*bias, dtype=bias_dtype),
-            False, scale, dropout_p, seed)
-
-
-def _attn_backward_args(grad=(2, 4, 5, 8), out=(2, 4, 5, 8), lse=(2, 4, 5), lse_dtype=F32, bias=None,
-                        bias_grad=False, **kw):
-    q, k, v, mask, b, causal, scale, p, seed = _attn_args(bias=bias, **kw)
-    return (T(*grad), q, k, v, T(*out), T(*lse, dtype=lse_dtype), mask, b, causal, scale, p, seed, bias_grad)
-
-
-def _int8_linear_args(x=(3, 70), x_dtype=F32, packed=(4, 32, 16, 4), packed_dtype=I8, colsum=(64,), colsum_dtype=I32,
-                      scale=(40,), scale_dtype=F32, n=40, bias=None, bias_dtype=F32, threshold=6.0):
-    return (T(*x, dtype=x_dtype), T(*packed, dtype=packed_dtype, fill=0), T(*colsum, dtype=colsum_dtype, fill=0),
-            T(*scale, dtype=scale_dtype), n, None if bias is None else T(*bias, dtype=bias_dtype), threshold)
-
-
-def _vi_dense_args(p=(2, 3, 3), reward=(3, 2), v=(3,), dtype=F32, reward_dtype=None, v_dtype=None, gamma=0.9, sweeps=1,
-                   tol=0.0, first_state=0):
-    return (T(*p, dtype=dtype, fill=0), T(*reward, dtype=reward_dtype or dtype, fill=0),
-            T(*v, dtype=v_dtype or dtype, fill=0), gamma, sweeps, False, False, tol, False, first_state)
-
-
-def _vi_sparse_args(indptr=(7,), indptr_dtype=I64, indices=(1,), indices_dtype=I64, values=None, values_dtype=F32):
-    return (T(*indptr, dtype=indptr_dtype, fill=0), T(*indices, dtype=indices_dtype, fill=0),
-            T(*(values or indices), dtype=values_dtype, fill=0), T(3, 2, fill=0), T(3, fill=0), 0.9, 1, False,
-            False, 0.0, False, 0)
-
-
-def _packed_weight(out_features=40, in_features=70):
-    return ops.pack_int8_weight(torch.ones(out_features, in_features, dtype=I8))
 
 
 # (id, op, args, exception type, a phrase of the real op's message)
@@ -301,80 +221,6 @@ def test_fake_and_meta_reject_bad_input_as_the_real_op(op, args, error, match):
     for mode in ("fake", "meta"):
         got = _raised(op, args, mode)
         assert (type(got), str(got)) == (type(real), str(real)), mode
-
-
-# Valid inputs the checks must not refuse (the fake kernel's outputs against the real op's).
-GOOD = [
-    ("rope-position-rows", OP.rope, _rope_args(pos=(2, 5))),
-    ("rope-6d", OP.rope, _rope_args(q=(2, 1, 1, 3, 5, 8))),
-    ("rope_-packed-qkv", OP.rope_, lambda d: [*_qkv(d), *_build(_rope_args()[2:], d)]),
-    ("attention-mask-bias", OP.attention, _attn_args(mask=(2, 6), bias=(4, 1, 6))),
-    ("attention_backward-bias", OP.attention_backward, _attn_backward_args(bias=(4, 5, 6), bias_grad=True)),
-    ("gemm_into_-bf16", OP.gemm_into_, (T(3, 5), T(4, 3, dtype=BF16), T(4, 5, dtype=BF16), True, False, True)),
-    ("xent-no-rows", OP.softmax_cross_entropy_, (T(0, 0), T(0, dtype=I64), 1.0, -100, True)),
-    ("int8_matmul-int32", OP.int8_matmul, (T(3, 5, dtype=I8), T(4, 5, dtype=I8), None, None, None, None)),
-    ("int8_linear", OP.int8_linear, _int8_linear_args(bias=(40,))),
-    ("vi_dense-partition", OP.value_iteration_dense, _vi_dense_args(p=(2, 2, 4), reward=(2, 2), v=(4,), first_state=2)),
-    ("vi_sparse", OP.value_iteration_sparse, _vi_sparse_args()),
-]
-
-
-def _qkv(device):
-    # q and k: disjoint strided views of one packed (B, T, 3, H, D) projection.
-    qkv = torch.zeros(2, 5, 3, 3, 8, device=device)
-    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
-
-
-def _meta(out):
-    return [(tuple(t.shape), t.dtype) for t in (out if isinstance(out, (tuple, list)) else [out])
-            if isinstance(t, torch.Tensor)]
-
-
-@pytest.mark.parametrize("op, args", [c[1:] for c in GOOD], ids=[c[0] for c in GOOD])
-def test_fake_and_meta_accept_valid_input(op, args):
-    real = _meta(_call(op, args, "real"))
-    for mode in ("fake", "meta"):
-        assert _meta(_call(op, args, mode)) == real, mode
-
-
-def _public_calls():
-    packed, colsum = _packed_weight()
-    return [
-        ("attention", lambda d: ops.attention(*_build(_attn_args(), d)[:3], causal=True, return_lse=True)),
-        ("rms_norm", lambda d: ops.rms_norm(T(2, 3, 8).make(d), T(8).make(d))),
-        ("swiglu", lambda d: ops.swiglu(T(2, 8).make(d), T(2, 8).make(d))),
-        ("rope", lambda d: ops.rope(*_build(_rope_args(pos=(5,)), d)[:5], layout="interleaved")),
-        ("rope_", lambda d: ops.rope_(*_build(_rope_args(), d)[:5])),
-        ("gemm", lambda d: ops.gemm(T(3, 4).make(d), T(5, 4).make(d), trans_b=True)),
-        ("gemm_into_", lambda d: ops.gemm_into_(T(3, 5).make(d), T(3, 4).make(d), T(4, 5).make(d), accumulate=True)),
-        ("linear", lambda d: ops.linear(T(2, 3, 4).make(d), T(5, 4).make(d), T(5).make(d))),
-        ("cross_entropy", lambda d: ops.cross_entropy(T(3, 5).make(d), T(3, dtype=I64, fill=0).make(d))),
-        ("softmax_cross_entropy_", lambda d: ops.softmax_cross_entropy_(T(3, 5).make(d),
-                                                                        T(3, dtype=I64, fill=0).make(d))),
-        ("quantize_rowwise", lambda d: ops.quantize_rowwise(T(2, 3, 5).make(d))),
-        ("quantize_weight", lambda d: ops.quantize_weight(T(4, 5).make(d))),
-        ("dequantize_rowwise", lambda d: ops.dequantize_rowwise(T(3, 5, dtype=I8).make(d), T(3).make(d))),
-        ("outlier_columns", lambda d: ops.outlier_columns(T(3, 5).make(d))),
-        ("pack_int8_weight", lambda d: ops.pack_int8_weight(T(40, 70, dtype=I8).make(d))),
-        ("unpack_int8_weight", lambda d: ops.unpack_int8_weight(packed.to(d), 40, 70)),
-        ("int8_matmul", lambda d: ops.int8_matmul(T(3, 5, dtype=I8).make(d), T(4, 5, dtype=I8).make(d), T(3).make(d),
-                                                  T(4).make(d), bias=T(4).make(d))),
-        ("int8_linear", lambda d: ops.int8_linear(T(2, 3, 70).make(d), packed.to(d), colsum.to(d), T(40).make(d), 40)),
-        ("lora_linear", lambda d: ops.lora_linear(T(2, 3, 8).make(d), T(6, 8).make(d), T(2, 8).make(d),
-                                                  T(6, 2).make(d), 2.0, T(6).make(d), dropout_p=0.1)),
-        ("value_iteration-dense", lambda d: ops.value_iteration(T(2, 3, 3, fill=0).make(d), T(3, 2).make(d),
-                                                                T(3).make(d), 0.9, sweeps=2, return_q=True)),
-        ("value_iteration-sparse", lambda d: ops.value_iteration(
-            (torch.arange(7, device=d), torch.tensor([0, 1, 2, 0, 1, 2], device=d), T(6).make(d)), T(3, 2).make(d),
-            T(3).make(d), 0.9)),
-    ]
-
-
-@pytest.mark.parametrize("name", [name for name, _ in _public_calls()])
-def test_public_functions_on_meta_tensors(name):
-    call = dict(_public_calls())[name]
-    with torch.no_grad():
-        assert _meta(call("meta")) == _meta(call("cpu"))
 
 
 @pytest.mark.parametrize("fn, args, match", [
