@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastpt.nn.int8_linear import Int8Linear
 from fastpt.nn.linear import Linear
+from fastpt.nn.lora_holder import LoRAHolder
 from fastpt.nn.lora import MergedFactors, add_to_weight, loading_another_merged_weight, lora_delta
 from fastpt.ops.lora import lora_linear
 
@@ -27,7 +28,7 @@ ALL_LINEAR = "all-linear"
 _HEAD_NAMES = ("lm_head", "classifier", "qa_outputs", "nsp_head", "score")
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(LoRAHolder):
     """Merging (``merge``) folds adapters into the weight, as ``fastpt.nn.LoRALinear`` does:
     while merged, forward follows their factors, and ``unmerge`` restores the base weight (to
     float rounding) whatever they became (under torch.compile, once an eager forward or

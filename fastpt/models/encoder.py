@@ -114,10 +114,14 @@ class Encoder(PreTrainedModel):
 
     @staticmethod
     def loss_terms(batch: dict) -> dict:
-        """The loss term by term for the Trainer (MLM over masked tokens, NSP over sequences):
-        see :func:`fastpt.pretrain.mlm.mlm_nsp_loss_terms`."""
-        from fastpt.pretrain.mlm import mlm_nsp_loss_terms  # pretrain builds on models: import late
-        return mlm_nsp_loss_terms(batch)
+        """BERT's loss term by term, for the Trainer: ``mlm_loss`` is a mean over the masked
+        tokens, ``nsp_loss`` over the sequences, so weighting micro-batches by either count alone
+        would not give the update of one large batch. A batch without ``next_sentence_label``
+        has the MLM term alone. (Also :func:`fastpt.pretrain.mlm.mlm_nsp_loss_terms`.)"""
+        terms = {"mlm_loss": (1.0, (batch["labels"] != IGNORE_INDEX).sum())}
+        if "next_sentence_label" in batch:
+            terms["nsp_loss"] = (1.0, (batch["next_sentence_label"] != IGNORE_INDEX).sum())
+        return terms
 
     def __init__(self, config: EncoderConfig, *, use_fused: bool = True):
         super().__init__()

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from fastpt.nn.lora_holder import LoRAHolder
 from fastpt.ops import int8 as int8_ops
 
 
@@ -129,14 +130,12 @@ def quantize_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | No
     first, or the update would be quantized into the base and added again by forward).
     Returns model."""
     _check_threshold(threshold)
-    from fastpt.finetune.lora import LoraLayer  # both build on this module: import late
-    from fastpt.nn.lora import LoRALinear
 
     def visit(module: nn.Module, prefix: str) -> None:
-        lora = isinstance(module, (LoRALinear, LoraLayer))
+        lora = isinstance(module, LoRAHolder)
         for name, child in list(module.named_children()):
             fqn = f"{prefix}.{name}" if prefix else name
-            if lora and name in ("lora_A", "lora_B"):
+            if lora and name in LoRAHolder.FACTOR_NAMES:
                 continue
             if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(child, fqn)):
                 if lora and module.merged:

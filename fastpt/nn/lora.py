@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fastpt.nn.int8_linear import Int8Linear
+from fastpt.nn.lora_holder import LoRAHolder
 from fastpt.ops.lora import lora_linear
 
 
@@ -76,7 +77,7 @@ def loading_another_merged_weight(base: nn.Linear, state_dict: dict, key: str) -
     return not torch.equal(w.to(device=base.weight.device, dtype=base.weight.dtype), base.weight)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LoRAHolder):
     """out = base_layer(x) + scaling * lora_B(lora_A(dropout(x))), base frozen.
 
     Matches PEFT's ``LoraLayer`` for one adapter: ``lora_A`` (nn.Linear in -> r, weight

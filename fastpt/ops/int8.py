@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import fastpt
+import fastpt._C as _C
 from fastpt.ops._checks import (check_float, check_same_device, check_type, check_value,
                                 dtype_name, num, sizes)
 
@@ -260,7 +260,7 @@ torch.library.register_autograd("fastpt::int8_linear", _linear_backward, setup_c
 
 def int8_matmul_path() -> str:
     """The CPU int8 GEMM path the next call uses: "amx", "vnni", "avx2" or "scalar"."""
-    return fastpt._C.int8_matmul_path()
+    return _C.int8_matmul_path()
 
 
 __all__ = ["DEFAULT_THRESHOLD", "dequantize_packed_weight", "dequantize_rowwise", "int8_linear",

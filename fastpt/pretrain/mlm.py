@@ -14,10 +14,10 @@ import numbers
 import torch
 
 from fastpt.data.datasets import check_pad_to_multiple_of, pad_batch, reseed_in_worker
-from fastpt.models.common import check_ids
+from fastpt.models.common import IGNORE_INDEX, check_ids
+from fastpt.models.encoder import Encoder
 from fastpt._checks import check_bool, check_int
 
-IGNORE_INDEX = -100
 
 
 def _check_token_id(name: str, value, missing_hint: str) -> None:
@@ -204,10 +204,5 @@ class MLMCollator:
 
 def mlm_nsp_loss_terms(batch: dict) -> dict:
     """BERT's loss term by term, for ``Trainer(..., loss_terms=mlm_nsp_loss_terms)``: the
-    Encoder's ``mlm_loss`` is a mean over the masked tokens, its ``nsp_loss`` over the
-    sequences, so weighting micro-batches by either count alone would not give the update of one
-    large batch. A batch without ``next_sentence_label`` has the MLM term alone."""
-    terms = {"mlm_loss": (1.0, (batch["labels"] != IGNORE_INDEX).sum())}
-    if "next_sentence_label" in batch:
-        terms["nsp_loss"] = (1.0, (batch["next_sentence_label"] != IGNORE_INDEX).sum())
-    return terms
+    Encoder's own :meth:`~fastpt.models.Encoder.loss_terms` (the model defines its loss)."""
+    return Encoder.loss_terms(batch)
