@@ -27,16 +27,22 @@ def _umask() -> int:
     return mask
 
 
+def give_default_mode(path) -> None:
+    """Give a file the mode open() would have (0o666 less the umask): mkstemp's files, and
+    those safetensors writes, are 0o600, unreadable to the group and others whatever the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path``; the temporary is removed on error.
-    The file gets the mode open() would give it (0o666 less the umask), not mkstemp's 0o600."""
+    The file gets open()'s mode (:func:`give_default_mode`)."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) replace the file
+        give_default_mode(tmp)  # after the write: some writers (safetensors) replace the file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

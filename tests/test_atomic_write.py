@@ -11,6 +11,7 @@ import pytest
 
 from fastpt._atomic import atomic_write, atomic_write_json
 from fastpt.models import Decoder, DecoderConfig
+from fastpt.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture
@@ -43,3 +44,15 @@ def test_saved_model_files_are_readable_by_others(tmp_path, umask):
     Decoder(DecoderConfig.from_name("llama-tiny")).save_pretrained(tmp_path / "m")
     modes = {p.name: _mode(p) for p in (tmp_path / "m").iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_training_checkpoint_files_are_readable_by_others(tmp_path, umask):
+    """safetensors writes its files 0600 itself, also outside atomic_write."""
+    umask(0o022)
+    model = Decoder(DecoderConfig.from_name("llama-tiny"))
+    step = save_checkpoint(str(tmp_path / "ckpt"), 1, model.state_dict(), {"state": {}, "param_groups": []},
+                           None, {"epoch": 0, "batches_in_epoch": 1})
+    files = [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(tmp_path)): _mode(p) for p in files}
+    assert any(name.endswith(".safetensors") for name in modes), modes
+    assert set(modes.values()) == {0o644}, modes

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastpt._atomic import atomic_write_json, sha256_file
+from fastpt._atomic import atomic_write_json, give_default_mode, sha256_file
 
 # One exception for every bad checkpoint, model files (fastpt.models) and training state alike.
 from fastpt.models.hf import CheckpointError  # noqa: F401  (re-exported)
@@ -145,6 +145,7 @@ def _write_step(tmp: str, step: int, model_state: dict, optimizer_state: dict, s
     extra_tensors = {f"extra/{k}": v for k, v in (tensors or {}).items()}
     save_file({**opt_tensors, **rng_tensors, **extra_tensors}, os.path.join(tmp, OPTIM_FILE))
     for name in (MODEL_FILE, OPTIM_FILE):  # on disk before the rename publishes them (and pruning follows)
+        give_default_mode(os.path.join(tmp, name))
         _fsync(os.path.join(tmp, name))
     files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
                     "sha256": sha256_file(os.path.join(tmp, name))} for name in (MODEL_FILE, OPTIM_FILE)}
