@@ -91,9 +91,11 @@ def test_leading_dims(shape):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_bf16_tables(layout):
-    q, k = torch.randn(2, 4, 9, 64, dtype=torch.bfloat16), torch.randn(2, 4, 9, 64, dtype=torch.bfloat16)
-    cos, sin = _tables(9, 64, torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [40, 64, 80])  # bf16 tables: full chunks in lane order, tails
+def test_bf16_tables(cpu_capability, head_dim, layout):
+    q = torch.randn(2, 4, 9, head_dim, dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 9, head_dim, dtype=torch.bfloat16)
+    cos, sin = _tables(9, head_dim, torch.bfloat16)
     qo, ko = ops.rope(q, k, cos, sin, layout=layout)
     qr, kr = reference.rope(q.double(), k.double(), cos.double(), sin.double(), layout=layout)
     qe, ke = reference.rope(q, k, cos, sin, layout=layout)

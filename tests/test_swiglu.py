@@ -44,6 +44,28 @@ def test_nan_and_inf_follow_eager():
     torch.testing.assert_close(out[finite], ref[finite])
 
 
+def test_bf16_output_rounds_like_torch(cpu_capability):
+    # For gate >= 32, exp(-gate) vanishes beside 1 in fp32, so the kernel's fp32 result is
+    # gate * up, exact (two 8-bit mantissas). Its bf16 output must then be torch's
+    # round-to-nearest-even of that product bit for bit, ties included (the AVX2 build rounds
+    # bf16 with its own code, cpu_vec.h's store2_lanes), and NaN must stay NaN. 4099 elements:
+    # 256 full chunks and a tail.
+    g = torch.Generator().manual_seed(0)
+    gate = (32 + 1000 * torch.rand(4099, generator=g)).to(torch.bfloat16)
+    up = torch.randn(4099, generator=g).to(torch.bfloat16)
+    gate[[5, 4098]] = float("nan")
+    up[[7, 4000]] = float("nan")
+    gate[[9, 4001]] = float("inf")
+    product = gate.float() * up.float()
+    expected = product.to(torch.bfloat16)
+    low_bits = product.view(torch.int32) & 0xFFFF
+    assert int((low_bits == 0x8000).sum()) > 5, "the data must contain round-half-to-even ties"
+    out = ops.swiglu(gate, up)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
 def test_float64():
     check_against_reference(torch.randn(5, 33), torch.randn(5, 33), torch.randn(5, 33), torch.float64)
 

@@ -25,7 +25,7 @@ void fwd_row(const T* x, const T* w, T* y, acc_t<T>* rstd_out, int64_t n, double
   V acc0(0), acc1(0), a, b;
   int64_t j = 0;
   for (; j + C <= n; j += C) {
-    load2(x + j, a, b);
+    load2_lanes(x + j, a, b);
     acc0 = at::vec::fmadd(a, a, acc0);
     acc1 = at::vec::fmadd(b, b, acc1);
   }
@@ -40,9 +40,9 @@ void fwd_row(const T* x, const T* w, T* y, acc_t<T>* rstd_out, int64_t n, double
   const V r(rstd);
   V wa, wb;
   for (j = 0; j + C <= n; j += C) {
-    load2(x + j, a, b);
-    load2(w + j, wa, wb);
-    store2<kStream>(y + j, a * r * wa, b * r * wb);
+    load2_lanes(x + j, a, b);
+    load2_lanes(w + j, wa, wb);
+    store2_lanes<kStream>(y + j, a * r * wa, b * r * wb);
   }
   if (j < n) {
     load2(x + j, a, b, n - j);
@@ -61,8 +61,8 @@ void bwd_row(const T* dy, const T* x, const T* w, acc_t<T> rstd, T* dx, acc_t<T>
   V acc0(0), acc1(0), ga, gb, xa, xb, wa, wb;
   int64_t j = 0;
   auto load_all = [&](int64_t len) {
-    if (len == C) {
-      load2(dy + j, ga, gb); load2(x + j, xa, xb); load2(w + j, wa, wb);
+    if (len == C) {  // lane order; dw follows it, see rms_norm_bwd
+      load2_lanes(dy + j, ga, gb); load2_lanes(x + j, xa, xb); load2_lanes(w + j, wa, wb);
     } else {
       load2(dy + j, ga, gb, len); load2(x + j, xa, xb, len); load2(w + j, wa, wb, len);
     }
@@ -83,7 +83,7 @@ void bwd_row(const T* dy, const T* x, const T* w, acc_t<T> rstd, T* dx, acc_t<T>
   auto pass2 = [&](int64_t len) {
     load_all(len);
     const V da = r * (ga * wa - xa * r * c), db = r * (gb * wb - xb * r * c);
-    if (len == C) store2<kStream>(dx + j, da, db); else store2(dx + j, da, db, len);
+    if (len == C) store2_lanes<kStream>(dx + j, da, db); else store2(dx + j, da, db, len);
   };
   for (j = 0; j + C <= n; j += C) pass2(C);
   if (j < n) pass2(n - j);
@@ -129,6 +129,7 @@ void rms_norm_bwd(const RmsNormBwdArgs& a) {
           const int64_t end = std::min(a.rows, (p + 1) * per);
           for (int64_t i = p * per; i < end; ++i)
             bwd_row<stream()>(dy + i * a.n, x + i * a.n, w, rstd[i], dx + i * a.n, dw, a.n);
+          lanes_to_memory_order<T>(dw, a.n / kChunk<T> * kChunk<T>);
         }
         stream_fence();
       });

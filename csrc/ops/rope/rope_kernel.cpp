@@ -21,8 +21,14 @@ void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) 
   constexpr int64_t K = kChunk<T>;
   const V sign(sgn);
   V a0, a1, b0, b1, c0, c1, s0, s1;
+  // Full chunks in lane order (cpu_vec.h) when the tables have x's type; fp32 tables with
+  // bf16 x keep memory order, the tables' own.
+  constexpr bool kLanes = std::is_same_v<T, C>;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == K) {
+    if (len == K && kLanes) {
+      load2_lanes(x + i, a0, a1); load2_lanes(x + R + i, b0, b1);
+      load2_lanes(cs + i, c0, c1); load2_lanes(sn + i, s0, s1);
+    } else if (len == K) {
       load2(x + i, a0, a1); load2(x + R + i, b0, b1); load2(cs + i, c0, c1); load2(sn + i, s0, s1);
     } else {
       load2(x + i, a0, a1, len); load2(x + R + i, b0, b1, len);
@@ -32,7 +38,8 @@ void half_row(const T* x, T* o, const C* cs, const C* sn, int64_t R, float sgn) 
     s1 = s1 * sign;
     const V o10 = a0 * c0 - b0 * s0, o11 = a1 * c1 - b1 * s1;
     const V o20 = b0 * c0 + a0 * s0, o21 = b1 * c1 + a1 * s1;
-    if (len == K) { store2<kStream>(o + i, o10, o11); store2<kStream>(o + R + i, o20, o21); }
+    if (len == K && kLanes) { store2_lanes<kStream>(o + i, o10, o11); store2_lanes<kStream>(o + R + i, o20, o21); }
+    else if (len == K) { store2<kStream>(o + i, o10, o11); store2<kStream>(o + R + i, o20, o21); }
     else { store2(o + i, o10, o11, len); store2(o + R + i, o20, o21, len); }
   };
   int64_t i = 0;

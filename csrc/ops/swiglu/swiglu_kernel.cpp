@@ -58,10 +58,10 @@ void fwd_range(const T* gate, const T* up, T* out, int64_t begin, int64_t end) {
   constexpr int64_t C = kChunk<T>;
   V g0, g1, u0, u1;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == C) { load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    if (len == C) { load2_lanes(gate + i, g0, g1); load2_lanes(up + i, u0, u1); }
     else { load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
     const V o0 = silu<T>(g0) * u0, o1 = silu<T>(g1) * u1;
-    if (len == C) store2<kStream>(out + i, o0, o1); else store2(out + i, o0, o1, len);
+    if (len == C) store2_lanes<kStream>(out + i, o0, o1); else store2(out + i, o0, o1, len);
   };
   int64_t i = begin;
   for (; i + C <= end; i += C) step(i, C);
@@ -75,14 +75,14 @@ void bwd_range(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int6
   const V one(1);
   V d0, d1, g0, g1, u0, u1;
   auto step = [&](int64_t i, int64_t len) {
-    if (len == C) { load2(dout + i, d0, d1); load2(gate + i, g0, g1); load2(up + i, u0, u1); }
+    if (len == C) { load2_lanes(dout + i, d0, d1); load2_lanes(gate + i, g0, g1); load2_lanes(up + i, u0, u1); }
     else { load2(dout + i, d0, d1, len); load2(gate + i, g0, g1, len); load2(up + i, u0, u1, len); }
     const V s0 = sigmoid<T>(g0), s1 = sigmoid<T>(g1);
     // silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)
     const V dg0 = d0 * u0 * s0 * (one + g0 * (one - s0));
     const V dg1 = d1 * u1 * s1 * (one + g1 * (one - s1));
     const V du0 = d0 * g0 * s0, du1 = d1 * g1 * s1;
-    if (len == C) { store2<kStream>(dgate + i, dg0, dg1); store2<kStream>(dup + i, du0, du1); }
+    if (len == C) { store2_lanes<kStream>(dgate + i, dg0, dg1); store2_lanes<kStream>(dup + i, du0, du1); }
     else { store2(dgate + i, dg0, dg1, len); store2(dup + i, du0, du1, len); }
   };
   int64_t i = begin;
